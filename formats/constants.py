@@ -1,0 +1,88 @@
+"""The byte layout of a .slm file, declared once.
+
+FORMAT.md is the prose version of this module; no other file computes an
+offset by hand. Everything is little-endian.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+MAGIC = b"\x89SLM\r\n\x1a\n"
+"""8 bytes. Non-ASCII first byte and CR LF / ^Z / LF catch text-mode mangling (as PNG does)."""
+
+FORMAT_VERSION = 1
+"""Bumped only for changes an old reader cannot skip; new manifest keys do not bump it."""
+
+PREAMBLE = struct.Struct(
+    "<"
+    "8s"  # magic: MAGIC
+    "I"  # format_version: FORMAT_VERSION
+    "I"  # flags: reserved, must be 0 in version 1
+    "Q"  # manifest_size_bytes: length of the msgpack manifest that follows
+    "Q"  # data_offset: start of the data region, align_up(32 + manifest_size_bytes, DATA_ALIGNMENT)
+)
+PREAMBLE_SIZE_BYTES = PREAMBLE.size  # 32
+
+DATA_ALIGNMENT = 64
+"""The data region starts on this boundary in the file (cache-line friendly reads)."""
+
+TENSOR_ALIGNMENT = 64
+"""Every tensor's offset in the decompressed layer store is a multiple of this: numpy views are aligned."""
+
+LAYER_ALIGNMENT = 4096
+"""Every layer's offset in the layer store is page aligned, so a layer can be mapped and advised alone."""
+
+DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
+"""Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (see README)."""
+
+DEFAULT_ZSTD_LEVEL = 3
+"""Levels 1-19 give the same ratio on int8 weights (shared/LIMITS.md); 3 compresses ~100x faster than 19."""
+
+# Limits a reader enforces on untrusted input.
+MAX_MANIFEST_SIZE_BYTES = 64 << 20
+MAX_CHUNK_RAW_SIZE_BYTES = 64 << 20
+MAX_STORE_SIZE_BYTES = 1 << 40
+MAX_TENSOR_NDIM = 8
+MAX_NAME_LENGTH = 1024
+MAX_TOKENIZER_SIZE_BYTES = 64 << 20
+SHA256_SIZE_BYTES = 32
+
+
+class DType(enum.Enum):
+    """Element types a tensor may have; the value is the manifest spelling."""
+
+    F32 = "f32"
+    F16 = "f16"
+    I8 = "i8"
+
+    @property
+    def numpy_name(self) -> str:
+        return _NUMPY_NAMES[self]
+
+    @property
+    def size_bytes(self) -> int:
+        return _ITEM_SIZES[self]
+
+
+_NUMPY_NAMES = {DType.F32: "<f4", DType.F16: "<f2", DType.I8: "i1"}
+_ITEM_SIZES = {DType.F32: 4, DType.F16: 2, DType.I8: 1}
+
+
+class QuantScheme(enum.Enum):
+    """How a tensor's stored values map to real numbers."""
+
+    NONE = "none"  # stored values are the real values
+    INT8_ROW = "int8_row"  # real[r, :] = stored[r, :] * scales[r]; scales is an f32 tensor of shape (rows,)
+
+
+class Codec(enum.Enum):
+    """How a chunk's bytes are encoded in the data region."""
+
+    ZSTD = "zstd"  # one zstd frame whose header carries the raw size
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Round value up to a multiple of alignment (a power of two)."""
+    return (value + alignment - 1) & ~(alignment - 1)

@@ -1,0 +1,70 @@
+"""Symmetric int8 quantization with one scale per output row."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+ROWS_PER_BLOCK = 4096
+"""Rows quantized at a time: bounds the float32 temporaries to a few MiB for any matrix."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QuantizationError:
+    """What quantizing one tensor cost."""
+
+    max_abs_error: float  # largest |w - q * scale| over the tensor
+    max_rel_error: float  # largest over rows of ||w_row - q_row * scale|| / ||w_row||
+
+
+def quantize_int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, QuantizationError]:
+    """Quantize a 2-D float matrix to int8 with a per-row scale.
+
+    real[r, :] ~= q[r, :] * scales[r], with scales[r] = max|weight[r, :]| / 127.
+
+    Args:
+        weight: (rows, cols) float16/float32 array (a memory map is fine: read block by block).
+
+    Returns:
+        (q int8 (rows, cols), scales float32 (rows,), the error introduced).
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {weight.shape}")
+    rows, cols = weight.shape
+    q = np.empty((rows, cols), dtype=np.int8)
+    scales = np.empty(rows, dtype=np.float32)
+    max_abs = 0.0
+    max_rel = 0.0
+    for start in range(0, rows, ROWS_PER_BLOCK):
+        block = np.asarray(weight[start : start + ROWS_PER_BLOCK], dtype=np.float32)  # (b, cols)
+        if not np.isfinite(block).all():
+            raise ValueError("weight has NaN or infinite values; cannot quantize")
+        amax = np.abs(block).max(axis=1) if cols else np.zeros(len(block), np.float32)  # (b,)
+        scale = (amax / 127.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        qb = np.clip(np.rint(block / safe[:, None]), -127, 127).astype(np.int8)
+        q[start : start + len(block)] = qb
+        scales[start : start + len(block)] = scale
+        error = block - qb.astype(np.float32) * scale[:, None]  # (b, cols)
+        if error.size:
+            max_abs = max(max_abs, float(np.abs(error).max()))
+            norms = np.linalg.norm(block, axis=1)
+            rel = np.linalg.norm(error, axis=1) / np.where(norms > 0, norms, 1.0)
+            max_rel = max(max_rel, float(rel.max()))
+    return q, scales, QuantizationError(max_abs_error=max_abs, max_rel_error=max_rel)
+
+
+def int8_histogram(q: np.ndarray) -> np.ndarray:
+    """Counts of the 256 int8 values (index = value + 128)."""
+    return np.bincount(q.reshape(-1).view(np.uint8) ^ 0x80, minlength=256).astype(np.int64)
+
+
+def entropy_bits_per_symbol(histogram: np.ndarray | list[int] | tuple[int, ...]) -> float:
+    """Order-0 (Shannon) entropy of a histogram, in bits per symbol."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())

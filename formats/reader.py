@@ -1,0 +1,269 @@
+"""Read .slm files: the preamble, the manifest, and chunks (verify, then decompress).
+
+The functions here work on bytes from anywhere (a local file, an HTTP body);
+``ModelReader`` adds a memory-mapped local file on top of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from .constants import (
+    DATA_ALIGNMENT,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_MANIFEST_SIZE_BYTES,
+    PREAMBLE,
+    PREAMBLE_SIZE_BYTES,
+    QuantScheme,
+    align_up,
+)
+from .errors import (
+    BadMagicError,
+    ChunkDecodeError,
+    ChunkIntegrityError,
+    ChunkSizeError,
+    FormatError,
+    ManifestSchemaError,
+    ManifestTooLargeError,
+    OutOfBoundsError,
+    UnsupportedVersionError,
+)
+from .manifest import ChunkEntry, Manifest, TensorEntry, parse_manifest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Preamble:
+    """The fixed 32 bytes at the start of every .slm file."""
+
+    format_version: int
+    manifest_size_bytes: int
+    data_offset: int
+
+
+def read_preamble(data: bytes | memoryview) -> Preamble:
+    """Parse and validate the first PREAMBLE_SIZE_BYTES of a file.
+
+    Raises:
+        BadMagicError, UnsupportedVersionError, ManifestTooLargeError, ManifestSchemaError.
+    """
+    if len(data) < PREAMBLE_SIZE_BYTES:
+        raise BadMagicError(f"file is {len(data)} bytes, shorter than the {PREAMBLE_SIZE_BYTES}-byte .slm preamble")
+    magic, version, flags, manifest_size, data_offset = PREAMBLE.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model with `streamload convert`")
+    if version > FORMAT_VERSION or version == 0:
+        raise UnsupportedVersionError(f"file has format version {version}; this streamload reads version {FORMAT_VERSION}: upgrade streamload")
+    if flags != 0:
+        raise UnsupportedVersionError(f"file sets preamble flags {flags:#x}, unknown to this reader; upgrade streamload")
+    if manifest_size > MAX_MANIFEST_SIZE_BYTES:
+        raise ManifestTooLargeError(f"manifest is {manifest_size} bytes, over the {MAX_MANIFEST_SIZE_BYTES}-byte limit")
+    expected_offset = align_up(PREAMBLE_SIZE_BYTES + manifest_size, DATA_ALIGNMENT)
+    if data_offset != expected_offset:
+        raise ManifestSchemaError(f"preamble data_offset {data_offset} should be {expected_offset}; the file is damaged")
+    return Preamble(format_version=version, manifest_size_bytes=manifest_size, data_offset=data_offset)
+
+
+def read_header(data: bytes | memoryview, file_size_bytes: int) -> tuple[Preamble, Manifest]:
+    """Parse the preamble and manifest from the start of a file of ``file_size_bytes``.
+
+    ``data`` must hold at least the first ``32 + manifest_size_bytes`` bytes; use
+    ``header_size_needed`` on the first 32 bytes to learn how many.
+
+    Raises:
+        FormatError: any malformation, including chunks that point past the end of the file.
+    """
+    preamble = read_preamble(data[:PREAMBLE_SIZE_BYTES])
+    manifest_end = PREAMBLE_SIZE_BYTES + preamble.manifest_size_bytes
+    if preamble.data_offset > file_size_bytes:
+        raise OutOfBoundsError(f"the manifest runs past the end of the file ({file_size_bytes} bytes); the file is truncated")
+    if len(data) < manifest_end:
+        raise OutOfBoundsError(f"need {manifest_end} header bytes, got {len(data)}")
+    manifest = parse_manifest(data[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=file_size_bytes - preamble.data_offset)
+    return preamble, manifest
+
+
+def header_size_needed(data: bytes | memoryview) -> int:
+    """How many bytes from the start of the file hold preamble + manifest (from the first 32)."""
+    return PREAMBLE_SIZE_BYTES + read_preamble(data).manifest_size_bytes
+
+
+def encode_preamble(manifest_size_bytes: int) -> bytes:
+    """The preamble for a manifest of this size (used by the writer and golden tests)."""
+    data_offset = align_up(PREAMBLE_SIZE_BYTES + manifest_size_bytes, DATA_ALIGNMENT)
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, manifest_size_bytes, data_offset)
+
+
+def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
+    """Check a chunk's compressed bytes against the manifest's sha256.
+
+    Raises:
+        ChunkIntegrityError: naming the layer and chunk; the bytes must be discarded.
+    """
+    if len(data) != chunk.size_bytes:
+        raise ChunkIntegrityError(
+            f"chunk {chunk.index} of layer {chunk.layer_index}: got {len(data)} bytes, expected {chunk.size_bytes}",
+            layer_index=chunk.layer_index,
+            chunk_index=chunk.index,
+        )
+    if hashlib.sha256(data).digest() != chunk.sha256:
+        raise ChunkIntegrityError(
+            f"chunk {chunk.index} of layer {chunk.layer_index}: sha256 mismatch; the bytes were damaged in transit or on disk",
+            layer_index=chunk.layer_index,
+            chunk_index=chunk.index,
+        )
+
+
+def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryview | bytearray | None = None) -> memoryview | bytearray:
+    """Decompress one verified chunk into ``out`` (exactly raw_size_bytes long) or a new buffer.
+
+    The output can never exceed the manifest's raw size: decoding writes into a
+    buffer of that size and any byte beyond it is an error (no decompression bombs).
+
+    Raises:
+        ChunkSizeError: the frame declares or yields another size.
+        ChunkDecodeError: the bytes are not a zstd frame.
+    """
+    expected = chunk.raw_size_bytes
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} is not a zstd frame ({exc})") from None
+    if declared != expected:
+        raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} declares {declared} raw bytes, the manifest says {expected}")
+    target = bytearray(expected) if out is None else out
+    if len(target) != expected:
+        raise ValueError(f"output buffer is {len(target)} bytes, chunk needs {expected}")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as frame:
+            view = memoryview(target)
+            filled = 0
+            while filled < expected:
+                n = frame.readinto(view[filled:])
+                if n == 0:
+                    break
+                filled += n
+            extra = frame.read(1)
+    except zstandard.ZstdError as exc:
+        raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} failed to decompress ({exc})") from None
+    if filled != expected or extra:
+        raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {'more' if extra else filled} bytes, expected {expected}")
+    return target
+
+
+def view_tensor(store: memoryview | np.ndarray | mmap.mmap, entry: TensorEntry, base_offset: int = 0) -> np.ndarray:
+    """A zero-copy numpy view of one tensor inside a buffer holding the layer store from ``base_offset``."""
+    start = entry.raw_offset - base_offset
+    return np.frombuffer(store, dtype=entry.dtype.numpy_name, count=int(np.prod(entry.shape, dtype=np.int64)), offset=start).reshape(entry.shape)
+
+
+def dequantize(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 values of an INT8_ROW tensor (a copy; the runtime avoids this for whole models)."""
+    return weight.astype(np.float32) * scales[:, None]
+
+
+def _error_fields(exc: FormatError) -> dict[str, int]:
+    if isinstance(exc, ChunkIntegrityError):
+        return {"layer_index": exc.layer_index, "chunk_index": exc.chunk_index}
+    return {}
+
+
+class ModelReader:
+    """A local .slm file, memory-mapped read-only.
+
+    Example:
+        >>> with ModelReader("model.slm") as reader:          # doctest: +SKIP
+        ...     print(reader.manifest.architecture, len(reader.manifest.layers))
+        ...     reader.verify()
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < PREAMBLE_SIZE_BYTES:
+                raise BadMagicError(f"{self.path} is {size} bytes, too short to be a .slm file")
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._view = memoryview(self._mmap)
+            self.preamble, self.manifest = read_header(self._view, size)
+        except FormatError as exc:
+            self.close()
+            raise type(exc)(f"{self.path}: {exc}", **_error_fields(exc)) from None
+        except BaseException:
+            self.close()
+            raise
+        self.size_bytes = size
+
+    def close(self) -> None:
+        view = getattr(self, "_view", None)
+        if view is not None:
+            view.release()
+        try:
+            self._mmap.close()
+        except BufferError:  # a caller still holds a view; the map closes when it is collected
+            pass
+
+    def __enter__(self) -> ModelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chunk_bytes(self, chunk: ChunkEntry) -> memoryview:
+        """The compressed bytes of a chunk, zero-copy."""
+        start = self.preamble.data_offset + chunk.offset
+        return self._view[start : start + chunk.size_bytes]
+
+    def read_chunk(self, chunk: ChunkEntry, out: memoryview | bytearray | None = None) -> memoryview | bytearray:
+        """Verify then decompress one chunk."""
+        data = self.chunk_bytes(chunk)
+        verify_chunk(chunk, data)
+        return decompress_chunk(chunk, data, out)
+
+    def read_layer(self, layer_index: int) -> bytearray:
+        """The decompressed bytes of one layer (a copy in memory)."""
+        layer = self.manifest.layers[layer_index]
+        buffer = bytearray(layer.raw_size_bytes)
+        view = memoryview(buffer)
+        for chunk in self.manifest.chunks_of_layer(layer_index):
+            start = chunk.raw_offset - layer.raw_offset
+            self.read_chunk(chunk, view[start : start + chunk.raw_size_bytes])
+        return buffer
+
+    def read_tensors(self, layer_index: int) -> dict[str, np.ndarray]:
+        """Every tensor of a layer as numpy arrays over one decompressed buffer."""
+        layer = self.manifest.layers[layer_index]
+        buffer = self.read_layer(layer_index)
+        return {t.name: view_tensor(buffer, t, layer.raw_offset) for t in self.manifest.tensors_of_layer(layer_index)}
+
+    def read_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, float32 values) for every tensor but scales, layer by layer."""
+        for layer in self.manifest.layers:
+            tensors = self.read_tensors(layer.index)
+            scale_names = {t.scales for t in self.manifest.tensors_of_layer(layer.index) if t.scales}
+            for entry in self.manifest.tensors_of_layer(layer.index):
+                if entry.name in scale_names:
+                    continue
+                values = tensors[entry.name]
+                if entry.quant is QuantScheme.INT8_ROW:
+                    values = dequantize(values, tensors[entry.scales])
+                yield entry.name, values.astype(np.float32, copy=False)
+
+    def verify(self) -> list[FormatError]:
+        """Check every chunk's hash and decoded size; returns the problems found (empty when intact)."""
+        problems: list[FormatError] = []
+        for chunk in self.manifest.chunks + self.manifest.refinement_chunks:
+            try:
+                self.read_chunk(chunk)
+            except FormatError as exc:
+                problems.append(exc)
+        return problems

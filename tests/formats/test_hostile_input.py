@@ -1,0 +1,100 @@
+"""Malformed and hostile files: the reader raises a specific FormatError, never anything else."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamload.formats import errors
+from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
+from streamload.formats.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
+from streamload.formats.reader import encode_preamble
+
+GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
+
+
+def test_golden_file_reads() -> None:
+    assert read_everything(GOLDEN) == 24 + 56 + 12
+
+
+def expect(error: type[errors.FormatError], data: bytes, match: str) -> None:
+    with pytest.raises(error, match=match):
+        read_everything(data)
+
+
+def test_specific_errors() -> None:
+    manifest, region = split_file(GOLDEN)
+    expect(errors.BadMagicError, b"PK\x03\x04" + GOLDEN[4:], "not a streamload .slm file")
+    expect(errors.BadMagicError, GOLDEN[:10], "shorter than")
+    expect(errors.UnsupportedVersionError, GOLDEN[:8] + (2).to_bytes(4, "little") + GOLDEN[12:], "upgrade streamload")
+    huge = GOLDEN[:16] + (MAX_MANIFEST_SIZE_BYTES + 1).to_bytes(8, "little") + GOLDEN[24:]
+    expect(errors.ManifestTooLargeError, huge, "over the")
+    expect(errors.OutOfBoundsError, GOLDEN[:200], "truncated")
+    expect(errors.ManifestDecodeError, encode_preamble(3) + b"\xc1\xc1\xc1" + bytes(29), "not valid msgpack")
+
+    def altered(path: list, value: object, *more: tuple[list, object]) -> bytes:
+        m, _ = split_file(GOLDEN)
+        for where, new in ((path, value), *more):
+            node = m
+            for key in where[:-1]:
+                node = node[key]
+            node[where[-1]] = new
+        return join_file(m, region)
+
+    expect(errors.UnknownDTypeError, altered(["tensors", 2, "dtype"], "f64"), "unknown dtype 'f64'")
+    expect(errors.OutOfBoundsError, altered(["chunks", 2, "size"], 10**6), "past the")
+    expect(errors.OverlapError, altered(["chunks", 1, "offset"], 0), "overlaps")
+    expect(errors.OverlapError, altered(["tensors", 1, "raw_offset"], 0), "overlap")
+    expect(errors.ManifestSchemaError, altered(["chunks", 1, "raw_offset"], 30), "tile")
+    expect(errors.ManifestSchemaError, altered(["layers", 1, "raw_offset"], 100), "multiple of 4096")
+    expect(errors.ManifestSchemaError, altered(["tensors", 0, "shape"], "big"), "type str")
+    expect(errors.ChunkSizeError, altered(["chunks", 0, "raw_size"], 25, (["chunks", 1, "raw_offset"], 25), (["chunks", 1, "raw_size"], 55)), "declares 24 raw bytes")
+    corrupted = bytearray(GOLDEN)
+    corrupted[-1] ^= 0xFF
+    with pytest.raises(errors.ChunkIntegrityError, match="chunk 2 of layer 1: sha256 mismatch") as info:
+        read_everything(bytes(corrupted))
+    assert (info.value.layer_index, info.value.chunk_index) == (1, 2)
+
+
+def test_unknown_manifest_keys_are_ignored() -> None:
+    manifest, region = split_file(GOLDEN)
+    manifest["future_feature"] = {"anything": [1, 2, 3]}
+    manifest["tensors"][0]["future_field"] = "x"
+    assert read_everything(join_file(manifest, region)) == 92
+
+
+def test_refinement_chunks_are_bounds_checked_and_skipped_by_pass_0() -> None:
+    manifest, region = split_file(GOLDEN)
+    extra = dict(manifest["chunks"][2], offset=len(region), raw_size=12, pass_=None)
+    extra.pop("pass_")
+    extra["pass"] = 1
+    manifest["chunks"].append(extra)
+    data = join_file(manifest, region + region[manifest["chunks"][2]["offset"] :])
+    assert read_everything(data) == 92 + 12
+
+
+def assert_only_format_errors(data: bytes) -> None:
+    try:
+        read_everything(data)
+    except errors.FormatError:
+        pass
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32))
+def test_mutated_bytes_raise_only_format_errors(seed: int) -> None:
+    assert_only_format_errors(mutate_bytes(GOLDEN, random.Random(seed)))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32))
+def test_mutated_manifests_raise_only_format_errors(seed: int) -> None:
+    rng = random.Random(seed)
+    manifest, region = split_file(GOLDEN)
+    for _ in range(rng.randint(1, 3)):
+        manifest = mutate_structure(manifest, rng)
+    assert_only_format_errors(join_file(manifest, region))
