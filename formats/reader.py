@@ -72,22 +72,24 @@ def read_preamble(data: bytes | memoryview) -> Preamble:
     return Preamble(format_version=version, manifest_size_bytes=manifest_size, data_offset=data_offset)
 
 
-def read_header(data: bytes | memoryview, file_size_bytes: int) -> tuple[Preamble, Manifest]:
+def read_header(data: bytes | memoryview, file_size_bytes: int | None) -> tuple[Preamble, Manifest]:
     """Parse the preamble and manifest from the start of a file of ``file_size_bytes``.
 
     ``data`` must hold at least the first ``32 + manifest_size_bytes`` bytes; use
-    ``header_size_needed`` on the first 32 bytes to learn how many.
+    ``header_size_needed`` on the first 32 bytes to learn how many. ``file_size_bytes``
+    None skips the check that chunks lie inside the file (a header we validated before).
 
     Raises:
         FormatError: any malformation, including chunks that point past the end of the file.
     """
     preamble = read_preamble(data[:PREAMBLE_SIZE_BYTES])
     manifest_end = PREAMBLE_SIZE_BYTES + preamble.manifest_size_bytes
-    if preamble.data_offset > file_size_bytes:
+    if file_size_bytes is not None and preamble.data_offset > file_size_bytes:
         raise OutOfBoundsError(f"the manifest runs past the end of the file ({file_size_bytes} bytes); the file is truncated")
     if len(data) < manifest_end:
         raise OutOfBoundsError(f"need {manifest_end} header bytes, got {len(data)}")
-    manifest = parse_manifest(data[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=file_size_bytes - preamble.data_offset)
+    data_size = None if file_size_bytes is None else file_size_bytes - preamble.data_offset
+    manifest = parse_manifest(data[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=data_size)
     return preamble, manifest
 
 

@@ -1,1 +1,39 @@
-"""streamload: stream int8 language models over HTTP and run them while they download."""
+"""streamload: stream int8 language models over HTTP and run them while they download.
+
+Example:
+    >>> import streamload                                                  # doctest: +SKIP
+    >>> async with streamload.open("http://127.0.0.1:8800/minilm.slm") as model:
+    ...     layer0 = await model.layer(0)
+"""
+
+from .errors import (
+    CacheError,
+    ChunkIntegrityError,
+    DigestMismatchError,
+    FetchError,
+    FormatError,
+    HTTPStatusError,
+    RuntimeModelError,
+    StalledError,
+    StreamloadError,
+)
+from .fetch import RetryPolicy
+from .loader import DownloadStats, Layer, Model, Progress, open
+
+__all__ = [
+    "CacheError",
+    "ChunkIntegrityError",
+    "DigestMismatchError",
+    "DownloadStats",
+    "FetchError",
+    "FormatError",
+    "HTTPStatusError",
+    "Layer",
+    "Model",
+    "Progress",
+    "RetryPolicy",
+    "RuntimeModelError",
+    "StalledError",
+    "StreamloadError",
+    "open",
+]

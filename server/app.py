@@ -1,0 +1,291 @@
+"""The bundled model server: .slm files served the way a static host serves them.
+
+GET and HEAD of ``/<name>.slm`` with a strong ETag (the manifest digest),
+If-None-Match, single-range requests with If-Range (RFC 9110 section 14, see
+``ranges.py``), and ``GET /``, a JSON index. Optional per-connection rate and
+latency emulate a phone link. Bodies are written from a memory map of the file
+in pieces, each write under a timeout, so a client that stops reading is cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import logging
+import mmap
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from ..formats import FormatError
+from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header
+from .ranges import RangeOutcome, decide_range
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
+UNTHROTTLED_PIECE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How the server behaves; built once by the CLI or a test."""
+
+    directory: Path
+    rate_bytes_per_s: float | None = None  # per connection; None = unlimited
+    latency_ms: float = 0.0  # added before each response's headers: one emulated round trip
+    ranges_enabled: bool = True  # False answers every Range with 200 and the whole file (like nginx max_ranges 0)
+    max_concurrent_requests: int = 256
+    queue_timeout_s: float = 10.0  # a request waiting longer for a slot gets 503 + Retry-After
+    write_timeout_s: float = 30.0  # a client that reads nothing for this long is disconnected
+
+
+@dataclasses.dataclass(slots=True)
+class ServedFile:
+    path: Path
+    size_bytes: int
+    mtime_ns: int
+    etag: str
+    last_modified: str
+    map: mmap.mmap | None
+    architecture: str | None
+    digest: str | None
+
+
+class ModelFiles:
+    """The .slm files directly under one directory, opened lazily and reopened when they change."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self._open: dict[str, ServedFile] = {}
+
+    def lookup(self, name: str) -> ServedFile | None:
+        """The file for a URL path segment, or None: only plain .slm names directly under the directory."""
+        if not MODEL_NAME.match(name):
+            return None
+        path = self.directory / name
+        try:
+            resolved = path.resolve(strict=True)
+            if resolved.parent != self.directory or not resolved.is_file():
+                return None  # symlink out of the directory, or not a regular file
+            stat = resolved.stat()
+        except OSError:
+            return None
+        served = self._open.get(name)
+        if served is not None and (served.mtime_ns, served.size_bytes) == (stat.st_mtime_ns, stat.st_size):
+            return served
+        if served is not None and served.map is not None:
+            _close_quietly(served.map)
+        served = self._open_file(resolved, stat)
+        self._open[name] = served
+        return served
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.directory.iterdir() if MODEL_NAME.match(p.name))
+        except OSError:
+            return []
+
+    def close(self) -> None:
+        for served in self._open.values():
+            if served.map is not None:
+                _close_quietly(served.map)
+        self._open.clear()
+
+    @staticmethod
+    def _open_file(path: Path, stat: os.stat_result) -> ServedFile:
+        file_map = None
+        if stat.st_size:
+            with open(path, "rb") as f:
+                file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        architecture = digest = None
+        try:
+            if file_map is not None and stat.st_size >= PREAMBLE_SIZE_BYTES:
+                needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
+                _, manifest = read_header(file_map[: min(needed, stat.st_size)], stat.st_size)
+                architecture, digest = manifest.architecture, manifest.digest
+        except FormatError as exc:
+            logger.warning("%s is not a valid model file (%s); serving its bytes anyway", path.name, exc)
+        # The manifest digest identifies the content (it covers every chunk hash): a strong validator
+        # that is the same on every mirror. Files that do not parse fall back to size and mtime.
+        etag = f'"{digest}"' if digest else f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        return ServedFile(
+            path=path,
+            size_bytes=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+            etag=etag,
+            last_modified=email.utils.formatdate(stat.st_mtime, usegmt=True),
+            map=file_map,
+            architecture=architecture,
+            digest=digest,
+        )
+
+
+def _close_quietly(file_map: mmap.mmap) -> None:
+    try:
+        file_map.close()
+    except BufferError:  # a response still writing from it; collected later
+        pass
+
+
+class TokenBucket:
+    """Paces bytes to ``rate_bytes_per_s`` with a burst of ``capacity_bytes``."""
+
+    def __init__(self, rate_bytes_per_s: float, capacity_bytes: float) -> None:
+        self.rate = rate_bytes_per_s
+        self.capacity = capacity_bytes
+        self._tokens = capacity_bytes
+        self._stamp = time.monotonic()
+
+    async def take(self, size_bytes: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= size_bytes
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+CONFIG = web.AppKey("config", ServerConfig)
+FILES = web.AppKey("files", ModelFiles)
+SLOTS = web.AppKey("slots", asyncio.Semaphore)
+
+
+def _if_none_match(header: str | None, etag: str) -> bool:
+    """RFC 9110 section 13.1.2: weak comparison; ``*`` matches any current representation."""
+    if header is None:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
+
+
+async def handle_model(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    served = request.app[FILES].lookup(request.match_info["name"])
+    if served is None:
+        raise web.HTTPNotFound(text="no such model\n")
+    headers = {
+        "ETag": served.etag,
+        "Last-Modified": served.last_modified,
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes" if config.ranges_enabled else "none",
+        "Cache-Control": "public, max-age=300",
+    }
+    if config.latency_ms:
+        await asyncio.sleep(config.latency_ms / 1000)
+    if _if_none_match(request.headers.get("If-None-Match"), served.etag):
+        return web.Response(status=304, headers=headers)
+    decision = decide_range(
+        request.headers.get("Range") if config.ranges_enabled else None,
+        served.size_bytes,
+        if_range=request.headers.get("If-Range"),
+        etag=served.etag,
+    )
+    if decision.outcome is RangeOutcome.BAD_REQUEST:
+        raise web.HTTPBadRequest(text="Range header too long\n")
+    if decision.outcome is RangeOutcome.UNSATISFIABLE:
+        headers["Content-Range"] = f"bytes */{served.size_bytes}"
+        return web.Response(status=416, headers=headers)
+    status = 200
+    if decision.outcome is RangeOutcome.PARTIAL:
+        status = 206
+        headers["Content-Range"] = f"bytes {decision.start}-{decision.end - 1}/{served.size_bytes}"
+    headers["Content-Length"] = str(decision.length)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    if request.method != "HEAD" and decision.length:
+        await _write_body(request, response, served, decision.start, decision.end, config)
+    return response
+
+
+async def _write_body(request: web.Request, response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig) -> None:
+    assert served.map is not None
+    view = memoryview(served.map)
+    if config.rate_bytes_per_s:
+        piece = int(max(1024, min(64 << 10, config.rate_bytes_per_s / 50)))  # ~20 ms of link time
+        bucket: TokenBucket | None = TokenBucket(config.rate_bytes_per_s, piece)
+    else:
+        piece, bucket = UNTHROTTLED_PIECE_BYTES, None
+    try:
+        for offset in range(start, end, piece):
+            size = min(piece, end - offset)
+            if bucket is not None:
+                await bucket.take(size)
+            async with asyncio.timeout(config.write_timeout_s):
+                await response.write(view[offset : offset + size])
+    except TimeoutError:
+        logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        view.release()
+
+
+async def handle_index(request: web.Request) -> web.Response:
+    files = request.app[FILES]
+    models = []
+    for name in files.names():
+        served = files.lookup(name)
+        if served is not None:
+            models.append({"name": name, "size": served.size_bytes, "architecture": served.architecture, "manifest_digest": served.digest})
+    return web.json_response({"models": models})
+
+
+@web.middleware
+async def limit_concurrency(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """At most max_concurrent_requests in flight; a request that cannot get a slot in time gets 503."""
+    slots = request.app[SLOTS]
+    try:
+        async with asyncio.timeout(request.app[CONFIG].queue_timeout_s):
+            await slots.acquire()
+    except TimeoutError:
+        raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text="server busy\n") from None
+    try:
+        return await handler(request)
+    finally:
+        slots.release()
+
+
+async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    app[FILES] = ModelFiles(app[CONFIG].directory)
+    app[SLOTS] = asyncio.Semaphore(app[CONFIG].max_concurrent_requests)
+    yield
+    app[FILES].close()
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    """The aiohttp application for one directory of models.
+
+    Example:
+        >>> app = create_app(ServerConfig(directory=Path("models")))   # doctest: +SKIP
+        >>> web.run_app(app, host="127.0.0.1", port=8800)              # doctest: +SKIP
+    """
+    if not config.directory.is_dir():
+        raise NotADirectoryError(f"{config.directory} is not a directory")
+    app = web.Application(middlewares=[limit_concurrency])
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_file_lifecycle)
+    app.router.add_get("/", handle_index)
+    app.router.add_get("/{name}", handle_model)
+    return app
+
+
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{Range}i"'
+
+
+def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, *, announce: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT or SIGTERM, then close connections and exit cleanly."""
+    web.run_app(
+        create_app(config),
+        host=host,
+        port=port,
+        access_log=logging.getLogger("streamload.server.access"),
+        access_log_format=ACCESS_LOG_FORMAT,
+        print=lambda _: announce(f"serving {config.directory} on http://{host}:{port}/ (Ctrl-C to stop)"),
+        shutdown_timeout=5.0,
+    )

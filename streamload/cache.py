@@ -1,0 +1,197 @@
+"""The on-disk cache: one directory per model, keyed by its manifest digest.
+
+    <cache_dir>/models/<digest>/header.slm   preamble + manifest, exactly as fetched
+    <cache_dir>/models/<digest>/store.bin    the layer store (FORMAT.md), preallocated
+    <cache_dir>/models/<digest>/journal      u32 indices of chunks verified and written, appended
+    <cache_dir>/models/<digest>/complete     present once every chunk is in the store
+    <cache_dir>/models/<digest>/lock         flock: one writer at a time
+    <cache_dir>/refs/<sha256(url)>           the digest a URL last had (offline use)
+
+A chunk's index is appended to the journal only after its bytes are in the
+store, so a process killed at any point leaves a journal that names only whole,
+verified chunks; the next run fetches exactly the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+from pathlib import Path
+
+from .errors import CacheError
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_RECORD = struct.Struct("<I")  # chunk index
+LOCK_POLL_S = 0.1
+
+
+def default_cache_dir() -> Path:
+    """``$STREAMLOAD_CACHE`` if set, else ``~/.cache/streamload`` (read when called, never at import)."""
+    configured = os.environ.get("STREAMLOAD_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "streamload"
+
+
+def _cache_error(action: str, path: Path, exc: OSError) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        return CacheError(f"no space left on the device holding {path} while {action}; free some space or pass --cache-dir on another disk")
+    return CacheError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+class ModelCache:
+    """The cache directory of one model (by digest). Not thread-safe; owned by one loader."""
+
+    def __init__(self, root: Path, digest: str) -> None:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        self.root = root
+        self.digest = digest
+        self.directory = root / "models" / digest
+        self._lock_fd: int | None = None
+        self._journal_fd: int | None = None
+        self._store_fd: int | None = None
+        self.store_map: mmap.mmap | None = None
+
+    # ------------------------------------------------------------ refs and header
+
+    @staticmethod
+    def ref_path(root: Path, url: str) -> Path:
+        return root / "refs" / hashlib.sha256(url.encode()).hexdigest()
+
+    @staticmethod
+    def read_ref(root: Path, url: str) -> str | None:
+        try:
+            return ModelCache.ref_path(root, url).read_text().strip() or None
+        except OSError:
+            return None
+
+    @staticmethod
+    def write_ref(root: Path, url: str, digest: str) -> None:
+        path = ModelCache.ref_path(root, url)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(path, digest.encode())
+        except OSError as exc:
+            raise _cache_error("writing", path, exc) from None
+
+    @property
+    def header_path(self) -> Path:
+        return self.directory / "header.slm"
+
+    @property
+    def store_path(self) -> Path:
+        return self.directory / "store.bin"
+
+    def read_header(self) -> bytes | None:
+        try:
+            return self.header_path.read_bytes()
+        except OSError:
+            return None
+
+    def write_header(self, header: bytes) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.read_header() != header:
+                _write_atomically(self.header_path, header)
+        except OSError as exc:
+            raise _cache_error("writing", self.header_path, exc) from None
+
+    def is_complete(self) -> bool:
+        return (self.directory / "complete").exists()
+
+    # ------------------------------------------------------------ the writer lock
+
+    async def acquire(self) -> None:
+        """Take the directory's writer lock, waiting (without blocking the loop) while another process holds it."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _cache_error("creating", self.directory, exc) from None
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    logger.info("another process is writing %s; waiting for it", self.directory)
+                    waited = True
+                await asyncio.sleep(LOCK_POLL_S)
+        self._lock_fd = fd
+
+    # ------------------------------------------------------------ store and journal
+
+    def open_store(self, size_bytes: int) -> None:
+        """Create (preallocated, so a full disk fails here and not as SIGBUS later) and map the store."""
+        try:
+            fd = os.open(self.store_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._store_fd = fd
+            if os.fstat(fd).st_size != size_bytes:
+                os.ftruncate(fd, size_bytes)
+            if size_bytes:
+                os.posix_fallocate(fd, 0, size_bytes)
+                self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_WRITE)
+            self._journal_fd = os.open(self.directory / "journal", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            self.close()
+            raise _cache_error("preparing", self.store_path, exc) from None
+
+    def read_journal(self, chunk_count: int) -> set[int]:
+        """Indices of chunks already verified and stored (a torn last record is ignored)."""
+        try:
+            data = (self.directory / "journal").read_bytes()
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise _cache_error("reading", self.directory / "journal", exc) from None
+        usable = len(data) - len(data) % JOURNAL_RECORD.size
+        return {i for (i,) in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
+
+    def record_chunk(self, chunk_index: int) -> None:
+        """Append one index (one write(2) of 4 bytes with O_APPEND: never interleaved, never torn by a kill)."""
+        assert self._journal_fd is not None
+        try:
+            os.write(self._journal_fd, JOURNAL_RECORD.pack(chunk_index))
+        except OSError as exc:
+            raise _cache_error("writing", self.directory / "journal", exc) from None
+
+    def mark_complete(self) -> None:
+        """Flush the store and journal to disk, then drop the marker that says so."""
+        try:
+            if self.store_map is not None:
+                self.store_map.flush()
+            for fd in (self._store_fd, self._journal_fd):
+                if fd is not None:
+                    os.fsync(fd)
+            _write_atomically(self.directory / "complete", b"")
+        except OSError as exc:
+            raise _cache_error("finishing", self.directory, exc) from None
+
+    def close(self) -> None:
+        if self.store_map is not None:
+            try:
+                self.store_map.close()
+            except BufferError:  # numpy views still alive; the map goes when they do
+                pass
+            self.store_map = None
+        for name in ("_journal_fd", "_store_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)  # closing the lock fd releases the flock
+                setattr(self, name, None)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

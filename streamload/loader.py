@@ -1,0 +1,603 @@
+"""Open a model from a URL or a local .slm and get its layers as they arrive.
+
+The data path, top to bottom: read the header (``fetch``) -> find or create the
+cache (``cache``) -> schedule pending chunks in layer order (``schedule``) ->
+ranged GET -> verify sha256 -> decompress straight into the memory-mapped layer
+store (both on a thread pool: hashlib and zstandard release the GIL) -> journal
+the chunk -> when a layer's last chunk lands, its future resolves and callers
+get zero-copy numpy views.
+
+Costs: one copy of each compressed chunk (the socket read), none for the raw
+bytes (decompressed in place into the page cache), threads = ``verify_threads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import logging
+import mmap
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import zstandard
+
+from .cache import ModelCache, default_cache_dir
+from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
+from .fetch import BodyKind, HttpOrigin, RangeResponse, RetryableError, RetryPolicy
+from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
+from .formats.constants import PREAMBLE_SIZE_BYTES
+from .formats.reader import header_size_needed, read_header
+from .schedule import ChunkScheduler
+
+logger = logging.getLogger(__name__)
+
+HEADER_PROBE_BYTES = 64 << 10  # first request: preamble and, usually, the whole manifest
+MAX_INTEGRITY_ATTEMPTS = 3  # fetches of one chunk that fail their hash before giving up
+PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot for progress callbacks."""
+
+    bytes_downloaded: int  # moved over the network in this run
+    bytes_to_download: int  # compressed bytes the cache lacked when the run started
+    layers_ready: int
+    layers_total: int
+    elapsed_s: float
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self.bytes_downloaded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class DownloadStats:
+    """What a run moved and how (mutable: updated while the download runs)."""
+
+    bytes_downloaded: int = 0  # network bytes in this run (bodies), headers excluded
+    bytes_total: int = 0  # size of the .slm file
+    chunks_total: int = 0
+    chunks_cached: int = 0  # already in the cache when the run started
+    chunks_fetched: int = 0
+    integrity_failures: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Layer:
+    """One layer's tensors: read-only numpy views of the memory-mapped store."""
+
+    index: int
+    name: str
+    tensors: Mapping[str, np.ndarray]
+    quant: Mapping[str, str]  # tensor name -> scales tensor name, for int8_row tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def weight(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, per-row scales) for an int8 tensor, (values, None) for a float one."""
+        scales = self.quant.get(name)
+        return self.tensors[name], None if scales is None else self.tensors[scales]
+
+
+class Model:
+    """An open model. Layers become available in execution order while the download runs.
+
+    Get one with ``streamload.open``; see its example.
+    """
+
+    def __init__(self, loader: _Loader) -> None:
+        self._loader = loader
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._loader.manifest
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self._loader.manifest.config
+
+    @property
+    def digest(self) -> str:
+        return self._loader.manifest.digest
+
+    @property
+    def path(self) -> Path:
+        """The model's cache directory."""
+        return self._loader.cache.directory
+
+    @property
+    def stats(self) -> DownloadStats:
+        return self._loader.stats
+
+    @property
+    def layer_ready_s(self) -> list[float | None]:
+        """Seconds from open until each layer was ready (None: not yet)."""
+        return list(self._loader.ready_s)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The embedded tokenizer as a ``tokenizers.Tokenizer`` (None when the model has none)."""
+        return self._loader.tokenizer()
+
+    async def layer(self, index: int) -> Layer:
+        """Wait for layer ``index`` (moving it to the front of the queue) and return its tensors.
+
+        Raises:
+            IndexError: no such layer.
+            StreamloadError: the download failed (ChunkIntegrityError, FetchError, CacheError...).
+        """
+        return await self._loader.layer(index)
+
+    async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
+        """Yield (index, layer) in execution order, each as soon as it is ready."""
+        for index in range(len(self.manifest.layers)):
+            yield index, await self.layer(index)
+
+    async def wait_complete(self) -> DownloadStats:
+        """Wait until every chunk is in the cache; returns the run's stats."""
+        await asyncio.shield(self._loader.complete)
+        return self._loader.stats
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` pins the manifest digest, like pip's hash fragments."""
+    if "#sha256=" in source:
+        source, _, pinned = source.partition("#sha256=")
+        if digest is not None and digest.lower() != pinned.lower():
+            raise DigestMismatchError(f"the URL pins sha256={pinned} but digest={digest} was also given")
+        digest = pinned
+    if digest is not None:
+        digest = digest.lower().removeprefix("sha256:")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise DigestMismatchError(f"pinned digest {digest!r} is not 64 hex digits")
+    return source, digest
+
+
+class _Loader:
+    """The machinery behind a Model: header, cache, scheduler, workers, readiness."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        cache_dir: Path,
+        digest: str | None,
+        connections: int,
+        session: aiohttp.ClientSession | None,
+        progress: Callable[[Progress], None] | None,
+        retry: RetryPolicy,
+        verify_threads: int,
+    ) -> None:
+        self.source, self.pinned = _split_pin(source, digest)
+        self.cache_root = cache_dir
+        self.connections = max(1, connections)
+        self.retry = retry
+        self.progress_callback = progress
+        self.stats = DownloadStats()
+        self.started = time.perf_counter()
+        self._own_session = session is None and _is_url(self.source)
+        self.session = session
+        self.origin: HttpOrigin | None = None
+        self.local_map: memoryview | None = None
+        self.data_offset = 0
+        self.whole_file_only = False  # the server ignores Range
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, verify_threads), thread_name_prefix="streamload-verify")
+        self.in_flight = asyncio.Semaphore(2 * max(1, verify_threads) + 2)  # bounded memory: chunks waiting for a thread
+        self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._download_task: asyncio.Task[None] | None = None
+        self._last_progress = 0.0
+        self._integrity_attempts: dict[int, int] = {}
+        self._tokenizer: Any = None
+        self._layers: dict[int, Layer] = {}
+
+    # ------------------------------------------------------------ start: header, pin, cache
+
+    async def start(self) -> None:
+        header = await self._read_header()
+        self.data_offset = header[0]
+        self.manifest: Manifest = header[1]
+        if self.pinned is not None and self.manifest.digest != self.pinned:
+            raise DigestMismatchError(
+                f"{self.source} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it"
+            )
+        self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
+        self.cache = ModelCache(self.cache_root, self.manifest.digest)
+        self.cache.write_header(header[2])
+        if self.origin is not None:
+            ModelCache.write_ref(self.cache_root, self.source, self.manifest.digest)
+        await self.cache.acquire()
+        await asyncio.to_thread(self.cache.open_store, self.manifest.store_size_bytes)
+        done = self.cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
+        pending = [c for c in self.manifest.chunks if c.index not in done]
+        self.stats.chunks_total = len(self.manifest.chunks)
+        self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
+        self.scheduler = ChunkScheduler(pending)
+        self.bytes_to_download = sum(c.size_bytes for c in pending)
+        loop = asyncio.get_running_loop()
+        self.remaining = [0] * len(self.manifest.layers)
+        for chunk in pending:
+            self.remaining[chunk.layer_index] += 1
+        self.ready: list[asyncio.Future[None]] = [loop.create_future() for _ in self.manifest.layers]
+        self.ready_s: list[float | None] = [None] * len(self.manifest.layers)
+        for index, count in enumerate(self.remaining):
+            if count == 0:
+                self._set_ready(index)
+        if not pending:
+            if not self.cache.is_complete():
+                await asyncio.to_thread(self.cache.mark_complete)
+            self._finish()
+        else:
+            self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
+        logger.info("%s: %d of %d chunks cached, %d bytes to fetch", self.source, self.stats.chunks_cached, len(self.manifest.chunks), self.bytes_to_download)
+
+    async def _read_header(self) -> tuple[int, Manifest, bytes]:
+        """(data_offset, manifest, header bytes) from the file, the server, or (offline) the cache."""
+        if not _is_url(self.source):
+            path = Path(self.source)
+            try:
+                with io.open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    self.local_map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+            except OSError as exc:
+                raise FileNotFoundError(exc.errno, f"cannot open model file: {exc.strerror}", str(path)) from None
+            header = bytes(self.local_map[: min(size, header_size_needed(self.local_map[:PREAMBLE_SIZE_BYTES]) if size >= PREAMBLE_SIZE_BYTES else size)])
+            preamble, manifest = read_header(header, size)
+            return preamble.data_offset, manifest, header
+        if self.pinned is not None:  # a pinned model that is fully cached needs no network at all
+            cached = ModelCache(self.cache_root, self.pinned)
+            if cached.is_complete() and (header := cached.read_header()) is not None:
+                preamble, manifest = read_header(header, None)
+                logger.info("using cached %s (pinned, complete): no network", self.pinned[:12])
+                return preamble.data_offset, manifest, header
+        if self.session is None:
+            self.session = aiohttp.ClientSession(auto_decompress=False)
+        self.origin = HttpOrigin(self.session, self.source, self.retry)
+        try:
+            return await self.origin.with_retries(self._fetch_header, f"fetching the header of {self.source}")
+        except FetchError as exc:
+            digest = ModelCache.read_ref(self.cache_root, self.source)
+            cached = ModelCache(self.cache_root, digest) if digest else None
+            if cached is None or not cached.is_complete() or (header := cached.read_header()) is None:
+                raise
+            logger.warning("%s; using the cached copy %s", exc, digest[:12])
+            self.origin = None
+            preamble, manifest = read_header(header, None)
+            return preamble.data_offset, manifest, header
+
+    async def _fetch_header(self) -> tuple[int, Manifest, bytes]:
+        assert self.origin is not None
+        reply = await self.origin.open_range(0, HEADER_PROBE_BYTES)
+        try:
+            if reply.kind is BodyKind.WHOLE:
+                self.whole_file_only = True
+                logger.info("%s ignores Range requests: downloading the whole file in order", self.source)
+            total = reply.total_size_bytes
+            if total is None:
+                raise FetchError(f"{self.source} did not say how large the file is (no Content-Length or Content-Range)")
+            first = await self.origin.read_exactly(reply.response, min(PREAMBLE_SIZE_BYTES, total))
+            needed = header_size_needed(first)
+            available = min(needed, total) if reply.kind is BodyKind.WHOLE else min(needed, HEADER_PROBE_BYTES, total)
+            header = first + await self.origin.read_exactly(reply.response, available - len(first))
+        finally:
+            reply.response.close()
+        if len(header) < needed and needed <= total:
+            more = await self.origin.open_range(len(header), needed)
+            try:
+                if more.kind is not BodyKind.PARTIAL:
+                    raise FetchError(f"{self.source} answered a range request with the whole file after honouring one")
+                header += await self.origin.read_exactly(more.response, needed - len(header))
+            finally:
+                more.response.close()
+        self.stats.bytes_downloaded += len(header)
+        preamble, manifest = read_header(header, total)
+        return preamble.data_offset, manifest, header
+
+    # ------------------------------------------------------------ readiness
+
+    def _set_ready(self, index: int) -> None:
+        if not self.ready[index].done():
+            self.ready[index].set_result(None)
+            self.ready_s[index] = time.perf_counter() - self.started
+
+    def _finish(self) -> None:
+        self.stats.seconds = time.perf_counter() - self.started
+        if not self.complete.done():
+            self.complete.set_result(None)
+        self._report_progress(force=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        for future in (*self.ready, self.complete):
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here: a failure nobody awaits is not "never retrieved"
+
+    async def layer(self, index: int) -> Layer:
+        if not 0 <= index < len(self.manifest.layers):
+            raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
+        if not self.ready[index].done():
+            self.scheduler.prioritize(index)
+        await asyncio.shield(self.ready[index])
+        if index not in self._layers:
+            self._layers[index] = self._make_layer(index)
+        return self._layers[index]
+
+    def _make_layer(self, index: int) -> Layer:
+        store = self.cache.store_map if self.cache.store_map is not None else bytearray(0)
+        tensors = {}
+        for entry in self.manifest.tensors_of_layer(index):
+            array = view_tensor(store, entry)
+            array.flags.writeable = False
+            tensors[entry.name] = array
+        quant = {t.name: t.scales for t in self.manifest.tensors_of_layer(index) if t.quant is QuantScheme.INT8_ROW and t.scales}
+        return Layer(index=index, name=self.manifest.layers[index].name, tensors=tensors, quant=quant)
+
+    def tokenizer(self) -> Any:
+        blob = self.manifest.tokenizer
+        if blob is None:
+            return None
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            if zstandard.frame_content_size(blob.data) != blob.raw_size_bytes:
+                raise FormatError("the embedded tokenizer's size does not match the manifest")
+            text = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=blob.raw_size_bytes)
+            try:
+                self._tokenizer = Tokenizer.from_str(text.decode("utf-8"))
+            except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+                raise FormatError(f"the embedded tokenizer.json cannot be loaded: {exc}") from None
+        return self._tokenizer
+
+    def _report_progress(self, force: bool = False) -> None:
+        if self.progress_callback is None:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        self.progress_callback(
+            Progress(
+                bytes_downloaded=self.stats.bytes_downloaded,
+                bytes_to_download=self.bytes_to_download,
+                layers_ready=sum(1 for f in self.ready if f.done() and not f.exception()),
+                layers_total=len(self.ready),
+                elapsed_s=now - self.started,
+            )
+        )
+
+    # ------------------------------------------------------------ the download
+
+    async def _download(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self.tasks = tasks
+                workers = 1 if self.origin is None or self.whole_file_only else self.connections
+                for _ in range(workers):
+                    tasks.create_task(self._local_worker() if self.origin is None else self._http_worker())
+            await asyncio.to_thread(self.cache.mark_complete)
+            self._finish()
+        except BaseException as exc:  # delivered to every waiter; close() awaits this task
+            failure = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 else exc
+            if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                self._fail(asyncio.CancelledError("the download was cancelled"))
+                raise
+            self._fail(failure)
+
+    async def _local_worker(self) -> None:
+        assert self.local_map is not None
+        while not self.scheduler.finished:
+            span = self.scheduler.take_span(1)  # one chunk at a time: a layer request jumps the queue at once
+            if not span:
+                await self.scheduler.wait_for_change()
+                continue
+            chunk = span[0]
+            start = self.data_offset + chunk.offset
+            await self._submit(chunk, self.local_map[start : start + chunk.size_bytes])
+
+    def _span_limit_bytes(self) -> int:
+        if self.connections == 1:
+            return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
+        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
+
+    async def _http_worker(self) -> None:
+        failures = 0
+        while not self.scheduler.finished:
+            span = self.scheduler.take_all() if self.whole_file_only else self.scheduler.take_span(self._span_limit_bytes())
+            if not span:
+                await self.scheduler.wait_for_change()
+                continue
+            try:
+                await self._fetch_span(span)
+                failures = 0
+            except (RetryableError, StalledError) as exc:
+                failures = 0 if self._progressed else failures + 1
+                self._progressed = False
+                self.stats.retries += 1
+                if failures >= self.retry.max_attempts:
+                    raise FetchError(f"gave up downloading {self.source} after {failures} failed attempts in a row: {exc}") from None
+                delay = self.retry.delay_s(max(1, failures), getattr(exc, "retry_after_s", None))
+                logger.warning("%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    _progressed = False
+
+    async def _fetch_span(self, span: list[ChunkEntry]) -> None:
+        """Fetch contiguous chunks with one request; whatever does not arrive goes back to the queue."""
+        assert self.origin is not None
+        arrived: set[int] = set()
+        reply: RangeResponse | None = None
+        try:
+            if self.whole_file_only:
+                reply = await self.origin.open_range(0)
+            else:
+                reply = await self.origin.open_range(self.data_offset + span[0].offset, self.data_offset + span[-1].end)
+            if reply.kind is BodyKind.WHOLE:
+                if not self.whole_file_only:
+                    logger.info("%s ignored a Range request: switching to whole-file downloads", self.source)
+                    self.whole_file_only = True
+                await self._consume_whole_file(reply, span, arrived)
+                return
+            for chunk in span:
+                data = await self.origin.read_exactly(reply.response, chunk.size_bytes)
+                self.stats.bytes_downloaded += chunk.size_bytes
+                arrived.add(chunk.index)
+                self._progressed = True
+                await self._submit(chunk, data)
+                if len(arrived) < len(span) and self.scheduler.urgent_waiting():
+                    break  # someone asked for a layer outside this span: let it go first
+        finally:
+            if reply is not None:
+                if len(arrived) == len(span) and reply.kind is BodyKind.PARTIAL:
+                    reply.response.release()
+                else:
+                    reply.response.close()
+            self.scheduler.give_back([c for c in span if c.index not in arrived])
+
+    async def _consume_whole_file(self, reply: RangeResponse, wanted: list[ChunkEntry], arrived: set[int]) -> None:
+        """Read a whole-file body front to back, keeping the wanted chunks and dropping the rest."""
+        assert self.origin is not None
+        position = 0
+        for chunk in sorted(wanted, key=lambda c: c.offset):
+            start = self.data_offset + chunk.offset
+            while position < start:  # bytes we already have (header, cached chunks): read and drop
+                step = min(start - position, 1 << 20)
+                await self.origin.read_exactly(reply.response, step)
+                self.stats.bytes_downloaded += step
+                position += step
+            data = await self.origin.read_exactly(reply.response, chunk.size_bytes)
+            self.stats.bytes_downloaded += chunk.size_bytes
+            position += chunk.size_bytes
+            arrived.add(chunk.index)
+            self._progressed = True
+            await self._submit(chunk, data)
+
+    # ------------------------------------------------------------ verify, decompress, store
+
+    async def _submit(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
+        """Hand a received chunk to the thread pool (waiting while too many are queued)."""
+        await self.in_flight.acquire()
+        self.tasks.create_task(self._process(chunk, data))
+
+    async def _process(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, self._verify_and_store, chunk, data)
+        except ChunkIntegrityError as exc:
+            self.stats.integrity_failures += 1
+            attempts = self._integrity_attempts.get(chunk.index, 0) + 1
+            self._integrity_attempts[chunk.index] = attempts
+            if self.origin is None or attempts >= MAX_INTEGRITY_ATTEMPTS:
+                where = "the file" if self.origin is None else f"{attempts} downloads from {self.source}"
+                raise ChunkIntegrityError(
+                    f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
+                    "the source is corrupt: nothing from it was used. Re-convert or re-upload the model.",
+                    layer_index=chunk.layer_index,
+                    chunk_index=chunk.index,
+                ) from exc
+            logger.warning("%s; fetching it again", exc)
+            self.scheduler.give_back([chunk])
+            return
+        finally:
+            self.in_flight.release()
+        self.stats.chunks_fetched += 1
+        self.scheduler.done(chunk)
+        self.remaining[chunk.layer_index] -= 1
+        if self.remaining[chunk.layer_index] == 0:
+            self._set_ready(chunk.layer_index)
+        self._report_progress()
+
+    def _verify_and_store(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
+        """Runs on a pool thread: nothing unverified is ever decompressed or written."""
+        verify_chunk(chunk, data)
+        assert self.cache.store_map is not None
+        target = memoryview(self.cache.store_map)[chunk.raw_offset : chunk.raw_offset + chunk.raw_size_bytes]
+        try:
+            decompress_chunk(chunk, data, target)
+        finally:
+            target.release()
+        self.cache.record_chunk(chunk.index)
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        if self._download_task is not None:
+            self._download_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await self._download_task
+        self.pool.shutdown(wait=True)
+        if self._own_session and self.session is not None:
+            await self.session.close()
+        if hasattr(self, "cache"):
+            self._layers.clear()
+            self.cache.close()
+        if self.local_map is not None:
+            with contextlib.suppress(BufferError):
+                self.local_map.release()
+
+
+@contextlib.asynccontextmanager
+async def open(  # noqa: A001 - the library's verb, like builtins.open
+    source: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    digest: str | None = None,
+    connections: int = 1,
+    session: aiohttp.ClientSession | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    retry: RetryPolicy | None = None,
+    verify_threads: int = 2,
+) -> AsyncIterator[Model]:
+    """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
+
+    Args:
+        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file.
+        cache_dir: where verified layers are kept (default ``$STREAMLOAD_CACHE`` or ``~/.cache/streamload``).
+        digest: refuse any model whose manifest digest differs (also lets a complete cache work offline).
+        connections: parallel ranged requests (1 keeps layers strictly in order: best time to layer 0).
+        session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call).
+        progress: called with a ``Progress`` at most every 0.1 s and at the end.
+        retry: retry and timeout policy for the network.
+        verify_threads: threads that hash and decompress chunks.
+
+    Raises:
+        FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
+        later failures surface from ``layer()`` and ``wait_complete()``.
+
+    Example:
+        >>> async with streamload.open("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
+        ...     async for index, layer in model.layers():
+        ...         print(index, layer.name, list(layer.tensors)[:2])
+    """
+    loader = _Loader(
+        os.fspath(source),
+        cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        digest=digest,
+        connections=connections,
+        session=session,
+        progress=progress,
+        retry=retry or RetryPolicy(),
+        verify_threads=verify_threads,
+    )
+    try:
+        await loader.start()
+        yield Model(loader)
+    finally:
+        await loader.close()
