@@ -18,7 +18,8 @@ from .errors import (
     StreamloadError,
 )
 from .fetch import RetryPolicy
-from .loader import DownloadStats, Layer, Model, Progress, open
+from .loader import DownloadStats, Layer, Model, Progress, open, read_remote_header
+from .sync import SyncModel, load
 
 __all__ = [
     "CacheError",
@@ -35,5 +36,8 @@ __all__ = [
     "RuntimeModelError",
     "StalledError",
     "StreamloadError",
+    "SyncModel",
+    "load",
     "open",
+    "read_remote_header",
 ]

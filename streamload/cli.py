@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cache import default_cache_dir
 from .errors import StreamloadError
 from .formats import ModelReader, convert, summarize_manifest
 
@@ -88,9 +90,16 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    with ModelReader(args.source) as reader:
-        summary = summarize_manifest(reader.manifest)
-        summary["file_bytes"] = reader.size_bytes
+    if args.source.startswith(("http://", "https://")):
+        from .loader import read_remote_header
+
+        manifest, size = asyncio.run(read_remote_header(args.source))
+        summary = summarize_manifest(manifest)
+        summary["file_bytes"] = size
+    else:
+        with ModelReader(args.source) as reader:
+            summary = summarize_manifest(reader.manifest)
+            summary["file_bytes"] = reader.size_bytes
     if args.json:
         _print_json(summary)
     else:
@@ -115,6 +124,95 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILURE
 
 
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServerConfig, run_server
+
+    if not Path(args.directory).is_dir():
+        print(f"error: {args.directory} is not a directory", file=sys.stderr)
+        return EXIT_FAILURE
+    logging.getLogger("streamload.server.access").setLevel(logging.INFO)
+    config = ServerConfig(
+        directory=Path(args.directory),
+        rate_bytes_per_s=args.rate,
+        latency_ms=args.latency_ms,
+        ranges_enabled=not args.no_ranges,
+    )
+    run_server(config, host=args.host, port=args.port, announce=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- fetch
+
+
+class ProgressBar:
+    """An `ollama pull`-style bar on stderr, fed by the loader's progress callback."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, progress: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.bytes_to_download, unit="B", unit_scale=True, unit_divisor=1024, desc=self.label, file=sys.stderr, dynamic_ncols=True)
+        self.bar.n = min(progress.bytes_downloaded, self.bar.total or progress.bytes_downloaded)
+        self.bar.set_postfix_str(f"layers {progress.layers_ready}/{progress.layers_total}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cache_dir_of(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from . import loader
+
+    bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
+    try:
+        async with loader.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+            stats = await model.wait_complete()
+            return {
+                "path": str(model.path),
+                "manifest_digest": model.digest,
+                "architecture": model.manifest.architecture,
+                "bytes_downloaded": stats.bytes_downloaded,
+                "bytes_total": stats.bytes_total,
+                "seconds": stats.seconds,
+                "chunks_total": stats.chunks_total,
+                "chunks_cached": stats.chunks_cached,
+                "chunks_fetched": stats.chunks_fetched,
+                "retries": stats.retries,
+                "integrity_failures": stats.integrity_failures,
+            }
+    finally:
+        bar.close()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    result = asyncio.run(_fetch(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        rate = result["bytes_downloaded"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        print(
+            f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
+            f"downloaded {format_bytes(result['bytes_downloaded'])} of {format_bytes(result['bytes_total'])} "
+            f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
+        )
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -134,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
-    p.add_argument("source", help="a .slm file")
+    p.add_argument("source", help="a .slm file or its URL (only the manifest is fetched)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
@@ -142,7 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a .slm file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("serve", help="serve the .slm files of a directory over HTTP (ranges, ETags, optional link emulation)")
+    p.add_argument("directory", help="directory holding .slm files")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8800)
+    p.add_argument("--rate", type=float, metavar="BYTES_PER_S", help="limit each connection to this many bytes per second")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay every response by this many milliseconds")
+    p.add_argument("--no-ranges", action="store_true", help="ignore Range headers (answer 200 with the whole file)")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("fetch", help="download a model into the cache, verified, with a progress bar")
+    add_source_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fetch)
     return parser
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="http(s) URL of a .slm file (optionally #sha256=DIGEST) or a local path")
+    p.add_argument("--cache-dir", help="cache directory (default $STREAMLOAD_CACHE or ~/.cache/streamload)")
+    p.add_argument("--digest", help="refuse a model whose manifest sha256 differs")
+    p.add_argument("--connections", type=int, default=1, help="parallel ranged requests (default 1: strict layer order)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

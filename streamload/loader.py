@@ -601,3 +601,20 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         yield Model(loader)
     finally:
         await loader.close()
+
+
+async def read_remote_header(url: str, *, session: aiohttp.ClientSession | None = None, retry: RetryPolicy | None = None) -> tuple[Manifest, int]:
+    """The manifest of a model URL and the file's size, with one or two small requests (no data)."""
+    own = session is None
+    session = session or aiohttp.ClientSession(auto_decompress=False)
+    try:
+        loader = _Loader(url, cache_dir=Path("."), digest=None, connections=1, session=session, progress=None, retry=retry or RetryPolicy(), verify_threads=1)
+        loader.origin = HttpOrigin(session, loader.source, loader.retry)
+        try:
+            data_offset, manifest, _ = await loader.origin.with_retries(loader._fetch_header, f"fetching the header of {url}")
+        finally:
+            loader.pool.shutdown()
+        return manifest, data_offset + manifest.data_size_bytes
+    finally:
+        if own:
+            await session.close()

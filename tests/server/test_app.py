@@ -1,0 +1,105 @@
+"""The bundled server over real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from streamload.formats import ModelReader
+from tests.serving import ServerThread, serve_directory
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, llama_slm: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / "llama.slm").write_bytes(llama_slm.read_bytes())
+    (tmp_path / "secret.slm").write_bytes(b"outside the served directory")
+    os.symlink(tmp_path / "secret.slm", directory / "escape.slm")
+    (directory / "notes.txt").write_text("not a model")
+    return directory
+
+
+@pytest.fixture
+def server(model_dir: Path) -> Iterator[ServerThread]:
+    with serve_directory(model_dir) as running:
+        yield running
+
+
+async def get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, CIMultiDict[str], bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.request(method, url, headers=headers or {}) as response:
+            return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def test_whole_file_and_headers(server: ServerThread, model_dir: Path) -> None:
+    data = (model_dir / "llama.slm").read_bytes()
+    status, headers, body = await get(server.url("llama.slm"))
+    assert status == 200 and body == data
+    with ModelReader(model_dir / "llama.slm") as reader:
+        assert headers["ETag"] == f'"{reader.manifest.digest}"'
+    assert headers["Accept-Ranges"] == "bytes" and headers["Content-Length"] == str(len(data))
+    status, headers, body = await get(server.url("llama.slm"), method="HEAD")
+    assert status == 200 and body == b"" and headers["Content-Length"] == str(len(data))
+
+
+async def test_ranges_and_conditionals(server: ServerThread, model_dir: Path) -> None:
+    data = (model_dir / "llama.slm").read_bytes()
+    status, headers, body = await get(server.url("llama.slm"), {"Range": "bytes=10-19"})
+    assert (status, body, headers["Content-Range"]) == (206, data[10:20], f"bytes 10-19/{len(data)}")
+    status, headers, body = await get(server.url("llama.slm"), {"Range": "bytes=-5"})
+    assert (status, body) == (206, data[-5:])
+    status, headers, _ = await get(server.url("llama.slm"), {"Range": f"bytes={len(data)}-"})
+    assert (status, headers["Content-Range"]) == (416, f"bytes */{len(data)}")
+    etag = headers["ETag"]
+    status, _, body = await get(server.url("llama.slm"), {"Range": "bytes=0-3", "If-Range": etag})
+    assert (status, body) == (206, data[:4])
+    status, _, body = await get(server.url("llama.slm"), {"Range": "bytes=0-3", "If-Range": '"stale"'})
+    assert (status, body) == (200, data)
+    status, _, body = await get(server.url("llama.slm"), {"If-None-Match": etag})
+    assert (status, body) == (304, b"")
+    status, _, _ = await get(server.url("llama.slm"), {"Range": "bytes=" + "1-2," * 500})
+    assert status == 400
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../secret.slm", "%2e%2e/secret.slm", "..%2fsecret.slm", "%2e%2e%2fsecret.slm", "escape.slm", "notes.txt", "missing.slm", ".hidden.slm", "%2ftmp%2fx.slm"],
+)
+async def test_only_models_directly_in_the_directory_are_reachable(server: ServerThread, path: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.url(path), allow_redirects=False) as response:  # sent as written, not normalised
+            assert response.status == 404
+
+
+async def test_index_lists_models(server: ServerThread, model_dir: Path) -> None:
+    status, _, body = await get(server.url())
+    listing = json.loads(body)["models"]
+    names = [m["name"] for m in listing]
+    assert names == ["llama.slm"]  # the symlink out of the directory and the .txt file are not listed
+    llama = next(m for m in listing if m["name"] == "llama.slm")
+    assert llama["architecture"] == "llama" and llama["size"] == (model_dir / "llama.slm").stat().st_size
+
+
+async def test_rate_limit_paces_the_body(model_dir: Path) -> None:
+    size = (model_dir / "llama.slm").stat().st_size
+    rate = size / 0.5  # the whole file should take at least ~0.5 s
+    with serve_directory(model_dir, rate_bytes_per_s=rate, latency_ms=50) as server:
+        started = time.perf_counter()
+        status, _, body = await get(server.url("llama.slm"))
+        elapsed = time.perf_counter() - started
+    assert status == 200 and len(body) == size
+    assert elapsed >= 0.4  # a lower bound only: a busy machine can be slower, never faster
+
+
+async def test_ranges_can_be_turned_off(model_dir: Path) -> None:
+    with serve_directory(model_dir, ranges_enabled=False) as server:
+        status, headers, body = await get(server.url("llama.slm"), {"Range": "bytes=0-9"})
+    assert status == 200 and len(body) == (model_dir / "llama.slm").stat().st_size and headers["Accept-Ranges"] == "none"

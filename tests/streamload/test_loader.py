@@ -1,0 +1,203 @@
+"""The streaming client against real servers on loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamload
+from streamload.cache import ModelCache
+from streamload.formats import ModelReader, convert
+from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from tests.faulty import Faults, faulty_app
+from tests.serving import ServerThread, serve_directory
+
+
+@pytest.fixture(scope="module")
+def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 blocks of ~100 KiB, 64 KiB chunks: enough layers and chunks to watch the order."""
+    folder = write_synthetic_llama(tmp_path_factory.mktemp("deep"), llama_config(num_hidden_layers=12, hidden_size=128, intermediate_size=256, vocab_size=1024))
+    out = tmp_path_factory.mktemp("deep-slm") / "deep.slm"
+    convert(folder, out, chunk_size_bytes=64 << 10)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path) -> Path:
+    directory = tmp_path_factory.mktemp("served")
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[ServerThread]:
+    with serve_directory(model_dir) as running:
+        yield running
+
+
+def assert_layers_equal_file(model_layers: dict[int, streamload.Layer], path: Path) -> None:
+    with ModelReader(path) as reader:
+        for index, layer in model_layers.items():
+            expected = reader.read_tensors(index)
+            assert layer.tensors.keys() == expected.keys()
+            for name, values in expected.items():
+                np.testing.assert_array_equal(layer[name], values)
+
+
+async def test_layers_arrive_in_order_and_exact(server: ServerThread, tmp_path: Path, model_dir: Path) -> None:
+    seen: dict[int, streamload.Layer] = {}
+    progress: list[streamload.Progress] = []
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path, progress=progress.append) as model:
+        async for index, layer in model.layers():
+            assert index == len(seen)
+            seen[index] = layer
+        stats = await model.wait_complete()
+        ready = model.layer_ready_s
+        assert model.tokenizer.encode("streaming models").tokens[:3] == ["[CLS]", "streaming", "models"]
+        assert_layers_equal_file(seen, model_dir / "minilm.slm")
+        assert not seen[1]["encoder.layer.0.attention.self.query.weight"].flags.writeable
+    assert ready == sorted(ready)
+    assert stats.chunks_fetched == stats.chunks_total and stats.bytes_downloaded >= (model_dir / "minilm.slm").stat().st_size - 64
+    assert progress[-1].layers_ready == progress[-1].layers_total == 8
+
+
+async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path) -> None:
+    size = (model_dir / "deep.slm").stat().st_size
+    with serve_directory(model_dir, rate_bytes_per_s=size / 2.0) as server:  # ~2 s for the file
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+            last_block = len(model.manifest.layers) - 2
+            await model.layer(last_block)
+            ready = model.layer_ready_s
+            assert ready[last_block] is not None
+            assert ready[2] is None  # block 1 is still on the wire: the late layer went first
+            await model.wait_complete()
+            ready = model.layer_ready_s
+    assert ready[last_block] < ready[2]
+
+
+async def test_a_cached_model_needs_no_download_and_works_offline(model_dir: Path, tmp_path: Path) -> None:
+    with serve_directory(model_dir) as server:
+        url = server.url("deep.slm")
+        async with streamload.open(url, cache_dir=tmp_path) as model:
+            await model.wait_complete()
+            digest = model.digest
+        async with streamload.open(url, cache_dir=tmp_path) as model:
+            stats = await model.wait_complete()
+            assert stats.chunks_fetched == 0 and stats.chunks_cached == stats.chunks_total
+    # server gone: the URL's last digest is in the cache
+    async with streamload.open(url, cache_dir=tmp_path, retry=streamload.RetryPolicy(max_attempts=2, base_delay_s=0.01)) as model:
+        assert model.digest == digest
+        assert_layers_equal_file({i: await model.layer(i) for i in range(3)}, model_dir / "deep.slm")
+    async with streamload.open(f"{url}#sha256={digest}", cache_dir=tmp_path) as model:  # pinned: no network at all
+        assert (await model.wait_complete()).bytes_downloaded == 0
+
+
+async def test_server_that_ignores_range(model_dir: Path, tmp_path: Path) -> None:
+    with serve_directory(model_dir, ranges_enabled=False) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, connections=3) as model:
+            layers = {i: layer async for i, layer in model.layers()}
+            stats = await model.wait_complete()
+    assert stats.chunks_fetched == stats.chunks_total
+    assert_layers_equal_file(layers, model_dir / "deep.slm")
+
+
+async def test_corrupted_chunk_is_refetched(deep_slm: Path, tmp_path: Path) -> None:
+    with ModelReader(deep_slm) as reader:
+        chunk = reader.manifest.chunks[5]
+        start = reader.preamble.data_offset + chunk.offset
+    faults = Faults(corrupt_range=(start + 10, start + 11), corrupt_times=1)
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+            layers = {i: layer async for i, layer in model.layers()}
+            stats = await model.wait_complete()
+    assert stats.integrity_failures == 1
+    assert_layers_equal_file(layers, deep_slm)
+
+
+async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path, tmp_path: Path) -> None:
+    with ModelReader(deep_slm) as reader:
+        chunk = reader.manifest.chunks[5]
+        start = reader.preamble.data_offset + chunk.offset
+    faults = Faults(corrupt_range=(start, start + 1), corrupt_times=10**6)
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+            await model.layer(0)  # layers before the bad chunk are fine
+            with pytest.raises(streamload.ChunkIntegrityError, match=f"chunk 5 of layer {chunk.layer_index} failed its sha256 check in 3 downloads") as info:
+                await model.layer(chunk.layer_index)
+            assert info.value.layer_index == chunk.layer_index and info.value.chunk_index == 5
+            with pytest.raises(streamload.ChunkIntegrityError):
+                await model.wait_complete()
+        done = ModelCache(tmp_path, model.digest).read_journal(10**6)
+    assert 5 not in done
+
+
+async def test_digest_pinning_refuses_another_model(server: ServerThread, tmp_path: Path) -> None:
+    with pytest.raises(streamload.DigestMismatchError, match="not the pinned"):
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, digest="0" * 64):
+            pass
+    with pytest.raises(streamload.DigestMismatchError, match="not the pinned"):
+        async with streamload.open(server.url("deep.slm") + "#sha256=" + "a" * 64, cache_dir=tmp_path):
+            pass
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+async def test_missing_model_is_a_clear_error(server: ServerThread, tmp_path: Path) -> None:
+    with pytest.raises(streamload.HTTPStatusError, match="no model at .*nope.slm \\(404\\)"):
+        async with streamload.open(server.url("nope.slm"), cache_dir=tmp_path):
+            pass
+
+
+async def test_local_file_source(deep_slm: Path, tmp_path: Path) -> None:
+    async with streamload.open(deep_slm, cache_dir=tmp_path) as model:
+        layers = {i: layer async for i, layer in model.layers()}
+        assert (await model.wait_complete()).bytes_downloaded == 0
+    assert_layers_equal_file(layers, deep_slm)
+
+
+def test_sync_wrapper(server: ServerThread, tmp_path: Path, model_dir: Path) -> None:
+    with streamload.load(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        layers = dict(model.layers())
+        assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
+        assert_layers_equal_file(layers, model_dir / "deep.slm")
+
+
+def journal_count(cache: Path) -> int:
+    journals = list(cache.glob("models/*/journal"))
+    return journals[0].stat().st_size // 4 if journals else 0
+
+
+def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep_slm: Path) -> None:
+    size = deep_slm.stat().st_size
+    with serve_directory(model_dir, rate_bytes_per_s=size / 3.0) as server:
+        url = server.url("deep.slm")
+        process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path), "--quiet"])
+        deadline = time.monotonic() + 30
+        while journal_count(tmp_path) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        done_before = journal_count(tmp_path)
+        with ModelReader(deep_slm) as reader:
+            total = len(reader.manifest.chunks)
+            done = ModelCache(tmp_path, reader.manifest.digest).read_journal(total)
+            missing_bytes = sum(c.size_bytes for c in reader.manifest.chunks if c.index not in done)
+        assert 5 <= done_before < total
+        result = subprocess.run([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path), "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["chunks_cached"] == len(done) and report["chunks_fetched"] == total - len(done)
+    header_bytes = reader.preamble.data_offset
+    assert report["bytes_downloaded"] <= missing_bytes + header_bytes  # no verified chunk moved twice
+    assert report["bytes_downloaded"] >= missing_bytes
+    with streamload.load(deep_slm, cache_dir=tmp_path) as model:  # the cache is complete and exact
+        assert model.stats.chunks_cached == total
+        assert_layers_equal_file(dict(model.layers()), deep_slm)
