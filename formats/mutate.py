@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -42,9 +43,11 @@ def mutate_structure(manifest: Any, rng: random.Random) -> Any:
         else:
             break
         parent, node = node, node[key]
-    replacement = rng.choice(HOSTILE_VALUES)
+    replacement = copy.deepcopy(rng.choice(HOSTILE_VALUES))  # shared lists/maps must not be spliced in twice (cycles)
     if isinstance(node, int) and not isinstance(node, bool) and rng.random() < 0.5:
         replacement = node + rng.choice((-4096, -64, -1, 1, 64, 4096, node))
+    if isinstance(replacement, int):
+        replacement = max(-(2**63), min(2**64 - 1, replacement))  # msgpack's range: the mutation must stay encodable
     if parent is None:
         return replacement
     if isinstance(parent, dict) and rng.random() < 0.15:

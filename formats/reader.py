@@ -124,11 +124,12 @@ def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
         )
 
 
-def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryview | bytearray | None = None) -> memoryview | bytearray:
-    """Decompress one verified chunk into ``out`` (exactly raw_size_bytes long) or a new buffer.
+def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryview | bytearray | None = None) -> bytes | memoryview | bytearray:
+    """Decompress one verified chunk into ``out`` (exactly raw_size_bytes long) or new bytes.
 
-    The output can never exceed the manifest's raw size: decoding writes into a
-    buffer of that size and any byte beyond it is an error (no decompression bombs).
+    The output can never exceed the manifest's raw size: the frame must declare
+    exactly that size before anything is allocated, and decoding into ``out``
+    stops at its end (no decompression bombs).
 
     Raises:
         ChunkSizeError: the frame declares or yields another size.
@@ -141,12 +142,22 @@ def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryvie
         raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} is not a zstd frame ({exc})") from None
     if declared != expected:
         raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} declares {declared} raw bytes, the manifest says {expected}")
-    target = bytearray(expected) if out is None else out
-    if len(target) != expected:
-        raise ValueError(f"output buffer is {len(target)} bytes, chunk needs {expected}")
+    if out is None:
+        # One-shot: a single GIL release for the whole frame. Safe against bombs because the
+        # frame header's content size was checked above and libzstd fails a frame whose
+        # content differs from its header; the allocation is exactly ``expected`` bytes.
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} failed to decompress ({exc})") from None
+        if len(raw) != expected:
+            raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {len(raw)} bytes, expected {expected}")
+        return raw
+    if len(out) != expected:
+        raise ValueError(f"output buffer is {len(out)} bytes, chunk needs {expected}")
     try:
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as frame:
-            view = memoryview(target)
+            view = memoryview(out)
             filled = 0
             while filled < expected:
                 n = frame.readinto(view[filled:])
@@ -158,7 +169,7 @@ def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryvie
         raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} failed to decompress ({exc})") from None
     if filled != expected or extra:
         raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {'more' if extra else filled} bytes, expected {expected}")
-    return target
+    return out
 
 
 def view_tensor(store: memoryview | np.ndarray | mmap.mmap, entry: TensorEntry, base_offset: int = 0) -> np.ndarray:

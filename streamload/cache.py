@@ -137,7 +137,7 @@ class ModelCache:
                 os.ftruncate(fd, size_bytes)
             if size_bytes:
                 os.posix_fallocate(fd, 0, size_bytes)
-                self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_WRITE)
+                self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwrite
             self._journal_fd = os.open(self.directory / "journal", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             self.close()
@@ -153,6 +153,18 @@ class ModelCache:
             raise _cache_error("reading", self.directory / "journal", exc) from None
         usable = len(data) - len(data) % JOURNAL_RECORD.size
         return {i for (i,) in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
+
+    def write_chunk(self, raw_offset: int, data: memoryview | bytes) -> None:
+        """Write decompressed bytes into the store (pwrite: no page faults on a fresh map, see README)."""
+        assert self._store_fd is not None
+        view = memoryview(data)
+        try:
+            while view.nbytes:
+                written = os.pwrite(self._store_fd, view, raw_offset)
+                view = view[written:]
+                raw_offset += written
+        except OSError as exc:
+            raise _cache_error("writing", self.store_path, exc) from None
 
     def record_chunk(self, chunk_index: int) -> None:
         """Append one index (one write(2) of 4 bytes with O_APPEND: never interleaved, never torn by a kill)."""

