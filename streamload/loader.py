@@ -77,7 +77,8 @@ class DownloadStats:
     seconds: float = 0.0
     receive_wait_s: float = 0.0  # the event loop awaiting body bytes (summed over connections)
     verify_s: float = 0.0  # sha256, summed over pool threads
-    decompress_s: float = 0.0  # zstd into a per-thread buffer + pwrite into the store, summed over pool threads
+    decompress_s: float = 0.0  # zstd, summed over pool threads
+    store_s: float = 0.0  # pwrite into the store + journal record, summed over pool threads
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -239,9 +240,9 @@ class _Loader:
         if self.origin is not None:
             ModelCache.write_ref(self.cache_root, self.source, self.manifest.digest)
         await self.cache.acquire()
-        await asyncio.to_thread(self.cache.open_store, self.manifest.store_size_bytes)
         done = self.cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
         pending = [c for c in self.manifest.chunks if c.index not in done]
+        await asyncio.to_thread(self.cache.open_store, self.manifest.store_size_bytes, sum(c.raw_size_bytes for c in pending))
         self.stats.chunks_total = len(self.manifest.chunks)
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
         self.scheduler = ChunkScheduler(pending)
@@ -571,10 +572,12 @@ class _Loader:
         verify_chunk(chunk, data)
         verified = time.perf_counter()
         raw = decompress_chunk(chunk, data)
+        decompressed = time.perf_counter()
         self.cache.write_chunk(chunk.raw_offset, raw)
         self.cache.record_chunk(chunk.index)
         self.stats.verify_s += verified - started  # float += under the GIL: a lost update only blurs a statistic
-        self.stats.decompress_s += time.perf_counter() - verified
+        self.stats.decompress_s += decompressed - verified
+        self.stats.store_s += time.perf_counter() - decompressed
 
     # ------------------------------------------------------------ shutdown
 

