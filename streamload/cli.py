@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import default_cache_dir
-from .errors import StreamloadError
+from .errors import RuntimeModelError, StreamloadError
 from .formats import ModelReader, convert, summarize_manifest
 
 EXIT_OK = 0
@@ -213,6 +213,85 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- run
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids takes comma-separated integers, got {text!r}") from None
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    import numpy as np
+
+    from . import loader
+    from .runtime import run
+
+    started = time.perf_counter()
+    bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
+    try:
+        async with loader.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+            if args.save_logits and model.manifest.architecture != "llama":
+                raise RuntimeModelError(f"--save-logits needs a decoder; this model is a {model.manifest.architecture} encoder")
+            result = await run(
+                model,
+                texts=args.text,
+                ids=args.ids,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                keep_prompt_logits=bool(args.save_logits),
+                started=started,
+            )
+            bytes_downloaded = model.stats.bytes_downloaded
+    finally:
+        bar.close()
+    if args.save_logits:
+        np.save(args.save_logits, result.prompt_logits.astype(np.float32))
+    out: dict[str, Any] = {"architecture": result.architecture}
+    if result.embedding is not None:
+        out["embedding"] = result.embedding[0].tolist() if len(result.embedding) == 1 else result.embedding.tolist()
+    else:
+        out["generated_ids"] = result.generated_ids
+        out["text"] = result.text
+    out |= {
+        "timeline": [t.as_dict() for t in result.timeline],
+        "first_layer_done_s": result.first_layer_done_s,
+        "total_s": result.total_s,
+        "bytes_downloaded": bytes_downloaded,
+    }
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.ids is None):
+        print("error: give --text TEXT or --ids 1,2,3", file=sys.stderr)
+        return EXIT_USAGE
+    result = asyncio.run(_run(args))
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    if "embedding" in result:
+        vectors = result["embedding"] if isinstance(result["embedding"][0], list) else [result["embedding"]]
+        for vector in vectors:
+            print("[" + ", ".join(f"{v:.6f}" for v in vector) + "]")
+    else:
+        print(result["text"] if result["text"] is not None else ",".join(map(str, result["generated_ids"])))
+    first = result["first_layer_done_s"]
+    print(
+        f"block 0 done at {first:.3f} s, result at {result['total_s']:.3f} s, {format_bytes(result['bytes_downloaded'])} downloaded"
+        if first is not None
+        else f"result at {result['total_s']:.3f} s",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -255,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fetch)
+
+    p = commands.add_parser("run", help="stream a model and run it: embeddings for encoders, generation for decoders")
+    add_source_arguments(p)
+    p.add_argument("--text", action="append", help="input text (repeat for a batch of sentences with an encoder)")
+    p.add_argument("--ids", type=_parse_ids, help="comma-separated token ids instead of text")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="decoder: tokens to generate (default 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="decoder: 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="decoder: nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="decoder: sampling seed")
+    p.add_argument("--save-logits", metavar="FILE.npy", help="decoder: save the prompt's logits, float32 [prompt length, vocab]")
+    p.add_argument("--json", action="store_true", help="print one JSON object (result, timeline, timings, bytes)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -133,6 +133,11 @@ class Model:
         return self._loader.stats
 
     @property
+    def opened_at(self) -> float:
+        """``time.perf_counter()`` when the model was opened: layer_ready_s counts from here."""
+        return self._loader.started
+
+    @property
     def layer_ready_s(self) -> list[float | None]:
         """Seconds from open until each layer was ready (None: not yet)."""
         return list(self._loader.ready_s)

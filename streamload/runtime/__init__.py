@@ -1,0 +1,95 @@
+"""The numpy int8 runtime: run a model while it streams in.
+
+``run`` picks the architecture from the manifest: BERT encoders return a sentence
+embedding, Llama decoders generate tokens. Each layer's compute starts as soon
+as that layer has arrived and runs on a worker thread, so the download goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import RuntimeModelError
+from ..loader import Model
+from . import bert, llama
+from .timeline import LayerTiming, Timeline
+
+SUPPORTED_ARCHITECTURES = ("bert", "llama")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunResult:
+    architecture: str
+    embedding: np.ndarray | None  # encoder: (B, H) float32
+    generated_ids: list[int] | None  # decoder
+    text: str | None  # decoder, when the model has a tokenizer
+    prompt_logits: np.ndarray | None  # decoder, (T, vocab) float32, when asked for
+    timeline: list[LayerTiming]
+    first_layer_done_s: float | None  # block 0's compute finished
+    total_s: float
+
+
+async def run(
+    model: Model,
+    *,
+    texts: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
+    max_new_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    keep_prompt_logits: bool = False,
+    started: float | None = None,
+) -> RunResult:
+    """Run a streamed model on text or token ids.
+
+    Args:
+        model: an open ``streamload.Model`` (layers may still be arriving).
+        texts: sentences (encoder: one embedding each; decoder: the first is the prompt).
+        ids: token ids instead of text.
+        started: ``time.perf_counter()`` the timeline counts from (default: now).
+
+    Raises:
+        RuntimeModelError: unknown architecture, missing tokenizer, bad input.
+
+    Example:
+        >>> async with streamload.open(url) as model:                        # doctest: +SKIP
+        ...     result = await runtime.run(model, texts=["hello world"])
+        ...     result.embedding.shape
+        (1, 384)
+    """
+    if (texts is None) == (ids is None):
+        raise RuntimeModelError("give either text or token ids")
+    timeline = Timeline(model, started)
+    architecture = model.manifest.architecture
+    if architecture == "bert":
+        config = bert.BertConfig.from_manifest(model.config)
+        if texts is not None:
+            batch = bert.tokenize(model, texts, config)
+        else:
+            row = np.asarray([list(ids or [])], dtype=np.int64)
+            batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
+        embedding = await bert.encode(model, batch, timeline)
+        return RunResult("bert", embedding, None, None, None, timeline.records, timeline.first_block_done_s(), timeline.now_s())
+    if architecture == "llama":
+        if texts is not None:
+            tokenizer = model.tokenizer
+            if tokenizer is None:
+                raise RuntimeModelError("this model has no tokenizer: pass --ids instead of --text")
+            prompt = tokenizer.encode(texts[0]).ids
+        else:
+            prompt = list(ids or [])
+        generation = await llama.generate(
+            model, prompt, timeline, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, keep_prompt_logits=keep_prompt_logits
+        )
+        tokenizer = model.tokenizer
+        text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
+        return RunResult("llama", None, generation.generated_ids, text, generation.prompt_logits, timeline.records, timeline.first_block_done_s(), timeline.now_s())
+    raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RunResult", "Timeline", "run"]

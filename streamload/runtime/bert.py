@@ -1,0 +1,145 @@
+"""BERT encoder (sentence embeddings, as sentence-transformers computes them) over streamed int8 layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import RuntimeModelError
+from ..loader import Layer, Model
+from . import ops
+from .timeline import Timeline
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BertConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    layer_norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    pad_token_id: int
+    pooling: str  # "mean" | "cls" | "max": sentence-transformers' pooling module
+    normalize: bool  # L2-normalise the pooled vector (sentence-transformers' Normalize module)
+    max_seq_length: int
+
+    @classmethod
+    def from_manifest(cls, config: Mapping[str, Any]) -> BertConfig:
+        try:
+            made = cls(
+                hidden_size=int(config["hidden_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                hidden_act=str(config.get("hidden_act", "gelu")),
+                max_position_embeddings=int(config["max_position_embeddings"]),
+                pad_token_id=int(config.get("pad_token_id", 0)),
+                pooling=str(config.get("pooling", "mean")),
+                normalize=bool(config.get("normalize", False)),
+                max_seq_length=int(config.get("max_seq_length", config["max_position_embeddings"])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RuntimeModelError(f"the model's BERT config is incomplete or invalid ({exc}); re-convert it") from None
+        if made.hidden_size % made.num_attention_heads or made.pooling not in ("mean", "cls", "max"):
+            raise RuntimeModelError("the model's BERT config is inconsistent (heads do not divide hidden size, or unknown pooling)")
+        return made
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    input_ids: np.ndarray  # (B, T) int64
+    token_type_ids: np.ndarray  # (B, T)
+    attention_mask: np.ndarray  # (B, T) 1 for real tokens
+
+
+def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedBatch:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise RuntimeModelError("this model has no tokenizer: pass token ids instead of text")
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(min(config.max_seq_length, config.max_position_embeddings))
+    encodings = tokenizer.encode_batch(list(texts))
+    length = max(len(e.ids) for e in encodings)
+    ids = np.full((len(encodings), length), config.pad_token_id, dtype=np.int64)
+    types = np.zeros_like(ids)
+    mask = np.zeros_like(ids)
+    for row, e in enumerate(encodings):
+        ids[row, : len(e.ids)] = e.ids
+        types[row, : len(e.ids)] = e.type_ids
+        mask[row, : len(e.ids)] = 1
+    return EncodedBatch(ids, types, mask)
+
+
+def _weight(layer: Layer, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if name not in layer:
+        raise RuntimeModelError(f"tensor {name!r} is missing from layer {layer.name!r}; the file does not match its config")
+    return layer.weight(name)
+
+
+def embed_tokens(layer: Layer, batch: EncodedBatch, config: BertConfig) -> np.ndarray:
+    """Layer 0: word + position + token type embeddings, then LayerNorm. (B, T, H)."""
+    length = batch.input_ids.shape[1]
+    if length > config.max_position_embeddings:
+        raise RuntimeModelError(f"input has {length} tokens; this model takes at most {config.max_position_embeddings}")
+    word = ops.embedding(batch.input_ids, *_weight(layer, "embeddings.word_embeddings.weight"))
+    position = ops.embedding(np.arange(length), *_weight(layer, "embeddings.position_embeddings.weight"))
+    token_type = ops.embedding(batch.token_type_ids, *_weight(layer, "embeddings.token_type_embeddings.weight"))
+    h = word + position[None] + token_type  # (B, T, H)
+    return ops.layer_norm(h, layer["embeddings.LayerNorm.weight"], layer["embeddings.LayerNorm.bias"], config.layer_norm_eps)
+
+
+def encoder_block(layer: Layer, h: np.ndarray, mask_bias: np.ndarray, block: int, config: BertConfig) -> np.ndarray:
+    """One transformer block, post-norm as in BERT. h: (B, T, H)."""
+    p = f"encoder.layer.{block}."
+    batch, length, hidden = h.shape
+    heads = config.num_attention_heads
+    head_dim = hidden // heads
+    x = h.reshape(batch * length, hidden)
+
+    def dense(name: str, inputs: np.ndarray) -> np.ndarray:
+        return ops.linear(inputs, *_weight(layer, p + name + ".weight"), layer[p + name + ".bias"])
+
+    def split_heads(t: np.ndarray) -> np.ndarray:
+        return t.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)  # (B, heads, T, d)
+
+    q = split_heads(dense("attention.self.query", x))
+    k = split_heads(dense("attention.self.key", x))
+    v = split_heads(dense("attention.self.value", x))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim) + mask_bias  # (B, heads, T, T)
+    context = ops.softmax(scores) @ v  # (B, heads, T, d)
+    context = context.transpose(0, 2, 1, 3).reshape(batch * length, hidden)
+    attended = ops.layer_norm(dense("attention.output.dense", context) + x, layer[p + "attention.output.LayerNorm.weight"], layer[p + "attention.output.LayerNorm.bias"], config.layer_norm_eps)
+    act = ops.gelu if config.hidden_act == "gelu" else ops.gelu_tanh if config.hidden_act.startswith("gelu") else (lambda t: np.maximum(t, 0))
+    inner = act(dense("intermediate.dense", attended))
+    out = ops.layer_norm(dense("output.dense", inner) + attended, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps)
+    return out.reshape(batch, length, hidden)
+
+
+def pool(h: np.ndarray, mask: np.ndarray, config: BertConfig) -> np.ndarray:
+    """sentence-transformers pooling (+ optional L2 normalisation). (B, H)."""
+    m = mask[..., None].astype(np.float32)
+    if config.pooling == "cls":
+        pooled = h[:, 0]
+    elif config.pooling == "max":
+        pooled = np.where(m > 0, h, -1e9).max(axis=1)
+    else:
+        pooled = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    if config.normalize:
+        pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled.astype(np.float32)
+
+
+async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.ndarray:
+    """Sentence embeddings (B, H), each block computed as soon as it has arrived."""
+    config = BertConfig.from_manifest(model.config)
+    if len(model.manifest.layers) < config.num_hidden_layers + 1:
+        raise RuntimeModelError("the model has fewer layers than its config says; re-convert it")
+    mask_bias = ((1 - batch.attention_mask) * np.float32(-1e9)).astype(np.float32)[:, None, None, :]  # (B, 1, 1, T)
+    _, h = await timeline.compute(0, embed_tokens, batch, config)
+    for block in range(config.num_hidden_layers):
+        _, h = await timeline.compute(block + 1, encoder_block, h, mask_bias, block, config)
+    return pool(h, batch.attention_mask, config)

@@ -1,0 +1,56 @@
+"""Per-layer timing of a streamed run: when each layer was ready, and when its compute started and ended."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..loader import Layer, Model
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerTiming:
+    """Seconds from the start of the run."""
+
+    index: int
+    name: str
+    ready_s: float  # every chunk of the layer verified and stored
+    compute_start_s: float
+    compute_done_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Timeline:
+    """Runs each layer's compute as soon as that layer has arrived, off the event loop, and records when."""
+
+    def __init__(self, model: Model, started: float | None = None) -> None:
+        self.model = model
+        self.started = time.perf_counter() if started is None else started
+        self.records: list[LayerTiming] = []
+
+    def now_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def compute(self, index: int, fn: Callable[..., T], *args: Any) -> tuple[Layer, T]:
+        """Await layer ``index``, then run ``fn(layer, *args)`` on a worker thread (numpy/BLAS release the GIL)."""
+        layer = await self.model.layer(index)
+        ready_after_open = self.model.layer_ready_s[index] or 0.0
+        ready = max(0.0, self.model.opened_at + ready_after_open - self.started)
+        start = self.now_s()
+        result = await asyncio.to_thread(fn, layer, *args)
+        self.records.append(LayerTiming(index, layer.name, ready, start, self.now_s()))
+        return layer, result
+
+    def first_block_done_s(self) -> float | None:
+        """When block 0 (layer 1: layer 0 is the embeddings) finished computing."""
+        for record in self.records:
+            if record.index == 1:
+                return record.compute_done_s
+        return None

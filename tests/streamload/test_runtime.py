@@ -1,0 +1,136 @@
+"""The numpy runtime against fp32 references from PyTorch (tools/make_reference.py), and streaming execution."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamload
+from streamload.cli import main
+from streamload.formats import convert
+from streamload.formats.quantize import quantize_int8_rows
+from streamload.runtime import llama, ops, run
+from tests.serving import ServerThread, serve_directory
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, minilm_slm: Path) -> Iterator[tuple[ServerThread, Path]]:
+    directory = tmp_path_factory.mktemp("runtime-served")
+    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    convert(FIXTURES / "llama-tiny", directory / "llama.slm")
+    convert(FIXTURES / "llama-tiny", directory / "llama-f32.slm", quant="none")
+    with serve_directory(directory) as server:
+        yield server, directory
+
+
+async def test_minilm_streamed_matches_sentence_transformers(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    server, _ = served
+    sentences = json.loads((FIXTURES / "minilm_sentences.json").read_text())
+    reference = np.load(FIXTURES / "minilm_reference.npy")
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        result = await run(model, texts=sentences)
+    assert result.embedding is not None and result.embedding.shape == (16, 384)
+    cos = cosine_rows(result.embedding, reference)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.998, cos
+    assert np.allclose(np.linalg.norm(result.embedding, axis=1), 1.0, atol=1e-5)  # the Normalize module
+    assert [t.index for t in result.timeline] == list(range(7))  # embeddings + 6 blocks, in order
+
+
+async def test_llama_prompt_logits_and_first_token(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    server, _ = served
+    prompt = json.loads((FIXTURES / "llama_prompt.json").read_text())
+    reference = np.load(FIXTURES / "llama_reference.npy")
+    async with streamload.open(server.url("llama.slm"), cache_dir=tmp_path) as model:
+        result = await run(model, ids=prompt["prompt_ids"], max_new_tokens=4, keep_prompt_logits=True)
+    assert result.prompt_logits is not None and result.prompt_logits.shape == reference.shape
+    assert cosine_rows(result.prompt_logits, reference).min() >= 0.999
+    assert result.generated_ids is not None and result.generated_ids[0] == prompt["greedy_next_ids"][0]
+
+
+async def test_llama_with_float_weights_reproduces_transformers_greedy_decoding(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    """Without quantization error, every decoded token must match: checks RoPE, GQA and the KV cache."""
+    server, _ = served
+    prompt = json.loads((FIXTURES / "llama_prompt.json").read_text())
+    reference = np.load(FIXTURES / "llama_reference.npy")
+    async with streamload.open(server.url("llama-f32.slm"), cache_dir=tmp_path) as model:
+        result = await run(model, ids=prompt["prompt_ids"], max_new_tokens=len(prompt["greedy_next_ids"]), keep_prompt_logits=True)
+    assert cosine_rows(result.prompt_logits, reference).min() >= 0.99999
+    np.testing.assert_allclose(result.prompt_logits, reference, atol=2e-4)
+    assert result.generated_ids == prompt["greedy_next_ids"]
+
+
+async def test_compute_starts_while_later_layers_are_on_the_wire(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    _, directory = served
+    rate = (directory / "minilm.slm").stat().st_size / 1.0  # about a second for the whole file
+    with serve_directory(directory, rate_bytes_per_s=rate) as slow:
+        async with streamload.open(slow.url("minilm.slm"), cache_dir=tmp_path) as model:
+            result = await run(model, texts=["streaming while downloading"])
+    last_ready = max(t.ready_s for t in result.timeline)
+    assert result.first_layer_done_s is not None and result.first_layer_done_s < last_ready
+    for timing in result.timeline:
+        assert timing.ready_s <= timing.compute_start_s <= timing.compute_done_s
+
+
+def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server, _ = served
+    logits_path = tmp_path / "logits.npy"
+    code = main(["run", server.url("llama.slm"), "--cache-dir", str(tmp_path), "--ids", "1,17,300,45", "--max-new-tokens", "3", "--json", "--save-logits", str(logits_path)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["generated_ids"]) == 3 and out["text"] is None
+    assert out["bytes_downloaded"] > 0 and 0 < out["first_layer_done_s"] <= out["total_s"]
+    assert [t["index"] for t in out["timeline"]] == [0, 1, 2, 3]
+    logits = np.load(logits_path)
+    assert logits.shape == (4, 512) and logits.dtype == np.float32
+    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "hello", "--json"]) == 0
+    embedding = json.loads(capsys.readouterr().out)["embedding"]
+    assert len(embedding) == 384 and math.isclose(float(np.linalg.norm(embedding)), 1.0, rel_tol=1e-5)
+    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
+    assert "--save-logits needs a decoder" in capsys.readouterr().err
+
+
+def test_linear_equals_dequantized_matmul() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((700, 96)).astype(np.float32)
+    q, scales, _ = quantize_int8_rows(weight)
+    bias = rng.standard_normal(700).astype(np.float32)
+    expected_w = q.astype(np.float64) * scales[:, None]
+    for tokens in (1, 40):  # the small-tile and the large-tile paths
+        x = rng.standard_normal((tokens, 96)).astype(np.float32)
+        np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_erf_is_accurate() -> None:
+    x = np.linspace(-6, 6, 2001)
+    exact = np.array([math.erf(v) for v in x])
+    assert np.abs(ops.erf(x) - exact).max() < 2e-7  # the formula's own bound (float64 evaluation)
+    assert np.abs(ops.erf(x.astype(np.float32)) - exact).max() < 5e-7  # float32 evaluation adds rounding
+
+
+def test_sampling() -> None:
+    logits = np.array([0.0, 3.0, 1.0, 2.9], np.float32)
+    rng = np.random.default_rng(1)
+    assert llama.sample(logits, 0.0, 1.0, rng) == 1
+    assert llama.sample(logits, 1.0, 1e-6, rng) == 1  # a tiny nucleus is greedy
+    draws = {llama.sample(logits, 1.0, 0.9, np.random.default_rng(s)) for s in range(200)}
+    assert draws <= {1, 3, 2} and {1, 3} <= draws
+
+
+def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
+    base = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
+    scaled = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 8192, False, ())
+    plain, adjusted = llama.rope_inverse_frequencies(base), llama.rope_inverse_frequencies(scaled)
+    assert adjusted[0] == plain[0]  # short wavelengths untouched
+    assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
+    assert np.all(adjusted <= plain)
