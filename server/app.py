@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from ..formats import FormatError
 from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header
@@ -287,7 +288,12 @@ def create_app(config: ServerConfig) -> web.Application:
     return app
 
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{Range}i"'
+class AccessLogger(AbstractAccessLogger):
+    """One line per request; the size is the body's Content-Length (sendfile bypasses aiohttp's byte count)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        size = response.headers.get("Content-Length", str(response.body_length))
+        self.logger.info('%s "%s %s" %d %s %.4fs range=%s', request.remote, request.method, request.path_qs, response.status, size, time, request.headers.get("Range", "-"))
 
 
 def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, *, announce: Callable[[str], None] = print) -> None:
@@ -297,7 +303,7 @@ def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, 
         host=host,
         port=port,
         access_log=logging.getLogger("streamload.server.access"),
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log_class=AccessLogger,
         print=lambda _: announce(f"serving {config.directory} on http://{host}:{port}/ (Ctrl-C to stop)"),
         shutdown_timeout=5.0,
     )
