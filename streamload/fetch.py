@@ -80,7 +80,7 @@ class BodyReader:
             self._carry = self._carry[take:]
             filled = take
         while filled < size:
-            block = await self.response.content.readany()
+            block, _ = await self.response.content.readchunk()  # one received block, not joined (readany copies)
             if not block:
                 raise RetryableError(f"{self.url}: body ended {size - filled} bytes early")
             take = min(len(block), size - filled)

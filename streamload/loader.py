@@ -10,7 +10,7 @@ get zero-copy numpy views.
 Costs: one copy of each compressed chunk (the socket read) and one of each raw
 chunk (per-thread buffer -> page cache by pwrite, faster and steadier than
 faulting in fresh file-backed pages); threads = ``verify_threads``; memory =
-the page cache of the store plus ~(2 x threads + 2) compressed chunks in flight.
+the page cache of the store plus (4 x threads + 2) compressed chunk buffers, recycled.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import zstandard
 from .cache import ModelCache, default_cache_dir
 from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
 from .fetch import BodyKind, BodyReader, HttpOrigin, RangeResponse, RetryableError, RetryPolicy
+from .rawhttp import RawRange, Unsupported
 from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
@@ -46,6 +47,9 @@ HEADER_PROBE_BYTES = 64 << 10  # first request: preamble and, usually, the whole
 MAX_INTEGRITY_ATTEMPTS = 3  # fetches of one chunk that fail their hash before giving up
 PROGRESS_INTERVAL_S = 0.1
 READ_BUFFER_BYTES = 4 << 20
+COMMIT_BYTES = 256 << 20  # group commit: fdatasync the store and journal a batch this often...
+COMMIT_INTERVAL_S = 1.0  # ...or at least this often
+IN_FLIGHT_PER_THREAD = 4  # received chunks queued per verify thread: keeps the pool fed through scheduling gaps
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +82,8 @@ class DownloadStats:
     receive_wait_s: float = 0.0  # the event loop awaiting body bytes (summed over connections)
     verify_s: float = 0.0  # sha256, summed over pool threads
     decompress_s: float = 0.0  # zstd, summed over pool threads
-    store_s: float = 0.0  # pwrite into the store + journal record, summed over pool threads
+    store_s: float = 0.0  # pwrite into the store, summed over pool threads
+    commit_s: float = 0.0  # fdatasync + journal on the commit thread (off the data path)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,7 +225,7 @@ class _Loader:
         self.data_offset = 0
         self.whole_file_only = False  # the server ignores Range
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, verify_threads), thread_name_prefix="streamload-verify")
-        self.in_flight = asyncio.Semaphore(2 * max(1, verify_threads) + 2)  # bounded memory: chunks waiting for a thread
+        self.in_flight = asyncio.Semaphore(IN_FLIGHT_PER_THREAD * max(1, verify_threads) + 2)  # bounded memory: chunks waiting for a thread
         self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._download_task: asyncio.Task[None] | None = None
         self._last_progress = 0.0
@@ -228,6 +233,12 @@ class _Loader:
         self._tokenizer: Any = None
         self._layers: dict[int, Layer] = {}
         self.free_buffers: list[bytearray] = []
+        self.fast_path = True  # rawhttp for plain-http 206 bodies until a response needs the general client
+        self.commit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-commit")
+        self.uncommitted: list[int] = []  # written to the store, not yet durable and journaled
+        self.uncommitted_bytes = 0
+        self.commit_running = False
+        self.last_commit = time.perf_counter()
 
     # ------------------------------------------------------------ start: header, pin, cache
 
@@ -412,8 +423,12 @@ class _Loader:
                 workers = 1 if self.origin is None or self.whole_file_only else self.connections
                 for _ in range(workers):
                     tasks.create_task(self._local_worker() if self.origin is None else self._http_worker())
-            await asyncio.to_thread(self.cache.mark_complete)
-            self._finish()
+            self._finish()  # every layer is usable now; durability follows, before close() returns
+            while self.uncommitted or self.commit_running:
+                async with asyncio.TaskGroup() as tasks:
+                    self.tasks = tasks
+                    self._maybe_commit(force=True)
+            await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.mark_complete)
         except BaseException as exc:  # delivered to every waiter; close() awaits this task
             failure = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 else exc
             if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
@@ -463,41 +478,75 @@ class _Loader:
         """Fetch contiguous chunks with one request; whatever does not arrive goes back to the queue."""
         assert self.origin is not None
         arrived: set[int] = set()
-        reply: RangeResponse | None = None
+        start, end = self.data_offset + span[0].offset, self.data_offset + span[-1].end
         try:
-            if self.whole_file_only:
-                reply = await self.origin.open_range(0)
-            else:
-                reply = await self.origin.open_range(self.data_offset + span[0].offset, self.data_offset + span[-1].end)
-            if reply.kind is BodyKind.WHOLE:
-                if not self.whole_file_only:
-                    logger.info("%s ignored a Range request: switching to whole-file downloads", self.source)
-                    self.whole_file_only = True
-                await self._consume_whole_file(reply, span, arrived)
-                return
-            body = BodyReader(reply.response, self.source)
-            for chunk in span:
-                buffer = await self._take_buffer(chunk.size_bytes)
-                waiting = time.perf_counter()
-                try:
-                    await self.origin.read_into(body, buffer)
-                except BaseException:
-                    self._return_buffer(buffer)
-                    raise
-                self.stats.receive_wait_s += time.perf_counter() - waiting
-                self.stats.bytes_downloaded += chunk.size_bytes
-                arrived.add(chunk.index)
-                self._progressed = True
-                self.tasks.create_task(self._process(chunk, buffer))
-                if len(arrived) < len(span) and self.scheduler.urgent_waiting():
-                    break  # someone asked for a layer outside this span: let it go first
-        finally:
-            if reply is not None:
+            if self.fast_path and not self.whole_file_only:
+                raw = await self._open_raw(start, end)
+                if raw is not None:
+                    try:
+                        await self._receive_chunks(span, arrived, lambda target: self._read_raw(raw, target))
+                    finally:
+                        raw.close()
+                    return
+            reply = await self.origin.open_range(0) if self.whole_file_only else await self.origin.open_range(start, end)
+            try:
+                if reply.kind is BodyKind.WHOLE:
+                    if not self.whole_file_only:
+                        logger.info("%s ignored a Range request: switching to whole-file downloads", self.source)
+                        self.whole_file_only = True
+                    await self._consume_whole_file(reply, span, arrived)
+                    return
+                body = BodyReader(reply.response, self.source)
+                await self._receive_chunks(span, arrived, lambda target: self.origin.read_into(body, target))  # type: ignore[union-attr]
+            finally:
                 if len(arrived) == len(span) and reply.kind is BodyKind.PARTIAL:
                     reply.response.release()
                 else:
                     reply.response.close()
+        finally:
             self.scheduler.give_back([c for c in span if c.index not in arrived])
+
+    async def _open_raw(self, start: int, end: int) -> RawRange | None:
+        """The zero-copy ranged GET, or None (and the fast path off for good) when this server needs the general client."""
+        assert self.origin is not None
+        try:
+            return await RawRange.open(
+                self.source, start, end, if_range=self.origin.etag, connect_timeout_s=self.retry.connect_timeout_s, read_timeout_s=self.retry.stall_timeout_s
+            )
+        except Unsupported as exc:
+            logger.info("%s: using the general HTTP client (%s)", self.source, exc)
+            self.fast_path = False
+            return None
+        except TimeoutError:
+            raise StalledError(f"{self.source}: no response within {self.retry.stall_timeout_s:.0f} s") from None
+        except OSError as exc:
+            raise RetryableError(f"cannot reach {self.source}: {exc}") from None
+
+    async def _read_raw(self, raw: RawRange, target: memoryview) -> None:
+        try:
+            await raw.read_into(target, self.retry.stall_timeout_s)
+        except TimeoutError:
+            raise StalledError(f"{self.source}: no data for {self.retry.stall_timeout_s:.0f} s; the connection stalled") from None
+        except OSError as exc:
+            raise RetryableError(f"{self.source}: connection broke mid-body ({exc})") from None
+
+    async def _receive_chunks(self, span: list[ChunkEntry], arrived: set[int], read: Callable[[memoryview], Awaitable[None]]) -> None:
+        """Read the span's chunks in order into recycled buffers and hand each to the pool."""
+        for chunk in span:
+            buffer = await self._take_buffer(chunk.size_bytes)
+            waiting = time.perf_counter()
+            try:
+                await read(buffer)
+            except BaseException:
+                self._return_buffer(buffer)
+                raise
+            self.stats.receive_wait_s += time.perf_counter() - waiting
+            self.stats.bytes_downloaded += chunk.size_bytes
+            arrived.add(chunk.index)
+            self._progressed = True
+            self.tasks.create_task(self._process(chunk, buffer))
+            if len(arrived) < len(span) and self.scheduler.urgent_waiting():
+                break  # someone asked for a layer outside this span: let it go first
 
     async def _consume_whole_file(self, reply: RangeResponse, wanted: list[ChunkEntry], arrived: set[int]) -> None:
         """Read a whole-file body front to back, keeping the wanted chunks and dropping the rest."""
@@ -540,6 +589,26 @@ class _Loader:
             self.free_buffers.append(buffer)
         self.in_flight.release()
 
+    def _maybe_commit(self, force: bool = False) -> None:
+        """Start a group commit when enough is written and none is running."""
+        if self.commit_running or not self.uncommitted:
+            return
+        due = self.uncommitted_bytes >= COMMIT_BYTES or time.perf_counter() - self.last_commit >= COMMIT_INTERVAL_S
+        if force or due:
+            self.commit_running = True
+            self.tasks.create_task(self._commit())
+
+    async def _commit(self) -> None:
+        batch, self.uncommitted, self.uncommitted_bytes = self.uncommitted, [], 0
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
+        finally:
+            self.commit_running = False
+            self.last_commit = time.perf_counter()
+            self.stats.commit_s += self.last_commit - started
+        self._maybe_commit()
+
     async def _process(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
         owned = isinstance(data, memoryview) and isinstance(data.obj, bytearray)  # a receive buffer to recycle
         try:
@@ -565,6 +634,9 @@ class _Loader:
             else:
                 self.in_flight.release()
         self.stats.chunks_fetched += 1
+        self.uncommitted.append(chunk.index)
+        self.uncommitted_bytes += chunk.raw_size_bytes
+        self._maybe_commit()
         self.scheduler.done(chunk)
         self.remaining[chunk.layer_index] -= 1
         if self.remaining[chunk.layer_index] == 0:
@@ -579,7 +651,6 @@ class _Loader:
         raw = decompress_chunk(chunk, data)
         decompressed = time.perf_counter()
         self.cache.write_chunk(chunk.raw_offset, raw)
-        self.cache.record_chunk(chunk.index)
         self.stats.verify_s += verified - started  # float += under the GIL: a lost update only blurs a statistic
         self.stats.decompress_s += decompressed - verified
         self.stats.store_s += time.perf_counter() - decompressed
@@ -588,10 +659,12 @@ class _Loader:
 
     async def close(self) -> None:
         if self._download_task is not None:
-            self._download_task.cancel()
+            if not self.complete.done() or self.complete.exception() is not None:
+                self._download_task.cancel()  # unfinished: stop; what is committed stays for the next run
             with contextlib.suppress(asyncio.CancelledError, StreamloadError):
-                await self._download_task
+                await self._download_task  # finished: the last group commit completes first
         self.pool.shutdown(wait=True)
+        self.commit_pool.shutdown(wait=True)
         if self._own_session and self.session is not None:
             await self.session.close()
         if hasattr(self, "cache"):
