@@ -249,6 +249,18 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 started=started,
             )
             bytes_downloaded = model.stats.bytes_downloaded
+            if args.timeline_png:
+                from .timeline_png import draw_timeline
+
+                floor = bytes_downloaded / args.link_rate if args.link_rate else None
+                draw_timeline(
+                    args.timeline_png,
+                    model.layer_spans(),
+                    result.timeline,
+                    started,
+                    link_floor_s=floor,
+                    title=f"{Path(args.source.split('#')[0]).name}: {format_bytes(bytes_downloaded)}" + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
+                )
     finally:
         bar.close()
     if args.save_logits:
@@ -345,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="decoder: sampling seed")
     p.add_argument("--save-logits", metavar="FILE.npy", help="decoder: save the prompt's logits, float32 [prompt length, vocab]")
     p.add_argument("--json", action="store_true", help="print one JSON object (result, timeline, timings, bytes)")
+    p.add_argument("--timeline-png", metavar="FILE.png", help="draw download, decompress and compute per layer (needs matplotlib)")
+    p.add_argument("--link-rate", type=float, metavar="BYTES_PER_S", help="mark the link floor (bytes downloaded / rate) on the picture")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
     return parser

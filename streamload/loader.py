@@ -107,6 +107,16 @@ class Layer:
         return self.tensors[name], None if scales is None else self.tensors[scales]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerSpans:
+    """When one layer moved through the pipeline (perf_counter seconds)."""
+
+    index: int
+    name: str
+    download: tuple[float, float] | None  # first chunk's receive start, last chunk's receive end
+    decompress: tuple[float, float] | None  # first chunk's verify start, last chunk stored
+
+
 class Model:
     """An open model. Layers become available in execution order while the download runs.
 
@@ -151,6 +161,25 @@ class Model:
     def tokenizer(self) -> Any:
         """The embedded tokenizer as a ``tokenizers.Tokenizer`` (None when the model has none)."""
         return self._loader.tokenizer()
+
+    def layer_spans(self) -> list[LayerSpans]:
+        """Per layer, when its chunks were received and when they were verified+decompressed+stored
+        (``time.perf_counter()`` values; None for layers that came from the cache)."""
+        spans = []
+        for layer in self.manifest.layers:
+            times = [self._loader.chunk_spans[c.index] for c in self.manifest.chunks_of_layer(layer.index) if c.index in self._loader.chunk_spans]
+            if not times:
+                spans.append(LayerSpans(layer.index, layer.name, None, None))
+                continue
+            spans.append(
+                LayerSpans(
+                    layer.index,
+                    layer.name,
+                    (min(t[0] for t in times), max(t[1] for t in times)),
+                    (min(t[2] for t in times), max(t[3] for t in times)),
+                )
+            )
+        return spans
 
     async def layer(self, index: int) -> Layer:
         """Wait for layer ``index`` (moving it to the front of the queue) and return its tensors.
@@ -233,6 +262,7 @@ class _Loader:
         self._tokenizer: Any = None
         self._layers: dict[int, Layer] = {}
         self.free_buffers: list[bytearray] = []
+        self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
         self.fast_path = True  # rawhttp for plain-http 206 bodies until a response needs the general client
         self.commit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-commit")
         self.uncommitted: list[int] = []  # written to the store, not yet durable and journaled
@@ -540,7 +570,9 @@ class _Loader:
             except BaseException:
                 self._return_buffer(buffer)
                 raise
-            self.stats.receive_wait_s += time.perf_counter() - waiting
+            received = time.perf_counter()
+            self.stats.receive_wait_s += received - waiting
+            self.chunk_spans[chunk.index] = [waiting, received, 0.0, 0.0]
             self.stats.bytes_downloaded += chunk.size_bytes
             arrived.add(chunk.index)
             self._progressed = True
@@ -651,9 +683,12 @@ class _Loader:
         raw = decompress_chunk(chunk, data)
         decompressed = time.perf_counter()
         self.cache.write_chunk(chunk.raw_offset, raw)
+        stored = time.perf_counter()
         self.stats.verify_s += verified - started  # float += under the GIL: a lost update only blurs a statistic
         self.stats.decompress_s += decompressed - verified
-        self.stats.store_s += time.perf_counter() - decompressed
+        self.stats.store_s += stored - decompressed
+        span = self.chunk_spans.setdefault(chunk.index, [started, started, 0.0, 0.0])
+        span[2], span[3] = started, stored
 
     # ------------------------------------------------------------ shutdown
 

@@ -1,0 +1,62 @@
+"""Draw a streamed run as a picture: per layer, download, decompress and compute spans on one time axis."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .errors import StreamloadError
+from .loader import LayerSpans
+from .runtime.timeline import LayerTiming
+
+
+def draw_timeline(
+    path: str | os.PathLike[str],
+    spans: Sequence[LayerSpans],
+    timings: Sequence[LayerTiming],
+    started: float,
+    *,
+    link_floor_s: float | None = None,
+    title: str = "",
+) -> None:
+    """Write a PNG: one row per layer; ``started`` (perf_counter) is time zero; the link floor as a dashed line.
+
+    Raises:
+        StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StreamloadError("--timeline-png needs matplotlib: pip install 'streamload[plot]'") from None
+    compute = {t.index: t for t in timings}
+    rows = len(spans)
+    ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]
+    visible_s = max(ends, default=1.0) * 0.004  # compute takes milliseconds: draw at least this wide
+    figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows), dpi=110)
+    for span in spans:
+        y = rows - 1 - span.index
+        if span.download:
+            axes.barh(y + 0.25, span.download[1] - span.download[0], left=span.download[0] - started, height=0.25, color="#4c78a8", label="download")
+        if span.decompress:
+            axes.barh(y, span.decompress[1] - span.decompress[0], left=span.decompress[0] - started, height=0.25, color="#f58518", label="verify + decompress")
+        timing = compute.get(span.index)
+        if timing:
+            width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
+            axes.barh(y - 0.25, width, left=timing.compute_start_s, height=0.25, color="#54a24b", label="compute")
+    if link_floor_s is not None:
+        axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes.legend(unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows), ncol=4, fontsize=8, frameon=False)
+    axes.set_yticks(range(rows))
+    axes.set_yticklabels([s.name for s in reversed(spans)], fontsize=8)
+    axes.set_xlabel("seconds from start")
+    axes.set_xlim(left=0)
+    axes.set_title(title, fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

