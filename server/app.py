@@ -10,12 +10,15 @@ in pieces, each write under a timeout, so a client that stops reading is cut off
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import logging
 import mmap
 import os
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
 UNTHROTTLED_PIECE_BYTES = 1 << 20
+SENDFILE_PIECE_BYTES = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class ServerConfig:
     max_concurrent_requests: int = 256
     queue_timeout_s: float = 10.0  # a request waiting longer for a slot gets 503 + Retry-After
     write_timeout_s: float = 30.0  # a client that reads nothing for this long is disconnected
+    idle_timeout_s: float = 15.0  # a connection without a complete request (slow headers, idle keep-alive) is closed
 
 
 @dataclasses.dataclass(slots=True)
@@ -209,14 +214,18 @@ async def _write_body(request: web.Request, response: web.StreamResponse, served
     if not config.rate_bytes_per_s and request.transport is not None and request.transport.get_extra_info("sslcontext") is None:
         try:  # zero-copy, as aiohttp's FileResponse does; the timeout cuts off a client that stops reading
             with open(served.path, "rb") as f:
-                async with asyncio.timeout(config.write_timeout_s + (end - start) / (1 << 20)):
-                    await asyncio.get_running_loop().sendfile(request.transport, f, start, end - start)
+                for offset in range(start, end, SENDFILE_PIECE_BYTES):  # each piece under the stall timeout
+                    async with asyncio.timeout(config.write_timeout_s):
+                        await asyncio.get_running_loop().sendfile(request.transport, f, offset, min(SENDFILE_PIECE_BYTES, end - offset))
             return
         except NotImplementedError:
             pass  # no sendfile here: write from the map below
         except TimeoutError:
             logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
-            request.transport.close()
+            _drop_connection(request)
+            return
+        except ConnectionError:
+            logger.info("%s disconnected during %s", request.remote, served.path.name)
             return
     view = memoryview(served.map)
     if config.rate_bytes_per_s:
@@ -233,10 +242,24 @@ async def _write_body(request: web.Request, response: web.StreamResponse, served
                 await response.write(view[offset : offset + size])
     except TimeoutError:
         logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
-        if request.transport is not None:
-            request.transport.close()
+        _drop_connection(request)
+    except ConnectionError:  # the client went away mid-body (aiohttp's ClientConnectionResetError is one)
+        logger.info("%s disconnected during %s", request.remote, served.path.name)
     finally:
         view.release()
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Reset a stalled client's connection now: SO_LINGER 0 makes close() discard the queued send buffer
+    (megabytes the kernel would otherwise keep trickling into a zero window) and send RST."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def handle_index(request: web.Request) -> web.Response:
@@ -296,6 +319,12 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info('%s "%s %s" %d %s %.4fs range=%s', request.remote, request.method, request.path_qs, response.status, size, time, request.headers.get("Range", "-"))
 
 
+def runner_options(config: ServerConfig) -> dict[str, object]:
+    """Options for ``web.AppRunner`` / ``web.run_app``: aiohttp closes a connection that has not sent a complete
+    request within keepalive_timeout (its timer starts at connect), which is our defence against slow headers."""
+    return {"keepalive_timeout": config.idle_timeout_s}
+
+
 def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, *, announce: Callable[[str], None] = print) -> None:
     """Serve until SIGINT or SIGTERM, then close connections and exit cleanly."""
     web.run_app(
@@ -306,4 +335,5 @@ def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, 
         access_log_class=AccessLogger,
         print=lambda _: announce(f"serving {config.directory} on http://{host}:{port}/ (Ctrl-C to stop)"),
         shutdown_timeout=5.0,
+        **runner_options(config),  # type: ignore[arg-type]
     )

@@ -33,9 +33,9 @@ import numpy as np
 import zstandard
 
 from .cache import ModelCache, default_cache_dir
-from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
-from .fetch import BodyKind, BodyReader, HttpOrigin, RangeResponse, RetryableError, RetryPolicy
-from .rawhttp import RawRange, Unsupported
+from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, HTTPStatusError, StalledError, StreamloadError
+from .fetch import RETRYABLE_STATUSES, BodyKind, BodyReader, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, parse_retry_after
+from .rawhttp import RawRange, StatusError, Unsupported
 from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
@@ -547,6 +547,12 @@ class _Loader:
             logger.info("%s: using the general HTTP client (%s)", self.source, exc)
             self.fast_path = False
             return None
+        except StatusError as exc:
+            if exc.status in RETRYABLE_STATUSES:
+                raise RetryableError(f"{self.source} answered {exc.status}", parse_retry_after(exc.retry_after)) from None
+            if exc.status == 404:
+                raise HTTPStatusError(f"no model at {self.source} (404); check the URL", status=404) from None
+            raise HTTPStatusError(f"{self.source} answered {exc.status}", status=exc.status) from None
         except TimeoutError:
             raise StalledError(f"{self.source}: no response within {self.retry.stall_timeout_s:.0f} s") from None
         except OSError as exc:
@@ -699,6 +705,12 @@ class _Loader:
             with contextlib.suppress(asyncio.CancelledError, StreamloadError):
                 await self._download_task  # finished: the last group commit completes first
         self.pool.shutdown(wait=True)
+        if self.uncommitted and hasattr(self, "cache"):  # stopped early or failed: keep what is verified and written
+            batch, self.uncommitted = self.uncommitted, []
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
+            except StreamloadError as exc:
+                logger.warning("could not save %d downloaded chunks to the cache: %s", len(batch), exc)
         self.commit_pool.shutdown(wait=True)
         if self._own_session and self.session is not None:
             await self.session.close()

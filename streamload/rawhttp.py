@@ -25,6 +25,15 @@ class Unsupported(Exception):
     """This response is not the simple case; use the general client."""
 
 
+class StatusError(Exception):
+    """The server answered with an error status the caller must handle as such (retry, or give up)."""
+
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
 class _Protocol(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -117,6 +126,8 @@ class RawRange:
             async with asyncio.timeout(read_timeout_s):
                 body_start = await protocol.headers_ready
             status, headers = _parse_head(bytes(protocol.header[:body_start]))
+            if status >= 400:
+                raise StatusError(status, headers.get("retry-after"))
             if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
                 raise Unsupported(f"status {status} or an encoded body")
             match = _CONTENT_RANGE.match(headers.get("content-range", ""))

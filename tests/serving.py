@@ -8,7 +8,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from streamload.server import ServerConfig, create_app
+from streamload.server import ServerConfig, create_app, runner_options
+from streamload.server.app import CONFIG
 
 
 class ServerThread:
@@ -21,7 +22,8 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self.runner = web.AppRunner(self.app, shutdown_timeout=0.5)
+        options = runner_options(self.app[CONFIG]) if CONFIG in self.app else {}
+        self.runner = web.AppRunner(self.app, shutdown_timeout=0.5, **options)
         self._loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         self._loop.run_until_complete(site.start())

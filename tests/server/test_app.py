@@ -103,3 +103,50 @@ async def test_ranges_can_be_turned_off(model_dir: Path) -> None:
     with serve_directory(model_dir, ranges_enabled=False) as server:
         status, headers, body = await get(server.url("llama.slm"), {"Range": "bytes=0-9"})
     assert status == 200 and len(body) == (model_dir / "llama.slm").stat().st_size and headers["Accept-Ranges"] == "none"
+
+
+def test_slow_clients_are_cut_off(model_dir: Path) -> None:
+    import socket
+
+    with serve_directory(model_dir, idle_timeout_s=0.5, write_timeout_s=0.5) as server:
+        slow_headers = socket.create_connection(("127.0.0.1", server.port))
+        slow_headers.sendall(b"GET /llama.slm HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        slow_headers.settimeout(10)
+        started = time.perf_counter()
+        assert slow_headers.recv(100) == b""  # closed by the server
+        assert time.perf_counter() - started < 5
+        big = model_dir / "big.slm"
+        big.write_bytes(bytes(64 << 20))  # larger than the socket buffers
+        not_reading = socket.create_connection(("127.0.0.1", server.port))
+        not_reading.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        not_reading.sendall(b"GET /big.slm HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2.0)  # reads nothing; the server gives up on it
+        not_reading.settimeout(10)
+        received = 0
+        with pytest.raises(ConnectionResetError):  # reset, its queued bytes discarded
+            while chunk := not_reading.recv(1 << 20):
+                received += len(chunk)
+        assert received < 64 << 20
+        with socket.create_connection(("127.0.0.1", server.port)) as fine:  # the server still serves others
+            fine.sendall(b"HEAD /llama.slm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert fine.recv(100).startswith(b"HTTP/1.1 200")
+
+
+async def test_200_concurrent_clients_get_byte_exact_files(model_dir: Path) -> None:
+    import asyncio
+    import hashlib
+
+    expected = hashlib.sha256((model_dir / "llama.slm").read_bytes()).hexdigest()
+    with serve_directory(model_dir) as server:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+            async def fetch_one(i: int) -> str:
+                headers = {"Range": f"bytes={i}-"} if i % 2 else {}  # half whole files, half ranges
+                async with session.get(server.url("llama.slm"), headers=headers) as response:
+                    body = await response.read()
+                prefix = (model_dir / "llama.slm").read_bytes()[:i] if i % 2 else b""
+                return hashlib.sha256(prefix + body).hexdigest()
+
+            digests = await asyncio.gather(*(fetch_one(i) for i in range(200)))
+    assert digests == [expected] * 200

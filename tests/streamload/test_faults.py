@@ -1,0 +1,255 @@
+"""Faults through real sockets: the client survives them, or fails clearly; nothing is lost or wrongly used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamload
+from streamload.cache import ModelCache
+from streamload.cli import main
+from streamload.formats import ModelReader, convert
+from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from tests.faulty import Faults, faulty_app
+from tests.serving import ServerThread, serve_directory
+
+FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = write_synthetic_llama(tmp_path_factory.mktemp("faults-src"), llama_config(num_hidden_layers=8, hidden_size=128, intermediate_size=256, vocab_size=1024))
+    out = tmp_path_factory.mktemp("faults") / "deep.slm"
+    convert(folder, out, chunk_size_bytes=64 << 10)
+    return out
+
+
+def assert_cache_exact(cache: Path, slm: Path) -> None:
+    """Every layer in the cache equals the file's own decompressed, verified layers."""
+    with ModelReader(slm) as reader, streamload.load(slm, cache_dir=cache) as model:
+        assert model.stats.chunks_fetched == 0, "the cache should be complete"
+        for index in range(len(reader.manifest.layers)):
+            expected = reader.read_tensors(index)
+            layer = model.layer(index)
+            for name, values in expected.items():
+                np.testing.assert_array_equal(layer[name], values)
+
+
+# "ok" first: the header request; the fault then hits the data request
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["ok", "reset:300000"],
+        ["ok", "truncate:200000"],
+        ["ok", "stall:100000"],
+        ["ok", "short:5000"],
+        ["ok", "full"],  # a 200 to a resumed range
+        ["ok", "status:503:0"],
+        ["ok", "status:500"],
+        ["status:503:0", "status:502"],  # the header request itself
+        ["ok", "reset:0", "truncate:70000", "short:1", "ok"],  # several in a row
+    ],
+)
+async def test_client_survives(deep_slm: Path, tmp_path: Path, script: list[str]) -> None:
+    faults = Faults(script=list(script))
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, retry=FAST_RETRY) as model:
+            stats = await model.wait_complete()
+    assert stats.chunks_fetched == stats.chunks_total
+    assert faults.actions[: len(script)] == script  # every scripted fault was really served
+    assert_cache_exact(tmp_path, deep_slm)
+
+
+async def test_retry_after_is_honoured(deep_slm: Path, tmp_path: Path) -> None:
+    faults = Faults(script=["ok", "status:429:1"])
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        started = time.perf_counter()
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, retry=FAST_RETRY) as model:
+            await model.wait_complete()
+    assert time.perf_counter() - started >= 1.0  # waited as told, not the 0.05 s backoff
+
+
+async def test_a_server_that_keeps_failing_is_reported_clearly(deep_slm: Path, tmp_path: Path) -> None:
+    faults = Faults(script=["ok"] + ["status:503:0"] * 50)
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, retry=FAST_RETRY) as model:
+            with pytest.raises(streamload.FetchError, match="gave up downloading .* after 4 failed attempts in a row: .*503"):
+                await model.wait_complete()
+
+
+def test_every_copy_corrupted_exits_non_zero_without_output(deep_slm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with ModelReader(deep_slm) as reader:
+        start = reader.preamble.data_offset + reader.manifest.chunks[0].offset
+    faults = Faults(corrupt_range=(start, start + 1), corrupt_times=10**6)
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        code = main(["run", server.url("deep.slm"), "--cache-dir", str(tmp_path), "--ids", "1,2,3", "-q"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert "chunk 0 of layer 0 failed its sha256 check in 3 downloads" in captured.err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(directory: Path, port: int, rate: float) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), "--rate", str(rate)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+async def test_server_killed_and_restarted(deep_slm: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    port = free_port()
+    size = deep_slm.stat().st_size
+    server = start_server(directory, port, size / 2.0)
+    policy = streamload.RetryPolicy(max_attempts=8, base_delay_s=0.2, max_delay_s=1.0, stall_timeout_s=2.0)
+    try:
+        async with streamload.open(f"http://127.0.0.1:{port}/deep.slm", cache_dir=tmp_path / "cache", retry=policy) as model:
+            await model.layer(2)
+            server.send_signal(signal.SIGKILL)  # mid-download
+            server.wait()
+            time.sleep(0.5)
+            server = start_server(directory, port, size / 2.0)
+            stats = await model.wait_complete()
+        assert stats.retries >= 1 and stats.chunks_fetched == stats.chunks_total
+    finally:
+        server.kill()
+        server.wait()
+    assert_cache_exact(tmp_path / "cache", deep_slm)
+
+
+async def test_server_gone_for_good_is_reported_clearly(deep_slm: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    port = free_port()
+    server = start_server(directory, port, deep_slm.stat().st_size / 2.0)
+    async with streamload.open(f"http://127.0.0.1:{port}/deep.slm", cache_dir=tmp_path, retry=FAST_RETRY) as model:
+        await model.layer(1)
+        server.kill()
+        server.wait()
+        with pytest.raises(streamload.FetchError, match="gave up downloading .* after 4 failed attempts in a row"):
+            await model.wait_complete()
+
+
+def journal_count(cache: Path) -> int:
+    journals = list(cache.glob("models/*/journal"))
+    return journals[0].stat().st_size // 4 if journals else 0
+
+
+@pytest.mark.parametrize("kill_after_s", [0.15, 0.7, 1.3, 2.1])
+def test_client_killed_at_any_point_resumes_exactly(deep_slm: Path, tmp_path: Path, kill_after_s: float) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(directory, rate_bytes_per_s=deep_slm.stat().st_size / 2.5) as server:
+        url = server.url("deep.slm")
+        process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+        time.sleep(kill_after_s)  # 64 KiB chunks at ~0.6 MB/s: a kill almost always lands mid-chunk
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        with ModelReader(deep_slm) as reader:
+            digest = reader.manifest.digest
+            done = ModelCache(tmp_path / "cache", digest).read_journal(len(reader.manifest.chunks))
+            missing = sum(c.size_bytes for c in reader.manifest.chunks if c.index not in done)
+            total = len(reader.manifest.chunks)
+            header = reader.preamble.data_offset
+        result = subprocess.run([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path / "cache"), "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["chunks_cached"] == len(done) and report["chunks_fetched"] == total - len(done)
+    assert missing <= report["bytes_downloaded"] <= missing + header  # no journaled chunk moved twice
+    assert_cache_exact(tmp_path / "cache", deep_slm)
+
+
+def test_two_processes_fetch_one_model_into_one_cache(deep_slm: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(directory, rate_bytes_per_s=deep_slm.stat().st_size / 1.0) as server:
+        command = [sys.executable, "-m", "streamload.cli", "fetch", server.url("deep.slm"), "--cache-dir", str(tmp_path / "cache"), "--json"]
+        first, second = subprocess.Popen(command, stdout=subprocess.PIPE, text=True), subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        outputs = [json.loads(p.communicate(timeout=60)[0]) for p in (first, second)]
+    assert first.returncode == second.returncode == 0
+    with ModelReader(deep_slm) as reader:
+        total = len(reader.manifest.chunks)
+    assert sum(o["chunks_fetched"] for o in outputs) == total  # one downloaded, the other waited and found it cached
+    assert_cache_exact(tmp_path / "cache", deep_slm)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.decode().strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_a_full_disk_is_a_clear_error_and_the_cache_stays_consistent(deep_slm: Path, small_disk: Path, tmp_path: Path) -> None:
+    with ModelReader(deep_slm) as reader:
+        store_bytes = reader.manifest.store_size_bytes
+    assert store_bytes < 3 << 20
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes((3 << 20) - store_bytes // 2 - 65536))  # room for about half the model
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(directory) as server:
+        with pytest.raises(streamload.CacheError, match="free some space or pass --cache-dir"):
+            async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
+                await model.wait_complete()
+        filler.unlink()  # space again: the same cache completes
+        async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
+            await model.wait_complete()
+    assert_cache_exact(small_disk, deep_slm)
+    os.sync()
+
+
+async def test_disk_filling_up_mid_download(deep_slm: Path, small_disk: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(directory, rate_bytes_per_s=deep_slm.stat().st_size / 2.0) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
+            await model.layer(1)  # the free-space check passed and writing has begun
+            filler = small_disk / "filler"
+            with open(filler, "wb") as f:  # another program takes the rest of the disk
+                try:
+                    while True:
+                        f.write(bytes(64 << 10))
+                        f.flush()
+                except OSError:
+                    pass
+            with pytest.raises(streamload.CacheError, match="no space left on the device .* free some space"):
+                await model.wait_complete()
+        filler.unlink()
+        async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
+            stats = await model.wait_complete()
+        # the journal could not grow on the full disk either: those chunks are simply fetched again
+        assert stats.chunks_cached + stats.chunks_fetched == stats.chunks_total
+    assert_cache_exact(small_disk, deep_slm)
