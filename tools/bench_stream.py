@@ -105,12 +105,15 @@ async def download(url: str, path: Path) -> int:
     import aiohttp
 
     size = 0
-    async with aiohttp.ClientSession(auto_decompress=False) as session, session.get(url) as response:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)  # aiohttp's default total of 5 min cuts slow links short
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session, session.get(url) as response:
         response.raise_for_status()
         with open(path, "wb") as f:
             async for piece in response.content.iter_chunked(1 << 20):
                 f.write(piece)
                 size += len(piece)
+    if response.content_length is not None and size != response.content_length:
+        raise RuntimeError(f"{url}: got {size} of {response.content_length} bytes")
     return size
 
 
@@ -145,7 +148,8 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
             result = await run(model, started=started, **inputs)
             wire = model.stats.bytes_downloaded
     layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
-    return {"layer0_s": layer0, "result_s": result.total_s, "wire_bytes": wire}
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return {"layer0_s": layer0, "result_s": result.total_s, "wire_bytes": wire, "peak_rss_mb": peak_kb / 1024}
 
 
 def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
@@ -160,7 +164,7 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
         if status != 0:
             raise RuntimeError(f"variant {variant} failed ({status})")
         result = json.loads(output.strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    # peak RSS comes from the child's own VmHWM: ru_maxrss would count the parent's pages copied at fork
     result["cpu_s"] = usage.ru_utime + usage.ru_stime
     return result
 
