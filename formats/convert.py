@@ -221,7 +221,7 @@ def convert(
     plan = _plan_layers(arch, config, tensors)
     reports: list[TensorReport] = []
     with ModelWriter(output, config=config, tokenizer_json=model.tokenizer_json, chunk_size_bytes=chunk_size_bytes, zstd_level=zstd_level, threads=threads) as writer:
-        for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan):
+        for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
             layer_index = writer.begin_layer(layer_name)
             deferred_scales: list[tuple[str, np.ndarray]] = []
             for entry in group:

@@ -250,7 +250,7 @@ def _parse_tensors(raw: list[Any], layers: tuple[LayerEntry, ...]) -> tuple[Tens
     if len(by_name) != len(tensors):
         raise ManifestSchemaError("manifest: two tensors share a name")
     ordered = sorted(tensors, key=lambda t: t.raw_offset)
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in zip(ordered, ordered[1:], strict=False):
         if after.raw_offset < before.raw_end:
             raise OverlapError(f"manifest: tensors {before.name!r} and {after.name!r} overlap in the layer store")
     for entry in tensors:
@@ -411,7 +411,7 @@ def encode_manifest(
     root: dict[str, Any] = {
         "config": dict(config),
         "chunk_size": chunk_size_bytes,
-        "layers": [{"name": l.name, "raw_offset": l.raw_offset, "raw_size": l.raw_size_bytes} for l in layers],
+        "layers": [{"name": layer.name, "raw_offset": layer.raw_offset, "raw_size": layer.raw_size_bytes} for layer in layers],
         "tensors": [_encode_tensor(t) for t in tensors],
         "chunks": [
             {

@@ -79,7 +79,7 @@ def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
         "manifest_bytes": manifest.size_bytes,
         "tokenizer_bytes": manifest.tokenizer.raw_size_bytes if manifest.tokenizer else 0,
         "data_bytes": data_bytes,
-        "raw_bytes": sum(l.raw_size_bytes for l in manifest.layers),
+        "raw_bytes": sum(layer.raw_size_bytes for layer in manifest.layers),
         "fp32_equivalent_bytes": fp32_bytes,
         "size_vs_fp32": (data_bytes + manifest.size_bytes) / fp32_bytes if fp32_bytes else None,
         "chunk_size_bytes": manifest.chunk_size_bytes,

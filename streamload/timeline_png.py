@@ -49,7 +49,7 @@ def draw_timeline(
     if link_floor_s is not None:
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
     handles, labels = axes.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+    unique = dict(zip(labels, handles, strict=True))
     axes.legend(unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows), ncol=4, fontsize=8, frameon=False)
     axes.set_yticks(range(rows))
     axes.set_yticklabels([s.name for s in reversed(spans)], fontsize=8)

@@ -40,3 +40,12 @@ def llama_slm(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path
     out = tmp_path_factory.mktemp("llama") / "llama.slm"
     convert(llama_dir, out, chunk_size_bytes=16 << 10)  # small chunks: several per layer
     return out
+
+
+@pytest.fixture(scope="session")
+def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 blocks of ~100 KiB in 64 KiB chunks: enough layers and chunks to watch order, faults and resumes."""
+    folder = write_synthetic_llama(tmp_path_factory.mktemp("deep-src"), llama_config(num_hidden_layers=12, hidden_size=128, intermediate_size=256, vocab_size=1024))
+    out = tmp_path_factory.mktemp("deep") / "deep.slm"
+    convert(folder, out, chunk_size_bytes=64 << 10)
+    return out

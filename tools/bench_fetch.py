@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import hashlib
 import importlib.util
 import os

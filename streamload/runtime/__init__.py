@@ -8,7 +8,6 @@ as that layer has arrived and runs on a worker thread, so the download goes on.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import numpy as np

@@ -22,7 +22,7 @@ def test_minilm_meets_size_and_entropy_targets(minilm_dir: Path, minilm_slm: Pat
         m = reader.manifest
         summary = summarize_compression(m)
         assert summary is not None and 0 <= summary.bound_overhead <= 0.03
-        assert [l.name for l in m.layers] == ["embeddings", *(f"block.{i}" for i in range(6)), "head"]
+        assert [layer.name for layer in m.layers] == ["embeddings", *(f"block.{i}" for i in range(6)), "head"]
         assert m.config["pooling"] == "mean" and m.config["normalize"] is True and m.config["max_seq_length"] == 256
         assert m.tokenizer is not None and m.tokenizer.raw_size_bytes == (minilm_dir / "tokenizer.json").stat().st_size
         assert reader.verify() == []
@@ -49,7 +49,7 @@ def test_llama_layers_and_gqa_shapes(tmp_path: Path, tied: bool) -> None:
     convert(source, tmp_path / "m.slm")
     with ModelReader(tmp_path / "m.slm") as reader:
         m = reader.manifest
-        assert [l.name for l in m.layers] == ["embeddings", "block.0", "block.1", "head"]
+        assert [layer.name for layer in m.layers] == ["embeddings", "block.0", "block.1", "head"]
         assert m.tensor("model.layers.1.self_attn.k_proj.weight").shape == (32, 64)  # 2 kv heads x 16
         assert m.tensor("model.layers.1.self_attn.k_proj.weight").layer_index == 2
         assert ("lm_head.weight" in m.tensor_by_name) is not tied

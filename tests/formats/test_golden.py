@@ -47,7 +47,7 @@ def test_golden_preamble_is_spelled_out() -> None:
 def test_golden_file_reads_back_exact_values() -> None:
     with ModelReader(GOLDEN) as reader:
         m = reader.manifest
-        assert [l.name for l in m.layers] == ["embeddings", "head"]
+        assert [layer.name for layer in m.layers] == ["embeddings", "head"]
         assert m.layers[1].raw_offset == 4096
         assert [(t.name, t.dtype.value, t.shape, t.raw_offset) for t in m.tensors] == [
             ("w", "i8", (4, 6), 0),

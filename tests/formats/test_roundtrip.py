@@ -85,5 +85,5 @@ def test_failed_write_leaves_no_file(tmp_path: Path) -> None:
         with ModelWriter(tmp_path / "m.slm", config={"architecture": "test"}) as w:
             w.begin_layer("a")
             w.add_tensor("x", np.zeros(3, np.float32))
-            1 / 0
+            raise ZeroDivisionError("a failure while writing")
     assert list(tmp_path.iterdir()) == []

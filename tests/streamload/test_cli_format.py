@@ -16,7 +16,7 @@ def test_convert_inspect_verify(tmp_path: Path, llama_dir: Path, capsys: pytest.
     assert "largest error abs" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert [l["name"] for l in summary["layers"]][:2] == ["embeddings", "block.0"]
+    assert [layer["name"] for layer in summary["layers"]][:2] == ["embeddings", "block.0"]
     assert summary["int8_payload"]["entropy_bits_per_weight"] > 0
     assert len(summary["manifest_digest"]) == 64
     assert main(["inspect", str(out)]) == 0

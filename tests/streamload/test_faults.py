@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,37 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import streamload
 from streamload.cache import ModelCache
 from streamload.cli import main
-from streamload.formats import ModelReader, convert
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from streamload.formats import ModelReader
+from tests.checks import assert_cache_exact, free_port
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
 
 FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=0.5)
-
-
-@pytest.fixture(scope="module")
-def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = write_synthetic_llama(tmp_path_factory.mktemp("faults-src"), llama_config(num_hidden_layers=8, hidden_size=128, intermediate_size=256, vocab_size=1024))
-    out = tmp_path_factory.mktemp("faults") / "deep.slm"
-    convert(folder, out, chunk_size_bytes=64 << 10)
-    return out
-
-
-def assert_cache_exact(cache: Path, slm: Path) -> None:
-    """Every layer in the cache equals the file's own decompressed, verified layers."""
-    with ModelReader(slm) as reader, streamload.load(slm, cache_dir=cache) as model:
-        assert model.stats.chunks_fetched == 0, "the cache should be complete"
-        for index in range(len(reader.manifest.layers)):
-            expected = reader.read_tensors(index)
-            layer = model.layer(index)
-            for name, values in expected.items():
-                np.testing.assert_array_equal(layer[name], values)
 
 
 # "ok" first: the header request; the fault then hits the data request
@@ -98,12 +77,6 @@ def test_every_copy_corrupted_exits_non_zero_without_output(deep_slm: Path, tmp_
     assert "chunk 0 of layer 0 failed its sha256 check in 3 downloads" in captured.err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(directory: Path, port: int, rate: float) -> subprocess.Popen[bytes]:
     process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), "--rate", str(rate)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
@@ -151,11 +124,6 @@ async def test_server_gone_for_good_is_reported_clearly(deep_slm: Path, tmp_path
         server.wait()
         with pytest.raises(streamload.FetchError, match="gave up downloading .* after 4 failed attempts in a row"):
             await model.wait_complete()
-
-
-def journal_count(cache: Path) -> int:
-    journals = list(cache.glob("models/*/journal"))
-    return journals[0].stat().st_size // 4 if journals else 0
 
 
 @pytest.mark.parametrize("kill_after_s", [0.15, 0.7, 1.3, 2.1])

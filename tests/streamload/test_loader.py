@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,24 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import streamload
 from streamload.cache import ModelCache
-from streamload.formats import ModelReader, convert
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from streamload.formats import ModelReader
+from tests.checks import assert_layers_equal_file, journal_count
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
-
-
-@pytest.fixture(scope="module")
-def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 blocks of ~100 KiB, 64 KiB chunks: enough layers and chunks to watch the order."""
-    folder = write_synthetic_llama(tmp_path_factory.mktemp("deep"), llama_config(num_hidden_layers=12, hidden_size=128, intermediate_size=256, vocab_size=1024))
-    out = tmp_path_factory.mktemp("deep-slm") / "deep.slm"
-    convert(folder, out, chunk_size_bytes=64 << 10)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +33,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_s
 def server(model_dir: Path) -> Iterator[ServerThread]:
     with serve_directory(model_dir) as running:
         yield running
-
-
-def assert_layers_equal_file(model_layers: dict[int, streamload.Layer], path: Path) -> None:
-    with ModelReader(path) as reader:
-        for index, layer in model_layers.items():
-            expected = reader.read_tensors(index)
-            assert layer.tensors.keys() == expected.keys()
-            for name, values in expected.items():
-                np.testing.assert_array_equal(layer[name], values)
 
 
 async def test_layers_arrive_in_order_and_exact(tmp_path: Path, model_dir: Path) -> None:
@@ -173,11 +153,6 @@ def test_sync_wrapper(server: ServerThread, tmp_path: Path, model_dir: Path) -> 
         layers = dict(model.layers())
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
         assert_layers_equal_file(layers, model_dir / "deep.slm")
-
-
-def journal_count(cache: Path) -> int:
-    journals = list(cache.glob("models/*/journal"))
-    return journals[0].stat().st_size // 4 if journals else 0
 
 
 def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep_slm: Path) -> None:
