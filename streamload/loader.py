@@ -201,6 +201,21 @@ class Model:
         return self._loader.stats
 
 
+def _first_cause(exc: BaseException) -> BaseException:
+    """The error to show for a failed task group: its first StreamloadError, else its first error."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    return next((e for e in leaves if isinstance(e, StreamloadError)), leaves[0] if leaves else exc)
+
+
 def new_session() -> aiohttp.ClientSession:
     """A session tuned for large bodies: a 4 MiB read buffer means one 1 MiB chunk needs no
     pause/resume cycles of the transport (aiohttp's 64 KiB default costs ~8 per chunk)."""
@@ -460,10 +475,12 @@ class _Loader:
                     self._maybe_commit(force=True)
             await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.mark_complete)
         except BaseException as exc:  # delivered to every waiter; close() awaits this task
-            failure = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 else exc
+            failure = _first_cause(exc)
             if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 self._fail(asyncio.CancelledError("the download was cancelled"))
                 raise
+            if self.complete.done():  # the data is all here and usable; only its bookkeeping failed
+                logger.warning("the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure)
             self._fail(failure)
 
     async def _local_worker(self) -> None:
