@@ -155,6 +155,9 @@ class ModelCache:
             if size_bytes:
                 self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwrite
             self._journal_fd = os.open(self.directory / "journal", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            torn = os.fstat(self._journal_fd).st_size % JOURNAL_RECORD.size
+            if torn:  # a record cut short by a crash: drop it, or every later append would be read misaligned
+                os.ftruncate(self._journal_fd, os.fstat(self._journal_fd).st_size - torn)
         except OSError as exc:
             self.close()
             raise _cache_error("preparing", self.store_path, exc) from None

@@ -221,3 +221,56 @@ async def test_disk_filling_up_mid_download(deep_slm: Path, small_disk: Path, tm
         # the journal could not grow on the full disk either: those chunks are simply fetched again
         assert stats.chunks_cached + stats.chunks_fetched == stats.chunks_total
     assert_cache_exact(small_disk, deep_slm)
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys
+import streamload.cache as cache
+from streamload.cli import main
+
+where = sys.argv[1]
+calls = {"n": 0}
+write_chunk, commit_chunks = cache.ModelCache.write_chunk, cache.ModelCache.commit_chunks
+
+def dying_write(self, raw_offset, data):
+    calls["n"] += 1
+    if calls["n"] == 6:  # the sixth chunk: half its bytes reach the store, then the process dies
+        os.pwrite(self._store_fd, memoryview(data)[: len(data) // 2], raw_offset)
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_chunk(self, raw_offset, data)
+
+def dying_commit(self, chunk_indices):
+    os.fdatasync(self._store_fd)
+    os.write(self._journal_fd, cache.JOURNAL_RECORD.pack(chunk_indices[0])[:2])  # a torn record
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "store":
+    cache.ModelCache.write_chunk = dying_write
+else:
+    cache.ModelCache.commit_chunks = dying_commit
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["store", "journal"])
+def test_client_killed_during_the_cache_write(deep_slm: Path, tmp_path: Path, where: str) -> None:
+    directory = tmp_path / "www"
+    directory.mkdir()
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    script = tmp_path / "dying_fetch.py"
+    script.write_text(KILL_DURING_WRITE)
+    with serve_directory(directory, rate_bytes_per_s=deep_slm.stat().st_size / 1.0) as server:
+        url = server.url("deep.slm")
+        dying = subprocess.run([sys.executable, str(script), where, "fetch", url, "--cache-dir", str(tmp_path / "cache"), "--quiet"], check=False)
+        assert dying.returncode == -signal.SIGKILL
+        with ModelReader(deep_slm) as reader:
+            done = ModelCache(tmp_path / "cache", reader.manifest.digest).read_journal(len(reader.manifest.chunks))
+            total = len(reader.manifest.chunks)
+        assert len(done) < total  # the torn record and the half-written chunk are not counted
+        result = subprocess.run([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path / "cache"), "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["chunks_cached"] == len(done) and report["chunks_fetched"] == total - len(done)
+    journal = next((tmp_path / "cache").glob("models/*/journal")).read_bytes()
+    assert len(journal) % 4 == 0  # the torn record was dropped before appending, so every record reads aligned
+    assert sorted(int.from_bytes(journal[i : i + 4], "little") for i in range(0, len(journal), 4)) == list(range(total))
+    assert_cache_exact(tmp_path / "cache", deep_slm)
