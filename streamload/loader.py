@@ -303,7 +303,7 @@ class _Loader:
         await self.cache.acquire()
         done = self.cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
         pending = [c for c in self.manifest.chunks if c.index not in done]
-        await asyncio.to_thread(self.cache.open_store, self.manifest.store_size_bytes, sum(c.raw_size_bytes for c in pending))
+        await asyncio.to_thread(self.cache.open_store, self.manifest.store_size_bytes)
         self.stats.chunks_total = len(self.manifest.chunks)
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
         self.scheduler = ChunkScheduler(pending)
