@@ -1,0 +1,62 @@
+"""The link emulator (tools/linkproxy.py) in front of both servers users run: the bundled one and nginx."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import streamload
+from tests.checks import free_port
+from tests.serving import serve_directory
+from tests.streamload.test_nginx import start_nginx
+
+LINKPROXY = Path(__file__).resolve().parent.parent / "tools" / "linkproxy.py"
+
+
+def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(LINKPROXY), "--target", f"127.0.0.1:{target_port}", "--listen-port", str(port), "--rate-mbit", str(rate_mbit), "--rtt-ms", str(rtt_ms), "--max-seconds", "60"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("link proxy did not start")
+
+
+@pytest.mark.parametrize("server_kind", ["bundled", "nginx"])
+async def test_link_paces_any_server(server_kind: str, tmp_path: Path, llama_slm: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "llama.slm").write_bytes(llama_slm.read_bytes())
+    size = llama_slm.stat().st_size
+    rate_mbit = size * 8 / 1e6 / 0.8  # the whole file should take 0.8 s on the link
+    if server_kind == "bundled":
+        server = serve_directory(root).start()
+        port, stop = server.port, server.stop
+    else:
+        (tmp_path / "nginx").mkdir()
+        process, port = start_nginx(tmp_path / "nginx", root, True)
+        stop = process.terminate
+    link, link_port = start_link(port, rate_mbit, rtt_ms=100)
+    try:
+        started = time.perf_counter()
+        async with streamload.open(f"http://127.0.0.1:{link_port}/llama.slm", cache_dir=tmp_path / "cache") as model:
+            stats = await model.wait_complete()
+        elapsed = time.perf_counter() - started
+    finally:
+        link.terminate()
+        link.wait()
+        stop()
+    assert stats.chunks_fetched == stats.chunks_total
+    assert elapsed >= 0.8 + 0.1  # never faster than bytes / rate plus one round trip
