@@ -180,3 +180,14 @@ def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep
     with streamload.load(deep_slm, cache_dir=tmp_path) as model:  # the cache is complete and exact
         assert model.stats.chunks_cached == total
         assert_layers_equal_file(dict(model.layers()), deep_slm)
+
+
+def test_inspect_a_url_reads_only_the_manifest(server: ServerThread, model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamload.cli import main
+
+    assert main(["inspect", server.url("minilm.slm"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    with ModelReader(model_dir / "minilm.slm") as reader:
+        assert summary["manifest_digest"] == reader.manifest.digest
+        assert summary["file_bytes"] == reader.size_bytes
+    assert summary["architecture"] == "bert" and len(summary["layers"]) == 8
