@@ -5,7 +5,7 @@
     <cache_dir>/models/<digest>/journal      u32 indices of chunks verified and written, appended
     <cache_dir>/models/<digest>/complete     present once every chunk is in the store
     <cache_dir>/models/<digest>/lock         flock: one writer at a time
-    <cache_dir>/refs/<sha256(url)>           the digest a URL last had (offline use)
+    <cache_dir>/refs/<sha256(url)>           "<digest>\\n<url>": the digest a URL last had (offline use)
 
 A chunk's index is appended to the journal only after its bytes are in the
 store and flushed to disk (group commit, every 64 MiB or 0.25 s), so a process
@@ -16,6 +16,8 @@ verified, durable chunks; the next run fetches exactly the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -68,8 +70,9 @@ class ModelCache:
 
     @staticmethod
     def read_ref(root: Path, url: str) -> str | None:
+        """The digest a URL had when last fetched (the file holds "digest\nurl")."""
         try:
-            return ModelCache.ref_path(root, url).read_text().strip() or None
+            return ModelCache.ref_path(root, url).read_text().partition("\n")[0].strip() or None
         except OSError:
             return None
 
@@ -78,7 +81,7 @@ class ModelCache:
         path = ModelCache.ref_path(root, url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, digest.encode())
+            _write_atomically(path, f"{digest}\n{url}".encode())
         except OSError as exc:
             raise _cache_error("writing", path, exc) from None
 
@@ -222,6 +225,62 @@ class ModelCache:
             if fd is not None:
                 os.close(fd)  # closing the lock fd releases the flock
                 setattr(self, name, None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CachedModel:
+    """One model directory in the cache, as ``streamload list`` shows it."""
+
+    digest: str
+    directory: Path
+    size_bytes: int  # on disk: header, store (allocated blocks), journal
+    complete: bool
+    chunks_done: int
+    header: bytes | None  # preamble + manifest, for the architecture and chunk count
+    sources: tuple[str, ...]  # URLs whose last digest this is (refs)
+
+
+def list_cached_models(root: Path) -> list[CachedModel]:
+    """Every model directory under ``root``, newest first."""
+    refs: dict[str, list[str]] = {}
+    for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
+        with contextlib.suppress(OSError):
+            digest, _, url = ref.read_text().partition("\n")
+            refs.setdefault(digest.strip(), []).append(url.strip())
+    found = []
+    for directory in (root / "models").iterdir() if (root / "models").is_dir() else []:
+        if not directory.is_dir():
+            continue
+        size = 0
+        for path in directory.iterdir():
+            with contextlib.suppress(OSError):
+                size += path.stat().st_blocks * 512
+        journal = directory / "journal"
+        done = journal.stat().st_size // JOURNAL_RECORD.size if journal.exists() else 0
+        header = (directory / "header.slm").read_bytes() if (directory / "header.slm").exists() else None
+        found.append(CachedModel(directory.name, directory, size, (directory / "complete").exists(), done, header, tuple(u for u in refs.get(directory.name, []) if u)))
+    return sorted(found, key=lambda m: m.directory.stat().st_mtime, reverse=True)
+
+
+def remove_cached_model(root: Path, digest: str) -> None:
+    """Delete one model directory and the URL refs that point to it; refuses while a process is writing it."""
+    directory = root / "models" / digest
+    if not directory.is_dir():
+        raise CacheError(f"no cached model {digest} in {root}")
+    lock = directory / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"model {digest[:12]} is being downloaded by another process; try again when it is done") from None
+        shutil.rmtree(directory)
+    finally:
+        os.close(fd)
+    for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
+        with contextlib.suppress(OSError):
+            if ref.read_text().partition("\n")[0].strip() == digest:
+                ref.unlink()
 
 
 def _human(size_bytes: float) -> str:

@@ -303,6 +303,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- list, rm
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .cache import list_cached_models
+    from .formats.reader import read_header
+
+    rows = []
+    for cached in list_cached_models(cache_dir_of(args)):
+        architecture, chunks = "?", 0
+        if cached.header is not None:
+            try:
+                _, manifest = read_header(cached.header, None)
+                architecture, chunks = manifest.architecture, len(manifest.chunks)
+            except StreamloadError:
+                architecture = "damaged"
+        status = "complete" if cached.complete else f"partial {100 * cached.chunks_done // max(1, chunks)}%"
+        rows.append({"digest": cached.digest, "architecture": architecture, "size_bytes": cached.size_bytes, "status": status, "sources": list(cached.sources), "path": str(cached.directory)})
+    if args.json:
+        print(json.dumps(rows))
+        return EXIT_OK
+    if not rows:
+        print(f"no models in {cache_dir_of(args)}")
+        return EXIT_OK
+    print(f"{'DIGEST':<14} {'ARCH':<8} {'SIZE':>10} {'STATUS':<13} SOURCE")
+    for row in rows:
+        print(f"{row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} {row['status']:<13} {', '.join(row['sources']) or '-'}")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .cache import list_cached_models, remove_cached_model
+
+    root = cache_dir_of(args)
+    prefix = args.digest.lower().removeprefix("sha256:")
+    matches = [m for m in list_cached_models(root) if m.digest.startswith(prefix)] if len(prefix) >= 4 else []
+    if len(matches) != 1:
+        print(f"error: {'no' if not matches else 'more than one'} cached model matches {args.digest!r} (give at least 4 hex digits; see `streamload list`)", file=sys.stderr)
+        return EXIT_FAILURE
+    remove_cached_model(root, matches[0].digest)
+    print(f"deleted {matches[0].digest[:12]} ({format_bytes(matches[0].size_bytes)})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -360,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-rate", type=float, metavar="BYTES_PER_S", help="mark the link floor (bytes downloaded / rate) on the picture")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("list", help="list the models in the cache")
+    p.add_argument("--cache-dir", help="cache directory (default $STREAMLOAD_CACHE or ~/.cache/streamload)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("rm", help="delete a model from the cache")
+    p.add_argument("digest", help="the model's digest or a unique prefix of it (see `streamload list`)")
+    p.add_argument("--cache-dir", help="cache directory (default $STREAMLOAD_CACHE or ~/.cache/streamload)")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

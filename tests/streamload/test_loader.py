@@ -191,3 +191,22 @@ def test_inspect_a_url_reads_only_the_manifest(server: ServerThread, model_dir: 
         assert summary["manifest_digest"] == reader.manifest.digest
         assert summary["file_bytes"] == reader.size_bytes
     assert summary["architecture"] == "bert" and len(summary["layers"]) == 8
+
+
+def test_list_and_rm_the_cache(server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamload.cli import main
+
+    url = server.url("deep.slm")
+    assert main(["fetch", url, "--cache-dir", str(tmp_path), "--json"]) == 0
+    digest = json.loads(capsys.readouterr().out)["manifest_digest"]
+    assert main(["list", "--cache-dir", str(tmp_path), "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert (entry["digest"], entry["status"], entry["sources"], entry["architecture"]) == (digest, "complete", [url], "llama")
+    assert entry["size_bytes"] > 0
+    assert main(["rm", "00", "--cache-dir", str(tmp_path)]) == 1  # too short to be a safe prefix
+    assert "see `streamload list`" in capsys.readouterr().err
+    assert main(["rm", digest[:8], "--cache-dir", str(tmp_path)]) == 0
+    assert "deleted" in capsys.readouterr().out
+    assert main(["list", "--cache-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert not any((tmp_path / "refs").iterdir())  # its URL ref went with it
