@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import streamload
-from tests.checks import free_port
+from tests.checks import free_port, wait_for_port
 from tests.serving import serve_directory
 from tests.streamload.test_nginx import start_nginx
 
@@ -24,14 +23,9 @@ def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subpr
         [sys.executable, str(LINKPROXY), "--target", f"127.0.0.1:{target_port}", "--listen-port", str(port), "--rate-mbit", str(rate_mbit), "--rtt-ms", str(rtt_ms), "--max-seconds", "60"],
         stdout=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("link proxy did not start")
+    if not wait_for_port(port):
+        raise RuntimeError("link proxy did not start")
+    return process, port
 
 
 @pytest.mark.parametrize("server_kind", ["bundled", "nginx"])

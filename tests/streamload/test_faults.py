@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import streamload
 from streamload.cache import ModelCache
 from streamload.cli import main
 from streamload.formats import ModelReader
-from tests.checks import assert_cache_exact, free_port
+from tests.checks import assert_cache_exact, free_port, wait_for_port
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
 
@@ -79,14 +78,9 @@ def test_every_copy_corrupted_exits_non_zero_without_output(deep_slm: Path, tmp_
 
 def start_server(directory: Path, port: int, rate: float) -> subprocess.Popen[bytes]:
     process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), "--rate", str(rate)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
+    if not wait_for_port(port, timeout_s=15):
+        raise RuntimeError("server did not start")
+    return process
 
 
 async def test_server_killed_and_restarted(deep_slm: Path, tmp_path: Path) -> None:

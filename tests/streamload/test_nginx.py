@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import streamload
 from streamload.formats import ModelReader
 from streamload.runtime import run
+from tests.checks import free_port, wait_for_port
 
 NGINX_CONF = """
 daemon off;
@@ -54,19 +53,12 @@ def nginx_binary() -> str:
 
 
 def start_nginx(work: Path, root: Path, ranges: bool) -> tuple[subprocess.Popen[bytes], int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     conf = work / "nginx.conf"
     conf.write_text(NGINX_CONF.format(work=work, port=port, root=root, ranges="" if ranges else "max_ranges 0;"))
     process = subprocess.Popen([nginx_binary(), "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process, port
-        except OSError:
-            time.sleep(0.05)
+    if wait_for_port(port):
+        return process, port
     process.kill()
     raise RuntimeError(f"nginx did not start: {(work / 'error.log').read_text() if (work / 'error.log').exists() else ''}")
 

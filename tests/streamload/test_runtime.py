@@ -98,6 +98,9 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert len(embedding) == 384 and math.isclose(float(np.linalg.norm(embedding)), 1.0, rel_tol=1e-5)
     assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
     assert "--save-logits needs a decoder" in capsys.readouterr().err
+    picture = tmp_path / "timeline.png"
+    assert main(["run", server.url("llama.slm"), "--cache-dir", str(tmp_path / "fresh"), "--ids", "1,2", "--timeline-png", str(picture), "--link-rate", "1e6", "-q"]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
 def test_linear_equals_dequantized_matmul() -> None:
