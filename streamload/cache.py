@@ -70,11 +70,8 @@ class ModelCache:
 
     @staticmethod
     def read_ref(root: Path, url: str) -> str | None:
-        """The digest a URL had when last fetched (the file holds "digest\nurl")."""
-        try:
-            return ModelCache.ref_path(root, url).read_text().partition("\n")[0].strip() or None
-        except OSError:
-            return None
+        """The digest a URL had when last fetched."""
+        return _parse_ref(ModelCache.ref_path(root, url))[0] or None
 
     @staticmethod
     def write_ref(root: Path, url: str, digest: str) -> None:
@@ -244,9 +241,8 @@ def list_cached_models(root: Path) -> list[CachedModel]:
     """Every model directory under ``root``, newest first."""
     refs: dict[str, list[str]] = {}
     for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
-        with contextlib.suppress(OSError):
-            digest, _, url = ref.read_text().partition("\n")
-            refs.setdefault(digest.strip(), []).append(url.strip())
+        digest, url = _parse_ref(ref)
+        refs.setdefault(digest, []).append(url)
     found = []
     for directory in (root / "models").iterdir() if (root / "models").is_dir() else []:
         if not directory.is_dir():
@@ -278,9 +274,18 @@ def remove_cached_model(root: Path, digest: str) -> None:
     finally:
         os.close(fd)
     for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
-        with contextlib.suppress(OSError):
-            if ref.read_text().partition("\n")[0].strip() == digest:
+        if _parse_ref(ref)[0] == digest:
+            with contextlib.suppress(OSError):
                 ref.unlink()
+
+
+def _parse_ref(path: Path) -> tuple[str, str]:
+    """(digest, url) of a ref file, which holds "digest\nurl" ("", "" when unreadable)."""
+    try:
+        digest, _, url = path.read_text().partition("\n")
+    except OSError:
+        return "", ""
+    return digest.strip(), url.strip()
 
 
 def _human(size_bytes: float) -> str:

@@ -9,6 +9,7 @@ file instead (a server that ignores Range answers 200: huggingface_hub's rule,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import enum
@@ -16,12 +17,15 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import aiohttp
 
 from .errors import FetchError, HTTPStatusError, StalledError
+from .formats import Manifest
+from .formats.constants import PREAMBLE_SIZE_BYTES
+from .formats.reader import header_size_needed, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +116,46 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def http_status_error(url: str, status: int, reason: str, retry_after: str | None) -> FetchError:
+    """The error for an unusable status, on either HTTP path: retryable ones carry the server's Retry-After."""
+    if status in RETRYABLE_STATUSES:
+        return RetryableError(f"{url} answered {status} {reason}".rstrip(), parse_retry_after(retry_after))
+    if status == 404:
+        return HTTPStatusError(f"no model at {url} (404); check the URL", status=status)
+    return HTTPStatusError(f"{url} answered {status} {reason}".rstrip(), status=status)
+
+
+@contextlib.contextmanager
+def body_errors(url: str, policy: RetryPolicy) -> Iterator[None]:
+    """How a failing body read surfaces, whichever client read it: a stall, or a retryable break."""
+    try:
+        yield
+    except asyncio.IncompleteReadError as exc:
+        raise RetryableError(f"{url}: body ended {exc.expected - len(exc.partial)} bytes early") from None
+    except TimeoutError:  # before ClientError: aiohttp's read timeouts are both
+        raise StalledError(f"{url}: no data for {policy.stall_timeout_s:.0f} s; the connection stalled") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise RetryableError(f"{url}: connection broke mid-body ({exc})") from None
+
+
+class Backoff:
+    """Counts failures in a row and waits before the next attempt; gives up with a FetchError after max_attempts."""
+
+    def __init__(self, policy: RetryPolicy, what: str) -> None:
+        self.policy = policy
+        self.what = what
+        self.failures = 0
+
+    async def wait(self, exc: RetryableError | StalledError, *, progressed: bool = False) -> None:
+        """After a failed attempt: progress since the last failure starts the count again."""
+        self.failures = 0 if progressed else self.failures + 1
+        if self.failures >= self.policy.max_attempts:
+            raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}") from None
+        delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
+        logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)
+        await asyncio.sleep(delay)
+
+
 def _total_from_content_range(value: str | None) -> tuple[int, int, int | None] | None:
     match = _CONTENT_RANGE.match(value or "")
     if not match:
@@ -128,7 +172,6 @@ class HttpOrigin:
         self.url = url
         self.policy = policy
         self.etag: str | None = None  # pinned after the first response, sent as If-Range
-        self.bytes_received = 0
 
     async def open_range(self, start: int, end: int | None = None) -> RangeResponse:
         """GET bytes [start, end) (end None: to the end of the file). One attempt; raises RetryableError or FetchError."""
@@ -145,18 +188,12 @@ class HttpOrigin:
         except asyncio.TimeoutError:
             raise RetryableError(f"{self.url} did not answer within {self.policy.stall_timeout_s:.0f} s") from None
         status = response.status
-        if status in RETRYABLE_STATUSES:
-            response.release()
-            raise RetryableError(f"{self.url} answered {status} {response.reason}", parse_retry_after(response.headers.get("Retry-After")))
-        if status == 404:
-            response.release()
-            raise HTTPStatusError(f"no model at {self.url} (404); check the URL", status=status)
         if status == 416:
             response.release()
             raise HTTPStatusError(f"{self.url} refused range {start}-{end} (416): the file on the server is shorter than its manifest says", status=status)
         if status not in (200, 206):
             response.release()
-            raise HTTPStatusError(f"{self.url} answered {status} {response.reason}", status=status)
+            raise http_status_error(self.url, status, response.reason or "", response.headers.get("Retry-After"))
         etag = response.headers.get("ETag")
         if self.etag is None:
             self.etag = etag
@@ -170,38 +207,58 @@ class HttpOrigin:
         return RangeResponse(response, BodyKind.WHOLE, 0, int(length) if length and length.isdigit() else None, etag)
 
     async def read_exactly(self, response: aiohttp.ClientResponse, size_bytes: int) -> bytes:
-        """The next size_bytes of a body; a short or broken body, or a stall, is a RetryableError."""
-        try:
-            data = await response.content.readexactly(size_bytes)
-        except asyncio.IncompleteReadError as exc:
-            raise RetryableError(f"{self.url}: body ended {size_bytes - len(exc.partial)} bytes early") from None
-        except asyncio.TimeoutError:
-            raise StalledError(f"{self.url}: no data for {self.policy.stall_timeout_s:.0f} s; the connection stalled") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise RetryableError(f"{self.url}: connection broke mid-body ({exc})") from None
-        self.bytes_received += size_bytes
-        return data
+        """The next size_bytes of a body; a short or broken body is a RetryableError, a stall a StalledError."""
+        with body_errors(self.url, self.policy):
+            return await response.content.readexactly(size_bytes)
 
     async def read_into(self, body: BodyReader, target: memoryview) -> None:
         """Fill ``target`` from the body (one copy, from the received block into target)."""
-        try:
+        with body_errors(self.url, self.policy):
             await body.read_into(target)
-        except asyncio.TimeoutError:
-            raise StalledError(f"{self.url}: no data for {self.policy.stall_timeout_s:.0f} s; the connection stalled") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise RetryableError(f"{self.url}: connection broke mid-body ({exc})") from None
-        self.bytes_received += target.nbytes
 
     async def with_retries(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run one-shot ``attempt`` until it succeeds, retrying RetryableError/StalledError with backoff."""
-        failures = 0
+        backoff = Backoff(self.policy, what)
         while True:
             try:
                 return await attempt()
             except (RetryableError, StalledError) as exc:
-                failures += 1
-                if failures >= self.policy.max_attempts:
-                    raise FetchError(f"gave up {what} after {failures} attempts: {exc}") from None
-                delay = self.policy.delay_s(failures, getattr(exc, "retry_after_s", None))
-                logger.warning("%s (attempt %d of %d); retrying in %.1f s", exc, failures, self.policy.max_attempts, delay)
-                await asyncio.sleep(delay)
+                await backoff.wait(exc)
+
+
+HEADER_PROBE_BYTES = 64 << 10  # first request: preamble and, usually, the whole manifest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    """Preamble + manifest of a model, however they were obtained."""
+
+    data_offset: int
+    manifest: Manifest
+    raw: bytes  # the bytes as stored, for the cache
+    ranges_honoured: bool  # False: the server answered the ranged probe with the whole file
+
+
+async def fetch_header(origin: HttpOrigin) -> Header:
+    """Read preamble and manifest with one ranged request (two when the manifest is over 64 KiB). One attempt."""
+    reply = await origin.open_range(0, HEADER_PROBE_BYTES)
+    try:
+        total = reply.total_size_bytes
+        if total is None:
+            raise FetchError(f"{origin.url} did not say how large the file is (no Content-Length or Content-Range)")
+        first = await origin.read_exactly(reply.response, min(PREAMBLE_SIZE_BYTES, total))
+        needed = header_size_needed(first)
+        available = min(needed, total) if reply.kind is BodyKind.WHOLE else min(needed, HEADER_PROBE_BYTES, total)
+        raw = first + await origin.read_exactly(reply.response, available - len(first))
+    finally:
+        reply.response.close()
+    if len(raw) < needed <= total:
+        more = await origin.open_range(len(raw), needed)
+        try:
+            if more.kind is not BodyKind.PARTIAL:
+                raise FetchError(f"{origin.url} answered a range request with the whole file after honouring one")
+            raw += await origin.read_exactly(more.response, needed - len(raw))
+        finally:
+            more.response.close()
+    preamble, manifest = read_header(raw, total)
+    return Header(preamble.data_offset, manifest, raw, reply.kind is BodyKind.PARTIAL)

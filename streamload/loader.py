@@ -33,8 +33,8 @@ import numpy as np
 import zstandard
 
 from .cache import ModelCache, default_cache_dir
-from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, HTTPStatusError, StalledError, StreamloadError
-from .fetch import RETRYABLE_STATUSES, BodyKind, BodyReader, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, parse_retry_after
+from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
+from .fetch import BodyKind, BodyReader, Backoff, Header, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, body_errors, fetch_header, http_status_error
 from .rawhttp import RawRange, StatusError, Unsupported
 from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES
@@ -43,7 +43,6 @@ from .schedule import ChunkScheduler
 
 logger = logging.getLogger(__name__)
 
-HEADER_PROBE_BYTES = 64 << 10  # first request: preamble and, usually, the whole manifest
 MAX_INTEGRITY_ATTEMPTS = 3  # fetches of one chunk that fail their hash before giving up
 PROGRESS_INTERVAL_S = 0.1
 READ_BUFFER_BYTES = 4 << 20
@@ -289,15 +288,15 @@ class _Loader:
 
     async def start(self) -> None:
         header = await self._read_header()
-        self.data_offset = header[0]
-        self.manifest: Manifest = header[1]
+        self.data_offset = header.data_offset
+        self.manifest: Manifest = header.manifest
         if self.pinned is not None and self.manifest.digest != self.pinned:
             raise DigestMismatchError(
                 f"{self.source} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it"
             )
         self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
         self.cache = ModelCache(self.cache_root, self.manifest.digest)
-        self.cache.write_header(header[2])
+        self.cache.write_header(header.raw)
         if self.origin is not None:
             ModelCache.write_ref(self.cache_root, self.source, self.manifest.digest)
         await self.cache.acquire()
@@ -325,8 +324,8 @@ class _Loader:
             self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
         logger.info("%s: %d of %d chunks cached, %d bytes to fetch", self.source, self.stats.chunks_cached, len(self.manifest.chunks), self.bytes_to_download)
 
-    async def _read_header(self) -> tuple[int, Manifest, bytes]:
-        """(data_offset, manifest, header bytes) from the file, the server, or (offline) the cache."""
+    async def _read_header(self) -> Header:
+        """Preamble and manifest from the file, the server, or (offline) the cache."""
         if not _is_url(self.source):
             path = Path(self.source)
             try:
@@ -335,57 +334,41 @@ class _Loader:
                     self.local_map = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
             except OSError as exc:
                 raise FileNotFoundError(exc.errno, f"cannot open model file: {exc.strerror}", str(path)) from None
-            header = bytes(self.local_map[: min(size, header_size_needed(self.local_map[:PREAMBLE_SIZE_BYTES]) if size >= PREAMBLE_SIZE_BYTES else size)])
-            preamble, manifest = read_header(header, size)
-            return preamble.data_offset, manifest, header
+            raw = bytes(self.local_map[: min(size, header_size_needed(self.local_map[:PREAMBLE_SIZE_BYTES]) if size >= PREAMBLE_SIZE_BYTES else size)])
+            preamble, manifest = read_header(raw, size)
+            return Header(preamble.data_offset, manifest, raw, ranges_honoured=True)
         if self.pinned is not None:  # a pinned model that is fully cached needs no network at all
-            cached = ModelCache(self.cache_root, self.pinned)
-            if cached.is_complete() and (header := cached.read_header()) is not None:
-                preamble, manifest = read_header(header, None)
+            cached = self._cached_header(self.pinned)
+            if cached is not None:
                 logger.info("using cached %s (pinned, complete): no network", self.pinned[:12])
-                return preamble.data_offset, manifest, header
+                return cached
         if self.session is None:
             self.session = new_session()
         self.origin = HttpOrigin(self.session, self.source, self.retry)
         try:
-            return await self.origin.with_retries(self._fetch_header, f"fetching the header of {self.source}")
+            header = await self.origin.with_retries(lambda: fetch_header(self.origin), f"fetching the header of {self.source}")  # type: ignore[arg-type]
         except FetchError as exc:
             digest = ModelCache.read_ref(self.cache_root, self.source)
-            cached = ModelCache(self.cache_root, digest) if digest else None
-            if cached is None or not cached.is_complete() or (header := cached.read_header()) is None:
+            cached = self._cached_header(digest) if digest else None
+            if cached is None:
                 raise
-            logger.warning("%s; using the cached copy %s", exc, digest[:12])
+            logger.warning("%s; using the cached copy %s", exc, cached.manifest.digest[:12])
             self.origin = None
-            preamble, manifest = read_header(header, None)
-            return preamble.data_offset, manifest, header
+            return cached
+        self.stats.bytes_downloaded += len(header.raw)
+        if not header.ranges_honoured:
+            self.whole_file_only = True
+            logger.info("%s ignores Range requests: downloading the whole file in order", self.source)
+        return header
 
-    async def _fetch_header(self) -> tuple[int, Manifest, bytes]:
-        assert self.origin is not None
-        reply = await self.origin.open_range(0, HEADER_PROBE_BYTES)
-        try:
-            if reply.kind is BodyKind.WHOLE:
-                self.whole_file_only = True
-                logger.info("%s ignores Range requests: downloading the whole file in order", self.source)
-            total = reply.total_size_bytes
-            if total is None:
-                raise FetchError(f"{self.source} did not say how large the file is (no Content-Length or Content-Range)")
-            first = await self.origin.read_exactly(reply.response, min(PREAMBLE_SIZE_BYTES, total))
-            needed = header_size_needed(first)
-            available = min(needed, total) if reply.kind is BodyKind.WHOLE else min(needed, HEADER_PROBE_BYTES, total)
-            header = first + await self.origin.read_exactly(reply.response, available - len(first))
-        finally:
-            reply.response.close()
-        if len(header) < needed and needed <= total:
-            more = await self.origin.open_range(len(header), needed)
-            try:
-                if more.kind is not BodyKind.PARTIAL:
-                    raise FetchError(f"{self.source} answered a range request with the whole file after honouring one")
-                header += await self.origin.read_exactly(more.response, needed - len(header))
-            finally:
-                more.response.close()
-        self.stats.bytes_downloaded += len(header)
-        preamble, manifest = read_header(header, total)
-        return preamble.data_offset, manifest, header
+    def _cached_header(self, digest: str) -> Header | None:
+        """The header of a complete cached model (validated when it was fetched), or None."""
+        cached = ModelCache(self.cache_root, digest)
+        raw = cached.read_header() if cached.is_complete() else None
+        if raw is None:
+            return None
+        preamble, manifest = read_header(raw, None)
+        return Header(preamble.data_offset, manifest, raw, ranges_honoured=True)
 
     # ------------------------------------------------------------ readiness
 
@@ -500,31 +483,23 @@ class _Loader:
         return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
 
     async def _http_worker(self) -> None:
-        failures = 0
+        backoff = Backoff(self.retry, f"downloading {self.source}")
         while not self.scheduler.finished:
             span = self.scheduler.take_all() if self.whole_file_only else self.scheduler.take_span(self._span_limit_bytes())
             if not span:
                 await self.scheduler.wait_for_change()
                 continue
+            arrived: set[int] = set()
             try:
-                await self._fetch_span(span)
-                failures = 0
+                await self._fetch_span(span, arrived)
+                backoff.failures = 0
             except (RetryableError, StalledError) as exc:
-                failures = 0 if self._progressed else failures + 1
-                self._progressed = False
                 self.stats.retries += 1
-                if failures >= self.retry.max_attempts:
-                    raise FetchError(f"gave up downloading {self.source} after {failures} failed attempts in a row: {exc}") from None
-                delay = self.retry.delay_s(max(1, failures), getattr(exc, "retry_after_s", None))
-                logger.warning("%s; retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                await backoff.wait(exc, progressed=bool(arrived))  # chunks that did arrive count as progress
 
-    _progressed = False
-
-    async def _fetch_span(self, span: list[ChunkEntry]) -> None:
-        """Fetch contiguous chunks with one request; whatever does not arrive goes back to the queue."""
+    async def _fetch_span(self, span: list[ChunkEntry], arrived: set[int]) -> None:
+        """Fetch contiguous chunks with one request into ``arrived``; whatever does not arrive goes back to the queue."""
         assert self.origin is not None
-        arrived: set[int] = set()
         start, end = self.data_offset + span[0].offset, self.data_offset + span[-1].end
         try:
             if self.fast_path and not self.whole_file_only:
@@ -565,23 +540,15 @@ class _Loader:
             self.fast_path = False
             return None
         except StatusError as exc:
-            if exc.status in RETRYABLE_STATUSES:
-                raise RetryableError(f"{self.source} answered {exc.status}", parse_retry_after(exc.retry_after)) from None
-            if exc.status == 404:
-                raise HTTPStatusError(f"no model at {self.source} (404); check the URL", status=404) from None
-            raise HTTPStatusError(f"{self.source} answered {exc.status}", status=exc.status) from None
+            raise http_status_error(self.source, exc.status, "", exc.retry_after) from None
         except TimeoutError:
             raise StalledError(f"{self.source}: no response within {self.retry.stall_timeout_s:.0f} s") from None
         except OSError as exc:
             raise RetryableError(f"cannot reach {self.source}: {exc}") from None
 
     async def _read_raw(self, raw: RawRange, target: memoryview) -> None:
-        try:
+        with body_errors(self.source, self.retry):
             await raw.read_into(target, self.retry.stall_timeout_s)
-        except TimeoutError:
-            raise StalledError(f"{self.source}: no data for {self.retry.stall_timeout_s:.0f} s; the connection stalled") from None
-        except OSError as exc:
-            raise RetryableError(f"{self.source}: connection broke mid-body ({exc})") from None
 
     async def _receive_chunks(self, span: list[ChunkEntry], arrived: set[int], read: Callable[[memoryview], Awaitable[None]]) -> None:
         """Read the span's chunks in order into recycled buffers and hand each to the pool."""
@@ -598,7 +565,6 @@ class _Loader:
             self.chunk_spans[chunk.index] = [waiting, received, 0.0, 0.0]
             self.stats.bytes_downloaded += chunk.size_bytes
             arrived.add(chunk.index)
-            self._progressed = True
             self.tasks.create_task(self._process(chunk, buffer))
             if len(arrived) < len(span) and self.scheduler.urgent_waiting():
                 break  # someone asked for a layer outside this span: let it go first
@@ -618,7 +584,6 @@ class _Loader:
             self.stats.bytes_downloaded += chunk.size_bytes
             position += chunk.size_bytes
             arrived.add(chunk.index)
-            self._progressed = True
             await self._submit(chunk, data)
 
     # ------------------------------------------------------------ verify, decompress, store
@@ -795,13 +760,9 @@ async def read_remote_header(url: str, *, session: aiohttp.ClientSession | None 
     own = session is None
     session = session or new_session()
     try:
-        loader = _Loader(url, cache_dir=Path("."), digest=None, connections=1, session=session, progress=None, retry=retry or RetryPolicy(), verify_threads=1)
-        loader.origin = HttpOrigin(session, loader.source, loader.retry)
-        try:
-            data_offset, manifest, _ = await loader.origin.with_retries(loader._fetch_header, f"fetching the header of {url}")
-        finally:
-            loader.pool.shutdown()
-        return manifest, data_offset + manifest.data_size_bytes
+        origin = HttpOrigin(session, url, retry or RetryPolicy())
+        header = await origin.with_retries(lambda: fetch_header(origin), f"fetching the header of {url}")
+        return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         if own:
             await session.close()
