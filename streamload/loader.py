@@ -727,7 +727,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         progress: called with a ``Progress`` at most every 0.1 s and at the end.
         retry: retry and timeout policy for the network.
         verify_threads: threads that hash, decompress and store chunks (default: cores + 1, at most 8;
-            one more than the cores keeps them busy while a thread waits in pwrite: 10% faster on 2 cores).
+            one more than the cores keeps them busy while a thread waits in pwrite).
 
     Raises:
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
