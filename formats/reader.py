@@ -124,8 +124,16 @@ def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
         )
 
 
-def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryview | bytearray | None = None) -> bytes | memoryview | bytearray:
+def decompress_chunk(
+    chunk: ChunkEntry,
+    data: bytes | memoryview,
+    out: memoryview | bytearray | None = None,
+    *,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+) -> bytes | memoryview | bytearray:
     """Decompress one verified chunk into ``out`` (exactly raw_size_bytes long) or new bytes.
+
+    ``decompressor``: a context to reuse (one per thread: contexts are not thread-safe).
 
     The output can never exceed the manifest's raw size: the frame must declare
     exactly that size before anything is allocated, and decoding into ``out``
@@ -147,7 +155,7 @@ def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryvie
         # frame header's content size was checked above and libzstd fails a frame whose
         # content differs from its header; the allocation is exactly ``expected`` bytes.
         try:
-            raw = zstandard.ZstdDecompressor().decompress(data)
+            raw = (decompressor or zstandard.ZstdDecompressor()).decompress(data)
         except zstandard.ZstdError as exc:
             raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} failed to decompress ({exc})") from None
         if len(raw) != expected:
@@ -156,7 +164,7 @@ def decompress_chunk(chunk: ChunkEntry, data: bytes | memoryview, out: memoryvie
     if len(out) != expected:
         raise ValueError(f"output buffer is {len(out)} bytes, chunk needs {expected}")
     try:
-        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as frame:
+        with (decompressor or zstandard.ZstdDecompressor()).stream_reader(data, read_across_frames=False) as frame:
             view = memoryview(out)
             filled = 0
             while filled < expected:

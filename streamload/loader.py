@@ -2,20 +2,30 @@
 
 The data path, top to bottom: read the header (``fetch``) -> find or create the
 cache (``cache``) -> schedule pending chunks in layer order (``schedule``) ->
-ranged GET -> verify sha256 -> decompress straight into the memory-mapped layer
-store (both on a thread pool: hashlib and zstandard release the GIL) -> journal
-the chunk -> when a layer's last chunk lands, its future resolves and callers
-get zero-copy numpy views.
+ranged GET -> verify sha256 -> decompress -> store into the memory-mapped layer
+store -> journal the chunk -> when a layer's last chunk lands, its future
+resolves and callers get zero-copy numpy views.
 
-Costs: one copy of each compressed chunk (the socket read) and one of each raw
-chunk (per-thread buffer -> page cache by pwrite, faster and steadier than
-faulting in fresh file-backed pages); threads = ``verify_threads``; memory =
-the page cache of the store plus (4 x threads + 2) compressed chunk buffers, recycled.
+Two receive paths feed the same verify/store step. Plain-http 206 bodies (the
+common case: the bundled server, nginx, any static host) are received by the
+pool threads themselves, in turn, from one connection (``_SpanPump``): a thread
+receives a chunk, then hashes, decompresses and stores it while the next thread
+receives, so each chunk stays in one core's cache from socket to store and the
+event loop only does bookkeeping. Everything else (https, a 200 with the whole
+file, encoded bodies) is read by aiohttp on the event loop and handed to the
+pool chunk by chunk.
+
+Costs: one copy of each compressed chunk (socket to buffer) and one of each raw
+chunk (pwrite into the page cache, faster and steadier than faulting in fresh
+file-backed pages); threads = ``verify_threads``; memory = the page cache of the
+store plus one compressed chunk buffer per thread (aiohttp path: up to
+4 x threads + 2 buffers, recycled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -23,6 +33,7 @@ import io
 import logging
 import mmap
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -239,6 +250,30 @@ def _split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
     return source, digest
 
 
+class _SpanPump:
+    """One span of contiguous chunks on one connection, received by pool threads in turn.
+
+    Leader/follower: a thread takes the next chunk under ``lock``, receives it
+    into its own buffer, lets go of the lock and verifies, decompresses and
+    stores that chunk while the next thread receives the one after. Chunks are
+    received in file order, so layers still complete in execution order.
+    ``stop`` (any thread) ends the span at the next chunk boundary.
+    """
+
+    def __init__(self, span: list[ChunkEntry], stream: RawRange) -> None:
+        self.span = span
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.received = 0  # chunks of span[:received] came off the socket
+        self.stopped = False
+        self.error: BaseException | None = None  # the first failure; the span's outcome
+
+    def stop(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.stopped = True
+
+
 class _Loader:
     """The machinery behind a Model: header, cache, scheduler, workers, readiness."""
 
@@ -267,7 +302,10 @@ class _Loader:
         self.local_map: memoryview | None = None
         self.data_offset = 0
         self.whole_file_only = False  # the server ignores Range
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, verify_threads), thread_name_prefix="streamload-verify")
+        self.loop = asyncio.get_running_loop()
+        self.verify_threads = max(1, verify_threads)
+        # every connection's pump gets at least one thread at once, so no open connection waits on another
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(self.verify_threads, self.connections), thread_name_prefix="streamload-verify")
         self.in_flight = asyncio.Semaphore(IN_FLIGHT_PER_THREAD * max(1, verify_threads) + 2)  # bounded memory: chunks waiting for a thread
         self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._download_task: asyncio.Task[None] | None = None
@@ -277,7 +315,14 @@ class _Loader:
         self._layers: dict[int, Layer] = {}
         self.free_buffers: list[bytearray] = []
         self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
-        self.fast_path = True  # rawhttp for plain-http 206 bodies until a response needs the general client
+        # rawhttp for plain-http 206 bodies until a response needs the general client; a borrowed
+        # session may carry auth headers, cookies or tracing, so all its requests go through it
+        self.fast_path = self._own_session
+        self.pumps: set[_SpanPump] = set()  # spans being received by pool threads
+        self.stopping = False  # cancelled or failed: no new group commits (close() commits what is left)
+        self._thread_buffers = threading.local()
+        self._pumped_chunks: collections.deque[tuple[_SpanPump, ChunkEntry, ChunkIntegrityError | None]] = collections.deque()
+        self._drain_scheduled = False
         self.commit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-commit")
         self.uncommitted: list[int] = []  # written to the store, not yet durable and journaled
         self.uncommitted_bytes = 0
@@ -378,9 +423,11 @@ class _Loader:
             self.ready_s[index] = time.perf_counter() - self.started
 
     def _finish(self) -> None:
+        """Every chunk is verified and stored: the model is usable (durability follows, before close() returns)."""
+        if self.complete.done():
+            return
         self.stats.seconds = time.perf_counter() - self.started
-        if not self.complete.done():
-            self.complete.set_result(None)
+        self.complete.set_result(None)
         self._report_progress(force=True)
 
     def _fail(self, exc: BaseException) -> None:
@@ -394,6 +441,7 @@ class _Loader:
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
         if not self.ready[index].done():
             self.scheduler.prioritize(index)
+            self._cut_spans_for_urgent()
         await asyncio.shield(self.ready[index])
         if index not in self._layers:
             self._layers[index] = self._make_layer(index)
@@ -503,12 +551,9 @@ class _Loader:
         start, end = self.data_offset + span[0].offset, self.data_offset + span[-1].end
         try:
             if self.fast_path and not self.whole_file_only:
-                raw = await self._open_raw(start, end)
-                if raw is not None:
-                    try:
-                        await self._receive_chunks(span, arrived, lambda target: self._read_raw(raw, target))
-                    finally:
-                        raw.close()
+                stream = await self._open_raw(start, end)
+                if stream is not None:
+                    await self._pump_span(span, stream, arrived)
                     return
             reply = await self.origin.open_range(0) if self.whole_file_only else await self.origin.open_range(start, end)
             try:
@@ -546,9 +591,105 @@ class _Loader:
         except OSError as exc:
             raise RetryableError(f"cannot reach {self.source}: {exc}") from None
 
-    async def _read_raw(self, raw: RawRange, target: memoryview) -> None:
-        with body_errors(self.source, self.retry):
-            await raw.read_into(target, self.retry.stall_timeout_s)
+    async def _pump_span(self, span: list[ChunkEntry], stream: RawRange, arrived: set[int]) -> None:
+        """Receive, verify, decompress and store a span on pool threads (see ``_SpanPump``); raises its first failure."""
+        pump = _SpanPump(span, stream)
+        self.pumps.add(pump)
+        threads = min(len(span), -(-self.verify_threads // self.connections))
+        jobs = asyncio.gather(*(self.loop.run_in_executor(self.pool, self._pump_chunks, pump) for _ in range(threads)), return_exceptions=True)
+        try:
+            await asyncio.shield(jobs)
+        except asyncio.CancelledError:
+            self.stopping = True
+            pump.stop()
+            stream.abort()  # a thread blocked in recv returns at once
+            await asyncio.wait([jobs])  # no thread may touch the store or the socket after this returns
+            raise
+        finally:
+            self.pumps.discard(pump)
+            stream.close()
+            arrived.update(chunk.index for chunk in span[: pump.received])
+        if pump.error is not None:
+            raise pump.error
+
+    def _pump_chunks(self, pump: _SpanPump) -> None:
+        """One pool thread's share of a span: take the next chunk, receive it, let go of the socket, process it."""
+        try:
+            while True:
+                with pump.lock:
+                    if pump.stopped or pump.received == len(pump.span):
+                        return
+                    chunk = pump.span[pump.received]
+                    view = self._thread_buffer(chunk.size_bytes)
+                    waiting = time.perf_counter()
+                    try:
+                        with body_errors(self.source, self.retry):
+                            pump.stream.read_into(view)
+                    except (RetryableError, StalledError) as exc:
+                        pump.stop(exc)
+                        return
+                    pump.received += 1
+                received = time.perf_counter()
+                self.stats.receive_wait_s += received - waiting  # float += under the GIL: a lost update only blurs a statistic
+                self.chunk_spans[chunk.index] = [waiting, received, 0.0, 0.0]
+                try:
+                    self._verify_and_store(chunk, view)
+                except ChunkIntegrityError as exc:
+                    self._post_pumped(pump, chunk, exc)
+                    continue
+                self._post_pumped(pump, chunk, None)
+        except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
+            pump.stop(exc)
+
+    def _thread_decompressor(self) -> zstandard.ZstdDecompressor:
+        """This thread's zstd context (a context is not thread-safe; creating one per chunk costs ~1%)."""
+        decompressor: zstandard.ZstdDecompressor | None = getattr(self._thread_buffers, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._thread_buffers.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
+
+    def _thread_buffer(self, size_bytes: int) -> memoryview:
+        """This thread's receive buffer (allocated once, so its pages stay warm)."""
+        buffer: bytearray | None = getattr(self._thread_buffers, "buffer", None)
+        if buffer is None or len(buffer) < size_bytes:
+            buffer = self._thread_buffers.buffer = bytearray(max(size_bytes, self.manifest.chunk_size_bytes + (self.manifest.chunk_size_bytes >> 3)))
+        return memoryview(buffer)[:size_bytes]
+
+    def _post_pumped(self, pump: _SpanPump, chunk: ChunkEntry, failure: ChunkIntegrityError | None) -> None:
+        """From a pump thread: queue a finished chunk for the event loop, waking it only when no wake-up is pending."""
+        self._pumped_chunks.append((pump, chunk, failure))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is shutting down, nothing to tell
+                self.loop.call_soon_threadsafe(self._drain_pumped)
+
+    def _drain_pumped(self) -> None:
+        """On the event loop: account for every chunk the pump threads finished since the last wake-up.
+
+        The flag is cleared before draining, so a chunk queued after the last pop schedules
+        its own wake-up; a pump's chunks are all drained before its thread's job completes.
+        """
+        self._drain_scheduled = False
+        while self._pumped_chunks:
+            self._pumped(*self._pumped_chunks.popleft())
+
+    def _pumped(self, pump: _SpanPump, chunk: ChunkEntry, failure: ChunkIntegrityError | None) -> None:
+        """On the event loop: a pump thread finished a chunk (stored, or failed its hash)."""
+        self.stats.bytes_downloaded += chunk.size_bytes
+        if failure is None:
+            self._chunk_stored(chunk)
+            return
+        fatal = self._integrity_failed(chunk, failure)
+        if fatal is not None:
+            pump.stop(fatal)
+        else:
+            self._cut_spans_for_urgent()
+
+    def _cut_spans_for_urgent(self) -> None:
+        """A layer someone waits for has chunks nobody is fetching: end running spans at their next chunk."""
+        if self.pumps and self.scheduler.urgent_waiting():
+            for pump in self.pumps:
+                pump.stop()
 
     async def _receive_chunks(self, span: list[ChunkEntry], arrived: set[int], read: Callable[[memoryview], Awaitable[None]]) -> None:
         """Read the span's chunks in order into recycled buffers and hand each to the pool."""
@@ -611,7 +752,7 @@ class _Loader:
 
     def _maybe_commit(self, force: bool = False) -> None:
         """Start a group commit when enough is written and none is running."""
-        if self.commit_running or not self.uncommitted:
+        if self.commit_running or not self.uncommitted or self.stopping:
             return
         due = self.uncommitted_bytes >= COMMIT_BYTES or time.perf_counter() - self.last_commit >= COMMIT_INTERVAL_S
         if force or due:
@@ -634,25 +775,38 @@ class _Loader:
         try:
             await asyncio.get_running_loop().run_in_executor(self.pool, self._verify_and_store, chunk, data)
         except ChunkIntegrityError as exc:
-            self.stats.integrity_failures += 1
-            attempts = self._integrity_attempts.get(chunk.index, 0) + 1
-            self._integrity_attempts[chunk.index] = attempts
-            if self.origin is None or attempts >= MAX_INTEGRITY_ATTEMPTS:
-                where = "the file" if self.origin is None else f"{attempts} downloads from {self.source}"
-                raise ChunkIntegrityError(
-                    f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
-                    "the source is corrupt: nothing from it was used. Re-convert or re-upload the model.",
-                    layer_index=chunk.layer_index,
-                    chunk_index=chunk.index,
-                ) from exc
-            logger.warning("%s; fetching it again", exc)
-            self.scheduler.give_back([chunk])
+            fatal = self._integrity_failed(chunk, exc)
+            if fatal is not None:
+                raise fatal from exc
             return
         finally:
             if owned:
                 self._return_buffer(data)  # type: ignore[arg-type]
             else:
                 self.in_flight.release()
+        self._chunk_stored(chunk)
+
+    def _integrity_failed(self, chunk: ChunkEntry, exc: ChunkIntegrityError) -> ChunkIntegrityError | None:
+        """A chunk failed its hash: queue it again, or (too many attempts, or a local file) the error that ends the download."""
+        self.stats.integrity_failures += 1
+        attempts = self._integrity_attempts.get(chunk.index, 0) + 1
+        self._integrity_attempts[chunk.index] = attempts
+        if self.origin is None or attempts >= MAX_INTEGRITY_ATTEMPTS:
+            where = "the file" if self.origin is None else f"{attempts} downloads from {self.source}"
+            fatal = ChunkIntegrityError(
+                f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
+                "the source is corrupt: nothing from it was used. Re-convert or re-upload the model.",
+                layer_index=chunk.layer_index,
+                chunk_index=chunk.index,
+            )
+            fatal.__cause__ = exc
+            return fatal
+        logger.warning("%s; fetching it again", exc)
+        self.scheduler.give_back([chunk])
+        return None
+
+    def _chunk_stored(self, chunk: ChunkEntry) -> None:
+        """A chunk is verified and in the store: journal it (group commit), and signal its layer when it was the last."""
         self.stats.chunks_fetched += 1
         self.uncommitted.append(chunk.index)
         self.uncommitted_bytes += chunk.raw_size_bytes
@@ -661,14 +815,17 @@ class _Loader:
         self.remaining[chunk.layer_index] -= 1
         if self.remaining[chunk.layer_index] == 0:
             self._set_ready(chunk.layer_index)
-        self._report_progress()
+        if self.scheduler.finished:
+            self._finish()  # now, not when a group commit still running in the task group ends
+        else:
+            self._report_progress()
 
     def _verify_and_store(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
         """Runs on a pool thread: nothing unverified is ever decompressed or written."""
         started = time.perf_counter()
         verify_chunk(chunk, data)
         verified = time.perf_counter()
-        raw = decompress_chunk(chunk, data)
+        raw = decompress_chunk(chunk, data, decompressor=self._thread_decompressor())
         decompressed = time.perf_counter()
         self.cache.write_chunk(chunk.raw_offset, raw)
         stored = time.perf_counter()

@@ -1,19 +1,26 @@
-"""The fetch step's fast path: a ranged GET whose body is received straight into chunk buffers.
+"""The fetch step's fast path: one ranged GET on a plain socket whose body pool threads read.
 
-aiohttp copies every body byte three times in user space (parser slice, stream
-buffer join, our chunk buffer), all on the event loop thread, which then
-competes with the verify threads for two cores. Here an asyncio
-``BufferedProtocol`` hands the kernel our chunk buffer (``recv_into``): one copy,
-kernel to chunk. It speaks just enough HTTP/1.1 for one ranged GET on plain
-``http://``: a ``206`` with ``Content-Length`` and a matching ``Content-Range``.
-Anything else raises ``Unsupported`` and the caller uses aiohttp instead, so
-correctness never depends on this module.
+aiohttp receives on the event loop thread and copies every body byte three times
+in user space (parser slice, stream buffer join, our chunk buffer). Here the
+connection is opened on the event loop (connect, request, response head), and
+then the body is read with blocking ``recv_into`` straight into chunk buffers,
+one copy from the kernel, by the threads that verify the chunks (see
+``streamload.loader``'s span pump): the event loop does no per-byte work, and a
+chunk is hashed, decompressed and stored by the thread that received it while it
+is still in that core's cache.
+
+It speaks just enough HTTP/1.1 for one ranged GET on plain ``http://``: a
+``206`` with ``Content-Length`` and a matching ``Content-Range``. Anything else
+raises ``Unsupported`` and the caller uses aiohttp instead, so correctness never
+depends on this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
 import urllib.parse
 
 HEADER_LIMIT_BYTES = 64 << 10
@@ -34,87 +41,38 @@ class StatusError(Exception):
         self.retry_after = retry_after
 
 
-class _Protocol(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.header = bytearray(HEADER_LIMIT_BYTES)
-        self.header_length = 0
-        self.headers_ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()  # -> body start
-        self.leftover = memoryview(b"")  # body bytes that arrived with the headers
-        self.target: memoryview | None = None
-        self.filled = 0
-        self.target_ready: asyncio.Future[None] | None = None
-        self.closed = False
-        self.error: BaseException | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if not self.headers_ready.done():
-            return memoryview(self.header)[self.header_length :]
-        assert self.target is not None  # reading is paused whenever there is no target
-        return self.target[self.filled :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if not self.headers_ready.done():
-            self.header_length += nbytes
-            end = self.header.find(b"\r\n\r\n", 0, self.header_length)
-            if end >= 0:
-                self.leftover = memoryview(self.header)[end + 4 : self.header_length]
-                self.headers_ready.set_result(end + 4)
-                self.transport.pause_reading()  # type: ignore[union-attr]
-            elif self.header_length == len(self.header):
-                self.headers_ready.set_exception(Unsupported("response headers over 64 KiB"))
-                self.transport.close()  # type: ignore[union-attr]
-            return
-        self.filled += nbytes
-        if self.target is not None and self.filled == self.target.nbytes:
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            self.target = None
-            if self.target_ready is not None and not self.target_ready.done():
-                self.target_ready.set_result(None)
-
-    def eof_received(self) -> bool:
-        self._fail(ConnectionResetError("the server closed the connection mid-body"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._fail(exc or ConnectionResetError("the connection closed mid-body"))
-
-    def _fail(self, exc: BaseException) -> None:
-        self.error = self.error or exc
-        for future in (self.headers_ready, self.target_ready):
-            if future is not None and not future.done():
-                future.set_exception(exc)
-                future.exception()
-
-
 class RawRange:
-    """One ranged GET over its own connection. Use ``open``, then ``read_into`` repeatedly, then ``close``."""
+    """One ranged GET over its own connection: ``open`` on the event loop, then ``read_into`` on threads.
 
-    def __init__(self, protocol: _Protocol, start: int, total_size_bytes: int | None, etag: str | None) -> None:
-        self._protocol = protocol
+    ``read_into`` blocks and must not run on the event loop; callers serialize it
+    (one reader at a time, in body order). ``abort`` may be called from any
+    thread to make a blocked reader fail at once; ``close`` once no reader is left.
+    """
+
+    def __init__(self, sock: socket.socket, start: int, total_size_bytes: int | None, etag: str | None, leftover: bytes) -> None:
+        self._sock = sock
+        self._leftover = memoryview(leftover)  # body bytes that arrived with the response head
         self.start = start
         self.total_size_bytes = total_size_bytes
         self.etag = etag
 
     @classmethod
     async def open(cls, url: str, start: int, end: int, *, if_range: str | None, connect_timeout_s: float, read_timeout_s: float) -> RawRange:
-        """Connect, send ``GET`` with ``Range: bytes=start-(end-1)`` and parse the head. Raises Unsupported or OSError."""
+        """Connect, send ``GET`` with ``Range: bytes=start-(end-1)`` and parse the head.
+
+        Raises Unsupported (use the general client), StatusError (an error status),
+        TimeoutError (no connection or no answer in time) or OSError.
+        """
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
             raise Unsupported("only plain http URLs take the fast path")
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(connect_timeout_s):
-            transport, protocol = await loop.create_connection(_Protocol, parts.hostname, parts.port or 80)
+        sock = await _connect(parts.hostname, parts.port or 80, connect_timeout_s)
         try:
+            loop = asyncio.get_running_loop()
             target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-            host = parts.netloc
             lines = [
                 f"GET {target} HTTP/1.1",
-                f"Host: {host}",
+                f"Host: {parts.netloc}",
                 f"Range: bytes={start}-{end - 1}",
                 "Accept-Encoding: identity",
                 "Connection: close",
@@ -122,10 +80,18 @@ class RawRange:
             ]
             if if_range and not if_range.startswith("W/"):
                 lines.append(f"If-Range: {if_range}")
-            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head = bytearray(HEADER_LIMIT_BYTES)
+            received = 0
             async with asyncio.timeout(read_timeout_s):
-                body_start = await protocol.headers_ready
-            status, headers = _parse_head(bytes(protocol.header[:body_start]))
+                await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                while (head_end := head.find(b"\r\n\r\n", 0, received)) < 0:
+                    if received == len(head):
+                        raise Unsupported("response headers over 64 KiB")
+                    count = await loop.sock_recv_into(sock, memoryview(head)[received:])
+                    if count == 0:
+                        raise ConnectionResetError("the server closed the connection before answering")
+                    received += count
+            status, headers = _parse_head(bytes(head[:head_end]))
             if status >= 400:
                 raise StatusError(status, headers.get("retry-after"))
             if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
@@ -135,32 +101,54 @@ class RawRange:
             if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1 or not length.isdigit() or int(length) != end - start:
                 raise Unsupported("Content-Range or Content-Length do not match the request")
             total = None if match.group(3) == "*" else int(match.group(3))
-            return cls(protocol, start, total, headers.get("etag"))
+            sock.settimeout(read_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
+            return cls(sock, start, total, headers.get("etag"), bytes(head[head_end + 4 : received]))
         except BaseException:
-            transport.close()
+            sock.close()
             raise
 
-    async def read_into(self, target: memoryview, timeout_s: float) -> None:
-        """Fill target with the next body bytes; OSError or TimeoutError when the connection fails or stalls."""
-        protocol = self._protocol
-        taken = min(protocol.leftover.nbytes, target.nbytes)
-        if taken:
-            target[:taken] = protocol.leftover[:taken]
-            protocol.leftover = protocol.leftover[taken:]
-        if taken == target.nbytes:
-            return
-        if protocol.error is not None:
-            raise ConnectionResetError(str(protocol.error))
-        protocol.target = target
-        protocol.filled = taken
-        protocol.target_ready = asyncio.get_running_loop().create_future()
-        protocol.transport.resume_reading()  # type: ignore[union-attr]
-        async with asyncio.timeout(timeout_s):
-            await protocol.target_ready
+    def read_into(self, target: memoryview) -> None:
+        """Fill target with the next body bytes (blocking). OSError when the connection breaks, TimeoutError when it stalls."""
+        filled = min(self._leftover.nbytes, target.nbytes)
+        if filled:
+            target[:filled] = self._leftover[:filled]
+            self._leftover = self._leftover[filled:]
+        size = target.nbytes
+        while filled < size:
+            count = self._sock.recv_into(target[filled:], size - filled)
+            if count == 0:
+                raise ConnectionResetError("the server closed the connection mid-body")
+            filled += count
+
+    def abort(self) -> None:
+        """Make a blocked or later ``read_into`` fail at once (any thread)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        if self._protocol.transport is not None:
-            self._protocol.transport.close()
+        self._sock.close()
+
+
+async def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A connected non-blocking socket to the first address of host that answers."""
+    loop = asyncio.get_running_loop()
+    failure: OSError | None = None
+    async with asyncio.timeout(timeout_s):
+        for family, kind, proto, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                failure = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+    raise failure or OSError(f"{host} has no address")
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import streamload
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
+from streamload.formats.mutate import join_file, split_file
 from tests.checks import assert_layers_equal_file, journal_count
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
@@ -35,13 +38,29 @@ def server(model_dir: Path) -> Iterator[ServerThread]:
         yield running
 
 
-async def test_layers_arrive_in_order_and_exact(tmp_path: Path, model_dir: Path) -> None:
+@contextlib.asynccontextmanager
+async def open_via(receive_path: str, url: str, **kwargs: object) -> AsyncIterator[streamload.Model]:
+    """streamload.open on one of the two receive paths: pool threads on a plain socket, or aiohttp on the event
+    loop (which a borrowed session always takes: it may carry auth headers the plain socket would not send)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if receive_path == "aiohttp":
+            kwargs["session"] = await stack.enter_async_context(aiohttp.ClientSession())
+        model = await stack.enter_async_context(streamload.open(url, **kwargs))  # type: ignore[arg-type]
+        yield model
+        assert model._loader.fast_path is (receive_path == "threads")  # the path under test is the one that ran
+
+
+RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])
+
+
+@RECEIVE_PATHS
+async def test_layers_arrive_in_order_and_exact(tmp_path: Path, model_dir: Path, receive_path: str) -> None:
     seen: dict[int, streamload.Layer] = {}
     progress: list[streamload.Progress] = []
     rate = (model_dir / "minilm.slm").stat().st_size / 0.6  # layers a transfer time apart, not a thread's whim
     async with contextlib.AsyncExitStack() as stack:
         server = stack.enter_context(serve_directory(model_dir, rate_bytes_per_s=rate))
-        model = await stack.enter_async_context(streamload.open(server.url("minilm.slm"), cache_dir=tmp_path, progress=progress.append))
+        model = await stack.enter_async_context(open_via(receive_path, server.url("minilm.slm"), cache_dir=tmp_path, progress=progress.append))
         async for index, layer in model.layers():
             assert index == len(seen)
             seen[index] = layer
@@ -55,10 +74,11 @@ async def test_layers_arrive_in_order_and_exact(tmp_path: Path, model_dir: Path)
     assert progress[-1].layers_ready == progress[-1].layers_total == 8
 
 
-async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path) -> None:
+@RECEIVE_PATHS
+async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path, receive_path: str) -> None:
     size = (model_dir / "deep.slm").stat().st_size
     with serve_directory(model_dir, rate_bytes_per_s=size / 2.0) as server:  # ~2 s for the file
-        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path) as model:
             last_block = len(model.manifest.layers) - 2
             await model.layer(last_block)
             ready = model.layer_ready_s
@@ -95,26 +115,28 @@ async def test_server_that_ignores_range(model_dir: Path, tmp_path: Path) -> Non
     assert_layers_equal_file(layers, model_dir / "deep.slm")
 
 
-async def test_corrupted_chunk_is_refetched(deep_slm: Path, tmp_path: Path) -> None:
+@RECEIVE_PATHS
+async def test_corrupted_chunk_is_refetched(deep_slm: Path, tmp_path: Path, receive_path: str) -> None:
     with ModelReader(deep_slm) as reader:
         chunk = reader.manifest.chunks[5]
         start = reader.preamble.data_offset + chunk.offset
     faults = Faults(corrupt_range=(start + 10, start + 11), corrupt_times=1)
     with ServerThread(faulty_app(deep_slm, faults)) as server:
-        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path) as model:
             layers = {i: layer async for i, layer in model.layers()}
             stats = await model.wait_complete()
     assert stats.integrity_failures == 1
     assert_layers_equal_file(layers, deep_slm)
 
 
-async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path, tmp_path: Path) -> None:
+@RECEIVE_PATHS
+async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path, tmp_path: Path, receive_path: str) -> None:
     with ModelReader(deep_slm) as reader:
         chunk = reader.manifest.chunks[5]
         start = reader.preamble.data_offset + chunk.offset
     faults = Faults(corrupt_range=(start, start + 1), corrupt_times=10**6)
     with ServerThread(faulty_app(deep_slm, faults)) as server:
-        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path) as model:
             await model.layer(0)  # layers before the bad chunk are fine
             with pytest.raises(streamload.ChunkIntegrityError, match=f"chunk 5 of layer {chunk.layer_index} failed its sha256 check in 3 downloads") as info:
                 await model.layer(chunk.layer_index)
@@ -123,6 +145,23 @@ async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path,
                 await model.wait_complete()
         done = ModelCache(tmp_path, model.digest).read_journal(10**6)
     assert 5 not in done
+
+
+@RECEIVE_PATHS
+async def test_a_chunk_that_matches_its_hash_but_does_not_decode_stops_the_download(deep_slm: Path, tmp_path: Path, receive_path: str) -> None:
+    """A file converted wrong (hash of garbage in the manifest): a clear FormatError, nothing of it stored, no hang."""
+    manifest, data = split_file(deep_slm.read_bytes())
+    entry = manifest["chunks"][5]
+    garbage = b"\x00" * 4 + data[entry["offset"] + 4 : entry["offset"] + entry["size"]]  # no zstd magic
+    entry["sha256"] = hashlib.sha256(garbage).digest()
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "bad.slm").write_bytes(join_file(manifest, data[: entry["offset"]] + garbage + data[entry["offset"] + entry["size"] :]))
+    with serve_directory(served) as server:
+        async with open_via(receive_path, server.url("bad.slm"), cache_dir=tmp_path / "cache") as model:
+            with pytest.raises(streamload.FormatError, match=f"chunk 5 of layer {entry['layer']} is not a zstd frame"):
+                await model.wait_complete()
+        assert 5 not in ModelCache(tmp_path / "cache", model.digest).read_journal(10**6)
 
 
 async def test_digest_pinning_refuses_another_model(server: ServerThread, tmp_path: Path) -> None:
