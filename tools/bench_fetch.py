@@ -1,24 +1,33 @@
 """Benchmark: streamed fetch+verify+decompress+map of a >1 GB int8 model against the machine's own ceiling.
 
 Usage:
-    python tools/bench_fetch.py [--blocks 40] [--repeats 5] [--rate 8000000]
+    python tools/bench_fetch.py [--blocks 40] [--repeats 5] [--rate 8000000] [--workdir DIR]
 
 In one run, on loopback, against the bundled server in its own process:
   * curl -o /dev/null of the file (raw HTTP receive, for reference);
-  * this machine's stage rates on the same chunks, one thread each: socket receive (aiohttp
-    client, body read chunk by chunk, discarded), sha256, zstd decompress into a preallocated
-    buffer, store (copy into a fresh file-backed map);
+  * this machine's stage rates on the same data, one thread each: socket receive (the
+    client's own receive path: RawRange.read_into chunk by chunk, discarded), sha256 and zstd
+    decompress on a 256-chunk sample in memory, store (pwrite every raw chunk into a fresh
+    preallocated file, as the cache does);
   * streamload.open(...).wait_complete() into an empty cache.
 The ceiling is cores / sum(per-byte cost of each stage): every stage must touch every byte
 once, and two cores share the work. Target: client >= 0.8 x ceiling.
-Then time to layer 0 of all-MiniLM-L6-v2 on a `serve --rate` link against its floor,
-(manifest + layer 0 bytes) / rate. Every figure is a median of --repeats runs.
+
+Memory: this VM's host takes back guest pages that stay free for about a second (free page
+reporting: see page_reporting in /proc/cmdline), and the first write to such a page costs about
+ten times a recycled one, which lands in whichever path allocates page cache (the store probe
+and the client). So both are measured twice, under the same condition each time: "warm" right
+after a scratch file of the store's size was written and deleted (recycled pages, as on a
+phone or a bare-metal host), and "cold" after the pages have been free for 3 s; each condition
+has its own ceiling. Then time to layer 0 of all-MiniLM-L6-v2 on a `serve --rate` link against
+its floor, (manifest + layer 0 bytes) / rate. Every figure is a median of --repeats runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -34,9 +43,11 @@ from pathlib import Path
 import zstandard
 
 import streamload
-from streamload.formats import ModelReader, convert
+from streamload.formats import ChunkEntry, ModelReader, convert
 from streamload.formats.synthetic import write_synthetic_int8_model
 from streamload.rawhttp import RawRange
+
+RECLAIM_WAIT_S = 3.0  # free pages older than this have been handed back to the host
 
 
 def free_port() -> int:
@@ -79,88 +90,93 @@ def time_curl(url: str) -> float:
 
 
 async def time_receive(url: str, chunk_sizes: list[int], data_offset: int) -> float:
-    """The client's own receive path (rawhttp: recv_into a chunk buffer), the data region chunk by chunk, discarded."""
+    """The client's own receive path (RawRange.read_into a chunk buffer, on a thread), the data region chunk by chunk, discarded."""
     buffer = memoryview(bytearray(max(chunk_sizes)))
     started = time.perf_counter()
     raw = await RawRange.open(url, data_offset, data_offset + sum(chunk_sizes), if_range=None, connect_timeout_s=10, read_timeout_s=30)
     try:
-        for size in chunk_sizes:
-            await raw.read_into(buffer[:size], 30)
+        await asyncio.to_thread(lambda: [raw.read_into(buffer[:size]) for size in chunk_sizes])
     finally:
         raw.close()
     return time.perf_counter() - started
 
 
-def time_stages(reader: ModelReader, workdir: Path, repeats: int) -> dict[str, float]:
-    """Each stage alone, one thread, on a 256-chunk sample in memory; medians of ``repeats``."""
-    chunks = reader.manifest.chunks
-    frames = [bytes(reader.chunk_bytes(c)) for c in chunks[:256]]
-    raw_sizes = [c.raw_size_bytes for c in chunks[:256]]
-    total = sum(raw_sizes)
-    raw = zstandard.ZstdDecompressor().decompress(frames[0])
+def time_hash_and_decompress(reader: ModelReader, repeats: int) -> dict[str, float]:
+    """sha256 and zstd alone, one thread, on a 256-chunk sample in memory; seconds per file byte, medians of ``repeats``."""
+    frames = [bytes(reader.chunk_bytes(c)) for c in reader.manifest.chunks[:256]]
 
     def sha() -> None:
         for frame in frames:
             hashlib.sha256(frame).digest()
 
-    def decompress() -> None:  # as the loader does: one-shot into new bytes
+    def decompress() -> None:  # as the loader does: one-shot into new bytes, one context per thread
         dctx = zstandard.ZstdDecompressor()
         for frame in frames:
             dctx.decompress(frame)
 
-    def store() -> None:  # as the loader stores: pwrite into a sparse file
-        path = workdir / "store-probe.bin"
-        with open(path, "wb+") as f:
-            f.truncate(total)
-            offset = 0
-            for size in raw_sizes:
-                os.pwrite(f.fileno(), memoryview(raw)[:size], offset)
-                offset += size
+    compressed = sum(len(f) for f in frames)
+    return {"sha256": median_s(sha, repeats) / compressed, "decompress": median_s(decompress, repeats) / compressed}
+
+
+def median_s(fn, repeats: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def prepare_memory(condition: str, workdir: Path, size_bytes: int) -> None:
+    """Flush earlier writes, then make the next path's page-cache allocations warm or cold (see the module doc).
+
+    Both start by letting the host take back whatever was freed before (the guest hands free
+    pages over 2 s after a free); "warm" then writes and deletes a scratch file of size_bytes,
+    whose pages the next path reuses before they can be handed over in turn.
+    """
+    os.sync()
+    time.sleep(RECLAIM_WAIT_S)
+    if condition == "cold":
+        return
+    scratch = workdir / "scratch.bin"
+    piece = os.urandom(1 << 20)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, size_bytes, len(piece)):
+            os.pwrite(fd, piece, offset)
+    finally:
+        os.close(fd)
+        scratch.unlink()
+
+
+def time_store(chunks: list[ChunkEntry], store_size_bytes: int, raw: bytes, path: Path) -> float:
+    """Store stage alone, as the cache stores: pwrite every raw chunk into a fresh preallocated file."""
+    source = memoryview(raw)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, store_size_bytes)
+        started = time.perf_counter()
+        for chunk in chunks:
+            os.pwrite(fd, source[: chunk.raw_size_bytes], chunk.raw_offset)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
         path.unlink()
 
-    def median_s(fn) -> float:  # noqa: ANN001
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
 
-    sha_s, decompress_s, store_s = median_s(sha), median_s(decompress), median_s(store)
-    compressed = sum(len(f) for f in frames)
-    return {  # nanoseconds per compressed (file) byte
-        "sha256": sha_s / compressed * 1e9,
-        "decompress": decompress_s / compressed * 1e9,
-        "store": store_s / compressed * 1e9,
-        "compressed": compressed,
-        "raw": total,
-    }
+@dataclasses.dataclass
+class ClientRun:
+    stats: streamload.DownloadStats
+    durable_s: float  # until close() returned: the last group commit (fdatasync + journal) is done
 
 
-def warm_page_cache_memory(workdir: Path, size_bytes: int) -> None:
-    """Write and delete a scratch file of size_bytes once.
-
-    On this VM the host backs guest memory lazily: the first touch of a never-used page
-    costs an exit to the hypervisor, and the same 1 GiB pwrite ran several times faster
-    when its pages had been used before. Every path measured here
-    (curl, the stage probes, the client) should see recycled pages, as a long-running
-    device would, so the comparison is between the pipelines, not the hypervisor.
-    """
-    scratch = workdir / "warm.bin"
-    piece = os.urandom(1 << 20)
-    with open(scratch, "wb") as f:
-        for _ in range(size_bytes >> 20):
-            f.write(piece)
-    scratch.unlink()
-
-
-async def time_client(url: str, cache: Path) -> streamload.DownloadStats:
-    """One cold fetch into an empty cache dir, deleted afterwards so the next run recycles its pages."""
-    shutil.rmtree(cache, ignore_errors=True)
-    os.sync()  # the previous run's writeback must not overlap this one
+async def time_client(url: str, cache: Path) -> ClientRun:
+    """One fetch into an empty cache dir, deleted afterwards."""
     try:
+        started = time.perf_counter()
         async with streamload.open(url, cache_dir=cache) as model:
-            return await model.wait_complete()
+            stats = await model.wait_complete()
+        return ClientRun(stats, time.perf_counter() - started)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -177,7 +193,7 @@ async def time_to_layer0(url: str, cache: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=40, help="32 MiB int8 blocks (40: 1.34 GB raw, ~1.1 GB file)")
+    parser.add_argument("--blocks", type=int, default=40, help="32 MiB int8 blocks (40: 1.34 GB raw, 1.12 GB file)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rate", type=float, default=8e6, help="bytes/s for the time-to-layer-0 link")
     parser.add_argument("--workdir", type=Path, help="where to put the model and caches (default: a temp dir)")
@@ -190,43 +206,61 @@ def main() -> None:
         print(f"writing a synthetic int8 model ({args.blocks} x 32 MiB) to {big} ...", flush=True)
         write_synthetic_int8_model(big, blocks=args.blocks, block_raw_bytes=32 << 20)
     file_bytes = big.stat().st_size
-    warm_page_cache_memory(workdir, 3 * file_bytes)
     with ModelReader(big) as reader:
-        stages = time_stages(reader, workdir, args.repeats)
-        chunk_sizes = [c.size_bytes for c in reader.manifest.chunks]
+        chunks = list(reader.manifest.chunks)
         data_offset = reader.preamble.data_offset
+        store_size = reader.manifest.store_size_bytes
+        per_byte = time_hash_and_decompress(reader, args.repeats)
+        one_raw = zstandard.ZstdDecompressor().decompress(reader.chunk_bytes(chunks[0]))
+    chunk_sizes = [c.size_bytes for c in chunks]
+    data_bytes = sum(chunk_sizes)
+    conditions = ("warm", "cold")
+    store_s: dict[str, list[float]] = {c: [] for c in conditions}
+    runs: dict[str, list[ClientRun]] = {c: [] for c in conditions}
     server = Server(models)
     try:
         url = server.url("big.slm")
-        time_curl(url)  # warm the page cache
+        time_curl(url)  # the file into the page cache
         curl_s = statistics.median(time_curl(url) for _ in range(args.repeats))
         receive_s = statistics.median(asyncio.run(time_receive(url, chunk_sizes, data_offset)) for _ in range(args.repeats))
-        runs = [asyncio.run(time_client(url, workdir / "cache")) for _ in range(args.repeats)]
+        for _ in range(args.repeats):  # interleaved: slow phases of a shared machine hit both conditions
+            for condition in conditions:
+                prepare_memory(condition, workdir, store_size)
+                store_s[condition].append(time_store(chunks, store_size, one_raw, workdir / "store-probe.bin"))
+                prepare_memory(condition, workdir, store_size)
+                runs[condition].append(asyncio.run(time_client(url, workdir / "cache")))
     finally:
         server.stop()
-    data_bytes = sum(chunk_sizes)
-    stages["receive"] = receive_s / data_bytes * 1e9
-    per_byte_ns = stages["receive"] + stages["sha256"] + stages["decompress"] + stages["store"]
+    per_byte["receive"] = receive_s / data_bytes
     cores = os.cpu_count() or 1
-    ceiling = cores / per_byte_ns * 1e9  # bytes/s
-    client_s = statistics.median(r.seconds for r in runs)
-    client = file_bytes / client_s
-    middle = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    print(f"\nmodel: {file_bytes / 1e9:.2f} GB file, {store_size / file_bytes:.3f} raw/file, {len(chunks)} chunks; {cores} cores; medians of {args.repeats}")
+    print(f"\n{'stage (1 thread)':<36} {'ns/file byte':>12} {'MB/s':>8}")
+    for name in ("receive", "sha256", "decompress"):
+        print(f"{name:<36} {per_byte[name] * 1e9:>12.3f} {1e-6 / per_byte[name]:>8.0f}")
+    ceilings = {}
+    for condition in conditions:
+        per_byte[f"store {condition}"] = statistics.median(store_s[condition]) / file_bytes
+        print(f"{'store, ' + condition + ' pages':<36} {per_byte[f'store {condition}'] * 1e9:>12.3f} {1e-6 / per_byte[f'store {condition}']:>8.0f}")
+    for condition in conditions:
+        total = per_byte["receive"] + per_byte["sha256"] + per_byte["decompress"] + per_byte[f"store {condition}"]
+        ceilings[condition] = cores / total  # file bytes per second
+        print(f"{'sum, ' + condition + ' pages':<36} {total * 1e9:>12.3f} {1e-6 / total:>8.0f}")
 
-    print(f"\nmodel: {file_bytes / 1e9:.2f} GB file, {stages['raw'] / stages['compressed']:.3f} raw/compressed, {len(chunk_sizes)} chunks; {cores} cores; medians of {args.repeats}")
-    print(f"\n{'stage (1 thread)':<34} {'ns/file byte':>12} {'MB/s':>8}")
-    for name in ("receive", "sha256", "decompress", "store"):
-        print(f"{name:<34} {stages[name]:>12.3f} {1e3 / stages[name]:>8.0f}")
-    print(f"{'sum (one byte through every stage)':<34} {per_byte_ns:>12.3f} {1e3 / per_byte_ns:>8.0f}")
-    print(f"\n{'path':<34} {'seconds':>8} {'MB/s':>8} {'vs ceiling':>10}")
-    print(f"{'curl -o /dev/null':<34} {curl_s:>8.3f} {file_bytes / curl_s / 1e6:>8.0f} {file_bytes / curl_s / ceiling:>10.2f}")
-    print(f"{'ceiling: cores / sum of stages':<34} {file_bytes / ceiling:>8.3f} {ceiling / 1e6:>8.0f} {1.0:>10.2f}")
-    print(f"{'streamload fetch+verify+decomp+map':<34} {client_s:>8.3f} {client / 1e6:>8.0f} {client / ceiling:>10.2f}")
-    fastest, slowest = min(r.seconds for r in runs), max(r.seconds for r in runs)
-    print(f"{'  (single runs: fastest, slowest)':<34} {fastest:>8.3f} {file_bytes / fastest / ceiling:>19.2f}")
-    print(f"{'':<34} {slowest:>8.3f} {file_bytes / slowest / ceiling:>19.2f}")
+    print(f"\n{'path':<44} {'seconds':>8} {'MB/s':>8} {'vs ceiling':>10}")
+    print(f"{'curl -o /dev/null':<44} {curl_s:>8.3f} {file_bytes / curl_s / 1e6:>8.0f} {file_bytes / curl_s / ceilings['warm']:>10.2f}")
+    for condition in conditions:
+        ceiling = ceilings[condition]
+        seconds = sorted(r.stats.seconds for r in runs[condition])
+        client_s = statistics.median(seconds)
+        durable_s = statistics.median(r.durable_s for r in runs[condition])
+        print(f"{condition + ': ceiling, cores / sum of stages':<44} {file_bytes / ceiling:>8.3f} {ceiling / 1e6:>8.0f} {1.0:>10.2f}")
+        print(f"{condition + ': streamload fetch+verify+decomp+map':<44} {client_s:>8.3f} {file_bytes / client_s / 1e6:>8.0f} {file_bytes / client_s / ceiling:>10.2f}")
+        print(f"{'  single runs, fastest and slowest':<44} {seconds[0]:>8.3f} {'':>8} {file_bytes / seconds[0] / ceiling:>10.2f}")
+        print(f"{'':<44} {seconds[-1]:>8.3f} {'':>8} {file_bytes / seconds[-1] / ceiling:>10.2f}")
+        print(f"{'  durable (close() returned)':<44} {durable_s:>8.3f}")
+    middle = sorted(runs["warm"], key=lambda r: r.stats.seconds)[len(runs["warm"]) // 2].stats
     print(
-        f"\nwhere the client's time goes (median run, seconds summed over threads): receive wait {middle.receive_wait_s:.2f}, "
+        f"\nwhere the client's time goes (warm, median run, seconds summed over threads): receive wait {middle.receive_wait_s:.2f}, "
         f"sha256 {middle.verify_s:.2f}, decompress {middle.decompress_s:.2f}, store {middle.store_s:.2f}, wall {middle.seconds:.2f}"
     )
 

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 import streamload
+from streamload import loader
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
 from streamload.formats.mutate import join_file, split_file
@@ -192,6 +193,14 @@ def test_sync_wrapper(server: ServerThread, tmp_path: Path, model_dir: Path) -> 
         layers = dict(model.layers())
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
         assert_layers_equal_file(layers, model_dir / "deep.slm")
+
+
+@pytest.mark.parametrize(
+    ("since_s", "waited_s", "due"),
+    [(0.5, 0.5, False), (1.2, 1.0, True), (1.2, 0.2, False), (4.9, 0.0, False), (5.1, 0.0, True), (2.0, 6.0, True)],
+)
+def test_group_commits_come_every_second_on_a_slow_link_and_every_five_when_the_cpu_is_the_limit(since_s: float, waited_s: float, due: bool) -> None:
+    assert loader.commit_due(since_s, waited_s) is due
 
 
 def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep_slm: Path) -> None:
