@@ -767,8 +767,12 @@ class _Loader:
         if self.commit_running or not self.uncommitted or self.stopping:
             return
         if force or commit_due(time.perf_counter() - self.last_commit, self.stats.receive_wait_s - self.receive_wait_at_commit):
+            try:
+                self.tasks.create_task(self._commit())
+            except RuntimeError:  # the task group is shutting down (a failure elsewhere): close() commits what is left
+                self.stopping = True
+                return
             self.commit_running = True
-            self.tasks.create_task(self._commit())
 
     async def _commit(self) -> None:
         batch, self.uncommitted = self.uncommitted, []
@@ -894,8 +898,8 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call).
         progress: called with a ``Progress`` at most every 0.1 s and at the end.
         retry: retry and timeout policy for the network.
-        verify_threads: threads that hash, decompress and store chunks (default: cores + 1, at most 8;
-            one more than the cores keeps them busy while a thread waits in pwrite).
+        verify_threads: threads that receive (plain http), hash, decompress and store chunks (default:
+            cores + 1, at most 8: one thread waits on the socket while the others compute).
 
     Raises:
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
