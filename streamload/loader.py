@@ -60,8 +60,9 @@ READ_BUFFER_BYTES = 4 << 20
 # Group commit: fdatasync the store, then journal what it made durable; a power cut loses at most
 # the chunks stored since the last commit. While the network is the bottleneck (receivers waited
 # for at least NETWORK_BOUND_WAIT_SHARE of the time since the last commit) commits cost nothing
-# and come every COMMIT_INTERVAL_S; while the CPU is, the writeback competes with the pipeline
-# (~6% of loopback throughput on the benchmark machine), so they come every COMMIT_MAX_INTERVAL_S.
+# and come every COMMIT_INTERVAL_S; while the CPU is, the writeback they force competes with the
+# pipeline (it slowed loopback fetches measurably on the benchmark VM), so they come every
+# COMMIT_MAX_INTERVAL_S.
 COMMIT_INTERVAL_S = 1.0
 COMMIT_MAX_INTERVAL_S = 5.0
 NETWORK_BOUND_WAIT_SHARE = 0.5

