@@ -90,6 +90,17 @@ async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path, rec
     assert ready[last_block] < ready[2]
 
 
+@RECEIVE_PATHS
+async def test_parallel_connections_fill_every_layer_exactly(model_dir: Path, tmp_path: Path, receive_path: str) -> None:
+    size = (model_dir / "deep.slm").stat().st_size
+    with serve_directory(model_dir, rate_bytes_per_s=size / 1.0) as server:  # per connection: spans overlap in time
+        async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path, connections=3, verify_threads=2) as model:
+            layers = {i: layer async for i, layer in model.layers()}
+            stats = await model.wait_complete()
+    assert stats.chunks_fetched == stats.chunks_total and stats.integrity_failures == 0
+    assert_layers_equal_file(layers, model_dir / "deep.slm")
+
+
 async def test_a_cached_model_needs_no_download_and_works_offline(model_dir: Path, tmp_path: Path) -> None:
     with serve_directory(model_dir) as server:
         url = server.url("deep.slm")
