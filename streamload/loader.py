@@ -354,9 +354,13 @@ class _Loader:
             )
         self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
         self.cache = ModelCache(self.cache_root, self.manifest.digest)
-        self.cache.write_header(header.raw)
-        if self.origin is not None:
-            ModelCache.write_ref(self.cache_root, self.source, self.manifest.digest)
+
+        def record() -> None:  # two small files written and fsynced: not on the event loop
+            self.cache.write_header(header.raw)
+            if self.origin is not None:
+                ModelCache.write_ref(self.cache_root, self.source, self.manifest.digest)
+
+        await asyncio.to_thread(record)
         await self.cache.acquire()
         done = self.cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
         pending = [c for c in self.manifest.chunks if c.index not in done]
