@@ -6,14 +6,15 @@ ranged GET -> verify sha256 -> decompress -> store into the memory-mapped layer
 store -> journal the chunk -> when a layer's last chunk lands, its future
 resolves and callers get zero-copy numpy views.
 
-Two receive paths feed the same verify/store step. Plain-http 206 bodies (the
-common case: the bundled server, nginx, any static host) are received by the
-pool threads themselves, in turn, from one connection (``_SpanPump``): a thread
-receives a chunk, then hashes, decompresses and stores it while the next thread
-receives, so each chunk stays in one core's cache from socket to store and the
-event loop only does bookkeeping. Everything else (https, a 200 with the whole
-file, encoded bodies) is read by aiohttp on the event loop and handed to the
-pool chunk by chunk.
+Two receive paths feed the same verify/store step. 206 bodies over http or https
+(the common case: the bundled server, nginx, any static host or CDN) are received
+by the pool threads themselves, in turn, from one connection (``_SpanPump``): a
+thread receives (and decrypts) a chunk, then hashes, decompresses and stores it
+while the next thread receives, so each chunk stays in one core's cache from
+socket to store and the event loop only does bookkeeping. Everything else (a 200
+with the whole file, encoded bodies, TLS the fast path cannot settle, a borrowed
+aiohttp session) is read by aiohttp on the event loop and handed to the pool
+chunk by chunk.
 
 Costs: one copy of each compressed chunk (socket to buffer) and one of each raw
 chunk (pwrite into the page cache, faster and steadier than faulting in fresh
@@ -33,6 +34,7 @@ import io
 import logging
 import mmap
 import os
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -328,7 +330,7 @@ class _Loader:
         self._layers: dict[int, Layer] = {}
         self.free_buffers: list[bytearray] = []
         self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
-        # rawhttp for plain-http 206 bodies until a response needs the general client; a borrowed
+        # rawhttp for 206 bodies until a response needs the general client; a borrowed
         # session may carry auth headers, cookies or tracing, so all its requests go through it
         self.fast_path = self._own_session
         self.pumps: set[_SpanPump] = set()  # spans being received by pool threads
@@ -597,7 +599,7 @@ class _Loader:
             return await RawRange.open(
                 self.source, start, end, if_range=self.origin.etag, connect_timeout_s=self.retry.connect_timeout_s, read_timeout_s=self.retry.stall_timeout_s
             )
-        except Unsupported as exc:
+        except (Unsupported, ssl.SSLError) as exc:  # TLS the fast path cannot settle: aiohttp decides (and words any error)
             logger.info("%s: using the general HTTP client (%s)", self.source, exc)
             self.fast_path = False
             return None
@@ -903,7 +905,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call).
         progress: called with a ``Progress`` at most every 0.1 s and at the end.
         retry: retry and timeout policy for the network.
-        verify_threads: threads that receive (plain http), hash, decompress and store chunks (default:
+        verify_threads: threads that receive, hash, decompress and store chunks (default:
             cores + 1, at most 8: one thread waits on the socket while the others compute).
 
     Raises:

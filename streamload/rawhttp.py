@@ -9,19 +9,24 @@ one copy from the kernel, by the threads that verify the chunks (see
 chunk is hashed, decompressed and stored by the thread that received it while it
 is still in that core's cache.
 
-It speaks just enough HTTP/1.1 for one ranged GET on plain ``http://``: a
-``206`` with ``Content-Length`` and a matching ``Content-Range``. Anything else
-raises ``Unsupported`` and the caller uses aiohttp instead, so correctness never
-depends on this module.
+It speaks just enough HTTP/1.1 for one ranged GET: a ``206`` with
+``Content-Length`` and a matching ``Content-Range``. Anything else raises
+``Unsupported`` and the caller uses aiohttp instead, so correctness never
+depends on this module. Over ``https://`` the connection and TLS handshake are
+made on a helper thread (an ``ssl.SSLSocket`` cannot be driven by the event
+loop's socket calls), and the threads reading the body also decrypt it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import socket
+import ssl
 import urllib.parse
+from collections.abc import Callable
 
 HEADER_LIMIT_BYTES = 64 << 10
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
@@ -57,40 +62,50 @@ class RawRange:
         self.etag = etag
 
     @classmethod
-    async def open(cls, url: str, start: int, end: int, *, if_range: str | None, connect_timeout_s: float, read_timeout_s: float) -> RawRange:
+    async def open(
+        cls,
+        url: str,
+        start: int,
+        end: int,
+        *,
+        if_range: str | None,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> RawRange:
         """Connect, send ``GET`` with ``Range: bytes=start-(end-1)`` and parse the head.
 
+        ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
         Raises Unsupported (use the general client), StatusError (an error status),
-        TimeoutError (no connection or no answer in time) or OSError.
+        TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
         """
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
-            raise Unsupported("only plain http URLs take the fast path")
-        sock = await _connect(parts.hostname, parts.port or 80, connect_timeout_s)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+            raise Unsupported("only http and https URLs without credentials take the fast path")
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        lines = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {parts.netloc}",
+            f"Range: bytes={start}-{end - 1}",
+            "Accept-Encoding: identity",
+            "Connection: close",
+            "User-Agent: streamload",
+        ]
+        if if_range and not if_range.startswith("W/"):
+            lines.append(f"If-Range: {if_range}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if parts.scheme == "https":
+            context = ssl_context or _default_tls_context()
+            sock, head, received = await _in_thread(_open_tls, parts.hostname, parts.port or 443, request, context, connect_timeout_s, read_timeout_s)
+        else:
+            sock = await _connect(parts.hostname, parts.port or 80, connect_timeout_s)
+            try:
+                head, received = await _exchange(sock, request, read_timeout_s)
+            except BaseException:
+                sock.close()
+                raise
         try:
-            loop = asyncio.get_running_loop()
-            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-            lines = [
-                f"GET {target} HTTP/1.1",
-                f"Host: {parts.netloc}",
-                f"Range: bytes={start}-{end - 1}",
-                "Accept-Encoding: identity",
-                "Connection: close",
-                "User-Agent: streamload",
-            ]
-            if if_range and not if_range.startswith("W/"):
-                lines.append(f"If-Range: {if_range}")
-            head = bytearray(HEADER_LIMIT_BYTES)
-            received = 0
-            async with asyncio.timeout(read_timeout_s):
-                await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-                while (head_end := head.find(b"\r\n\r\n", 0, received)) < 0:
-                    if received == len(head):
-                        raise Unsupported("response headers over 64 KiB")
-                    count = await loop.sock_recv_into(sock, memoryview(head)[received:])
-                    if count == 0:
-                        raise ConnectionResetError("the server closed the connection before answering")
-                    received += count
+            head_end = head.find(b"\r\n\r\n", 0, received)
             status, headers = _parse_head(bytes(head[:head_end]))
             if status >= 400:
                 raise StatusError(status, headers.get("retry-after"))
@@ -123,10 +138,72 @@ class RawRange:
     def abort(self) -> None:
         """Make a blocked or later ``read_into`` fail at once (any thread)."""
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # the plain socket's shutdown(2), also for TLS: SSLSocket.shutdown would drop the SSL
+            # object under a thread that is reading with it
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._sock.close()
+
+
+async def _exchange(sock: socket.socket, request: bytes, timeout_s: float) -> tuple[bytearray, int]:
+    """Send the request on a non-blocking socket and receive at least the response head: (buffer, bytes in it)."""
+    loop = asyncio.get_running_loop()
+    head = bytearray(HEADER_LIMIT_BYTES)
+    received = 0
+    async with asyncio.timeout(timeout_s):
+        await loop.sock_sendall(sock, request)
+        while not _head_complete(head, received):
+            count = await loop.sock_recv_into(sock, memoryview(head)[received:])
+            if count == 0:
+                raise ConnectionResetError("the server closed the connection before answering")
+            received += count
+    return head, received
+
+
+def _open_tls(host: str, port: int, request: bytes, context: ssl.SSLContext, connect_timeout_s: float, read_timeout_s: float) -> tuple[ssl.SSLSocket, bytearray, int]:
+    """On a helper thread: connect, handshake, send the request, receive the response head."""
+    raw = socket.create_connection((host, port), timeout=connect_timeout_s)
+    sock: socket.socket = raw
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = context.wrap_socket(raw, server_hostname=host)  # the handshake, within connect_timeout_s
+        sock.settimeout(read_timeout_s)
+        sock.sendall(request)
+        head = bytearray(HEADER_LIMIT_BYTES)
+        received = 0
+        while not _head_complete(head, received):
+            count = sock.recv_into(memoryview(head)[received:])
+            if count == 0:
+                raise ConnectionResetError("the server closed the connection before answering")
+            received += count
+        return sock, head, received  # type: ignore[return-value]
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _head_complete(head: bytearray, received: int) -> bool:
+    if head.find(b"\r\n\r\n", 0, received) >= 0:
+        return True
+    if received == len(head):
+        raise Unsupported("response headers over 64 KiB")
+    return False
+
+
+async def _in_thread(fn: Callable[..., tuple[socket.socket, bytearray, int]], *args: object) -> tuple[socket.socket, bytearray, int]:
+    """fn(*args) on the default executor; if the caller is cancelled meanwhile, the socket it opens is closed."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or done.result()[0].close())
+        raise
+
+
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
 
 
 async def _connect(host: str, port: int, timeout_s: float) -> socket.socket:

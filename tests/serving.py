@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from streamload.server.app import CONFIG
 
 
 class ServerThread:
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
+        self.ssl_context = ssl_context
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -25,7 +27,7 @@ class ServerThread:
         options = runner_options(self.app[CONFIG]) if CONFIG in self.app else {}
         self.runner = web.AppRunner(self.app, shutdown_timeout=0.5, **options)
         self._loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         self._loop.run_until_complete(site.start())
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._ready.set()
@@ -34,7 +36,7 @@ class ServerThread:
         self._loop.close()
 
     def url(self, name: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> ServerThread:
         self._thread.start()

@@ -102,8 +102,8 @@ async def test_anything_but_the_plain_206_asked_for_is_unsupported(head: bytes) 
             await open_range(url, 100, 164)
 
 
-@pytest.mark.parametrize("url", ["https://127.0.0.1:1/m.slm", "http://user:secret@127.0.0.1:1/m.slm"])
-async def test_https_and_credentials_go_to_the_general_client(url: str) -> None:
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:1/m.slm", "http://user:secret@127.0.0.1:1/m.slm", "https://user@127.0.0.1:1/m.slm"])
+async def test_other_schemes_and_credentials_go_to_the_general_client(url: str) -> None:
     with pytest.raises(Unsupported):
         await open_range(url, 0, 10)
 
