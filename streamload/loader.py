@@ -272,7 +272,8 @@ class _SpanPump:
     into its own buffer, lets go of the lock and verifies, decompresses and
     stores that chunk while the next thread receives the one after. Chunks are
     received in file order, so layers still complete in execution order.
-    ``stop`` (any thread) ends the span at the next chunk boundary.
+    ``stop`` (any thread) ends the span at the next chunk boundary; a stop with an
+    error also aborts the connection, so a thread blocked on a slow link fails at once.
     """
 
     def __init__(self, span: list[ChunkEntry], stream: RawRange) -> None:
@@ -284,9 +285,10 @@ class _SpanPump:
         self.error: BaseException | None = None  # the first failure; the span's outcome
 
     def stop(self, error: BaseException | None = None) -> None:
+        self.stopped = True
         if error is not None and self.error is None:
             self.error = error
-        self.stopped = True
+            self.stream.abort()
 
 
 class _Loader:
@@ -661,7 +663,7 @@ class _Loader:
             pump.stop(exc)
 
     def _thread_decompressor(self) -> zstandard.ZstdDecompressor:
-        """This thread's zstd context (a context is not thread-safe; creating one per chunk costs ~1%)."""
+        """This thread's zstd context (contexts are not thread-safe, and one per chunk is setup thrown away)."""
         decompressor: zstandard.ZstdDecompressor | None = getattr(self._thread_buffers, "decompressor", None)
         if decompressor is None:
             decompressor = self._thread_buffers.decompressor = zstandard.ZstdDecompressor()
