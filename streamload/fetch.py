@@ -239,6 +239,12 @@ class Header:
     ranges_honoured: bool  # False: the server answered the ranged probe with the whole file
 
 
+async def parse_header(raw: bytes, file_size_bytes: int | None, *, ranges_honoured: bool = True) -> Header:
+    """Validate preamble and manifest off the event loop: the work is linear in the chunk count (~100k for 100 GB)."""
+    preamble, manifest = await asyncio.to_thread(read_header, raw, file_size_bytes)
+    return Header(preamble.data_offset, manifest, raw, ranges_honoured)
+
+
 async def fetch_header(origin: HttpOrigin) -> Header:
     """Read preamble and manifest with one ranged request (two when the manifest is over 64 KiB). One attempt."""
     reply = await origin.open_range(0, HEADER_PROBE_BYTES)
@@ -260,5 +266,4 @@ async def fetch_header(origin: HttpOrigin) -> Header:
             raw += await origin.read_exactly(more.response, needed - len(raw))
         finally:
             more.response.close()
-    preamble, manifest = await asyncio.to_thread(read_header, raw, total)  # linear in the chunk count (~100k for 100 GB): off the loop
-    return Header(preamble.data_offset, manifest, raw, reply.kind is BodyKind.PARTIAL)
+    return await parse_header(raw, total, ranges_honoured=reply.kind is BodyKind.PARTIAL)

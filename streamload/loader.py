@@ -47,11 +47,11 @@ import zstandard
 
 from .cache import ModelCache, default_cache_dir
 from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
-from .fetch import BodyKind, BodyReader, Backoff, Header, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, body_errors, fetch_header, http_status_error
+from .fetch import BodyKind, BodyReader, Backoff, Header, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, body_errors, fetch_header, http_status_error, parse_header
 from .rawhttp import RawRange, StatusError, Unsupported
 from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES
-from .formats.reader import header_size_needed, read_header
+from .formats.reader import header_size_needed
 from .schedule import ChunkScheduler
 
 logger = logging.getLogger(__name__)
@@ -401,10 +401,9 @@ class _Loader:
             except OSError as exc:
                 raise FileNotFoundError(exc.errno, f"cannot open model file: {exc.strerror}", str(path)) from None
             raw = bytes(self.local_map[: min(size, header_size_needed(self.local_map[:PREAMBLE_SIZE_BYTES]) if size >= PREAMBLE_SIZE_BYTES else size)])
-            preamble, manifest = read_header(raw, size)
-            return Header(preamble.data_offset, manifest, raw, ranges_honoured=True)
+            return await parse_header(raw, size)
         if self.pinned is not None:  # a pinned model that is fully cached needs no network at all
-            cached = self._cached_header(self.pinned)
+            cached = await self._cached_header(self.pinned)
             if cached is not None:
                 logger.info("using cached %s (pinned, complete): no network", self.pinned[:12])
                 return cached
@@ -415,7 +414,7 @@ class _Loader:
             header = await self.origin.with_retries(lambda: fetch_header(self.origin), f"fetching the header of {self.source}")  # type: ignore[arg-type]
         except FetchError as exc:
             digest = ModelCache.read_ref(self.cache_root, self.source)
-            cached = self._cached_header(digest) if digest else None
+            cached = await self._cached_header(digest) if digest else None
             if cached is None:
                 raise
             logger.warning("%s; using the cached copy %s", exc, cached.manifest.digest[:12])
@@ -427,14 +426,11 @@ class _Loader:
             logger.info("%s ignores Range requests: downloading the whole file in order", self.source)
         return header
 
-    def _cached_header(self, digest: str) -> Header | None:
+    async def _cached_header(self, digest: str) -> Header | None:
         """The header of a complete cached model (validated when it was fetched), or None."""
         cached = ModelCache(self.cache_root, digest)
         raw = cached.read_header() if cached.is_complete() else None
-        if raw is None:
-            return None
-        preamble, manifest = read_header(raw, None)
-        return Header(preamble.data_offset, manifest, raw, ranges_honoured=True)
+        return None if raw is None else await parse_header(raw, None)
 
     # ------------------------------------------------------------ readiness
 
