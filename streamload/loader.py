@@ -324,7 +324,7 @@ class _Loader:
         # every connection's pump gets at least one thread at once, so no open connection waits on another
         self.pool = concurrent.futures.ThreadPoolExecutor(max(self.verify_threads, self.connections), thread_name_prefix="streamload-verify")
         self.in_flight = asyncio.Semaphore(IN_FLIGHT_PER_THREAD * max(1, verify_threads) + 2)  # bounded memory: chunks waiting for a thread
-        self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.complete: asyncio.Future[None] = self.loop.create_future()
         self._download_task: asyncio.Task[None] | None = None
         self._last_progress = 0.0
         self._integrity_attempts: dict[int, int] = {}
@@ -373,11 +373,10 @@ class _Loader:
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
         self.scheduler = ChunkScheduler(pending)
         self.bytes_to_download = sum(c.size_bytes for c in pending)
-        loop = asyncio.get_running_loop()
         self.remaining = [0] * len(self.manifest.layers)
         for chunk in pending:
             self.remaining[chunk.layer_index] += 1
-        self.ready: list[asyncio.Future[None]] = [loop.create_future() for _ in self.manifest.layers]
+        self.ready: list[asyncio.Future[None]] = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s: list[float | None] = [None] * len(self.manifest.layers)
         for index, count in enumerate(self.remaining):
             if count == 0:
@@ -521,7 +520,7 @@ class _Loader:
                 async with asyncio.TaskGroup() as tasks:
                     self.tasks = tasks
                     self._maybe_commit(force=True)
-            await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.mark_complete)
+            await self.loop.run_in_executor(self.commit_pool, self.cache.mark_complete)
         except BaseException as exc:  # delivered to every waiter; close() awaits this task
             failure = _first_cause(exc)
             if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
@@ -783,7 +782,7 @@ class _Loader:
         batch, self.uncommitted = self.uncommitted, []
         started = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
+            await self.loop.run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
         finally:
             self.commit_running = False
             self.last_commit = time.perf_counter()
@@ -794,7 +793,7 @@ class _Loader:
     async def _process(self, chunk: ChunkEntry, data: bytes | memoryview) -> None:
         owned = isinstance(data, memoryview) and isinstance(data.obj, bytearray)  # a receive buffer to recycle
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, self._verify_and_store, chunk, data)
+            await self.loop.run_in_executor(self.pool, self._verify_and_store, chunk, data)
         except ChunkIntegrityError as exc:
             fatal = self._integrity_failed(chunk, exc)
             if fatal is not None:
@@ -867,7 +866,7 @@ class _Loader:
         if self.uncommitted and hasattr(self, "cache"):  # stopped early or failed: keep what is verified and written
             batch, self.uncommitted = self.uncommitted, []
             try:
-                await asyncio.get_running_loop().run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
+                await self.loop.run_in_executor(self.commit_pool, self.cache.commit_chunks, batch)
             except StreamloadError as exc:
                 logger.warning("could not save %d downloaded chunks to the cache: %s", len(batch), exc)
         self.commit_pool.shutdown(wait=True)

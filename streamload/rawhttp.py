@@ -54,10 +54,9 @@ class RawRange:
     thread to make a blocked reader fail at once; ``close`` once no reader is left.
     """
 
-    def __init__(self, sock: socket.socket, start: int, total_size_bytes: int | None, etag: str | None, leftover: bytes) -> None:
+    def __init__(self, sock: socket.socket, total_size_bytes: int | None, etag: str | None, leftover: bytes) -> None:
         self._sock = sock
         self._leftover = memoryview(leftover)  # body bytes that arrived with the response head
-        self.start = start
         self.total_size_bytes = total_size_bytes
         self.etag = etag
 
@@ -117,7 +116,7 @@ class RawRange:
                 raise Unsupported("Content-Range or Content-Length do not match the request")
             total = None if match.group(3) == "*" else int(match.group(3))
             sock.settimeout(read_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
-            return cls(sock, start, total, headers.get("etag"), bytes(head[head_end + 4 : received]))
+            return cls(sock, total, headers.get("etag"), bytes(head[head_end + 4 : received]))
         except BaseException:
             sock.close()
             raise
