@@ -7,8 +7,8 @@ In one run, on loopback, against the bundled server in its own process:
   * curl -o /dev/null of the file (raw HTTP receive, for reference);
   * this machine's stage rates on the same data, one thread each: socket receive (the
     client's own receive path: RawRange.read_into chunk by chunk, discarded), sha256 and zstd
-    decompress on a 256-chunk sample in memory, store (pwrite every raw chunk into a fresh
-    preallocated file, as the cache does);
+    decompress on a 256-chunk sample in memory, store (pwrite one decompressed chunk into the
+    place of every chunk of a fresh preallocated file of the store's size, as the cache writes);
   * streamload.open(...).wait_complete() into an empty cache.
 The ceiling is cores / sum(per-byte cost of each stage): every stage must touch every byte
 once, and two cores share the work. Target: client >= 0.8 x ceiling.
@@ -32,7 +32,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,13 +46,9 @@ from streamload.formats import ChunkEntry, ModelReader, convert
 from streamload.formats.synthetic import write_synthetic_int8_model
 from streamload.rawhttp import RawRange
 
+from loopback import free_port, wait_for_port
+
 RECLAIM_WAIT_S = 3.0  # free pages older than this have been handed back to the host
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -66,14 +61,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        wait_for_port(self.port)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -158,7 +146,7 @@ def prepare_memory(condition: str, workdir: Path, size_bytes: int) -> None:
 
 
 def time_store(chunks: list[ChunkEntry], store_size_bytes: int, raw: bytes, path: Path) -> float:
-    """Store stage alone, as the cache stores: pwrite every raw chunk into a fresh preallocated file."""
+    """Store stage alone, as the cache stores: pwrite ``raw`` (one decompressed chunk) into every chunk's place in a fresh preallocated file."""
     source = memoryview(raw)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

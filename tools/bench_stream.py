@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,29 +30,14 @@ import types
 from pathlib import Path
 from typing import Any
 
+from loopback import free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent
 SENTENCE = "Streaming lets a phone start computing before the download ends."
 LLAMA_PROMPT = [1, 17, 300, 45, 99, 4, 250, 7]
 
 
 # ---------------------------------------------------------------- helper processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def serve_static(directory: Path, port: int) -> None:
