@@ -6,7 +6,7 @@ Installed as ``streamload.formats``; imports nothing else of streamload's.
 from .constants import FORMAT_VERSION, MAGIC, Codec, DType, QuantScheme
 from .convert import ConversionReport, convert
 from .summary import summarize_compression, summarize_manifest
-from .errors import (
+from ..errors import (
     BadMagicError,
     ChunkDecodeError,
     ChunkIntegrityError,

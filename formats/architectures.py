@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import SourceError, UnsupportedArchitectureError
+from ..errors import SourceError, UnsupportedArchitectureError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

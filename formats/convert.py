@@ -21,7 +21,7 @@ import numpy as np
 
 from .architectures import Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, QuantScheme
-from .errors import SourceError
+from ..errors import SourceError
 from .manifest import Manifest
 from .quantize import quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection

@@ -29,7 +29,7 @@ from .constants import (
     DType,
     QuantScheme,
 )
-from .errors import (
+from ..errors import (
     ManifestDecodeError,
     ManifestSchemaError,
     ManifestTooLargeError,

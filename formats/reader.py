@@ -26,7 +26,7 @@ from .constants import (
     QuantScheme,
     align_up,
 )
-from .errors import (
+from ..errors import (
     BadMagicError,
     ChunkDecodeError,
     ChunkIntegrityError,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
 
 MAX_HEADER_SIZE_BYTES = 100 << 20  # the safetensors reference implementation's cap
 

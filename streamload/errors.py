@@ -1,45 +1,116 @@
-"""streamload's exceptions: one tree under ``StreamloadError``.
+"""streamload's exceptions: the whole tree, drawn once.
 
 ::
 
     StreamloadError
-    ├── FormatError (ValueError)             the bytes of a .slm file are malformed
-    │   ├── BadMagicError, UnsupportedVersionError, ManifestTooLargeError, ManifestDecodeError
-    │   ├── ManifestSchemaError ── UnknownDTypeError, OutOfBoundsError, OverlapError
-    │   ├── ChunkDecodeError ── ChunkSizeError
-    │   └── ChunkIntegrityError              a chunk failed its sha256 (every retry did)
-    ├── ConversionError (ValueError) ── SourceError, UnsupportedArchitectureError
+    ├── FormatError (ValueError)             a .slm file, manifest or config is malformed
+    │   ├── BadMagicError                    not a .slm file
+    │   ├── UnsupportedVersionError          written by another format version
+    │   ├── ManifestTooLargeError            manifest over the reader's cap
+    │   ├── ManifestDecodeError              manifest is not valid msgpack
+    │   ├── ManifestSchemaError              a field is missing, mistyped or out of range
+    │   │   ├── UnknownDTypeError            a tensor dtype this reader does not know
+    │   │   ├── OutOfBoundsError             an offset or size points outside the file or store
+    │   │   └── OverlapError                 two chunks or tensors share bytes
+    │   ├── ChunkDecodeError                 a chunk is not exactly one well-formed zstd frame
+    │   │   └── ChunkSizeError               a chunk decompresses to other than its declared size
+    │   └── ChunkIntegrityError              a chunk's sha256 differs (every retry did)
+    ├── ConversionError (ValueError)         a source model cannot be converted
+    │   ├── SourceError                      the source folder or file is unreadable or inconsistent
+    │   └── UnsupportedArchitectureError     the model type is not one streamload runs
     ├── FetchError (OSError)                 the network or server failed (after retries)
     │   ├── HTTPStatusError                  an unexpected HTTP status
-    │   └── StalledError                     no bytes arrived within the read timeout
+    │   ├── StalledError                     no progress within the read timeout or rate floor
+    │   ├── SourceChangedError               the file on the server changed mid-download
+    │   └── RetryableError                   one attempt failed; the caller retries (internal)
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
-    ├── CacheError (OSError)                 the cache dir is unusable (full disk, permissions)
-    └── RuntimeModelError (ValueError)       the model cannot run (unknown architecture, bad input)
+    ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
+    └── RuntimeModelError (ValueError)       the model or its input cannot be run
 
-The format errors are defined in ``streamload.formats.errors`` (the format
-package imports nothing of ours) and re-exported here.
+Two signals of the threaded HTTP path never reach a caller: ``TransportUnsupported``
+(this response needs the general client) and ``TransportStatus`` (an error status,
+mapped to a FetchError by ``streamload.http``).
 """
 
 from __future__ import annotations
 
-from .formats.errors import (
-    BadMagicError,
-    ChunkDecodeError,
-    ChunkIntegrityError,
-    ChunkSizeError,
-    ConversionError,
-    FormatError,
-    ManifestDecodeError,
-    ManifestSchemaError,
-    ManifestTooLargeError,
-    OutOfBoundsError,
-    OverlapError,
-    SourceError,
-    StreamloadError,
-    UnknownDTypeError,
-    UnsupportedArchitectureError,
-    UnsupportedVersionError,
-)
+
+class StreamloadError(Exception):
+    """Base class of every error streamload raises on purpose."""
+
+
+# ------------------------------------------------------------------ the container format
+
+
+class FormatError(StreamloadError, ValueError):
+    """A .slm file, manifest or model config is malformed."""
+
+
+class BadMagicError(FormatError):
+    """The file does not start with the .slm magic bytes."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's format version is not one this reader reads."""
+
+
+class ManifestTooLargeError(FormatError):
+    """The declared manifest size is over the reader's cap."""
+
+
+class ManifestDecodeError(FormatError):
+    """The manifest bytes are not valid msgpack."""
+
+
+class ManifestSchemaError(FormatError):
+    """A manifest field is missing, has the wrong type or an impossible value."""
+
+
+class UnknownDTypeError(ManifestSchemaError):
+    """A tensor declares a dtype this reader does not know."""
+
+
+class OutOfBoundsError(ManifestSchemaError):
+    """An offset or size points outside the file, the data region or the layer store."""
+
+
+class OverlapError(ManifestSchemaError):
+    """Two chunks or two tensors claim the same bytes."""
+
+
+class ChunkDecodeError(FormatError):
+    """A chunk is not exactly one well-formed zstd frame."""
+
+
+class ChunkSizeError(ChunkDecodeError):
+    """A chunk declares or yields a raw size other than the manifest's (a decompression bomb, or damage)."""
+
+
+class ChunkIntegrityError(FormatError):
+    """A chunk's sha256 does not match the manifest; its bytes must never be used."""
+
+    def __init__(self, message: str, *, layer_index: int, chunk_index: int) -> None:
+        super().__init__(message)
+        self.layer_index = layer_index
+        self.chunk_index = chunk_index
+
+
+# ------------------------------------------------------------------ conversion
+
+
+class ConversionError(StreamloadError, ValueError):
+    """A source model cannot be converted."""
+
+
+class SourceError(ConversionError):
+    """The source folder or file is missing, unreadable or inconsistent."""
+
+
+class UnsupportedArchitectureError(ConversionError):
+    """The source's model type is not one streamload can run."""
+
+
+# ------------------------------------------------------------------ the network
 
 
 class FetchError(StreamloadError, OSError):
@@ -55,7 +126,35 @@ class HTTPStatusError(FetchError):
 
 
 class StalledError(FetchError):
-    """No bytes arrived for longer than the read timeout."""
+    """No bytes (or too few) arrived within the read timeout or the minimum-rate window."""
+
+
+class SourceChangedError(FetchError):
+    """The file on the server was replaced while it was being downloaded."""
+
+
+class RetryableError(FetchError):
+    """One attempt failed in a way another attempt may not (reset, 5xx, short body)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TransportUnsupported(Exception):
+    """Internal: this server or response needs the general HTTP client."""
+
+
+class TransportStatus(Exception):
+    """Internal: the threaded path got an error status (mapped to a FetchError by the caller)."""
+
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+# ------------------------------------------------------------------ the rest
 
 
 class DigestMismatchError(StreamloadError, ValueError):
@@ -86,10 +185,14 @@ __all__ = [
     "ManifestTooLargeError",
     "OutOfBoundsError",
     "OverlapError",
+    "RetryableError",
     "RuntimeModelError",
+    "SourceChangedError",
     "SourceError",
     "StalledError",
     "StreamloadError",
+    "TransportStatus",
+    "TransportUnsupported",
     "UnknownDTypeError",
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from .errors import FetchError, HTTPStatusError, StalledError
+from .errors import FetchError, HTTPStatusError, RetryableError, StalledError
 from .formats import Manifest
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
@@ -93,13 +93,6 @@ class BodyReader:
             if take < len(block):
                 self._carry = memoryview(block)[take:]
 
-
-class RetryableError(FetchError):
-    """A failure worth retrying, with the server's Retry-After if it sent one."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 def parse_retry_after(value: str | None) -> float | None:

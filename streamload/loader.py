@@ -47,8 +47,9 @@ import zstandard
 
 from .cache import ModelCache, default_cache_dir
 from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, StalledError, StreamloadError
-from .fetch import BodyKind, BodyReader, Backoff, Header, HttpOrigin, RangeResponse, RetryableError, RetryPolicy, body_errors, fetch_header, http_status_error, parse_header
-from .rawhttp import RawRange, StatusError, Unsupported
+from .fetch import BodyKind, BodyReader, Backoff, Header, HttpOrigin, RangeResponse, RetryPolicy, body_errors, fetch_header, http_status_error, parse_header
+from .rawhttp import RawRange
+from .errors import RetryableError, TransportStatus, TransportUnsupported
 from .formats import ChunkEntry, Manifest, QuantScheme, decompress_chunk, verify_chunk, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed
@@ -596,11 +597,11 @@ class _Loader:
             return await RawRange.open(
                 self.source, start, end, if_range=self.origin.etag, connect_timeout_s=self.retry.connect_timeout_s, read_timeout_s=self.retry.stall_timeout_s
             )
-        except (Unsupported, ssl.SSLError) as exc:  # TLS the fast path cannot settle: aiohttp decides (and words any error)
+        except (TransportUnsupported, ssl.SSLError) as exc:  # TLS the fast path cannot settle: aiohttp decides (and words any error)
             logger.info("%s: using the general HTTP client (%s)", self.source, exc)
             self.fast_path = False
             return None
-        except StatusError as exc:
+        except TransportStatus as exc:
             raise http_status_error(self.source, exc.status, "", exc.retry_after) from None
         except TimeoutError:
             raise StalledError(f"{self.source}: no response within {self.retry.stall_timeout_s:.0f} s") from None

@@ -11,7 +11,7 @@ is still in that core's cache.
 
 It speaks just enough HTTP/1.1 for one ranged GET: a ``206`` with
 ``Content-Length`` and a matching ``Content-Range``. Anything else raises
-``Unsupported`` and the caller uses aiohttp instead, so correctness never
+``TransportUnsupported`` and the caller uses aiohttp instead, so correctness never
 depends on this module. Over ``https://`` the connection and TLS handshake are
 made on a helper thread (an ``ssl.SSLSocket`` cannot be driven by the event
 loop's socket calls), and the threads reading the body also decrypt it.
@@ -28,22 +28,11 @@ import ssl
 import urllib.parse
 from collections.abc import Callable
 
+from .errors import TransportStatus, TransportUnsupported
+
 HEADER_LIMIT_BYTES = 64 << 10
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-class Unsupported(Exception):
-    """This response is not the simple case; use the general client."""
-
-
-class StatusError(Exception):
-    """The server answered with an error status the caller must handle as such (retry, or give up)."""
-
-    def __init__(self, status: int, retry_after: str | None) -> None:
-        super().__init__(f"status {status}")
-        self.status = status
-        self.retry_after = retry_after
 
 
 class RawRange:
@@ -75,12 +64,12 @@ class RawRange:
         """Connect, send ``GET`` with ``Range: bytes=start-(end-1)`` and parse the head.
 
         ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
-        Raises Unsupported (use the general client), StatusError (an error status),
+        Raises TransportUnsupported (use the general client), TransportStatus (an error status),
         TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
         """
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-            raise Unsupported("only http and https URLs without credentials take the fast path")
+            raise TransportUnsupported("only http and https URLs without credentials take the fast path")
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         lines = [
             f"GET {target} HTTP/1.1",
@@ -107,13 +96,13 @@ class RawRange:
             head_end = head.find(b"\r\n\r\n", 0, received)
             status, headers = _parse_head(bytes(head[:head_end]))
             if status >= 400:
-                raise StatusError(status, headers.get("retry-after"))
+                raise TransportStatus(status, headers.get("retry-after"))
             if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
-                raise Unsupported(f"status {status} or an encoded body")
+                raise TransportUnsupported(f"status {status} or an encoded body")
             match = _CONTENT_RANGE.match(headers.get("content-range", ""))
             length = headers.get("content-length", "")
             if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1 or not length.isdigit() or int(length) != end - start:
-                raise Unsupported("Content-Range or Content-Length do not match the request")
+                raise TransportUnsupported("Content-Range or Content-Length do not match the request")
             total = None if match.group(3) == "*" else int(match.group(3))
             sock.settimeout(read_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
             return cls(sock, total, headers.get("etag"), bytes(head[head_end + 4 : received]))
@@ -186,7 +175,7 @@ def _head_complete(head: bytearray, received: int) -> bool:
     if head.find(b"\r\n\r\n", 0, received) >= 0:
         return True
     if received == len(head):
-        raise Unsupported("response headers over 64 KiB")
+        raise TransportUnsupported("response headers over 64 KiB")
     return False
 
 
@@ -230,16 +219,16 @@ async def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     match = _STATUS.match(head)
     if match is None:
-        raise Unsupported("not an HTTP/1.x response")
+        raise TransportUnsupported("not an HTTP/1.x response")
     headers: dict[str, str] = {}
     for line in head.split(b"\r\n")[1:]:
         if not line:
             continue
         name, sep, value = line.partition(b":")
         if not sep:
-            raise Unsupported("malformed header line")
+            raise TransportUnsupported("malformed header line")
         key = name.strip().decode("latin-1").lower()
         if key in headers:
-            raise Unsupported(f"repeated {key} header")
+            raise TransportUnsupported(f"repeated {key} header")
         headers[key] = value.strip().decode("latin-1")
     return int(match.group(1)), headers

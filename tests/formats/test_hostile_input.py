@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamload.formats import errors
+from streamload import errors
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 from streamload.formats.reader import encode_preamble

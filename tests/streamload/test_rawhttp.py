@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streamload.rawhttp import RawRange, StatusError, Unsupported
+from streamload.errors import TransportStatus, TransportUnsupported
+from streamload.rawhttp import RawRange
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 
@@ -98,19 +99,19 @@ async def test_a_weak_etag_is_never_sent_as_if_range() -> None:
 )
 async def test_anything_but_the_plain_206_asked_for_is_unsupported(head: bytes) -> None:
     async with scripted(Script(head, [b""])) as url:
-        with pytest.raises(Unsupported):
+        with pytest.raises(TransportUnsupported):
             await open_range(url, 100, 164)
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:1/m.slm", "http://user:secret@127.0.0.1:1/m.slm", "https://user@127.0.0.1:1/m.slm"])
 async def test_other_schemes_and_credentials_go_to_the_general_client(url: str) -> None:
-    with pytest.raises(Unsupported):
+    with pytest.raises(TransportUnsupported):
         await open_range(url, 0, 10)
 
 
 async def test_an_error_status_carries_retry_after() -> None:
     async with scripted(Script(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n", [b""])) as url:
-        with pytest.raises(StatusError) as info:
+        with pytest.raises(TransportStatus) as info:
             await open_range(url, 0, 10)
     assert info.value.status == 503 and info.value.retry_after == "7"
 
