@@ -17,8 +17,10 @@ from .errors import (
     StalledError,
     StreamloadError,
 )
-from .fetch import RetryPolicy
-from .loader import DownloadStats, Layer, Model, Progress, open, read_remote_header
+from .httputil import RetryPolicy
+from .layer import Layer
+from .model import Model, open, read_remote_header
+from .stats import DownloadStats, Progress
 from .sync import SyncModel, load
 
 __all__ = [

@@ -90,7 +90,7 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.source.startswith(("http://", "https://")):
-        from .loader import read_remote_header
+        from .model import read_remote_header
 
         manifest, size = asyncio.run(read_remote_header(args.source))
         summary = summarize_manifest(manifest)
@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 class ProgressBar:
-    """An `ollama pull`-style bar on stderr, fed by the loader's progress callback."""
+    """An `ollama pull`-style bar on stderr, fed by the download progress callback."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label = label
@@ -175,11 +175,11 @@ def cache_dir_of(args: argparse.Namespace) -> Path:
 
 
 async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
-    from . import loader
+    from . import model as streamload_model
 
     bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with loader.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+        async with streamload_model.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
             stats = await model.wait_complete()
             return {
                 "path": str(model.path),
@@ -227,13 +227,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     import numpy as np
 
-    from . import loader
+    from . import model as streamload_model
     from .runtime import run
 
     started = time.perf_counter()
     bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with loader.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+        async with streamload_model.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
             if args.save_logits and model.manifest.architecture != "llama":
                 raise RuntimeModelError(f"--save-logits needs a decoder; this model is a {model.manifest.architecture} encoder")
             result = await run(

@@ -5,7 +5,7 @@ in user space (parser slice, stream buffer join, our chunk buffer). Here the
 connection is opened on the event loop (connect, request, response head), and
 then the body is read with blocking ``recv_into`` straight into chunk buffers,
 one copy from the kernel, by the threads that verify the chunks (see
-``streamload.loader``'s span pump): the event loop does no per-byte work, and a
+``streamload.pipeline``): the event loop does no per-byte work, and a
 chunk is hashed, decompressed and stored by the thread that received it while it
 is still in that core's cache.
 
@@ -25,106 +25,44 @@ import functools
 import re
 import socket
 import ssl
+import time
 import urllib.parse
 from collections.abc import Callable
 
 from .errors import TransportStatus, TransportUnsupported
+from .httputil import RetryPolicy, parse_content_range, range_headers
+from .transport import SpanReader
 
 HEADER_LIMIT_BYTES = 64 << 10
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-class RawRange:
-    """One ranged GET over its own connection: ``open`` on the event loop, then ``read_into`` on threads.
+class SocketReader(SpanReader):
+    """One ranged GET over its own connection: opened on the event loop, its body read by pool threads.
 
-    ``read_into`` blocks and must not run on the event loop; callers serialize it
-    (one reader at a time, in body order). ``abort`` may be called from any
-    thread to make a blocked reader fail at once; ``close`` once no reader is left.
+    ``_recv_into`` blocks; the caller serializes reads (one reader at a time, in
+    body order). ``abort`` may be called from any thread to make a blocked reader
+    fail at once; ``close`` once no reader is left.
     """
 
-    def __init__(self, sock: socket.socket, total_size_bytes: int | None, etag: str | None, leftover: bytes) -> None:
+    def __init__(self, sock: socket.socket, start: int, total_size_bytes: int | None, etag: str | None, leftover: bytes, url: str, policy: RetryPolicy) -> None:
+        super().__init__(start, whole_file=False, total_size_bytes=total_size_bytes, etag=etag, policy=policy)
         self._sock = sock
         self._leftover = memoryview(leftover)  # body bytes that arrived with the response head
-        self.total_size_bytes = total_size_bytes
-        self.etag = etag
+        self.url = url
 
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        start: int,
-        end: int,
-        *,
-        if_range: str | None,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> RawRange:
-        """Connect, send ``GET`` with ``Range: bytes=start-(end-1)`` and parse the head.
-
-        ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
-        Raises TransportUnsupported (use the general client), TransportStatus (an error status),
-        TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
-        """
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-            raise TransportUnsupported("only http and https URLs without credentials take the fast path")
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {parts.netloc}",
-            f"Range: bytes={start}-{end - 1}",
-            "Accept-Encoding: identity",
-            "Connection: close",
-            "User-Agent: streamload",
-        ]
-        if if_range and not if_range.startswith("W/"):
-            lines.append(f"If-Range: {if_range}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if parts.scheme == "https":
-            context = ssl_context or _default_tls_context()
-            sock, head, received = await _in_thread(_open_tls, parts.hostname, parts.port or 443, request, context, connect_timeout_s, read_timeout_s)
-        else:
-            sock = await _connect(parts.hostname, parts.port or 80, connect_timeout_s)
-            try:
-                head, received = await _exchange(sock, request, read_timeout_s)
-            except BaseException:
-                sock.close()
-                raise
-        try:
-            head_end = head.find(b"\r\n\r\n", 0, received)
-            status, headers = _parse_head(bytes(head[:head_end]))
-            if status >= 400:
-                raise TransportStatus(status, headers.get("retry-after"))
-            if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
-                raise TransportUnsupported(f"status {status} or an encoded body")
-            match = _CONTENT_RANGE.match(headers.get("content-range", ""))
-            length = headers.get("content-length", "")
-            if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1 or not length.isdigit() or int(length) != end - start:
-                raise TransportUnsupported("Content-Range or Content-Length do not match the request")
-            total = None if match.group(3) == "*" else int(match.group(3))
-            sock.settimeout(read_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
-            return cls(sock, total, headers.get("etag"), bytes(head[head_end + 4 : received]))
-        except BaseException:
-            sock.close()
-            raise
-
-    def read_into(self, target: memoryview) -> None:
-        """Fill target with the next body bytes (blocking). OSError when the connection breaks, TimeoutError when it stalls."""
-        filled = min(self._leftover.nbytes, target.nbytes)
-        if filled:
-            target[:filled] = self._leftover[:filled]
-            self._leftover = self._leftover[filled:]
-        size = target.nbytes
-        while filled < size:
-            count = self._sock.recv_into(target[filled:], size - filled)
-            if count == 0:
-                raise ConnectionResetError("the server closed the connection mid-body")
-            filled += count
+    def _recv_into(self, target: memoryview) -> int:
+        if self._leftover.nbytes:
+            count = min(self._leftover.nbytes, target.nbytes)
+            target[:count] = self._leftover[:count]
+            self._leftover = self._leftover[count:]
+            return count
+        count = self._sock.recv_into(target, target.nbytes)
+        if count == 0:
+            raise ConnectionResetError("the server closed the connection mid-body")
+        return count
 
     def abort(self) -> None:
-        """Make a blocked or later ``read_into`` fail at once (any thread)."""
         with contextlib.suppress(OSError):
             # the plain socket's shutdown(2), also for TLS: SSLSocket.shutdown would drop the SSL
             # object under a thread that is reading with it
@@ -132,6 +70,64 @@ class RawRange:
 
     def close(self) -> None:
         self._sock.close()
+
+
+async def open_socket_span(
+    url: str,
+    start: int,
+    end: int | None,
+    *,
+    etag: str | None,
+    policy: RetryPolicy,
+    ssl_context: ssl.SSLContext | None = None,
+) -> SocketReader:
+    """Connect, send ``GET`` for bytes [start, end) (end None: to the end of the file) and parse the head.
+
+    ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
+    The whole head must arrive within ``policy.header_timeout_s``.
+    Raises TransportUnsupported (use the general client), TransportStatus (an error status),
+    TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise TransportUnsupported("only http and https URLs without credentials take the fast path")
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}"]
+    lines += [f"{name}: {value}" for name, value in range_headers(start, end, etag).items()]
+    lines += ["Connection: close", "User-Agent: streamload"]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if parts.scheme == "https":
+        context = ssl_context or _default_tls_context()
+        sock, head, received = await _in_thread(
+            _open_tls, parts.hostname, parts.port or 443, request, context, policy.connect_timeout_s, policy.header_timeout_s, policy.stall_timeout_s
+        )
+    else:
+        sock = await _connect(parts.hostname, parts.port or 80, policy.connect_timeout_s)
+        try:
+            head, received = await _exchange(sock, request, policy.header_timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+    try:
+        head_end = head.find(b"\r\n\r\n", 0, received)
+        status, headers = _parse_head(bytes(head[:head_end]))
+        if status >= 400:
+            raise TransportStatus(status, headers.get("retry-after"))
+        if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
+            raise TransportUnsupported(f"status {status} or an encoded body")
+        parsed = parse_content_range(headers.get("content-range"))
+        length = headers.get("content-length", "")
+        if parsed is None or parsed[0] != start or not length.isdigit():
+            raise TransportUnsupported("Content-Range or Content-Length do not match the request")
+        first, last, total = parsed
+        expected_last = (end if end is not None else (total if total is not None else -1)) - 1
+        if last != expected_last or int(length) != last + 1 - first:
+            raise TransportUnsupported("Content-Range or Content-Length do not match the request")
+        sock.settimeout(policy.stall_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
+        return SocketReader(sock, start, total, headers.get("etag"), bytes(head[head_end + 4 : received]), url, policy)
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def _exchange(sock: socket.socket, request: bytes, timeout_s: float) -> tuple[bytearray, int]:
@@ -149,8 +145,10 @@ async def _exchange(sock: socket.socket, request: bytes, timeout_s: float) -> tu
     return head, received
 
 
-def _open_tls(host: str, port: int, request: bytes, context: ssl.SSLContext, connect_timeout_s: float, read_timeout_s: float) -> tuple[ssl.SSLSocket, bytearray, int]:
-    """On a helper thread: connect, handshake, send the request, receive the response head."""
+def _open_tls(
+    host: str, port: int, request: bytes, context: ssl.SSLContext, connect_timeout_s: float, header_timeout_s: float, read_timeout_s: float
+) -> tuple[ssl.SSLSocket, bytearray, int]:
+    """On a helper thread: connect, handshake, send the request, receive the response head (within header_timeout_s)."""
     raw = socket.create_connection((host, port), timeout=connect_timeout_s)
     sock: socket.socket = raw
     try:
@@ -160,7 +158,10 @@ def _open_tls(host: str, port: int, request: bytes, context: ssl.SSLContext, con
         sock.sendall(request)
         head = bytearray(HEADER_LIMIT_BYTES)
         received = 0
+        deadline = time.monotonic() + header_timeout_s
         while not _head_complete(head, received):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete response head within {header_timeout_s:.0f} s")
             count = sock.recv_into(memoryview(head)[received:])
             if count == 0:
                 raise ConnectionResetError("the server closed the connection before answering")

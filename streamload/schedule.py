@@ -1,91 +1,214 @@
-"""Which chunks to fetch next: file (= execution) order, with requested layers moved to the front."""
+"""Which chunks to fetch next: file (= execution) order, with demanded chunks first; the only place spans are cut.
+
+Every chunk is pending, taken (its bytes are on the way or being verified) or
+done. ``take_span`` hands out the highest-priority pending chunk plus the
+pending chunks right after it in the file, for one request. A demand (a layer
+someone awaits) moves its chunks ahead of the rest; when a demand has pending
+chunks that no running span will reach, the running spans are cut: each ends at
+its next chunk boundary and gives back what it did not receive. A span over a
+whole-file body (a server that ignores Range) is never cut: a new request would
+start again from byte 0.
+
+Costs: every operation is O(1) amortized per chunk (cursors only move forward,
+except over chunks given back); a demand costs O(its chunks) once. All methods
+run on the event loop, except that pool threads read ``Span.cut``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import collections
+import dataclasses
+import threading
+from collections.abc import Iterable, Sequence
 
 from .formats import ChunkEntry
 
+PENDING, TAKEN, DONE = 0, 1, 2
+
+
+@dataclasses.dataclass(eq=False)
+class Span:
+    """Contiguous chunks fetched with one request and received by pool threads in turn."""
+
+    chunks: list[ChunkEntry]
+    cuttable: bool = True
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    received: int = 0  # chunks[:received] came off the connection
+    cut: bool = False  # end at the next chunk boundary (set by the scheduler)
+    error: BaseException | None = None  # the first failure: the span's outcome
+    abort: object = None  # called with no argument to make a blocked reader fail (set by whoever reads the span)
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """End the span at the next chunk boundary; with an error, also abort its connection (any thread)."""
+        self.cut = True
+        if error is not None and self.error is None:
+            self.error = error
+            if callable(self.abort):
+                self.abort()
+
+
+class _Demand:
+    """Positions someone waits for, in file order, with a cursor past those no longer pending."""
+
+    __slots__ = ("positions", "cursor")
+
+    def __init__(self, positions: Sequence[int]) -> None:
+        self.positions = positions
+        self.cursor = 0
+
 
 class ChunkScheduler:
-    """Pending chunks, handed out as spans of contiguous chunks for one ranged request each.
+    """Pending chunks of one model, handed out as spans of contiguous chunks."""
 
-    A chunk is pending, taken (its bytes are on the way or being verified), or
-    done. A taken chunk that fails comes back as pending; ``finished`` means
-    nothing is pending or taken.
-    """
-
-    def __init__(self, chunks: Iterable[ChunkEntry]) -> None:
-        self._pending: dict[int, ChunkEntry] = {c.index: c for c in chunks}  # insertion = file order
-        self._taken: set[int] = set()
-        self._urgent_layers: list[int] = []  # in the order they were asked for
+    def __init__(self, chunks: Sequence[ChunkEntry], done_indices: Iterable[int] = ()) -> None:
+        self._chunks = chunks  # the manifest's chunks in file order; a position is an index into this
+        done = set(done_indices)
+        self._state = bytearray(DONE if c.index in done else PENDING for c in chunks)
+        self._position_of = {c.index: p for p, c in enumerate(chunks)}
+        self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
+        for position, chunk in enumerate(chunks):
+            self._layer_positions[chunk.layer_index].append(position)
+        self._pending = self._state.count(PENDING)
+        self._pending_bytes = sum(c.size_bytes for c, s in zip(chunks, self._state) if s == PENDING)
+        self._taken = 0
+        self._cursor = 0  # no pending chunk before it
+        self._urgent = bytearray(len(chunks))  # 1: some demand wants this position
+        self._urgent_pending = 0  # pending positions that a demand wants
+        self._demands: collections.deque[_Demand] = collections.deque()
+        self._running: set[Span] = set()
         self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------ state
 
     @property
     def finished(self) -> bool:
-        return not self._pending and not self._taken
+        return self._pending == 0 and self._taken == 0
 
     @property
     def pending_bytes(self) -> int:
-        return sum(c.size_bytes for c in self._pending.values())
+        return self._pending_bytes
 
-    def prioritize(self, layer_index: int) -> None:
-        """Fetch this layer's pending chunks before any other not yet taken."""
-        if layer_index not in self._urgent_layers and any(c.layer_index == layer_index for c in self._pending.values()):
-            self._urgent_layers.append(layer_index)
-            self._changed.set()
+    def is_pending_or_taken(self, chunk: ChunkEntry) -> bool:
+        return self._state[self._position_of[chunk.index]] != DONE
 
     def urgent_waiting(self) -> bool:
-        """True when a layer someone asked for has chunks nobody has taken yet."""
-        return any(c.layer_index in self._urgent_layers for c in self._pending.values())
+        """True when a chunk someone waits for is pending (nobody is fetching it)."""
+        return self._urgent_pending > 0
 
-    def _first(self) -> ChunkEntry | None:
-        for layer in list(self._urgent_layers):
-            for chunk in self._pending.values():
-                if chunk.layer_index == layer:
-                    return chunk
-            self._urgent_layers.remove(layer)
-        return next(iter(self._pending.values()), None)
+    # ------------------------------------------------------------ demand
 
-    def take_span(self, max_bytes: int) -> list[ChunkEntry]:
+    def prioritize(self, layer_index: int) -> None:
+        """Fetch this layer's pending chunks before any other not yet taken; cut running spans that would not reach them."""
+        self.demand(self._layer_positions.get(layer_index, []))
+
+    def demand(self, positions: Sequence[int]) -> None:
+        added = False
+        for position in positions:
+            if not self._urgent[position]:
+                self._urgent[position] = 1
+                if self._state[position] == PENDING:
+                    self._urgent_pending += 1
+                    added = True
+        if added:
+            self._demands.append(_Demand(positions))
+            self._changed.set()
+            self._cut_running()
+
+    def _cut_running(self) -> None:
+        if self._urgent_pending:
+            for span in self._running:
+                if span.cuttable:
+                    span.cut = True
+
+    # ------------------------------------------------------------ handing out
+
+    def _first(self) -> int | None:
+        """The position of the highest-priority pending chunk."""
+        while self._urgent_pending and self._demands:
+            demand = self._demands[0]
+            while demand.cursor < len(demand.positions) and self._state[demand.positions[demand.cursor]] != PENDING:
+                demand.cursor += 1
+            if demand.cursor < len(demand.positions):
+                return demand.positions[demand.cursor]
+            self._demands.popleft()
+        while self._cursor < len(self._state) and self._state[self._cursor] != PENDING:
+            self._cursor += 1
+        return self._cursor if self._cursor < len(self._state) else None
+
+    def _take(self, position: int) -> ChunkEntry:
+        self._state[position] = TAKEN
+        self._pending -= 1
+        self._taken += 1
+        chunk = self._chunks[position]
+        self._pending_bytes -= chunk.size_bytes
+        if self._urgent[position]:
+            self._urgent_pending -= 1
+        return chunk
+
+    def take_span(self, max_bytes: int) -> Span | None:
         """The highest-priority pending chunk plus the pending chunks right after it in the file, up to max_bytes."""
         first = self._first()
         if first is None:
-            return []
-        span = [first]
-        size = first.size_bytes
-        candidate = self._pending.get(first.index + 1)
-        while candidate is not None and candidate.offset == span[-1].end and size + candidate.size_bytes <= max_bytes:
-            span.append(candidate)
+            return None
+        chunks = [self._take(first)]
+        size = chunks[0].size_bytes
+        position = first + 1
+        while position < len(self._state) and self._state[position] == PENDING:
+            candidate = self._chunks[position]
+            if candidate.offset != chunks[-1].end or size + candidate.size_bytes > max_bytes:
+                break
+            chunks.append(self._take(position))
             size += candidate.size_bytes
-            candidate = self._pending.get(candidate.index + 1)
-        for chunk in span:
-            del self._pending[chunk.index]
-            self._taken.add(chunk.index)
+            position += 1
+        span = Span(chunks)
+        self._running.add(span)
         return span
 
-    def take_all(self) -> list[ChunkEntry]:
-        """Every pending chunk, in file order (for a server that can only send the whole file)."""
-        chunks = sorted(self._pending.values(), key=lambda c: c.index)
-        self._pending.clear()
-        self._taken.update(c.index for c in chunks)
-        return chunks
+    def take_all(self) -> Span | None:
+        """Every pending chunk in file order, as one span that cannot be cut (a server that sends only the whole file)."""
+        chunks = [self._take(p) for p in range(len(self._state)) if self._state[p] == PENDING]
+        if not chunks:
+            return None
+        span = Span(chunks, cuttable=False)
+        self._running.add(span)
+        return span
+
+    # ------------------------------------------------------------ outcomes
 
     def done(self, chunk: ChunkEntry) -> None:
-        self._taken.discard(chunk.index)
-        self._changed.set()
+        position = self._position_of[chunk.index]
+        if self._state[position] == TAKEN:
+            self._state[position] = DONE
+            self._taken -= 1
+            self._changed.set()
 
     def give_back(self, chunks: Iterable[ChunkEntry]) -> None:
-        """Chunks whose bytes did not arrive or failed verification: pending again, in file order."""
-        returned = {c.index: c for c in chunks if c.index in self._taken}
-        if not returned:
-            return
-        for index in returned:
-            self._taken.discard(index)
-        merged = {**self._pending, **returned}
-        self._pending = dict(sorted(merged.items()))
-        self._changed.set()
+        """Chunks whose bytes did not arrive or failed verification: pending again."""
+        returned = False
+        for chunk in chunks:
+            position = self._position_of[chunk.index]
+            if self._state[position] != TAKEN:
+                continue
+            self._state[position] = PENDING
+            self._taken -= 1
+            self._pending += 1
+            self._pending_bytes += chunk.size_bytes
+            self._cursor = min(self._cursor, position)
+            if self._urgent[position]:
+                self._urgent_pending += 1
+                self._demands.appendleft(_Demand([position]))
+            returned = True
+        if returned:
+            self._changed.set()
+            self._cut_running()
+
+    def finish_span(self, span: Span) -> list[ChunkEntry]:
+        """A span's request ended: give back what it did not receive; returns those chunks."""
+        self._running.discard(span)
+        missed = span.chunks[span.received :]
+        self.give_back(missed)
+        return missed
 
     async def wait_for_change(self) -> None:
         self._changed.clear()

@@ -1,4 +1,4 @@
-"""A blocking wrapper for apps that are not async: the event loop runs on a private thread."""
+"""The blocking face for apps that are not async: a ``Model`` whose waits run on a private event-loop thread."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-from .formats import Manifest
-from .loader import DownloadStats, Layer, Model, open
+from .layer import Layer
+from .model import Model, open
+from .stats import DownloadStats
 
 
-class SyncModel:
-    """The blocking twin of ``Model``; get one from ``streamload.load``.
+class SyncModel(Model):
+    """The blocking twin of ``Model`` (every property is Model's own); get one from ``streamload.load``.
 
     Example:
         >>> with streamload.load("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
@@ -28,43 +29,25 @@ class SyncModel:
         self._thread.start()
         self._context = open(source, **options)
         try:
-            self._model: Model = self._run(self._context.__aenter__())
+            model: Model = self._run(self._context.__aenter__())
         except BaseException:
             self._stop()
             raise
+        super().__init__(model._session)
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    @property
-    def manifest(self) -> Manifest:
-        return self._model.manifest
+    def layer(self, index: int) -> Layer:  # type: ignore[override]
+        """Block until layer ``index`` is ready (moving it to the front of the queue)."""
+        return self._run(Model.layer(self, index))
 
-    @property
-    def config(self) -> Mapping[str, Any]:
-        return self._model.config
-
-    @property
-    def digest(self) -> str:
-        return self._model.digest
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._model.tokenizer
-
-    @property
-    def stats(self) -> DownloadStats:
-        return self._model.stats
-
-    def layer(self, index: int) -> Layer:
-        return self._run(self._model.layer(index))
-
-    def layers(self) -> Iterator[tuple[int, Layer]]:
+    def layers(self) -> Iterator[tuple[int, Layer]]:  # type: ignore[override]
         for index in range(len(self.manifest.layers)):
             yield index, self.layer(index)
 
-    def wait_complete(self) -> DownloadStats:
-        return self._run(self._model.wait_complete())
+    def wait_complete(self) -> DownloadStats:  # type: ignore[override]
+        return self._run(Model.wait_complete(self))
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from .errors import StreamloadError
-from .loader import LayerSpans
+from .stats import LayerSpans
 from .runtime.timeline import LayerTiming
 
 

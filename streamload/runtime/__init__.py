@@ -7,15 +7,19 @@ as that layer has arrived and runs on a worker thread, so the download goes on.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import RuntimeModelError
-from ..loader import Model
 from . import bert, llama
 from .timeline import LayerTiming, Timeline
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 SUPPORTED_ARCHITECTURES = ("bert", "llama")
 

@@ -7,14 +7,17 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import RuntimeModelError
-from ..loader import Layer, Model
+from ..layer import Layer
 from . import ops
 from .timeline import Timeline
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

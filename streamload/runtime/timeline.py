@@ -6,9 +6,12 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TYPE_CHECKING, TypeVar
 
-from ..loader import Layer, Model
+from ..layer import Layer
+
+if TYPE_CHECKING:
+    from ..model import Model
 
 T = TypeVar("T")
 

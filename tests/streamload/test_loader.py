@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 import streamload
-from streamload import loader
+from streamload.cache import commit_due
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
 from streamload.formats.mutate import join_file, split_file
@@ -48,7 +48,7 @@ async def open_via(receive_path: str, url: str, **kwargs: object) -> AsyncIterat
             kwargs["session"] = await stack.enter_async_context(aiohttp.ClientSession())
         model = await stack.enter_async_context(streamload.open(url, **kwargs))  # type: ignore[arg-type]
         yield model
-        assert model._loader.fast_path is (receive_path == "threads")  # the path under test is the one that ran
+        assert model._session.source.fast_path is (receive_path == "threads")  # the path under test is the one that ran
 
 
 RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])
@@ -211,7 +211,7 @@ def test_sync_wrapper(server: ServerThread, tmp_path: Path, model_dir: Path) -> 
     [(0.5, 0.5, False), (1.2, 1.0, True), (1.2, 0.2, False), (4.9, 0.0, False), (5.1, 0.0, True), (2.0, 6.0, True)],
 )
 def test_group_commits_come_every_second_on_a_slow_link_and_every_five_when_the_cpu_is_the_limit(since_s: float, waited_s: float, due: bool) -> None:
-    assert loader.commit_due(since_s, waited_s) is due
+    assert commit_due(since_s, waited_s) is due
 
 
 def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep_slm: Path) -> None:

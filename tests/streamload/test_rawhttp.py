@@ -1,4 +1,4 @@
-"""The fast path's ranged GET (streamload/rawhttp.py) against scripted servers on loopback sockets."""
+"""The threaded socket path's ranged GET (streamload/rawhttp.py) against scripted servers on loopback sockets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streamload.errors import TransportStatus, TransportUnsupported
-from streamload.rawhttp import RawRange
+from streamload.errors import RetryableError, StalledError, TransportStatus, TransportUnsupported
+from streamload.httputil import RetryPolicy
+from streamload.rawhttp import SocketReader, open_socket_span
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 
@@ -57,8 +58,8 @@ async def scripted(script: Script) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/model.slm"
 
 
-async def open_range(url: str, start: int, end: int, *, if_range: str | None = None, read_timeout_s: float = 10.0) -> RawRange:
-    return await RawRange.open(url, start, end, if_range=if_range, connect_timeout_s=5.0, read_timeout_s=read_timeout_s)
+async def open_range(url: str, start: int, end: int, *, if_range: str | None = None, read_timeout_s: float = 10.0, **policy: float) -> SocketReader:
+    return await open_socket_span(url, start, end, etag=if_range, policy=RetryPolicy(connect_timeout_s=5.0, stall_timeout_s=read_timeout_s, **policy))
 
 
 async def test_a_206_body_is_read_in_order_including_the_bytes_that_came_with_the_head() -> None:
@@ -68,7 +69,8 @@ async def test_a_206_body_is_read_in_order_including_the_bytes_that_came_with_th
         stream = await open_range(url, 100, 100 + len(body), if_range='"abc"')
         try:
             parts = [bytearray(500), bytearray(4096), bytearray(len(body) - 4596)]
-            await asyncio.to_thread(lambda: [stream.read_into(memoryview(part)) for part in parts])
+            offsets = [100, 600, 4696]
+            await asyncio.to_thread(lambda: [stream.read_into(offset, memoryview(part)) for offset, part in zip(offsets, parts)])
         finally:
             stream.close()
     assert b"".join(parts) == body
@@ -120,8 +122,8 @@ async def test_a_server_closing_mid_body_is_a_connection_error() -> None:
     async with scripted(Script(head_206(0, 4096), [BODY[:1000]])) as url:
         stream = await open_range(url, 0, 4096)
         try:
-            with pytest.raises(ConnectionResetError, match="mid-body"):
-                await asyncio.to_thread(stream.read_into, memoryview(bytearray(4096)))
+            with pytest.raises(RetryableError, match="mid-body"):
+                await asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096)))
         finally:
             stream.close()
 
@@ -131,8 +133,8 @@ async def test_a_stalled_body_times_out() -> None:
         stream = await open_range(url, 0, 4096, read_timeout_s=0.3)
         try:
             started = time.perf_counter()
-            with pytest.raises(TimeoutError):
-                await asyncio.to_thread(stream.read_into, memoryview(bytearray(4096)))
+            with pytest.raises(StalledError):
+                await asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096)))
             assert time.perf_counter() - started < 5
         finally:
             stream.close()
@@ -147,8 +149,8 @@ async def test_abort_wakes_a_reader_blocked_on_a_stalled_body_at_once() -> None:
         def read() -> None:
             blocked.set()
             try:
-                stream.read_into(memoryview(bytearray(4096)))
-            except OSError as exc:
+                stream.read_into(0, memoryview(bytearray(4096)))
+            except RetryableError as exc:
                 failure.append(exc)
 
         reader = threading.Thread(target=read)
@@ -160,4 +162,38 @@ async def test_abort_wakes_a_reader_blocked_on_a_stalled_body_at_once() -> None:
         await asyncio.to_thread(reader.join, 5)
         stream.close()
     assert not reader.is_alive() and time.perf_counter() - started < 2
-    assert len(failure) == 1 and isinstance(failure[0], ConnectionResetError)
+    assert len(failure) == 1 and "mid-body" in str(failure[0])
+
+
+async def test_a_body_that_trickles_below_the_minimum_rate_is_stalled() -> None:
+    """One byte every 50 ms never trips the per-read timeout; the rate window does."""
+    pieces: list[bytes | None] = [b""] + [BODY[i : i + 1] for i in range(60)]
+    async with scripted(Script(head_206(0, 4096), pieces)) as url:
+        stream = await open_range(url, 0, 4096, read_timeout_s=5.0, min_rate_bytes_per_s=100.0, rate_window_s=0.5)
+        try:
+            started = time.perf_counter()
+            with pytest.raises(StalledError, match="minimum rate"):
+                await asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096)))
+            assert time.perf_counter() - started < 2
+        finally:
+            stream.close()
+
+
+async def test_a_response_head_that_trickles_in_hits_the_header_deadline() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 206 Partial Content\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # one header line every 0.1 s: each read succeeds, the head never ends
+                await asyncio.sleep(0.1)
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m.slm"
+        started = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await open_range(url, 0, 10, read_timeout_s=5.0, header_timeout_s=0.6)
+        assert time.perf_counter() - started < 3

@@ -16,7 +16,8 @@ import trustme
 from aiohttp import web
 
 from streamload.formats import ModelReader
-from streamload.rawhttp import RawRange
+from streamload.httputil import RetryPolicy
+from streamload.rawhttp import open_socket_span
 from streamload.server import ServerConfig, create_app
 from tests.checks import assert_cache_exact
 from tests.serving import ServerThread
@@ -45,16 +46,20 @@ def https_server(ca: trustme.CA, deep_slm: Path) -> Iterator[tuple[ServerThread,
         yield server, seen
 
 
+POLICY = RetryPolicy(connect_timeout_s=5, stall_timeout_s=10)
+
+
 async def test_a_ranged_body_is_read_over_tls(ca: trustme.CA, https_server: tuple[ServerThread, list], deep_slm: Path) -> None:
     server, _ = https_server
     client = ssl.create_default_context()
     ca.configure_trust(client)
     data = deep_slm.read_bytes()
     start, end = 1000, len(data) - 7
-    stream = await RawRange.open(server.url("deep.slm"), start, end, if_range=None, connect_timeout_s=5, read_timeout_s=10, ssl_context=client)
+    stream = await open_socket_span(server.url("deep.slm"), start, end, etag=None, policy=POLICY, ssl_context=client)
     try:
         pieces = [bytearray(size) for size in (100, 65536, end - start - 65636)]
-        await asyncio.to_thread(lambda: [stream.read_into(memoryview(piece)) for piece in pieces])
+        offsets = [start, start + 100, start + 65636]
+        await asyncio.to_thread(lambda: [stream.read_into(offset, memoryview(piece)) for offset, piece in zip(offsets, pieces)])
     finally:
         stream.close()
     assert b"".join(pieces) == data[start:end] and stream.total_size_bytes == len(data)
@@ -63,7 +68,7 @@ async def test_a_ranged_body_is_read_over_tls(ca: trustme.CA, https_server: tupl
 async def test_a_certificate_from_an_unknown_ca_is_refused(https_server: tuple[ServerThread, list]) -> None:
     server, _ = https_server
     with pytest.raises(ssl.SSLCertVerificationError):
-        await RawRange.open(server.url("deep.slm"), 0, 100, if_range=None, connect_timeout_s=5, read_timeout_s=10, ssl_context=ssl.create_default_context())
+        await open_socket_span(server.url("deep.slm"), 0, 100, etag=None, policy=POLICY, ssl_context=ssl.create_default_context())
 
 
 def test_fetch_over_https_receives_on_the_threaded_path(ca: trustme.CA, https_server: tuple[ServerThread, list], deep_slm: Path, tmp_path: Path) -> None:

@@ -1,0 +1,175 @@
+"""The public face: ``open`` a model from a URL or a file, and the ``Model`` whose layers arrive while it streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cache import default_cache_dir
+from .fetch import fetch_header
+from .errors import RetryableError, StalledError
+from .formats import Manifest
+from .httputil import Backoff, RetryPolicy
+from .layer import Layer
+from .session import DownloadSession, default_verify_threads
+from .stats import DownloadStats, LayerSpans, Progress
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
+class Model:
+    """An open model. Layers become available in execution order while the download runs.
+
+    Get one with ``streamload.open``; see its example.
+    """
+
+    def __init__(self, session: DownloadSession) -> None:
+        self._session = session
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._session.manifest
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self._session.manifest.config
+
+    @property
+    def digest(self) -> str:
+        return self._session.manifest.digest
+
+    @property
+    def path(self) -> Path:
+        """The model's cache directory."""
+        assert self._session.cache is not None
+        return self._session.cache.directory
+
+    @property
+    def stats(self) -> DownloadStats:
+        return self._session.stats
+
+    @property
+    def opened_at(self) -> float:
+        """``time.perf_counter()`` when the model was opened: layer_ready_s counts from here."""
+        return self._session.started
+
+    @property
+    def layer_ready_s(self) -> list[float | None]:
+        """Seconds from open until each layer was ready (None: not yet)."""
+        return list(self._session.ready_s)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The embedded tokenizer as a ``tokenizers.Tokenizer`` (None when the model has none)."""
+        return self._session.tokenizer()
+
+    def layer_spans(self) -> list[LayerSpans]:
+        """Per layer, when its chunks were received and when they were verified+decompressed+stored
+        (``time.perf_counter()`` values; None for layers that came from the cache)."""
+        chunk_spans = self._session.pipeline.chunk_spans if self._session.pipeline is not None else {}
+        times_by_layer: dict[int, list[list[float]]] = {}
+        for chunk in self.manifest.chunks:
+            if chunk.index in chunk_spans:
+                times_by_layer.setdefault(chunk.layer_index, []).append(chunk_spans[chunk.index])
+        spans = []
+        for layer in self.manifest.layers:
+            times = times_by_layer.get(layer.index)
+            if not times:
+                spans.append(LayerSpans(layer.index, layer.name, None, None))
+                continue
+            download = (min(t[0] for t in times), max(t[1] for t in times))
+            spans.append(LayerSpans(layer.index, layer.name, download, (min(t[2] for t in times), max(t[3] for t in times))))
+        return spans
+
+    async def layer(self, index: int) -> Layer:
+        """Wait for layer ``index`` (moving it to the front of the queue) and return its tensors.
+
+        Raises:
+            IndexError: no such layer.
+            StreamloadError: the download failed (ChunkIntegrityError, FetchError, CacheError...).
+        """
+        return await self._session.layer(index)
+
+    async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
+        """Yield (index, layer) in execution order, each as soon as it is ready."""
+        for index in range(len(self.manifest.layers)):
+            yield index, await self.layer(index)
+
+    async def wait_complete(self) -> DownloadStats:
+        """Wait until every chunk is in the cache; returns the run's stats."""
+        await asyncio.shield(self._session.complete)
+        return self._session.stats
+
+
+@contextlib.asynccontextmanager
+async def open(  # noqa: A001 - the library's verb, like builtins.open
+    source: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    digest: str | None = None,
+    connections: int = 1,
+    session: aiohttp.ClientSession | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    retry: RetryPolicy | None = None,
+    verify_threads: int | None = None,
+) -> AsyncIterator[Model]:
+    """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
+
+    Args:
+        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file.
+        cache_dir: where verified layers are kept (default ``$STREAMLOAD_CACHE`` or ``~/.cache/streamload``).
+        digest: refuse any model whose manifest digest differs (also lets a complete cache work offline).
+        connections: parallel ranged requests (1 keeps layers strictly in order: best time to layer 0).
+        session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call, made only when needed).
+        progress: called with a ``Progress`` at most every 0.1 s and at the end.
+        retry: retry and timeout policy for the network.
+        verify_threads: threads that receive, hash, decompress and store chunks (default:
+            cores + 1, at most 8: one thread waits on the connection while the others compute).
+
+    Raises:
+        FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
+        later failures surface from ``layer()`` and ``wait_complete()``.
+
+    Example:
+        >>> async with streamload.open("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
+        ...     async for index, layer in model.layers():
+        ...         print(index, layer.name, list(layer.tensors)[:2])
+    """
+    download = DownloadSession(
+        os.fspath(source),
+        cache_root=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        digest=digest,
+        connections=connections,
+        session=session,
+        progress=progress,
+        retry=retry or RetryPolicy(),
+        verify_threads=verify_threads or default_verify_threads(),
+    )
+    try:
+        await download.start()
+        yield Model(download)
+    finally:
+        await download.close()
+
+
+async def read_remote_header(url: str, *, session: aiohttp.ClientSession | None = None, retry: RetryPolicy | None = None) -> tuple[Manifest, int]:
+    """The manifest of a model URL and the file's size, with one or two small requests (no data)."""
+    from .http_source import HttpSource
+
+    policy = retry or RetryPolicy()
+    source = HttpSource(url, policy, session)
+    backoff = Backoff(policy, f"fetching the header of {url}")
+    try:
+        while True:
+            try:
+                header = await fetch_header(source)
+                return header.manifest, header.data_offset + header.manifest.data_size_bytes
+            except (RetryableError, StalledError) as exc:
+                await backoff.wait(exc)
+    finally:
+        await source.close()

@@ -1,0 +1,391 @@
+"""One model's download session: header -> cache -> scheduler -> pipeline -> layer readiness, top to bottom.
+
+``start`` reads the header (from the source, or from the cache when the model is
+pinned and complete, or offline), opens the cache and schedules what the journal
+lacks; workers then take spans from the scheduler, open them on the source and
+hand them to the chunk pipeline, whose one completion route (``_chunk_finished``)
+journals each chunk and resolves a layer's future when its last chunk lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zstandard
+
+from .cache import GroupCommitter, ModelCache
+from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, RetryableError, StalledError, StreamloadError
+from .fetch import Header, fetch_header, parse_header
+from .formats import ChunkEntry, Manifest
+from .httputil import Backoff, RetryPolicy
+from .layer import Layer, map_layer
+from .pipeline import ChunkPipeline
+from .schedule import ChunkScheduler, Span
+from .stats import DownloadStats, Progress
+from .transport import FileSource, Source
+
+if TYPE_CHECKING:
+    import aiohttp
+
+logger = logging.getLogger(__name__)
+
+MAX_INTEGRITY_ATTEMPTS = 3  # fetches of one chunk that fail their hash before giving up
+PROGRESS_INTERVAL_S = 0.1
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` pins the manifest digest, like pip's hash fragments."""
+    if "#sha256=" in source:
+        source, _, pinned = source.partition("#sha256=")
+        if digest is not None and digest.lower() != pinned.lower():
+            raise DigestMismatchError(f"the URL pins sha256={pinned} but digest={digest} was also given")
+        digest = pinned
+    if digest is not None:
+        digest = digest.lower().removeprefix("sha256:")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise DigestMismatchError(f"pinned digest {digest!r} is not 64 hex digits")
+    return source, digest
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The error to show for a failed task group: its first StreamloadError, else its first error."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    return next((e for e in leaves if isinstance(e, StreamloadError)), leaves[0] if leaves else exc)
+
+
+class DownloadSession:
+    """Everything behind one open ``Model``."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        cache_root: Path,
+        digest: str | None,
+        connections: int,
+        session: aiohttp.ClientSession | None,
+        progress: Callable[[Progress], None] | None,
+        retry: RetryPolicy,
+        verify_threads: int,
+    ) -> None:
+        self.url, self.pinned = split_pin(source, digest)
+        self.cache_root = cache_root
+        self.connections = max(1, connections)
+        self.retry = retry
+        self.borrowed_session = session
+        self.progress_callback = progress
+        self.verify_threads = max(1, verify_threads)
+        self.loop = asyncio.get_running_loop()
+        self.stats = DownloadStats()
+        self.started = time.perf_counter()
+        self.complete: asyncio.Future[None] = self.loop.create_future()
+        # set by start(); close() copes with any of them missing
+        self.source: Source | None = None
+        self.cache: ModelCache | None = None
+        self.pipeline: ChunkPipeline | None = None
+        self.committer: GroupCommitter | None = None
+        self.ready: list[asyncio.Future[None]] = []
+        self.ready_s: list[float | None] = []
+        self._download_task: asyncio.Task[None] | None = None
+        self._layers: dict[int, Layer] = {}
+        self._integrity_attempts: dict[int, int] = {}
+        self._tokenizer: Any = None
+        self._last_progress = 0.0
+
+    # ------------------------------------------------------------ start: header, pin, cache, schedule
+
+    async def start(self) -> None:
+        header = await self._read_header()
+        self.data_offset = header.data_offset
+        self.manifest: Manifest = header.manifest
+        if self.pinned is not None and self.manifest.digest != self.pinned:
+            raise DigestMismatchError(f"{self.url} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it")
+        self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
+        self.cache = cache = ModelCache(self.cache_root, self.manifest.digest)
+        remote = self.source is not None and self.source.remote
+
+        def record() -> None:  # two small files written and fsynced: not on the event loop
+            cache.write_header(header.raw)
+            if remote:
+                ModelCache.write_ref(self.cache_root, self.url, self.manifest.digest)
+
+        await asyncio.to_thread(record)
+        await cache.acquire()
+        done = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
+        pending = [c for c in self.manifest.chunks if c.index not in done]
+        await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
+        self.stats.chunks_total = len(self.manifest.chunks)
+        self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
+        self.scheduler = ChunkScheduler(self.manifest.chunks, done)
+        self.bytes_to_download = self.scheduler.pending_bytes
+        self.remaining = [0] * len(self.manifest.layers)
+        for chunk in pending:
+            self.remaining[chunk.layer_index] += 1
+        self.ready = [self.loop.create_future() for _ in self.manifest.layers]
+        self.ready_s = [None] * len(self.manifest.layers)
+        for index, count in enumerate(self.remaining):
+            if count == 0:
+                self._set_ready(index)
+        if not pending:
+            if not cache.is_complete():
+                await asyncio.to_thread(cache.mark_complete)
+            self._finish()
+        else:
+            if self.source is None:
+                raise FetchError(f"{self.url}: the cached copy is incomplete and the source cannot be reached")
+            self.pipeline = ChunkPipeline(
+                data_offset=self.data_offset,
+                chunk_size_bytes=self.manifest.chunk_size_bytes,
+                write_chunk=cache.write_chunk,
+                on_chunk=self._chunk_finished,
+                stats=self.stats,
+                threads=max(self.verify_threads, self.connections),  # every connection gets a thread at once
+                loop=self.loop,
+            )
+            self.committer = GroupCommitter(cache, self.loop, lambda: self.stats.receive_wait_s)
+            self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
+        logger.info("%s: %d of %d chunks cached, %d bytes to fetch", self.url, self.stats.chunks_cached, len(self.manifest.chunks), self.bytes_to_download)
+
+    async def _read_header(self) -> Header:
+        """Preamble and manifest from the file, the cache (pinned and complete: no network), or the server."""
+        if not is_url(self.url):
+            self.source = FileSource(Path(self.url))
+            return await fetch_header(self.source)
+        if self.pinned is not None:
+            cached = await self._cached_header(self.pinned)
+            if cached is not None:
+                logger.info("using cached %s (pinned, complete): no network", self.pinned[:12])
+                return cached
+        from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
+
+        self.source = HttpSource(self.url, self.retry, self.borrowed_session)
+        backoff = Backoff(self.retry, f"fetching the header of {self.url}")
+        while True:
+            try:
+                header = await fetch_header(self.source)
+                break
+            except (RetryableError, StalledError) as exc:
+                try:
+                    await backoff.wait(exc)
+                except FetchError as final:
+                    return await self._offline_header(final)
+            except FetchError as exc:
+                return await self._offline_header(exc)
+        self.stats.bytes_downloaded += len(header.raw)
+        return header
+
+    async def _offline_header(self, failure: FetchError) -> Header:
+        """The server cannot be reached: the complete cached copy this URL last had, or the failure."""
+        digest = ModelCache.read_ref(self.cache_root, self.url)
+        cached = await self._cached_header(digest) if digest else None
+        if cached is None:
+            raise failure
+        logger.warning("%s; using the cached copy %s", failure, cached.manifest.digest[:12])
+        if self.source is not None:
+            await self.source.close()
+        self.source = None
+        return cached
+
+    async def _cached_header(self, digest: str) -> Header | None:
+        """The header of a complete cached model (validated when it was fetched), or None."""
+        cached = ModelCache(self.cache_root, digest)
+        raw = cached.read_header() if cached.is_complete() else None
+        return None if raw is None else await parse_header(raw, None)
+
+    # ------------------------------------------------------------ readiness
+
+    def _set_ready(self, index: int) -> None:
+        if not self.ready[index].done():
+            self.ready[index].set_result(None)
+            self.ready_s[index] = time.perf_counter() - self.started
+
+    def _finish(self) -> None:
+        """Every chunk is verified and stored: the model is usable (durability follows, before close() returns)."""
+        if self.complete.done():
+            return
+        self.stats.seconds = time.perf_counter() - self.started
+        self.complete.set_result(None)
+        self._report_progress(force=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        for future in (*self.ready, self.complete):
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here: a failure nobody awaits is not "never retrieved"
+
+    async def layer(self, index: int) -> Layer:
+        if not 0 <= index < len(self.manifest.layers):
+            raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
+        if not self.ready[index].done():
+            self.scheduler.prioritize(index)
+        await asyncio.shield(self.ready[index])
+        if index not in self._layers:
+            assert self.cache is not None
+            self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
+        return self._layers[index]
+
+    def tokenizer(self) -> Any:
+        """The embedded tokenizer.json as a ``tokenizers.Tokenizer`` (decoded once), or None."""
+        blob = self.manifest.tokenizer
+        if blob is None:
+            return None
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            if zstandard.frame_content_size(blob.data) != blob.raw_size_bytes:
+                raise FormatError("the embedded tokenizer's size does not match the manifest")
+            text = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=blob.raw_size_bytes)
+            try:
+                self._tokenizer = Tokenizer.from_str(text.decode("utf-8"))
+            except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+                raise FormatError(f"the embedded tokenizer.json cannot be loaded: {exc}") from None
+        return self._tokenizer
+
+    def _report_progress(self, force: bool = False) -> None:
+        if self.progress_callback is None:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        self.progress_callback(
+            Progress(
+                bytes_downloaded=self.stats.bytes_downloaded,
+                bytes_to_download=self.bytes_to_download,
+                layers_ready=sum(1 for f in self.ready if f.done() and not f.exception()),
+                layers_total=len(self.ready),
+                elapsed_s=now - self.started,
+            )
+        )
+
+    # ------------------------------------------------------------ the download
+
+    async def _download(self) -> None:
+        assert self.source is not None and self.committer is not None
+        workers = 1 if not self.source.remote or self.source.whole_file_only else self.connections
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                watcher = tasks.create_task(self.committer.watch())
+                await asyncio.gather(*(tasks.create_task(self._worker(workers)) for _ in range(workers)))
+                watcher.cancel()
+            self._finish()  # every layer is usable now; durability follows, before close() returns
+            await self.committer.flush()
+            await self.committer.mark_complete()
+        except BaseException as exc:  # delivered to every waiter; close() awaits this task
+            failure = first_cause(exc)
+            if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                self._fail(asyncio.CancelledError("the download was cancelled"))
+                raise
+            if self.complete.done():  # the data is all here and usable; only its bookkeeping failed
+                logger.warning("the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure)
+            self._fail(failure)
+
+    def _span_limit_bytes(self) -> int:
+        if self.connections == 1:
+            return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
+        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
+
+    async def _worker(self, workers: int) -> None:
+        """Take a span, open it on the source, run it through the pipeline; retry what did not arrive."""
+        assert self.source is not None and self.pipeline is not None
+        backoff = Backoff(self.retry, f"downloading {self.url}")
+        threads = -(-self.verify_threads // workers)
+        while not self.scheduler.finished:
+            span = self.scheduler.take_all() if self.source.whole_file_only else self.scheduler.take_span(self._span_limit_bytes())
+            if span is None:
+                await self.scheduler.wait_for_change()
+                continue
+            start, end = self.data_offset + span.chunks[0].offset, self.data_offset + span.chunks[-1].end
+            try:
+                reader = await self.source.open_span(start, end)
+                if reader.whole_file:
+                    span.cuttable = False
+                await self.pipeline.run_span(span, reader, threads)
+                backoff.failures = 0
+            except (RetryableError, StalledError) as exc:
+                self.stats.retries += 1
+                await backoff.wait(exc, progressed=span.received > 0)  # chunks that did arrive count as progress
+            finally:
+                self.scheduler.finish_span(span)
+
+    def _chunk_finished(self, span: Span, chunk: ChunkEntry, failure: ChunkIntegrityError | None) -> None:
+        """On the event loop, for every chunk of every source: journal it and signal its layer, or handle its failure."""
+        self.stats.bytes_downloaded += chunk.size_bytes if self.source is not None and self.source.remote else 0
+        if failure is not None:
+            fatal = self._integrity_failed(chunk, failure)
+            if fatal is not None:
+                span.stop(fatal)
+            return
+        assert self.committer is not None
+        self.stats.chunks_fetched += 1
+        self.committer.add(chunk.index)
+        self.scheduler.done(chunk)
+        self.remaining[chunk.layer_index] -= 1
+        if self.remaining[chunk.layer_index] == 0:
+            self._set_ready(chunk.layer_index)
+        if self.scheduler.finished:
+            self._finish()  # now, not when a group commit still running ends
+        else:
+            self._report_progress()
+
+    def _integrity_failed(self, chunk: ChunkEntry, exc: ChunkIntegrityError) -> ChunkIntegrityError | None:
+        """A chunk failed its hash: queue it again, or (too many attempts, or a local file) the error that ends the download."""
+        self.stats.integrity_failures += 1
+        attempts = self._integrity_attempts.get(chunk.index, 0) + 1
+        self._integrity_attempts[chunk.index] = attempts
+        remote = self.source is not None and self.source.remote
+        if not remote or attempts >= MAX_INTEGRITY_ATTEMPTS:
+            where = "the file" if not remote else f"{attempts} downloads from {self.url}"
+            fatal = ChunkIntegrityError(
+                f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
+                "the source is corrupt: nothing from it was used. Re-convert or re-upload the model.",
+                layer_index=chunk.layer_index,
+                chunk_index=chunk.index,
+            )
+            fatal.__cause__ = exc
+            return fatal
+        logger.warning("%s; fetching it again", exc)
+        self.scheduler.give_back([chunk])
+        return None
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        if self._download_task is not None:
+            if not self.complete.done() or self.complete.exception() is not None:
+                self._download_task.cancel()  # unfinished: stop; what is committed stays for the next run
+            try:
+                await self._download_task  # finished: the last group commit completes first
+            except (asyncio.CancelledError, StreamloadError):
+                pass
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
+        if self.committer is not None:
+            await self.committer.close()  # stopped early or failed: keep what is verified and written
+        if self.source is not None:
+            await self.source.close()
+        if self.cache is not None:
+            self._layers.clear()
+            self.cache.close()
+
+
+def default_verify_threads() -> int:
+    """Cores + 1, at most 8: one thread waits on the connection while the others compute."""
+    return min(8, (os.cpu_count() or 1) + 1)

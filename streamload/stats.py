@@ -1,0 +1,53 @@
+"""What a download moved and when: the figures a progress bar, ``fetch --json`` and the timeline read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot for progress callbacks."""
+
+    bytes_downloaded: int  # moved over the network in this run
+    bytes_to_download: int  # compressed bytes the cache lacked when the run started
+    layers_ready: int
+    layers_total: int
+    elapsed_s: float
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return self.bytes_downloaded / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class DownloadStats:
+    """What a run moved and how (mutable: updated while the download runs).
+
+    The per-stage seconds are summed over pool threads with a plain ``+=`` under the
+    GIL: a lost update only blurs a statistic.
+    """
+
+    bytes_downloaded: int = 0  # network bytes in this run (headers and bodies' payload), HTTP heads excluded
+    bytes_total: int = 0  # size of the .slm file
+    chunks_total: int = 0
+    chunks_cached: int = 0  # already in the cache when the run started
+    chunks_fetched: int = 0
+    integrity_failures: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    receive_wait_s: float = 0.0  # waiting for body bytes (summed over connections)
+    verify_s: float = 0.0  # sha256, summed over pool threads
+    decompress_s: float = 0.0  # zstd, summed over pool threads
+    store_s: float = 0.0  # pwrite into the store, summed over pool threads
+    commit_s: float = 0.0  # fdatasync + journal on the commit thread (off the data path)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerSpans:
+    """When one layer moved through the pipeline (perf_counter seconds)."""
+
+    index: int
+    name: str
+    download: tuple[float, float] | None  # first chunk's receive start, last chunk's receive end
+    decompress: tuple[float, float] | None  # first chunk's verify start, last chunk stored

@@ -1,0 +1,174 @@
+"""The contract every source of bytes implements, the one place transport failures are mapped, and the local file.
+
+A ``Source`` opens spans of a model file; a ``SpanReader`` hands the body of one
+span to pool threads, forward only: ``read_into(offset, view)`` blocks until
+``view`` holds the file's bytes at ``offset`` (bytes before it, such as the
+chunks a whole-file answer carries that the cache already has, are read and
+dropped). ``abort`` (any thread) makes a blocked reader fail at once. The
+implementations: ``rawhttp.SocketReader`` (plain socket or TLS, read by the
+threads themselves), ``aiohttp_source.AiohttpReader`` (a body aiohttp receives
+on the event loop) and ``FileReader`` here (a local .slm, memory-mapped).
+
+``map_transport_errors`` turns what any of them raises into ``RetryableError``
+(try again) or ``StalledError`` (no progress), as httpx's ``map_exceptions`` does;
+``SpanReader.read_into`` applies it, together with the minimum-rate rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from .errors import FetchError, RetryableError, StalledError
+from .httputil import RetryPolicy
+
+SKIP_BUFFER_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def map_transport_errors(url: str, policy: RetryPolicy, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """How a failing connect, request or body read surfaces, whichever transport did it.
+
+    A timeout is a ``StalledError``; a reset, a short body or any other transport
+    failure (``OSError``, and the transport's own errors in ``also``) is a
+    ``RetryableError``. Errors that are already ours pass through.
+    """
+    try:
+        yield
+    except (FetchError, asyncio.CancelledError):
+        raise
+    except asyncio.IncompleteReadError as exc:
+        raise RetryableError(f"{url}: body ended {exc.expected - len(exc.partial)} bytes early") from None
+    except TimeoutError:  # before OSError and the transports' own errors: some timeouts are both
+        raise StalledError(f"{url}: no data for {policy.stall_timeout_s:.0f} s; the connection stalled") from None
+    except (OSError, *also) as exc:
+        raise RetryableError(f"{url}: the connection failed ({exc})") from None
+
+
+class SpanReader:
+    """The body of one request, read forward by pool threads (one at a time) into their buffers.
+
+    Subclasses provide ``_recv_into`` (some bytes, 0 at the end of the body),
+    ``abort`` and ``close``; this class keeps the position, drops skipped bytes,
+    maps errors and enforces the policy's minimum rate.
+    """
+
+    url: str = ""
+    transport_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, start: int, *, whole_file: bool, total_size_bytes: int | None, etag: str | None, policy: RetryPolicy) -> None:
+        self.position = start  # file offset of the next body byte
+        self.whole_file = whole_file  # the server sent the whole file (it ignored Range): a span that cannot be cut
+        self.total_size_bytes = total_size_bytes
+        self.etag = etag
+        self.policy = policy
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def read_into(self, offset: int, target: memoryview) -> None:
+        """Fill ``target`` with the file's bytes at ``offset`` (blocking). RetryableError / StalledError on failure."""
+        if offset < self.position:
+            raise RetryableError(f"{self.url}: asked for offset {offset} behind the body's position {self.position}")
+        with map_transport_errors(self.url, self.policy, self.transport_errors):
+            if offset > self.position:
+                scratch = memoryview(bytearray(min(SKIP_BUFFER_BYTES, offset - self.position)))
+                while self.position < offset:
+                    self._fill(scratch[: min(scratch.nbytes, offset - self.position)])
+            self._fill(target)
+
+    def _fill(self, target: memoryview) -> None:
+        filled = 0
+        while filled < target.nbytes:
+            count = self._recv_into(target[filled:])
+            if count == 0:
+                raise RetryableError(f"{self.url}: the body ended {target.nbytes - filled} bytes early")
+            filled += count
+            self._count(count)
+        self.position += filled
+
+    def _count(self, received_bytes: int) -> None:
+        """The minimum-rate rule: fewer than min_rate x window bytes in a window means the link is stalled."""
+        self._window_bytes += received_bytes
+        now = time.monotonic()
+        elapsed = now - self._window_start
+        if elapsed >= self.policy.rate_window_s:
+            if self._window_bytes < self.policy.min_rate_bytes_per_s * elapsed:
+                raise StalledError(
+                    f"{self.url}: {self._window_bytes} bytes in {elapsed:.0f} s, under the minimum rate of "
+                    f"{self.policy.min_rate_bytes_per_s:.0f} bytes/s; the connection stalled"
+                )
+            self._window_start, self._window_bytes = now, 0
+
+    def _recv_into(self, target: memoryview) -> int:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Make a blocked or later read fail at once (any thread)."""
+
+    def close(self) -> None:
+        """Release the connection (no reader may be left)."""
+
+
+class Source(Protocol):
+    """Where a model's bytes come from: a URL or a local file."""
+
+    url: str  # for messages and cache refs
+    remote: bool  # False: a local file (a chunk that fails its hash there is fatal, not refetched)
+    whole_file_only: bool  # the server ignores Range
+
+    async def open_span(self, start: int, end: int | None) -> SpanReader:
+        """The body of bytes [start, end) (end None: to the end of the file), or of the whole file."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FileReader(SpanReader):
+    """A span of a memory-mapped local file (one copy, from the page cache into the thread's buffer)."""
+
+    def __init__(self, data: memoryview, start: int, end: int, url: str) -> None:
+        super().__init__(start, whole_file=False, total_size_bytes=data.nbytes, etag=None, policy=RetryPolicy(min_rate_bytes_per_s=0.0))
+        self._data = data
+        self._end = end
+        self.url = url
+
+    def _recv_into(self, target: memoryview) -> int:
+        count = max(0, min(target.nbytes, self._end - self.position))
+        target[:count] = self._data[self.position : self.position + count]
+        return count
+
+
+class FileSource:
+    """A local .slm file, memory-mapped read-only."""
+
+    remote = False
+    whole_file_only = False
+
+    def __init__(self, path: Path) -> None:
+        self.url = str(path)
+        try:
+            with io.open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self.data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+        except IsADirectoryError:
+            raise FileNotFoundError(21, "is a directory, not a .slm file", str(path)) from None
+        except OSError as exc:
+            raise FileNotFoundError(exc.errno, f"cannot open model file: {exc.strerror}", str(path)) from None
+
+    @property
+    def size_bytes(self) -> int:
+        return self.data.nbytes
+
+    async def open_span(self, start: int, end: int | None) -> SpanReader:
+        return FileReader(self.data, start, self.data.nbytes if end is None else min(end, self.data.nbytes), self.url)
+
+    async def close(self) -> None:
+        with contextlib.suppress(BufferError):  # views still alive: the map goes when they do
+            self.data.release()
