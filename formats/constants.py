@@ -1,7 +1,8 @@
 """The byte layout of a .slm file, declared once.
 
-FORMAT.md is the prose version of this module; no other file computes an
-offset by hand. Everything is little-endian.
+FORMAT.md is the prose version of this module: every magic, struct, alignment and
+limit of the layout is declared here and nowhere else (other modules compute offsets
+only from these and from manifest fields). Everything is little-endian.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
 """Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (see README)."""
 
 DEFAULT_ZSTD_LEVEL = 3
-"""Levels 1-19 give the same ratio on int8 weights (shared/LIMITS.md); 3 compresses ~100x faster than 19."""
+"""Levels 1-19 give the same ratio on int8 weights (all-MiniLM-L6-v2: 21.20-21.22 MB at every level), and 3 converts
+~10x faster than 19: ``python tools/bench_format.py --levels 1,3,9,19 --source <MiniLM folder>``."""
 
 # Limits a reader enforces on untrusted input.
 MAX_MANIFEST_SIZE_BYTES = 64 << 20

@@ -3,8 +3,9 @@
 Used for what the threaded socket path (``rawhttp``) declines: a 200 with the
 whole file, an encoded or chunked body, TLS it cannot settle, and borrowed
 sessions (which may carry auth headers, cookies or tracing). Correct, and slower
-on fast links: the loop copies each body byte (received block to the thread's
-buffer), and each received block costs the reading thread one round trip to the loop.
+on fast links: aiohttp copies each body byte on the loop (parser to stream
+buffer), the reading thread copies it again into its chunk buffer, and each
+received block (not each chunk) costs that thread one round trip to the loop.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class AiohttpReader(SpanReader):
 
     transport_errors = (aiohttp.ClientError, concurrent.futures.CancelledError)
 
-    def __init__(self, response: aiohttp.ClientResponse, start: int, *, whole_file: bool, total_size_bytes: int | None, policy: RetryPolicy) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, start: int, *, whole_file: bool, total_size_bytes: int | None, policy: RetryPolicy
+    ) -> None:
         super().__init__(start, whole_file=whole_file, total_size_bytes=total_size_bytes, etag=response.headers.get("ETag"), policy=policy)
         self.response = response
         self.url = str(response.url)
@@ -40,9 +43,15 @@ class AiohttpReader(SpanReader):
         self._carry = memoryview(b"")  # received bytes past the last filled target
         self._pending: concurrent.futures.Future[int] | None = None
 
-    async def _receive(self, target: memoryview) -> int:
+    async def _next_block(self) -> bytes:
+        block, _ = await self.response.content.readchunk()  # one received block, not joined (readany copies)
+        return block
+
+    def _recv_into(self, target: memoryview) -> int:
+        """Copy from the last received block; only when it is used up, wait (one loop round trip) for the next."""
         if not self._carry.nbytes:
-            block, _ = await self.response.content.readchunk()  # one received block, not joined (readany copies)
+            self._pending = asyncio.run_coroutine_threadsafe(self._next_block(), self.loop)
+            block = self._pending.result()
             if not block:
                 return 0
             self._carry = memoryview(block)
@@ -50,10 +59,6 @@ class AiohttpReader(SpanReader):
         target[:count] = self._carry[:count]
         self._carry = self._carry[count:]
         return count
-
-    def _recv_into(self, target: memoryview) -> int:
-        self._pending = asyncio.run_coroutine_threadsafe(self._receive(target), self.loop)
-        return self._pending.result()
 
     def abort(self) -> None:
         pending = self._pending
@@ -72,7 +77,9 @@ class AiohttpReader(SpanReader):
             self.response.close()
 
 
-async def open_aiohttp_span(session: aiohttp.ClientSession, url: str, start: int, end: int | None, *, etag: str | None, policy: RetryPolicy) -> AiohttpReader:
+async def open_aiohttp_span(
+    session: aiohttp.ClientSession, url: str, start: int, end: int | None, *, etag: str | None, policy: RetryPolicy
+) -> AiohttpReader:
     """GET bytes [start, end) (end None: to the end); a 200 (Range ignored) is a whole-file reader from offset 0."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s, sock_read=policy.stall_timeout_s)
     with map_transport_errors(url, policy, (aiohttp.ClientError,)):
@@ -86,7 +93,9 @@ async def open_aiohttp_span(session: aiohttp.ClientSession, url: str, start: int
         parsed = parse_content_range(response.headers.get("Content-Range"))
         if parsed is None or parsed[0] != start:
             response.release()
-            raise HTTPStatusError(f"{url} sent 206 with Content-Range {response.headers.get('Content-Range')!r} for a request from {start}", status=status)
+            raise HTTPStatusError(
+                f"{url} sent 206 with Content-Range {response.headers.get('Content-Range')!r} for a request from {start}", status=status
+            )
         return AiohttpReader(response, start, whole_file=False, total_size_bytes=parsed[2], policy=policy)
     length = response.headers.get("Content-Length")
     return AiohttpReader(response, 0, whole_file=True, total_size_bytes=int(length) if length and length.isdigit() else None, policy=policy)

@@ -53,7 +53,9 @@ def default_cache_dir() -> Path:
 def _cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     """``action`` is a gerund: "writing", "committing"."""
     if exc.errno == errno.ENOSPC:
-        return CacheError(f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk")
+        return CacheError(
+            f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk"
+        )
     return CacheError(f"{action} {path} failed: {exc.strerror or exc}; check the cache directory's permissions, or pass --cache-dir")
 
 
@@ -355,7 +357,17 @@ def list_cached_models(root: Path) -> list[CachedModel]:
         journal = directory / "journal"
         done = journal.stat().st_size // JOURNAL_RECORD.size if journal.exists() else 0
         header = (directory / "header.slm").read_bytes() if (directory / "header.slm").exists() else None
-        found.append(CachedModel(directory.name, directory, size, (directory / "complete").exists(), done, header, tuple(u for u in refs.get(directory.name, []) if u)))
+        found.append(
+            CachedModel(
+                directory.name,
+                directory,
+                size,
+                (directory / "complete").exists(),
+                done,
+                header,
+                tuple(u for u in refs.get(directory.name, []) if u),
+            )
+        )
     return sorted(found, key=lambda m: m.directory.stat().st_mtime, reverse=True)
 
 

@@ -1,4 +1,4 @@
-"""The ``streamload`` command line: the only place that prints, exits, or reads the environment."""
+"""The ``streamload`` command line: the only place that prints or exits (the library only logs)."""
 
 from __future__ import annotations
 
@@ -36,12 +36,26 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    report = convert(args.source, args.output, quant=args.quant, zstd_level=args.level, chunk_size_bytes=args.chunk_size, config_path=args.config)
+    report = convert(
+        args.source, args.output, quant=args.quant, zstd_level=args.level, chunk_size_bytes=args.chunk_size, config_path=args.config
+    )
     if args.json:
         summary = summarize_manifest(report.manifest)
-        summary |= {"path": str(report.path), "source_bytes": report.source_size_bytes, "output_bytes": report.output_size_bytes, "seconds": report.seconds}
+        summary |= {
+            "path": str(report.path),
+            "source_bytes": report.source_size_bytes,
+            "output_bytes": report.output_size_bytes,
+            "seconds": report.seconds,
+        }
         summary["tensors"] = [
-            {"name": t.name, "layer": t.layer_index, "shape": list(t.shape), "dtype": t.stored_dtype, "max_abs_error": t.max_abs_error, "max_rel_error": t.max_rel_error}
+            {
+                "name": t.name,
+                "layer": t.layer_index,
+                "shape": list(t.shape),
+                "dtype": t.stored_dtype,
+                "max_abs_error": t.max_abs_error,
+                "max_rel_error": t.max_rel_error,
+            }
             for t in report.tensors
         ]
         _print_json(summary)
@@ -64,10 +78,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict[str, Any], source: str) -> None:
     config = summary["config"]
     print(f"{source}")
-    print(f"  architecture   {summary['architecture']} ({config.get('num_hidden_layers')} blocks, hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})")
+    print(
+        f"  architecture   {summary['architecture']} ({config.get('num_hidden_layers')} blocks, "
+        f"hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})"
+    )
     print(f"  manifest       {format_bytes(summary['manifest_bytes'])}, digest sha256:{summary['manifest_digest']}")
     print(f"  tokenizer      {format_bytes(summary['tokenizer_bytes']) if summary['tokenizer_bytes'] else 'none'}")
-    print(f"  data           {format_bytes(summary['data_bytes'])} in {summary['chunks']} chunks of <= {format_bytes(summary['chunk_size_bytes'])}")
+    print(
+        f"  data           {format_bytes(summary['data_bytes'])} in {summary['chunks']} chunks "
+        f"of <= {format_bytes(summary['chunk_size_bytes'])}"
+    )
     if summary["size_vs_fp32"] is not None:
         print(f"  size vs fp32   {summary['size_vs_fp32']:.3f} (fp32 weights would be {format_bytes(summary['fp32_equivalent_bytes'])})")
     print(f"\n  {'#':>3} {'layer':<12} {'tensors':>7} {'chunks':>6} {'raw':>11} {'compressed':>11} {'ratio':>6}")
@@ -83,7 +103,8 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
     payload = summary["int8_payload"]
     if payload:
         print(
-            f"  int8 payload   {format_bytes(payload['compressed_bytes'])} compressed; order-0 entropy {payload['entropy_bits_per_weight']:.3f} bits/weight, "
+            f"  int8 payload   {format_bytes(payload['compressed_bytes'])} compressed; "
+            f"order-0 entropy {payload['entropy_bits_per_weight']:.3f} bits/weight, "
             f"bound {format_bytes(payload['entropy_bound_bytes'])}: {100 * payload['above_bound']:+.2f}% vs bound"
         )
 
@@ -115,7 +136,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         checked = len(reader.manifest.chunks) + len(reader.manifest.refinement_chunks)
         digest = reader.manifest.digest
     if args.json:
-        _print_json({"path": args.file, "ok": not problems, "chunks": checked, "bad_chunks": [str(p) for p in problems], "manifest_digest": digest})
+        _print_json(
+            {"path": args.file, "ok": not problems, "chunks": checked, "bad_chunks": [str(p) for p in problems], "manifest_digest": digest}
+        )
     else:
         for problem in problems:
             print(f"BAD  {problem}")
@@ -160,7 +183,15 @@ class ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=progress.bytes_to_download, unit="B", unit_scale=True, unit_divisor=1024, desc=self.label, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=progress.bytes_to_download,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.label,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         self.bar.n = min(progress.bytes_downloaded, self.bar.total or progress.bytes_downloaded)
         self.bar.set_postfix_str(f"layers {progress.layers_ready}/{progress.layers_total}", refresh=False)
         self.bar.refresh()
@@ -179,7 +210,9 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
 
     bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with streamload_model.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+        async with streamload_model.open(
+            args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar
+        ) as model:
             stats = await model.wait_complete()
             return {
                 "path": str(model.path),
@@ -207,7 +240,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(
             f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
             f"downloaded {format_bytes(result['bytes_downloaded'])} of {format_bytes(result['bytes_total'])} "
-            f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
+            f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
+            f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )
     return EXIT_OK
 
@@ -233,7 +267,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with streamload_model.open(args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar) as model:
+        async with streamload_model.open(
+            args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar
+        ) as model:
             if args.save_logits and model.manifest.architecture != "llama":
                 raise RuntimeModelError(f"--save-logits needs a decoder; this model is a {model.manifest.architecture} encoder")
             result = await run(
@@ -258,7 +294,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     result.timeline,
                     started,
                     link_floor_s=floor,
-                    title=f"{Path(args.source.split('#')[0]).name}: {format_bytes(bytes_downloaded)}" + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
+                    title=f"{Path(args.source.split('#')[0]).name}: {format_bytes(bytes_downloaded)}"
+                    + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
                 )
     finally:
         bar.close()
@@ -320,7 +357,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             except StreamloadError:
                 architecture = "damaged"
         status = "complete" if cached.complete else f"partial {100 * cached.chunks_done // max(1, chunks)}%"
-        rows.append({"digest": cached.digest, "architecture": architecture, "size_bytes": cached.size_bytes, "status": status, "sources": list(cached.sources), "path": str(cached.directory)})
+        rows.append(
+            {
+                "digest": cached.digest,
+                "architecture": architecture,
+                "size_bytes": cached.size_bytes,
+                "status": status,
+                "sources": list(cached.sources),
+                "path": str(cached.directory),
+            }
+        )
     if args.json:
         print(json.dumps(rows))
         return EXIT_OK
@@ -329,7 +375,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'DIGEST':<14} {'ARCH':<8} {'SIZE':>10} {'STATUS':<13} SOURCE")
     for row in rows:
-        print(f"{row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} {row['status']:<13} {', '.join(row['sources']) or '-'}")
+        print(
+            f"{row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} "
+            f"{row['status']:<13} {', '.join(row['sources']) or '-'}"
+        )
     return EXIT_OK
 
 
@@ -340,7 +389,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
     prefix = args.digest.lower().removeprefix("sha256:")
     matches = [m for m in list_cached_models(root) if m.digest.startswith(prefix)] if len(prefix) >= 4 else []
     if len(matches) != 1:
-        print(f"error: {'no' if not matches else 'more than one'} cached model matches {args.digest!r} (give at least 4 hex digits; see `streamload list`)", file=sys.stderr)
+        print(
+            f"error: {'no' if not matches else 'more than one'} cached model matches {args.digest!r} "
+            "(give at least 4 hex digits; see `streamload list`)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     remove_cached_model(root, matches[0].digest)
     print(f"deleted {matches[0].digest[:12]} ({format_bytes(matches[0].size_bytes)})")
@@ -351,7 +404,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamload", description="Stream int8 language models over HTTP and run them while they download.")
+    parser = argparse.ArgumentParser(
+        prog="streamload", description="Stream int8 language models over HTTP and run them while they download."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -426,7 +481,9 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except StreamloadError as exc:

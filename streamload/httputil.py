@@ -92,7 +92,6 @@ def http_status_error(url: str, status: int, reason: str, retry_after: str | Non
     return HTTPStatusError(f"{url} answered {status} {reason}".rstrip(), status=status)
 
 
-
 class Backoff:
     """Counts failures in a row and waits before the next attempt; gives up with a FetchError after max_attempts."""
 

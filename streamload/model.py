@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import default_cache_dir
-from .fetch import fetch_header
 from .errors import RetryableError, StalledError
+from .fetch import fetch_header
 from .formats import Manifest
 from .httputil import Backoff, RetryPolicy
 from .layer import Layer
@@ -157,7 +157,9 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         await download.close()
 
 
-async def read_remote_header(url: str, *, session: aiohttp.ClientSession | None = None, retry: RetryPolicy | None = None) -> tuple[Manifest, int]:
+async def read_remote_header(
+    url: str, *, session: aiohttp.ClientSession | None = None, retry: RetryPolicy | None = None
+) -> tuple[Manifest, int]:
     """The manifest of a model URL and the file's size, with one or two small requests (no data)."""
     from .http_source import HttpSource
 

@@ -69,7 +69,9 @@ class ChunkPipeline:
         """
         span.abort = reader.abort
         count = max(1, min(threads, len(span.chunks)))
-        jobs = asyncio.gather(*(self.loop.run_in_executor(self.pool, self._pump, span, reader) for _ in range(count)), return_exceptions=True)
+        jobs = asyncio.gather(
+            *(self.loop.run_in_executor(self.pool, self._pump, span, reader) for _ in range(count)), return_exceptions=True
+        )
         try:
             await asyncio.shield(jobs)
         except asyncio.CancelledError:

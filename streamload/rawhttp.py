@@ -45,7 +45,16 @@ class SocketReader(SpanReader):
     fail at once; ``close`` once no reader is left.
     """
 
-    def __init__(self, sock: socket.socket, start: int, total_size_bytes: int | None, etag: str | None, leftover: bytes, url: str, policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        start: int,
+        total_size_bytes: int | None,
+        etag: str | None,
+        leftover: bytes,
+        url: str,
+        policy: RetryPolicy,
+    ) -> None:
         super().__init__(start, whole_file=False, total_size_bytes=total_size_bytes, etag=etag, policy=policy)
         self._sock = sock
         self._leftover = memoryview(leftover)  # body bytes that arrived with the response head
@@ -99,7 +108,14 @@ async def open_socket_span(
     if parts.scheme == "https":
         context = ssl_context or _default_tls_context()
         sock, head, received = await _in_thread(
-            _open_tls, parts.hostname, parts.port or 443, request, context, policy.connect_timeout_s, policy.header_timeout_s, policy.stall_timeout_s
+            _open_tls,
+            parts.hostname,
+            parts.port or 443,
+            request,
+            context,
+            policy.connect_timeout_s,
+            policy.header_timeout_s,
+            policy.stall_timeout_s,
         )
     else:
         sock = await _connect(parts.hostname, parts.port or 80, policy.connect_timeout_s)

@@ -70,7 +70,7 @@ class ChunkScheduler:
         for position, chunk in enumerate(chunks):
             self._layer_positions[chunk.layer_index].append(position)
         self._pending = self._state.count(PENDING)
-        self._pending_bytes = sum(c.size_bytes for c, s in zip(chunks, self._state) if s == PENDING)
+        self._pending_bytes = sum(c.size_bytes for c, s in zip(chunks, self._state, strict=True) if s == PENDING)
         self._taken = 0
         self._cursor = 0  # no pending chunk before it
         self._urgent = bytearray(len(chunks))  # 1: some demand wants this position
@@ -186,6 +186,7 @@ class ChunkScheduler:
     def give_back(self, chunks: Iterable[ChunkEntry]) -> None:
         """Chunks whose bytes did not arrive or failed verification: pending again."""
         returned = False
+        urgent: list[int] = []
         for chunk in chunks:
             position = self._position_of[chunk.index]
             if self._state[position] != TAKEN:
@@ -197,8 +198,10 @@ class ChunkScheduler:
             self._cursor = min(self._cursor, position)
             if self._urgent[position]:
                 self._urgent_pending += 1
-                self._demands.appendleft(_Demand([position]))
+                urgent.append(position)
             returned = True
+        if urgent:
+            self._demands.appendleft(_Demand(sorted(urgent)))
         if returned:
             self._changed.set()
             self._cut_running()

@@ -116,7 +116,9 @@ class DownloadSession:
         self.data_offset = header.data_offset
         self.manifest: Manifest = header.manifest
         if self.pinned is not None and self.manifest.digest != self.pinned:
-            raise DigestMismatchError(f"{self.url} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it")
+            raise DigestMismatchError(
+                f"{self.url} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it"
+            )
         self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
         self.cache = cache = ModelCache(self.cache_root, self.manifest.digest)
         remote = self.source is not None and self.source.remote
@@ -161,7 +163,13 @@ class DownloadSession:
             )
             self.committer = GroupCommitter(cache, self.loop, lambda: self.stats.receive_wait_s)
             self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
-        logger.info("%s: %d of %d chunks cached, %d bytes to fetch", self.url, self.stats.chunks_cached, len(self.manifest.chunks), self.bytes_to_download)
+        logger.info(
+            "%s: %d of %d chunks cached, %d bytes to fetch",
+            self.url,
+            self.stats.chunks_cached,
+            len(self.manifest.chunks),
+            self.bytes_to_download,
+        )
 
     async def _read_header(self) -> Header:
         """Preamble and manifest from the file, the cache (pinned and complete: no network), or the server."""
@@ -294,7 +302,9 @@ class DownloadSession:
                 self._fail(asyncio.CancelledError("the download was cancelled"))
                 raise
             if self.complete.done():  # the data is all here and usable; only its bookkeeping failed
-                logger.warning("the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure)
+                logger.warning(
+                    "the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure
+                )
             self._fail(failure)
 
     def _span_limit_bytes(self) -> int:

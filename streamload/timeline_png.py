@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 
 from .errors import StreamloadError
-from .stats import LayerSpans
 from .runtime.timeline import LayerTiming
+from .stats import LayerSpans
 
 
 def draw_timeline(
@@ -39,9 +39,23 @@ def draw_timeline(
     for span in spans:
         y = rows - 1 - span.index
         if span.download:
-            axes.barh(y + 0.25, span.download[1] - span.download[0], left=span.download[0] - started, height=0.25, color="#4c78a8", label="download")
+            axes.barh(
+                y + 0.25,
+                span.download[1] - span.download[0],
+                left=span.download[0] - started,
+                height=0.25,
+                color="#4c78a8",
+                label="download",
+            )
         if span.decompress:
-            axes.barh(y, span.decompress[1] - span.decompress[0], left=span.decompress[0] - started, height=0.25, color="#f58518", label="verify + decompress")
+            axes.barh(
+                y,
+                span.decompress[1] - span.decompress[0],
+                left=span.decompress[0] - started,
+                height=0.25,
+                color="#f58518",
+                label="verify + decompress",
+            )
         timing = compute.get(span.index)
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
@@ -50,7 +64,9 @@ def draw_timeline(
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    axes.legend(unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows), ncol=4, fontsize=8, frameon=False)
+    axes.legend(
+        unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows), ncol=4, fontsize=8, frameon=False
+    )
     axes.set_yticks(range(rows))
     axes.set_yticklabels([s.name for s in reversed(spans)], fontsize=8)
     axes.set_xlabel("seconds from start")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import mmap
 import os
 import time
@@ -154,7 +153,7 @@ class FileSource:
     def __init__(self, path: Path) -> None:
         self.url = str(path)
         try:
-            with io.open(path, "rb") as f:
+            with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 self.data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
         except IsADirectoryError:

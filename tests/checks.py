@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import aiohttp
 import numpy as np
+import pytest
 
 import streamload
 from streamload.formats import ModelReader
@@ -51,3 +54,19 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
+
+
+@contextlib.asynccontextmanager
+async def open_via(receive_path: str, url: str, *, check_path: bool = True, **kwargs: object) -> AsyncIterator[streamload.Model]:
+    """streamload.open on one of the two HTTP receive paths: pool threads on a plain socket, or aiohttp on the
+    event loop (which a borrowed session always takes: it may carry auth headers the plain socket would not send)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if receive_path == "aiohttp":
+            kwargs["session"] = await stack.enter_async_context(aiohttp.ClientSession())
+        model = await stack.enter_async_context(streamload.open(url, **kwargs))  # type: ignore[arg-type]
+        yield model
+        if check_path and model._session.source is not None:  # the path under test is the one that ran
+            assert model._session.source.fast_path is (receive_path == "threads")  # type: ignore[attr-defined]
+
+
+RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])

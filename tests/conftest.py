@@ -1,14 +1,16 @@
-"""Shared fixtures: real model sources (MiniLM from its package, synthetic Llama) and their .slm files."""
+"""Shared fixtures: real model sources (MiniLM from its package, synthetic Llama), their .slm files, a served directory."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from streamload.formats import convert
 from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from tests.serving import ServerThread, serve_directory
 
 
 def minilm_folder() -> Path:
@@ -45,7 +47,25 @@ def llama_slm(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path
 @pytest.fixture(scope="session")
 def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 blocks of ~100 KiB in 64 KiB chunks: enough layers and chunks to watch order, faults and resumes."""
-    folder = write_synthetic_llama(tmp_path_factory.mktemp("deep-src"), llama_config(num_hidden_layers=12, hidden_size=128, intermediate_size=256, vocab_size=1024))
+    folder = write_synthetic_llama(
+        tmp_path_factory.mktemp("deep-src"), llama_config(num_hidden_layers=12, hidden_size=128, intermediate_size=256, vocab_size=1024)
+    )
     out = tmp_path_factory.mktemp("deep") / "deep.slm"
     convert(folder, out, chunk_size_bytes=64 << 10)
     return out
+
+
+@pytest.fixture(scope="session")
+def www(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path) -> Path:
+    """A directory to serve, holding deep.slm and minilm.slm (read-only for every server started on it)."""
+    directory = tmp_path_factory.mktemp("www")
+    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def server(www: Path) -> Iterator[ServerThread]:
+    """The bundled server on ``www`` at full speed, shared by the tests that need no special server."""
+    with serve_directory(www) as running:
+        yield running

@@ -6,7 +6,7 @@ Usage:
 In one run, on loopback, against the bundled server in its own process:
   * curl -o /dev/null of the file (raw HTTP receive, for reference);
   * this machine's stage rates on the same data, one thread each: socket receive (the
-    client's own receive path: RawRange.read_into chunk by chunk, discarded), sha256 and zstd
+    client's own receive path: SocketReader.read_into chunk by chunk, discarded), sha256 and zstd
     decompress on a 256-chunk sample in memory, store (pwrite one decompressed chunk into the
     place of every chunk of a fresh preallocated file of the store's size, as the cache writes);
   * streamload.open(...).wait_complete() into an empty cache.
@@ -44,7 +44,8 @@ import zstandard
 import streamload
 from streamload.formats import ChunkEntry, ModelReader, convert
 from streamload.formats.synthetic import write_synthetic_int8_model
-from streamload.rawhttp import RawRange
+from streamload.httputil import RetryPolicy
+from streamload.rawhttp import open_socket_span
 
 from loopback import free_port, wait_for_port
 
@@ -86,12 +87,19 @@ def time_curl(url: str) -> float:
 
 
 async def time_receive(url: str, chunk_sizes: list[int], data_offset: int) -> float:
-    """The client's own receive path (RawRange.read_into a chunk buffer, on a thread), the data region chunk by chunk, discarded."""
+    """The client's own receive path (SocketReader.read_into a chunk buffer, on a thread), the data region chunk by chunk, discarded."""
     buffer = memoryview(bytearray(max(chunk_sizes)))
     started = time.perf_counter()
-    raw = await RawRange.open(url, data_offset, data_offset + sum(chunk_sizes), if_range=None, connect_timeout_s=10, read_timeout_s=30)
+    raw = await open_socket_span(url, data_offset, data_offset + sum(chunk_sizes), etag=None, policy=RetryPolicy(connect_timeout_s=10))
+
+    def receive() -> None:
+        offset = data_offset
+        for size in chunk_sizes:
+            raw.read_into(offset, buffer[:size])
+            offset += size
+
     try:
-        await asyncio.to_thread(lambda: [raw.read_into(buffer[:size]) for size in chunk_sizes])
+        await asyncio.to_thread(receive)
     finally:
         raw.close()
     return time.perf_counter() - started

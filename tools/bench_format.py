@@ -2,6 +2,7 @@
 
 Usage:
     python tools/bench_format.py [--source DIR] [--sizes 65536,262144,1048576,4194304,16777216] [--repeats 5]
+    python tools/bench_format.py --levels 1,3,9,19 [--source DIR]   # ratio and convert speed per zstd level, 1 MiB chunks
 
 Default source: a synthetic Llama-shaped model (~200 MB fp32) generated into a temp dir,
 plus all-MiniLM-L6-v2 when its package is installed. Prints one table per source;
@@ -61,11 +62,21 @@ def bench_source(source: Path, sizes: list[int], repeats: int, workdir: Path) ->
     print("(convert MB/s counts source fp32 bytes; verify+decompress MB/s counts raw bytes produced)")
 
 
+def bench_levels(source: Path, levels: list[int], workdir: Path) -> None:
+    print(f"\nsource: {source}")
+    print(f"{'zstd level':>10} {'file bytes':>12} {'ratio':>6} {'convert s':>10}")
+    for level in levels:
+        report = convert(source, workdir / f"level-{level}.slm", zstd_level=level)
+        print(f"{level:>10} {report.output_size_bytes:>12} {report.source_size_bytes / report.output_size_bytes:>6.3f} {report.seconds:>10.2f}")
+        (workdir / f"level-{level}.slm").unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, action="append", help="model folder(s); default: synthetic Llama + MiniLM")
     parser.add_argument("--sizes", default="65536,262144,1048576,4194304,16777216")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--levels", help="comma-separated zstd levels: print ratio and convert time per level instead")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +89,10 @@ def main() -> None:
             if spec and spec.origin:
                 sources.append(Path(spec.origin).parent / "model")
         for source in sources:
-            bench_source(source, sizes, args.repeats, workdir)
+            if args.levels:
+                bench_levels(source, [int(level) for level in args.levels.split(",")], workdir)
+            else:
+                bench_source(source, sizes, args.repeats, workdir)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class FloatModel:
     def __init__(self, folder: Path, tensors: dict[str, Any], opened_at: float) -> None:
         from streamload.formats.architectures import find_architecture, layer_names
         from streamload.formats.convert import _sentence_transformers_extras
-        from streamload.loader import Layer
+        from streamload.layer import Layer
 
         hf = json.loads((folder / "config.json").read_text())
         arch = find_architecture(hf)

@@ -28,7 +28,12 @@ class Script:
 
 
 def head_206(start: int, end: int, total: int = 1 << 20, **extra: str) -> bytes:
-    lines = ["HTTP/1.1 206 Partial Content", f"Content-Range: bytes {start}-{end - 1}/{total}", f"Content-Length: {end - start}", 'ETag: "abc"']
+    lines = [
+        "HTTP/1.1 206 Partial Content",
+        f"Content-Range: bytes {start}-{end - 1}/{total}",
+        f"Content-Length: {end - start}",
+        'ETag: "abc"',
+    ]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in extra.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -58,8 +63,12 @@ async def scripted(script: Script) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/model.slm"
 
 
-async def open_range(url: str, start: int, end: int, *, if_range: str | None = None, read_timeout_s: float = 10.0, **policy: float) -> SocketReader:
-    return await open_socket_span(url, start, end, etag=if_range, policy=RetryPolicy(connect_timeout_s=5.0, stall_timeout_s=read_timeout_s, **policy))
+async def open_range(
+    url: str, start: int, end: int, *, if_range: str | None = None, read_timeout_s: float = 10.0, **policy: float
+) -> SocketReader:
+    return await open_socket_span(
+        url, start, end, etag=if_range, policy=RetryPolicy(connect_timeout_s=5.0, stall_timeout_s=read_timeout_s, **policy)
+    )
 
 
 async def test_a_206_body_is_read_in_order_including_the_bytes_that_came_with_the_head() -> None:
@@ -70,7 +79,9 @@ async def test_a_206_body_is_read_in_order_including_the_bytes_that_came_with_th
         try:
             parts = [bytearray(500), bytearray(4096), bytearray(len(body) - 4596)]
             offsets = [100, 600, 4696]
-            await asyncio.to_thread(lambda: [stream.read_into(offset, memoryview(part)) for offset, part in zip(offsets, parts)])
+            await asyncio.to_thread(
+                lambda: [stream.read_into(offset, memoryview(part)) for offset, part in zip(offsets, parts, strict=True)]
+            )
         finally:
             stream.close()
     assert b"".join(parts) == body

@@ -59,7 +59,9 @@ async def test_a_ranged_body_is_read_over_tls(ca: trustme.CA, https_server: tupl
     try:
         pieces = [bytearray(size) for size in (100, 65536, end - start - 65636)]
         offsets = [start, start + 100, start + 65636]
-        await asyncio.to_thread(lambda: [stream.read_into(offset, memoryview(piece)) for offset, piece in zip(offsets, pieces)])
+        await asyncio.to_thread(
+            lambda: [stream.read_into(offset, memoryview(piece)) for offset, piece in zip(offsets, pieces, strict=True)]
+        )
     finally:
         stream.close()
     assert b"".join(pieces) == data[start:end] and stream.total_size_bytes == len(data)
@@ -71,14 +73,19 @@ async def test_a_certificate_from_an_unknown_ca_is_refused(https_server: tuple[S
         await open_socket_span(server.url("deep.slm"), 0, 100, etag=None, policy=POLICY, ssl_context=ssl.create_default_context())
 
 
-def test_fetch_over_https_receives_on_the_threaded_path(ca: trustme.CA, https_server: tuple[ServerThread, list], deep_slm: Path, tmp_path: Path) -> None:
+def test_fetch_over_https_receives_on_the_threaded_path(
+    ca: trustme.CA, https_server: tuple[ServerThread, list], deep_slm: Path, tmp_path: Path
+) -> None:
     server, seen = https_server
     seen.clear()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     env = {**os.environ, "SSL_CERT_FILE": str(tmp_path / "ca.pem")}  # trusted by both aiohttp (header) and the fast path
     result = subprocess.run(
         [sys.executable, "-m", "streamload.cli", "fetch", server.url("deep.slm"), "--cache-dir", str(tmp_path / "cache"), "--json"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     report = json.loads(result.stdout)
     with ModelReader(deep_slm) as reader:

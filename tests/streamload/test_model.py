@@ -1,84 +1,50 @@
-"""The streaming client against real servers on loopback sockets."""
+"""The public client API (streamload.open / load, Model) against real servers on loopback sockets."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 import streamload
-from streamload.cache import commit_due
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
 from streamload.formats.mutate import join_file, split_file
-from tests.checks import assert_layers_equal_file, journal_count
+from tests.checks import RECEIVE_PATHS, assert_layers_equal_file, open_via
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path) -> Path:
-    directory = tmp_path_factory.mktemp("served")
-    (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
-    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
-    return directory
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path) -> Iterator[ServerThread]:
-    with serve_directory(model_dir) as running:
-        yield running
-
-
-@contextlib.asynccontextmanager
-async def open_via(receive_path: str, url: str, **kwargs: object) -> AsyncIterator[streamload.Model]:
-    """streamload.open on one of the two receive paths: pool threads on a plain socket, or aiohttp on the event
-    loop (which a borrowed session always takes: it may carry auth headers the plain socket would not send)."""
-    async with contextlib.AsyncExitStack() as stack:
-        if receive_path == "aiohttp":
-            kwargs["session"] = await stack.enter_async_context(aiohttp.ClientSession())
-        model = await stack.enter_async_context(streamload.open(url, **kwargs))  # type: ignore[arg-type]
-        yield model
-        assert model._session.source.fast_path is (receive_path == "threads")  # the path under test is the one that ran
-
-
-RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])
-
-
 @RECEIVE_PATHS
-async def test_layers_arrive_in_order_and_exact(tmp_path: Path, model_dir: Path, receive_path: str) -> None:
+async def test_layers_arrive_in_order_and_exact(tmp_path: Path, www: Path, receive_path: str) -> None:
     seen: dict[int, streamload.Layer] = {}
     progress: list[streamload.Progress] = []
-    rate = (model_dir / "minilm.slm").stat().st_size / 0.6  # layers a transfer time apart, not a thread's whim
+    rate = (www / "minilm.slm").stat().st_size / 0.6  # layers a transfer time apart, not a thread's whim
     async with contextlib.AsyncExitStack() as stack:
-        server = stack.enter_context(serve_directory(model_dir, rate_bytes_per_s=rate))
-        model = await stack.enter_async_context(open_via(receive_path, server.url("minilm.slm"), cache_dir=tmp_path, progress=progress.append))
+        server = stack.enter_context(serve_directory(www, rate_bytes_per_s=rate))
+        model = await stack.enter_async_context(
+            open_via(receive_path, server.url("minilm.slm"), cache_dir=tmp_path, progress=progress.append)
+        )
         async for index, layer in model.layers():
             assert index == len(seen)
             seen[index] = layer
         stats = await model.wait_complete()
         ready = model.layer_ready_s
         assert model.tokenizer.encode("streaming models").tokens[:3] == ["[CLS]", "streaming", "models"]
-        assert_layers_equal_file(seen, model_dir / "minilm.slm")
+        assert_layers_equal_file(seen, www / "minilm.slm")
         assert not seen[1]["encoder.layer.0.attention.self.query.weight"].flags.writeable
     assert ready == sorted(ready)
-    assert stats.chunks_fetched == stats.chunks_total and stats.bytes_downloaded >= (model_dir / "minilm.slm").stat().st_size - 64
+    assert stats.chunks_fetched == stats.chunks_total and stats.bytes_downloaded >= (www / "minilm.slm").stat().st_size - 64
     assert progress[-1].layers_ready == progress[-1].layers_total == 8
 
 
 @RECEIVE_PATHS
-async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path, receive_path: str) -> None:
-    size = (model_dir / "deep.slm").stat().st_size
-    with serve_directory(model_dir, rate_bytes_per_s=size / 2.0) as server:  # ~2 s for the file
+async def test_a_late_layer_jumps_the_queue(www: Path, tmp_path: Path, receive_path: str) -> None:
+    size = (www / "deep.slm").stat().st_size
+    with serve_directory(www, rate_bytes_per_s=size / 2.0) as server:  # ~2 s for the file
         async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path) as model:
             last_block = len(model.manifest.layers) - 2
             await model.layer(last_block)
@@ -91,18 +57,18 @@ async def test_a_late_layer_jumps_the_queue(model_dir: Path, tmp_path: Path, rec
 
 
 @RECEIVE_PATHS
-async def test_parallel_connections_fill_every_layer_exactly(model_dir: Path, tmp_path: Path, receive_path: str) -> None:
-    size = (model_dir / "deep.slm").stat().st_size
-    with serve_directory(model_dir, rate_bytes_per_s=size / 1.0) as server:  # per connection: spans overlap in time
+async def test_parallel_connections_fill_every_layer_exactly(www: Path, tmp_path: Path, receive_path: str) -> None:
+    size = (www / "deep.slm").stat().st_size
+    with serve_directory(www, rate_bytes_per_s=size / 1.0) as server:  # per connection: spans overlap in time
         async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path, connections=3, verify_threads=2) as model:
             layers = {i: layer async for i, layer in model.layers()}
             stats = await model.wait_complete()
     assert stats.chunks_fetched == stats.chunks_total and stats.integrity_failures == 0
-    assert_layers_equal_file(layers, model_dir / "deep.slm")
+    assert_layers_equal_file(layers, www / "deep.slm")
 
 
-async def test_a_cached_model_needs_no_download_and_works_offline(model_dir: Path, tmp_path: Path) -> None:
-    with serve_directory(model_dir) as server:
+async def test_a_cached_model_needs_no_download_and_works_offline(www: Path, tmp_path: Path) -> None:
+    with serve_directory(www) as server:
         url = server.url("deep.slm")
         async with streamload.open(url, cache_dir=tmp_path) as model:
             await model.wait_complete()
@@ -113,18 +79,18 @@ async def test_a_cached_model_needs_no_download_and_works_offline(model_dir: Pat
     # server gone: the URL's last digest is in the cache
     async with streamload.open(url, cache_dir=tmp_path, retry=streamload.RetryPolicy(max_attempts=2, base_delay_s=0.01)) as model:
         assert model.digest == digest
-        assert_layers_equal_file({i: await model.layer(i) for i in range(3)}, model_dir / "deep.slm")
+        assert_layers_equal_file({i: await model.layer(i) for i in range(3)}, www / "deep.slm")
     async with streamload.open(f"{url}#sha256={digest}", cache_dir=tmp_path) as model:  # pinned: no network at all
         assert (await model.wait_complete()).bytes_downloaded == 0
 
 
-async def test_server_that_ignores_range(model_dir: Path, tmp_path: Path) -> None:
-    with serve_directory(model_dir, ranges_enabled=False) as server:
+async def test_server_that_ignores_range(www: Path, tmp_path: Path) -> None:
+    with serve_directory(www, ranges_enabled=False) as server:
         async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, connections=3) as model:
             layers = {i: layer async for i, layer in model.layers()}
             stats = await model.wait_complete()
     assert stats.chunks_fetched == stats.chunks_total
-    assert_layers_equal_file(layers, model_dir / "deep.slm")
+    assert_layers_equal_file(layers, www / "deep.slm")
 
 
 @RECEIVE_PATHS
@@ -150,7 +116,9 @@ async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path,
     with ServerThread(faulty_app(deep_slm, faults)) as server:
         async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path) as model:
             await model.layer(0)  # layers before the bad chunk are fine
-            with pytest.raises(streamload.ChunkIntegrityError, match=f"chunk 5 of layer {chunk.layer_index} failed its sha256 check in 3 downloads") as info:
+            with pytest.raises(
+                streamload.ChunkIntegrityError, match=f"chunk 5 of layer {chunk.layer_index} failed its sha256 check in 3 downloads"
+            ) as info:
                 await model.layer(chunk.layer_index)
             assert info.value.layer_index == chunk.layer_index and info.value.chunk_index == 5
             with pytest.raises(streamload.ChunkIntegrityError):
@@ -160,7 +128,9 @@ async def test_a_server_that_always_corrupts_gives_a_clear_error(deep_slm: Path,
 
 
 @RECEIVE_PATHS
-async def test_a_chunk_that_matches_its_hash_but_does_not_decode_stops_the_download(deep_slm: Path, tmp_path: Path, receive_path: str) -> None:
+async def test_a_chunk_that_matches_its_hash_but_does_not_decode_stops_the_download(
+    deep_slm: Path, tmp_path: Path, receive_path: str
+) -> None:
     """A file converted wrong (hash of garbage in the manifest): a clear FormatError, nothing of it stored, no hang."""
     manifest, data = split_file(deep_slm.read_bytes())
     entry = manifest["chunks"][5]
@@ -199,54 +169,19 @@ async def test_local_file_source(deep_slm: Path, tmp_path: Path) -> None:
     assert_layers_equal_file(layers, deep_slm)
 
 
-def test_sync_wrapper(server: ServerThread, tmp_path: Path, model_dir: Path) -> None:
+def test_sync_wrapper(server: ServerThread, tmp_path: Path, www: Path) -> None:
     with streamload.load(server.url("deep.slm"), cache_dir=tmp_path) as model:
         layers = dict(model.layers())
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
-        assert_layers_equal_file(layers, model_dir / "deep.slm")
+        assert_layers_equal_file(layers, www / "deep.slm")
 
 
-@pytest.mark.parametrize(
-    ("since_s", "waited_s", "due"),
-    [(0.5, 0.5, False), (1.2, 1.0, True), (1.2, 0.2, False), (4.9, 0.0, False), (5.1, 0.0, True), (2.0, 6.0, True)],
-)
-def test_group_commits_come_every_second_on_a_slow_link_and_every_five_when_the_cpu_is_the_limit(since_s: float, waited_s: float, due: bool) -> None:
-    assert commit_due(since_s, waited_s) is due
-
-
-def test_resume_after_the_client_is_killed(model_dir: Path, tmp_path: Path, deep_slm: Path) -> None:
-    size = deep_slm.stat().st_size
-    with serve_directory(model_dir, rate_bytes_per_s=size / 3.0) as server:
-        url = server.url("deep.slm")
-        process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path), "--quiet"])
-        deadline = time.monotonic() + 30
-        while journal_count(tmp_path) < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        done_before = journal_count(tmp_path)
-        with ModelReader(deep_slm) as reader:
-            total = len(reader.manifest.chunks)
-            done = ModelCache(tmp_path, reader.manifest.digest).read_journal(total)
-            missing_bytes = sum(c.size_bytes for c in reader.manifest.chunks if c.index not in done)
-        assert 5 <= done_before < total
-        result = subprocess.run([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(tmp_path), "--json"], capture_output=True, text=True, check=True)
-    report = json.loads(result.stdout)
-    assert report["chunks_cached"] == len(done) and report["chunks_fetched"] == total - len(done)
-    header_bytes = reader.preamble.data_offset
-    assert report["bytes_downloaded"] <= missing_bytes + header_bytes  # no verified chunk moved twice
-    assert report["bytes_downloaded"] >= missing_bytes
-    with streamload.load(deep_slm, cache_dir=tmp_path) as model:  # the cache is complete and exact
-        assert model.stats.chunks_cached == total
-        assert_layers_equal_file(dict(model.layers()), deep_slm)
-
-
-def test_inspect_a_url_reads_only_the_manifest(server: ServerThread, model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_a_url_reads_only_the_manifest(server: ServerThread, www: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from streamload.cli import main
 
     assert main(["inspect", server.url("minilm.slm"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    with ModelReader(model_dir / "minilm.slm") as reader:
+    with ModelReader(www / "minilm.slm") as reader:
         assert summary["manifest_digest"] == reader.manifest.digest
         assert summary["file_bytes"] == reader.size_bytes
     assert summary["architecture"] == "bert" and len(summary["layers"]) == 8

@@ -1,0 +1,121 @@
+"""The scheduler alone: file order, queue jumping, cutting running spans, giving back, and a constant cost per chunk."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from streamload.formats import ChunkEntry
+from streamload.schedule import ChunkScheduler
+
+
+def chunks_of(layout: list[int], size_bytes: int = 100) -> list[ChunkEntry]:
+    """Chunks laid out contiguously; layout[i] = how many chunks layer i has."""
+    result = []
+    for layer, count in enumerate(layout):
+        for _ in range(count):
+            index = len(result)
+            result.append(ChunkEntry(index, layer, index * size_bytes, size_bytes, index * 128, 128, bytes(32)))
+    return result
+
+
+def indices(span: object) -> list[int]:
+    return [c.index for c in span.chunks]  # type: ignore[attr-defined]
+
+
+def test_spans_follow_file_order_and_skip_what_the_cache_has() -> None:
+    scheduler = ChunkScheduler(chunks_of([2, 2, 2]), done_indices={2, 3})
+    assert scheduler.pending_bytes == 400
+    assert indices(scheduler.take_span(250)) == [0, 1]  # 1 is contiguous with 0; 2 and 3 are cached
+    assert indices(scheduler.take_span(250)) == [4, 5]
+    assert scheduler.take_span(250) is None and not scheduler.finished
+
+
+def test_a_demanded_layer_jumps_the_queue_and_cuts_spans_that_will_not_reach_it() -> None:
+    chunks = chunks_of([3, 3, 3])
+    scheduler = ChunkScheduler(chunks)
+    running = scheduler.take_span(300)
+    assert indices(running) == [0, 1, 2] and not running.cut
+    scheduler.prioritize(2)  # layer 2's chunks are pending: nobody is fetching them
+    assert running.cut and scheduler.urgent_waiting()
+    assert indices(scheduler.take_span(10_000)) == [6, 7, 8]  # the demand first, then file order resumes
+    assert not scheduler.urgent_waiting()
+    assert indices(scheduler.take_span(10_000)) == [3, 4, 5]
+
+
+def test_a_demand_that_a_running_span_will_reach_cuts_nothing() -> None:
+    scheduler = ChunkScheduler(chunks_of([2, 2, 2]))
+    running = scheduler.take_span(10_000)
+    scheduler.prioritize(2)
+    assert not running.cut and not scheduler.urgent_waiting()
+
+
+def test_a_whole_file_span_is_never_cut() -> None:
+    scheduler = ChunkScheduler(chunks_of([2, 2]))
+    whole = scheduler.take_all()
+    assert indices(whole) == [0, 1, 2, 3] and not whole.cuttable
+    scheduler.finish_span(whole)  # nothing received: all pending again
+    whole = scheduler.take_all()
+    whole.received = 1
+    missed = scheduler.finish_span(whole)
+    assert [c.index for c in missed] == [1, 2, 3]
+    scheduler.prioritize(1)
+    whole = scheduler.take_all()
+    scheduler.prioritize(0)
+    assert not whole.cut
+
+
+def test_a_span_gives_back_what_it_did_not_receive_and_a_demanded_chunk_returns_first() -> None:
+    chunks = chunks_of([4, 4])
+    scheduler = ChunkScheduler(chunks)
+    span = scheduler.take_span(10_000)
+    scheduler.prioritize(1)  # all of layer 1 is in the running span: no cut
+    span.received = 6
+    for chunk in span.chunks[:6]:
+        scheduler.done(chunk)
+    assert [c.index for c in scheduler.finish_span(span)] == [6, 7]
+    assert scheduler.urgent_waiting()
+    assert indices(scheduler.take_span(10_000)) == [6, 7]
+    for chunk in chunks[6:]:
+        scheduler.done(chunk)
+    assert scheduler.finished
+
+
+def test_a_chunk_that_failed_its_hash_is_fetched_again() -> None:
+    chunks = chunks_of([3])
+    scheduler = ChunkScheduler(chunks)
+    span = scheduler.take_span(10_000)
+    span.received = 3
+    scheduler.done(chunks[0])
+    scheduler.done(chunks[2])
+    scheduler.give_back([chunks[1]])  # failed verification
+    scheduler.finish_span(span)
+    assert indices(scheduler.take_span(10_000)) == [1]
+
+
+@pytest.mark.parametrize("demand_every", [0, 7])
+def test_the_cost_per_chunk_does_not_grow_with_the_chunk_count(demand_every: int) -> None:
+    """20k chunks must cost about 10x 2k, not 100x: no operation may scan the pending chunks."""
+
+    def drain(count: int) -> float:
+        layers = [count // 100] * 100
+        chunks = chunks_of(layers)
+        scheduler = ChunkScheduler(chunks)
+        started = time.perf_counter()
+        taken = 0
+        while (span := scheduler.take_span(100)) is not None:  # one chunk per span: the worst case
+            if demand_every and taken % demand_every == 0:
+                scheduler.prioritize((taken * 37) % len(layers))
+            span.received = len(span.chunks)
+            for chunk in span.chunks:
+                scheduler.done(chunk)
+            scheduler.finish_span(span)
+            taken += 1
+        assert scheduler.finished and taken == count
+        return time.perf_counter() - started
+
+    drain(2_000)  # warm-up
+    small = min(drain(2_000) for _ in range(5))
+    large = min(drain(20_000) for _ in range(3))
+    assert large / small < 30, f"{large / small:.1f}x the time for 10x the chunks"
