@@ -25,7 +25,7 @@ from ..errors import (
     UnsupportedVersionError,
 )
 from .manifest import ChunkEntry, LayerEntry, Manifest, TensorEntry, parse_manifest
-from .reader import ModelReader, decompress_chunk, read_preamble, verify_chunk, view_tensor
+from .reader import ModelReader, decompress_chunk, decompress_chunks, read_preamble, verify_chunk, view_tensor
 from .writer import ModelWriter
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "UnsupportedVersionError",
     "convert",
     "decompress_chunk",
+    "decompress_chunks",
     "parse_manifest",
     "read_preamble",
     "summarize_compression",

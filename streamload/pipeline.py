@@ -6,8 +6,8 @@ span's reader, lets go of the lock, and verifies (sha256), decompresses and
 stores that chunk while the next thread receives the one after. Chunks are
 received in file order, so layers complete in execution order; each chunk stays
 in one core's cache from socket to store. Nothing unverified is decompressed or
-written. The event loop hears of finished chunks through ``on_chunk``, called in
-batches (one wake-up per batch, not per chunk).
+written. ``run_span`` yields each finished chunk (stored, or failed its hash) to
+the event loop as it lands, waking the loop once per batch, not per chunk.
 
 Costs: one copy of each compressed chunk (connection to buffer), one of each raw
 chunk (pwrite into the page cache); one receive buffer and one zstd context per
@@ -22,17 +22,18 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import zstandard
 
 from .errors import ChunkIntegrityError, RetryableError, StalledError
-from .formats import ChunkEntry, decompress_chunk, verify_chunk
+from .formats import ChunkEntry, decompress_chunks, verify_chunk
 from .schedule import Span
 from .stats import DownloadStats
 from .transport import SpanReader
 
-ChunkOutcome = Callable[[Span, ChunkEntry, ChunkIntegrityError | None], None]
+Outcome = tuple[ChunkEntry, ChunkIntegrityError | None]  # a chunk stored (None) or refused by its hash
+BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
 
 
 class ChunkPipeline:
@@ -43,89 +44,133 @@ class ChunkPipeline:
         *,
         data_offset: int,
         chunk_size_bytes: int,
-        write_chunk: Callable[[int, memoryview | bytes], None],
-        on_chunk: ChunkOutcome,
+        write_chunks: Callable[[int, list[bytes | memoryview]], None],
         stats: DownloadStats,
         threads: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.data_offset = data_offset
-        self.buffer_bytes = chunk_size_bytes + (chunk_size_bytes >> 3)  # compressed chunks can exceed the raw size a little
-        self.write_chunk = write_chunk
-        self.on_chunk = on_chunk
+        # compressed chunks can exceed the raw size a little; small chunks come in batches
+        self.buffer_bytes = max(BATCH_BYTES, chunk_size_bytes + (chunk_size_bytes >> 3))
+        self.write_chunks = write_chunks
         self.stats = stats
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
         self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
         self._local = threading.local()
-        self._finished: collections.deque[tuple[Span, ChunkEntry, ChunkIntegrityError | None]] = collections.deque()
-        self._drain_scheduled = False
 
-    async def run_span(self, span: Span, reader: SpanReader, threads: int) -> None:
-        """Receive, verify, decompress and store a span on ``threads`` pool threads; raises its first failure.
+    async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[list[Outcome]]:
+        """Receive, verify, decompress and store a span on ``threads`` pool threads, yielding chunks as they land
+        (a list per batch: one chunk, or several small consecutive ones).
 
-        Returns when no thread touches the span, its reader or the store any more;
-        ``span.received`` says how many of its chunks came off the connection.
+        Raises the span's first failure after the last outcome. When the iteration
+        ends (or is closed early), no thread touches the span, its reader or the
+        store any more; ``span.received`` says how many chunks came off the connection.
         """
         span.abort = reader.abort
+        landed = _Landed(self.loop)
         count = max(1, min(threads, len(span.chunks)))
         jobs = asyncio.gather(
-            *(self.loop.run_in_executor(self.pool, self._pump, span, reader) for _ in range(count)), return_exceptions=True
+            *(self.loop.run_in_executor(self.pool, self._pump, span, reader, landed) for _ in range(count)), return_exceptions=True
         )
+        waiter: asyncio.Future[None] | None = None
         try:
-            await asyncio.shield(jobs)
-        except asyncio.CancelledError:
-            span.stop()
-            reader.abort()  # a thread blocked on the connection returns at once
-            await asyncio.wait([jobs])
-            raise
+            while True:
+                while landed.batches:
+                    yield landed.batches.popleft()
+                if jobs.done():
+                    if not landed.batches:  # every thread's last batch was queued before its job completed
+                        break
+                    continue
+                if waiter is None or waiter.done():
+                    waiter = asyncio.ensure_future(landed.wait())
+                await asyncio.wait([jobs, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if waiter is not None:
+                waiter.cancel()
+            if not jobs.done():  # cancelled, or the caller stopped iterating
+                span.stop()
+                reader.abort()  # a thread blocked on the connection returns at once
+                await asyncio.wait([jobs])
             reader.close()
         if span.error is not None:
             raise span.error
 
-    def _pump(self, span: Span, reader: SpanReader) -> None:
-        """One pool thread's share of a span: take the next chunk, receive it, let go of the reader, process it."""
+    def _pump(self, span: Span, reader: SpanReader, landed: _Landed) -> None:
+        """One pool thread's share of a span: take the next batch, receive it, let go of the reader, process it.
+
+        A batch is one chunk, or several consecutive small ones up to BATCH_BYTES: one read,
+        one store write and one wake-up of the loop for all of them (small chunks would
+        otherwise spend their time handing the GIL and the reader between threads).
+        """
         try:
             while True:
                 with span.lock:
-                    if span.cut or span.received == len(span.chunks):
+                    first = span.received
+                    if span.cut or first == len(span.chunks):
                         return
-                    chunk = span.chunks[span.received]
-                    view = self._buffer(chunk.size_bytes)
+                    last, size = first + 1, span.chunks[first].size_bytes
+                    while last < len(span.chunks) and size + span.chunks[last].size_bytes <= BATCH_BYTES:
+                        size += span.chunks[last].size_bytes
+                        last += 1
+                    batch = span.chunks[first:last]
+                    view = self._buffer(size)
                     waiting = time.perf_counter()
                     try:
-                        reader.read_into(self.data_offset + chunk.offset, view)
+                        reader.read_into(self.data_offset + batch[0].offset, view)
                     except (RetryableError, StalledError) as exc:
                         span.stop(exc)
                         return
-                    span.received += 1
+                    span.received = last
                 received = time.perf_counter()
                 self.stats.receive_wait_s += received - waiting
-                self.chunk_spans[chunk.index] = [waiting, received, 0.0, 0.0]
-                try:
-                    self.process(chunk, view)
-                except ChunkIntegrityError as exc:
-                    self._post(span, chunk, exc)
-                    continue
-                self._post(span, chunk, None)
+                landed.post(self.process(batch, view, waiting, received))
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
 
-    def process(self, chunk: ChunkEntry, data: memoryview | bytes) -> None:
-        """Verify, decompress and store one chunk (pool thread): nothing unverified is ever decompressed or written."""
+    def process(self, batch: list[ChunkEntry], data: memoryview, received_from: float, received_at: float) -> list[Outcome]:
+        """Verify, decompress and store consecutive chunks whose bytes are ``data`` (pool thread).
+
+        Nothing unverified is ever decompressed or written; runs of chunks that are
+        contiguous in the store are written with one pwritev.
+        """
+        decompressor = self._decompressor()
         started = time.perf_counter()
-        verify_chunk(chunk, data)
-        verified = time.perf_counter()
-        raw = decompress_chunk(chunk, data, decompressor=self._decompressor())
+        outcomes: list[Outcome] = []
+        verified: list[ChunkEntry] = []
+        pieces: list[memoryview] = []
+        position = 0
+        for chunk in batch:
+            piece = data[position : position + chunk.size_bytes]
+            position += chunk.size_bytes
+            try:
+                verify_chunk(chunk, piece)
+            except ChunkIntegrityError as exc:
+                outcomes.append((chunk, exc))
+                continue
+            verified.append(chunk)
+            pieces.append(piece)
+        verify_s = time.perf_counter() - started
+        raws = decompress_chunks(verified, pieces, decompressor=decompressor) if verified else []
+        runs: list[tuple[int, list[bytes | memoryview]]] = []  # (store offset, raw pieces back to back)
+        run_end = -1
+        for chunk, raw in zip(verified, raws, strict=True):
+            if chunk.raw_offset == run_end:
+                runs[-1][1].append(raw)
+            else:
+                runs.append((chunk.raw_offset, [raw]))
+            run_end = chunk.raw_offset + chunk.raw_size_bytes
+            outcomes.append((chunk, None))
         decompressed = time.perf_counter()
-        self.write_chunk(chunk.raw_offset, raw)
+        for offset, pieces in runs:
+            self.write_chunks(offset, pieces)
         stored = time.perf_counter()
-        self.stats.verify_s += verified - started
-        self.stats.decompress_s += decompressed - verified
+        self.stats.verify_s += verify_s
+        self.stats.decompress_s += decompressed - started - verify_s
         self.stats.store_s += stored - decompressed
-        span = self.chunk_spans.setdefault(chunk.index, [started, started, 0.0, 0.0])
-        span[2], span[3] = started, stored
+        for chunk, _ in outcomes:
+            self.chunk_spans[chunk.index] = [received_from, received_at, started, stored]
+        return outcomes
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         """This thread's zstd context (contexts are not thread-safe, and one per chunk is setup thrown away)."""
@@ -141,24 +186,31 @@ class ChunkPipeline:
             buffer = self._local.buffer = bytearray(max(size_bytes, self.buffer_bytes))
         return memoryview(buffer)[:size_bytes]
 
-    def _post(self, span: Span, chunk: ChunkEntry, failure: ChunkIntegrityError | None) -> None:
-        """Queue a finished chunk for the event loop, waking it only when no wake-up is pending."""
-        self._finished.append((span, chunk, failure))
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is shutting down
-                self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        """On the event loop: report every chunk finished since the last wake-up.
-
-        The flag is cleared before draining, so a chunk queued after the last pop
-        schedules its own wake-up; a span's chunks are all drained before the
-        thread's job completes (its completion is queued on the loop after them).
-        """
-        self._drain_scheduled = False
-        while self._finished:
-            self.on_chunk(*self._finished.popleft())
-
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+class _Landed:
+    """Outcomes queued by pool threads for the event loop, with one wake-up per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.batches: collections.deque[list[Outcome]] = collections.deque()
+        self._event = asyncio.Event()
+        self._wake_scheduled = False
+
+    def post(self, outcomes: list[Outcome]) -> None:
+        """From a pool thread: queue a batch's outcomes; wake the loop only when no wake-up is pending."""
+        self.batches.append(outcomes)
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is shutting down
+                self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False  # cleared before the consumer drains: a later post schedules its own wake-up
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()

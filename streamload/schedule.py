@@ -151,16 +151,18 @@ class ChunkScheduler:
         first = self._first()
         if first is None:
             return None
-        chunks = [self._take(first)]
-        size = chunks[0].size_bytes
-        position = first + 1
-        while position < len(self._state) and self._state[position] == PENDING:
-            candidate = self._chunks[position]
-            if candidate.offset != chunks[-1].end or size + candidate.size_bytes > max_bytes:
+        state, all_chunks = self._state, self._chunks
+        end = first + 1
+        size = all_chunks[first].size_bytes
+        previous_end = all_chunks[first].end
+        while end < len(state) and state[end] == PENDING:
+            candidate = all_chunks[end]
+            if candidate.offset != previous_end or size + candidate.size_bytes > max_bytes:
                 break
-            chunks.append(self._take(position))
             size += candidate.size_bytes
-            position += 1
+            previous_end += candidate.size_bytes
+            end += 1
+        chunks = [self._take(position) for position in range(first, end)]
         span = Span(chunks)
         self._running.add(span)
         return span
@@ -176,11 +178,17 @@ class ChunkScheduler:
 
     # ------------------------------------------------------------ outcomes
 
-    def done(self, chunk: ChunkEntry) -> None:
-        position = self._position_of[chunk.index]
-        if self._state[position] == TAKEN:
-            self._state[position] = DONE
-            self._taken -= 1
+    def done(self, chunks: Iterable[ChunkEntry]) -> None:
+        """Chunks verified and stored."""
+        state, position_of = self._state, self._position_of
+        finished = 0
+        for chunk in chunks:
+            position = position_of[chunk.index]
+            if state[position] == TAKEN:
+                state[position] = DONE
+                finished += 1
+        if finished:
+            self._taken -= finished
             self._changed.set()
 
     def give_back(self, chunks: Iterable[ChunkEntry]) -> None:

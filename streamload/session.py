@@ -3,13 +3,15 @@
 ``start`` reads the header (from the source, or from the cache when the model is
 pinned and complete, or offline), opens the cache and schedules what the journal
 lacks; workers then take spans from the scheduler, open them on the source and
-hand them to the chunk pipeline, whose one completion route (``_chunk_finished``)
-journals each chunk and resolves a layer's future when its last chunk lands.
+hand them to the chunk pipeline; what it yields goes through one completion route
+(``_chunks_landed``), which journals each chunk and resolves a layer's future when
+its last chunk lands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,7 +27,7 @@ from .fetch import Header, fetch_header, parse_header
 from .formats import ChunkEntry, Manifest
 from .httputil import Backoff, RetryPolicy
 from .layer import Layer, map_layer
-from .pipeline import ChunkPipeline
+from .pipeline import ChunkPipeline, Outcome
 from .schedule import ChunkScheduler, Span
 from .stats import DownloadStats, Progress
 from .transport import FileSource, Source
@@ -155,13 +157,12 @@ class DownloadSession:
             self.pipeline = ChunkPipeline(
                 data_offset=self.data_offset,
                 chunk_size_bytes=self.manifest.chunk_size_bytes,
-                write_chunk=cache.write_chunk,
-                on_chunk=self._chunk_finished,
+                write_chunks=cache.write_chunks,
                 stats=self.stats,
                 threads=max(self.verify_threads, self.connections),  # every connection gets a thread at once
                 loop=self.loop,
             )
-            self.committer = GroupCommitter(cache, self.loop, lambda: self.stats.receive_wait_s)
+            self.committer = GroupCommitter(cache, self.loop, self.stats)
             self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
         logger.info(
             "%s: %d of %d chunks cached, %d bytes to fetch",
@@ -327,7 +328,9 @@ class DownloadSession:
                 reader = await self.source.open_span(start, end)
                 if reader.whole_file:
                     span.cuttable = False
-                await self.pipeline.run_span(span, reader, threads)
+                async with contextlib.aclosing(self.pipeline.run_span(span, reader, threads)) as outcomes:
+                    async for landed in outcomes:
+                        self._chunks_landed(span, landed)
                 backoff.failures = 0
             except (RetryableError, StalledError) as exc:
                 self.stats.retries += 1
@@ -335,21 +338,26 @@ class DownloadSession:
             finally:
                 self.scheduler.finish_span(span)
 
-    def _chunk_finished(self, span: Span, chunk: ChunkEntry, failure: ChunkIntegrityError | None) -> None:
-        """On the event loop, for every chunk of every source: journal it and signal its layer, or handle its failure."""
-        self.stats.bytes_downloaded += chunk.size_bytes if self.source is not None and self.source.remote else 0
-        if failure is not None:
-            fatal = self._integrity_failed(chunk, failure)
-            if fatal is not None:
-                span.stop(fatal)
-            return
+    def _chunks_landed(self, span: Span, landed: list[Outcome]) -> None:
+        """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
         assert self.committer is not None
-        self.stats.chunks_fetched += 1
-        self.committer.add(chunk.index)
-        self.scheduler.done(chunk)
-        self.remaining[chunk.layer_index] -= 1
-        if self.remaining[chunk.layer_index] == 0:
-            self._set_ready(chunk.layer_index)
+        remote = self.source is not None and self.source.remote
+        stored = [chunk for chunk, failure in landed if failure is None]
+        if remote:
+            self.stats.bytes_downloaded += sum(chunk.size_bytes for chunk, _ in landed)
+        for chunk, failure in landed:
+            if failure is not None:
+                fatal = self._integrity_failed(chunk, failure)
+                if fatal is not None:
+                    span.stop(fatal)
+        self.scheduler.done(stored)
+        remaining = self.remaining
+        for chunk in stored:
+            remaining[chunk.layer_index] -= 1
+            if remaining[chunk.layer_index] == 0:
+                self._set_ready(chunk.layer_index)
+        self.stats.chunks_fetched += len(stored)
+        self.committer.add([chunk.index for chunk in stored])
         if self.scheduler.finished:
             self._finish()  # now, not when a group commit still running ends
         else:

@@ -10,6 +10,7 @@ import pytest
 
 from streamload.cache import JOURNAL_RECORD, GroupCommitter, ModelCache, commit_due
 from streamload.errors import CacheError
+from streamload.stats import DownloadStats
 
 DIGEST = "ab" * 32
 
@@ -33,7 +34,7 @@ async def open_cache(root: Path, size_bytes: int = 4096) -> ModelCache:
 
 async def test_the_journal_names_only_committed_chunks_and_drops_a_torn_record(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
-    cache.write_chunk(0, b"x" * 128)
+    cache.write_chunks(0, [b"x" * 100, b"y" * 28])
     cache.commit_chunks([0, 3])
     cache.close()
     with open(tmp_path / "models" / DIGEST / "journal", "ab") as f:
@@ -48,10 +49,9 @@ async def test_the_journal_names_only_committed_chunks_and_drops_a_torn_record(t
 
 async def test_the_committer_groups_chunks_and_flush_makes_them_all_durable(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
-    waited = [0.0]
-    committer = GroupCommitter(cache, asyncio.get_running_loop(), lambda: waited[0])
-    for index in range(5):
-        committer.add(index)
+    committer = GroupCommitter(cache, asyncio.get_running_loop(), DownloadStats())
+    committer.add([0, 1])
+    committer.add([2, 3, 4])
     assert committer.running is None and committer.uncommitted == [0, 1, 2, 3, 4]  # not due yet: grouped
     await committer.flush()
     assert cache.read_journal(10) == {0, 1, 2, 3, 4} and committer.commit_s > 0
@@ -63,11 +63,11 @@ async def test_the_committer_groups_chunks_and_flush_makes_them_all_durable(tmp_
 
 async def test_a_failing_commit_is_reported_through_watch(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
-    committer = GroupCommitter(cache, asyncio.get_running_loop(), lambda: 0.0)
+    committer = GroupCommitter(cache, asyncio.get_running_loop(), DownloadStats())
     assert cache._journal_fd is not None
     os.close(cache._journal_fd)  # the journal can no longer be written: as a vanished disk would
     cache._journal_fd = os.open(os.devnull, os.O_RDONLY)
-    committer.add(1)
+    committer.add([1])
     watcher = asyncio.create_task(committer.watch())
     with pytest.raises(CacheError, match="committing .* failed"):
         await committer.flush()

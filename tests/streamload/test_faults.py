@@ -243,14 +243,15 @@ from streamload.cli import main
 
 where = sys.argv[1]
 calls = {"n": 0}
-write_chunk, commit_chunks = cache.ModelCache.write_chunk, cache.ModelCache.commit_chunks
+write_chunks, commit_chunks = cache.ModelCache.write_chunks, cache.ModelCache.commit_chunks
 
-def dying_write(self, raw_offset, data):
+def dying_write(self, raw_offset, pieces):
     calls["n"] += 1
     if calls["n"] == 6:  # the sixth chunk: half its bytes reach the store, then the process dies
-        os.pwrite(self._store_fd, memoryview(data)[: len(data) // 2], raw_offset)
+        data = b"".join(pieces)
+        os.pwrite(self._store_fd, data[: len(data) // 2], raw_offset)
         os.kill(os.getpid(), signal.SIGKILL)
-    write_chunk(self, raw_offset, data)
+    write_chunks(self, raw_offset, pieces)
 
 def dying_commit(self, chunk_indices):
     os.fdatasync(self._store_fd)
@@ -258,7 +259,7 @@ def dying_commit(self, chunk_indices):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if where == "store":
-    cache.ModelCache.write_chunk = dying_write
+    cache.ModelCache.write_chunks = dying_write
 else:
     cache.ModelCache.commit_chunks = dying_commit
 sys.exit(main(sys.argv[2:]))

@@ -72,13 +72,11 @@ def test_a_span_gives_back_what_it_did_not_receive_and_a_demanded_chunk_returns_
     span = scheduler.take_span(10_000)
     scheduler.prioritize(1)  # all of layer 1 is in the running span: no cut
     span.received = 6
-    for chunk in span.chunks[:6]:
-        scheduler.done(chunk)
+    scheduler.done(span.chunks[:6])
     assert [c.index for c in scheduler.finish_span(span)] == [6, 7]
     assert scheduler.urgent_waiting()
     assert indices(scheduler.take_span(10_000)) == [6, 7]
-    for chunk in chunks[6:]:
-        scheduler.done(chunk)
+    scheduler.done(chunks[6:])
     assert scheduler.finished
 
 
@@ -87,8 +85,7 @@ def test_a_chunk_that_failed_its_hash_is_fetched_again() -> None:
     scheduler = ChunkScheduler(chunks)
     span = scheduler.take_span(10_000)
     span.received = 3
-    scheduler.done(chunks[0])
-    scheduler.done(chunks[2])
+    scheduler.done([chunks[0], chunks[2]])
     scheduler.give_back([chunks[1]])  # failed verification
     scheduler.finish_span(span)
     assert indices(scheduler.take_span(10_000)) == [1]
@@ -108,8 +105,7 @@ def test_the_cost_per_chunk_does_not_grow_with_the_chunk_count(demand_every: int
             if demand_every and taken % demand_every == 0:
                 scheduler.prioritize((taken * 37) % len(layers))
             span.received = len(span.chunks)
-            for chunk in span.chunks:
-                scheduler.done(chunk)
+            scheduler.done(span.chunks)
             scheduler.finish_span(span)
             taken += 1
         assert scheduler.finished and taken == count
