@@ -1,17 +1,28 @@
 """The on-disk cache: one directory per model, keyed by its manifest digest.
 
     <cache_dir>/models/<digest>/header.slm   preamble + manifest, exactly as fetched
-    <cache_dir>/models/<digest>/store.bin    the layer store (FORMAT.md), preallocated
-    <cache_dir>/models/<digest>/journal      u32 indices of chunks verified and written, appended
+    <cache_dir>/models/<digest>/store.bin    the layer store (FORMAT.md), sparse; space reserved as data arrives
+    <cache_dir>/models/<digest>/chunks.log   (u32 chunk index, u64 xxh3 of its stored bytes) per verified chunk
     <cache_dir>/models/<digest>/complete     present once every chunk is in the store
     <cache_dir>/models/<digest>/lock         flock: one writer at a time
     <cache_dir>/refs/<sha256(url)>           "<digest>\\n<url>": the digest a URL last had (offline use)
 
-A chunk's index is appended to the journal only after its bytes are in the
-store and flushed to disk (``GroupCommitter``: every 1 s while the network is
-the bottleneck, every 5 s while the CPU is), so a process killed at any point,
-or a power cut, leaves a journal that names only whole, verified, durable
-chunks; the next run fetches exactly the others.
+A chunk's record is appended to the journal (chunks.log) only after its bytes
+are in the store and flushed to disk (``GroupCommitter``: every 1 s while the
+network is the bottleneck, every 5 s while the CPU is), so a process killed at
+any point, or a power cut, leaves a journal that names only whole, verified,
+durable chunks; the next run fetches exactly the others. The record's xxh3
+digest of the stored (decompressed) bytes lets a later process check them before
+it uses them (``find_damaged``): a cache that was truncated, zeroed or flipped
+is fetched again, never used. xxh3 runs at tens of GB/s, so the check costs a
+cached run about a millisecond per 40 MB.
+
+Space: the store is a sparse file. Blocks of RESERVE_BLOCK_BYTES are reserved
+(fallocate) as the first verified chunk lands in them, so at most one block per
+region being written is reserved ahead of verified data, never the whole size a
+manifest declares; ``release_unverified`` punches out what a failed or cancelled
+download reserved but never filled. Nothing is ever written through a symbolic
+link: the cache's files are opened with O_NOFOLLOW.
 
 Threads: store writes (``write_chunks``, pwritev at distinct offsets) come from the
 pool threads at once; commits from the committer's one thread; everything else
@@ -23,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -32,15 +43,21 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 import time
 from pathlib import Path
+
+import xxhash
 
 from .errors import CacheError
 from .stats import DownloadStats
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_RECORD = struct.Struct("<I")  # chunk index
+JOURNAL_NAME = "chunks.log"
+JOURNAL_RECORD = struct.Struct("<IQ")  # chunk index, xxh3_64 of the chunk's bytes in the store
+RESERVE_BLOCK_BYTES = 8 << 20
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 IOV_MAX = 1024  # buffers per pwritev (POSIX minimum, Linux's limit)
 LOCK_POLL_S = 0.1
 
@@ -53,6 +70,8 @@ def default_cache_dir() -> Path:
 
 def _cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     """``action`` is a gerund: "writing", "committing"."""
+    if exc.errno == errno.ELOOP:
+        return CacheError(f"{path}: {exc.strerror}")
     if exc.errno == errno.ENOSPC:
         return CacheError(
             f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk"
@@ -72,6 +91,8 @@ class ModelCache:
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._store_fd: int | None = None
+        self._reserved = bytearray()  # 1 per RESERVE_BLOCK_BYTES block this process fallocated
+        self._reserve_lock = threading.Lock()
         self.store_map: mmap.mmap | None = None
 
     # ------------------------------------------------------------ refs and header
@@ -83,7 +104,7 @@ class ModelCache:
     @staticmethod
     def read_ref(root: Path, url: str) -> str | None:
         """The digest a URL had when last fetched."""
-        return _parse_ref(ModelCache.ref_path(root, url))[0] or None
+        return parse_ref(ModelCache.ref_path(root, url))[0] or None
 
     @staticmethod
     def write_ref(root: Path, url: str, digest: str) -> None:
@@ -110,7 +131,7 @@ class ModelCache:
 
     def write_header(self, header: bytes) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self._make_directory()
             if self.read_header() != header:
                 _write_atomically(self.header_path, header)
         except OSError as exc:
@@ -124,8 +145,8 @@ class ModelCache:
     async def acquire(self) -> None:
         """Take the directory's writer lock, waiting (without blocking the loop) while another process holds it."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._make_directory()
+            fd = _open_own(self.directory / "lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise _cache_error("creating", self.directory, exc) from None
         waited = False
@@ -140,59 +161,80 @@ class ModelCache:
                 await asyncio.sleep(LOCK_POLL_S)
         self._lock_fd = fd
 
+    def _make_directory(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.is_symlink():
+            raise OSError(errno.ELOOP, "is a symbolic link")
+
     # ------------------------------------------------------------ store and journal
 
-    def open_store(self, size_bytes: int) -> None:
-        """Create, preallocate and map the store, after checking the disk has room for what is not yet allocated.
+    def open_store(self, size_bytes: int) -> int:
+        """Create (sparse) and map the store after checking the disk has room for what is not yet allocated.
 
-        Preallocated (posix_fallocate): the store's blocks are reserved up front, so its writes
-        cannot run out of space halfway (and a warmed, interleaved probe found pwrite into them no
-        slower than into a sparse file). Writes go through pwrite, never the map, so a failure is
-        a clean error, not a SIGBUS.
+        Returns the store's size on disk before this call (smaller than ``size_bytes``: it was
+        truncated, and the chunks past that size are not there). Space is reserved block by block
+        as verified data arrives (``write_chunks``). Writes go through pwritev, never the map, so a
+        failure is a clean error, not a SIGBUS.
         """
         try:
             free = shutil.disk_usage(self.directory).free
-            allocated = os.stat(self.store_path).st_blocks * 512 if self.store_path.exists() else 0
+            allocated = os.lstat(self.store_path).st_blocks * 512 if self.store_path.exists() else 0
         except OSError:
             free, allocated = None, 0
-        needed = max(0, size_bytes - allocated)  # a store preallocated by an earlier run needs no new space
+        needed = max(0, size_bytes - allocated)
         if free is not None and needed > free:
             raise CacheError(
                 f"the model needs {_human(needed)} more in {self.directory}, but only {_human(free)} are free; "
                 "free some space or pass --cache-dir on another disk"
             )
         try:
-            fd = os.open(self.store_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_own(self.store_path, os.O_RDWR | os.O_CREAT)
             self._store_fd = fd
-            if os.fstat(fd).st_size != size_bytes:
+            size_before = os.fstat(fd).st_size
+            if size_before != size_bytes:
                 os.ftruncate(fd, size_bytes)
+            self._reserved = bytearray(-(-size_bytes // RESERVE_BLOCK_BYTES))
             if size_bytes:
-                os.posix_fallocate(fd, 0, size_bytes)
-                self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwrite
-            self._journal_fd = os.open(self.directory / "journal", os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+                self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwritev
+            self._journal_fd = _open_own(self.directory / JOURNAL_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND)
             torn = os.fstat(self._journal_fd).st_size % JOURNAL_RECORD.size
             if torn:  # a record cut short by a crash: drop it, or every later append would be read misaligned
                 os.ftruncate(self._journal_fd, os.fstat(self._journal_fd).st_size - torn)
         except OSError as exc:
             self.close()
             raise _cache_error("preparing", self.store_path, exc) from None
+        return min(size_before, size_bytes)
 
-    def read_journal(self, chunk_count: int) -> set[int]:
-        """Indices of chunks already verified and stored (a torn last record is ignored)."""
+    def read_journal(self, chunk_count: int) -> dict[int, int]:
+        """Chunk index -> xxh3 of its stored bytes, for chunks already verified and stored (a torn last record is ignored)."""
+        path = self.directory / JOURNAL_NAME
         try:
-            data = (self.directory / "journal").read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
-            return set()
+            return {}
         except OSError as exc:
-            raise _cache_error("reading", self.directory / "journal", exc) from None
+            raise _cache_error("reading", path, exc) from None
         usable = len(data) - len(data) % JOURNAL_RECORD.size
-        return {i for (i,) in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
+        return {i: digest for i, digest in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
+
+    def find_damaged(self, chunks: list[tuple[int, int, int, int]]) -> list[int]:
+        """Of (chunk index, store offset, size, xxh3 when journaled), the indices whose stored bytes differ."""
+        store = self.store_map
+        damaged = []
+        for index, offset, size, digest in chunks:
+            if store is None or offset + size > len(store) or xxhash.xxh3_64_intdigest(store[offset : offset + size]) != digest:
+                damaged.append(index)
+        return damaged
 
     def write_chunks(self, raw_offset: int, pieces: list[bytes | memoryview]) -> None:
-        """Write decompressed bytes, back to back from ``raw_offset``, into the store (pwritev: one call for a run of
-        small chunks; no page faults on a fresh map). Called by pool threads at once, at distinct offsets."""
+        """Write verified, decompressed bytes back to back from ``raw_offset`` into the store.
+
+        One pwritev for a run of small chunks; no page faults on a fresh map. Pool threads
+        call this at once, at distinct offsets; the blocks it lands in are reserved first.
+        """
         assert self._store_fd is not None
         try:
+            self._reserve(raw_offset, raw_offset + sum(len(piece) for piece in pieces))
             while pieces:
                 group = pieces[:IOV_MAX]
                 expected = sum(len(piece) for piece in group)
@@ -208,8 +250,48 @@ class ModelCache:
         except OSError as exc:
             raise _cache_error("writing", self.store_path, exc) from None
 
-    def commit_chunks(self, chunk_indices: list[int]) -> None:
-        """Make written chunks durable, then journal them (group commit; runs on the commit thread).
+    def _reserve(self, start: int, end: int) -> None:
+        """fallocate the RESERVE_BLOCK_BYTES blocks that [start, end) touches, once each (so writes cannot hit a full
+        disk halfway through a block, and a filling disk fails here, cleanly)."""
+        first, last = start // RESERVE_BLOCK_BYTES, (end - 1) // RESERVE_BLOCK_BYTES
+        if all(self._reserved[first : last + 1]):
+            return
+        assert self._store_fd is not None
+        with self._reserve_lock:
+            size = os.fstat(self._store_fd).st_size
+            for block in range(first, last + 1):
+                if not self._reserved[block]:
+                    offset = block * RESERVE_BLOCK_BYTES
+                    os.posix_fallocate(self._store_fd, offset, min(RESERVE_BLOCK_BYTES, size - offset))
+                    self._reserved[block] = 1
+
+    def release_unverified(self, present: list[tuple[int, int]]) -> int:
+        """Give back the space reserved in this process that holds no verified chunk; ``present``: (offset, size) of
+        every chunk the store holds (journaled or written). Returns the bytes released."""
+        if self._store_fd is None or not any(self._reserved):
+            return 0
+        covered = sorted(present)
+        released = 0
+        for block, reserved in enumerate(self._reserved):
+            if not reserved:
+                continue
+            start, end = block * RESERVE_BLOCK_BYTES, min((block + 1) * RESERVE_BLOCK_BYTES, os.fstat(self._store_fd).st_size)
+            cursor = start
+            for offset, size in covered:  # the gaps between present chunks inside this block
+                if offset + size <= cursor:
+                    continue
+                if offset >= end:
+                    break
+                if offset > cursor:
+                    released += _punch_hole(self._store_fd, cursor, offset - cursor)
+                cursor = max(cursor, offset + size)
+            if cursor < end:
+                released += _punch_hole(self._store_fd, cursor, end - cursor)
+            self._reserved[block] = 0
+        return released
+
+    def commit_chunks(self, records: list[tuple[int, int]]) -> None:
+        """Make written chunks durable, then journal (index, xxh3) for each (group commit; the commit thread).
 
         fdatasync first, journal second: after a crash or a power cut the journal names
         only chunks whose bytes are on disk. One write(2) with O_APPEND per batch.
@@ -217,9 +299,9 @@ class ModelCache:
         assert self._journal_fd is not None and self._store_fd is not None
         try:
             os.fdatasync(self._store_fd)
-            os.write(self._journal_fd, b"".join(JOURNAL_RECORD.pack(i) for i in chunk_indices))
+            os.write(self._journal_fd, b"".join(JOURNAL_RECORD.pack(index, digest) for index, digest in records))
         except OSError as exc:
-            raise _cache_error("committing", self.directory / "journal", exc) from None
+            raise _cache_error("committing", self.directory / JOURNAL_NAME, exc) from None
 
     def mark_complete(self) -> None:
         """Every chunk is committed: make the journal durable and drop the marker that says so."""
@@ -269,16 +351,16 @@ class GroupCommitter:
         self.loop = loop
         self.stats = stats  # its receive_wait_s (receivers' summed waiting) tells network-bound from CPU-bound
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-commit")
-        self.uncommitted: list[int] = []  # written to the store, not yet durable and journaled
+        self.uncommitted: list[tuple[int, int]] = []  # (index, xxh3): written to the store, not yet durable and journaled
         self.running: asyncio.Future[None] | None = None
         self.failed: asyncio.Future[None] = loop.create_future()  # gets the first commit failure
         self.commit_s = 0.0
         self._last_commit = time.perf_counter()
         self._wait_at_commit = stats.receive_wait_s
 
-    def add(self, chunk_indices: list[int]) -> None:
-        """Chunks are verified and written: journal them with the next group."""
-        self.uncommitted.extend(chunk_indices)
+    def add(self, records: list[tuple[int, int]]) -> None:
+        """Chunks are verified and written: journal (index, xxh3 of the stored bytes) with the next group."""
+        self.uncommitted.extend(records)
         self._maybe_commit()
 
     def _maybe_commit(self) -> None:
@@ -336,72 +418,7 @@ class GroupCommitter:
         self.pool.shutdown(wait=True)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CachedModel:
-    """One model directory in the cache, as ``streamload list`` shows it."""
-
-    digest: str
-    directory: Path
-    size_bytes: int  # on disk: header, store (allocated blocks), journal
-    complete: bool
-    chunks_done: int
-    header: bytes | None  # preamble + manifest, for the architecture and chunk count
-    sources: tuple[str, ...]  # URLs whose last digest this is (refs)
-
-
-def list_cached_models(root: Path) -> list[CachedModel]:
-    """Every model directory under ``root``, newest first."""
-    refs: dict[str, list[str]] = {}
-    for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
-        digest, url = _parse_ref(ref)
-        refs.setdefault(digest, []).append(url)
-    found = []
-    for directory in (root / "models").iterdir() if (root / "models").is_dir() else []:
-        if not directory.is_dir():
-            continue
-        size = 0
-        for path in directory.iterdir():
-            with contextlib.suppress(OSError):
-                size += path.stat().st_blocks * 512
-        journal = directory / "journal"
-        done = journal.stat().st_size // JOURNAL_RECORD.size if journal.exists() else 0
-        header = (directory / "header.slm").read_bytes() if (directory / "header.slm").exists() else None
-        found.append(
-            CachedModel(
-                directory.name,
-                directory,
-                size,
-                (directory / "complete").exists(),
-                done,
-                header,
-                tuple(u for u in refs.get(directory.name, []) if u),
-            )
-        )
-    return sorted(found, key=lambda m: m.directory.stat().st_mtime, reverse=True)
-
-
-def remove_cached_model(root: Path, digest: str) -> None:
-    """Delete one model directory and the URL refs that point to it; refuses while a process is writing it."""
-    directory = root / "models" / digest
-    if not directory.is_dir():
-        raise CacheError(f"no cached model {digest} in {root}")
-    lock = directory / "lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheError(f"model {digest[:12]} is being downloaded by another process; try again when it is done") from None
-        shutil.rmtree(directory)
-    finally:
-        os.close(fd)
-    for ref in (root / "refs").glob("*") if (root / "refs").is_dir() else []:
-        if _parse_ref(ref)[0] == digest:
-            with contextlib.suppress(OSError):
-                ref.unlink()
-
-
-def _parse_ref(path: Path) -> tuple[str, str]:
+def parse_ref(path: Path) -> tuple[str, str]:
     """(digest, url) of a ref file, which holds "digest\nurl" ("", "" when unreadable)."""
     try:
         digest, _, url = path.read_text().partition("\n")
@@ -419,9 +436,37 @@ def _human(size_bytes: float) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a new file and rename it over ``path`` (a link at ``path`` is replaced, never followed)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """Open one of the cache's own files, refusing a symbolic link (ELOOP) that someone else put there."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link; streamload never writes through a link it did not make: remove it") from None
+        raise
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _punch_hole(fd: int, offset: int, size: int) -> int:
+    """Deallocate [offset, offset + size) of a file, keeping its size; 0 where the file system cannot."""
+    if size <= 0:
+        return 0
+    result = _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, ctypes.c_int64(offset), ctypes.c_int64(size))
+    if result != 0:
+        logger.debug("cannot punch a hole in the store (%s)", os.strerror(ctypes.get_errno()))
+        return 0
+    return size

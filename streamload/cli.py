@@ -344,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .cache import list_cached_models
+    from .cachedir import list_cached_models
     from .formats.reader import read_header
 
     rows = []
@@ -383,7 +383,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .cache import list_cached_models, remove_cached_model
+    from .cachedir import list_cached_models, remove_cached_model
 
     root = cache_dir_of(args)
     prefix = args.digest.lower().removeprefix("sha256:")

@@ -139,6 +139,7 @@ class RetryableError(FetchError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.unreachable = False  # no server answers at that address (connection refused, no route, no such host)
 
 
 class TransportUnsupported(Exception):

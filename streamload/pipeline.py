@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+import xxhash
 import zstandard
 
 from .errors import ChunkIntegrityError, RetryableError, StalledError
@@ -32,7 +33,7 @@ from .schedule import Span
 from .stats import DownloadStats
 from .transport import SpanReader
 
-Outcome = tuple[ChunkEntry, ChunkIntegrityError | None]  # a chunk stored (None) or refused by its hash
+Outcome = tuple[ChunkEntry, ChunkIntegrityError | None, int]  # stored (None) or refused by its hash; xxh3 of its stored bytes
 BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
 
 
@@ -116,15 +117,23 @@ class ChunkPipeline:
                     batch = span.chunks[first:last]
                     view = self._buffer(size)
                     waiting = time.perf_counter()
-                    try:
-                        reader.read_into(self.data_offset + batch[0].offset, view)
-                    except (RetryableError, StalledError) as exc:
-                        span.stop(exc)
-                        return
-                    span.received = last
+                    position = 0
+                    failure: BaseException | None = None
+                    for count, chunk in enumerate(batch):  # chunk by chunk: a break keeps the whole chunks before it
+                        try:
+                            reader.read_into(self.data_offset + chunk.offset, view[position : position + chunk.size_bytes])
+                        except (RetryableError, StalledError) as exc:
+                            failure, batch = exc, batch[:count]
+                            break
+                        position += chunk.size_bytes
+                    span.received = first + len(batch)
                 received = time.perf_counter()
                 self.stats.receive_wait_s += received - waiting
-                landed.post(self.process(batch, view, waiting, received))
+                if batch:
+                    landed.post(self.process(batch, view[:position], waiting, received))
+                if failure is not None:
+                    span.stop(failure)
+                    return
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
 
@@ -146,7 +155,7 @@ class ChunkPipeline:
             try:
                 verify_chunk(chunk, piece)
             except ChunkIntegrityError as exc:
-                outcomes.append((chunk, exc))
+                outcomes.append((chunk, exc, 0))
                 continue
             verified.append(chunk)
             pieces.append(piece)
@@ -160,7 +169,7 @@ class ChunkPipeline:
             else:
                 runs.append((chunk.raw_offset, [raw]))
             run_end = chunk.raw_offset + chunk.raw_size_bytes
-            outcomes.append((chunk, None))
+            outcomes.append((chunk, None, xxhash.xxh3_64_intdigest(raw)))  # what a later process checks the store against
         decompressed = time.perf_counter()
         for offset, pieces in runs:
             self.write_chunks(offset, pieces)
@@ -168,7 +177,7 @@ class ChunkPipeline:
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s
         self.stats.store_s += stored - decompressed
-        for chunk, _ in outcomes:
+        for chunk, _, _ in outcomes:
             self.chunk_spans[chunk.index] = [received_from, received_at, started, stored]
         return outcomes
 

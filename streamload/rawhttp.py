@@ -136,7 +136,8 @@ async def open_socket_span(
         if parsed is None or parsed[0] != start or not length.isdigit():
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         first, last, total = parsed
-        expected_last = (end if end is not None else (total if total is not None else -1)) - 1
+        # a range past the end of the file is clamped to it (RFC 9110 section 14.1.2)
+        expected_last = min(end if end is not None else 1 << 62, total if total is not None else 1 << 62) - 1
         if last != expected_last or int(length) != last + 1 - first:
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         sock.settimeout(policy.stall_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError

@@ -214,6 +214,22 @@ class ChunkScheduler:
             self._changed.set()
             self._cut_running()
 
+    def reopen(self, chunks: Iterable[ChunkEntry]) -> None:
+        """Done chunks whose stored bytes turned out damaged: pending again, ahead of the rest."""
+        positions = []
+        for chunk in chunks:
+            position = self._position_of[chunk.index]
+            if self._state[position] != DONE:
+                continue
+            self._state[position] = PENDING
+            self._pending += 1
+            self._pending_bytes += chunk.size_bytes
+            self._cursor = min(self._cursor, position)
+            positions.append(position)
+        if positions:
+            self._changed.set()
+            self.demand(sorted(positions))
+
     def finish_span(self, span: Span) -> list[ChunkEntry]:
         """A span's request ended: give back what it did not receive; returns those chunks."""
         self._running.discard(span)

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 
 from .cache import GroupCommitter, ModelCache
-from .errors import ChunkIntegrityError, DigestMismatchError, FetchError, FormatError, RetryableError, StalledError, StreamloadError
+from .errors import (
+    CacheError,
+    ChunkIntegrityError,
+    DigestMismatchError,
+    FetchError,
+    FormatError,
+    RetryableError,
+    StalledError,
+    StreamloadError,
+)
 from .fetch import Header, fetch_header, parse_header
 from .formats import ChunkEntry, Manifest
 from .httputil import Backoff, RetryPolicy
@@ -132,18 +141,25 @@ class DownloadSession:
 
         await asyncio.to_thread(record)
         await cache.acquire()
-        done = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
-        pending = [c for c in self.manifest.chunks if c.index not in done]
-        await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
+        journaled = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
+        store_size = await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
+        self.store_cut_short = bool(journaled) and store_size < self.manifest.store_size_bytes
+        by_index = {c.index: c for c in self.manifest.chunks}
+        # a store cut short lost the chunks past its end, whatever the journal says
+        self.journaled = {
+            i: d for i, d in journaled.items() if i in by_index and by_index[i].raw_offset + by_index[i].raw_size_bytes <= store_size
+        }
+        pending = [c for c in self.manifest.chunks if c.index not in self.journaled]
         self.stats.chunks_total = len(self.manifest.chunks)
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
-        self.scheduler = ChunkScheduler(self.manifest.chunks, done)
+        self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled)
         self.bytes_to_download = self.scheduler.pending_bytes
         self.remaining = [0] * len(self.manifest.layers)
         for chunk in pending:
             self.remaining[chunk.layer_index] += 1
         self.ready = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s = [None] * len(self.manifest.layers)
+        self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
         for index, count in enumerate(self.remaining):
             if count == 0:
                 self._set_ready(index)
@@ -152,18 +168,7 @@ class DownloadSession:
                 await asyncio.to_thread(cache.mark_complete)
             self._finish()
         else:
-            if self.source is None:
-                raise FetchError(f"{self.url}: the cached copy is incomplete and the source cannot be reached")
-            self.pipeline = ChunkPipeline(
-                data_offset=self.data_offset,
-                chunk_size_bytes=self.manifest.chunk_size_bytes,
-                write_chunks=cache.write_chunks,
-                stats=self.stats,
-                threads=max(self.verify_threads, self.connections),  # every connection gets a thread at once
-                loop=self.loop,
-            )
-            self.committer = GroupCommitter(cache, self.loop, self.stats)
-            self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
+            await self._start_download()
         logger.info(
             "%s: %d of %d chunks cached, %d bytes to fetch",
             self.url,
@@ -171,6 +176,56 @@ class DownloadSession:
             len(self.manifest.chunks),
             self.bytes_to_download,
         )
+
+    async def _start_download(self) -> None:
+        """Start fetching what the scheduler has pending (once; again after a damaged cached chunk is reopened)."""
+        if self._download_task is not None and not self._download_task.done():
+            return
+        await self._ensure_source()
+        assert self.cache is not None
+        if self.pipeline is None:
+            self.pipeline = ChunkPipeline(
+                data_offset=self.data_offset,
+                chunk_size_bytes=self.manifest.chunk_size_bytes,
+                write_chunks=self.cache.write_chunks,
+                stats=self.stats,
+                threads=max(self.verify_threads, self.connections),  # every connection gets a thread at once
+                loop=self.loop,
+            )
+            self.committer = GroupCommitter(self.cache, self.loop, self.stats)
+        if self.complete.done():
+            self.complete = self.loop.create_future()
+        self._download_task = asyncio.create_task(self._download(), name=f"streamload download {self.manifest.digest[:12]}")
+
+    async def _ensure_source(self) -> None:
+        """A source for the bytes the cache lacks: the one the header came from, or (the header came from the cache)
+        the URL again, checked to serve the same model. Offline, a clear error."""
+        if self.source is not None:
+            return
+        first = next(c for c in self.manifest.chunks if self.scheduler.is_pending_or_taken(c))
+        layer = f"layer {first.layer_index} ({self.manifest.layers[first.layer_index].name})"
+        if self.store_cut_short:
+            missing = f"{layer} of the cached model {self.manifest.digest[:12]} is damaged (its store was cut short)"
+        else:
+            missing = f"the cached copy of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes from {layer} on"
+        if not is_url(self.url):
+            raise CacheError(f"{missing}, and {self.url} is not a source of it")
+        from .http_source import HttpSource
+
+        source = HttpSource(self.url, self.retry, self.borrowed_session)
+        try:
+            header = await self._fetch_with_retries(source, give_up_unreachable=True)
+        except FetchError as exc:
+            await source.close()
+            raise FetchError(f"{missing} and {self.url} cannot be reached ({exc}); connect and run again") from None
+        if header.manifest.digest != self.manifest.digest:
+            await source.close()
+            raise DigestMismatchError(
+                f"{missing}, and {self.url} now serves another model ({header.manifest.digest[:12]}); "
+                f"run without the pin to use it, or `streamload rm {self.manifest.digest[:12]}`"
+            )
+        self.source = source
+        self.stats.bytes_downloaded += len(header.raw)
 
     async def _read_header(self) -> Header:
         """Preamble and manifest from the file, the cache (pinned and complete: no network), or the server."""
@@ -185,25 +240,35 @@ class DownloadSession:
         from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
         self.source = HttpSource(self.url, self.retry, self.borrowed_session)
-        backoff = Backoff(self.retry, f"fetching the header of {self.url}")
-        while True:
-            try:
-                header = await fetch_header(self.source)
-                break
-            except (RetryableError, StalledError) as exc:
-                try:
-                    await backoff.wait(exc)
-                except FetchError as final:
-                    return await self._offline_header(final)
-            except FetchError as exc:
-                return await self._offline_header(exc)
+        try:
+            header = await self._fetch_with_retries(self.source, cached_fallback=True)
+        except FetchError as exc:
+            return await self._offline_header(exc)
         self.stats.bytes_downloaded += len(header.raw)
         return header
 
+    async def _fetch_with_retries(self, source: Source, *, cached_fallback: bool = False, give_up_unreachable: bool = False) -> Header:
+        """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
+        no such host) ends the retries at once with ``give_up_unreachable``, or with ``cached_fallback`` when the
+        cache holds a complete copy of the URL's model."""
+        backoff = Backoff(self.retry, f"fetching the header of {self.url}")
+        while True:
+            try:
+                return await fetch_header(source)
+            except (RetryableError, StalledError) as exc:
+                if getattr(exc, "unreachable", False) and (
+                    give_up_unreachable or (cached_fallback and await self._complete_copy_of_url() is not None)
+                ):
+                    raise FetchError(str(exc)) from None
+                await backoff.wait(exc)
+
+    async def _complete_copy_of_url(self) -> Header | None:
+        digest = ModelCache.read_ref(self.cache_root, self.url)
+        return await self._cached_header(digest) if digest else None
+
     async def _offline_header(self, failure: FetchError) -> Header:
         """The server cannot be reached: the complete cached copy this URL last had, or the failure."""
-        digest = ModelCache.read_ref(self.cache_root, self.url)
-        cached = await self._cached_header(digest) if digest else None
+        cached = await self._complete_copy_of_url()
         if cached is None:
             raise failure
         logger.warning("%s; using the cached copy %s", failure, cached.manifest.digest[:12])
@@ -213,10 +278,19 @@ class DownloadSession:
         return cached
 
     async def _cached_header(self, digest: str) -> Header | None:
-        """The header of a complete cached model (validated when it was fetched), or None."""
-        cached = ModelCache(self.cache_root, digest)
+        """The header of a complete cached model, or None (also when the cached header is damaged: it is fetched again)."""
+        try:
+            cached = ModelCache(self.cache_root, digest)
+        except CacheError:
+            return None
         raw = cached.read_header() if cached.is_complete() else None
-        return None if raw is None else await parse_header(raw, None)
+        if raw is None:
+            return None
+        try:
+            return await parse_header(raw, None)
+        except FormatError as exc:
+            logger.warning("the cached header of %s is damaged (%s); it is fetched again", digest[:12], exc)
+            return None
 
     # ------------------------------------------------------------ readiness
 
@@ -242,13 +316,53 @@ class DownloadSession:
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        if not self.ready[index].done():
-            self.scheduler.prioritize(index)
-        await asyncio.shield(self.ready[index])
+        while True:
+            if not self.ready[index].done():
+                self.scheduler.prioritize(index)
+            await asyncio.shield(self.ready[index])
+            if index in self._checked or await self._check_cached(index):
+                break
         if index not in self._layers:
             assert self.cache is not None
             self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
         return self._layers[index]
+
+    async def _check_cached(self, index: int) -> bool:
+        """Check the layer's chunks that came from the cache against their journaled digests (once per process).
+
+        True when all match. Damaged ones are fetched again (False: wait for them), or,
+        with no source to fetch them from, a CacheError naming the layer.
+        """
+        assert self.cache is not None
+        cached = [
+            (c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index])
+            for c in self.manifest.chunks_of_layer(index)
+            if c.index in self.journaled
+        ]
+        damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached)) if cached else set()
+        self._checked.add(index)
+        if not damaged:
+            return True
+        name = self.manifest.layers[index].name
+        logger.warning("layer %d (%s): %d cached chunks differ from what was verified; fetching them again", index, name, len(damaged))
+        chunks = [c for c in self.manifest.chunks_of_layer(index) if c.index in damaged]
+        for chunk in chunks:
+            del self.journaled[chunk.index]
+        self.scheduler.reopen(chunks)
+        self.remaining[index] += len(chunks)
+        self.ready[index] = self.loop.create_future()
+        self.ready_s[index] = None
+        self._checked.discard(index)
+        try:
+            await self._start_download()
+        except StreamloadError as exc:
+            failure = CacheError(
+                f"layer {index} ({name}) of the cached model {self.manifest.digest[:12]} is damaged and cannot be fetched again: {exc}"
+            )
+            self.ready[index].set_exception(failure)
+            self.ready[index].exception()
+            raise failure from None
+        return False
 
     def tokenizer(self) -> Any:
         """The embedded tokenizer.json as a ``tokenizers.Tokenizer`` (decoded once), or None."""
@@ -342,10 +456,10 @@ class DownloadSession:
         """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
         assert self.committer is not None
         remote = self.source is not None and self.source.remote
-        stored = [chunk for chunk, failure in landed if failure is None]
+        stored = [chunk for chunk, failure, _ in landed if failure is None]
         if remote:
-            self.stats.bytes_downloaded += sum(chunk.size_bytes for chunk, _ in landed)
-        for chunk, failure in landed:
+            self.stats.bytes_downloaded += sum(chunk.size_bytes for chunk, _, _ in landed)
+        for chunk, failure, _ in landed:
             if failure is not None:
                 fatal = self._integrity_failed(chunk, failure)
                 if fatal is not None:
@@ -357,7 +471,7 @@ class DownloadSession:
             if remaining[chunk.layer_index] == 0:
                 self._set_ready(chunk.layer_index)
         self.stats.chunks_fetched += len(stored)
-        self.committer.add([chunk.index for chunk in stored])
+        self.committer.add([(chunk.index, digest) for chunk, failure, digest in landed if failure is None])
         if self.scheduler.finished:
             self._finish()  # now, not when a group commit still running ends
         else:
@@ -397,6 +511,11 @@ class DownloadSession:
             self.pipeline.shutdown()
         if self.committer is not None:
             await self.committer.close()  # stopped early or failed: keep what is verified and written
+        if self.cache is not None and self.committer is not None and not (self.complete.done() and self.complete.exception() is None):
+            present = [(c.raw_offset, c.raw_size_bytes) for c in self.manifest.chunks if not self.scheduler.is_pending_or_taken(c)]
+            released = await asyncio.to_thread(self.cache.release_unverified, present)
+            if released:
+                logger.info("gave back %d bytes reserved for chunks that never arrived", released)
         if self.source is not None:
             await self.source.close()
         if self.cache is not None:

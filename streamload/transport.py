@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import mmap
 import os
+import socket
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -31,24 +34,54 @@ from .httputil import RetryPolicy
 SKIP_BUFFER_BYTES = 1 << 20
 
 
-@contextlib.contextmanager
-def map_transport_errors(url: str, policy: RetryPolicy, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """How a failing connect, request or body read surfaces, whichever transport did it.
+def map_transport_error(url: str, policy: RetryPolicy, exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> BaseException:
+    """What a failing connect, request or body read surfaces as, whichever transport did it.
 
     A timeout is a ``StalledError``; a reset, a short body or any other transport
     failure (``OSError``, and the transport's own errors in ``also``) is a
-    ``RetryableError``. Errors that are already ours pass through.
+    ``RetryableError`` (marked ``unreachable`` when nobody answers at that address).
+    Errors that are already ours, and anything else, are returned unchanged.
     """
+    if isinstance(exc, FetchError | asyncio.CancelledError):
+        return exc
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return RetryableError(f"{url}: body ended {exc.expected - len(exc.partial)} bytes early")
+    if isinstance(exc, TimeoutError):  # before OSError and the transports' own errors: some timeouts are both
+        return StalledError(f"{url}: no data for {policy.stall_timeout_s:.0f} s; the connection stalled")
+    if isinstance(exc, (OSError, *also)):
+        if isinstance(exc, ConnectionRefusedError | socket.gaierror) or getattr(exc, "errno", None) in UNREACHABLE_ERRNOS:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            failure = RetryableError(f"cannot connect to {parts.hostname}:{port} ({_reason(exc)})")
+            failure.unreachable = True  # nobody answers there: a complete cached copy may be used at once
+            return failure
+        return RetryableError(f"{url}: the connection failed ({_reason(exc)})")
+    return exc
+
+
+@contextlib.contextmanager
+def map_transport_errors(url: str, policy: RetryPolicy, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """``map_transport_error`` around a block."""
     try:
         yield
-    except (FetchError, asyncio.CancelledError):
-        raise
-    except asyncio.IncompleteReadError as exc:
-        raise RetryableError(f"{url}: body ended {exc.expected - len(exc.partial)} bytes early") from None
-    except TimeoutError:  # before OSError and the transports' own errors: some timeouts are both
-        raise StalledError(f"{url}: no data for {policy.stall_timeout_s:.0f} s; the connection stalled") from None
-    except (OSError, *also) as exc:
-        raise RetryableError(f"{url}: the connection failed ({exc})") from None
+    except BaseException as exc:
+        mapped = map_transport_error(url, policy, exc, also)
+        if mapped is exc:
+            raise
+        raise mapped from None
+
+
+UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS error's own words ("Connection refused"), not its repr."""
+    os_error = exc if isinstance(exc, OSError) else getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    return str(exc) or type(exc).__name__
 
 
 class SpanReader:
@@ -75,12 +108,17 @@ class SpanReader:
         """Fill ``target`` with the file's bytes at ``offset`` (blocking). RetryableError / StalledError on failure."""
         if offset < self.position:
             raise RetryableError(f"{self.url}: asked for offset {offset} behind the body's position {self.position}")
-        with map_transport_errors(self.url, self.policy, self.transport_errors):
+        try:
             if offset > self.position:
                 scratch = memoryview(bytearray(min(SKIP_BUFFER_BYTES, offset - self.position)))
                 while self.position < offset:
                     self._fill(scratch[: min(scratch.nbytes, offset - self.position)])
             self._fill(target)
+        except BaseException as exc:
+            mapped = map_transport_error(self.url, self.policy, exc, self.transport_errors)
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     def _fill(self, target: memoryview) -> None:
         filled = 0

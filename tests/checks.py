@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import streamload
+from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.formats import ModelReader
 
 
@@ -34,8 +35,8 @@ def assert_cache_exact(cache: Path, path: Path) -> None:
 
 
 def journal_count(cache: Path) -> int:
-    journals = list(cache.glob("models/*/journal"))
-    return journals[0].stat().st_size // 4 if journals else 0
+    journals = list(cache.glob(f"models/*/{JOURNAL_NAME}"))
+    return journals[0].stat().st_size // JOURNAL_RECORD.size if journals else 0
 
 
 def free_port() -> int:

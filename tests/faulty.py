@@ -9,6 +9,10 @@ Each GET takes the next action from ``Faults.script`` ("ok" once the script is u
     truncate:N          send N body bytes, then close it cleanly (FIN) before Content-Length
     stall:N             send N body bytes, then send nothing more
     short:N             declare and send N bytes fewer than the range asks for
+    trickle:N           send N body bytes one at a time, 50 ms apart, then stall
+
+``Faults.fail_from``: any answer for a range that starts past byte 0 (not the header probe) and reaches that
+file offset sends the bytes before it, then closes the connection (FIN).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Faults:
     script: list[str] = dataclasses.field(default_factory=list)
     corrupt_range: tuple[int, int] | None = None  # file offsets [start, end) whose first byte gets flipped
     corrupt_times: int = 0  # how many responses carry the corruption (a large number: always)
+    fail_from: int | None = None  # file offset no answer gets past: reset there
     requests: list[str] = dataclasses.field(default_factory=list)  # Range header of every GET, "" for none
     actions: list[str] = dataclasses.field(default_factory=list)  # what each GET was answered with
 
@@ -62,7 +67,15 @@ def faulty_app(path: Path, faults: Faults) -> web.Application:
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
         limit = int(argument) if kind in ("reset", "truncate", "stall") else len(body)
-        await response.write(bytes(body[:limit]))
+        if faults.fail_from is not None and start > 0 and end > faults.fail_from:
+            kind, limit = "truncate", max(0, min(limit, faults.fail_from - start))
+        if kind == "trickle":
+            for index in range(int(argument)):
+                await response.write(bytes(body[index : index + 1]))
+                await asyncio.sleep(0.05)
+            kind = "stall"
+        else:
+            await response.write(bytes(body[:limit]))
         if kind == "reset":
             assert request.transport is not None
             request.transport.abort()

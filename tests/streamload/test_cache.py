@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streamload.cache import JOURNAL_RECORD, GroupCommitter, ModelCache, commit_due
+from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD, GroupCommitter, ModelCache, commit_due
 from streamload.errors import CacheError
 from streamload.stats import DownloadStats
 
@@ -35,26 +35,26 @@ async def open_cache(root: Path, size_bytes: int = 4096) -> ModelCache:
 async def test_the_journal_names_only_committed_chunks_and_drops_a_torn_record(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
     cache.write_chunks(0, [b"x" * 100, b"y" * 28])
-    cache.commit_chunks([0, 3])
+    cache.commit_chunks([(0, 11), (3, 33)])
     cache.close()
-    with open(tmp_path / "models" / DIGEST / "journal", "ab") as f:
-        f.write(JOURNAL_RECORD.pack(9)[:3])  # a kill mid-record
+    with open(tmp_path / "models" / DIGEST / JOURNAL_NAME, "ab") as f:
+        f.write(JOURNAL_RECORD.pack(9, 99)[:5])  # a kill mid-record
     cache = await open_cache(tmp_path)
-    assert cache.read_journal(10) == {0, 3}
-    cache.commit_chunks([5])  # appended after the torn tail was dropped: aligned
-    assert cache.read_journal(10) == {0, 3, 5}
-    assert cache.read_journal(4) == {0, 3}  # indices past the manifest's chunk count are ignored
+    assert cache.read_journal(10) == {0: 11, 3: 33}
+    cache.commit_chunks([(5, 55)])  # appended after the torn tail was dropped: aligned
+    assert cache.read_journal(10) == {0: 11, 3: 33, 5: 55}
+    assert cache.read_journal(4) == {0: 11, 3: 33}  # indices past the manifest's chunk count are ignored
     cache.close()
 
 
 async def test_the_committer_groups_chunks_and_flush_makes_them_all_durable(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
     committer = GroupCommitter(cache, asyncio.get_running_loop(), DownloadStats())
-    committer.add([0, 1])
-    committer.add([2, 3, 4])
-    assert committer.running is None and committer.uncommitted == [0, 1, 2, 3, 4]  # not due yet: grouped
+    committer.add([(0, 0), (1, 1)])
+    committer.add([(2, 2), (3, 3), (4, 4)])
+    assert committer.running is None and committer.uncommitted == [(i, i) for i in range(5)]  # not due yet: grouped
     await committer.flush()
-    assert cache.read_journal(10) == {0, 1, 2, 3, 4} and committer.commit_s > 0
+    assert cache.read_journal(10) == {i: i for i in range(5)} and committer.commit_s > 0
     await committer.mark_complete()
     await committer.close()
     assert cache.is_complete()
@@ -67,7 +67,7 @@ async def test_a_failing_commit_is_reported_through_watch(tmp_path: Path) -> Non
     assert cache._journal_fd is not None
     os.close(cache._journal_fd)  # the journal can no longer be written: as a vanished disk would
     cache._journal_fd = os.open(os.devnull, os.O_RDONLY)
-    committer.add([1])
+    committer.add([(1, 1)])
     watcher = asyncio.create_task(committer.watch())
     with pytest.raises(CacheError, match="committing .* failed"):
         await committer.flush()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import streamload
-from streamload.cache import ModelCache
+from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD, ModelCache
 from streamload.cli import main
 from streamload.formats import ModelReader
 from streamload.formats.constants import PREAMBLE_SIZE_BYTES
@@ -255,7 +255,7 @@ def dying_write(self, raw_offset, pieces):
 
 def dying_commit(self, chunk_indices):
     os.fdatasync(self._store_fd)
-    os.write(self._journal_fd, cache.JOURNAL_RECORD.pack(chunk_indices[0])[:2])  # a torn record
+    os.write(self._journal_fd, cache.JOURNAL_RECORD.pack(*chunk_indices[0])[:5])  # a torn record
     os.kill(os.getpid(), signal.SIGKILL)
 
 if where == "store":
@@ -288,7 +288,35 @@ def test_client_killed_during_the_cache_write(www: Path, deep_slm: Path, tmp_pat
         )
     report = json.loads(result.stdout)
     assert report["chunks_cached"] == len(done) and report["chunks_fetched"] == total - len(done)
-    journal = next((tmp_path / "cache").glob("models/*/journal")).read_bytes()
-    assert len(journal) % 4 == 0  # the torn record was dropped before appending, so every record reads aligned
-    assert sorted(int.from_bytes(journal[i : i + 4], "little") for i in range(0, len(journal), 4)) == list(range(total))
+    journal = next((tmp_path / "cache").glob(f"models/*/{JOURNAL_NAME}")).read_bytes()
+    assert len(journal) % JOURNAL_RECORD.size == 0  # the torn record was dropped before appending, so every record reads aligned
+    assert sorted(index for index, _ in JOURNAL_RECORD.iter_unpack(journal)) == list(range(total))
     assert_cache_exact(tmp_path / "cache", deep_slm)
+
+
+@RECEIVE_PATHS
+async def test_a_body_trickling_below_the_minimum_rate_is_retried(deep_slm: Path, tmp_path: Path, receive_path: str) -> None:
+    """One byte every 50 ms never trips the 30 s read timeout; the minimum rate over a window does."""
+    faults = Faults(script=["ok", "trickle:200"])
+    policy = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, min_rate_bytes_per_s=1000, rate_window_s=0.5)
+    started = time.perf_counter()
+    with ServerThread(faulty_app(deep_slm, faults)) as server:
+        async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path, retry=policy) as model:
+            stats = await model.wait_complete()
+    assert stats.retries >= 1 and faults.actions[:2] == ["ok", "trickle:200"]
+    assert time.perf_counter() - started < 8
+    assert_cache_exact(tmp_path, deep_slm)
+
+
+async def test_a_model_replaced_on_the_server_mid_download_is_named_as_such(deep_slm: Path, minilm_slm: Path, tmp_path: Path) -> None:
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "model.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(served, rate_bytes_per_s=deep_slm.stat().st_size / 2.0) as server:
+        async with streamload.open(server.url("model.slm"), cache_dir=tmp_path / "cache", retry=FAST_RETRY) as model:
+            await model.layer(1)
+            replacement = served / "model.slm.new"
+            replacement.write_bytes(minilm_slm.read_bytes())
+            replacement.replace(served / "model.slm")  # as a deploy would
+            with pytest.raises(streamload.FetchError, match=r"changed on the server during the download \(ETag .* -> .*\)"):
+                await model.wait_complete()
