@@ -69,6 +69,31 @@ async def test_ranges_and_conditionals(server: ServerThread, model_dir: Path) ->
     assert status == 400
 
 
+def raw_exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send one request on a fresh socket and read to EOF: the status line, the headers as sent, the rest."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+def test_a_last_byte_past_the_end_is_clamped_and_416_answers_say_content_length_0(server: ServerThread, model_dir: Path) -> None:
+    data = (model_dir / "llama.slm").read_bytes()
+    status, headers, body = raw_exchange(server.port, b"GET /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99999999999999999999\r\nConnection: close\r\n\r\n")
+    assert status.startswith("HTTP/1.1 206") and headers["content-range"] == f"bytes 0-{len(data) - 1}/{len(data)}" and body == data
+    for method in ("GET", "HEAD"):  # RFC 9110 section 9.3.2: HEAD answers with the fields GET would send
+        request = f"{method} /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes={len(data)}-\r\nConnection: close\r\n\r\n".encode()
+        status, headers, body = raw_exchange(server.port, request)
+        assert status.startswith("HTTP/1.1 416") and headers["content-length"] == "0" and body == b""
+        assert headers["content-range"] == f"bytes */{len(data)}"
+
+
 @pytest.mark.parametrize(
     "path",
     ["../secret.slm", "%2e%2e/secret.slm", "..%2fsecret.slm", "%2e%2e%2fsecret.slm", "escape.slm", "notes.txt", "missing.slm", ".hidden.slm", "%2ftmp%2fx.slm"],
