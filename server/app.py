@@ -378,7 +378,12 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
         raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text="server busy\n") from None
     TRANSFER.set(transfer)
     try:
+        if request.transport is None or request.transport.is_closing():
+            raise ConnectionResetError("the client left while waiting for a slot")
         return await handler(request)
+    except ConnectionError as exc:  # nobody to answer; nginx logs these as 499
+        logger.info("%s disconnected before %s %s was answered (%s)", request.remote, request.method, request.path, exc)
+        return web.Response(status=499, reason="Client Closed Request")
     finally:
         slots.release(transfer)
 

@@ -190,7 +190,7 @@ class SlotPool:
                 self._evicting += 1
                 self.evictions += 1
             if stalled:
-                logger.info(
+                logger.debug(
                     "%d requests waiting for a slot; reclaimed %d slots from clients whose writes were blocked over %.1f s",
                     len(self._waiters),
                     min(needed, len(stalled)),
