@@ -10,14 +10,17 @@ is, and it tightens only when it matters:
 - A body is written in pieces; while a piece waits for room in the kernel's send buffer the transfer
   is *blocked*. Piece sizes adapt so that a piece takes about PIECE_TARGET_S at the client's pace.
 - A transfer's *progress* is the last time it moved bytes: a piece completed, or (on Linux) the peer
-  acknowledged more bytes (TCP_INFO's tcpi_bytes_acked, sampled every RECLAIM_CHECK_S while requests
-  wait). A phone reading steadily at 1 Mbit/s makes progress every few tens of milliseconds however
-  large its piece or the kernel's buffers; a client that reads nothing makes none once its window closes.
+  acknowledged more bytes (TCP_INFO's tcpi_bytes_acked, sampled at each piece's start, at its
+  deadline, and every RECLAIM_CHECK_S while requests wait). A phone reading steadily at 1 Mbit/s
+  makes progress every few tens of milliseconds however large its piece or the kernel's buffers; a
+  client that reads nothing makes none once its window closes. Elsewhere only completed pieces count,
+  which the adaptive piece size keeps short for a client that reads.
 - While every slot is taken and requests wait, each waiting request takes back one slot: from the
   blocked transfer whose progress is oldest, provided that is at least ``stall_reclaim_s`` ago
   (default 1 s). That connection is reset; a real client resumes later with a Range request.
-- Otherwise (a free slot, or nobody waiting) a blocked client keeps its slot until ``write_timeout_s``
-  (default 30 s): a slow client on a quiet server is never hurried.
+- Otherwise (a free slot, or nobody waiting) a blocked client keeps its slot until it has made no
+  progress for ``write_timeout_s`` (default 30 s, like nginx's send_timeout): a slow client on a quiet
+  server is never hurried.
 - Waiting requests get slots first come, first served; one that waits ``queue_timeout_s`` gets 503.
 
 What a non-reader still costs: a slot for at least ``stall_reclaim_s`` per connection it opens, and the
@@ -63,6 +66,7 @@ class Transfer:
 
     __slots__ = (
         "_deadline",
+        "_watchdog",
         "_write_timeout_s",
         "blocked_since",
         "bytes_acked",
@@ -82,20 +86,27 @@ class Transfer:
         self.bytes_acked: int | None = None  # the peer's acknowledged bytes at the last sample
         self.evicted = False
         self._deadline: asyncio.Timeout | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
         self._write_timeout_s = write_timeout_s
 
     @contextlib.asynccontextmanager
     async def writing(self, size_bytes: int) -> AsyncIterator[None]:
-        """Write one piece of ``size_bytes`` inside: TimeoutError after write_timeout_s, or at once when evicted."""
+        """Write one piece of ``size_bytes`` inside; TimeoutError once nothing has moved for write_timeout_s
+        (as nginx's send_timeout: a slow reader of a large piece is not cut off), or at once when evicted."""
         if self.evicted:
             raise TimeoutError
         loop = asyncio.get_running_loop()
-        started = self.blocked_since = loop.time()
+        started = self.blocked_since = self.progress_at = loop.time()
+        self.sample_progress(started)  # the baseline of acknowledged bytes
         try:
-            async with asyncio.timeout(self._write_timeout_s) as deadline:
+            async with asyncio.timeout(None) as deadline:
                 self._deadline = deadline
+                self._watchdog = loop.call_at(started + self._write_timeout_s, self._watch)
                 yield
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             self._deadline = None
             self.blocked_since = None
         self.bytes_sent += size_bytes
@@ -106,8 +117,19 @@ class Transfer:
         elif elapsed_s > PIECE_TARGET_S:
             self.piece_bytes = max(PIECE_MIN_BYTES, self.piece_bytes // 2)
 
+    def _watch(self) -> None:
+        """At the blocked piece's deadline: end it if nothing moved for write_timeout_s, else look again later."""
+        if self._deadline is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self.sample_progress(now)
+        if now - self.progress_at >= self._write_timeout_s * 0.999:
+            self._deadline.reschedule(now)
+        else:
+            self._watchdog = asyncio.get_running_loop().call_at(self.progress_at + self._write_timeout_s, self._watch)
+
     def sample_progress(self, now: float) -> None:
-        """Count bytes the peer acknowledged since the last sample as progress (the first sample gives the benefit of the doubt)."""
+        """Count bytes the peer acknowledged since the last sample as progress."""
         acked = read_bytes_acked(self.sock) if self.sock is not None else None
         if acked is not None and acked != self.bytes_acked:
             self.progress_at = now
@@ -191,7 +213,7 @@ class SlotPool:
                 self.evictions += 1
             if stalled:
                 logger.debug(
-                    "%d requests waiting for a slot; reclaimed %d slots from clients whose writes were blocked over %.1f s",
+                    "%d requests waiting for a slot; reclaimed %d slots from blocked clients without progress for %.1f s",
                     len(self._waiters),
                     min(needed, len(stalled)),
                     self.stall_reclaim_s,

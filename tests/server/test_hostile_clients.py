@@ -119,36 +119,54 @@ async def test_a_normal_client_is_served_within_2_s_while_300_clients_hold_conne
     assert drops > 0  # the non-readers really held slots: some were taken back from them
 
 
+async def read_slowly(port: int, name: str, size_bytes: int, rate_bytes_per_s: float) -> bytes:
+    """GET the first ``size_bytes`` of ``name`` like a phone on a slow link: a small receive buffer, read at
+    ``rate_bytes_per_s`` from the answer's first byte. Returns the body; fails if the server drops us."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as phone:
+        phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
+        phone.setblocking(False)
+        await loop.sock_connect(phone, ("127.0.0.1", port))
+        await loop.sock_sendall(phone, f"GET /{name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size_bytes - 1}\r\n\r\n".encode())
+        received = bytearray()
+        started = None  # the link's clock starts with the answer's first byte (it may wait for a slot)
+        while b"\r\n\r\n" not in received or len(received) - received.index(b"\r\n\r\n") - 4 < size_bytes:
+            allowed = 4096 if started is None else int((time.perf_counter() - started) * rate_bytes_per_s) + 4096 - len(received)
+            if allowed > 0:
+                with contextlib.suppress(BlockingIOError):
+                    piece = phone.recv(allowed)
+                    assert piece, "the server closed the slow reader's connection"
+                    received += piece
+                    started = started or time.perf_counter()
+            await asyncio.sleep(0.02)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206")
+    return body
+
+
+# Small kernel buffers on the server's side too (send_buffer_bytes), so that within a test of a few seconds
+# the phone's reading is what paces the server: with autotuned buffers the kernel takes megabytes at once.
+PHONE_SERVER_OPTIONS = {"send_buffer_bytes": 32 << 10}
+
+
 async def test_a_slow_reader_keeps_its_slot_while_non_readers_are_evicted(served_dir: Path) -> None:
     """A phone on a 1 Mbit/s link, reading steadily, is not mistaken for a client that stopped reading."""
     data = (served_dir / "minilm.slm").read_bytes()
-    wanted_bytes, rate_bytes_per_s = 300_000, 125_000  # ~2.4 s at 1 Mbit/s
-    # Small kernel buffers on both ends, so that within the test the phone's reading is what paces the
-    # server (with autotuned buffers the kernel would take the whole range at once).
-    with serve_directory(served_dir, max_concurrent_requests=8, send_buffer_bytes=32 << 10) as server:
+    with serve_directory(served_dir, max_concurrent_requests=8, **PHONE_SERVER_OPTIONS) as server:
         async with NonReaders(server.port, "minilm.slm", 16).running():
             await asyncio.sleep(1.5)
-            loop = asyncio.get_running_loop()
-            with socket.socket() as phone:
-                phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
-                phone.setblocking(False)
-                await loop.sock_connect(phone, ("127.0.0.1", server.port))
-                await loop.sock_sendall(phone, f"GET /minilm.slm HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{wanted_bytes - 1}\r\n\r\n".encode())
-                received = bytearray()
-                started = None  # the link's clock starts with the answer's first byte (it may wait for a slot)
-                while b"\r\n\r\n" not in received or len(received) - received.index(b"\r\n\r\n") - 4 < wanted_bytes:
-                    allowed = 4096 if started is None else int((time.perf_counter() - started) * rate_bytes_per_s) + 4096 - len(received)
-                    if allowed > 0:
-                        with contextlib.suppress(BlockingIOError):
-                            piece = phone.recv(allowed)
-                            assert piece, "the server closed the slow reader's connection"
-                            received += piece
-                            started = started or time.perf_counter()
-                    await asyncio.sleep(0.02)
+            body = await read_slowly(server.port, "minilm.slm", 300_000, 125_000)  # ~2.4 s at 1 Mbit/s
             evictions = server.app[SLOTS].evictions
-    head, _, body = bytes(received).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 206") and body == data[:wanted_bytes]
+    assert body == data[:300_000]
     assert evictions > 0  # the server was at capacity and reclaimed slots from the non-readers meanwhile
+
+
+async def test_the_write_timeout_counts_time_without_progress_not_time_per_piece(served_dir: Path) -> None:
+    """A piece larger than what a slow reader takes within write_timeout_s is not a stall while bytes still move."""
+    data = (served_dir / "minilm.slm").read_bytes()
+    with serve_directory(served_dir, write_timeout_s=0.5, **PHONE_SERVER_OPTIONS) as server:
+        body = await read_slowly(server.port, "minilm.slm", 200_000, 125_000)  # one 200 KB piece: ~1.3 s blocked
+    assert body == data[:200_000]
 
 
 def test_pipelined_heads_without_reading_keep_the_server_rss_bounded(served_dir: Path) -> None:
