@@ -3,16 +3,18 @@
 GET and HEAD of ``/<name>.slm`` with a strong ETag (the manifest digest),
 If-None-Match, single-range requests with If-Range (RFC 9110 section 14, see
 ``ranges.py``), and ``GET /``, a JSON index. Optional per-connection rate and
-latency emulate a phone link. Bodies are written from a memory map of the file
-in pieces, each write under a timeout, so a client that stops reading is cut off.
+latency emulate a phone link. Bodies are written (sendfile, or from a memory map of
+the file) in pieces sized to the client's pace; a client that makes no progress for
+write_timeout_s is cut off.
 
-Fairness against hostile clients:
+Fairness against hostile clients (figures: ``python tools/bench_server_fairness.py``):
 
-- Slots (``slots.py``): at most max_concurrent_requests in flight; while requests wait
-  for a slot, the slot of the transfer whose write has been blocked longest (over
-  stall_reclaim_s) is taken back and its connection reset, so clients that send a GET
-  and never read cannot starve the others. A client that reads, however slowly, is
-  never blocked that long: pieces shrink to what it takes in ~0.1 s.
+- Slots (``slots.py``): at most max_concurrent_requests in flight. While requests
+  wait for a slot, each takes back the slot of the blocked transfer that has made no
+  progress for longest (at least stall_reclaim_s) and resets its connection, so
+  clients that send a GET and never read cannot starve the others. Progress is what
+  the peer acknowledges (TCP_INFO), so a client that reads, however slowly, keeps its
+  slot. Per-address limits would be useless (loopback, NAT), so there are none.
 - Pipelining: aiohttp queues at most 32 parsed requests per connection and then stops
   reading, but answers without a body (HEAD, 304, 416) never wait for the client to
   read them. Before each request the connection's unsent output must drain below
@@ -65,8 +67,8 @@ class ServerConfig:
     ranges_enabled: bool = True  # False answers every Range with 200 and the whole file (like nginx max_ranges 0)
     max_concurrent_requests: int = 256
     queue_timeout_s: float = 10.0  # a request waiting longer for a slot gets 503 + Retry-After
-    write_timeout_s: float = 30.0  # a client that reads nothing for this long is disconnected
-    stall_reclaim_s: float = 1.0  # while requests wait for a slot, a write blocked this long gives its slot up (slots.py)
+    write_timeout_s: float = 30.0  # a client whose body makes no progress for this long is disconnected
+    stall_reclaim_s: float = 1.0  # while requests wait for a slot, a blocked write without progress this long gives its slot up (slots.py)
     send_buffer_bytes: int | None = None  # SO_SNDBUF per connection (nginx's listen sndbuf=); None keeps the kernel's autotuning
     max_indexed_manifest_bytes: int = 4 << 20  # larger manifests are not parsed: served as bytes, listed as unreadable
     idle_timeout_s: float = 15.0  # a connection without a complete request (slow headers, idle keep-alive) is closed
