@@ -365,9 +365,10 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
         async with asyncio.timeout(config.write_timeout_s):
             await request.writer.drain()
     except TimeoutError:
-        logger.info("%s pipelines requests without reading the answers; closing the connection", request.remote)
         _drop_connection(request)
-        return web.Response(status=503)  # never sent: the connection is gone
+        return _client_gone(request, "it pipelines requests without reading the answers; connection closed")
+    except ConnectionError as exc:
+        return _client_gone(request, str(exc))
     sock = request.transport.get_extra_info("socket") if request.transport is not None else None
     if config.send_buffer_bytes is not None and sock is not None:
         with contextlib.suppress(OSError):  # caps the bytes a client that stops reading pins in the kernel
@@ -383,11 +384,16 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("the client left while waiting for a slot")
         return await handler(request)
-    except ConnectionError as exc:  # nobody to answer; nginx logs these as 499
-        logger.info("%s disconnected before %s %s was answered (%s)", request.remote, request.method, request.path, exc)
-        return web.Response(status=499, reason="Client Closed Request")
+    except ConnectionError as exc:
+        return _client_gone(request, str(exc))
     finally:
         slots.release(transfer)
+
+
+def _client_gone(request: web.Request, why: str) -> web.Response:
+    """The answer for a request whose client is gone: never sent, logged as 499 (nginx's "client closed request")."""
+    logger.info("%s %s %s not answered: %s", request.remote, request.method, request.path, why)
+    return web.Response(status=499, reason="Client Closed Request")
 
 
 async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
