@@ -3,14 +3,34 @@
 GET and HEAD of ``/<name>.slm`` with a strong ETag (the manifest digest),
 If-None-Match, single-range requests with If-Range (RFC 9110 section 14, see
 ``ranges.py``), and ``GET /``, a JSON index. Optional per-connection rate and
-latency emulate a phone link. Bodies are written from a memory map of the file
-in pieces, each write under a timeout, so a client that stops reading is cut off.
+latency emulate a phone link. Bodies are written (sendfile, or from a memory map of
+the file) in pieces sized to the client's pace; a client that makes no progress for
+write_timeout_s is cut off.
+
+Fairness against hostile clients (figures: ``python tools/bench_server_fairness.py``):
+
+- Slots (``slots.py``): at most max_concurrent_requests in flight. While requests
+  wait for a slot, each takes back the slot of the blocked transfer that has made no
+  progress for longest (at least stall_reclaim_s) and resets its connection, so
+  clients that send a GET and never read cannot starve the others. Progress is what
+  the peer acknowledges (TCP_INFO), so a client that reads, however slowly, keeps its
+  slot. Per-address limits would be useless (loopback, NAT), so there are none.
+- Pipelining: aiohttp queues at most 32 parsed requests per connection and then stops
+  reading, but answers without a body (HEAD, 304, 416) never wait for the client to
+  read them. Before each request the connection's unsent output must drain below
+  the transport's high-water mark (64 KiB), under write_timeout_s; so one connection
+  holds at most ~64 KiB of answers, 32 queued requests and one read buffer
+  (256 KiB) however many requests it pipelines.
+- The index parses each file's manifest once per (size, mtime_ns, inode), in a worker
+  thread, and only manifests up to max_indexed_manifest_bytes; others are served as
+  bytes and listed with the reason they could not be read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import logging
@@ -27,14 +47,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from ..formats import FormatError
-from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header
+from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header, read_preamble
 from .ranges import RangeOutcome, decide_range
+from .slots import SlotPool, Transfer
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
 UNTHROTTLED_PIECE_BYTES = 1 << 20
-SENDFILE_PIECE_BYTES = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,7 +67,10 @@ class ServerConfig:
     ranges_enabled: bool = True  # False answers every Range with 200 and the whole file (like nginx max_ranges 0)
     max_concurrent_requests: int = 256
     queue_timeout_s: float = 10.0  # a request waiting longer for a slot gets 503 + Retry-After
-    write_timeout_s: float = 30.0  # a client that reads nothing for this long is disconnected
+    write_timeout_s: float = 30.0  # a client whose body makes no progress for this long is disconnected
+    stall_reclaim_s: float = 1.0  # while requests wait for a slot, a blocked write without progress this long gives its slot up (slots.py)
+    send_buffer_bytes: int | None = None  # SO_SNDBUF per connection (nginx's listen sndbuf=); None keeps the kernel's autotuning
+    max_indexed_manifest_bytes: int = 4 << 20  # larger manifests are not parsed: served as bytes, listed as unreadable
     idle_timeout_s: float = 15.0  # a connection without a complete request (slow headers, idle keep-alive) is closed
 
 
@@ -55,22 +78,25 @@ class ServerConfig:
 class ServedFile:
     path: Path
     size_bytes: int
-    mtime_ns: int
+    identity: tuple[int, int, int, int]  # (size, mtime_ns, device, inode): a change means another file
     etag: str
     last_modified: str
     map: mmap.mmap | None
     architecture: str | None
     digest: str | None
+    error: str | None  # why the manifest could not be read, for the index; the bytes are served anyway
 
 
 class ModelFiles:
-    """The .slm files directly under one directory, opened lazily and reopened when they change."""
+    """The .slm files directly under one directory, opened lazily (off the event loop) and reopened when they change."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_manifest_bytes: int) -> None:
         self.directory = directory.resolve()
+        self.max_manifest_bytes = max_manifest_bytes
         self._open: dict[str, ServedFile] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
 
-    def lookup(self, name: str) -> ServedFile | None:
+    async def lookup(self, name: str) -> ServedFile | None:
         """The file for a URL path segment, or None: only plain .slm names directly under the directory."""
         if not MODEL_NAME.match(name):
             return None
@@ -82,14 +108,23 @@ class ModelFiles:
             stat = resolved.stat()
         except OSError:
             return None
+        identity = (stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino)
         served = self._open.get(name)
-        if served is not None and (served.mtime_ns, served.size_bytes) == (stat.st_mtime_ns, stat.st_size):
+        if served is not None and served.identity == identity:
             return served
-        if served is not None and served.map is not None:
-            _close_quietly(served.map)
-        served = self._open_file(resolved, stat)
-        self._open[name] = served
-        return served
+        lock = self._opening.setdefault(name, asyncio.Lock())
+        async with lock:  # one parse per new version of a file, however many requests ask for it at once
+            served = self._open.get(name)
+            if served is not None and served.identity == identity:
+                return served
+            try:
+                opened = await asyncio.to_thread(self._open_file, resolved, stat, self.max_manifest_bytes)
+            except OSError:
+                return None  # removed or unreadable since the stat
+            if served is not None and served.map is not None:
+                _close_quietly(served.map)
+            self._open[name] = opened
+            return opened
 
     def names(self) -> list[str]:
         try:
@@ -104,31 +139,40 @@ class ModelFiles:
         self._open.clear()
 
     @staticmethod
-    def _open_file(path: Path, stat: os.stat_result) -> ServedFile:
+    def _open_file(path: Path, stat: os.stat_result, max_manifest_bytes: int) -> ServedFile:
         file_map = None
         if stat.st_size:
             with open(path, "rb") as f:
                 file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        architecture = digest = None
+        architecture = digest = error = None
+        logger.debug("reading the manifest of %s", path.name)
         try:
-            if file_map is not None and stat.st_size >= PREAMBLE_SIZE_BYTES:
-                needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
-                _, manifest = read_header(file_map[: min(needed, stat.st_size)], stat.st_size)
-                architecture, digest = manifest.architecture, manifest.digest
+            if file_map is None or stat.st_size < PREAMBLE_SIZE_BYTES:
+                raise FormatError(f"{stat.st_size} bytes is shorter than a .slm preamble")
+            manifest_size = read_preamble(file_map[:PREAMBLE_SIZE_BYTES]).manifest_size_bytes
+            if manifest_size > max_manifest_bytes:
+                # Parsing costs time and memory in proportion to the manifest (msgpack can pack millions of
+                # empty maps in a few MiB): a file in the directory must not make every index slow.
+                raise FormatError(f"its manifest is {manifest_size} bytes, over the server's limit of {max_manifest_bytes} for reading one")
+            needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
+            _, manifest = read_header(file_map[: min(needed, stat.st_size)], stat.st_size)
+            architecture, digest = manifest.architecture, manifest.digest
         except FormatError as exc:
-            logger.warning("%s is not a valid model file (%s); serving its bytes anyway", path.name, exc)
+            error = str(exc)
+            logger.warning("%s is not a readable model file (%s); serving its bytes anyway", path.name, exc)
         # The manifest digest identifies the content (it covers every chunk hash): a strong validator
-        # that is the same on every mirror. Files that do not parse fall back to size and mtime.
-        etag = f'"{digest}"' if digest else f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        # that is the same on every mirror. Files that do not parse fall back to size, mtime and inode.
+        etag = f'"{digest}"' if digest else f'"{stat.st_size:x}-{stat.st_mtime_ns:x}-{stat.st_ino:x}"'
         return ServedFile(
             path=path,
             size_bytes=stat.st_size,
-            mtime_ns=stat.st_mtime_ns,
+            identity=(stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino),
             etag=etag,
             last_modified=email.utils.formatdate(stat.st_mtime, usegmt=True),
             map=file_map,
             architecture=architecture,
             digest=digest,
+            error=error,
         )
 
 
@@ -159,7 +203,10 @@ class TokenBucket:
 
 CONFIG = web.AppKey("config", ServerConfig)
 FILES = web.AppKey("files", ModelFiles)
-SLOTS = web.AppKey("slots", asyncio.Semaphore)
+SLOTS = web.AppKey("slots", SlotPool)
+# The current request's hold on its slot: set by the middleware in the request's own task (aiohttp runs each
+# request in a task of its own, with a copy of the context), read by the handler that writes the body.
+TRANSFER: contextvars.ContextVar[Transfer] = contextvars.ContextVar("transfer")
 
 
 def _if_none_match(header: str | None, etag: str) -> bool:
@@ -172,7 +219,7 @@ def _if_none_match(header: str | None, etag: str) -> bool:
 
 async def handle_model(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    served = request.app[FILES].lookup(request.match_info["name"])
+    served = await request.app[FILES].lookup(request.match_info["name"])
     if served is None:
         raise web.HTTPNotFound(text="no such model\n")
     headers = {
@@ -196,7 +243,11 @@ async def handle_model(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="Range header too long\n")
     if decision.outcome is RangeOutcome.UNSATISFIABLE:
         headers["Content-Range"] = f"bytes */{served.size_bytes}"
-        return web.Response(status=416, headers=headers)
+        # RFC 9110 section 9.3.2: a HEAD answer carries the header fields GET would, Content-Length: 0 included
+        headers["Content-Length"] = "0"
+        response = web.StreamResponse(status=416, headers=headers)
+        await response.prepare(request)
+        return response
     status = 200
     if decision.outcome is RangeOutcome.PARTIAL:
         status = 206
@@ -209,42 +260,65 @@ async def handle_model(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _write_body(request: web.Request, response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig) -> None:
-    assert served.map is not None
-    if not config.rate_bytes_per_s and request.transport is not None and request.transport.get_extra_info("sslcontext") is None:
-        try:  # zero-copy, as aiohttp's FileResponse does; the timeout cuts off a client that stops reading
-            with open(served.path, "rb") as f:
-                for offset in range(start, end, SENDFILE_PIECE_BYTES):  # each piece under the stall timeout
-                    async with asyncio.timeout(config.write_timeout_s):
-                        await asyncio.get_running_loop().sendfile(request.transport, f, offset, min(SENDFILE_PIECE_BYTES, end - offset))
-            return
-        except NotImplementedError:
-            pass  # no sendfile here: write from the map below
-        except TimeoutError:
-            logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
-            _drop_connection(request)
-            return
-        except ConnectionError:
-            logger.info("%s disconnected during %s", request.remote, served.path.name)
-            return
-    view = memoryview(served.map)
-    if config.rate_bytes_per_s:
-        piece = int(max(1024, min(64 << 10, config.rate_bytes_per_s / 50)))  # ~20 ms of link time
-        bucket: TokenBucket | None = TokenBucket(config.rate_bytes_per_s, piece)
-    else:
-        piece, bucket = UNTHROTTLED_PIECE_BYTES, None
+async def _write_body(
+    request: web.Request, response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig
+) -> None:
+    """Write bytes [start, end) in pieces, each under the transfer's stall timeout; a stalled or evicted client is reset."""
+    transfer = TRANSFER.get()
     try:
-        for offset in range(start, end, piece):
-            size = min(piece, end - offset)
-            if bucket is not None:
-                await bucket.take(size)
-            async with asyncio.timeout(config.write_timeout_s):
-                await response.write(view[offset : offset + size])
+        if not config.rate_bytes_per_s and request.transport is not None and request.transport.get_extra_info("sslcontext") is None:
+            try:
+                await _sendfile_body(request, served, start, end, transfer)
+                return
+            except NotImplementedError:
+                pass  # no sendfile here: write from the map below
+        await _write_mapped_body(response, served, start + transfer.bytes_sent, end, config, transfer)
     except TimeoutError:
-        logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
+        if transfer.evicted:
+            logger.info(
+                "%s read nothing of %s for over %.1f s while others waited; its slot was reclaimed",
+                request.remote,
+                served.path.name,
+                config.stall_reclaim_s,
+            )
+        else:
+            logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
         _drop_connection(request)
     except ConnectionError:  # the client went away mid-body (aiohttp's ClientConnectionResetError is one)
         logger.info("%s disconnected during %s", request.remote, served.path.name)
+
+
+async def _sendfile_body(request: web.Request, served: ServedFile, start: int, end: int, transfer: Transfer) -> None:
+    """Zero-copy, as aiohttp's FileResponse does, in pieces sized to the client's pace."""
+    loop = asyncio.get_running_loop()
+    with await asyncio.to_thread(open, served.path, "rb") as f:
+        offset = start
+        while offset < end:
+            size = min(transfer.piece_bytes, end - offset)
+            async with transfer.writing(size):
+                await loop.sendfile(request.transport, f, offset, size)  # type: ignore[arg-type]
+            offset += size
+
+
+async def _write_mapped_body(
+    response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig, transfer: Transfer
+) -> None:
+    assert served.map is not None
+    view = memoryview(served.map)
+    bucket = None
+    rate_piece = UNTHROTTLED_PIECE_BYTES
+    if config.rate_bytes_per_s:
+        rate_piece = int(max(1024, min(64 << 10, config.rate_bytes_per_s / 50)))  # ~20 ms of link time
+        bucket = TokenBucket(config.rate_bytes_per_s, rate_piece)
+    try:
+        offset = start
+        while offset < end:
+            size = min(rate_piece, transfer.piece_bytes, end - offset)
+            if bucket is not None:
+                await bucket.take(size)
+            async with transfer.writing(size):
+                await response.write(view[offset : offset + size])
+            offset += size
     finally:
         view.release()
 
@@ -266,31 +340,68 @@ async def handle_index(request: web.Request) -> web.Response:
     files = request.app[FILES]
     models = []
     for name in files.names():
-        served = files.lookup(name)
+        served = await files.lookup(name)
         if served is not None:
-            models.append({"name": name, "size": served.size_bytes, "architecture": served.architecture, "manifest_digest": served.digest})
+            models.append(
+                {
+                    "name": name,
+                    "size": served.size_bytes,
+                    "architecture": served.architecture,
+                    "manifest_digest": served.digest,
+                    "error": served.error,
+                }
+            )
     return web.json_response({"models": models})
 
 
 @web.middleware
 async def limit_concurrency(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """At most max_concurrent_requests in flight; a request that cannot get a slot in time gets 503."""
-    slots = request.app[SLOTS]
+    """Bound what one connection queues, then hold one of max_concurrent_requests slots (503 after queue_timeout_s)."""
+    config = request.app[CONFIG]
     try:
-        async with asyncio.timeout(request.app[CONFIG].queue_timeout_s):
-            await slots.acquire()
+        # Answers without a body (HEAD, 304, 416) are written without waiting for the client to read them:
+        # a client that pipelines requests and reads nothing would grow our output buffer without bound.
+        # Start no request until the connection's earlier answers are below the transport's high-water mark.
+        async with asyncio.timeout(config.write_timeout_s):
+            await request.writer.drain()
+    except TimeoutError:
+        _drop_connection(request)
+        return _client_gone(request, "it pipelines requests without reading the answers; connection closed")
+    except ConnectionError as exc:
+        return _client_gone(request, str(exc))
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if config.send_buffer_bytes is not None and sock is not None:
+        with contextlib.suppress(OSError):  # caps the bytes a client that stops reading pins in the kernel
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_bytes)
+    slots = request.app[SLOTS]
+    transfer = Transfer(config.write_timeout_s, sock)
+    try:
+        await slots.acquire(transfer, config.queue_timeout_s)
     except TimeoutError:
         raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text="server busy\n") from None
+    TRANSFER.set(transfer)
     try:
+        if request.transport is None or request.transport.is_closing():
+            raise ConnectionResetError("the client left while waiting for a slot")
         return await handler(request)
+    except ConnectionError as exc:
+        return _client_gone(request, str(exc))
     finally:
-        slots.release()
+        slots.release(transfer)
+
+
+def _client_gone(request: web.Request, why: str) -> web.Response:
+    """The answer for a request whose client is gone: never sent, logged as 499 (nginx's "client closed request")."""
+    logger.info("%s %s %s not answered: %s", request.remote, request.method, request.path, why)
+    return web.Response(status=499, reason="Client Closed Request")
 
 
 async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    app[FILES] = ModelFiles(app[CONFIG].directory)
-    app[SLOTS] = asyncio.Semaphore(app[CONFIG].max_concurrent_requests)
+    config = app[CONFIG]
+    app[FILES] = ModelFiles(config.directory, config.max_indexed_manifest_bytes)
+    app[SLOTS] = SlotPool(config.max_concurrent_requests, config.stall_reclaim_s)
     yield
+    app[SLOTS].close()
     app[FILES].close()
 
 
@@ -316,7 +427,16 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         size = response.headers.get("Content-Length", str(response.body_length))
-        self.logger.info('%s "%s %s" %d %s %.4fs range=%s', request.remote, request.method, request.path_qs, response.status, size, time, request.headers.get("Range", "-"))
+        self.logger.info(
+            '%s "%s %s" %d %s %.4fs range=%s',
+            request.remote,
+            request.method,
+            request.path_qs,
+            response.status,
+            size,
+            time,
+            request.headers.get("Range", "-"),
+        )
 
 
 def runner_options(config: ServerConfig) -> dict[str, object]:

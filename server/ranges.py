@@ -9,7 +9,9 @@ import re
 MAX_RANGE_HEADER_LENGTH = 1024
 """Longer Range headers are refused with 400 before parsing (a header is no place for a novel)."""
 
-_SINGLE = re.compile(r"^\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$")
+# Any number of digits: a last-byte-pos past the end is clamped (section 14.1.2), however large; the
+# header's length cap keeps int() cheap.
+_SINGLE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
 class RangeOutcome(enum.Enum):
@@ -62,9 +64,9 @@ def decide_range(header: str | None, size_bytes: int, *, if_range: str | None = 
             return RangeDecision(RangeOutcome.UNSATISFIABLE)
         return RangeDecision(RangeOutcome.PARTIAL, max(0, size_bytes - suffix), size_bytes)
     start = int(first)
-    end = size_bytes if last == "" else min(int(last) + 1, size_bytes)
     if last != "" and int(last) < start:
-        return RangeDecision(RangeOutcome.UNSATISFIABLE)
+        return RangeDecision(RangeOutcome.UNSATISFIABLE)  # section 14.1.1: invalid when last < first
+    end = size_bytes if last == "" else min(int(last) + 1, size_bytes)  # section 14.1.2: clamp to the end
     if start >= size_bytes:
         return RangeDecision(RangeOutcome.UNSATISFIABLE)
     return RangeDecision(RangeOutcome.PARTIAL, start, end)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from multidict import CIMultiDict
-
 from streamload.formats import ModelReader
+from streamload.formats.reader import encode_preamble
+
 from tests.serving import ServerThread, serve_directory
 
 
@@ -69,6 +71,31 @@ async def test_ranges_and_conditionals(server: ServerThread, model_dir: Path) ->
     assert status == 400
 
 
+def raw_exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send one request on a fresh socket and read to EOF: the status line, the headers as sent, the rest."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+def test_a_last_byte_past_the_end_is_clamped_and_416_answers_say_content_length_0(server: ServerThread, model_dir: Path) -> None:
+    data = (model_dir / "llama.slm").read_bytes()
+    status, headers, body = raw_exchange(server.port, b"GET /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99999999999999999999\r\nConnection: close\r\n\r\n")
+    assert status.startswith("HTTP/1.1 206") and headers["content-range"] == f"bytes 0-{len(data) - 1}/{len(data)}" and body == data
+    for method in ("GET", "HEAD"):  # RFC 9110 section 9.3.2: HEAD answers with the fields GET would send
+        request = f"{method} /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes={len(data)}-\r\nConnection: close\r\n\r\n".encode()
+        status, headers, body = raw_exchange(server.port, request)
+        assert status.startswith("HTTP/1.1 416") and headers["content-length"] == "0" and body == b""
+        assert headers["content-range"] == f"bytes */{len(data)}"
+
+
 @pytest.mark.parametrize(
     "path",
     ["../secret.slm", "%2e%2e/secret.slm", "..%2fsecret.slm", "%2e%2e%2fsecret.slm", "escape.slm", "notes.txt", "missing.slm", ".hidden.slm", "%2ftmp%2fx.slm"],
@@ -86,6 +113,54 @@ async def test_index_lists_models(server: ServerThread, model_dir: Path) -> None
     assert names == ["llama.slm"]  # the symlink out of the directory and the .txt file are not listed
     llama = next(m for m in listing if m["name"] == "llama.slm")
     assert llama["architecture"] == "llama" and llama["size"] == (model_dir / "llama.slm").stat().st_size
+
+
+def write_manifest_bomb(path: Path, manifest_size_bytes: int) -> None:
+    """A .slm whose manifest is one unknown key holding ~manifest_size_bytes empty msgpack maps (~64 B of Python each)."""
+    count = manifest_size_bytes - 9
+    manifest = b"\x81\xa3bom\xdd" + count.to_bytes(4, "big") + b"\x80" * count  # {"bom": [{}, {}, ...]}
+    preamble = encode_preamble(len(manifest))
+    path.write_bytes(preamble + manifest + bytes(-(len(preamble) + len(manifest)) % 64))
+
+
+async def test_index_lists_hostile_files_as_unreadable_without_parsing_them(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_manifest_bomb(model_dir / "bomb.slm", 8 << 20)  # parsed, this costs ~600 MB and ~1 s
+    (model_dir / "absurd.slm").write_bytes(encode_preamble(60 << 20) + bytes(1000))  # declares a 60 MiB manifest in 1 KB
+    with serve_directory(model_dir) as server:
+        started = time.perf_counter()
+        status, _, body = await get(server.url())
+        elapsed_s = time.perf_counter() - started
+        listing = {m["name"]: m for m in json.loads(body)["models"]}
+        status_bomb, _, bomb_bytes = await get(server.url("bomb.slm"))  # still served as bytes
+    assert status == 200 and elapsed_s < 0.5, elapsed_s
+    assert "over the server's limit" in listing["bomb.slm"]["error"] and listing["bomb.slm"]["architecture"] is None
+    assert listing["absurd.slm"]["error"] and listing["llama.slm"]["error"] is None and listing["llama.slm"]["architecture"] == "llama"
+    assert status_bomb == 200 and bomb_bytes == (model_dir / "bomb.slm").read_bytes()
+    assert any("bomb.slm is not a readable model file" in r.getMessage() for r in caplog.records)
+
+
+async def test_index_reads_each_file_once_per_version(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="streamload.server.app")
+    path = model_dir / "llama.slm"
+
+    def reads() -> int:
+        return sum(r.getMessage() == "reading the manifest of llama.slm" for r in caplog.records)
+
+    with serve_directory(model_dir) as server:
+        for _ in range(3):
+            status, _, body = await get(server.url())
+            assert status == 200 and json.loads(body)["models"][0]["architecture"] == "llama"
+        reads_of_one_version = reads()
+        # Another file under the same name, size and mtime (rsync -t, cp -p then mv): only the inode tells.
+        before = path.stat()
+        replacement = model_dir / "replacement.tmp"
+        replacement.write_bytes(bytes(before.st_size))
+        os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(replacement, path)
+        _, _, body = await get(server.url())
+    (llama,) = json.loads(body)["models"]
+    assert llama["architecture"] is None and llama["error"]  # not the stale entry of the file it replaced
+    assert (reads_of_one_version, reads()) == (1, 2)
 
 
 async def test_rate_limit_paces_the_body(model_dir: Path) -> None:

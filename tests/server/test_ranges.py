@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from streamload.server.ranges import MAX_RANGE_HEADER_LENGTH, RangeOutcome, decide_range
 
 P, F, U = RangeOutcome.PARTIAL, RangeOutcome.FULL, RangeOutcome.UNSATISFIABLE
@@ -26,6 +25,10 @@ P, F, U = RangeOutcome.PARTIAL, RangeOutcome.FULL, RangeOutcome.UNSATISFIABLE
         ("bytes=0-1,5-6", F, 0, 100),  # several ranges: the whole representation
         ("items=0-1", F, 0, 100),  # unknown unit: ignored (14.2)
         ("bytes=99999999999999999999999-", U, 0, 0),
+        ("bytes=0-99999999999999999999", P, 0, 100),  # 20 digits, past any file: clamped to the end (14.1.2)
+        ("bytes=10-" + "9" * 900, P, 10, 100),
+        ("bytes=-99999999999999999999", P, 0, 100),  # a suffix longer than the file: all of it
+        ("bytes=00000000000000000000050-59", P, 50, 60),  # leading zeros are still digits
     ],
 )
 def test_decide_range(header: str | None, outcome: RangeOutcome, start: int, end: int) -> None:

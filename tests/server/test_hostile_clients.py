@@ -1,0 +1,192 @@
+"""The bundled server stays fair to normal clients while hostile ones hold connections, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from streamload.server.app import SLOTS
+
+from tests.checks import free_port, wait_for_port
+from tests.serving import serve_directory
+
+
+@pytest.fixture
+def served_dir(tmp_path: Path, minilm_slm: Path) -> Path:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    return directory
+
+
+@contextlib.contextmanager
+def cli_server(directory: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """``streamload serve`` in its own process, with its default limits."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        if not wait_for_port(port, timeout_s=15):
+            raise RuntimeError("server did not start")
+        yield port, process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class NonReaders:
+    """``count`` clients that each send a GET, never read a byte, and reconnect as soon as they are dropped."""
+
+    def __init__(self, port: int, path: str, count: int) -> None:
+        self.port, self.count = port, count
+        self.request = f"GET /{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        self.connects = self.drops = 0
+        self._stop = asyncio.Event()
+
+    async def _one(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, ("127.0.0.1", self.port))
+                    await loop.sock_sendall(sock, self.request)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                self.connects += 1
+                hangup = select.poll()  # notices a reset or close without reading anything
+                hangup.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                while not self._stop.is_set() and not hangup.poll(0):
+                    await asyncio.sleep(0.05)
+                self.drops += not self._stop.is_set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[NonReaders]:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.count):
+                group.create_task(self._one())
+            try:
+                yield self
+            finally:
+                self._stop.set()
+
+
+async def timed_fetch(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Seconds from the request's start to the body's last byte, the status, and the body's sha256."""
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    async with session.get(url, headers=headers or {}) as response:
+        async for piece in response.content.iter_chunked(1 << 20):
+            digest.update(piece)
+    return time.perf_counter() - started, response.status, digest.hexdigest()
+
+
+async def test_a_normal_client_is_served_within_2_s_while_300_clients_hold_connections_and_read_nothing(served_dir: Path) -> None:
+    expected = hashlib.sha256((served_dir / "minilm.slm").read_bytes()).hexdigest()
+    with cli_server(served_dir) as (port, _):
+        async with NonReaders(port, "minilm.slm", 300).running() as hostile:
+            while hostile.connects < 300:  # more than the 256 slots
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # every slot taken, the oldest holders blocked for a while
+            timeout = aiohttp.ClientTimeout(total=5)  # before this change: 503 after the 10 s queue timeout
+            async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
+                fetches = [await timed_fetch(session, f"http://127.0.0.1:{port}/minilm.slm") for _ in range(3)]
+            drops = hostile.drops
+    assert [(status, digest) for _, status, digest in fetches] == [(200, expected)] * 3
+    assert max(seconds for seconds, _, _ in fetches) < 2.0, fetches
+    assert drops > 0  # the non-readers really held slots: some were taken back from them
+
+
+async def read_slowly(port: int, name: str, size_bytes: int, rate_bytes_per_s: float) -> bytes:
+    """GET the first ``size_bytes`` of ``name`` like a phone on a slow link: a small receive buffer, read at
+    ``rate_bytes_per_s`` from the answer's first byte. Returns the body; fails if the server drops us."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as phone:
+        phone.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
+        phone.setblocking(False)
+        await loop.sock_connect(phone, ("127.0.0.1", port))
+        await loop.sock_sendall(phone, f"GET /{name} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-{size_bytes - 1}\r\n\r\n".encode())
+        received = bytearray()
+        started = None  # the link's clock starts with the answer's first byte (it may wait for a slot)
+        while b"\r\n\r\n" not in received or len(received) - received.index(b"\r\n\r\n") - 4 < size_bytes:
+            allowed = 4096 if started is None else int((time.perf_counter() - started) * rate_bytes_per_s) + 4096 - len(received)
+            if allowed > 0:
+                with contextlib.suppress(BlockingIOError):
+                    piece = phone.recv(allowed)
+                    assert piece, "the server closed the slow reader's connection"
+                    received += piece
+                    started = started or time.perf_counter()
+            await asyncio.sleep(0.02)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206")
+    return body
+
+
+# Small kernel buffers on the server's side too (send_buffer_bytes), so that within a test of a few seconds
+# the phone's reading is what paces the server: with autotuned buffers the kernel takes megabytes at once.
+PHONE_SERVER_OPTIONS = {"send_buffer_bytes": 32 << 10}
+
+
+async def test_a_slow_reader_keeps_its_slot_while_non_readers_are_evicted(served_dir: Path) -> None:
+    """A phone on a 1 Mbit/s link, reading steadily, is not mistaken for a client that stopped reading."""
+    data = (served_dir / "minilm.slm").read_bytes()
+    with serve_directory(served_dir, max_concurrent_requests=8, **PHONE_SERVER_OPTIONS) as server:
+        async with NonReaders(server.port, "minilm.slm", 16).running():
+            await asyncio.sleep(1.2)
+            body = await read_slowly(server.port, "minilm.slm", 200_000, 125_000)  # ~1.6 s at 1 Mbit/s
+            evictions = server.app[SLOTS].evictions
+    assert body == data[:200_000]
+    assert evictions > 0  # the server was at capacity and reclaimed slots from the non-readers meanwhile
+
+
+async def test_the_write_timeout_counts_time_without_progress_not_time_per_piece(served_dir: Path) -> None:
+    """A piece larger than what a slow reader takes within write_timeout_s is not a stall while bytes still move."""
+    data = (served_dir / "minilm.slm").read_bytes()
+    with serve_directory(served_dir, write_timeout_s=0.5, **PHONE_SERVER_OPTIONS) as server:
+        body = await read_slowly(server.port, "minilm.slm", 200_000, 125_000)  # one 200 KB piece: ~1.3 s blocked
+    assert body == data[:200_000]
+
+
+def test_pipelined_heads_without_reading_keep_the_server_rss_bounded(served_dir: Path) -> None:
+    duration_s, bound_bytes = 7.0, 2 << 20  # the kernel takes the first ~4 MB of answers: growth starts after ~3-5 s
+    with cli_server(served_dir) as (port, process):
+        with socket.create_connection(("127.0.0.1", port)) as warm:  # the server's first answer, then measure
+            warm.sendall(b"HEAD /minilm.slm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert warm.recv(100).startswith(b"HTTP/1.1 200")
+        baseline = rss_bytes(process.pid)
+        peak = baseline
+        requests = b"HEAD /minilm.slm HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+        with socket.create_connection(("127.0.0.1", port)) as pipeliner:
+            pipeliner.setblocking(False)
+            started = time.monotonic()
+            while time.monotonic() - started < duration_s:
+                try:
+                    pipeliner.send(requests)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                peak = max(peak, rss_bytes(process.pid))
+    # Before this change the answers piled up in the server's output buffer (~2 MB/s, without end) once the
+    # kernel's socket buffers were full; now the server stops reading the connection instead.
+    assert peak - baseline < bound_bytes, f"RSS grew by {(peak - baseline) / 2**20:.1f} MiB"

