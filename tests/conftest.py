@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamload.formats import convert
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
 def minilm_folder() -> Path:

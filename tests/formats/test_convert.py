@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from streamload.formats import ModelReader, SourceError, UnsupportedArchitectureError, convert, summarize_compression
 from streamload.formats.safetensors_source import SafetensorsCollection
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
 def test_minilm_meets_size_and_entropy_targets(minilm_dir: Path, minilm_slm: Path) -> None:

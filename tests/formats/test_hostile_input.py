@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from streamload import errors
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
-from streamload.formats.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
+from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 from streamload.formats.reader import encode_preamble
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from streamload.formats.constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
+from streamload.formats.writer import ModelWriter
 
 
 def llama_config(
@@ -97,8 +99,6 @@ def write_synthetic_int8_model(path: str | os.PathLike[str], *, blocks: int, blo
     all-MiniLM-L6-v2's int8 weights, so compression ratio and decode speed are realistic.
     Written straight with ModelWriter: a 1 GB model takes seconds, not a conversion of 4 GB of fp32.
     """
-    from .constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
-    from .writer import ModelWriter
 
     rng = np.random.default_rng(seed)
     cols = 2048
