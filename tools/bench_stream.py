@@ -75,7 +75,8 @@ class FloatModel:
             if name is not None and values.dtype.kind == "f":
                 grouped[arch.layer_of(name, self.config["num_hidden_layers"])][name] = values
         self._layers = [Layer(i, n, grouped[i], {}) for i, n in enumerate(names)]
-        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers)
+        shapes = {name: types.SimpleNamespace(shape=values.shape, layer_index=i) for i, group in enumerate(grouped) for name, values in group.items()}
+        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes)
         self.opened_at = opened_at
         self.layer_ready_s = [0.0] * len(names)
         tokenizer_file = folder / "tokenizer.json"

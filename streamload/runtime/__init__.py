@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import RuntimeModelError
+from ..formats.architectures import architecture_named
 from ..loader import Model
 from . import bert, llama
 from .timeline import LayerTiming, Timeline
@@ -54,6 +55,7 @@ async def run(
 
     Raises:
         RuntimeModelError: unknown architecture, missing tokenizer, bad input.
+        ManifestSchemaError: the model's config contradicts its tensors, or a field is out of range.
 
     Example:
         >>> async with streamload.open(url) as model:                        # doctest: +SKIP
@@ -65,6 +67,9 @@ async def run(
         raise RuntimeModelError("give either text or token ids")
     timeline = Timeline(model, started)
     architecture = model.manifest.architecture
+    family = architecture_named(architecture)
+    if family is not None:
+        family.validate(model.config, model.manifest)  # every field the runtime reads, against the tensor shapes, before any allocation
     if architecture == "bert":
         config = bert.BertConfig.from_manifest(model.config)
         if texts is not None:
