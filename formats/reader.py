@@ -124,6 +124,41 @@ def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
         )
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_BLOCK_HEADER_SIZE_BYTES = 3
+_ZSTD_CHECKSUM_SIZE_BYTES = 4
+
+
+def frame_size_bytes(data: bytes | memoryview) -> int:
+    """Length of the zstd frame that starts ``data``, walked from its block headers (nothing is decompressed).
+
+    A frame is a header, blocks (3-byte header: last-block bit, 2-bit type, 21-bit size; an RLE
+    block carries 1 byte, a raw or compressed block ``size`` bytes), then an optional 4-byte checksum.
+
+    Raises:
+        ValueError: the bytes do not hold one whole frame.
+    """
+    if bytes(data[:4]) != _ZSTD_MAGIC:
+        raise ValueError("no zstd frame magic")
+    position = zstandard.frame_header_size(data)
+    end = len(data)
+    while True:
+        if position + _ZSTD_BLOCK_HEADER_SIZE_BYTES > end:
+            raise ValueError("the frame is truncated")
+        header = data[position] | data[position + 1] << 8 | data[position + 2] << 16
+        block_type = (header >> 1) & 3
+        if block_type == 3:
+            raise ValueError("reserved block type")
+        position += _ZSTD_BLOCK_HEADER_SIZE_BYTES + (1 if block_type == 1 else header >> 3)
+        if header & 1:
+            break
+    if data[4] & 0x04:  # Content_Checksum_flag in the frame header descriptor
+        position += _ZSTD_CHECKSUM_SIZE_BYTES
+    if position > end:
+        raise ValueError("the frame is truncated")
+    return position
+
+
 def decompress_chunk(
     chunk: ChunkEntry,
     data: bytes | memoryview,
@@ -141,13 +176,17 @@ def decompress_chunk(
 
     Raises:
         ChunkSizeError: the frame declares or yields another size.
-        ChunkDecodeError: the bytes are not a zstd frame.
+        ChunkDecodeError: the bytes are not exactly one zstd frame (trailing bytes are refused: one
+            walk over the block headers, ~1 us per MiB chunk).
     """
     expected = chunk.raw_size_bytes
     try:
         declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
+        frame_size = frame_size_bytes(data)
+    except (zstandard.ZstdError, ValueError) as exc:
         raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} is not a zstd frame ({exc})") from None
+    if frame_size != len(data):
+        raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} has {len(data) - frame_size} bytes after its zstd frame; a chunk is exactly one frame")
     if declared != expected:
         raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} declares {declared} raw bytes, the manifest says {expected}")
     if out is None:
