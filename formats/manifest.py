@@ -209,6 +209,10 @@ def _is_map(first_byte: int) -> bool:
     return 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF)
 
 
+def _is_str(first_byte: int) -> bool:
+    return 0xA0 <= first_byte <= 0xBF or first_byte in (0xD9, 0xDA, 0xDB)
+
+
 def _is_array(first_byte: int) -> bool:
     return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
 
@@ -246,11 +250,12 @@ def _map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
         if count > MAX_MAP_FIELDS:
             raise ManifestSchemaError(f"manifest {where}: {count} keys, over the limit of {MAX_MAP_FIELDS}")
         for _ in range(count):
+            if not _is_str(data[start + scout.tell()]):  # a key is decoded only once known to be a (bounded) string
+                raise ManifestSchemaError(f"manifest {where}: a key is not a string")
             key = scout.unpack()
             value_start = start + scout.tell()
             scout.skip()
-            if isinstance(key, str):
-                spans[key] = (value_start, start + scout.tell())
+            spans[key] = (value_start, start + scout.tell())
     except FormatError:
         raise
     except _DECODE_ERRORS as exc:

@@ -154,5 +154,9 @@ def test_root_map_bounds() -> None:
     manifest |= {f"k{i}": None for i in range(300)}
     with pytest.raises(errors.ManifestSchemaError, match="keys, over the limit of 256"):
         parse_manifest(msgpack.packb(manifest, use_bin_type=True))
+    encoded = msgpack.packb(split_file(GOLDEN)[0], use_bin_type=True)
+    key_bomb = bytes([encoded[0] + 1]) + encoded[1:] + empty_maps(1 << 20) + b"\xc0"  # a 1 MiB key
+    with pytest.raises(errors.ManifestSchemaError, match="a key is not a string"):
+        parse_manifest(key_bomb)
     with pytest.raises(errors.ManifestDecodeError, match="not valid msgpack"):
         parse_manifest(GOLDEN[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + 100])
