@@ -179,8 +179,9 @@ class Architecture:
             for axis, (dim, actual) in enumerate(zip(dims, entry.shape, strict=True)):
                 expected = math.prod(values[f] for f in dim)
                 if expected != actual:
+                    product = f" = {expected}" if len(dim) > 1 else ""
                     raise ManifestSchemaError(
-                        f"model config: {_describe((dim,), values)} = {expected} contradicts tensor {name!r} of shape {entry.shape} "
+                        f"model config: {_describe((dim,), values)}{product} contradicts tensor {name!r} of shape {entry.shape} "
                         f"(dimension {axis} is {actual})"
                     )
             if entry.layer_index != self.layer_of(name, blocks):
