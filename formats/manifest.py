@@ -250,7 +250,10 @@ def _map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
         if count > MAX_MAP_FIELDS:
             raise ManifestSchemaError(f"manifest {where}: {count} keys, over the limit of {MAX_MAP_FIELDS}")
         for _ in range(count):
-            if not _is_str(data[start + scout.tell()]):  # a key is decoded only once known to be a (bounded) string
+            key_start = start + scout.tell()
+            if key_start >= end:
+                raise ManifestDecodeError(f"manifest {where}: the map is truncated; the file is damaged, fetch it again")
+            if not _is_str(data[key_start]):  # a key is decoded only once known to be a (bounded) string
                 raise ManifestSchemaError(f"manifest {where}: a key is not a string")
             key = scout.unpack()
             value_start = start + scout.tell()

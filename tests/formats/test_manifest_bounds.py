@@ -160,3 +160,5 @@ def test_root_map_bounds() -> None:
         parse_manifest(key_bomb)
     with pytest.raises(errors.ManifestDecodeError, match="not valid msgpack"):
         parse_manifest(GOLDEN[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + 100])
+    with pytest.raises(errors.ManifestDecodeError, match="the map is truncated"):
+        parse_manifest(b"\x82\xa1a\xc0")  # two keys announced, one present
