@@ -19,10 +19,10 @@ import streamload
 from streamload import loader
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
-from tests.support.mutate import join_file, split_file
 from tests.checks import assert_layers_equal_file, journal_count
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
+from tests.support.mutate import join_file, split_file
 
 
 @pytest.fixture(scope="module")
