@@ -51,6 +51,19 @@ MAX_NAME_LENGTH = 1024
 MAX_TOKENIZER_SIZE_BYTES = 64 << 20
 SHA256_SIZE_BYTES = 32
 
+# Bounds on what a manifest may hold, so that parsing one costs a small multiple of its bytes
+# (msgpack turns a 1-byte empty map into a ~64-byte Python dict). Values are measured in
+# encoded bytes before they are decoded; unknown root keys are skipped without decoding.
+MAX_MAP_FIELDS = 256
+"""Keys of the root map, of a tensors/layers/chunks entry, of the tokenizer and stats maps."""
+MAX_CONFIG_SIZE_BYTES = 64 << 10
+MAX_ENTRY_SIZE_BYTES = 16 << 10
+"""One layers/tensors/chunks entry, unknown fields included."""
+MAX_UNKNOWN_VALUE_SIZE_BYTES = 16 << 20
+"""The value of a root key this reader does not know (skipped, never decoded)."""
+MIN_ZSTD_FRAME_SIZE_BYTES = 9
+"""The smallest zstd frame (6-byte header, 3-byte block header): bounds the chunk count by the data size."""
+
 
 class DType(enum.Enum):
     """Element types a tensor may have; the value is the manifest spelling."""

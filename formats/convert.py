@@ -21,7 +21,7 @@ import numpy as np
 
 from .architectures import Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, QuantScheme
-from ..errors import SourceError
+from ..errors import FormatError, SourceError
 from .manifest import Manifest
 from .quantize import quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
@@ -164,9 +164,10 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
             logger.info("skipping non-float tensor %s (%s)", source_name, tensors.dtype_of(source_name))
             continue
         canonical[name] = source_name
-    if arch.name == "llama" and config["tie_word_embeddings"]:
+    expected = arch.expected_shapes(config)
+    if arch.name == "llama" and "lm_head.weight" not in expected:
         canonical.pop("lm_head.weight", None)  # tied: the head reads the embedding table
-    for name, shape in arch.expected_shapes(config).items():
+    for name, shape in expected.items():
         if name not in canonical:
             raise SourceError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
         actual = tensors.shape_of(canonical[name])
@@ -177,6 +178,14 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
     for group in plan:
         group.sort(key=lambda n: (len(tensors.shape_of(canonical[n])) != 2, n))
     return [[canonical[n] + "\0" + n for n in group] for group in plan]
+
+
+def _check_runnable(arch: Architecture, manifest: Manifest) -> None:
+    """The runtime's load-time check, on the manifest about to be written: never write a file it would refuse."""
+    try:
+        arch.validate(manifest.config, manifest)
+    except FormatError as exc:
+        raise SourceError(f"the converted model would not load: {exc}") from None
 
 
 def convert(
@@ -217,6 +226,10 @@ def convert(
     arch = find_architecture(model.hf_config)
     config = arch.normalize_config(model.hf_config, model.extras)
     config["quantization"] = quant
+    try:
+        arch.read_config(config)  # the runtime's bounds, before any work
+    except FormatError as exc:
+        raise SourceError(f"config.json: {exc}") from None
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
     reports: list[TensorReport] = []
@@ -244,7 +257,7 @@ def convert(
             for scale_name, scales in deferred_scales:
                 writer.add_tensor(scale_name, scales)
             writer.end_layer()
-        manifest = writer.finish()
+        manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
     output_size = Path(output).stat().st_size
     report = ConversionReport(
         path=Path(output),

@@ -9,33 +9,40 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgpack
 
-from .constants import (
-    LAYER_ALIGNMENT,
-    MAX_CHUNK_RAW_SIZE_BYTES,
-    MAX_MANIFEST_SIZE_BYTES,
-    MAX_NAME_LENGTH,
-    MAX_STORE_SIZE_BYTES,
-    MAX_TENSOR_NDIM,
-    MAX_TOKENIZER_SIZE_BYTES,
-    SHA256_SIZE_BYTES,
-    TENSOR_ALIGNMENT,
-    Codec,
-    DType,
-    QuantScheme,
-)
 from ..errors import (
+    FormatError,
     ManifestDecodeError,
     ManifestSchemaError,
     ManifestTooLargeError,
     OutOfBoundsError,
     OverlapError,
     UnknownDTypeError,
+)
+from .constants import (
+    LAYER_ALIGNMENT,
+    MAX_CHUNK_RAW_SIZE_BYTES,
+    MAX_CONFIG_SIZE_BYTES,
+    MAX_ENTRY_SIZE_BYTES,
+    MAX_MANIFEST_SIZE_BYTES,
+    MAX_MAP_FIELDS,
+    MAX_NAME_LENGTH,
+    MAX_STORE_SIZE_BYTES,
+    MAX_TENSOR_NDIM,
+    MAX_TOKENIZER_SIZE_BYTES,
+    MAX_UNKNOWN_VALUE_SIZE_BYTES,
+    MIN_ZSTD_FRAME_SIZE_BYTES,
+    SHA256_SIZE_BYTES,
+    TENSOR_ALIGNMENT,
+    Codec,
+    DType,
+    QuantScheme,
 )
 
 BASE_PASS = 0
@@ -183,10 +190,135 @@ def _get_name(mapping: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _parse_layers(raw: list[Any]) -> tuple[LayerEntry, ...]:
+# ---------------------------------------------------------------- bounded msgpack decoding
+#
+# The manifest is read in two kinds of steps: skipping (msgpack's skip() walks a value without
+# building any object) to learn where each value starts and ends, then decoding a value only
+# once its encoded size is known to be under its bound. Nothing is decoded that could cost more
+# than a small multiple of its bytes, whatever the msgpack nests inside it.
+
+_DECODE_ERRORS = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, msgpack.OutOfData, UnicodeDecodeError)
+Span = tuple[int, int]  # [start, end) of one encoded value in the manifest bytes
+
+
+def _decode_failed(exc: Exception) -> ManifestDecodeError:
+    return ManifestDecodeError(f"manifest is not valid msgpack ({exc or type(exc).__name__}); the file is damaged, fetch it again")
+
+
+def _is_map(first_byte: int) -> bool:
+    return 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF)
+
+
+def _is_str(first_byte: int) -> bool:
+    return 0xA0 <= first_byte <= 0xBF or first_byte in (0xD9, 0xDA, 0xDB)
+
+
+def _is_array(first_byte: int) -> bool:
+    return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
+
+
+def _unpacker(data: bytes, start: int, *, limit_bytes: int) -> msgpack.Unpacker:
+    """An unpacker reading ``data`` from ``start`` that decodes no container or string longer than ``limit_bytes``."""
+    stream = io.BytesIO(data)  # shares the bytes object's buffer: no copy
+    stream.seek(start)
+    return msgpack.Unpacker(
+        stream,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=MAX_MANIFEST_SIZE_BYTES,
+        max_str_len=limit_bytes,
+        max_bin_len=limit_bytes,
+        max_array_len=limit_bytes,
+        max_map_len=min(limit_bytes, MAX_MAP_FIELDS),
+        max_ext_len=limit_bytes,
+    )
+
+
+def _map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
+    """Where each key's value lies in an encoded map, found by skipping (nothing inside is decoded)."""
+    start, end = span
+    if not _is_map(data[start]):
+        try:
+            _unpacker(data, start, limit_bytes=0).skip()
+        except _DECODE_ERRORS as exc:
+            raise _decode_failed(exc) from None
+        raise ManifestSchemaError(f"manifest {where}: expected a map")
+    scout = _unpacker(data, start, limit_bytes=MAX_NAME_LENGTH * 4)
+    spans: dict[str, Span] = {}
+    try:
+        count = scout.read_map_header()
+        if count > MAX_MAP_FIELDS:
+            raise ManifestSchemaError(f"manifest {where}: {count} keys, over the limit of {MAX_MAP_FIELDS}")
+        for _ in range(count):
+            key_start = start + scout.tell()
+            if key_start >= end:
+                raise ManifestDecodeError(f"manifest {where}: the map is truncated; the file is damaged, fetch it again")
+            if not _is_str(data[key_start]):  # a key is decoded only once known to be a (bounded) string
+                raise ManifestSchemaError(f"manifest {where}: a key is not a string")
+            key = scout.unpack()
+            value_start = start + scout.tell()
+            scout.skip()
+            spans[key] = (value_start, start + scout.tell())
+    except FormatError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _decode_failed(exc) from None
+    if start + scout.tell() != end:
+        raise ManifestDecodeError(f"manifest {where}: {end - start - scout.tell()} bytes after the map; the file is damaged")
+    return spans
+
+
+def _decode(data: bytes, span: Span, where: str, *, limit_bytes: int) -> Any:
+    """One value, decoded only when its encoding is at most ``limit_bytes``."""
+    start, end = span
+    if end - start > limit_bytes:
+        raise ManifestSchemaError(f"manifest {where}: {end - start} bytes, over the {limit_bytes}-byte limit")
+    try:
+        return msgpack.unpackb(
+            memoryview(data)[start:end],
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limit_bytes,
+            max_bin_len=limit_bytes,
+            max_array_len=limit_bytes,
+            max_map_len=min(limit_bytes, MAX_MAP_FIELDS),
+            max_ext_len=limit_bytes,
+        )
+    except _DECODE_ERRORS as exc:
+        raise _decode_failed(exc) from None
+
+
+def _entries(data: bytes, span: Span, where: str, *, max_count: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, decoded entry) of an encoded list, one entry alive at a time, each at most MAX_ENTRY_SIZE_BYTES."""
+    start, _ = span
+    if not _is_array(data[start]):
+        raise ManifestSchemaError(f"manifest root: field {where!r} must be a list")
+    scout = _unpacker(data, start, limit_bytes=0)  # only skips
+    decoder = _unpacker(data, start, limit_bytes=MAX_ENTRY_SIZE_BYTES)
+    try:
+        count = scout.read_array_header()
+        decoder.read_array_header()
+        if max_count is not None and count > max_count:
+            raise OutOfBoundsError(f"manifest: {count} {where}, more than the file can hold ({max_count})")
+        for index in range(count):
+            before = scout.tell()
+            scout.skip()
+            if scout.tell() - before > MAX_ENTRY_SIZE_BYTES:
+                raise ManifestSchemaError(f"manifest {where}[{index}]: {scout.tell() - before} bytes, over the {MAX_ENTRY_SIZE_BYTES}-byte limit")
+            yield index, decoder.unpack()
+    except FormatError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _decode_failed(exc) from None
+
+
+# ---------------------------------------------------------------- entries
+
+
+def _parse_layers(raw: Iterator[tuple[int, Any]]) -> tuple[LayerEntry, ...]:
     layers = []
     previous_end = 0
-    for index, item in enumerate(raw):
+    for index, item in raw:
         where = f"layers[{index}]"
         item = _get_map(item, where)
         layer = LayerEntry(
@@ -208,9 +340,9 @@ def _parse_layers(raw: list[Any]) -> tuple[LayerEntry, ...]:
     return tuple(layers)
 
 
-def _parse_tensors(raw: list[Any], layers: tuple[LayerEntry, ...]) -> tuple[TensorEntry, ...]:
+def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...]) -> tuple[TensorEntry, ...]:
     tensors: list[TensorEntry] = []
-    for index, item in enumerate(raw):
+    for index, item in raw:
         where = f"tensors[{index}]"
         item = _get_map(item, where)
         dtype_name = _get(item, "dtype", str, where)
@@ -271,14 +403,36 @@ def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry]) 
         raise ManifestSchemaError(f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) in the same layer")
 
 
-def _parse_chunk(index: int, item: Any) -> ChunkEntry:
+def _parse_chunk(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
+    """The fast path: one dict lookup and one type test per field; anything unusual goes to the checked path."""
+    try:
+        layer, offset, size, raw_offset, raw_size, sha = item["layer"], item["offset"], item["size"], item["raw_offset"], item["raw_size"], item["sha256"]
+        pass_index = item.get("pass", BASE_PASS)
+        codec = item.get("codec", _ZSTD)
+    except (KeyError, TypeError, AttributeError):
+        return _parse_chunk_checked(index, item, chunk_size_bytes)
+    if (
+        type(layer) is int and type(offset) is int and type(size) is int and type(raw_offset) is int and type(raw_size) is int
+        and type(pass_index) is int and type(sha) is bytes and len(sha) == SHA256_SIZE_BYTES and codec == _ZSTD
+        and 0 <= layer <= MAX_STORE_SIZE_BYTES and 0 <= offset <= MAX_STORE_SIZE_BYTES and 0 < size <= MAX_CHUNK_RAW_SIZE_BYTES * 2
+        and 0 <= raw_offset <= MAX_STORE_SIZE_BYTES and 0 < raw_size <= chunk_size_bytes and 0 <= pass_index <= 255
+    ):  # fmt: skip
+        return ChunkEntry(index, layer, offset, size, raw_offset, raw_size, sha, pass_index)
+    return _parse_chunk_checked(index, item, chunk_size_bytes)
+
+
+_ZSTD = Codec.ZSTD.value
+
+
+def _parse_chunk_checked(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
+    """Field by field, raising the error that names what is wrong."""
     where = f"chunks[{index}]"
     item = _get_map(item, where)
     sha = _get(item, "sha256", bytes, where)
     if len(sha) != SHA256_SIZE_BYTES:
         raise ManifestSchemaError(f"manifest {where}: sha256 must be {SHA256_SIZE_BYTES} bytes, got {len(sha)}")
-    codec = _get(item, "codec", str, where, default=Codec.ZSTD.value)
-    if codec != Codec.ZSTD.value:
+    codec = _get(item, "codec", str, where, default=_ZSTD)
+    if codec != _ZSTD:
         raise ManifestSchemaError(f"manifest {where}: unknown chunk codec {codec!r}; upgrade streamload")
     chunk = ChunkEntry(
         index=index,
@@ -292,22 +446,28 @@ def _parse_chunk(index: int, item: Any) -> ChunkEntry:
     )
     if chunk.size_bytes == 0 or chunk.raw_size_bytes == 0:
         raise ManifestSchemaError(f"manifest {where}: empty chunks are not allowed")
-    return chunk
+    if chunk.raw_size_bytes > chunk_size_bytes:
+        raise ManifestSchemaError(f"manifest {where}: raw_size {chunk.raw_size_bytes} is over the manifest's chunk_size {chunk_size_bytes}")
+    raise AssertionError(f"manifest {where}: the fast path refused a valid chunk")  # pragma: no cover
 
 
-def _parse_chunks(raw: list[Any], layers: tuple[LayerEntry, ...], data_size_bytes: int | None) -> tuple[tuple[ChunkEntry, ...], tuple[ChunkEntry, ...]]:
-    chunks = [_parse_chunk(i, item) for i, item in enumerate(raw)]
+def _parse_chunks(
+    raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
+) -> tuple[tuple[ChunkEntry, ...], tuple[ChunkEntry, ...]]:
+    base: list[ChunkEntry] = []
+    refinements: list[ChunkEntry] = []
     previous_end = 0
-    for chunk in chunks:  # file order: ascending, no overlap, inside the data region
+    layer_count = len(layers)
+    for index, item in raw:  # file order: ascending, no overlap, inside the data region
+        chunk = _parse_chunk(index, item, chunk_size_bytes)
         if chunk.offset < previous_end:
-            raise OverlapError(f"manifest chunks[{chunk.index}]: offset {chunk.offset} overlaps the previous chunk (ends {previous_end}); chunks must be in file order")
-        previous_end = chunk.end
-        if data_size_bytes is not None and chunk.end > data_size_bytes:
-            raise OutOfBoundsError(f"manifest chunks[{chunk.index}]: ends at {chunk.end}, past the {data_size_bytes}-byte data region; the file is truncated")
-        if chunk.layer_index >= len(layers):
-            raise OutOfBoundsError(f"manifest chunks[{chunk.index}]: layer {chunk.layer_index} does not exist")
-    base = [c for c in chunks if c.pass_index == BASE_PASS]
-    refinements = [c for c in chunks if c.pass_index != BASE_PASS]
+            raise OverlapError(f"manifest chunks[{index}]: offset {chunk.offset} overlaps the previous chunk (ends {previous_end}); chunks must be in file order")
+        previous_end = chunk.offset + chunk.size_bytes
+        if data_size_bytes is not None and previous_end > data_size_bytes:
+            raise OutOfBoundsError(f"manifest chunks[{index}]: ends at {previous_end}, past the {data_size_bytes}-byte data region; the file is truncated")
+        if chunk.layer_index >= layer_count:
+            raise OutOfBoundsError(f"manifest chunks[{index}]: layer {chunk.layer_index} does not exist")
+        (base if chunk.pass_index == BASE_PASS else refinements).append(chunk)
     # Pass 0 chunks tile every layer exactly, layer after layer, in order (FORMAT.md, "Chunks").
     position = 0
     for layer in layers:
@@ -331,10 +491,13 @@ def _parse_chunks(raw: list[Any], layers: tuple[LayerEntry, ...], data_size_byte
     return tuple(base), tuple(refinements)
 
 
-def _parse_tokenizer(raw: Any) -> TokenizerBlob | None:
-    if raw is None:
+def _parse_tokenizer(data: bytes, span: Span | None) -> TokenizerBlob | None:
+    if span is None or data[span[0]] == 0xC0:  # absent or nil
         return None
-    item = _get_map(raw, "tokenizer")
+    fields = _map_spans(data, span, "tokenizer")
+    item = {key: _decode(data, fields[key], f"tokenizer.{key}", limit_bytes=MAX_NAME_LENGTH * 4) for key in ("codec", "raw_size") if key in fields}
+    if "data" in fields:
+        item["data"] = _decode(data, fields["data"], "tokenizer.data", limit_bytes=MAX_TOKENIZER_SIZE_BYTES + 8)
     codec = _get(item, "codec", str, "tokenizer")
     if codec != Codec.ZSTD.value:
         raise ManifestSchemaError(f"manifest tokenizer: unknown codec {codec!r}")
@@ -345,7 +508,13 @@ def _parse_tokenizer(raw: Any) -> TokenizerBlob | None:
     )
 
 
-def _parse_histogram(raw: Any) -> tuple[int, ...] | None:
+def _parse_histogram(data: bytes, span: Span | None) -> tuple[int, ...] | None:
+    if span is None:
+        return None
+    fields = _map_spans(data, span, "stats")
+    if "int8_histogram" not in fields:
+        return None
+    raw = _decode(data, fields["int8_histogram"], "stats.int8_histogram", limit_bytes=256 * 9 + 3)
     if raw is None:
         return None
     if not isinstance(raw, list) or len(raw) != 256 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw):
@@ -353,8 +522,15 @@ def _parse_histogram(raw: Any) -> tuple[int, ...] | None:
     return tuple(raw)
 
 
-def parse_manifest(data: bytes, *, data_size_bytes: int | None = None) -> Manifest:
+_KNOWN_ROOT_KEYS = frozenset({"config", "chunk_size", "layers", "tensors", "chunks", "tokenizer", "stats"})
+
+
+def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = None) -> Manifest:
     """Decode and validate untrusted manifest bytes.
+
+    Peak memory is a small multiple of ``len(data)`` whatever the bytes hold: values are
+    measured before they are decoded (the bounds in constants.py), one list entry is decoded at
+    a time, and a root key this reader does not know is skipped without being decoded.
 
     Args:
         data: the msgpack manifest exactly as stored after the preamble.
@@ -368,26 +544,34 @@ def parse_manifest(data: bytes, *, data_size_bytes: int | None = None) -> Manife
     """
     if len(data) > MAX_MANIFEST_SIZE_BYTES:
         raise ManifestTooLargeError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_SIZE_BYTES}-byte limit")
-    try:
-        root = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, UnicodeDecodeError) as exc:
-        raise ManifestDecodeError(f"manifest is not valid msgpack ({exc}); the file is damaged, fetch it again") from None
-    root = _get_map(root, "root")
-    config = _get(root, "config", dict, "root")
+    data = bytes(data)
+    if not data:
+        raise ManifestDecodeError("manifest is empty; the file is damaged, fetch it again")
+    root = _map_spans(data, (0, len(data)), "root")
+    for key, (start, end) in root.items():
+        if key not in _KNOWN_ROOT_KEYS and end - start > MAX_UNKNOWN_VALUE_SIZE_BYTES:
+            raise ManifestSchemaError(f"manifest root: unknown key {key!r} holds {end - start} bytes, over the {MAX_UNKNOWN_VALUE_SIZE_BYTES}-byte limit")
+    for key in ("config", "chunk_size", "layers", "tensors", "chunks"):
+        if key not in root:
+            raise ManifestSchemaError(f"manifest root: missing field {key!r}; the file is damaged or not a streamload model")
+    config = _decode(data, root["config"], "config", limit_bytes=MAX_CONFIG_SIZE_BYTES)
+    if not isinstance(config, dict):
+        raise ManifestSchemaError(f"manifest root: field 'config' has type {type(config).__name__}, expected {dict}")
     _get(config, "architecture", str, "config")
-    layers = _parse_layers(_get_list(root, "layers", "root"))
-    tensors = _parse_tensors(_get_list(root, "tensors", "root"), layers)
-    chunks, refinements = _parse_chunks(_get_list(root, "chunks", "root"), layers, data_size_bytes)
-    stats = _get(root, "stats", dict, "root", default={})
+    chunk_size = _get_size({"chunk_size": _decode(data, root["chunk_size"], "chunk_size", limit_bytes=16)}, "chunk_size", "root", limit=MAX_CHUNK_RAW_SIZE_BYTES)
+    layers = _parse_layers(_entries(data, root["layers"], "layers"))
+    tensors = _parse_tensors(_entries(data, root["tensors"], "tensors"), layers)
+    max_chunks = None if data_size_bytes is None else data_size_bytes // MIN_ZSTD_FRAME_SIZE_BYTES
+    chunks, refinements = _parse_chunks(_entries(data, root["chunks"], "chunks", max_count=max_chunks), layers, data_size_bytes, chunk_size)
     return Manifest(
         config=config,
         layers=layers,
         tensors=tensors,
         chunks=chunks,
         refinement_chunks=refinements,
-        tokenizer=_parse_tokenizer(root.get("tokenizer")),
-        chunk_size_bytes=_get_size(root, "chunk_size", "root", limit=MAX_CHUNK_RAW_SIZE_BYTES),
-        int8_histogram=_parse_histogram(stats.get("int8_histogram")),
+        tokenizer=_parse_tokenizer(data, root.get("tokenizer")),
+        chunk_size_bytes=chunk_size,
+        int8_histogram=_parse_histogram(data, root.get("stats")),
         digest=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         tensor_by_name={t.name: t for t in tensors},

@@ -125,6 +125,60 @@ def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
         )
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_BLOCK_HEADER_SIZE_BYTES = 3
+_ZSTD_CHECKSUM_SIZE_BYTES = 4
+
+
+def frame_size_bytes(data: bytes | memoryview) -> int:
+    """Length of the zstd frame that starts ``data``, walked from its block headers (nothing is decompressed).
+
+    A frame is a header, blocks (3-byte header: last-block bit, 2-bit type, 21-bit size; an RLE
+    block carries 1 byte, a raw or compressed block ``size`` bytes), then an optional 4-byte checksum.
+
+    Raises:
+        ValueError: the bytes do not hold one whole frame.
+    """
+    if bytes(data[:4]) != _ZSTD_MAGIC:
+        raise ValueError("no zstd frame magic")
+    position = zstandard.frame_header_size(data)
+    end = len(data)
+    while True:
+        if position + _ZSTD_BLOCK_HEADER_SIZE_BYTES > end:
+            raise ValueError("the frame is truncated")
+        header = data[position] | data[position + 1] << 8 | data[position + 2] << 16
+        block_type = (header >> 1) & 3
+        if block_type == 3:
+            raise ValueError("reserved block type")
+        position += _ZSTD_BLOCK_HEADER_SIZE_BYTES + (1 if block_type == 1 else header >> 3)
+        if header & 1:
+            break
+    if data[4] & 0x04:  # Content_Checksum_flag in the frame header descriptor
+        position += _ZSTD_CHECKSUM_SIZE_BYTES
+    if position > end:
+        raise ValueError("the frame is truncated")
+    return position
+
+
+def check_frame(chunk: ChunkEntry, data: bytes | memoryview) -> None:
+    """The chunk's bytes are exactly one zstd frame that declares the manifest's raw size (nothing decompressed).
+
+    Raises:
+        ChunkSizeError: the frame declares another size.
+        ChunkDecodeError: the bytes are not exactly one zstd frame.
+    """
+    where = f"chunk {chunk.index} of layer {chunk.layer_index}"
+    try:
+        declared = zstandard.frame_content_size(data)
+        frame_size = frame_size_bytes(data)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise ChunkDecodeError(f"{where} is not a zstd frame ({exc})") from None
+    if frame_size != len(data):
+        raise ChunkDecodeError(f"{where} has {len(data) - frame_size} bytes after its zstd frame; a chunk is exactly one frame")
+    if declared != chunk.raw_size_bytes:
+        raise ChunkSizeError(f"{where} declares {declared} raw bytes, the manifest says {chunk.raw_size_bytes}")
+
+
 def decompress_chunk(
     chunk: ChunkEntry,
     data: bytes | memoryview,
@@ -142,15 +196,11 @@ def decompress_chunk(
 
     Raises:
         ChunkSizeError: the frame declares or yields another size.
-        ChunkDecodeError: the bytes are not a zstd frame.
+        ChunkDecodeError: the bytes are not exactly one zstd frame (trailing bytes are refused: one
+            walk over the block headers, ~1 us per MiB chunk).
     """
     expected = chunk.raw_size_bytes
-    try:
-        declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as exc:
-        raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} is not a zstd frame ({exc})") from None
-    if declared != expected:
-        raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} declares {declared} raw bytes, the manifest says {expected}")
+    check_frame(chunk, data)
     if out is None:
         # One-shot: a single GIL release for the whole frame. Safe against bombs because the
         # frame header's content size was checked above and libzstd fails a frame whose
@@ -181,33 +231,6 @@ def decompress_chunk(
     return out
 
 
-def zstd_frame_size_bytes(data: bytes | memoryview) -> int:
-    """The length of the zstd frame that starts ``data`` (RFC 8878 section 3.1.1), walking only its block headers.
-
-    Raises ChunkDecodeError when the bytes do not hold one whole frame.
-    """
-    view = memoryview(data)
-    if view.nbytes < 6 or bytes(view[:4]) != b"\x28\xb5\x2f\xfd":
-        raise ChunkDecodeError("not a zstd frame (bad magic or too short)")
-    descriptor = view[4]
-    fcs_flag, single_segment, checksum, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, (descriptor >> 2) & 1, descriptor & 3
-    position = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag] + ((1 if single_segment else 0), 2, 4, 8)[fcs_flag]
-    while True:
-        if position + 3 > view.nbytes:
-            raise ChunkDecodeError("zstd frame truncated in a block header")
-        header = view[position] | view[position + 1] << 8 | view[position + 2] << 16
-        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
-        if kind == 3:
-            raise ChunkDecodeError("zstd frame has a reserved block type")
-        position += 3 + (1 if kind == 1 else size)
-        if last:
-            break
-    position += 4 * checksum
-    if position > view.nbytes:
-        raise ChunkDecodeError("zstd frame truncated")
-    return position
-
-
 def decompress_chunks(
     chunks: list[ChunkEntry], pieces: list[memoryview], *, decompressor: zstandard.ZstdDecompressor | None = None
 ) -> list[bytes | memoryview]:
@@ -220,18 +243,7 @@ def decompress_chunks(
     if len(chunks) == 1:
         return [decompress_chunk(chunks[0], pieces[0], decompressor=decompressor)]
     for chunk, piece in zip(chunks, pieces, strict=True):
-        where = f"chunk {chunk.index} of layer {chunk.layer_index}"
-        try:
-            declared = zstandard.frame_content_size(piece)
-            frame_bytes = zstd_frame_size_bytes(piece)
-        except zstandard.ZstdError as exc:
-            raise ChunkDecodeError(f"{where} is not a zstd frame ({exc})") from None
-        except ChunkDecodeError as exc:
-            raise ChunkDecodeError(f"{where}: {exc}") from None
-        if declared != chunk.raw_size_bytes:
-            raise ChunkSizeError(f"{where} declares {declared} raw bytes, the manifest says {chunk.raw_size_bytes}")
-        if frame_bytes != len(piece):
-            raise ChunkDecodeError(f"{where} has {len(piece) - frame_bytes} bytes after its zstd frame; a chunk is exactly one frame")
+        check_frame(chunk, piece)
     sizes = struct.pack(f"={len(chunks)}Q", *(chunk.raw_size_bytes for chunk in chunks))
     try:
         result = (decompressor or zstandard.ZstdDecompressor()).multi_decompress_to_buffer(pieces, decompressed_sizes=sizes)

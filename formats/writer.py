@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +183,12 @@ class ModelWriter:
         self._stage = WriterStage.BETWEEN_LAYERS
         return layer
 
-    def finish(self) -> Manifest:
-        """Write the file and return its (re-parsed, validated) manifest."""
+    def finish(self, check: Callable[[Manifest], None] | None = None) -> Manifest:
+        """Write the file and return its (re-parsed, validated) manifest.
+
+        ``check``: called on that manifest before the file is put in place; what it raises
+        leaves the target path untouched.
+        """
         self._expect(WriterStage.BETWEEN_LAYERS, "finish")
         self._drain(0)
         self._pool.shutdown()
@@ -199,6 +203,8 @@ class ModelWriter:
             int8_histogram=[int(v) for v in self._histogram] if self._any_int8 else None,
         )
         manifest = parse_manifest(manifest_bytes, data_size_bytes=self._data_size)
+        if check is not None:
+            check(manifest)
         preamble = encode_preamble(len(manifest_bytes))
         partial = self.path.with_name(self.path.name + ".partial")
         with open(partial, "wb") as out, open(self._data_path, "rb") as data:

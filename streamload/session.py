@@ -34,6 +34,7 @@ from .errors import (
 )
 from .fetch import Header, fetch_header, parse_header
 from .formats import ChunkEntry, Manifest
+from .formats.reader import frame_size_bytes
 from .httputil import Backoff, RetryPolicy
 from .layer import Layer, map_layer
 from .pipeline import ChunkPipeline, Outcome
@@ -372,8 +373,12 @@ class DownloadSession:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            if zstandard.frame_content_size(blob.data) != blob.raw_size_bytes:
-                raise FormatError("the embedded tokenizer's size does not match the manifest")
+            try:
+                whole_frame = frame_size_bytes(blob.data) == len(blob.data)
+            except ValueError:
+                whole_frame = False
+            if not whole_frame or zstandard.frame_content_size(blob.data) != blob.raw_size_bytes:
+                raise FormatError("the embedded tokenizer is not one zstd frame of the size the manifest says")
             text = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=blob.raw_size_bytes)
             try:
                 self._tokenizer = Tokenizer.from_str(text.decode("utf-8"))

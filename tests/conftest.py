@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from streamload.formats import convert
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
 from tests.serving import ServerThread, serve_directory
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
 def minilm_folder() -> Path:

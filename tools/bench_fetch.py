@@ -21,6 +21,9 @@ after a scratch file of the store's size was written and deleted (recycled pages
 phone or a bare-metal host), and "cold" after the pages have been free for 3 s; each condition
 has its own ceiling. Then time to layer 0 of all-MiniLM-L6-v2 on a `serve --rate` link against
 its floor, (manifest + layer 0 bytes) / rate. Every figure is a median of --repeats runs.
+
+Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
+root on sys.path to import them.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ import zstandard
 
 import streamload
 from streamload.formats import ChunkEntry, ModelReader, convert
-from streamload.formats.synthetic import write_synthetic_int8_model
 from streamload.httputil import RetryPolicy
 from streamload.rawhttp import open_socket_span
 
 from loopback import free_port, wait_for_port
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
+from tests.support.synthetic import write_synthetic_int8_model
 
 RECLAIM_WAIT_S = 3.0  # free pages older than this have been handed back to the host
 

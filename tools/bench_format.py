@@ -7,6 +7,9 @@ Usage:
 Default source: a synthetic Llama-shaped model (~200 MB fp32) generated into a temp dir,
 plus all-MiniLM-L6-v2 when its package is installed. Prints one table per source;
 every figure is the median of --repeats runs.
+
+Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
+root on sys.path to import them.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import argparse
 import concurrent.futures
 import importlib.util
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from streamload.formats import ModelReader, convert, decompress_chunk, verify_chunk
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
 def verify_decompress_all(reader: ModelReader, threads: int) -> float:

@@ -10,6 +10,9 @@ Usage:
    computed vs the time to result (target <= 0.15), and the result vs the link floor
    (file bytes / rate) plus the last block's compute (target <= 1.10).
 Medians of --repeats runs.
+
+Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
+root on sys.path to import them.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 
 import streamload  # noqa: E402
 from bench_fetch import Server  # noqa: E402
 from streamload.formats import convert  # noqa: E402
-from streamload.formats.synthetic import llama_config, write_synthetic_llama  # noqa: E402
 from streamload.runtime import ops, run  # noqa: E402
+from tests.support.synthetic import llama_config, write_synthetic_llama  # noqa: E402
 
 SENTENCES = [f"Sentence number {i} talks about streaming models to phones over slow links." for i in range(16)]
 

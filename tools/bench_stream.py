@@ -12,6 +12,9 @@ emulated link (tools/linkproxy.py, 50 ms RTT) in front of a plain static file se
   C  streamload: stream the .slm, verify, decompress and compute layer by layer
 "Layer 0" is the embeddings' compute done; "result" is the sentence embedding, or the first
 generated token. Floors: C's bytes / rate; layer 0's (manifest + layer 0 bytes) / rate + RTT.
+
+Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
+root on sys.path to import them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from loopback import free_port, wait_for_port
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 
 ROOT = Path(__file__).resolve().parent
 SENTENCE = "Streaming lets a phone start computing before the download ends."
@@ -70,7 +75,8 @@ class FloatModel:
             if name is not None and values.dtype.kind == "f":
                 grouped[arch.layer_of(name, self.config["num_hidden_layers"])][name] = values
         self._layers = [Layer(i, n, grouped[i], {}) for i, n in enumerate(names)]
-        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers)
+        shapes = {name: types.SimpleNamespace(shape=values.shape, layer_index=i) for i, group in enumerate(grouped) for name, values in group.items()}
+        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes)
         self.opened_at = opened_at
         self.layer_ready_s = [0.0] * len(names)
         tokenizer_file = folder / "tokenizer.json"
@@ -159,7 +165,7 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
 def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
     from streamload.formats import convert
-    from streamload.formats.synthetic import llama_config, write_synthetic_llama
+    from tests.support.synthetic import llama_config, write_synthetic_llama
 
     served = work / "www"
     served.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,9 @@ manifest tree; values replaced inside the chunk table. Every input is parsed and
 verified and decompressed, as a client would. Reports inputs per outcome, any exception that
 is not a FormatError (a bug), the slowest input (a SIGALRM per input catches hangs) and peak
 memory (tracemalloc peak of Python allocations, and the process's max RSS).
+
+Run from a checkout: the synthetic-model and mutation helpers live in tests/support (not installed); this script puts the repo
+root on sys.path to import them.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import copy
 import random
 import resource
 import signal
+import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 from streamload.formats import FormatError, convert
-from streamload.formats.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
-from streamload.formats.synthetic import llama_config, write_synthetic_llama
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
+from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "formats" / "golden" / "tiny.slm"
 

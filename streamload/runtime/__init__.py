@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import RuntimeModelError
+from ..formats.architectures import architecture_named
 from . import bert, llama
 from .timeline import LayerTiming, Timeline
 
@@ -58,6 +59,7 @@ async def run(
 
     Raises:
         RuntimeModelError: unknown architecture, missing tokenizer, bad input.
+        ManifestSchemaError: the model's config contradicts its tensors, or a field is out of range.
 
     Example:
         >>> async with streamload.open(url) as model:                        # doctest: +SKIP
@@ -69,6 +71,9 @@ async def run(
         raise RuntimeModelError("give either text or token ids")
     timeline = Timeline(model, started)
     architecture = model.manifest.architecture
+    family = architecture_named(architecture)
+    if family is not None:
+        family.validate(model.config, model.manifest)  # every field the runtime reads, against the tensor shapes, before any allocation
     if architecture == "bert":
         config = bert.BertConfig.from_manifest(model.config)
         if texts is not None:

@@ -9,6 +9,7 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 
 from ..errors import RuntimeModelError
+from ..formats.architectures import BERT
 from ..layer import Layer
 from . import ops
 from .timeline import Timeline
@@ -32,24 +33,13 @@ class BertConfig:
 
     @classmethod
     def from_manifest(cls, config: Mapping[str, Any]) -> BertConfig:
-        try:
-            made = cls(
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-                hidden_act=str(config.get("hidden_act", "gelu")),
-                max_position_embeddings=int(config["max_position_embeddings"]),
-                pad_token_id=int(config.get("pad_token_id", 0)),
-                pooling=str(config.get("pooling", "mean")),
-                normalize=bool(config.get("normalize", False)),
-                max_seq_length=int(config.get("max_seq_length", config["max_position_embeddings"])),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RuntimeModelError(f"the model's BERT config is incomplete or invalid ({exc}); re-convert it") from None
-        if made.hidden_size % made.num_attention_heads or made.pooling not in ("mean", "cls", "max"):
-            raise RuntimeModelError("the model's BERT config is inconsistent (heads do not divide hidden size, or unknown pooling)")
-        return made
+        """The fields the encoder reads, checked and defaulted by the BERT family description.
+
+        Raises:
+            ManifestSchemaError: a field is missing, mistyped or out of range.
+        """
+        values = BERT.read_config(config)
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 
 from ..errors import RuntimeModelError
+from ..formats.architectures import LLAMA
 from ..layer import Layer
 from . import ops
 from .timeline import Timeline
@@ -37,26 +38,13 @@ class LlamaConfig:
 
     @classmethod
     def from_manifest(cls, config: Mapping[str, Any]) -> LlamaConfig:
-        try:
-            made = cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=int(config["num_attention_heads"]),
-                num_key_value_heads=int(config["num_key_value_heads"]),
-                head_dim=int(config["head_dim"]),
-                rms_norm_eps=float(config["rms_norm_eps"]),
-                rope_theta=float(config["rope_theta"]),
-                rope_scaling=config.get("rope_scaling") or None,
-                max_position_embeddings=int(config["max_position_embeddings"]),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                eos_token_ids=tuple(int(e) for e in config.get("eos_token_id") or ()),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RuntimeModelError(f"the model's Llama config is incomplete or invalid ({exc}); re-convert it") from None
-        if made.num_attention_heads % made.num_key_value_heads:
-            raise RuntimeModelError("num_attention_heads must be a multiple of num_key_value_heads")
-        return made
+        """The fields the decoder reads, checked and defaulted by the Llama family description.
+
+        Raises:
+            ManifestSchemaError: a field is missing, mistyped or out of range.
+        """
+        values = LLAMA.read_config(config)
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name != "eos_token_ids"}, eos_token_ids=values["eos_token_id"])
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:

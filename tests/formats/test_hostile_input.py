@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streamload.formats import ModelReader
+from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
+from streamload.formats.reader import encode_preamble, frame_size_bytes
 
 from streamload import errors
-from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
-from streamload.formats.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
-from streamload.formats.reader import encode_preamble
+from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
 
@@ -98,3 +102,31 @@ def test_mutated_manifests_raise_only_format_errors(seed: int) -> None:
     for _ in range(rng.randint(1, 3)):
         manifest = mutate_structure(manifest, rng)
     assert_only_format_errors(join_file(manifest, region))
+
+
+@pytest.mark.parametrize("tail", [b"garbage!", bytes(8), (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip"], ids=["garbage", "zeros", "skippable-frame"])
+def test_bytes_after_a_chunks_frame_are_refused(tmp_path: Path, tail: bytes) -> None:
+    """The manifest's sha256 covers frame + tail, so only the one-frame rule can catch it (FORMAT.md, "Chunks")."""
+    manifest, region = split_file(GOLDEN)
+    last = manifest["chunks"][-1]
+    assert last["offset"] + last["size"] == len(region)
+    frame_and_tail = region[last["offset"] :] + tail
+    last["size"] = len(frame_and_tail)
+    last["sha256"] = hashlib.sha256(frame_and_tail).digest()
+    path = tmp_path / "tail.slm"
+    path.write_bytes(join_file(manifest, region + tail))
+    expect(errors.ChunkDecodeError, path.read_bytes(), rf"chunk 2 of layer 1 has {len(tail)} bytes after its zstd frame")
+    with ModelReader(path) as reader:
+        problems = reader.verify()
+    assert [type(p) for p in problems] == [errors.ChunkDecodeError]
+
+
+def test_frame_size_walk_matches_the_compressor() -> None:
+    rng = np.random.default_rng(0)
+    for raw in (bytes(1 << 20), b"a", rng.integers(-127, 128, 1 << 20, dtype=np.int8).tobytes()):
+        for checksum in (False, True):
+            frame = zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(raw)
+            assert frame_size_bytes(frame) == len(frame)
+            assert frame_size_bytes(memoryview(frame + b"tail")) == len(frame)
+            with pytest.raises(ValueError, match="truncated"):
+                frame_size_bytes(frame[:-1])

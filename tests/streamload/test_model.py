@@ -12,10 +12,11 @@ import pytest
 import streamload
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
-from streamload.formats.mutate import join_file, split_file
 from tests.checks import RECEIVE_PATHS, assert_layers_equal_file, open_via
+from tests.support.mutate import join_file, split_file
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
+from tests.support.mutate import join_file, split_file
 
 
 @RECEIVE_PATHS

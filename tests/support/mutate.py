@@ -7,9 +7,8 @@ import random
 from typing import Any
 
 import msgpack
-
-from .constants import PREAMBLE_SIZE_BYTES
-from .reader import decompress_chunk, read_header, read_preamble, verify_chunk, encode_preamble
+from streamload.formats.constants import PREAMBLE_SIZE_BYTES
+from streamload.formats.reader import decompress_chunk, encode_preamble, read_header, read_preamble, verify_chunk
 
 HOSTILE_VALUES: tuple[Any, ...] = (
     None, True, -1, 0, 1, 7, 63, 64, 4095, 2**31, 2**32 + 5, 2**63 - 1, -(2**63), 1.5, float("nan"),

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from streamload.formats.architectures import LLAMA
+from streamload.formats.constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
+from streamload.formats.writer import ModelWriter
 
 
 def llama_config(
@@ -47,28 +50,8 @@ def llama_config(
 
 
 def llama_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF LlamaForCausalLM tensor names and shapes for a config."""
-    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
-    shapes["model.norm.weight"] = (h,)
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    return shapes
+    """HF LlamaForCausalLM tensor names and shapes for a config.json (the family description's, in transformers' order)."""
+    return LLAMA.expected_shapes(LLAMA.normalize_config(config, {}))
 
 
 def write_synthetic_llama(folder: str | os.PathLike[str], config: dict[str, Any], *, seed: int = 0, dtype: str = "float32") -> Path:
@@ -97,8 +80,6 @@ def write_synthetic_int8_model(path: str | os.PathLike[str], *, blocks: int, blo
     all-MiniLM-L6-v2's int8 weights, so compression ratio and decode speed are realistic.
     Written straight with ModelWriter: a 1 GB model takes seconds, not a conversion of 4 GB of fp32.
     """
-    from .constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
-    from .writer import ModelWriter
 
     rng = np.random.default_rng(seed)
     cols = 2048

@@ -1,0 +1,164 @@
+"""Manifest memory bombs: refused quickly, and parsing any manifest costs a small multiple of its bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
+from streamload.formats.manifest import parse_manifest
+
+from streamload import errors
+from tests.support.mutate import split_file
+
+GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
+
+
+def empty_maps(count: int) -> bytes:
+    """An encoded array of ``count`` empty maps: 1 byte each on the wire, ~64 bytes each as Python dicts."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+
+
+def with_raw_value(manifest: dict[str, Any], path: list[Any], raw: bytes) -> bytes:
+    """The manifest encoded with the value at ``path`` replaced by already-encoded bytes."""
+    marker = "\x00marker\x00"
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = marker
+    encoded = msgpack.packb(manifest, use_bin_type=True)
+    return encoded.replace(msgpack.packb(marker), raw)
+
+
+MEASURE = """
+import json, sys, time
+from streamload.errors import FormatError
+from streamload.formats.manifest import parse_manifest
+
+def peak_rss_bytes():  # VmHWM: this process image's high-water mark (ru_maxrss would include the parent's, across exec)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+data = open(sys.argv[1], "rb").read()
+size = None if sys.argv[2] == "none" else int(sys.argv[2])
+before_bytes = peak_rss_bytes()
+started = time.perf_counter()
+try:
+    outcome = f"ok {len(parse_manifest(data, data_size_bytes=size).chunks)}"
+except FormatError as exc:
+    outcome = f"{type(exc).__name__}: {exc}"
+print(json.dumps([outcome, time.perf_counter() - started, peak_rss_bytes() - before_bytes]))
+"""
+
+
+def measure_parse(path: Path, data_size_bytes: int | None) -> tuple[str, float, int]:
+    """(outcome, seconds, peak RSS growth in bytes) of parse_manifest on a file's bytes, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(data_size_bytes or "none")], capture_output=True, text=True, timeout=120, check=True)
+    outcome, seconds, growth_bytes = json.loads(done.stdout)
+    return outcome, seconds, growth_bytes
+
+
+def test_bomb_in_an_unknown_root_key_is_refused_fast_with_bounded_memory(tmp_path: Path) -> None:
+    manifest, _ = split_file(GOLDEN)
+    encoded = msgpack.packb(manifest, use_bin_type=True)
+    room = MAX_MANIFEST_SIZE_BYTES - len(encoded) - 32
+    bomb = with_raw_value(manifest, ["future"], empty_maps(room))  # 67 million empty maps
+    assert len(bomb) <= MAX_MANIFEST_SIZE_BYTES
+    (tmp_path / "bomb.msgpack").write_bytes(bomb)
+    outcome, seconds, growth_bytes = measure_parse(tmp_path / "bomb.msgpack", None)
+    assert outcome.startswith("ManifestSchemaError: manifest root: unknown key 'future' holds"), outcome
+    assert seconds < 3.0  # a skip over 64 MiB; decoding it took 5.7 s and 4.8 GB
+    assert growth_bytes < len(bomb) // 2, growth_bytes
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (["chunks", 1, "future_field"], r"chunks\[1\]: \d+ bytes, over the 16384-byte limit"),
+        (["tensors", 0, "future_field"], r"tensors\[0\]: \d+ bytes, over the 16384-byte limit"),
+        (["config", "future_field"], r"config: \d+ bytes, over the 65536-byte limit"),
+        (["tokenizer", "future_field"], None),  # an unknown field of the tokenizer map is skipped, never decoded
+        (["stats", "int8_histogram"], r"stats.int8_histogram: \d+ bytes, over the 2307-byte limit"),
+        (["layers"], r"layers\[0\]: missing field 'name'"),
+        (["chunks"], r"chunks\[0\]: missing field 'sha256'"),
+    ],
+)
+def test_bombs_inside_known_values_cost_a_small_multiple_of_their_bytes(path: list[Any], message: str | None) -> None:
+    manifest, _ = split_file(GOLDEN)
+    bomb = with_raw_value(manifest, path, empty_maps(4 << 20))  # 4 MiB on the wire, 270 MB as Python objects
+    tracemalloc.start()
+    try:
+        try:
+            parse_manifest(bomb)
+            outcome = "accepted"
+        except errors.FormatError as exc:
+            outcome = str(exc)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outcome == "accepted" if message is None else re.search(message, outcome), outcome
+    assert peak_bytes < 2 * len(bomb), peak_bytes
+
+
+def large_manifest(chunk_count: int) -> tuple[bytes, int]:
+    """A legal manifest of ``chunk_count`` 1 MiB chunks in layers of 1000, and its data region's size."""
+    raw_size, per_layer = 1 << 20, 1000
+    layers, tensors, chunks, offset = [], [], [], 0
+    for layer in range(chunk_count // per_layer):
+        start = layer * per_layer * raw_size
+        layers.append({"name": f"block.{layer}", "raw_offset": start, "raw_size": per_layer * raw_size})
+        tensors.append({"name": f"block.{layer}.weight", "layer": layer, "dtype": "f32", "shape": [per_layer * raw_size // 4], "raw_offset": start, "quant": "none"})
+        for c in range(per_layer):
+            size = 300_000 + c
+            sha = hashlib.sha256(offset.to_bytes(8, "little")).digest()
+            chunks.append({"layer": layer, "offset": offset, "size": size, "raw_offset": start + c * raw_size, "raw_size": raw_size, "sha256": sha})
+            offset += size
+    root = {"config": {"architecture": "synthetic"}, "chunk_size": raw_size, "layers": layers, "tensors": tensors, "chunks": chunks, "tokenizer": None, "stats": {}}
+    return msgpack.packb(root, use_bin_type=True), offset
+
+
+def test_large_legal_manifest_costs_a_small_multiple_of_its_bytes(tmp_path: Path) -> None:
+    data, data_size = large_manifest(200_000)
+    (tmp_path / "large.msgpack").write_bytes(data)
+    outcome, _, growth_bytes = measure_parse(tmp_path / "large.msgpack", data_size)
+    assert outcome == "ok 200000"
+    # One ChunkEntry (slots) with its ints and sha256 is ~300 bytes for ~110 bytes of msgpack; decoding the
+    # whole chunk table first, as the parser did, peaked at 5.7x the manifest's bytes.
+    assert growth_bytes < 4.5 * len(data), growth_bytes / len(data)
+
+
+def test_chunk_count_is_bounded_by_the_data_region() -> None:
+    manifest, region = split_file(GOLDEN)
+    many = [dict(manifest["chunks"][0], offset=i) for i in range(len(region))]  # more chunks than 9-byte frames fit
+    manifest["chunks"] = many
+    with pytest.raises(errors.OutOfBoundsError, match=rf"{len(region)} chunks, more than the file can hold \({len(region) // 9}\)"):
+        parse_manifest(msgpack.packb(manifest, use_bin_type=True), data_size_bytes=len(region))
+
+
+def test_chunks_are_no_larger_than_the_declared_chunk_size() -> None:
+    manifest, region = split_file(GOLDEN)
+    manifest["chunk_size"] = 16
+    with pytest.raises(errors.ManifestSchemaError, match=r"chunks\[0\]: raw_size 24 is over the manifest's chunk_size 16"):
+        parse_manifest(msgpack.packb(manifest, use_bin_type=True), data_size_bytes=len(region))
+
+
+def test_root_map_bounds() -> None:
+    manifest, _ = split_file(GOLDEN)
+    manifest |= {f"k{i}": None for i in range(300)}
+    with pytest.raises(errors.ManifestSchemaError, match="keys, over the limit of 256"):
+        parse_manifest(msgpack.packb(manifest, use_bin_type=True))
+    encoded = msgpack.packb(split_file(GOLDEN)[0], use_bin_type=True)
+    key_bomb = bytes([encoded[0] + 1]) + encoded[1:] + empty_maps(1 << 20) + b"\xc0"  # a 1 MiB key
+    with pytest.raises(errors.ManifestSchemaError, match="a key is not a string"):
+        parse_manifest(key_bomb)
+    with pytest.raises(errors.ManifestDecodeError, match="not valid msgpack"):
+        parse_manifest(GOLDEN[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + 100])
+    with pytest.raises(errors.ManifestDecodeError, match="the map is truncated"):
+        parse_manifest(b"\x82\xa1a\xc0")  # two keys announced, one present

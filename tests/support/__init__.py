@@ -1,0 +1,1 @@
+"""Test and benchmark helpers (synthetic models, file mutations): not part of the installed package."""
