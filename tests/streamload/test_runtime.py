@@ -103,15 +103,17 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
-def test_linear_equals_dequantized_matmul() -> None:
+def test_linear_equals_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((700, 96)).astype(np.float32)
     q, scales, _ = quantize_int8_rows(weight)
     bias = rng.standard_normal(700).astype(np.float32)
     expected_w = q.astype(np.float64) * scales[:, None]
-    for tokens in (1, 40):  # the small-tile and the large-tile paths
-        x = rng.standard_normal((tokens, 96)).astype(np.float32)
-        np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
+    for tile_elements in (1 << 20, 96 * 64):  # one tile; eleven tiles, the last one short
+        monkeypatch.setattr(ops, "TILE_ELEMENTS", tile_elements)
+        for tokens in (1, 40):
+            x = rng.standard_normal((tokens, 96)).astype(np.float32)
+            np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
 
 
 def test_dense_on_float_copies_equals_int8_linear_and_respects_the_budget() -> None:
