@@ -124,12 +124,19 @@ def onnx_export(workdir: Path) -> Path:
     path = workdir / "minilm.onnx"
     if path.exists():
         return path
-    model = AutoModel.from_pretrained(str(minilm_folder())).eval()
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(minilm_folder())).eval()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
     ids = torch.ones((2, 12), dtype=torch.int64)
     axes = {0: "batch", 1: "tokens"}
     with torch.no_grad():
         torch.onnx.export(
-            model,
+            Encoder().eval(),
             (ids, torch.ones_like(ids), torch.zeros_like(ids)),
             str(path),
             input_names=["input_ids", "attention_mask", "token_type_ids"],

@@ -119,6 +119,10 @@ class FloatWeightCache:
         made = _dequantize_transposed(projections)
         refs = tuple(weakref.ref(weight) for weight, _, _ in projections)
         with self._lock:
+            raced = self._entries.get(key)
+            if raced is not None and all(ref() is p[0] for ref, p in zip(raced[0], projections, strict=True)):
+                self.used_bytes -= size_bytes  # another thread made the same copy first: keep one
+                return raced[1]
             self._entries[key] = (refs, made)
         weakref.finalize(projections[0][0], self._drop, key, size_bytes)
         return made
