@@ -92,22 +92,32 @@ class FloatWeightCache:
     """float32 copies of int8 weights, dequantized once, under a byte budget.
 
     Entries are keyed by the identity of the stored weight arrays (a model's layers hand out the same
-    read-only views every time) and dropped when those arrays are. First come, first kept: once the
-    budget is spent, further weights run int8 (``linear``), so a model larger than the budget still runs.
+    read-only views every time) and dropped when those arrays are. A weight is copied on its second use:
+    a one-off pass (a cold start) runs int8 and does not pay for copies it would never reuse. First come,
+    first kept: once the budget is spent, further weights run int8 (``linear``), so a model larger than the
+    budget still runs.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, *, copy_on_use: int = 2) -> None:
         self.budget_bytes = budget_bytes
+        self.copy_on_use = copy_on_use
         self.used_bytes = 0
         self._entries: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], FloatWeight]] = {}
+        self._uses: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
 
     def get(self, projections: Sequence[Projection]) -> FloatWeight | None:
-        """The float32 form of ``projections`` (made now if the budget allows), or None."""
+        """The float32 form of ``projections`` (made now if this is its ``copy_on_use``-th use and the budget allows), or None."""
         key = tuple(id(weight) for weight, _, _ in projections)
         entry = self._entries.get(key)
         if entry is not None and all(ref() is p[0] for ref, p in zip(entry[0], projections, strict=True)):
             return entry[1]
+        uses = self._uses.get(key, 0) + 1
+        if uses < self.copy_on_use:
+            if uses == 1:
+                weakref.finalize(projections[0][0], self._uses.pop, key, None)
+            self._uses[key] = uses
+            return None
         in_features = projections[0][0].shape[1]
         if any(weight.ndim != 2 or weight.shape[1] != in_features for weight, _, _ in projections):
             raise ValueError("projections fused into one matmul must share their input size")

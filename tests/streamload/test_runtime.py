@@ -127,10 +127,12 @@ def test_dense_on_float_copies_equals_int8_linear_and_respects_the_budget() -> N
     cache, saved = ops.FloatWeightCache(1 << 20), ops.FLOAT_WEIGHTS
     try:
         ops.FLOAT_WEIGHTS = cache
+        np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
+        assert cache.used_bytes == 0  # first use: int8, no copy yet
         fused = ops.dense(x, projections)
-        assert cache.used_bytes == 4 * 80 * 256 and cache.get(projections) is cache.get(projections)  # made once
+        assert cache.used_bytes == 4 * 80 * 256 and cache.get(projections) is cache.get(projections)  # made once, on the second use
         np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
-        ops.FLOAT_WEIGHTS = ops.FloatWeightCache(4 * 80 * 100)  # too small for the fused weight: int8 path, nothing kept
+        ops.FLOAT_WEIGHTS = ops.FloatWeightCache(4 * 80 * 100, copy_on_use=1)  # too small for the fused weight: int8 path, nothing kept
         np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
         assert ops.FLOAT_WEIGHTS.used_bytes == 0 and ops.FLOAT_WEIGHTS.get(projections) is None
         assert ops.FLOAT_WEIGHTS.get(projections[:1]) is not None  # a single projection fits
@@ -146,7 +148,7 @@ def test_float_weight_budget_zero_runs_int8_only() -> None:
         ops.set_float_weight_budget(0)
         assert ops.FLOAT_WEIGHTS.used_bytes == 0
         q, scales, _ = quantize_int8_rows(np.ones((4, 8), np.float32))
-        assert ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None
+        assert ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None and ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None
         with pytest.raises(ValueError):
             ops.set_float_weight_budget(-1)
     finally:
@@ -170,6 +172,7 @@ async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(serve
                 rows = order[start : start + 16]
                 result = await run(model, texts=[sentences[i] for i in rows])
                 embedding[rows] = result.embedding
+            assert ops.FLOAT_WEIGHTS.used_bytes >= (42_467_328 if budget else 0)  # 6 blocks' matrices as float32, from the second batch on
             outputs.append(embedding)
     ops.set_float_weight_budget(before)
     assert [t.index for t in result.timeline] == list(range(7))
