@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from streamload.cli import main
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import llama, ops, run
+from streamload.runtime import timeline as timeline_module
 from tests.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -181,6 +183,23 @@ async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(serve
         cos = cosine_rows(embedding, reference)
         assert cos.min() >= 0.999 and cos.mean() >= 0.9993, (cos.min(), cos.mean())
     np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-5)
+
+
+async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = served
+    hand_offs = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn, /, *args):  # noqa: ANN001, ANN202
+        hand_offs.append(fn)
+        return await to_thread(fn, *args)
+
+    monkeypatch.setattr(timeline_module.asyncio, "to_thread", counting)
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        result = await run(model, texts=["one hand-off for seven layers"])
+    compute = [fn.__qualname__ for fn in hand_offs if fn.__module__.startswith("streamload.runtime")]  # the loader hands off too
+    assert compute == ["Timeline.compute_chain.<locals>.chain"] and [t.index for t in result.timeline] == list(range(7))
 
 
 def test_gelu_forms() -> None:
