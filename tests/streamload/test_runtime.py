@@ -113,6 +113,7 @@ def test_linear_equals_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> No
     expected_w = q.astype(np.float64) * scales[:, None]
     for tile_elements in (1 << 20, 96 * 64):  # one tile; eleven tiles, the last one short
         monkeypatch.setattr(ops, "TILE_ELEMENTS", tile_elements)
+        monkeypatch.setattr(ops, "PREFILL_TILE_ELEMENTS", tile_elements)
         for tokens in (1, 40):
             x = rng.standard_normal((tokens, 96)).astype(np.float32)
             np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
