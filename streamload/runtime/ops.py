@@ -3,8 +3,10 @@
 Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py and tools/bench_embed.py:
 
 * ``linear`` keeps weights int8 as stored: it casts them to float32 a tile of rows at a time into a small
-  reused buffer and lets BLAS do the rest, then scales the output columns by the per-row scales. Decoding
-  one token is memory-bound, and this path reads 4x fewer bytes than float32 weights would.
+  reused buffer and lets BLAS do the rest, then scales the output columns by the per-row scales. It reads
+  4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (about 4-5 G weights/s on one core),
+  not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.43x the speed of float32 weights,
+  which stream at the memory's ~30 GB/s (tools/bench_runtime.py --large, 2 cores).
 * ``dense`` uses a float32 copy, dequantized once and transposed so that ``x @ W`` is one sgemm, kept in
   ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``; 0 runs int8 only). It also fuses
   several projections of the same input (query, key, value) into one matmul. Encoders, which run many
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 DECODE_TOKENS = 16  # at or below this many rows of x, casting the weights is the cost: 1 MiB tiles
 TILE_ELEMENTS = 1 << 18  # 1 MiB of float32 per cast tile: on 2048-wide decode calls 4.3 G int8 weights/s, vs 3.2 at 128 KiB
 PREFILL_TILE_ELEMENTS = 1 << 20  # 4 MiB for longer inputs (4096x4096, 64 tokens: 20 ms, vs 30 ms with 1 MiB tiles)
-ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the fused element-wise kernels: temporaries stay in L1/L2
+ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its temporaries are reused, not allocated per call
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
 _scratch = threading.local()
