@@ -9,7 +9,10 @@ Usage:
 3. A 16-block Llama-shaped model (~40 MB .slm) on a `serve --rate` link: when block 0 is
    computed vs the time to result (target <= 0.15), and the result vs the link floor
    (file bytes / rate) plus the last block's compute (target <= 1.10).
-Medians of --repeats runs.
+4. (--large) Llama decode on a model whose weights do not fit in the CPU caches (hidden 2048, 16 blocks,
+   intermediate 5632, GQA 16/4, vocab 8192: 0.86 G weights): int8 vs float32 tokens/s, the rate the weights
+   are read at, and this machine's read bandwidth measured two ways (numpy sum, BLAS sgemv of 1 GiB).
+Medians of --repeats runs. MiniLM against its peers: tools/bench_embed.py.
 
 Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
 root on sys.path to import them.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import math
 import shutil
 import statistics
 import sys
@@ -36,7 +40,7 @@ import streamload  # noqa: E402
 from bench_fetch import Server  # noqa: E402
 from streamload.formats import convert  # noqa: E402
 from streamload.runtime import ops, run  # noqa: E402
-from tests.support.synthetic import llama_config, write_synthetic_llama  # noqa: E402
+from tests.support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
 
 SENTENCES = [f"Sentence number {i} talks about streaming models to phones over slow links." for i in range(16)]
 
@@ -133,13 +137,61 @@ def bench_streaming(workdir: Path, rate: float, repeats: int) -> None:
     print(f"{'result / (floor + last block compute)':<40} {total / (floor + last_compute):>8.3f}    (target <= 1.10)")
 
 
+def read_bandwidth_bytes_per_s(repeats: int) -> tuple[float, float]:
+    """(numpy sum of 1 GiB of float32 on one thread, BLAS sgemv over a 1 GiB float32 matrix with BLAS's threads)."""
+    matrix = np.ones((1 << 14, 1 << 14), np.float32)  # 1 GiB, touched once so it is resident
+    vector = np.ones(1 << 14, np.float32)
+    summed = median_ms(lambda: matrix.sum(), repeats)
+    gemv = median_ms(lambda: matrix @ vector, repeats)
+    return matrix.nbytes / (summed / 1e3), matrix.nbytes / (gemv / 1e3)
+
+
+async def decode_seconds(path: Path, cache: Path, tokens: int) -> float:
+    async with streamload.open(path, cache_dir=cache) as model:
+        await model.wait_complete()
+        started = time.perf_counter()
+        await run(model, ids=[1, 2, 3, 4], max_new_tokens=tokens)
+        return time.perf_counter() - started
+
+
+def bench_large_decode(workdir: Path, repeats: int) -> None:
+    config = llama_config(
+        vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512
+    )
+    source = write_synthetic_llama(workdir / "large-src", config)  # float32: --quant none keeps the source dtype
+    weights = sum(math.prod(shape) for name, shape in llama_tensor_shapes(config).items() if len(shape) == 2 and "embed_tokens" not in name)
+    print(f"\n4. Llama decode, hidden 2048, 16 blocks, {weights / 1e9:.2f} G matmul weights per token (median of {repeats})")
+    print(f"{'weights':<10} {'tokens/s':>9} {'weight bytes/token':>19} {'weights read at':>16}")
+    rates = {}
+    for quant, width in (("int8", 1), ("none", 4)):
+        path = workdir / f"large-{quant}.slm"
+        convert(source, path, quant=quant)
+        cache = workdir / f"large-cache-{quant}"
+        asyncio.run(decode_seconds(path, cache, 1))  # fills the cache
+        steps = 16
+        seconds = statistics.median(asyncio.run(decode_seconds(path, cache, steps + 1)) - asyncio.run(decode_seconds(path, cache, 1)) for _ in range(repeats))
+        rates[quant] = steps / seconds
+        print(f"{quant if quant == 'int8' else 'float32':<10} {rates[quant]:>9.2f} {weights * width / 1e6:>16.0f} MB {weights * width * rates[quant] / 1e9:>11.2f} GB/s")
+        path.unlink()
+        shutil.rmtree(cache, ignore_errors=True)
+    summed, gemv = read_bandwidth_bytes_per_s(repeats)
+    print(f"int8 / float32 decode speed: {rates['int8'] / rates['none']:.2f} (target >= 1)")
+    print(f"this machine's read bandwidth: numpy sum of 1 GiB {summed / 1e9:.1f} GB/s (one thread), sgemv over 1 GiB {gemv / 1e9:.1f} GB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rate", type=float, default=8e6)
+    parser.add_argument("--large", action="store_true", help="also section 4 (writes ~6 GB of temporary files, takes minutes)")
+    parser.add_argument("--only-large", action="store_true", help="section 4 alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if args.large or args.only_large:
+            bench_large_decode(workdir, args.repeats)
+        if args.only_large:
+            return
         config = llama_config(vocab_size=4096, hidden_size=512, intermediate_size=1152, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
         llama_dir = write_synthetic_llama(workdir / "llama-src", config)
         convert(llama_dir, workdir / "llama.slm")

