@@ -3,9 +3,6 @@
 Installed as ``streamload.formats``; imports nothing else of streamload's.
 """
 
-from .constants import FORMAT_VERSION, MAGIC, Codec, DType, QuantScheme
-from .convert import ConversionReport, convert
-from .summary import summarize_compression, summarize_manifest
 from ..errors import (
     BadMagicError,
     ChunkDecodeError,
@@ -24,8 +21,11 @@ from ..errors import (
     UnsupportedArchitectureError,
     UnsupportedVersionError,
 )
+from .constants import FORMAT_VERSION, MAGIC, Codec, DType, QuantScheme
+from .convert import ConversionReport, convert
 from .manifest import ChunkEntry, LayerEntry, Manifest, TensorEntry, parse_manifest
 from .reader import ModelReader, decompress_chunk, decompress_chunks, read_preamble, verify_chunk, view_tensor
+from .summary import summarize_compression, summarize_manifest
 from .writer import ModelWriter
 
 __all__ = [

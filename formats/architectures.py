@@ -166,13 +166,16 @@ class Architecture:
         blocks = values["num_hidden_layers"]
         if len(manifest.layers) != blocks + 2:
             raise ManifestSchemaError(
-                f"model config: num_hidden_layers={blocks} contradicts the file's {len(manifest.layers)} layers (embeddings + blocks + head)"
+                f"model config: num_hidden_layers={blocks} contradicts the file's {len(manifest.layers)} layers "
+                "(embeddings + blocks + head)"
             )
         for name, (dims, required) in self.tensor_dims(values).items():
             entry = manifest.tensor_by_name.get(name)
             if entry is None:
                 if required:
-                    raise ManifestSchemaError(f"model config: {_describe(dims, values)} implies tensor {name!r}, which the file does not hold")
+                    raise ManifestSchemaError(
+                        f"model config: {_describe(dims, values)} implies tensor {name!r}, which the file does not hold"
+                    )
                 continue
             if len(entry.shape) != len(dims):
                 raise ManifestSchemaError(f"model config: tensor {name!r} has shape {entry.shape}, expected {len(dims)} dimensions")
@@ -185,7 +188,10 @@ class Architecture:
                         f"(dimension {axis} is {actual})"
                     )
             if entry.layer_index != self.layer_of(name, blocks):
-                raise ManifestSchemaError(f"model config: tensor {name!r} is in layer {entry.layer_index}, the runtime reads it from layer {self.layer_of(name, blocks)}")
+                raise ManifestSchemaError(
+                    f"model config: tensor {name!r} is in layer {entry.layer_index}, "
+                    f"the runtime reads it from layer {self.layer_of(name, blocks)}"
+                )
         return values
 
 
@@ -219,7 +225,9 @@ def _bert_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, 
     if hidden % heads:
         raise SourceError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise UnsupportedArchitectureError(f"BERT with position_embedding_type={hf['position_embedding_type']!r} is not supported (only 'absolute')")
+        raise UnsupportedArchitectureError(
+            f"BERT with position_embedding_type={hf['position_embedding_type']!r} is not supported (only 'absolute')"
+        )
     act = hf.get("hidden_act", BERT.default("hidden_act"))
     if act not in _BERT_ACTIVATIONS:
         raise UnsupportedArchitectureError(f"BERT hidden_act {act!r} is not supported")
@@ -299,7 +307,9 @@ BERT = Architecture(
         Field("pad_token_id", _integer(0, MAX_STORE_SIZE_BYTES), 0),
         Field("pooling", _choice(*_BERT_POOLING), "mean"),
         Field("normalize", _flag, False),
-        Field("max_seq_length", lambda name, value: None if value is None else _POSITIONS(name, value), None),  # None: max_position_embeddings
+        Field(
+            "max_seq_length", lambda name, value: None if value is None else _POSITIONS(name, value), None
+        ),  # None: max_position_embeddings
     ),
     normalize_config=_bert_config,
     canonical_name=_bert_name,
@@ -396,7 +406,9 @@ def _rope_scaling(name: str, value: Any) -> Mapping[str, Any] | None:
         "factor": _real(1e-6, 1e6)(name + ".factor", value.get("factor")),
         "low_freq_factor": _real(1e-6, 1e6)(name + ".low_freq_factor", value.get("low_freq_factor", 1.0)),
         "high_freq_factor": _real(1e-6, 1e6)(name + ".high_freq_factor", value.get("high_freq_factor", 4.0)),
-        "original_max_position_embeddings": _real(1, MAX_POSITIONS)(name + ".original_max_position_embeddings", value.get("original_max_position_embeddings", 8192)),
+        "original_max_position_embeddings": _real(1, MAX_POSITIONS)(
+            name + ".original_max_position_embeddings", value.get("original_max_position_embeddings", 8192)
+        ),
     }
     if checked["high_freq_factor"] <= checked["low_freq_factor"]:
         raise _fail(name, value, "high_freq_factor > low_freq_factor")

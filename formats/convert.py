@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import FormatError, SourceError
 from .architectures import Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, QuantScheme
-from ..errors import FormatError, SourceError
 from .manifest import Manifest
 from .quantize import quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
@@ -120,7 +120,10 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
         else:
             weights = tuple(sorted(folder.glob("*.safetensors")))
         if not weights:
-            raise SourceError(f"{folder} holds no .safetensors weights (model.safetensors or a sharded index); convert PyTorch .bin checkpoints to safetensors first")
+            raise SourceError(
+                f"{folder} holds no .safetensors weights (model.safetensors or a sharded index); "
+                "convert PyTorch .bin checkpoints to safetensors first"
+            )
         for w in weights:
             if not w.is_file():
                 raise SourceError(f"shard {w.name} named by the index is missing from {folder}")
@@ -233,7 +236,14 @@ def convert(
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
     reports: list[TensorReport] = []
-    with ModelWriter(output, config=config, tokenizer_json=model.tokenizer_json, chunk_size_bytes=chunk_size_bytes, zstd_level=zstd_level, threads=threads) as writer:
+    with ModelWriter(
+        output,
+        config=config,
+        tokenizer_json=model.tokenizer_json,
+        chunk_size_bytes=chunk_size_bytes,
+        zstd_level=zstd_level,
+        threads=threads,
+    ) as writer:
         for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
             layer_index = writer.begin_layer(layer_name)
             deferred_scales: list[tuple[str, np.ndarray]] = []

@@ -304,7 +304,9 @@ def _entries(data: bytes, span: Span, where: str, *, max_count: int | None = Non
             before = scout.tell()
             scout.skip()
             if scout.tell() - before > MAX_ENTRY_SIZE_BYTES:
-                raise ManifestSchemaError(f"manifest {where}[{index}]: {scout.tell() - before} bytes, over the {MAX_ENTRY_SIZE_BYTES}-byte limit")
+                raise ManifestSchemaError(
+                    f"manifest {where}[{index}]: {scout.tell() - before} bytes, over the {MAX_ENTRY_SIZE_BYTES}-byte limit"
+                )
             yield index, decoder.unpack()
     except FormatError:
         raise
@@ -350,9 +352,13 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
             dtype = DType(dtype_name)
         except ValueError:
             known = ", ".join(d.value for d in DType)
-            raise UnknownDTypeError(f"manifest {where}: unknown dtype {dtype_name!r} (this reader knows {known}); upgrade streamload") from None
+            raise UnknownDTypeError(
+                f"manifest {where}: unknown dtype {dtype_name!r} (this reader knows {known}); upgrade streamload"
+            ) from None
         shape_raw = _get(item, "shape", list, where)
-        if len(shape_raw) > MAX_TENSOR_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_STORE_SIZE_BYTES for d in shape_raw):
+        if len(shape_raw) > MAX_TENSOR_NDIM or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_STORE_SIZE_BYTES for d in shape_raw
+        ):
             raise ManifestSchemaError(f"manifest {where}: shape {shape_raw!r} must be at most {MAX_TENSOR_NDIM} non-negative ints")
         quant_name = _get(item, "quant", str, where, default=QuantScheme.NONE.value)
         try:
@@ -374,7 +380,9 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
         )
         layer = layers[layer_index]
         if entry.raw_offset % TENSOR_ALIGNMENT:
-            raise ManifestSchemaError(f"manifest {where}: tensor {entry.name!r} offset {entry.raw_offset} is not {TENSOR_ALIGNMENT}-byte aligned")
+            raise ManifestSchemaError(
+                f"manifest {where}: tensor {entry.name!r} offset {entry.raw_offset} is not {TENSOR_ALIGNMENT}-byte aligned"
+            )
         if entry.raw_offset < layer.raw_offset or entry.raw_end > layer.raw_end:
             raise OutOfBoundsError(f"manifest {where}: tensor {entry.name!r} lies outside its layer {layer.name!r}")
         tensors.append(entry)
@@ -400,13 +408,22 @@ def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry]) 
     if entry.dtype is not DType.I8 or len(entry.shape) != 2 or scales is None:
         raise ManifestSchemaError(f"manifest: tensor {entry.name!r} declares int8_row but is not a 2-D int8 tensor with a scales tensor")
     if scales.dtype is not DType.F32 or scales.shape != entry.shape[:1] or scales.layer_index != entry.layer_index:
-        raise ManifestSchemaError(f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) in the same layer")
+        raise ManifestSchemaError(
+            f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) in the same layer"
+        )
 
 
 def _parse_chunk(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
     """The fast path: one dict lookup and one type test per field; anything unusual goes to the checked path."""
     try:
-        layer, offset, size, raw_offset, raw_size, sha = item["layer"], item["offset"], item["size"], item["raw_offset"], item["raw_size"], item["sha256"]
+        layer, offset, size, raw_offset, raw_size, sha = (
+            item["layer"],
+            item["offset"],
+            item["size"],
+            item["raw_offset"],
+            item["raw_size"],
+            item["sha256"],
+        )
         pass_index = item.get("pass", BASE_PASS)
         codec = item.get("codec", _ZSTD)
     except (KeyError, TypeError, AttributeError):
@@ -461,10 +478,15 @@ def _parse_chunks(
     for index, item in raw:  # file order: ascending, no overlap, inside the data region
         chunk = _parse_chunk(index, item, chunk_size_bytes)
         if chunk.offset < previous_end:
-            raise OverlapError(f"manifest chunks[{index}]: offset {chunk.offset} overlaps the previous chunk (ends {previous_end}); chunks must be in file order")
+            raise OverlapError(
+                f"manifest chunks[{index}]: offset {chunk.offset} overlaps the previous chunk (ends {previous_end}); "
+                "chunks must be in file order"
+            )
         previous_end = chunk.offset + chunk.size_bytes
         if data_size_bytes is not None and previous_end > data_size_bytes:
-            raise OutOfBoundsError(f"manifest chunks[{index}]: ends at {previous_end}, past the {data_size_bytes}-byte data region; the file is truncated")
+            raise OutOfBoundsError(
+                f"manifest chunks[{index}]: ends at {previous_end}, past the {data_size_bytes}-byte data region; the file is truncated"
+            )
         if chunk.layer_index >= layer_count:
             raise OutOfBoundsError(f"manifest chunks[{index}]: layer {chunk.layer_index} does not exist")
         (base if chunk.pass_index == BASE_PASS else refinements).append(chunk)
@@ -477,7 +499,10 @@ def _parse_chunks(
                 raise ManifestSchemaError(f"manifest: layer {layer.name!r} is not fully covered by chunks")
             chunk = base[position]
             if chunk.layer_index != layer.index or chunk.raw_offset != cursor:
-                raise ManifestSchemaError(f"manifest chunks[{chunk.index}]: expected layer {layer.index} at store offset {cursor}; chunks must tile layers in order")
+                raise ManifestSchemaError(
+                    f"manifest chunks[{chunk.index}]: expected layer {layer.index} at store offset {cursor}; "
+                    "chunks must tile layers in order"
+                )
             cursor += chunk.raw_size_bytes
             position += 1
         if cursor != layer.raw_end:
@@ -495,7 +520,11 @@ def _parse_tokenizer(data: bytes, span: Span | None) -> TokenizerBlob | None:
     if span is None or data[span[0]] == 0xC0:  # absent or nil
         return None
     fields = _map_spans(data, span, "tokenizer")
-    item = {key: _decode(data, fields[key], f"tokenizer.{key}", limit_bytes=MAX_NAME_LENGTH * 4) for key in ("codec", "raw_size") if key in fields}
+    item = {
+        key: _decode(data, fields[key], f"tokenizer.{key}", limit_bytes=MAX_NAME_LENGTH * 4)
+        for key in ("codec", "raw_size")
+        if key in fields
+    }
     if "data" in fields:
         item["data"] = _decode(data, fields["data"], "tokenizer.data", limit_bytes=MAX_TOKENIZER_SIZE_BYTES + 8)
     codec = _get(item, "codec", str, "tokenizer")
@@ -550,7 +579,9 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
     root = _map_spans(data, (0, len(data)), "root")
     for key, (start, end) in root.items():
         if key not in _KNOWN_ROOT_KEYS and end - start > MAX_UNKNOWN_VALUE_SIZE_BYTES:
-            raise ManifestSchemaError(f"manifest root: unknown key {key!r} holds {end - start} bytes, over the {MAX_UNKNOWN_VALUE_SIZE_BYTES}-byte limit")
+            raise ManifestSchemaError(
+                f"manifest root: unknown key {key!r} holds {end - start} bytes, over the {MAX_UNKNOWN_VALUE_SIZE_BYTES}-byte limit"
+            )
     for key in ("config", "chunk_size", "layers", "tensors", "chunks"):
         if key not in root:
             raise ManifestSchemaError(f"manifest root: missing field {key!r}; the file is damaged or not a streamload model")
@@ -558,7 +589,12 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
     if not isinstance(config, dict):
         raise ManifestSchemaError(f"manifest root: field 'config' has type {type(config).__name__}, expected {dict}")
     _get(config, "architecture", str, "config")
-    chunk_size = _get_size({"chunk_size": _decode(data, root["chunk_size"], "chunk_size", limit_bytes=16)}, "chunk_size", "root", limit=MAX_CHUNK_RAW_SIZE_BYTES)
+    chunk_size = _get_size(
+        {"chunk_size": _decode(data, root["chunk_size"], "chunk_size", limit_bytes=16)},
+        "chunk_size",
+        "root",
+        limit=MAX_CHUNK_RAW_SIZE_BYTES,
+    )
     layers = _parse_layers(_entries(data, root["layers"], "layers"))
     tensors = _parse_tensors(_entries(data, root["tensors"], "tensors"), layers)
     max_chunks = None if data_size_bytes is None else data_size_bytes // MIN_ZSTD_FRAME_SIZE_BYTES

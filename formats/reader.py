@@ -17,16 +17,6 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from .constants import (
-    DATA_ALIGNMENT,
-    FORMAT_VERSION,
-    MAGIC,
-    MAX_MANIFEST_SIZE_BYTES,
-    PREAMBLE,
-    PREAMBLE_SIZE_BYTES,
-    QuantScheme,
-    align_up,
-)
 from ..errors import (
     BadMagicError,
     ChunkDecodeError,
@@ -37,6 +27,16 @@ from ..errors import (
     ManifestTooLargeError,
     OutOfBoundsError,
     UnsupportedVersionError,
+)
+from .constants import (
+    DATA_ALIGNMENT,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_MANIFEST_SIZE_BYTES,
+    PREAMBLE,
+    PREAMBLE_SIZE_BYTES,
+    QuantScheme,
+    align_up,
 )
 from .manifest import ChunkEntry, Manifest, TensorEntry, parse_manifest
 
@@ -62,7 +62,9 @@ def read_preamble(data: bytes | memoryview) -> Preamble:
     if magic != MAGIC:
         raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model with `streamload convert`")
     if version > FORMAT_VERSION or version == 0:
-        raise UnsupportedVersionError(f"file has format version {version}; this streamload reads version {FORMAT_VERSION}: upgrade streamload")
+        raise UnsupportedVersionError(
+            f"file has format version {version}; this streamload reads version {FORMAT_VERSION}: upgrade streamload"
+        )
     if flags != 0:
         raise UnsupportedVersionError(f"file sets preamble flags {flags:#x}, unknown to this reader; upgrade streamload")
     if manifest_size > MAX_MANIFEST_SIZE_BYTES:
@@ -227,7 +229,9 @@ def decompress_chunk(
     except zstandard.ZstdError as exc:
         raise ChunkDecodeError(f"chunk {chunk.index} of layer {chunk.layer_index} failed to decompress ({exc})") from None
     if filled != expected or extra:
-        raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {'more' if extra else filled} bytes, expected {expected}")
+        raise ChunkSizeError(
+            f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {'more' if extra else filled} bytes, expected {expected}"
+        )
     return out
 
 
@@ -255,7 +259,9 @@ def decompress_chunks(
 def view_tensor(store: memoryview | np.ndarray | mmap.mmap, entry: TensorEntry, base_offset: int = 0) -> np.ndarray:
     """A zero-copy numpy view of one tensor inside a buffer holding the layer store from ``base_offset``."""
     start = entry.raw_offset - base_offset
-    return np.frombuffer(store, dtype=entry.dtype.numpy_name, count=int(np.prod(entry.shape, dtype=np.int64)), offset=start).reshape(entry.shape)
+    return np.frombuffer(store, dtype=entry.dtype.numpy_name, count=int(np.prod(entry.shape, dtype=np.int64)), offset=start).reshape(
+        entry.shape
+    )
 
 
 def dequantize(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -178,7 +178,9 @@ class ModelWriter:
         """Close the open layer; its last partial chunk is cut here (chunks never span layers)."""
         self._expect(WriterStage.IN_LAYER, "end a layer")
         self._flush_pending()
-        layer = LayerEntry(index=len(self._layers), name=self._layer_name, raw_offset=self._layer_start, raw_size_bytes=self._cursor - self._layer_start)
+        layer = LayerEntry(
+            index=len(self._layers), name=self._layer_name, raw_offset=self._layer_start, raw_size_bytes=self._cursor - self._layer_start
+        )
         self._layers.append(layer)
         self._stage = WriterStage.BETWEEN_LAYERS
         return layer

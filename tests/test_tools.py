@@ -20,7 +20,20 @@ LINKPROXY = Path(__file__).resolve().parent.parent / "tools" / "linkproxy.py"
 def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(LINKPROXY), "--target", f"127.0.0.1:{target_port}", "--listen-port", str(port), "--rate-mbit", str(rate_mbit), "--rtt-ms", str(rtt_ms), "--max-seconds", "60"],
+        [
+            sys.executable,
+            str(LINKPROXY),
+            "--target",
+            f"127.0.0.1:{target_port}",
+            "--listen-port",
+            str(port),
+            "--rate-mbit",
+            str(rate_mbit),
+            "--rtt-ms",
+            str(rtt_ms),
+            "--max-seconds",
+            "60",
+        ],
         stdout=subprocess.DEVNULL,
     )
     if not wait_for_port(port):

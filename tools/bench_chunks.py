@@ -62,7 +62,9 @@ def main() -> int:
         for size in (1 << 20, 256):
             convert(Path(spec.origin).parent / "model", models / f"minilm-{size}.slm", chunk_size_bytes=size)
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "streamload.cli", "serve", str(models), "--port", str(port)], stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamload.cli", "serve", str(models), "--port", str(port)], stderr=subprocess.DEVNULL
+        )
         try:
             wait_for_port(port)
             print(f"all-MiniLM-L6-v2, --connections {args.connections}, medians of {args.repeats}")

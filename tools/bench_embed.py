@@ -80,7 +80,10 @@ def measure(embed: Callable[[list[str]], np.ndarray], sentences: list[str], leng
                 walls.append(wall)
                 cpus.append(cpu)
             embeddings = np.stack([outputs[i] for i in range(len(sentences))])
-        result[f"batch{size}"] = {"sentences_per_s": len(sentences) / statistics.median(walls), "cpu_ms_per_sentence": statistics.median(cpus) / len(sentences) * 1e3}
+        result[f"batch{size}"] = {
+            "sentences_per_s": len(sentences) / statistics.median(walls),
+            "cpu_ms_per_sentence": statistics.median(cpus) / len(sentences) * 1e3,
+        }
         reference = np.load(FIXTURES / "minilm_varied_reference.npy")
         cos = cosine_rows(embeddings.astype(np.float64), reference.astype(np.float64))
         result[f"batch{size}"].update(cos_min=float(cos.min()), cos_mean=float(cos.mean()))
@@ -88,9 +91,8 @@ def measure(embed: Callable[[list[str]], np.ndarray], sentences: list[str], leng
 
 
 def streamload_embedder(workdir: Path, budget_bytes: int | None) -> tuple[Callable[[list[str]], np.ndarray], int, Callable[[], None]]:
-    from streamload.formats import convert
-
     import streamload
+    from streamload.formats import convert
     from streamload.runtime import ops, run
 
     if budget_bytes is not None:
@@ -124,6 +126,7 @@ def onnx_export(workdir: Path) -> Path:
     path = workdir / "minilm.onnx"
     if path.exists():
         return path
+
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -208,7 +211,10 @@ def blas_description() -> str:
         from threadpoolctl import threadpool_info
     except ImportError:
         return "threadpoolctl not installed"
-    return "; ".join(f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')} threads {i.get('num_threads')}" for i in threadpool_info())
+    return "; ".join(
+        f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')} threads {i.get('num_threads')}"
+        for i in threadpool_info()
+    )
 
 
 def run_one(name: str, workdir: Path, passes: int, threads: int) -> dict:
@@ -248,7 +254,9 @@ def cold_start_s(workdir: Path) -> float:
         "        await run(model, texts=['a cold start'])\n"
         "asyncio.run(main()); print(time.perf_counter() - t)"
     )
-    times = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]) for _ in range(5)]
+    times = [
+        float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]) for _ in range(5)
+    ]
     return statistics.median(times)
 
 
@@ -277,7 +285,9 @@ def main() -> None:
         "onnxruntime-fp32": all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "torch", "transformers")),
     }
     available["onnxruntime-int8"] = available["onnxruntime-fp32"]
-    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}; load before: {loadavg()}")
+    print(
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}; load before: {loadavg()}"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         if any(n.startswith("streamload") for n in names):
@@ -290,7 +300,18 @@ def main() -> None:
             if not available.get(name, True):
                 print(f"skipped {name}: not installed (pip install -e .[bench])")
                 continue
-            command = [sys.executable, __file__, "--child", name, "--workdir", tmp, "--passes", str(args.passes), "--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--workdir",
+                tmp,
+                "--passes",
+                str(args.passes),
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(command, check=False, capture_output=True, text=True)
             if done.returncode:
                 print(f"{name} failed:\n{done.stderr[-2000:]}")

@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 
 import zstandard
+from loopback import free_port, wait_for_port
 
 import streamload
 from streamload.formats import ChunkEntry, ModelReader, convert
 from streamload.httputil import RetryPolicy
 from streamload.rawhttp import open_socket_span
-
-from loopback import free_port, wait_for_port
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 from tests.support.synthetic import write_synthetic_int8_model
@@ -255,14 +254,18 @@ def main() -> None:
         server.stop()
     per_byte["receive"] = receive_s / data_bytes
     cores = os.cpu_count() or 1
-    print(f"\nmodel: {file_bytes / 1e9:.2f} GB file, {store_size / file_bytes:.3f} raw/file, {len(chunks)} chunks; {cores} cores; medians of {args.repeats}")
+    print(
+        f"\nmodel: {file_bytes / 1e9:.2f} GB file, {store_size / file_bytes:.3f} raw/file, {len(chunks)} chunks; {cores} cores; medians of {args.repeats}"
+    )
     print(f"\n{'stage (1 thread)':<36} {'ns/file byte':>12} {'MB/s':>8}")
     for name in ("receive", "sha256", "decompress"):
         print(f"{name:<36} {per_byte[name] * 1e9:>12.3f} {1e-6 / per_byte[name]:>8.0f}")
     ceilings = {}
     for condition in conditions:
         per_byte[f"store {condition}"] = statistics.median(store_s[condition]) / file_bytes
-        print(f"{'store, ' + condition + ' pages':<36} {per_byte[f'store {condition}'] * 1e9:>12.3f} {1e-6 / per_byte[f'store {condition}']:>8.0f}")
+        print(
+            f"{'store, ' + condition + ' pages':<36} {per_byte[f'store {condition}'] * 1e9:>12.3f} {1e-6 / per_byte[f'store {condition}']:>8.0f}"
+        )
     for condition in conditions:
         total = per_byte["receive"] + per_byte["sha256"] + per_byte["decompress"] + per_byte[f"store {condition}"]
         ceilings[condition] = cores / total  # file bytes per second
@@ -276,7 +279,9 @@ def main() -> None:
         client_s = statistics.median(seconds)
         durable_s = statistics.median(r.durable_s for r in runs[condition])
         print(f"{condition + ': ceiling, cores / sum of stages':<44} {file_bytes / ceiling:>8.3f} {ceiling / 1e6:>8.0f} {1.0:>10.2f}")
-        print(f"{condition + ': streamload fetch+verify+decomp+map':<44} {client_s:>8.3f} {file_bytes / client_s / 1e6:>8.0f} {file_bytes / client_s / ceiling:>10.2f}")
+        print(
+            f"{condition + ': streamload fetch+verify+decomp+map':<44} {client_s:>8.3f} {file_bytes / client_s / 1e6:>8.0f} {file_bytes / client_s / ceiling:>10.2f}"
+        )
         print(f"{'  single runs, fastest and slowest':<44} {seconds[0]:>8.3f} {'':>8} {file_bytes / seconds[0] / ceiling:>10.2f}")
         print(f"{'':<44} {seconds[-1]:>8.3f} {'':>8} {file_bytes / seconds[-1] / ceiling:>10.2f}")
         print(f"{'  durable (close() returned)':<44} {durable_s:>8.3f}")

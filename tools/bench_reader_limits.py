@@ -29,6 +29,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import zstandard
+
 from streamload.formats import reader
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.manifest import ChunkEntry
@@ -66,7 +67,13 @@ print(json.dumps([outcome, time.perf_counter() - started, peak_rss_bytes() - bef
 
 
 def bomb_manifest() -> bytes:
-    root = {"config": {"architecture": "x"}, "chunk_size": 64, "layers": [{"name": "a", "raw_offset": 0, "raw_size": 0}], "tensors": [], "chunks": []}
+    root = {
+        "config": {"architecture": "x"},
+        "chunk_size": 64,
+        "layers": [{"name": "a", "raw_offset": 0, "raw_size": 0}],
+        "tensors": [],
+        "chunks": [],
+    }
     head = msgpack.packb(root, use_bin_type=True)
     key = msgpack.packb("future")
     count = MAX_MANIFEST_SIZE_BYTES - len(head) - len(key) - 5
@@ -89,11 +96,15 @@ def bench_manifests(repeats: int, chunk_count: int, baseline_rev: str | None, wo
     if baseline_rev:
         baseline = workdir / "baseline"
         baseline.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", baseline_rev, "formats", "streamload"], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", baseline_rev, "formats", "streamload"], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
         trees[baseline_rev] = str(baseline)
     cases = [("bomb", bomb, "none"), (f"legal, {chunk_count} chunks", workdir / "large.msgpack", str(data_size))]
-    print(f"\n1. parse_manifest in a fresh process (medians of {repeats}); manifests: bomb {bomb.stat().st_size / 1e6:.1f} MB, legal {len(large) / 1e6:.1f} MB")
+    print(
+        f"\n1. parse_manifest in a fresh process (medians of {repeats}); manifests: bomb {bomb.stat().st_size / 1e6:.1f} MB, legal {len(large) / 1e6:.1f} MB"
+    )
     print(f"{'manifest':<26} {'code':<14} {'outcome':<28} {'seconds':>8} {'peak RSS growth MB':>19} {'x manifest':>10}")
     for label, path, size in cases:
         runs: dict[str, list[tuple[str, float, int]]] = {name: [] for name in trees}
@@ -140,7 +151,9 @@ def bench_frame_check(repeats: int) -> None:
     walk_s = time.perf_counter() - started
     a, b = statistics.median(with_check), statistics.median(without_check)
     print(f"\n2. decompress_chunk, 200 chunks of 1 MiB, into a buffer (medians of {repeats})")
-    print(f"without the frame-size walk {b * 1e3:.1f} ms ({200 * (1 << 20) / b / 1e9:.2f} GB/s); with it {a * 1e3:.1f} ms; ratio {a / b:.4f}")
+    print(
+        f"without the frame-size walk {b * 1e3:.1f} ms ({200 * (1 << 20) / b / 1e9:.2f} GB/s); with it {a * 1e3:.1f} ms; ratio {a / b:.4f}"
+    )
     print(f"the walk alone: {walk_s / 200 * 1e6:.1f} us per chunk = {walk_s / b * 100:.2f}% of decompression")
 
 

@@ -36,8 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 
-import streamload  # noqa: E402
 from bench_fetch import Server  # noqa: E402
+
+import streamload  # noqa: E402
 from streamload.formats import convert  # noqa: E402
 from streamload.runtime import ops, run  # noqa: E402
 from tests.support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
@@ -65,10 +66,14 @@ def bench_matmul(repeats: int) -> None:
         x = rng.standard_normal((tokens, in_f), dtype=np.float32)
         wf = w.astype(np.float32)
         xq = np.clip(np.rint(x / (np.abs(x).max() / 127)), -127, 127).astype(np.int8)
-        bound = median_ms(lambda: x @ wf.T, repeats)
-        astype = median_ms(lambda: (x @ w.astype(np.float32).T) * s, repeats)
-        tiled = median_ms(lambda: ops.linear(x, w, s), repeats)
-        int32 = median_ms(lambda: xq.astype(np.int32) @ w.astype(np.int32).T, max(1, repeats // 2)) if tokens * out_f * in_f < 5e8 else float("nan")
+        bound = median_ms(lambda x=x, wf=wf: x @ wf.T, repeats)
+        astype = median_ms(lambda x=x, w=w, s=s: (x @ w.astype(np.float32).T) * s, repeats)
+        tiled = median_ms(lambda x=x, w=w, s=s: ops.linear(x, w, s), repeats)
+        int32 = (
+            median_ms(lambda xq=xq, w=w: xq.astype(np.int32) @ w.astype(np.int32).T, max(1, repeats // 2))
+            if tokens * out_f * in_f < 5e8
+            else float("nan")
+        )
         print(f"{out_f:>6}x{in_f:<5} {tokens:>6} {bound:>13.3f} {astype:>12.3f} {tiled:>10.3f} {int32:>12.3f}")
 
 
@@ -156,7 +161,13 @@ async def decode_seconds(path: Path, cache: Path, tokens: int) -> float:
 
 def bench_large_decode(workdir: Path, repeats: int) -> None:
     config = llama_config(
-        vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512
+        vocab_size=8192,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
     )
     source = write_synthetic_llama(workdir / "large-src", config)  # float32: --quant none keeps the source dtype
     weights = sum(math.prod(shape) for name, shape in llama_tensor_shapes(config).items() if len(shape) == 2 and "embed_tokens" not in name)
@@ -169,9 +180,13 @@ def bench_large_decode(workdir: Path, repeats: int) -> None:
         cache = workdir / f"large-cache-{quant}"
         asyncio.run(decode_seconds(path, cache, 1))  # fills the cache
         steps = 16
-        seconds = statistics.median(asyncio.run(decode_seconds(path, cache, steps + 1)) - asyncio.run(decode_seconds(path, cache, 1)) for _ in range(repeats))
+        seconds = statistics.median(
+            asyncio.run(decode_seconds(path, cache, steps + 1)) - asyncio.run(decode_seconds(path, cache, 1)) for _ in range(repeats)
+        )
         rates[quant] = steps / seconds
-        print(f"{quant if quant == 'int8' else 'float32':<10} {rates[quant]:>9.2f} {weights * width / 1e6:>16.0f} MB {weights * width * rates[quant] / 1e9:>11.2f} GB/s")
+        print(
+            f"{quant if quant == 'int8' else 'float32':<10} {rates[quant]:>9.2f} {weights * width / 1e6:>16.0f} MB {weights * width * rates[quant] / 1e9:>11.2f} GB/s"
+        )
         path.unlink()
         shutil.rmtree(cache, ignore_errors=True)
     summed, gemv = read_bandwidth_bytes_per_s(repeats)
@@ -192,7 +207,15 @@ def main() -> None:
             bench_large_decode(workdir, args.repeats)
         if args.only_large:
             return
-        config = llama_config(vocab_size=4096, hidden_size=512, intermediate_size=1152, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+        config = llama_config(
+            vocab_size=4096,
+            hidden_size=512,
+            intermediate_size=1152,
+            num_hidden_layers=16,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
         llama_dir = write_synthetic_llama(workdir / "llama-src", config)
         convert(llama_dir, workdir / "llama.slm")
         bench_matmul(args.repeats)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 from loopback import free_port, wait_for_port
+
 from streamload.formats import convert
 
 

@@ -75,7 +75,11 @@ class FloatModel:
             if name is not None and values.dtype.kind == "f":
                 grouped[arch.layer_of(name, self.config["num_hidden_layers"])][name] = values
         self._layers = [Layer(i, n, grouped[i], {}) for i, n in enumerate(names)]
-        shapes = {name: types.SimpleNamespace(shape=values.shape, layer_index=i) for i, group in enumerate(grouped) for name, values in group.items()}
+        shapes = {
+            name: types.SimpleNamespace(shape=values.shape, layer_index=i)
+            for i, group in enumerate(grouped)
+            for name, values in group.items()
+        }
         self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes)
         self.opened_at = opened_at
         self.layer_ready_s = [0.0] * len(names)
@@ -117,7 +121,14 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
         folder = work / "fp32"
         folder.mkdir()
         wire = 0
-        for name in ("config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "model.safetensors"):
+        for name in (
+            "config.json",
+            "tokenizer.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+            "model.safetensors",
+        ):
             try:
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 wire += await download(f"{base}/{kind}-fp32/{name}", folder / name)
@@ -145,9 +156,7 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
 def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
     """One variant in a fresh process; adds its peak RSS and CPU seconds."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as work:
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--child", variant, base, kind, work], stdout=subprocess.PIPE, text=True
-        )
+        process = subprocess.Popen([sys.executable, __file__, "--child", variant, base, kind, work], stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
@@ -178,7 +187,15 @@ def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
     convert(minilm, served / "minilm.slm")
     kinds.append(("minilm", served / "minilm-fp32"))
     if not quick:
-        config = llama_config(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512)
+        config = llama_config(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
         write_synthetic_llama(served / "llama-fp32", config)
         convert(served / "llama-fp32", served / "llama.slm")
         kinds.append(("llama", served / "llama-fp32"))
@@ -214,7 +231,20 @@ def main() -> None:
                     rate = mbit * 1e6 / 8
                     proxy_port = free_port()
                     proxy = subprocess.Popen(
-                        [sys.executable, str(ROOT / "linkproxy.py"), "--target", f"127.0.0.1:{server_port}", "--listen-port", str(proxy_port), "--rate-mbit", str(mbit), "--rtt-ms", str(args.rtt_ms), "--max-seconds", "7200"],
+                        [
+                            sys.executable,
+                            str(ROOT / "linkproxy.py"),
+                            "--target",
+                            f"127.0.0.1:{server_port}",
+                            "--listen-port",
+                            str(proxy_port),
+                            "--rate-mbit",
+                            str(mbit),
+                            "--rtt-ms",
+                            str(args.rtt_ms),
+                            "--max-seconds",
+                            "7200",
+                        ],
                         stdout=subprocess.DEVNULL,
                     )
                     try:
@@ -223,7 +253,20 @@ def main() -> None:
                         results = {v: run_child(v, base, kind) for v in ("A", "B", "C")}
                         if args.png and kind == "minilm" and mbit == 20:
                             subprocess.run(
-                                ["streamload", "run", f"{base}/minilm.slm", "--text", SENTENCE, "--cache-dir", str(work / "png-cache"), "--timeline-png", args.png, "--link-rate", str(rate), "-q"],
+                                [
+                                    "streamload",
+                                    "run",
+                                    f"{base}/minilm.slm",
+                                    "--text",
+                                    SENTENCE,
+                                    "--cache-dir",
+                                    str(work / "png-cache"),
+                                    "--timeline-png",
+                                    args.png,
+                                    "--link-rate",
+                                    str(rate),
+                                    "-q",
+                                ],
                                 check=True,
                                 stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL,
@@ -247,12 +290,16 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         print(f"\n{'model':<7} {'link':>6} {'var':>3} {'layer 0 s':>9} {'result s':>9} {'wire MB':>8} {'peak RSS MB':>11} {'CPU s':>6}")
     for variant in ("A", "B", "C"):
         r = row[variant]
-        print(f"{row['model']:<7} {row['mbit']:>4g}Mb {variant:>3} {r['layer0_s']:>9.2f} {r['result_s']:>9.2f} {r['wire_bytes'] / 1e6:>8.1f} {r['peak_rss_mb']:>11.0f} {r['cpu_s']:>6.1f}")
+        print(
+            f"{row['model']:<7} {row['mbit']:>4g}Mb {variant:>3} {r['layer0_s']:>9.2f} {r['result_s']:>9.2f} {r['wire_bytes'] / 1e6:>8.1f} {r['peak_rss_mb']:>11.0f} {r['cpu_s']:>6.1f}"
+        )
     sys.stdout.flush()
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'model':<7} {'link':>6} {'C/A':>6} {'C/B':>6} {'C/floor':>8} {'layer0 C/floor0':>16}   targets: C/A <= 0.5; C/floor <= 1.10 at 5, 20 Mbit/s; layer 0 <= 1.5")
+    print(
+        f"\n{'model':<7} {'link':>6} {'C/A':>6} {'C/B':>6} {'C/floor':>8} {'layer0 C/floor0':>16}   targets: C/A <= 0.5; C/floor <= 1.10 at 5, 20 Mbit/s; layer 0 <= 1.5"
+    )
     for row in rows:
         a, b, c = row["A"], row["B"], row["C"]
         floor = c["wire_bytes"] / row["rate"]

@@ -136,7 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
     link = Link(host, int(port), args.rate_mbit * 1e6 / 8 if args.rate_mbit else None, args.rtt_ms / 1000)
-    print(f"link on 127.0.0.1:{args.listen_port} -> {args.target}: {args.rate_mbit or 'unlimited'} Mbit/s, RTT {args.rtt_ms} ms", flush=True)
+    print(
+        f"link on 127.0.0.1:{args.listen_port} -> {args.target}: {args.rate_mbit or 'unlimited'} Mbit/s, RTT {args.rtt_ms} ms", flush=True
+    )
     asyncio.run(serve(link, args.listen_port, args.max_seconds))
 
 

@@ -7,10 +7,9 @@ as that layer has arrived and runs on a worker thread, so the download goes on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -92,11 +91,27 @@ async def run(
         else:
             prompt = list(ids or [])
         generation = await llama.generate(
-            model, prompt, timeline, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, keep_prompt_logits=keep_prompt_logits
+            model,
+            prompt,
+            timeline,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            keep_prompt_logits=keep_prompt_logits,
         )
         tokenizer = model.tokenizer
         text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
-        return RunResult("llama", None, generation.generated_ids, text, generation.prompt_logits, timeline.records, timeline.first_block_done_s(), timeline.now_s())
+        return RunResult(
+            "llama",
+            None,
+            generation.generated_ids,
+            text,
+            generation.prompt_logits,
+            timeline.records,
+            timeline.first_block_done_s(),
+            timeline.now_s(),
+        )
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -111,7 +111,13 @@ def encoder_block(layer: Layer, h: np.ndarray, mask_bias: np.ndarray, block: int
     context = context.transpose(0, 2, 1, 3).reshape(batch * length, hidden)
     attended = ops.dense(context, [projection("attention.output.dense")])
     attended += x
-    ops.layer_norm(attended, layer[p + "attention.output.LayerNorm.weight"], layer[p + "attention.output.LayerNorm.bias"], config.layer_norm_eps, out=attended)
+    ops.layer_norm(
+        attended,
+        layer[p + "attention.output.LayerNorm.weight"],
+        layer[p + "attention.output.LayerNorm.bias"],
+        config.layer_norm_eps,
+        out=attended,
+    )
     inner = ops.dense(attended, [projection("intermediate.dense")])
     if config.hidden_act.startswith("gelu"):  # tanh form for the exact "gelu" too: cosine to PyTorch unchanged to 1e-4, 2.4x faster
         ops.gelu_tanh(inner, out=inner)

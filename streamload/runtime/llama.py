@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +44,10 @@ class LlamaConfig:
             ManifestSchemaError: a field is missing, mistyped or out of range.
         """
         values = LLAMA.read_config(config)
-        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name != "eos_token_ids"}, eos_token_ids=values["eos_token_id"])
+        return cls(
+            **{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name != "eos_token_ids"},
+            eos_token_ids=values["eos_token_id"],
+        )
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -79,7 +82,10 @@ class KVCache:
     @classmethod
     def empty(cls, config: LlamaConfig, capacity: int) -> KVCache:
         shape = (config.num_key_value_heads, capacity, config.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)], [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)])
+        return cls(
+            [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)],
+            [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)],
+        )
 
 
 class LlamaRunner:

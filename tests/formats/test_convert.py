@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+
 from streamload.formats import ModelReader, SourceError, UnsupportedArchitectureError, convert, summarize_compression
 from streamload.formats.safetensors_source import SafetensorsCollection
-
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 

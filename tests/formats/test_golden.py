@@ -18,7 +18,14 @@ def write_tiny(path: Path) -> None:
     """Two layers: an int8 matrix with its scales, then a float vector; 64-byte chunks."""
     weight = (np.arange(24, dtype=np.float32).reshape(4, 6) - 11.5) / 8
     q, scales, error = quantize_int8_rows(weight)
-    with ModelWriter(path, config={"architecture": "tiny", "hidden_size": 6}, tokenizer_json=b'{"tiny": true}', chunk_size_bytes=64, zstd_level=3, threads=1) as w:
+    with ModelWriter(
+        path,
+        config={"architecture": "tiny", "hidden_size": 6},
+        tokenizer_json=b'{"tiny": true}',
+        chunk_size_bytes=64,
+        zstd_level=3,
+        threads=1,
+    ) as w:
         w.begin_layer("embeddings")
         w.add_tensor("w", q, quant=QuantScheme.INT8_ROW, scales="w.scales", error=error)
         w.add_tensor("w.scales", scales)

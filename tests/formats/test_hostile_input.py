@@ -11,11 +11,11 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from streamload import errors
 from streamload.formats import ModelReader
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.reader import encode_preamble, frame_size_bytes
-
-from streamload import errors
 from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
@@ -56,7 +56,11 @@ def test_specific_errors() -> None:
     expect(errors.ManifestSchemaError, altered(["chunks", 1, "raw_offset"], 30), "tile")
     expect(errors.ManifestSchemaError, altered(["layers", 1, "raw_offset"], 100), "multiple of 4096")
     expect(errors.ManifestSchemaError, altered(["tensors", 0, "shape"], "big"), "type str")
-    expect(errors.ChunkSizeError, altered(["chunks", 0, "raw_size"], 25, (["chunks", 1, "raw_offset"], 25), (["chunks", 1, "raw_size"], 55)), "declares 24 raw bytes")
+    expect(
+        errors.ChunkSizeError,
+        altered(["chunks", 0, "raw_size"], 25, (["chunks", 1, "raw_offset"], 25), (["chunks", 1, "raw_size"], 55)),
+        "declares 24 raw bytes",
+    )
     corrupted = bytearray(GOLDEN)
     corrupted[-1] ^= 0xFF
     with pytest.raises(errors.ChunkIntegrityError, match="chunk 2 of layer 1: sha256 mismatch") as info:
@@ -104,7 +108,11 @@ def test_mutated_manifests_raise_only_format_errors(seed: int) -> None:
     assert_only_format_errors(join_file(manifest, region))
 
 
-@pytest.mark.parametrize("tail", [b"garbage!", bytes(8), (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip"], ids=["garbage", "zeros", "skippable-frame"])
+@pytest.mark.parametrize(
+    "tail",
+    [b"garbage!", bytes(8), (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip"],
+    ids=["garbage", "zeros", "skippable-frame"],
+)
 def test_bytes_after_a_chunks_frame_are_refused(tmp_path: Path, tail: bytes) -> None:
     """The manifest's sha256 covers frame + tail, so only the one-frame rule can catch it (FORMAT.md, "Chunks")."""
     manifest, region = split_file(GOLDEN)

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgpack
 import pytest
-from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
-from streamload.formats.manifest import parse_manifest
 
 from streamload import errors
+from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
+from streamload.formats.manifest import parse_manifest
 from tests.support.mutate import split_file
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
@@ -60,7 +60,9 @@ print(json.dumps([outcome, time.perf_counter() - started, peak_rss_bytes() - bef
 
 def measure_parse(path: Path, data_size_bytes: int | None) -> tuple[str, float, int]:
     """(outcome, seconds, peak RSS growth in bytes) of parse_manifest on a file's bytes, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(data_size_bytes or "none")], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), str(data_size_bytes or "none")], capture_output=True, text=True, timeout=120, check=True
+    )
     outcome, seconds, growth_bytes = json.loads(done.stdout)
     return outcome, seconds, growth_bytes
 
@@ -114,13 +116,32 @@ def large_manifest(chunk_count: int) -> tuple[bytes, int]:
     for layer in range(chunk_count // per_layer):
         start = layer * per_layer * raw_size
         layers.append({"name": f"block.{layer}", "raw_offset": start, "raw_size": per_layer * raw_size})
-        tensors.append({"name": f"block.{layer}.weight", "layer": layer, "dtype": "f32", "shape": [per_layer * raw_size // 4], "raw_offset": start, "quant": "none"})
+        tensors.append(
+            {
+                "name": f"block.{layer}.weight",
+                "layer": layer,
+                "dtype": "f32",
+                "shape": [per_layer * raw_size // 4],
+                "raw_offset": start,
+                "quant": "none",
+            }
+        )
         for c in range(per_layer):
             size = 300_000 + c
             sha = hashlib.sha256(offset.to_bytes(8, "little")).digest()
-            chunks.append({"layer": layer, "offset": offset, "size": size, "raw_offset": start + c * raw_size, "raw_size": raw_size, "sha256": sha})
+            chunks.append(
+                {"layer": layer, "offset": offset, "size": size, "raw_offset": start + c * raw_size, "raw_size": raw_size, "sha256": sha}
+            )
             offset += size
-    root = {"config": {"architecture": "synthetic"}, "chunk_size": raw_size, "layers": layers, "tensors": tensors, "chunks": chunks, "tokenizer": None, "stats": {}}
+    root = {
+        "config": {"architecture": "synthetic"},
+        "chunk_size": raw_size,
+        "layers": layers,
+        "tensors": tensors,
+        "chunks": chunks,
+        "tokenizer": None,
+        "stats": {},
+    }
     return msgpack.packb(root, use_bin_type=True), offset
 
 

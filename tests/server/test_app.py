@@ -12,9 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+
 from streamload.formats import ModelReader
 from streamload.formats.reader import encode_preamble
-
 from tests.serving import ServerThread, serve_directory
 
 
@@ -87,7 +87,9 @@ def raw_exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]
 
 def test_a_last_byte_past_the_end_is_clamped_and_416_answers_say_content_length_0(server: ServerThread, model_dir: Path) -> None:
     data = (model_dir / "llama.slm").read_bytes()
-    status, headers, body = raw_exchange(server.port, b"GET /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99999999999999999999\r\nConnection: close\r\n\r\n")
+    status, headers, body = raw_exchange(
+        server.port, b"GET /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99999999999999999999\r\nConnection: close\r\n\r\n"
+    )
     assert status.startswith("HTTP/1.1 206") and headers["content-range"] == f"bytes 0-{len(data) - 1}/{len(data)}" and body == data
     for method in ("GET", "HEAD"):  # RFC 9110 section 9.3.2: HEAD answers with the fields GET would send
         request = f"{method} /llama.slm HTTP/1.1\r\nHost: x\r\nRange: bytes={len(data)}-\r\nConnection: close\r\n\r\n".encode()
@@ -98,7 +100,17 @@ def test_a_last_byte_past_the_end_is_clamped_and_416_answers_say_content_length_
 
 @pytest.mark.parametrize(
     "path",
-    ["../secret.slm", "%2e%2e/secret.slm", "..%2fsecret.slm", "%2e%2e%2fsecret.slm", "escape.slm", "notes.txt", "missing.slm", ".hidden.slm", "%2ftmp%2fx.slm"],
+    [
+        "../secret.slm",
+        "%2e%2e/secret.slm",
+        "..%2fsecret.slm",
+        "%2e%2e%2fsecret.slm",
+        "escape.slm",
+        "notes.txt",
+        "missing.slm",
+        ".hidden.slm",
+        "%2ftmp%2fx.slm",
+    ],
 )
 async def test_only_models_directly_in_the_directory_are_reachable(server: ServerThread, path: str) -> None:
     async with aiohttp.ClientSession() as session:

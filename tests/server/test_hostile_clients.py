@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from streamload.server.app import SLOTS
 
+from streamload.server.app import SLOTS
 from tests.checks import free_port, wait_for_port
 from tests.serving import serve_directory
 

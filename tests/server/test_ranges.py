@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from streamload.server.ranges import MAX_RANGE_HEADER_LENGTH, RangeOutcome, decide_range
 
 P, F, U = RangeOutcome.PARTIAL, RangeOutcome.FULL, RangeOutcome.UNSATISFIABLE

@@ -87,7 +87,21 @@ async def test_compute_starts_while_later_layers_are_on_the_wire(served: tuple[S
 def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server, _ = served
     logits_path = tmp_path / "logits.npy"
-    code = main(["run", server.url("llama.slm"), "--cache-dir", str(tmp_path), "--ids", "1,17,300,45", "--max-new-tokens", "3", "--json", "--save-logits", str(logits_path)])
+    code = main(
+        [
+            "run",
+            server.url("llama.slm"),
+            "--cache-dir",
+            str(tmp_path),
+            "--ids",
+            "1,17,300,45",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            "--save-logits",
+            str(logits_path),
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["generated_ids"]) == 3 and out["text"] is None
@@ -101,7 +115,24 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
     assert "--save-logits needs a decoder" in capsys.readouterr().err
     picture = tmp_path / "timeline.png"
-    assert main(["run", server.url("llama.slm"), "--cache-dir", str(tmp_path / "fresh"), "--ids", "1,2", "--timeline-png", str(picture), "--link-rate", "1e6", "-q"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                server.url("llama.slm"),
+                "--cache-dir",
+                str(tmp_path / "fresh"),
+                "--ids",
+                "1,2",
+                "--timeline-png",
+                str(picture),
+                "--link-rate",
+                "1e6",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
@@ -186,7 +217,9 @@ async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(serve
     np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-5)
 
 
-async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(
+    served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, _ = served
     hand_offs = []
     to_thread = asyncio.to_thread
@@ -231,7 +264,20 @@ def test_sampling() -> None:
 
 def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
     base = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
-    scaled = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 8192, False, ())
+    scaled = llama.LlamaConfig(
+        512,
+        64,
+        1,
+        4,
+        2,
+        64,
+        1e-6,
+        500000.0,
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        8192,
+        False,
+        (),
+    )
     plain, adjusted = llama.rope_inverse_frequencies(base), llama.rope_inverse_frequencies(scaled)
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor

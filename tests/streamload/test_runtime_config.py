@@ -27,7 +27,10 @@ def with_config(source: Path, target: Path, **changes: Any) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"head_dim": 5_000_000}, r"num_attention_heads=4 x head_dim=5000000 = 20000000 contradicts tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' of shape \(64, 64\)"),
+        (
+            {"head_dim": 5_000_000},
+            r"num_attention_heads=4 x head_dim=5000000 = 20000000 contradicts tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' of shape \(64, 64\)",
+        ),
         ({"head_dim": 10**9}, r"head_dim=1000000000 = 4000000000 contradicts tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'"),
         ({"num_hidden_layers": 10**9}, r"num_hidden_layers=1000000000 contradicts the file's 5 layers"),
     ],
@@ -48,9 +51,15 @@ async def test_runtime_refuses_before_allocating(tmp_path: Path, llama_slm: Path
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"num_key_value_heads": 4}, r"num_key_value_heads=4 x head_dim=16 = 64 contradicts tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' of shape \(32, 64\)"),
+        (
+            {"num_key_value_heads": 4},
+            r"num_key_value_heads=4 x head_dim=16 = 64 contradicts tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' of shape \(32, 64\)",
+        ),
         ({"vocab_size": 10**6}, r"vocab_size=1000000 contradicts tensor 'model\.embed_tokens\.weight' of shape \(512, 64\)"),
-        ({"hidden_size": 96}, r"hidden_size=96 contradicts tensor 'model\.embed_tokens\.weight' of shape \(512, 64\) \(dimension 1 is 64\)"),
+        (
+            {"hidden_size": 96},
+            r"hidden_size=96 contradicts tensor 'model\.embed_tokens\.weight' of shape \(512, 64\) \(dimension 1 is 64\)",
+        ),
         ({"intermediate_size": 177}, r"intermediate_size=177 contradicts tensor 'model\.layers\.0\.mlp\.gate_proj\.weight'"),
         ({"num_attention_heads": 3}, r"num_attention_heads=3 is not a multiple of num_key_value_heads=2"),
         ({"head_dim": 15, "num_attention_heads": 2, "num_key_value_heads": 1}, r"head_dim=15 must be even"),

@@ -7,12 +7,38 @@ import random
 from typing import Any
 
 import msgpack
+
 from streamload.formats.constants import PREAMBLE_SIZE_BYTES
 from streamload.formats.reader import decompress_chunk, encode_preamble, read_header, read_preamble, verify_chunk
 
 HOSTILE_VALUES: tuple[Any, ...] = (
-    None, True, -1, 0, 1, 7, 63, 64, 4095, 2**31, 2**32 + 5, 2**63 - 1, -(2**63), 1.5, float("nan"),
-    "", "x" * 5000, "f64", "i8", "int8_row", b"", b"\x00" * 32, [], [0], [2**40, 2**40], {}, {"a": 1},
+    None,
+    True,
+    -1,
+    0,
+    1,
+    7,
+    63,
+    64,
+    4095,
+    2**31,
+    2**32 + 5,
+    2**63 - 1,
+    -(2**63),
+    1.5,
+    float("nan"),
+    "",
+    "x" * 5000,
+    "f64",
+    "i8",
+    "int8_row",
+    b"",
+    b"\x00" * 32,
+    [],
+    [0],
+    [2**40, 2**40],
+    {},
+    {"a": 1},
 )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from streamload.formats.architectures import LLAMA
 from streamload.formats.constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
 from streamload.formats.writer import ModelWriter
@@ -73,7 +74,9 @@ def write_synthetic_llama(folder: str | os.PathLike[str], config: dict[str, Any]
     return folder
 
 
-def write_synthetic_int8_model(path: str | os.PathLike[str], *, blocks: int, block_raw_bytes: int, seed: int = 0, chunk_size_bytes: int | None = None) -> Path:
+def write_synthetic_int8_model(
+    path: str | os.PathLike[str], *, blocks: int, block_raw_bytes: int, seed: int = 0, chunk_size_bytes: int | None = None
+) -> Path:
     """A .slm of ``blocks`` layers of int8 matrices that compress like real quantized weights.
 
     Values are rounded Gaussians (std 24, clipped to +-127): order-0 entropy ~7.3 bits, like
