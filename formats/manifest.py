@@ -217,6 +217,17 @@ def _is_array(first_byte: int) -> bool:
     return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
 
 
+def _msgpack_limits(limit_bytes: int) -> dict[str, int]:
+    """msgpack's per-object caps: no string, blob, array or map may claim more than ``limit_bytes`` elements."""
+    return {
+        "max_str_len": limit_bytes,
+        "max_bin_len": limit_bytes,
+        "max_array_len": limit_bytes,
+        "max_map_len": min(limit_bytes, MAX_MAP_FIELDS),
+        "max_ext_len": limit_bytes,
+    }
+
+
 def _unpacker(data: bytes, start: int, *, limit_bytes: int) -> msgpack.Unpacker:
     """An unpacker reading ``data`` from ``start`` that decodes no container or string longer than ``limit_bytes``."""
     stream = io.BytesIO(data)  # shares the bytes object's buffer: no copy
@@ -226,11 +237,7 @@ def _unpacker(data: bytes, start: int, *, limit_bytes: int) -> msgpack.Unpacker:
         raw=False,
         strict_map_key=True,
         max_buffer_size=MAX_MANIFEST_SIZE_BYTES,
-        max_str_len=limit_bytes,
-        max_bin_len=limit_bytes,
-        max_array_len=limit_bytes,
-        max_map_len=min(limit_bytes, MAX_MAP_FIELDS),
-        max_ext_len=limit_bytes,
+        **_msgpack_limits(limit_bytes),
     )
 
 
@@ -278,11 +285,7 @@ def _decode(data: bytes, span: Span, where: str, *, limit_bytes: int) -> Any:
             memoryview(data)[start:end],
             raw=False,
             strict_map_key=True,
-            max_str_len=limit_bytes,
-            max_bin_len=limit_bytes,
-            max_array_len=limit_bytes,
-            max_map_len=min(limit_bytes, MAX_MAP_FIELDS),
-            max_ext_len=limit_bytes,
+            **_msgpack_limits(limit_bytes),
         )
     except _DECODE_ERRORS as exc:
         raise _decode_failed(exc) from None
