@@ -91,6 +91,7 @@ class ModelCache:
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._store_fd: int | None = None
+        self._store_size = 0
         self._reserved = bytearray()  # 1 per RESERVE_BLOCK_BYTES block this process fallocated
         self._reserve_lock = threading.Lock()
         self.store_map: mmap.mmap | None = None
@@ -193,6 +194,7 @@ class ModelCache:
             size_before = os.fstat(fd).st_size
             if size_before != size_bytes:
                 os.ftruncate(fd, size_bytes)
+            self._store_size = size_bytes
             self._reserved = bytearray(-(-size_bytes // RESERVE_BLOCK_BYTES))
             if size_bytes:
                 self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwritev
@@ -258,11 +260,10 @@ class ModelCache:
             return
         assert self._store_fd is not None
         with self._reserve_lock:
-            size = os.fstat(self._store_fd).st_size
             for block in range(first, last + 1):
                 if not self._reserved[block]:
                     offset = block * RESERVE_BLOCK_BYTES
-                    os.posix_fallocate(self._store_fd, offset, min(RESERVE_BLOCK_BYTES, size - offset))
+                    os.posix_fallocate(self._store_fd, offset, min(RESERVE_BLOCK_BYTES, self._store_size - offset))
                     self._reserved[block] = 1
 
     def release_unverified(self, present: list[tuple[int, int]]) -> int:
@@ -275,7 +276,7 @@ class ModelCache:
         for block, reserved in enumerate(self._reserved):
             if not reserved:
                 continue
-            start, end = block * RESERVE_BLOCK_BYTES, min((block + 1) * RESERVE_BLOCK_BYTES, os.fstat(self._store_fd).st_size)
+            start, end = block * RESERVE_BLOCK_BYTES, min((block + 1) * RESERVE_BLOCK_BYTES, self._store_size)
             cursor = start
             for offset, size in covered:  # the gaps between present chunks inside this block
                 if offset + size <= cursor:

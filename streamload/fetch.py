@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 
-from .errors import FetchError
+from .errors import FetchError, RetryableError, StalledError
 from .formats import Manifest
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
+from .httputil import Backoff, RetryPolicy
 from .transport import Source
 
 HEADER_PROBE_BYTES = 64 << 10  # first request: preamble and, usually, the whole manifest
@@ -55,3 +57,20 @@ async def fetch_header(source: Source) -> Header:
         finally:
             more.close()
     return await parse_header(bytes(raw), total)
+
+
+async def fetch_header_with_retries(
+    source: Source,
+    policy: RetryPolicy,
+    *,
+    give_up: Callable[[RetryableError | StalledError], Awaitable[bool]] | None = None,
+) -> Header:
+    """``fetch_header`` retried with backoff; ``give_up(failure)`` returning True ends the retries at once (FetchError)."""
+    backoff = Backoff(policy, f"fetching the header of {source.url}")
+    while True:
+        try:
+            return await fetch_header(source)
+        except (RetryableError, StalledError) as exc:
+            if give_up is not None and await give_up(exc):
+                raise FetchError(str(exc)) from None
+            await backoff.wait(exc)

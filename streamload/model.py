@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cache import default_cache_dir
-from .errors import RetryableError, StalledError
-from .fetch import fetch_header
+from .fetch import fetch_header_with_retries
 from .formats import Manifest
-from .httputil import Backoff, RetryPolicy
+from .httputil import RetryPolicy
 from .layer import Layer
 from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
@@ -165,13 +164,8 @@ async def read_remote_header(
 
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session)
-    backoff = Backoff(policy, f"fetching the header of {url}")
     try:
-        while True:
-            try:
-                header = await fetch_header(source)
-                return header.manifest, header.data_offset + header.manifest.data_size_bytes
-            except (RetryableError, StalledError) as exc:
-                await backoff.wait(exc)
+        header = await fetch_header_with_retries(source, policy)
+        return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         await source.close()

@@ -32,7 +32,7 @@ from .errors import (
     StalledError,
     StreamloadError,
 )
-from .fetch import Header, fetch_header, parse_header
+from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .formats import ChunkEntry, Manifest
 from .formats.reader import frame_size_bytes
 from .httputil import Backoff, RetryPolicy
@@ -252,16 +252,13 @@ class DownloadSession:
         """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
         no such host) ends the retries at once with ``give_up_unreachable``, or with ``cached_fallback`` when the
         cache holds a complete copy of the URL's model."""
-        backoff = Backoff(self.retry, f"fetching the header of {self.url}")
-        while True:
-            try:
-                return await fetch_header(source)
-            except (RetryableError, StalledError) as exc:
-                if getattr(exc, "unreachable", False) and (
-                    give_up_unreachable or (cached_fallback and await self._complete_copy_of_url() is not None)
-                ):
-                    raise FetchError(str(exc)) from None
-                await backoff.wait(exc)
+
+        async def give_up(failure: RetryableError | StalledError) -> bool:
+            if not getattr(failure, "unreachable", False):
+                return False
+            return give_up_unreachable or (cached_fallback and await self._complete_copy_of_url() is not None)
+
+        return await fetch_header_with_retries(source, self.retry, give_up=give_up)
 
     async def _complete_copy_of_url(self) -> Header | None:
         digest = ModelCache.read_ref(self.cache_root, self.url)
@@ -335,18 +332,15 @@ class DownloadSession:
         with no source to fetch them from, a CacheError naming the layer.
         """
         assert self.cache is not None
-        cached = [
-            (c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index])
-            for c in self.manifest.chunks_of_layer(index)
-            if c.index in self.journaled
-        ]
+        chunks = self.manifest.chunks_of_layer(index)
+        cached = [(c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index]) for c in chunks if c.index in self.journaled]
         damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached)) if cached else set()
         self._checked.add(index)
         if not damaged:
             return True
         name = self.manifest.layers[index].name
         logger.warning("layer %d (%s): %d cached chunks differ from what was verified; fetching them again", index, name, len(damaged))
-        chunks = [c for c in self.manifest.chunks_of_layer(index) if c.index in damaged]
+        chunks = tuple(c for c in chunks if c.index in damaged)
         for chunk in chunks:
             del self.journaled[chunk.index]
         self.scheduler.reopen(chunks)

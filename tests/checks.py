@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -37,6 +39,17 @@ def assert_cache_exact(cache: Path, path: Path) -> None:
 def journal_count(cache: Path) -> int:
     journals = list(cache.glob(f"models/*/{JOURNAL_NAME}"))
     return journals[0].stat().st_size // JOURNAL_RECORD.size if journals else 0
+
+
+def start_cli_server(directory: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """``streamload serve DIR --port PORT [options]`` in its own process, once it accepts connections."""
+    command = [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait_for_port(port, timeout_s=15):
+        process.kill()
+        process.wait()
+        raise RuntimeError("streamload serve did not start")
+    return process
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ import hashlib
 import select
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 
 from streamload.server.app import SLOTS
-from tests.checks import free_port, wait_for_port
+from tests.checks import free_port, start_cli_server
 from tests.serving import serve_directory
 
 
@@ -33,14 +32,8 @@ def served_dir(tmp_path: Path, minilm_slm: Path) -> Path:
 def cli_server(directory: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """``streamload serve`` in its own process, with its default limits."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_cli_server(directory, port)
     try:
-        if not wait_for_port(port, timeout_s=15):
-            raise RuntimeError("server did not start")
         yield port, process
     finally:
         process.kill()

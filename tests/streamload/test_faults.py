@@ -17,7 +17,7 @@ from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD, ModelCache
 from streamload.cli import main
 from streamload.formats import ModelReader
 from streamload.formats.constants import PREAMBLE_SIZE_BYTES
-from tests.checks import RECEIVE_PATHS, assert_cache_exact, free_port, journal_count, open_via, wait_for_port
+from tests.checks import RECEIVE_PATHS, assert_cache_exact, free_port, journal_count, open_via, start_cli_server
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
 
@@ -80,21 +80,10 @@ def test_every_copy_corrupted_exits_non_zero_without_output(deep_slm: Path, tmp_
     assert "chunk 0 of layer 0 failed its sha256 check in 3 downloads" in captured.err
 
 
-def start_server(directory: Path, port: int, rate: float) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), "--rate", str(rate)],
-        stderr=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
-    if not wait_for_port(port, timeout_s=15):
-        raise RuntimeError("server did not start")
-    return process
-
-
 async def test_server_killed_and_restarted(www: Path, deep_slm: Path, tmp_path: Path) -> None:
     port = free_port()
     size = deep_slm.stat().st_size
-    server = start_server(www, port, size / 2.0)
+    server = start_cli_server(www, port, "--rate", str(size / 2.0))
     policy = streamload.RetryPolicy(max_attempts=8, base_delay_s=0.2, max_delay_s=1.0, stall_timeout_s=2.0)
     try:
         async with streamload.open(f"http://127.0.0.1:{port}/deep.slm", cache_dir=tmp_path / "cache", retry=policy) as model:
@@ -102,7 +91,7 @@ async def test_server_killed_and_restarted(www: Path, deep_slm: Path, tmp_path: 
             server.send_signal(signal.SIGKILL)  # mid-download
             server.wait()
             time.sleep(0.5)
-            server = start_server(www, port, size / 2.0)
+            server = start_cli_server(www, port, "--rate", str(size / 2.0))
             stats = await model.wait_complete()
         assert stats.retries >= 1 and stats.chunks_fetched == stats.chunks_total
     finally:
@@ -113,7 +102,7 @@ async def test_server_killed_and_restarted(www: Path, deep_slm: Path, tmp_path: 
 
 async def test_server_gone_for_good_is_reported_clearly(www: Path, deep_slm: Path, tmp_path: Path) -> None:
     port = free_port()
-    server = start_server(www, port, deep_slm.stat().st_size / 2.0)
+    server = start_cli_server(www, port, "--rate", str(deep_slm.stat().st_size / 2.0))
     async with streamload.open(f"http://127.0.0.1:{port}/deep.slm", cache_dir=tmp_path, retry=FAST_RETRY) as model:
         await model.layer(1)
         server.kill()
