@@ -25,7 +25,8 @@
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
-    └── RuntimeModelError (ValueError)       the model or its input cannot be run
+    ├── RuntimeModelError (ValueError)       the model or its input cannot be run
+    └── UsageError (ValueError)              an argument to the library is out of its range
 
 Two signals of the threaded HTTP path never reach a caller: ``TransportUnsupported``
 (this response needs the general client) and ``TransportStatus`` (an error status,
@@ -170,6 +171,10 @@ class RuntimeModelError(StreamloadError, ValueError):
     """The model or its input cannot be run."""
 
 
+class UsageError(StreamloadError, ValueError):
+    """An argument to the library is out of its range."""
+
+
 __all__ = [
     "BadMagicError",
     "CacheError",
@@ -197,4 +202,5 @@ __all__ = [
     "UnknownDTypeError",
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",
+    "UsageError",
 ]

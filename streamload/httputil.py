@@ -15,7 +15,7 @@ import random
 import re
 import time
 
-from .errors import FetchError, HTTPStatusError, RetryableError, StalledError
+from .errors import FetchError, HTTPStatusError, RetryableError, StalledError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,16 @@ class RetryPolicy:
     header_timeout_s: float = 30.0  # deadline for a whole response head, however slowly it trickles in
     min_rate_bytes_per_s: float = 1024.0  # a body slower than this over rate_window_s is stalled
     rate_window_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}")
+        for name in ("base_delay_s", "max_delay_s", "max_retry_after_s", "min_rate_bytes_per_s"):
+            if not getattr(self, name) >= 0:
+                raise UsageError(f"RetryPolicy.{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("stall_timeout_s", "connect_timeout_s", "header_timeout_s", "rate_window_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"RetryPolicy.{name} must be more than 0 seconds, got {getattr(self, name)}")
 
     def delay_s(self, failures: int, retry_after_s: float | None = None) -> float:
         if retry_after_s is not None:

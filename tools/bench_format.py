@@ -81,12 +81,21 @@ def bench_levels(source: Path, levels: list[int], workdir: Path) -> None:
         (workdir / f"level-{level}.slm").unlink()
 
 
+def zstd_levels(text: str) -> list[int]:
+    levels = [int(part) for part in text.split(",") if part.strip().lstrip("-").isdigit()]
+    if len(levels) != len(text.split(",")) or not all(1 <= level <= 22 for level in levels):
+        raise argparse.ArgumentTypeError(f"expected comma-separated zstd levels from 1 to 22, got {text!r}")
+    return levels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, action="append", help="model folder(s); default: synthetic Llama + MiniLM")
     parser.add_argument("--sizes", default="65536,262144,1048576,4194304,16777216")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--levels", help="comma-separated zstd levels: print ratio and convert time per level instead")
+    parser.add_argument(
+        "--levels", type=zstd_levels, help="comma-separated zstd levels (1-22): print ratio and convert time per level instead"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +116,7 @@ def main() -> None:
                 sources.append(Path(spec.origin).parent / "model")
         for source in sources:
             if args.levels:
-                bench_levels(source, [int(level) for level in args.levels.split(",")], workdir)
+                bench_levels(source, args.levels, workdir)
             else:
                 bench_source(source, sizes, args.repeats, workdir)
 

@@ -12,7 +12,7 @@ import pytest
 import streamload
 import streamload.formats
 import streamload.server
-from streamload.errors import StreamloadError
+from streamload.errors import StreamloadError, UsageError
 
 
 def test_streamload_public_names() -> None:
@@ -81,3 +81,12 @@ def test_a_local_model_needs_no_http_client(deep_slm: Path, tmp_path: Path) -> N
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_attempts", 0), ("min_rate_bytes_per_s", -5), ("rate_window_s", 0), ("header_timeout_s", -1), ("stall_timeout_s", float("nan"))],
+)
+def test_a_retry_policy_out_of_range_is_refused_with_the_field_named(field: str, value: float) -> None:
+    with pytest.raises(UsageError, match=f"RetryPolicy.{field} must be"):
+        streamload.RetryPolicy(**{field: value})
