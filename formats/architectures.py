@@ -12,7 +12,10 @@ before a file is put in place, the runtime before it runs one. A mismatch is a
 ``ManifestSchemaError`` naming the field, its value and the tensor it contradicts.
 
 Layer 0 is the embeddings, layers 1..N the blocks, layer N+1 the final norm and
-head: reading the file front to back yields layers in forward-pass order.
+head: reading the file front to back yields layers in forward-pass order. The
+token-embedding table (``row_table``) follows them as a row-table layer (format
+version 2), its scales in layer 0, so that a client fetches the rows an input
+needs and the blocks before the rest of the table; in a version-1 file it is in layer 0.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import ManifestSchemaError, SourceError, UnsupportedArchitectureError
-from .constants import MAX_STORE_SIZE_BYTES
+from .constants import MAX_STORE_SIZE_BYTES, LayerKind
 from .manifest import Manifest
 
 MAX_POSITIONS = 1 << 24
@@ -112,6 +115,7 @@ class Architecture:
     normalize_config: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # HF config, extras -> manifest config
     canonical_name: Callable[[str], str | None]  # HF tensor name -> stored name, or None to drop
     first_prefix: str  # names starting with this are layer 0 (the embeddings)
+    row_table: str  # the token-embedding table: stored as a row table after the steps, read a few rows at a time
     tensor_dims: Callable[[Mapping[str, Any]], dict[str, tuple[tuple[Dim, ...], bool]]]  # name -> (dims, required)
     check_config: Callable[[dict[str, Any]], None]  # relations between fields; fills derived defaults
 
@@ -164,11 +168,15 @@ class Architecture:
         """
         values = self.read_config(config)
         blocks = values["num_hidden_layers"]
-        if len(manifest.layers) != blocks + 2:
+        if manifest.step_count != blocks + 2:
             raise ManifestSchemaError(
-                f"model config: num_hidden_layers={blocks} contradicts the file's {len(manifest.layers)} layers "
+                f"model config: num_hidden_layers={blocks} contradicts the file's {manifest.step_count} execution steps "
                 "(embeddings + blocks + head)"
             )
+        for layer in manifest.layers[manifest.step_count :]:
+            held = [t.name for t in manifest.tensors if t.layer_index == layer.index]
+            if held != [self.row_table]:
+                raise ManifestSchemaError(f"model file: row table {layer.name!r} holds {held}, expected [{self.row_table!r}]")
         for name, (dims, required) in self.tensor_dims(values).items():
             entry = manifest.tensor_by_name.get(name)
             if entry is None:
@@ -187,7 +195,8 @@ class Architecture:
                         f"model config: {_describe((dim,), values)}{product} contradicts tensor {name!r} of shape {entry.shape} "
                         f"(dimension {axis} is {actual})"
                     )
-            if entry.layer_index != self.layer_of(name, blocks):
+            in_row_table = name == self.row_table and manifest.layers[entry.layer_index].kind is LayerKind.ROWS
+            if entry.layer_index != self.layer_of(name, blocks) and not in_row_table:
                 raise ManifestSchemaError(
                     f"model config: tensor {name!r} is in layer {entry.layer_index}, "
                     f"the runtime reads it from layer {self.layer_of(name, blocks)}"
@@ -314,6 +323,7 @@ BERT = Architecture(
     normalize_config=_bert_config,
     canonical_name=_bert_name,
     first_prefix="embeddings.",
+    row_table="embeddings.word_embeddings.weight",
     tensor_dims=_bert_dims,
     check_config=_bert_check,
 )
@@ -453,6 +463,7 @@ LLAMA = Architecture(
     normalize_config=_llama_config,
     canonical_name=_llama_name,
     first_prefix="model.embed_tokens.",
+    row_table="model.embed_tokens.weight",
     tensor_dims=_llama_dims,
     check_config=_llama_check,
 )
@@ -478,3 +489,7 @@ def architecture_named(name: str) -> Architecture | None:
 def layer_names(block_count: int) -> list[str]:
     """Names of the execution steps, in order."""
     return ["embeddings", *(f"block.{i}" for i in range(block_count)), "head"]
+
+
+ROW_TABLE_LAYER_NAME = "embeddings.rows"
+"""The name of the row-table layer that holds an architecture's ``row_table``."""

@@ -13,8 +13,14 @@ import struct
 MAGIC = b"\x89SLM\r\n\x1a\n"
 """8 bytes. Non-ASCII first byte and CR LF / ^Z / LF catch text-mode mangling (as PNG does)."""
 
-FORMAT_VERSION = 1
-"""Bumped only for changes an old reader cannot skip; new manifest keys do not bump it."""
+FORMAT_VERSION = 2
+"""Bumped only for changes an old reader cannot skip; new manifest keys do not bump it.
+
+Version 2 added row-table layers (``LayerKind.ROWS``): a token-embedding table stored after the
+execution steps, in small chunks of whole rows, with its scales in layer 0."""
+
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""A version-1 file is a version-2 file without row-table layers: this reader reads both."""
 
 PREAMBLE = struct.Struct(
     "<"
@@ -37,6 +43,12 @@ LAYER_ALIGNMENT = 4096
 
 DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
 """Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (see README)."""
+
+ROW_CHUNK_ENTRY_BYTES = 100
+"""What one chunk adds to the manifest (its msgpack map with a sha256): the cost of a finer row table."""
+
+ROW_CHUNK_EXPECTED_TOKENS = 16
+"""Distinct tokens of a typical input, for choosing rows per chunk (``rows_per_chunk``)."""
 
 DEFAULT_ZSTD_LEVEL = 3
 """Levels 1-19 give the same ratio on int8 weights (all-MiniLM-L6-v2: 21.20-21.22 MB at every level), and 3 converts
@@ -92,10 +104,29 @@ class QuantScheme(enum.Enum):
     INT8_ROW = "int8_row"  # real[r, :] = stored[r, :] * scales[r]; scales is an f32 tensor of shape (rows,)
 
 
+class LayerKind(enum.Enum):
+    """What a layer is for; the value is the manifest spelling."""
+
+    STEP = "step"  # an execution step: embeddings, a block, the head (in forward-pass order)
+    ROWS = "rows"  # a row table (one 2-D tensor) read a few rows at a time; stored after every step
+
+
 class Codec(enum.Enum):
     """How a chunk's bytes are encoded in the data region."""
 
     ZSTD = "zstd"  # one zstd frame whose header carries the raw size
+
+
+def rows_per_chunk(rows: int, row_size_bytes: int, compression_ratio: float = 1.0) -> int:
+    """Rows per chunk of a row table: the fewest manifest bytes plus bytes fetched for a typical input.
+
+    A table of ``rows`` cut into chunks of r rows costs ``rows / r * ROW_CHUNK_ENTRY_BYTES`` of manifest,
+    which every client reads, and each of an input's ROW_CHUNK_EXPECTED_TOKENS distinct tokens fetches a
+    whole chunk, ``r * row_size_bytes / compression_ratio``; the sum is least at the r below
+    (all-MiniLM-L6-v2: 22 rows of 384 bytes; ``python tools/bench_row_chunks.py`` measures the curve).
+    """
+    fetched_per_row = max(1.0, row_size_bytes / compression_ratio) * ROW_CHUNK_EXPECTED_TOKENS
+    return max(1, min(rows, round((rows * ROW_CHUNK_ENTRY_BYTES / fetched_per_row) ** 0.5)))
 
 
 def align_up(value: int, alignment: int) -> int:

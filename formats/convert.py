@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, SourceError
-from .architectures import Architecture, find_architecture, layer_names
-from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, QuantScheme
+from .architectures import ROW_TABLE_LAYER_NAME, Architecture, find_architecture, layer_names
+from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, LayerKind, QuantScheme, rows_per_chunk
 from .manifest import Manifest
-from .quantize import quantize_int8_rows
+from .quantize import QuantizationError, quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
 from .writer import ModelWriter
 
@@ -183,6 +183,38 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
     return [[canonical[n] + "\0" + n for n in group] for group in plan]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stored:
+    """A source tensor as it is written: int8 with per-row scales, or float."""
+
+    values: np.ndarray
+    scales: np.ndarray | None = None
+    error: QuantizationError | None = None
+
+    @property
+    def errors(self) -> tuple[float | None, float | None]:
+        return (None, None) if self.error is None else (self.error.max_abs_error, self.error.max_rel_error)
+
+
+def _store_form(values: np.ndarray, quant: str) -> _Stored:
+    if quant == "int8" and values.ndim == 2:
+        q, scales, error = quantize_int8_rows(values)
+        return _Stored(q, scales, error)
+    # norms and biases become f32 for the runtime; unquantized matrices keep f16 when the source has it
+    keep_f16 = values.ndim == 2 and values.dtype == np.float16
+    return _Stored(np.asarray(values, dtype=np.float16 if keep_f16 else np.float32))
+
+
+def _take_row_table(arch: Architecture, plan: list[list[str]]) -> tuple[str, str]:
+    """Remove the architecture's row table from layer 0's plan: (source name, stored name)."""
+    for entry in plan[0]:
+        source_name, name = entry.split("\0")
+        if name == arch.row_table:
+            plan[0].remove(entry)
+            return source_name, name
+    raise SourceError(f"tensor {arch.row_table!r} is missing from the weights")  # pragma: no cover - _plan_layers checked it
+
+
 def _check_runnable(arch: Architecture, manifest: Manifest) -> None:
     """The runtime's load-time check, on the manifest about to be written: never write a file it would refuse."""
     try:
@@ -244,29 +276,39 @@ def convert(
         zstd_level=zstd_level,
         threads=threads,
     ) as writer:
+        table_source, table_name = _take_row_table(arch, plan)
+        table = _store_form(tensors.array(table_source), quant)  # its scales go to layer 0, its rows after every step
         for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
             layer_index = writer.begin_layer(layer_name)
             deferred_scales: list[tuple[str, np.ndarray]] = []
+            if layer_index == 0 and table.scales is not None:
+                deferred_scales.append((table_name + ".scales", table.scales))
             for entry in group:
                 source_name, name = entry.split("\0")
-                values = tensors.array(source_name)
-                if quant == "int8" and values.ndim == 2:
-                    q, scales, error = quantize_int8_rows(values)
-                    writer.add_tensor(name, q, quant=QuantScheme.INT8_ROW, scales=name + ".scales", error=error)
-                    deferred_scales.append((name + ".scales", scales))
-                    reports.append(TensorReport(name, layer_index, q.shape, "i8", error.max_abs_error, error.max_rel_error))
+                stored = _store_form(tensors.array(source_name), quant)
+                if stored.scales is not None:
+                    writer.add_tensor(name, stored.values, quant=QuantScheme.INT8_ROW, scales=name + ".scales", error=stored.error)
+                    deferred_scales.append((name + ".scales", stored.scales))
+                    reports.append(TensorReport(name, layer_index, stored.values.shape, "i8", *stored.errors))
                     continue
                 for scale_name, scales in deferred_scales:  # floats go after every int8 matrix of the layer
                     writer.add_tensor(scale_name, scales)
                 deferred_scales.clear()
-                # norms and biases become f32 for the runtime; unquantized matrices keep f16 when the source has it
-                keep_f16 = values.ndim == 2 and values.dtype == np.float16
-                stored = np.asarray(values, dtype=np.float16 if keep_f16 else np.float32)
-                writer.add_tensor(name, stored)
-                reports.append(TensorReport(name, layer_index, tuple(stored.shape), stored.dtype.name, None, None))
+                writer.add_tensor(name, stored.values)
+                reports.append(TensorReport(name, layer_index, tuple(stored.values.shape), stored.values.dtype.name, None, None))
             for scale_name, scales in deferred_scales:
                 writer.add_tensor(scale_name, scales)
             writer.end_layer()
+        rows, row_bytes = table.values.shape[0], table.values.shape[1] * table.values.itemsize
+        row_chunk_bytes = min(chunk_size_bytes, rows_per_chunk(rows, row_bytes) * row_bytes)
+        layer_index = writer.begin_layer(ROW_TABLE_LAYER_NAME, kind=LayerKind.ROWS, chunk_size_bytes=max(row_chunk_bytes, 1))
+        if table.scales is not None:
+            writer.add_tensor(table_name, table.values, quant=QuantScheme.INT8_ROW, scales=table_name + ".scales", error=table.error)
+        else:
+            writer.add_tensor(table_name, table.values)
+        reports.append(TensorReport(table_name, layer_index, tuple(table.values.shape), table.values.dtype.name, *table.errors))
+        del table
+        writer.end_layer()
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
     output_size = Path(output).stat().st_size
     report = ConversionReport(

@@ -42,6 +42,7 @@ from .constants import (
     TENSOR_ALIGNMENT,
     Codec,
     DType,
+    LayerKind,
     QuantScheme,
 )
 
@@ -51,12 +52,13 @@ BASE_PASS = 0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LayerEntry:
-    """One execution step's worth of tensors, contiguous in the layer store."""
+    """One execution step's worth of tensors (or one row table), contiguous in the layer store."""
 
     index: int
     name: str
     raw_offset: int  # in the layer store, multiple of LAYER_ALIGNMENT
     raw_size_bytes: int
+    kind: LayerKind = LayerKind.STEP
 
     @property
     def raw_end(self) -> int:
@@ -150,6 +152,11 @@ class Manifest:
 
     def chunks_of_layer(self, layer_index: int) -> tuple[ChunkEntry, ...]:
         return tuple(c for c in self.chunks if c.layer_index == layer_index)
+
+    @property
+    def step_count(self) -> int:
+        """Layers that are execution steps; the row tables (if any) follow them."""
+        return sum(1 for layer in self.layers if layer.kind is LayerKind.STEP)
 
 
 # ---------------------------------------------------------------- parsing
@@ -326,11 +333,19 @@ def _parse_layers(raw: Iterator[tuple[int, Any]]) -> tuple[LayerEntry, ...]:
     for index, item in raw:
         where = f"layers[{index}]"
         item = _get_map(item, where)
+        kind_name = _get(item, "kind", str, where, default=LayerKind.STEP.value)
+        try:
+            kind = LayerKind(kind_name)
+        except ValueError:
+            raise ManifestSchemaError(f"manifest {where}: unknown layer kind {kind_name!r}; upgrade streamload") from None
+        if kind is LayerKind.STEP and layers and layers[-1].kind is LayerKind.ROWS:
+            raise ManifestSchemaError(f"manifest {where}: an execution step after a row table; row tables come last")
         layer = LayerEntry(
             index=index,
             name=_get_name(item, "name", where),
             raw_offset=_get_size(item, "raw_offset", where, limit=MAX_STORE_SIZE_BYTES),
             raw_size_bytes=_get_size(item, "raw_size", where, limit=MAX_STORE_SIZE_BYTES),
+            kind=kind,
         )
         if layer.raw_offset % LAYER_ALIGNMENT:
             raise ManifestSchemaError(f"manifest {where}: raw_offset {layer.raw_offset} is not a multiple of {LAYER_ALIGNMENT}")
@@ -397,23 +412,29 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
         if after.raw_offset < before.raw_end:
             raise OverlapError(f"manifest: tensors {before.name!r} and {after.name!r} overlap in the layer store")
     for entry in tensors:
-        _check_quantization(entry, by_name)
+        _check_quantization(entry, by_name, layers)
+    for layer in layers:
+        if layer.kind is LayerKind.ROWS:
+            held = [t for t in tensors if t.layer_index == layer.index]
+            if len(held) != 1 or len(held[0].shape) != 2:
+                raise ManifestSchemaError(f"manifest: row table {layer.name!r} must hold exactly one 2-D tensor")
     return tuple(tensors)
 
 
-def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry]) -> None:
+def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry], layers: tuple[LayerEntry, ...]) -> None:
     if entry.quant is QuantScheme.NONE:
         if entry.dtype is DType.I8:
             raise ManifestSchemaError(f"manifest: tensor {entry.name!r} is int8 with no quantization scheme")
         return
-    # INT8_ROW: an int8 matrix and an f32 vector of one scale per row, in the same layer.
+    # INT8_ROW: an int8 matrix and an f32 vector of one scale per row, in the same layer (a row table's: in a step).
     scales = by_name.get(entry.scales or "")
     if entry.dtype is not DType.I8 or len(entry.shape) != 2 or scales is None:
         raise ManifestSchemaError(f"manifest: tensor {entry.name!r} declares int8_row but is not a 2-D int8 tensor with a scales tensor")
-    if scales.dtype is not DType.F32 or scales.shape != entry.shape[:1] or scales.layer_index != entry.layer_index:
-        raise ManifestSchemaError(
-            f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) in the same layer"
-        )
+    in_rows = layers[entry.layer_index].kind is LayerKind.ROWS
+    placed = layers[scales.layer_index].kind is LayerKind.STEP if in_rows else scales.layer_index == entry.layer_index
+    if scales.dtype is not DType.F32 or scales.shape != entry.shape[:1] or not placed:
+        where = "in an execution step" if in_rows else "in the same layer"
+        raise ManifestSchemaError(f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) {where}")
 
 
 def _parse_chunk(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
@@ -634,7 +655,11 @@ def encode_manifest(
     root: dict[str, Any] = {
         "config": dict(config),
         "chunk_size": chunk_size_bytes,
-        "layers": [{"name": layer.name, "raw_offset": layer.raw_offset, "raw_size": layer.raw_size_bytes} for layer in layers],
+        "layers": [
+            {"name": layer.name, "raw_offset": layer.raw_offset, "raw_size": layer.raw_size_bytes}
+            | ({"kind": layer.kind.value} if layer.kind is not LayerKind.STEP else {})
+            for layer in layers
+        ],
         "tensors": [_encode_tensor(t) for t in tensors],
         "chunks": [
             {

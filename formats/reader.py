@@ -31,6 +31,7 @@ from ..errors import (
 from .constants import (
     DATA_ALIGNMENT,
     FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     MAGIC,
     MAX_MANIFEST_SIZE_BYTES,
     PREAMBLE,
@@ -61,10 +62,9 @@ def read_preamble(data: bytes | memoryview) -> Preamble:
     magic, version, flags, manifest_size, data_offset = PREAMBLE.unpack_from(data, 0)
     if magic != MAGIC:
         raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model with `streamload convert`")
-    if version > FORMAT_VERSION or version == 0:
-        raise UnsupportedVersionError(
-            f"file has format version {version}; this streamload reads version {FORMAT_VERSION}: upgrade streamload"
-        )
+    if version not in READABLE_FORMAT_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
+        raise UnsupportedVersionError(f"file has format version {version}; this streamload reads versions {readable}: upgrade streamload")
     if flags != 0:
         raise UnsupportedVersionError(f"file sets preamble flags {flags:#x}, unknown to this reader; upgrade streamload")
     if manifest_size > MAX_MANIFEST_SIZE_BYTES:
@@ -346,15 +346,19 @@ class ModelReader:
 
     def read_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, float32 values) for every tensor but scales, layer by layer."""
+        scale_names = {t.scales for t in self.manifest.tensors if t.scales}
+        scales_seen: dict[str, np.ndarray] = {}  # a row table's scales live in an earlier layer
         for layer in self.manifest.layers:
             tensors = self.read_tensors(layer.index)
-            scale_names = {t.scales for t in self.manifest.tensors_of_layer(layer.index) if t.scales}
+            for entry in self.manifest.tensors_of_layer(layer.index):
+                if entry.name in scale_names:
+                    scales_seen[entry.name] = tensors[entry.name]
             for entry in self.manifest.tensors_of_layer(layer.index):
                 if entry.name in scale_names:
                     continue
                 values = tensors[entry.name]
                 if entry.quant is QuantScheme.INT8_ROW:
-                    values = dequantize(values, tensors[entry.scales])
+                    values = dequantize(values, scales_seen[entry.scales or ""])
                 yield entry.name, values.astype(np.float32, copy=False)
 
     def verify(self) -> list[FormatError]:

@@ -33,6 +33,7 @@ from .constants import (
     TENSOR_ALIGNMENT,
     Codec,
     DType,
+    LayerKind,
     QuantScheme,
     align_up,
 )
@@ -111,6 +112,8 @@ class ModelWriter:
         self._any_int8 = False
         self._cursor = 0  # next free byte of the layer store
         self._layer_name = ""
+        self._layer_kind = LayerKind.STEP
+        self._layer_chunk_size = chunk_size_bytes
         self._layer_start = 0
         self._pending = bytearray()  # raw bytes not yet cut into a chunk
         self._pending_start = 0  # store offset of _pending[0]
@@ -122,11 +125,22 @@ class ModelWriter:
         if self._stage is not stage:
             raise RuntimeError(f"cannot {action} while {self._stage.value}")
 
-    def begin_layer(self, name: str) -> int:
-        """Open the next layer; returns its index."""
+    def begin_layer(self, name: str, *, kind: LayerKind = LayerKind.STEP, chunk_size_bytes: int | None = None) -> int:
+        """Open the next layer; returns its index.
+
+        ``kind=LayerKind.ROWS``: a row table, after every step, holding one 2-D tensor; give it
+        ``chunk_size_bytes`` of whole rows (``constants.rows_per_chunk``) so a reader can fetch a few rows.
+        """
         self._expect(WriterStage.BETWEEN_LAYERS, "begin a layer")
+        if kind is LayerKind.STEP and self._layers and self._layers[-1].kind is LayerKind.ROWS:
+            raise RuntimeError("row tables come after every execution step")
+        chunk_size_bytes = self._chunk_size if chunk_size_bytes is None else chunk_size_bytes
+        if not 0 < chunk_size_bytes <= self._chunk_size:
+            raise ValueError(f"a layer's chunk_size_bytes must be in (0, {self._chunk_size}]")
         self._stage = WriterStage.IN_LAYER
         self._layer_name = name
+        self._layer_kind = kind
+        self._layer_chunk_size = chunk_size_bytes
         self._cursor = align_up(self._cursor, LAYER_ALIGNMENT)
         self._layer_start = self._cursor
         self._pending_start = self._cursor
@@ -144,6 +158,8 @@ class ModelWriter:
     ) -> TensorEntry:
         """Append a tensor to the open layer (f32, f16 or int8; C order is made here)."""
         self._expect(WriterStage.IN_LAYER, "add a tensor")
+        if self._layer_kind is LayerKind.ROWS and (array.ndim != 2 or any(t.layer_index == len(self._layers) for t in self._tensors[-1:])):
+            raise ValueError(f"row table {self._layer_name!r} holds exactly one 2-D tensor")
         if name in self._names:
             raise ValueError(f"duplicate tensor name {name!r}")
         dtype = _DTYPE_OF_NUMPY.get(array.dtype)
@@ -179,7 +195,11 @@ class ModelWriter:
         self._expect(WriterStage.IN_LAYER, "end a layer")
         self._flush_pending()
         layer = LayerEntry(
-            index=len(self._layers), name=self._layer_name, raw_offset=self._layer_start, raw_size_bytes=self._cursor - self._layer_start
+            index=len(self._layers),
+            name=self._layer_name,
+            raw_offset=self._layer_start,
+            raw_size_bytes=self._cursor - self._layer_start,
+            kind=self._layer_kind,
         )
         self._layers.append(layer)
         self._stage = WriterStage.BETWEEN_LAYERS
@@ -246,11 +266,11 @@ class ModelWriter:
     def _append(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view.nbytes:
-            room = self._chunk_size - len(self._pending)
+            room = self._layer_chunk_size - len(self._pending)
             self._pending += view[:room]
             view = view[room:]
             self._cursor = self._pending_start + len(self._pending)
-            if len(self._pending) == self._chunk_size:
+            if len(self._pending) == self._layer_chunk_size:
                 self._flush_pending()
 
     def _flush_pending(self) -> None:

@@ -22,7 +22,7 @@ def test_minilm_meets_size_and_entropy_targets(minilm_dir: Path, minilm_slm: Pat
         m = reader.manifest
         summary = summarize_compression(m)
         assert summary is not None and 0 <= summary.bound_overhead <= 0.03
-        assert [layer.name for layer in m.layers] == ["embeddings", *(f"block.{i}" for i in range(6)), "head"]
+        assert [layer.name for layer in m.layers] == ["embeddings", *(f"block.{i}" for i in range(6)), "head", "embeddings.rows"]
         assert m.config["pooling"] == "mean" and m.config["normalize"] is True and m.config["max_seq_length"] == 256
         assert m.tokenizer is not None and m.tokenizer.raw_size_bytes == (minilm_dir / "tokenizer.json").stat().st_size
         assert reader.verify() == []
@@ -49,11 +49,30 @@ def test_llama_layers_and_gqa_shapes(tmp_path: Path, tied: bool) -> None:
     convert(source, tmp_path / "m.slm")
     with ModelReader(tmp_path / "m.slm") as reader:
         m = reader.manifest
-        assert [layer.name for layer in m.layers] == ["embeddings", "block.0", "block.1", "head"]
+        assert [layer.name for layer in m.layers] == ["embeddings", "block.0", "block.1", "head", "embeddings.rows"]
+        assert m.tensor("model.embed_tokens.weight").layer_index == 4
+        assert m.tensor("model.embed_tokens.weight.scales").layer_index == 0
         assert m.tensor("model.layers.1.self_attn.k_proj.weight").shape == (32, 64)  # 2 kv heads x 16
         assert m.tensor("model.layers.1.self_attn.k_proj.weight").layer_index == 2
         assert ("lm_head.weight" in m.tensor_by_name) is not tied
         assert m.config["num_key_value_heads"] == 2 and m.config["head_dim"] == 16
+
+
+def test_token_table_is_a_row_table_after_every_step(minilm_slm: Path) -> None:
+    """The table comes last, in small chunks of whole rows, its scales in layer 0: a client fetches an input's rows."""
+    with ModelReader(minilm_slm) as reader:
+        m = reader.manifest
+        table = m.tensor("embeddings.word_embeddings.weight")
+        rows_layer = m.layers[table.layer_index]
+        assert rows_layer.kind.value == "rows" and table.layer_index == len(m.layers) - 1 == m.step_count
+        assert m.tensor(table.scales or "").layer_index == 0
+        assert table.raw_offset == rows_layer.raw_offset
+        row_bytes = table.shape[1]
+        chunks = m.chunks_of_layer(table.layer_index)
+        assert all((c.raw_offset - table.raw_offset) % row_bytes == 0 and c.raw_size_bytes % row_bytes == 0 for c in chunks)
+        rows_per_chunk = chunks[0].raw_size_bytes // row_bytes
+        assert 8 <= rows_per_chunk <= 64  # tools/bench_row_chunks.py: manifest bytes against bytes fetched per input
+        assert m.chunks[-len(chunks) :] == chunks  # the file ends with the table
 
 
 def test_bf16_source_converts_like_its_f32_values(tmp_path: Path) -> None:

@@ -18,11 +18,44 @@ from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.reader import encode_preamble, frame_size_bytes
 from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 
-GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
+GOLDEN = (Path(__file__).parent / "golden" / "tiny-v1.slm").read_bytes()  # the byte-level cases below use its layout
+GOLDEN_V2 = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
 
 
 def test_golden_file_reads() -> None:
     assert read_everything(GOLDEN) == 24 + 56 + 12
+    assert read_everything(GOLDEN_V2) == 24 + 64 + 60 + 12 + 8 + 8 + 4
+
+
+def test_row_table_rules() -> None:
+    """Version 2's row tables: after every step, one 2-D tensor each, their scales in a step; a known kind."""
+    _, region = split_file(GOLDEN_V2)
+
+    def altered(change) -> bytes:  # noqa: ANN001
+        m, _ = split_file(GOLDEN_V2)
+        change(m)
+        return join_file(m, region)
+
+    def table_first(m: dict) -> None:
+        m["layers"][0]["kind"] = "rows"
+
+    def second_tensor(m: dict) -> None:
+        m["tensors"][3]["layer"] = 2
+        m["tensors"][3]["raw_offset"] = 8256
+        m["layers"][2]["raw_size"] = 128  # room for it (tensors are checked before the chunks' tiling)
+
+    def scales_in_table(m: dict) -> None:
+        m["tensors"][2]["layer"] = 2
+        m["tensors"][2]["raw_offset"] = 8256
+        m["layers"][2]["raw_size"] = 128
+
+    def unknown_kind(m: dict) -> None:
+        m["layers"][2]["kind"] = "sparse"
+
+    expect(errors.ManifestSchemaError, altered(table_first), "row tables come last")
+    expect(errors.ManifestSchemaError, altered(second_tensor), "exactly one 2-D tensor")
+    expect(errors.ManifestSchemaError, altered(scales_in_table), "in an execution step")
+    expect(errors.ManifestSchemaError, altered(unknown_kind), "unknown layer kind 'sparse'")
 
 
 def expect(error: type[errors.FormatError], data: bytes, match: str) -> None:
@@ -34,7 +67,7 @@ def test_specific_errors() -> None:
     manifest, region = split_file(GOLDEN)
     expect(errors.BadMagicError, b"PK\x03\x04" + GOLDEN[4:], "not a streamload .slm file")
     expect(errors.BadMagicError, GOLDEN[:10], "shorter than")
-    expect(errors.UnsupportedVersionError, GOLDEN[:8] + (2).to_bytes(4, "little") + GOLDEN[12:], "upgrade streamload")
+    expect(errors.UnsupportedVersionError, GOLDEN[:8] + (3).to_bytes(4, "little") + GOLDEN[12:], "upgrade streamload")
     huge = GOLDEN[:16] + (MAX_MANIFEST_SIZE_BYTES + 1).to_bytes(8, "little") + GOLDEN[24:]
     expect(errors.ManifestTooLargeError, huge, "over the")
     expect(errors.OutOfBoundsError, GOLDEN[:200], "truncated")
@@ -96,16 +129,18 @@ def assert_only_format_errors(data: bytes) -> None:
 @given(st.integers(0, 2**32))
 def test_mutated_bytes_raise_only_format_errors(seed: int) -> None:
     assert_only_format_errors(mutate_bytes(GOLDEN, random.Random(seed)))
+    assert_only_format_errors(mutate_bytes(GOLDEN_V2, random.Random(seed)))
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32))
 def test_mutated_manifests_raise_only_format_errors(seed: int) -> None:
     rng = random.Random(seed)
-    manifest, region = split_file(GOLDEN)
-    for _ in range(rng.randint(1, 3)):
-        manifest = mutate_structure(manifest, rng)
-    assert_only_format_errors(join_file(manifest, region))
+    for golden in (GOLDEN, GOLDEN_V2):
+        manifest, region = split_file(golden)
+        for _ in range(rng.randint(1, 3)):
+            manifest = mutate_structure(manifest, rng)
+        assert_only_format_errors(join_file(manifest, region))
 
 
 @pytest.mark.parametrize(
