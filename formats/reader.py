@@ -31,11 +31,11 @@ from ..errors import (
 from .constants import (
     DATA_ALIGNMENT,
     FORMAT_VERSION,
-    READABLE_FORMAT_VERSIONS,
     MAGIC,
     MAX_MANIFEST_SIZE_BYTES,
     PREAMBLE,
     PREAMBLE_SIZE_BYTES,
+    READABLE_FORMAT_VERSIONS,
     QuantScheme,
     align_up,
 )

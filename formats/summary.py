@@ -58,6 +58,7 @@ def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
             {
                 "index": layer.index,
                 "name": layer.name,
+                "kind": layer.kind.value,
                 "tensors": len(manifest.tensors_of_layer(layer.index)),
                 "chunks": len(chunks),
                 "raw_bytes": layer.raw_size_bytes,

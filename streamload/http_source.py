@@ -67,7 +67,7 @@ class HttpSource:
         if self.session is None:
             self.session = new_session()
         reader = await open_aiohttp_span(self.session, self.url, start, end, etag=self.etag, policy=self.policy)
-        if reader.whole_file and not self.whole_file_only and (start > 0 or end is not None):
+        if reader.whole_file and not self.whole_file_only:
             logger.info("%s ignores Range requests: downloading the whole file in order", self.url)
             self.whole_file_only = True
         return reader

@@ -55,16 +55,17 @@ class RetryPolicy:
 
 
 def range_headers(start: int, end: int | None, etag: str | None) -> dict[str, str]:
-    """Request headers for bytes [start, end) (end None: to the end of the file); no Range for the whole file.
+    """Request headers for bytes [start, end) (end None: to the end of the file).
+
+    ``bytes=0-`` is sent too: a 206 to it says the server honours Range, a 200 that it does not.
 
     If-Range carries a strong ETag only (RFC 9110 section 13.1.5): if the file changed,
     the server sends all of the new one instead of a mix of old and new.
     """
     headers = {"Accept-Encoding": "identity"}
-    if start > 0 or end is not None:
-        headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
-        if etag and not etag.startswith("W/"):
-            headers["If-Range"] = etag
+    headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+    if etag and not etag.startswith("W/"):
+        headers["If-Range"] = etag
     return headers
 
 

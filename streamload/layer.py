@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .formats import Manifest, QuantScheme, view_tensor
+from .formats import Manifest, QuantScheme, TensorEntry, view_tensor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -18,6 +18,7 @@ class Layer:
     name: str
     tensors: Mapping[str, np.ndarray]
     quant: Mapping[str, str]  # tensor name -> scales tensor name, for int8_row tensors
+    borrowed: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # scales that live in another layer (a row table's)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.tensors[name]
@@ -28,16 +29,30 @@ class Layer:
     def weight(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """(values, per-row scales) for an int8 tensor, (values, None) for a float one."""
         scales = self.quant.get(name)
-        return self.tensors[name], None if scales is None else self.tensors[scales]
+        if scales is None:
+            return self.tensors[name], None
+        return self.tensors[name], self.tensors[scales] if scales in self.tensors else self.borrowed[scales]
 
 
 def map_layer(manifest: Manifest, store: object, index: int) -> Layer:
-    """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store)."""
+    """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store).
+
+    A row table's scales, which live in an execution step, are included: that layer must be here too.
+    """
     entries = manifest.tensors_of_layer(index)
-    tensors = {}
-    for entry in entries:
+    scales = (manifest.tensor_by_name.get(t.scales or "") for t in entries if t.quant is QuantScheme.INT8_ROW)
+    foreign = [t for t in scales if t is not None and t.layer_index != index]  # a row table's, from an execution step
+
+    def view(entry: TensorEntry) -> np.ndarray:
         array = view_tensor(store if store is not None else bytearray(0), entry)
         array.flags.writeable = False
-        tensors[entry.name] = array
+        return array
+
     quant = {t.name: t.scales for t in entries if t.quant is QuantScheme.INT8_ROW and t.scales}
-    return Layer(index=index, name=manifest.layers[index].name, tensors=tensors, quant=quant)
+    return Layer(
+        index=index,
+        name=manifest.layers[index].name,
+        tensors={entry.name: view(entry) for entry in entries},
+        quant=quant,
+        borrowed={entry.name: view(entry) for entry in foreign},
+    )

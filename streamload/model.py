@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .cache import default_cache_dir
 from .fetch import fetch_header_with_retries
@@ -93,6 +95,28 @@ class Model:
             StreamloadError: the download failed (ChunkIntegrityError, FetchError, CacheError...).
         """
         return await self._session.layer(index)
+
+    async def rows(self, name: str, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``ids`` of a 2-D tensor (an embedding table) and their per-row scales (None for float), as copies.
+
+        For a row table (the token embeddings of a version-2 file) only the chunks holding these
+        rows are awaited: they are fetched first, on extra requests beside the running one, and
+        the rest of the table follows in the background. ``values`` has shape ``ids.shape + (cols,)``.
+
+        Raises:
+            KeyError: no such 2-D tensor. IndexError: a row out of range.
+            StreamloadError: the download failed.
+
+        Example:
+            >>> ids = model.tokenizer.encode("hello world").ids                    # doctest: +SKIP
+            >>> values, scales = await model.rows("embeddings.word_embeddings.weight", ids)
+        """
+        return await self._session.rows(name, np.asarray(ids))
+
+    @property
+    def bytes_needed(self) -> int:
+        """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
+        return self._session.data_offset + sum(self._session.needed_chunks.values())
 
     async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
         """Yield (index, layer) in execution order, each as soon as it is ready."""

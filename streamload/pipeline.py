@@ -67,6 +67,7 @@ class ChunkPipeline:
         Raises the span's first failure after the last outcome. When the iteration
         ends (or is closed early), no thread touches the span, its reader or the
         store any more; ``span.received`` says how many chunks came off the connection.
+        The caller closes the reader (or, the span done, goes on reading its body).
         """
         span.abort = reader.abort
         landed = _Landed(self.loop)
@@ -93,7 +94,6 @@ class ChunkPipeline:
                 span.stop()
                 reader.abort()  # a thread blocked on the connection returns at once
                 await asyncio.wait([jobs])
-            reader.close()
         if span.error is not None:
             raise span.error
 

@@ -2,12 +2,18 @@
 
 Every chunk is pending, taken (its bytes are on the way or being verified) or
 done. ``take_span`` hands out the highest-priority pending chunk plus the
-pending chunks right after it in the file, for one request. A demand (a layer
+pending chunks after it in the file, for one request. A demand (a layer
 someone awaits) moves its chunks ahead of the rest; when a demand has pending
 chunks that no running span will reach, the running spans are cut: each ends at
-its next chunk boundary and gives back what it did not receive. A span over a
-whole-file body (a server that ignores Range) is never cut: a new request would
-start again from byte 0.
+its next chunk boundary and gives back what it did not receive. A row demand
+(the rows of a row table an input needs) does not cut: extra requests fetch it
+beside the running ones (``take_urgent_span``). A span over a whole-file body (a
+server that ignores Range) is never cut: a new request would start again from byte 0.
+
+Spans in file order stop where the row tables begin (``rows_from``), so the
+execution steps are never queued behind a table; spans may skip over chunks
+that are done or taken when the gap is at most ``max_gap_bytes`` (the reader
+drops those bytes): one request instead of a round trip per piece.
 
 Costs: every operation is O(1) amortized per chunk (cursors only move forward,
 except over chunks given back); a demand costs O(its chunks) once. All methods
@@ -17,6 +23,7 @@ run on the event loop, except that pool threads read ``Span.cut``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import dataclasses
 import threading
@@ -51,21 +58,24 @@ class Span:
 class _Demand:
     """Positions someone waits for, in file order, with a cursor past those no longer pending."""
 
-    __slots__ = ("positions", "cursor")
+    __slots__ = ("positions", "cursor", "jump")
 
-    def __init__(self, positions: Sequence[int]) -> None:
+    def __init__(self, positions: Sequence[int], jump: bool = True) -> None:
         self.positions = positions
         self.cursor = 0
+        self.jump = jump  # a queue jump (cuts running spans), not rows fetched beside them
 
 
 class ChunkScheduler:
     """Pending chunks of one model, handed out as spans of contiguous chunks."""
 
-    def __init__(self, chunks: Sequence[ChunkEntry], done_indices: Iterable[int] = ()) -> None:
+    def __init__(self, chunks: Sequence[ChunkEntry], done_indices: Iterable[int] = (), *, rows_from: int | None = None) -> None:
         self._chunks = chunks  # the manifest's chunks in file order; a position is an index into this
+        self._rows_from = len(chunks) if rows_from is None else rows_from  # first position of the row tables
         done = set(done_indices)
         self._state = bytearray(DONE if c.index in done else PENDING for c in chunks)
         self._position_of = {c.index: p for p, c in enumerate(chunks)}
+        self._offsets = [c.offset for c in chunks]  # ascending (file order)
         self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
         for position, chunk in enumerate(chunks):
             self._layer_positions[chunk.layer_index].append(position)
@@ -92,6 +102,9 @@ class ChunkScheduler:
     def is_pending_or_taken(self, chunk: ChunkEntry) -> bool:
         return self._state[self._position_of[chunk.index]] != DONE
 
+    def position_of(self, chunk: ChunkEntry) -> int:
+        return self._position_of[chunk.index]
+
     def urgent_waiting(self) -> bool:
         """True when a chunk someone waits for is pending (nobody is fetching it)."""
         return self._urgent_pending > 0
@@ -102,7 +115,8 @@ class ChunkScheduler:
         """Fetch this layer's pending chunks before any other not yet taken; cut running spans that would not reach them."""
         self.demand(self._layer_positions.get(layer_index, []))
 
-    def demand(self, positions: Sequence[int]) -> None:
+    def demand(self, positions: Sequence[int], *, cut: bool = True) -> None:
+        """Fetch these positions (ascending) first; ``cut=False``: without cutting running spans (extra requests fetch them)."""
         added = False
         for position in positions:
             if not self._urgent[position]:
@@ -111,9 +125,10 @@ class ChunkScheduler:
                     self._urgent_pending += 1
                     added = True
         if added:
-            self._demands.append(_Demand(positions))
+            self._demands.append(_Demand(positions, jump=cut))
             self._changed.set()
-            self._cut_running()
+            if cut:
+                self._cut_running()
 
     def _cut_running(self) -> None:
         if self._urgent_pending:
@@ -146,24 +161,81 @@ class ChunkScheduler:
             self._urgent_pending -= 1
         return chunk
 
-    def take_span(self, max_bytes: int) -> Span | None:
-        """The highest-priority pending chunk plus the pending chunks right after it in the file, up to max_bytes."""
+    def take_span(self, max_bytes: int, max_gap_bytes: int = 0) -> Span | None:
+        """The highest-priority pending chunk and pending chunks after it in the file, up to max_bytes in all.
+
+        After a demanded chunk the span reaches on only to further demanded chunks (with
+        whatever pending chunks lie between them); otherwise it takes every pending chunk, but
+        stops where the row tables begin unless it started among them. It skips over chunks that
+        are not pending when the gap is at most ``max_gap_bytes``.
+        """
         first = self._first()
         if first is None:
             return None
-        state, all_chunks = self._state, self._chunks
-        end = first + 1
+        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=bool(self._urgent[first]))
+
+    def take_span_at(self, offset: int, max_bytes: int, max_gap_bytes: int, max_skip_bytes: int) -> Span | None:
+        """The span an open body at data offset ``offset`` goes on with: from the first chunk at or after it, if that
+        one is pending and at most ``max_skip_bytes`` ahead, every pending chunk in file order, demanded or not
+        (they arrive in order on the open connection); None otherwise (the body is of no further use)."""
+        position = bisect.bisect_left(self._offsets, offset)
+        if position >= len(self._state) or self._state[position] != PENDING or self._chunks[position].offset - offset > max_skip_bytes:
+            return None
+        first = self._first()
+        if first is not None and self._urgent[first] and self._demands and self._demands[0].jump:
+            if self._chunks[first].offset - offset > max_skip_bytes:
+                return None  # a layer far ahead is awaited: it jumps the queue on a new request
+        return self._span_from(position, max_bytes, max_gap_bytes, by_demand=False)
+
+    def take_urgent_span(self, max_bytes: int, max_gap_bytes: int) -> Span | None:
+        """Like take_span, but only for a demanded chunk (None when no demand is pending): extra requests for rows."""
+        if not self._urgent_pending:
+            return None
+        first = self._first()
+        if first is None or not self._urgent[first]:
+            return None
+        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=True)
+
+    def _span_from(self, first: int, max_bytes: int, max_gap_bytes: int, *, by_demand: bool) -> Span:
+        state, all_chunks, urgent = self._state, self._chunks, self._urgent
+        taken = [first]
         size = all_chunks[first].size_bytes
-        previous_end = all_chunks[first].end
-        while end < len(state) and state[end] == PENDING:
-            candidate = all_chunks[end]
-            if candidate.offset != previous_end or size + candidate.size_bytes > max_bytes:
-                break
-            size += candidate.size_bytes
-            previous_end += candidate.size_bytes
-            end += 1
-        chunks = [self._take(position) for position in range(first, end)]
-        span = Span(chunks)
+        previous_end = all_chunks[first].end  # of the last chunk taken
+        position = first + 1
+        if by_demand:  # on to the next demanded chunk within the gap; pending ones between ride along
+            riders: list[int] = []
+            riders_size = 0
+            while position < len(state):
+                candidate = all_chunks[position]
+                if candidate.offset - previous_end > max_gap_bytes:
+                    break
+                if state[position] == PENDING:
+                    if urgent[position]:
+                        if size + riders_size + candidate.size_bytes > max_bytes:
+                            break
+                        taken += riders
+                        taken.append(position)
+                        size += riders_size + candidate.size_bytes
+                        previous_end = candidate.end
+                        riders, riders_size = [], 0
+                    else:
+                        riders.append(position)
+                        riders_size += candidate.size_bytes
+                position += 1
+        else:  # every pending chunk in file order, over holes within the gap, up to the row tables
+            limit = len(state) if first >= self._rows_from else self._rows_from
+            while position < limit:
+                candidate = all_chunks[position]
+                if state[position] == PENDING:
+                    if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
+                        break
+                    taken.append(position)
+                    size += candidate.size_bytes
+                    previous_end = candidate.end
+                elif candidate.end - previous_end > max_gap_bytes:
+                    break
+                position += 1
+        span = Span([self._take(p) for p in taken])
         self._running.add(span)
         return span
 
@@ -209,7 +281,7 @@ class ChunkScheduler:
                 urgent.append(position)
             returned = True
         if urgent:
-            self._demands.appendleft(_Demand(sorted(urgent)))
+            self._demands.appendleft(_Demand(sorted(urgent), jump=False))
         if returned:
             self._changed.set()
             self._cut_running()

@@ -1,11 +1,15 @@
 """One model's download session: header -> cache -> scheduler -> pipeline -> layer readiness, top to bottom.
 
-``start`` reads the header (from the source, or from the cache when the model is
-pinned and complete, or offline), opens the cache and schedules what the journal
-lacks; workers then take spans from the scheduler, open them on the source and
-hand them to the chunk pipeline; what it yields goes through one completion route
-(``_chunks_landed``), which journals each chunk and resolves a layer's future when
-its last chunk lands.
+``start`` reads the header (from the source with one open-ended request from byte
+0 whose body goes on into the data, or from the cache when the model is pinned and
+complete, or offline), opens the cache and schedules what the journal lacks;
+workers then take spans from the scheduler, open them on the source (the first one
+continues the header's request) and hand them to the chunk pipeline; what it yields
+goes through one completion route (``_chunks_landed``), which journals each chunk
+and resolves a layer's future when its last chunk lands, and a row waiter's when
+its chunk does. ``rows`` serves the rows of a row table an input needs: their
+chunks are demanded without cutting the running request, and up to
+ROW_REQUESTS extra requests fetch them beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import zstandard
 
 from .cache import GroupCommitter, ModelCache
@@ -33,14 +38,15 @@ from .errors import (
     StreamloadError,
 )
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
-from .formats import ChunkEntry, Manifest
+from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
+from .formats.constants import LayerKind
 from .formats.reader import frame_size_bytes
 from .httputil import Backoff, RetryPolicy
 from .layer import Layer, map_layer
 from .pipeline import ChunkPipeline, Outcome
 from .schedule import ChunkScheduler, Span
 from .stats import DownloadStats, Progress
-from .transport import FileSource, Source
+from .transport import FileSource, Source, SpanReader
 
 if TYPE_CHECKING:
     import aiohttp
@@ -49,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 MAX_INTEGRITY_ATTEMPTS = 3  # fetches of one chunk that fail their hash before giving up
 PROGRESS_INTERVAL_S = 0.1
+ROW_REQUESTS = 4  # extra parallel requests for demanded rows, beside the running ones
+MAX_GAP_BYTES = 64 << 10  # a span reads over this much it does not need rather than make another request
+REUSE_SKIP_BYTES = 256 << 10  # an open body goes on to the next span when that starts at most this far ahead
 
 
 def is_url(source: str) -> bool:
@@ -116,6 +125,11 @@ class DownloadSession:
         self.ready: list[asyncio.Future[None]] = []
         self.ready_s: list[float | None] = []
         self._download_task: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None  # the running download's, for extra row requests
+        self._row_requests = 0  # extra requests running for demanded rows
+        self._header_stream: SpanReader | None = None  # the header's request, going on into the data
+        self._chunk_waiters: dict[int, asyncio.Future[None]] = {}  # chunk index -> resolved when it is stored
+        self.needed_chunks: dict[int, int] = {}  # index -> size of the chunks the layers and rows handed out depended on
         self._layers: dict[int, Layer] = {}
         self._integrity_attempts: dict[int, int] = {}
         self._tokenizer: Any = None
@@ -125,6 +139,7 @@ class DownloadSession:
 
     async def start(self) -> None:
         header = await self._read_header()
+        self._header_stream = header.stream
         self.data_offset = header.data_offset
         self.manifest: Manifest = header.manifest
         if self.pinned is not None and self.manifest.digest != self.pinned:
@@ -153,7 +168,11 @@ class DownloadSession:
         pending = [c for c in self.manifest.chunks if c.index not in self.journaled]
         self.stats.chunks_total = len(self.manifest.chunks)
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
-        self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled)
+        self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]
+        for chunk in self.manifest.chunks:
+            self._layer_chunks[chunk.layer_index].append(chunk)
+        rows_from = sum(len(chunks) for chunks in self._layer_chunks[: self.manifest.step_count])
+        self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled, rows_from=rows_from)
         self.bytes_to_download = self.scheduler.pending_bytes
         self.remaining = [0] * len(self.manifest.layers)
         for chunk in pending:
@@ -161,6 +180,7 @@ class DownloadSession:
         self.ready = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s = [None] * len(self.manifest.layers)
         self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
+        self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
         for index, count in enumerate(self.remaining):
             if count == 0:
                 self._set_ready(index)
@@ -190,7 +210,8 @@ class DownloadSession:
                 chunk_size_bytes=self.manifest.chunk_size_bytes,
                 write_chunks=self.cache.write_chunks,
                 stats=self.stats,
-                threads=max(self.verify_threads, self.connections),  # every connection gets a thread at once
+                # every connection gets a thread at once, and so does each extra request for rows
+                threads=max(self.verify_threads, self.connections) + ROW_REQUESTS,
                 loop=self.loop,
             )
             self.committer = GroupCommitter(self.cache, self.loop, self.stats)
@@ -242,13 +263,15 @@ class DownloadSession:
 
         self.source = HttpSource(self.url, self.retry, self.borrowed_session)
         try:
-            header = await self._fetch_with_retries(self.source, cached_fallback=True)
+            header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=True)
         except FetchError as exc:
             return await self._offline_header(exc)
         self.stats.bytes_downloaded += len(header.raw)
         return header
 
-    async def _fetch_with_retries(self, source: Source, *, cached_fallback: bool = False, give_up_unreachable: bool = False) -> Header:
+    async def _fetch_with_retries(
+        self, source: Source, *, cached_fallback: bool = False, give_up_unreachable: bool = False, stream: bool = False
+    ) -> Header:
         """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
         no such host) ends the retries at once with ``give_up_unreachable``, or with ``cached_fallback`` when the
         cache holds a complete copy of the URL's model."""
@@ -258,7 +281,7 @@ class DownloadSession:
                 return False
             return give_up_unreachable or (cached_fallback and await self._complete_copy_of_url() is not None)
 
-        return await fetch_header_with_retries(source, self.retry, give_up=give_up)
+        return await fetch_header_with_retries(source, self.retry, give_up=give_up, stream=stream)
 
     async def _complete_copy_of_url(self) -> Header | None:
         digest = ModelCache.read_ref(self.cache_root, self.url)
@@ -306,7 +329,7 @@ class DownloadSession:
         self._report_progress(force=True)
 
     def _fail(self, exc: BaseException) -> None:
-        for future in (*self.ready, self.complete):
+        for future in (*self.ready, *self._chunk_waiters.values(), self.complete):
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # retrieved here: a failure nobody awaits is not "never retrieved"
@@ -314,48 +337,119 @@ class DownloadSession:
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
+        for scales_layer in self._scales_layers(index):  # a row table's scales live in an execution step
+            await self.layer(scales_layer)
         while True:
             if not self.ready[index].done():
                 self.scheduler.prioritize(index)
             await asyncio.shield(self.ready[index])
-            if index in self._checked or await self._check_cached(index):
+            if index in self._checked or await self._check_cached(self._layer_chunks[index]):
                 break
+        self._checked.add(index)
+        self.needed_chunks.update((c.index, c.size_bytes) for c in self._layer_chunks[index])
         if index not in self._layers:
             assert self.cache is not None
             self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
         return self._layers[index]
 
-    async def _check_cached(self, index: int) -> bool:
-        """Check the layer's chunks that came from the cache against their journaled digests (once per process).
+    def _scales_layers(self, index: int) -> list[int]:
+        """Other layers holding the scales of this layer's int8 tensors (a row table's)."""
+        scales = (self.manifest.tensor_by_name.get(t.scales or "") for t in self.manifest.tensors_of_layer(index))
+        return sorted({t.layer_index for t in scales if t is not None and t.layer_index != index})
+
+    async def rows(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``ids`` of a 2-D tensor and their scales (None for a float tensor), as soon as their chunks are here.
+
+        For a row table only the chunks holding those rows are waited for (fetched first, beside
+        the running request); for a tensor of an execution step, its whole layer.
+        """
+        entry = self.manifest.tensor_by_name.get(name)
+        if entry is None or len(entry.shape) != 2:
+            raise KeyError(f"the model has no 2-D tensor {name!r}")
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= entry.shape[0]):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise IndexError(f"row {bad} of {name!r} does not exist; it has {entry.shape[0]} rows")
+        scales_entry = self.manifest.tensor_by_name.get(entry.scales or "") if entry.quant is QuantScheme.INT8_ROW else None
+        if self.manifest.layers[entry.layer_index].kind is not LayerKind.ROWS:
+            await self.layer(entry.layer_index)
+        else:
+            row_bytes = entry.shape[1] * entry.dtype.size_bytes
+            chunks = self._chunks_of_rows(entry.layer_index, entry.raw_offset, row_bytes, np.unique(ids))
+            self.needed_chunks.update((c.index, c.size_bytes) for c in chunks)
+            while entry.layer_index not in self._checked and not await self._rows_arrived(chunks):
+                pass
+        if scales_entry is not None:
+            await self.layer(scales_entry.layer_index)
+        assert self.cache is not None
+        values = view_tensor(self.cache.store_map, entry)[ids]  # a copy: fancy indexing
+        scales = None if scales_entry is None else view_tensor(self.cache.store_map, scales_entry)[ids]
+        return values, scales
+
+    def _chunks_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> list[ChunkEntry]:
+        """The chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
+        chunks = self._layer_chunks[layer_index]
+        starts = np.fromiter((c.raw_offset for c in chunks), dtype=np.int64, count=len(chunks))
+        first = np.searchsorted(starts, table_offset + ids * row_bytes, side="right") - 1
+        last = np.searchsorted(starts, table_offset + (ids + 1) * row_bytes - 1, side="right") - 1
+        wanted = sorted({int(i) for lo, hi in zip(first, last, strict=True) for i in range(lo, hi + 1)})
+        return [chunks[i] for i in wanted]
+
+    async def _rows_arrived(self, chunks: list[ChunkEntry]) -> bool:
+        """Demand these chunks (no cut: extra requests fetch them) and wait; True once all are here and checked."""
+        missing = [c for c in chunks if self.scheduler.is_pending_or_taken(c)]
+        if missing:
+            waiters = []
+            for chunk in missing:
+                waiter = self._chunk_waiters.get(chunk.index)
+                if waiter is None:
+                    waiter = self._chunk_waiters[chunk.index] = self.loop.create_future()
+                waiters.append(waiter)
+            self.scheduler.demand(sorted(self.scheduler.position_of(c) for c in missing), cut=False)
+            self._start_row_requests()
+            await asyncio.gather(*(asyncio.shield(w) for w in waiters))
+        return await self._check_cached(chunks)
+
+    async def _check_cached(self, chunks: list[ChunkEntry]) -> bool:
+        """Check the given chunks that came from the cache against their journaled digests (once per process).
 
         True when all match. Damaged ones are fetched again (False: wait for them), or,
-        with no source to fetch them from, a CacheError naming the layer.
+        with no source to fetch them from, a CacheError naming their layer.
         """
         assert self.cache is not None
-        chunks = self.manifest.chunks_of_layer(index)
-        cached = [(c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index]) for c in chunks if c.index in self.journaled]
+        cached = [
+            (c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index])
+            for c in chunks
+            if c.index in self.journaled and c.index not in self._checked_chunks
+        ]
         damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached)) if cached else set()
-        self._checked.add(index)
+        self._checked_chunks.update(index for index, *_ in cached)
         if not damaged:
             return True
-        name = self.manifest.layers[index].name
-        logger.warning("layer %d (%s): %d cached chunks differ from what was verified; fetching them again", index, name, len(damaged))
-        chunks = tuple(c for c in chunks if c.index in damaged)
-        for chunk in chunks:
+        reopened = [c for c in chunks if c.index in damaged]
+        layers = sorted({c.layer_index for c in reopened})
+        names = ", ".join(f"{i} ({self.manifest.layers[i].name})" for i in layers)
+        logger.warning("layer %s: %d cached chunks differ from what was verified; fetching them again", names, len(reopened))
+        for chunk in reopened:
             del self.journaled[chunk.index]
-        self.scheduler.reopen(chunks)
-        self.remaining[index] += len(chunks)
-        self.ready[index] = self.loop.create_future()
-        self.ready_s[index] = None
-        self._checked.discard(index)
+            self._checked_chunks.discard(chunk.index)
+            self.remaining[chunk.layer_index] += 1
+        for index in layers:
+            self._checked.discard(index)
+            if self.ready[index].done():
+                self.ready[index] = self.loop.create_future()
+                self.ready_s[index] = None
+        self.scheduler.reopen(reopened)
         try:
             await self._start_download()
         except StreamloadError as exc:
             failure = CacheError(
-                f"layer {index} ({name}) of the cached model {self.manifest.digest[:12]} is damaged and cannot be fetched again: {exc}"
+                f"layer {names} of the cached model {self.manifest.digest[:12]} is damaged and cannot be fetched again: {exc}"
             )
-            self.ready[index].set_exception(failure)
-            self.ready[index].exception()
+            for index in layers:
+                if not self.ready[index].done():
+                    self.ready[index].set_exception(failure)
+                    self.ready[index].exception()
             raise failure from None
         return False
 
@@ -403,10 +497,16 @@ class DownloadSession:
         assert self.source is not None and self.committer is not None
         workers = 1 if not self.source.remote or self.source.whole_file_only else self.connections
         try:
-            async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(self.committer.watch())
-                await asyncio.gather(*(tasks.create_task(self._worker(workers)) for _ in range(workers)))
-                watcher.cancel()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
+                    watcher = tasks.create_task(self.committer.watch())
+                    if self._chunk_waiters:
+                        self._start_row_requests()  # rows were demanded before this download started
+                    await asyncio.gather(*(tasks.create_task(self._worker(workers)) for _ in range(workers)))
+                    watcher.cancel()
+            finally:
+                self._tasks = None
             self._finish()  # every layer is usable now; durability follows, before close() returns
             await self.committer.flush()
             await self.committer.mark_complete()
@@ -426,30 +526,75 @@ class DownloadSession:
             return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
         return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
 
-    async def _worker(self, workers: int) -> None:
-        """Take a span, open it on the source, run it through the pipeline; retry what did not arrive."""
+    def _start_row_requests(self) -> None:
+        """Extra requests for demanded rows, beside the running ones (none for a server that ignores Range)."""
+        if self._tasks is None or self.source is None or self.source.whole_file_only:
+            return  # no download running: what is demanded is here, or is fetched when it starts
+        while self._row_requests < ROW_REQUESTS:
+            try:
+                self._tasks.create_task(self._worker(1, rows_only=True))
+            except RuntimeError:  # the task group has finished: everything is here
+                return
+            self._row_requests += 1
+
+    async def _worker(self, workers: int, *, rows_only: bool = False) -> None:
+        """Take a span, open it on the source (or go on reading the open body), run it through the pipeline; retry
+        what did not arrive. ``rows_only``: an extra request for demanded rows, ending when none are pending."""
         assert self.source is not None and self.pipeline is not None
         backoff = Backoff(self.retry, f"downloading {self.url}")
         threads = -(-self.verify_threads // workers)
-        while not self.scheduler.finished:
-            span = self.scheduler.take_all() if self.source.whole_file_only else self.scheduler.take_span(self._span_limit_bytes())
-            if span is None:
-                await self.scheduler.wait_for_change()
-                continue
-            start, end = self.data_offset + span.chunks[0].offset, self.data_offset + span.chunks[-1].end
-            try:
-                reader = await self.source.open_span(start, end)
-                if reader.whole_file:
-                    span.cuttable = False
-                async with contextlib.aclosing(self.pipeline.run_span(span, reader, threads)) as outcomes:
-                    async for landed in outcomes:
-                        self._chunks_landed(span, landed)
-                backoff.failures = 0
-            except (RetryableError, StalledError) as exc:
-                self.stats.retries += 1
-                await backoff.wait(exc, progressed=span.received > 0)  # chunks that did arrive count as progress
-            finally:
-                self.scheduler.finish_span(span)
+        body: SpanReader | None = None  # an open-ended body this worker may go on reading
+        try:
+            while not self.scheduler.finished:
+                span = None
+                if body is None and not rows_only and self._header_stream is not None:
+                    body, self._header_stream = self._header_stream, None
+                if body is not None and not body.whole_file:  # go on with the open body while the chunks there are pending
+                    span = self.scheduler.take_span_at(
+                        body.position - self.data_offset, self._span_limit_bytes(), MAX_GAP_BYTES, REUSE_SKIP_BYTES
+                    )
+                    if span is None:
+                        body.close()
+                        body = None
+                if span is not None:
+                    pass
+                elif rows_only:
+                    span = self.scheduler.take_urgent_span(self.manifest.chunk_size_bytes * 4, MAX_GAP_BYTES)
+                    if span is None:
+                        return
+                elif self.source.whole_file_only:
+                    span = self.scheduler.take_all()
+                else:
+                    span = self.scheduler.take_span(self._span_limit_bytes(), MAX_GAP_BYTES)
+                if span is None:
+                    await self.scheduler.wait_for_change()
+                    continue
+                start, end = self.data_offset + span.chunks[0].offset, self.data_offset + span.chunks[-1].end
+                reader: SpanReader | None = None
+                try:
+                    open_ended = body is not None  # the header's request (bytes=0-) or what went on from it
+                    reader = body or await self.source.open_span(start, end)
+                    body = None
+                    if reader.whole_file:
+                        span.cuttable = False
+                    async with contextlib.aclosing(self.pipeline.run_span(span, reader, threads)) as outcomes:
+                        async for landed in outcomes:
+                            self._chunks_landed(span, landed)
+                    if (open_ended or reader.whole_file) and span.received == len(span.chunks) and not span.cut:
+                        body, reader = reader, None  # its body goes on to the end of the file: the next span may continue it
+                    backoff.failures = 0
+                except (RetryableError, StalledError) as exc:
+                    self.stats.retries += 1
+                    await backoff.wait(exc, progressed=span.received > 0)  # chunks that did arrive count as progress
+                finally:
+                    if reader is not None:
+                        reader.close()
+                    self.scheduler.finish_span(span)
+        finally:
+            if body is not None:
+                body.close()
+            if rows_only:
+                self._row_requests -= 1
 
     def _chunks_landed(self, span: Span, landed: list[Outcome]) -> None:
         """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
@@ -464,11 +609,15 @@ class DownloadSession:
                 if fatal is not None:
                     span.stop(fatal)
         self.scheduler.done(stored)
-        remaining = self.remaining
+        remaining, waiters = self.remaining, self._chunk_waiters
         for chunk in stored:
             remaining[chunk.layer_index] -= 1
             if remaining[chunk.layer_index] == 0:
                 self._set_ready(chunk.layer_index)
+            if waiters:
+                waiter = waiters.pop(chunk.index, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
         self.stats.chunks_fetched += len(stored)
         self.committer.add([(chunk.index, digest) for chunk, failure, digest in landed if failure is None])
         if self.scheduler.finished:
@@ -506,6 +655,9 @@ class DownloadSession:
                 await self._download_task  # finished: the last group commit completes first
             except (asyncio.CancelledError, StreamloadError):
                 pass
+        if self._header_stream is not None:  # no worker took it (the download failed first, or nothing was pending)
+            self._header_stream.close()
+            self._header_stream = None
         if self.pipeline is not None:
             self.pipeline.shutdown()
         if self.committer is not None:

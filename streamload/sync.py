@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from .layer import Layer
 from .model import Model, open
 from .stats import DownloadStats
@@ -41,6 +43,10 @@ class SyncModel(Model):
     def layer(self, index: int) -> Layer:  # type: ignore[override]
         """Block until layer ``index`` is ready (moving it to the front of the queue)."""
         return self._run(Model.layer(self, index))
+
+    def rows(self, name: str, ids: Any) -> tuple[np.ndarray, np.ndarray | None]:  # type: ignore[override]
+        """Block until rows ``ids`` of ``name`` are here (fetched first); see ``Model.rows``."""
+        return self._run(Model.rows(self, name, ids))
 
     def layers(self) -> Iterator[tuple[int, Layer]]:  # type: ignore[override]
         for index in range(len(self.manifest.layers)):

@@ -11,8 +11,8 @@ Each GET takes the next action from ``Faults.script`` ("ok" once the script is u
     short:N             declare and send N bytes fewer than the range asks for
     trickle:N           send N body bytes one at a time, 50 ms apart, then stall
 
-``Faults.fail_from``: any answer for a range that starts past byte 0 (not the header probe) and reaches that
-file offset sends the bytes before it, then closes the connection (FIN).
+``Faults.fail_from``: any answer that reaches that file offset, except a header probe (a bounded range from byte 0),
+sends the bytes before it, then closes the connection (FIN).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def faulty_app(path: Path, faults: Faults) -> web.Application:
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
         limit = int(argument) if kind in ("reset", "truncate", "stall") else len(body)
-        if faults.fail_from is not None and start > 0 and end > faults.fail_from:
+        header_probe = start == 0 and bool(match and match.group(2))
+        if faults.fail_from is not None and not header_probe and end > faults.fail_from:
             kind, limit = "truncate", max(0, min(limit, faults.fail_from - start))
         if kind == "trickle":
             for index in range(int(argument)):

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import RuntimeModelError
 from ..formats.architectures import architecture_named
 from . import bert, llama
-from .timeline import LayerTiming, Timeline
+from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -34,6 +34,8 @@ class RunResult:
     timeline: list[LayerTiming]
     first_layer_done_s: float | None  # block 0's compute finished
     total_s: float
+    row_fetches: list[RowsTiming] = dataclasses.field(default_factory=list)  # the rows of the token table the input needed
+    bytes_needed: int = 0  # bytes of the file the result depended on (header, the layers used, the rows' chunks)
 
 
 async def run(
@@ -81,7 +83,18 @@ async def run(
             row = np.asarray([list(ids or [])], dtype=np.int64)
             batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
         embedding = await bert.encode(model, batch, timeline)
-        return RunResult("bert", embedding, None, None, None, timeline.records, timeline.first_block_done_s(), timeline.now_s())
+        return RunResult(
+            "bert",
+            embedding,
+            None,
+            None,
+            None,
+            timeline.records,
+            timeline.first_block_done_s(),
+            timeline.now_s(),
+            timeline.row_records,
+            model.bytes_needed,
+        )
     if architecture == "llama":
         if texts is not None:
             tokenizer = model.tokenizer
@@ -111,8 +124,10 @@ async def run(
             timeline.records,
             timeline.first_block_done_s(),
             timeline.now_s(),
+            timeline.row_records,
+            model.bytes_needed,
         )
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RunResult", "Timeline", "run"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run"]

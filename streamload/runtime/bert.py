@@ -73,12 +73,18 @@ def _weight(layer: Layer, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     return layer.weight(name)
 
 
-def embed_tokens(layer: Layer, batch: EncodedBatch, config: BertConfig) -> np.ndarray:
-    """Layer 0: word + position + token type embeddings, then LayerNorm. (B, T, H)."""
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def embed_tokens(layer: Layer, word_rows: tuple[np.ndarray, np.ndarray | None], batch: EncodedBatch, config: BertConfig) -> np.ndarray:
+    """Layer 0: word + position + token type embeddings, then LayerNorm. (B, T, H).
+
+    ``word_rows``: the input's rows of the word-embedding table (``Model.rows``), aligned with ``batch.input_ids``.
+    """
     length = batch.input_ids.shape[1]
     if length > config.max_position_embeddings:
         raise RuntimeModelError(f"input has {length} tokens; this model takes at most {config.max_position_embeddings}")
-    word = ops.embedding(batch.input_ids, *_weight(layer, "embeddings.word_embeddings.weight"))
+    word = ops.embedding_rows(*word_rows)
     position = ops.embedding(np.arange(length), *_weight(layer, "embeddings.position_embeddings.weight"))
     token_type = ops.embedding(batch.token_type_ids, *_weight(layer, "embeddings.token_type_embeddings.weight"))
     h = word + position[None] + token_type  # (B, T, H)
@@ -153,9 +159,14 @@ async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.nd
         raise RuntimeModelError("the model has fewer layers than its config says; re-convert it")
     mask_bias = ((1 - batch.attention_mask) * np.float32(-1e9)).astype(np.float32)[:, None, None, :]  # (B, 1, 1, T)
 
+    vocab_size = model.manifest.tensor(WORD_EMBEDDINGS).shape[0]
+    if batch.input_ids.size and (batch.input_ids.min() < 0 or batch.input_ids.max() >= vocab_size):
+        raise RuntimeModelError(f"token ids must be in [0, {vocab_size})")
+    word_rows = await timeline.rows(WORD_EMBEDDINGS, batch.input_ids)  # the rows this input needs, fetched first
+
     def step(layer: Layer, index: int, h: np.ndarray | None) -> np.ndarray:
         if index == 0:
-            return embed_tokens(layer, batch, config)
+            return embed_tokens(layer, word_rows, batch, config)
         assert h is not None
         return encoder_block(layer, h, mask_bias, index - 1, config)
 

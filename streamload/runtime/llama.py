@@ -50,6 +50,9 @@ class LlamaConfig:
         )
 
 
+EMBED_TOKENS = "model.embed_tokens.weight"
+
+
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     """inv_freq[i] = theta^(-2i/d), with llama3 scaling when configured (as transformers computes it)."""
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim))
@@ -100,8 +103,9 @@ class LlamaRunner:
         self.cos = np.cos(angles).astype(np.float32)
         self.sin = np.sin(angles).astype(np.float32)
 
-    def embed(self, layer: Layer, ids: np.ndarray) -> np.ndarray:
-        return ops.embedding(ids, *layer.weight("model.embed_tokens.weight"))  # (T, H)
+    def embed(self, rows: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        """The tokens' rows of the embedding table (``Model.rows``) as float32: (T, H)."""
+        return ops.embedding_rows(*rows)
 
     def block(self, layer: Layer, x: np.ndarray, index: int) -> np.ndarray:
         """One decoder block over the new tokens x (T, H), appending to the KV cache."""
@@ -141,11 +145,11 @@ class LlamaRunner:
             self.cache.length = total
         return x
 
-    def head(self, head_layer: Layer, embed_layer: Layer, x: np.ndarray) -> np.ndarray:
-        """Final norm and output projection: (T, H) -> (T, vocab) logits."""
+    def head(self, head_layer: Layer, table_layer: Layer | None, x: np.ndarray) -> np.ndarray:
+        """Final norm and output projection: (T, H) -> (T, vocab) logits (a tied head reads the table's layer)."""
         h = ops.rms_norm(x, head_layer["model.norm.weight"], self.config.rms_norm_eps)
-        if self.config.tie_word_embeddings or "lm_head.weight" not in head_layer:
-            return ops.linear(h, *embed_layer.weight("model.embed_tokens.weight"))
+        if table_layer is not None:
+            return ops.linear(h, *table_layer.weight(EMBED_TOKENS))
         return ops.linear(h, *head_layer.weight("lm_head.weight"))
 
 
@@ -190,25 +194,33 @@ async def generate(
     if len(ids) + max_new_tokens > config.max_position_embeddings:
         raise RuntimeModelError(f"prompt + new tokens exceed the model's {config.max_position_embeddings} positions")
     runner = LlamaRunner(config, capacity)
-    embed_layer, x = await timeline.compute(0, runner.embed, ids)
+    prompt_rows = await timeline.rows(EMBED_TOKENS, ids)  # the prompt's rows of the table, fetched first
+    _, x = await timeline.compute(0, lambda _layer, rows: runner.embed(rows), prompt_rows)
     blocks: list[Layer] = []
     for index in range(config.num_hidden_layers):
         layer, x = await timeline.compute(index + 1, runner.block, x, index)
         blocks.append(layer)
     last = config.num_hidden_layers + 1
     head_input = x if keep_prompt_logits else x[-1:]
-    head_layer, logits = await timeline.compute(last, lambda layer, h: runner.head(layer, embed_layer, h), head_input)
+    tied = config.tie_word_embeddings or "lm_head.weight" not in model.manifest.tensor_by_name
+    table_layer = await model.layer(model.manifest.tensor(EMBED_TOKENS).layer_index) if tied else None  # the head is the table
+    head_layer, logits = await timeline.compute(last, lambda layer, h: runner.head(layer, table_layer, h), head_input)
     rng = np.random.default_rng(seed)
     first = sample(logits[-1], temperature, top_p, rng)
     first_token_s = timeline.now_s()
 
-    def decode(first_id: int) -> list[int]:  # every layer is here now: plain loop, off the event loop
+    loop = asyncio.get_running_loop()
+
+    def rows_of(token_id: int) -> tuple[np.ndarray, np.ndarray | None]:  # fetched on demand while the table streams in
+        return asyncio.run_coroutine_threadsafe(model.rows(EMBED_TOKENS, np.array([token_id])), loop).result()
+
+    def decode(first_id: int) -> list[int]:  # every step layer is here now: plain loop, off the event loop
         out = [first_id]
         while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
-            h = runner.embed(embed_layer, np.array([out[-1]]))
+            h = runner.embed(rows_of(out[-1]))
             for index, layer in enumerate(blocks):
                 h = runner.block(layer, h, index)
-            out.append(sample(runner.head(head_layer, embed_layer, h)[-1], temperature, top_p, rng))
+            out.append(sample(runner.head(head_layer, table_layer, h)[-1], temperature, top_p, rng))
         return out
 
     generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []

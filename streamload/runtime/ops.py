@@ -209,10 +209,15 @@ def dense(x: np.ndarray, projections: Sequence[Projection]) -> np.ndarray:
 
 def embedding(ids: np.ndarray, table: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     """Rows of an (int8 or float) embedding table, as float32: (..., hidden)."""
-    rows = table[ids].astype(np.float32)
+    return embedding_rows(table[ids], None if scales is None else scales[ids])
+
+
+def embedding_rows(rows: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """Gathered rows of an embedding table (``Model.rows``) as float32: (..., hidden)."""
+    values = rows.astype(np.float32)
     if scales is not None:
-        rows *= scales[ids][..., None]
-    return rows
+        values *= scales[..., None]
+    return values
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:

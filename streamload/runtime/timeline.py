@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
 from ..layer import Layer
 
 if TYPE_CHECKING:
@@ -30,6 +32,20 @@ class LayerTiming:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RowsTiming:
+    """Rows of a row table an input needed (``Model.rows``); seconds from the start of the run."""
+
+    index: int  # the row table's layer
+    name: str
+    rows: int  # distinct rows asked for
+    asked_s: float
+    ready_s: float  # every chunk holding them verified and stored
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class Timeline:
     """Runs each layer's compute as soon as that layer has arrived, off the event loop, and records when."""
 
@@ -37,6 +53,7 @@ class Timeline:
         self.model = model
         self.started = time.perf_counter() if started is None else started
         self.records: list[LayerTiming] = []
+        self.row_records: list[RowsTiming] = []
 
     def now_s(self) -> float:
         return time.perf_counter() - self.started
@@ -50,6 +67,16 @@ class Timeline:
         result = await asyncio.to_thread(fn, layer, *args)
         self.records.append(LayerTiming(index, layer.name, ready, start, self.now_s()))
         return layer, result
+
+    async def rows(self, name: str, ids: Any) -> tuple[Any, Any]:
+        """Await the rows ``ids`` of table ``name`` (``Model.rows``: fetched first) and record when they arrived."""
+        asked = self.now_s()
+        values, scales = await self.model.rows(name, ids)
+        entry = self.model.manifest.tensor(name)
+        rows = len(np.unique(np.asarray(ids)))
+        name_of_layer = self.model.manifest.layers[entry.layer_index].name
+        self.row_records.append(RowsTiming(entry.layer_index, name_of_layer, rows, asked, self.now_s()))
+        return values, scales
 
     async def compute_chain(self, indices: Iterable[int], fn: Callable[[Layer, int, T], T], value: T) -> T:
         """Fold ``value = fn(layer, index, value)`` over the layers ``indices``, in order.

@@ -40,7 +40,7 @@ async def test_layers_arrive_in_order_and_exact(tmp_path: Path, www: Path, recei
     # on one thread while another still stores the chunk before it)
     assert all(later >= earlier - 0.05 for earlier, later in zip(ready, ready[1:], strict=False))
     assert stats.chunks_fetched == stats.chunks_total and stats.bytes_downloaded >= (www / "minilm.slm").stat().st_size - 64
-    assert progress[-1].layers_ready == progress[-1].layers_total == 8
+    assert progress[-1].layers_ready == progress[-1].layers_total == 9  # embeddings, 6 blocks, head, the token table
 
 
 @RECEIVE_PATHS
@@ -186,7 +186,8 @@ def test_inspect_a_url_reads_only_the_manifest(server: ServerThread, www: Path, 
     with ModelReader(www / "minilm.slm") as reader:
         assert summary["manifest_digest"] == reader.manifest.digest
         assert summary["file_bytes"] == reader.size_bytes
-    assert summary["architecture"] == "bert" and len(summary["layers"]) == 8
+    assert summary["architecture"] == "bert" and len(summary["layers"]) == 9
+    assert [layer["kind"] for layer in summary["layers"]] == ["step"] * 8 + ["rows"]
 
 
 def test_list_and_rm_the_cache(server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,6 +47,7 @@ async def test_minilm_streamed_matches_sentence_transformers(served: tuple[Serve
     assert cos.mean() >= 0.999 and cos.min() >= 0.998, cos
     assert np.allclose(np.linalg.norm(result.embedding, axis=1), 1.0, atol=1e-5)  # the Normalize module
     assert [t.index for t in result.timeline] == list(range(7))  # embeddings + 6 blocks, in order
+    assert [(r.index, r.name) for r in result.row_fetches] == [(8, "embeddings.rows")]  # the input's rows, fetched first
 
 
 async def test_llama_prompt_logits_and_first_token(served: tuple[ServerThread, Path], tmp_path: Path) -> None:

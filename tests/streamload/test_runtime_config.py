@@ -32,7 +32,7 @@ def with_config(source: Path, target: Path, **changes: Any) -> Path:
             r"num_attention_heads=4 x head_dim=5000000 = 20000000 contradicts tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' of shape \(64, 64\)",
         ),
         ({"head_dim": 10**9}, r"head_dim=1000000000 = 4000000000 contradicts tensor 'model\.layers\.0\.self_attn\.q_proj\.weight'"),
-        ({"num_hidden_layers": 10**9}, r"num_hidden_layers=1000000000 contradicts the file's 5 layers"),
+        ({"num_hidden_layers": 10**9}, r"num_hidden_layers=1000000000 contradicts the file's 5 execution steps"),
     ],
 )
 async def test_runtime_refuses_before_allocating(tmp_path: Path, llama_slm: Path, changes: dict[str, Any], message: str) -> None:
