@@ -256,7 +256,9 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ids takes comma-separated integers, got {text!r}") from None
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+async def _run(args: argparse.Namespace) -> None:
+    """Run the model on the input, print the result as soon as it exists, then (unless --no-finish) let the download
+    complete the cache, so that the next run needs no network."""
     import time
 
     import numpy as np
@@ -284,6 +286,29 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 started=started,
             )
             bytes_downloaded = model.stats.bytes_downloaded
+            if args.save_logits:
+                np.save(args.save_logits, result.prompt_logits.astype(np.float32))
+            out: dict[str, Any] = {"architecture": result.architecture}
+            if result.embedding is not None:
+                out["embedding"] = result.embedding[0].tolist() if len(result.embedding) == 1 else result.embedding.tolist()
+            else:
+                out["generated_ids"] = result.generated_ids
+                out["text"] = result.text
+            out |= {
+                "timeline": [t.as_dict() for t in result.timeline],
+                "rows": [r.as_dict() for r in result.row_fetches],
+                "first_layer_done_s": result.first_layer_done_s,
+                "total_s": result.total_s,
+                "bytes_downloaded": bytes_downloaded,  # when the result was there
+                "bytes_needed": result.bytes_needed,  # what the result depended on
+                "file_bytes": model.stats.bytes_total,
+            }
+            _print_result(args, out)
+            if not args.no_finish and not model.is_complete:
+                if not args.quiet and not args.json:
+                    left = format_bytes(max(0, model.stats.bytes_total - model.stats.bytes_downloaded))
+                    print(f"completing the cache for the next run ({left} left; --no-finish stops here)", file=sys.stderr)
+                await model.wait_complete()
             if args.timeline_png:
                 from .timeline_png import draw_timeline
 
@@ -293,50 +318,43 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     model.layer_spans(),
                     result.timeline,
                     started,
+                    rows=result.row_fetches,
+                    result_s=result.total_s,
                     link_floor_s=floor,
-                    title=f"{Path(args.source.split('#')[0]).name}: {format_bytes(bytes_downloaded)}"
+                    title=f"{Path(args.source.split('#')[0]).name}: result after {format_bytes(result.bytes_needed)} needed"
                     + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
                 )
     finally:
         bar.close()
-    if args.save_logits:
-        np.save(args.save_logits, result.prompt_logits.astype(np.float32))
-    out: dict[str, Any] = {"architecture": result.architecture}
-    if result.embedding is not None:
-        out["embedding"] = result.embedding[0].tolist() if len(result.embedding) == 1 else result.embedding.tolist()
-    else:
-        out["generated_ids"] = result.generated_ids
-        out["text"] = result.text
-    out |= {
-        "timeline": [t.as_dict() for t in result.timeline],
-        "first_layer_done_s": result.first_layer_done_s,
-        "total_s": result.total_s,
-        "bytes_downloaded": bytes_downloaded,
-    }
-    return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    if (args.text is None) == (args.ids is None):
-        print("error: give --text TEXT or --ids 1,2,3", file=sys.stderr)
-        return EXIT_USAGE
-    result = asyncio.run(_run(args))
+def _print_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if args.json:
-        print(json.dumps(result))
-        return EXIT_OK
+        print(json.dumps(result), flush=True)
+        return
     if "embedding" in result:
         vectors = result["embedding"] if isinstance(result["embedding"][0], list) else [result["embedding"]]
         for vector in vectors:
             print("[" + ", ".join(f"{v:.6f}" for v in vector) + "]")
     else:
         print(result["text"] if result["text"] is not None else ",".join(map(str, result["generated_ids"])))
+    sys.stdout.flush()
     first = result["first_layer_done_s"]
+    needed = f"{format_bytes(result['bytes_needed'])} of {format_bytes(result['file_bytes'])} needed"
     print(
-        f"block 0 done at {first:.3f} s, result at {result['total_s']:.3f} s, {format_bytes(result['bytes_downloaded'])} downloaded"
+        f"block 0 done at {first:.3f} s, result at {result['total_s']:.3f} s ({needed}), "
+        f"{format_bytes(result['bytes_downloaded'])} downloaded by then"
         if first is not None
-        else f"result at {result['total_s']:.3f} s",
+        else f"result at {result['total_s']:.3f} s ({needed})",
         file=sys.stderr,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.ids is None):
+        print("error: give --text TEXT or --ids 1,2,3", file=sys.stderr)
+        return EXIT_USAGE
+    asyncio.run(_run(args))
     return EXIT_OK
 
 
@@ -455,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="decoder: sampling seed")
     p.add_argument("--save-logits", metavar="FILE.npy", help="decoder: save the prompt's logits, float32 [prompt length, vocab]")
     p.add_argument("--json", action="store_true", help="print one JSON object (result, timeline, timings, bytes)")
+    p.add_argument(
+        "--no-finish", action="store_true", help="stop once the result is printed (default: complete the cache for the next run)"
+    )
     p.add_argument("--timeline-png", metavar="FILE.png", help="draw download, decompress and compute per layer (needs matplotlib)")
     p.add_argument("--link-rate", type=float, metavar="BYTES_PER_S", help="mark the link floor (bytes downloaded / rate) on the picture")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

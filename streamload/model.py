@@ -123,6 +123,12 @@ class Model:
         for index in range(len(self.manifest.layers)):
             yield index, await self.layer(index)
 
+    @property
+    def is_complete(self) -> bool:
+        """Every chunk is verified and in the cache."""
+        complete = self._session.complete
+        return complete.done() and complete.exception() is None
+
     async def wait_complete(self) -> DownloadStats:
         """Wait until every chunk is in the cache; returns the run's stats."""
         await asyncio.shield(self._session.complete)

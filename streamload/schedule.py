@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from .formats import ChunkEntry
 
 PENDING, TAKEN, DONE = 0, 1, 2
+JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
 
 
 @dataclasses.dataclass(eq=False)
@@ -120,7 +121,7 @@ class ChunkScheduler:
         added = False
         for position in positions:
             if not self._urgent[position]:
-                self._urgent[position] = 1
+                self._urgent[position] = JUMP if cut else ROWS
                 if self._state[position] == PENDING:
                     self._urgent_pending += 1
                     added = True
@@ -129,6 +130,17 @@ class ChunkScheduler:
             self._changed.set()
             if cut:
                 self._cut_running()
+        if not cut:
+            self._cut_holders(positions)
+
+    def _cut_holders(self, positions: Sequence[int]) -> None:
+        """Cut running spans that hold some of these positions beyond the chunk they are receiving: what they give
+        back is then pending, for extra requests to fetch at once (their in-order walk leaves it to them)."""
+        wanted = set(positions)
+        for span in self._running:
+            if span.cuttable and not span.cut:
+                if any(self._position_of[chunk.index] in wanted for chunk in span.chunks[span.received + 1 :]):
+                    span.cut = True
 
     def _cut_running(self) -> None:
         if self._urgent_pending:
@@ -226,7 +238,7 @@ class ChunkScheduler:
             limit = len(state) if first >= self._rows_from else self._rows_from
             while position < limit:
                 candidate = all_chunks[position]
-                if state[position] == PENDING:
+                if state[position] == PENDING and urgent[position] != ROWS:  # demanded rows are left to extra requests
                     if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
                         break
                     taken.append(position)

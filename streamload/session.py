@@ -580,8 +580,8 @@ class DownloadSession:
                     async with contextlib.aclosing(self.pipeline.run_span(span, reader, threads)) as outcomes:
                         async for landed in outcomes:
                             self._chunks_landed(span, landed)
-                    if (open_ended or reader.whole_file) and span.received == len(span.chunks) and not span.cut:
-                        body, reader = reader, None  # its body goes on to the end of the file: the next span may continue it
+                    if (open_ended or reader.whole_file) and span.error is None:
+                        body, reader = reader, None  # at a chunk boundary, going on to the end of the file: the next span may continue it
                     backoff.failures = 0
                 except (RetryableError, StalledError) as exc:
                     self.stats.retries += 1
@@ -590,6 +590,8 @@ class DownloadSession:
                     if reader is not None:
                         reader.close()
                     self.scheduler.finish_span(span)
+                    if self._chunk_waiters and self.scheduler.urgent_waiting():
+                        self._start_row_requests()  # demanded rows given back by a cut span: fetch them beside it
         finally:
             if body is not None:
                 body.close()

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from .errors import StreamloadError
-from .runtime.timeline import LayerTiming
+from .runtime.timeline import LayerTiming, RowsTiming
 from .stats import LayerSpans
 
 
@@ -16,10 +16,15 @@ def draw_timeline(
     timings: Sequence[LayerTiming],
     started: float,
     *,
+    rows: Sequence[RowsTiming] = (),
+    result_s: float | None = None,
     link_floor_s: float | None = None,
     title: str = "",
 ) -> None:
     """Write a PNG: one row per layer; ``started`` (perf_counter) is time zero; the link floor as a dashed line.
+
+    ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
+    the result was there (a solid line).
 
     Raises:
         StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
@@ -32,12 +37,12 @@ def draw_timeline(
     except ImportError:
         raise StreamloadError("--timeline-png needs matplotlib: pip install 'streamload[plot]'") from None
     compute = {t.index: t for t in timings}
-    rows = len(spans)
+    rows_count = len(spans)
     ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]
     visible_s = max(ends, default=1.0) * 0.004  # compute takes milliseconds: draw at least this wide
-    figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows), dpi=110)
+    figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows_count), dpi=110)
     for span in spans:
-        y = rows - 1 - span.index
+        y = rows_count - 1 - span.index
         if span.download:
             axes.barh(
                 y + 0.25,
@@ -60,14 +65,31 @@ def draw_timeline(
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
             axes.barh(y - 0.25, width, left=timing.compute_start_s, height=0.25, color="#54a24b", label="compute")
+    for fetch in rows:
+        axes.barh(
+            rows_count - 1 - fetch.index + 0.25,
+            max(fetch.ready_s - fetch.asked_s, visible_s),
+            left=fetch.asked_s,
+            height=0.25,
+            color="#e45756",
+            label="the input's rows",
+        )
+    if result_s is not None:
+        axes.axvline(result_s, color="#e45756", linewidth=1.5, label=f"result {result_s:.2f} s")
     if link_floor_s is not None:
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes.legend(
-        unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / rows), ncol=4, fontsize=8, frameon=False
+        unique.values(),
+        unique.keys(),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18 - 0.6 / rows_count),
+        ncol=4,
+        fontsize=8,
+        frameon=False,
     )
-    axes.set_yticks(range(rows))
+    axes.set_yticks(range(rows_count))
     axes.set_yticklabels([s.name for s in reversed(spans)], fontsize=8)
     axes.set_xlabel("seconds from start")
     axes.set_xlim(left=0)

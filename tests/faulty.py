@@ -31,6 +31,7 @@ class Faults:
     corrupt_range: tuple[int, int] | None = None  # file offsets [start, end) whose first byte gets flipped
     corrupt_times: int = 0  # how many responses carry the corruption (a large number: always)
     fail_from: int | None = None  # file offset no answer gets past: reset there
+    rate_bytes_per_s: float | None = None  # pace every body (per connection), in 16 KiB pieces
     requests: list[str] = dataclasses.field(default_factory=list)  # Range header of every GET, "" for none
     actions: list[str] = dataclasses.field(default_factory=list)  # what each GET was answered with
 
@@ -75,6 +76,10 @@ def faulty_app(path: Path, faults: Faults) -> web.Application:
                 await response.write(bytes(body[index : index + 1]))
                 await asyncio.sleep(0.05)
             kind = "stall"
+        elif faults.rate_bytes_per_s:
+            for piece in range(0, limit, 16 << 10):
+                await response.write(bytes(body[piece : min(limit, piece + (16 << 10))]))
+                await asyncio.sleep(min(limit - piece, 16 << 10) / faults.rate_bytes_per_s)
         else:
             await response.write(bytes(body[:limit]))
         if kind == "reset":
