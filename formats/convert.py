@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,7 @@ def convert(
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     config_path: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
     """Convert a model folder or .safetensors file into a .slm file.
 
@@ -210,6 +211,7 @@ def convert(
         zstd_level: compression level of every chunk.
         chunk_size_bytes: raw bytes per chunk.
         config_path: a config.json to use when the source has none beside it.
+        progress: called with (source bytes converted, source bytes in all) before each tensor and at the end.
 
     Returns:
         A ``ConversionReport`` with per-tensor quantization errors.
@@ -236,6 +238,7 @@ def convert(
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
     reports: list[TensorReport] = []
+    source_bytes_done = 0
     with ModelWriter(
         output,
         config=config,
@@ -249,7 +252,10 @@ def convert(
             deferred_scales: list[tuple[str, np.ndarray]] = []
             for entry in group:
                 source_name, name = entry.split("\0")
+                if progress is not None:
+                    progress(source_bytes_done, tensors.size_bytes)
                 values = tensors.array(source_name)
+                source_bytes_done += values.nbytes
                 if quant == "int8" and values.ndim == 2:
                     q, scales, error = quantize_int8_rows(values)
                     writer.add_tensor(name, q, quant=QuantScheme.INT8_ROW, scales=name + ".scales", error=error)
@@ -268,6 +274,8 @@ def convert(
                 writer.add_tensor(scale_name, scales)
             writer.end_layer()
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
+    if progress is not None:
+        progress(tensors.size_bytes, tensors.size_bytes)
     output_size = Path(output).stat().st_size
     report = ConversionReport(
         path=Path(output),
