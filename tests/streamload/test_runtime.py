@@ -112,7 +112,7 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "hello", "--json"]) == 0
     embedding = json.loads(capsys.readouterr().out)["embedding"]
     assert len(embedding) == 384 and math.isclose(float(np.linalg.norm(embedding)), 1.0, rel_tol=1e-5)
-    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
+    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 2
     assert "--save-logits needs a decoder" in capsys.readouterr().err
     picture = tmp_path / "timeline.png"
     assert (
