@@ -38,6 +38,15 @@ class RunResult:
     bytes_needed: int = 0  # bytes of the file the result depended on (header, the layers used, the rows' chunks)
 
 
+def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """Token ids index the embedding table: refuse any outside it before it is read."""
+    if not ids:
+        raise RuntimeModelError("the input needs at least one token id")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise RuntimeModelError(f"token ids must be in [0, {vocab_size}); got {bad[0]}")
+
+
 async def run(
     model: Model,
     *,
@@ -80,6 +89,7 @@ async def run(
         if texts is not None:
             batch = bert.tokenize(model, texts, config)
         else:
+            _check_ids(ids or [], int(model.config.get("vocab_size", 0)))
             row = np.asarray([list(ids or [])], dtype=np.int64)
             batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
         embedding = await bert.encode(model, batch, timeline)

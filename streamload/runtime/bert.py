@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ from .timeline import Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,8 +57,10 @@ def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedB
     if tokenizer is None:
         raise RuntimeModelError("this model has no tokenizer: pass token ids instead of text")
     tokenizer.no_padding()
-    tokenizer.enable_truncation(min(config.max_seq_length, config.max_position_embeddings))
+    limit = min(config.max_seq_length, config.max_position_embeddings)
+    tokenizer.enable_truncation(limit)
     encodings = tokenizer.encode_batch(list(texts))
+    _warn_truncated(tokenizer, texts, encodings, limit)
     length = max(len(e.ids) for e in encodings)
     ids = np.full((len(encodings), length), config.pad_token_id, dtype=np.int64)
     types = np.zeros_like(ids)
@@ -65,6 +70,21 @@ def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedB
         types[row, : len(e.ids)] = e.type_ids
         mask[row, : len(e.ids)] = 1
     return EncodedBatch(ids, types, mask)
+
+
+def _warn_truncated(tokenizer: Any, texts: Sequence[str], encodings: Sequence[Any], limit: int) -> None:
+    """Log how many tokens truncation dropped, as sentence-transformers truncates silently (counted only when it did)."""
+    cut = [i for i, e in enumerate(encodings) if e.overflowing]
+    if not cut:
+        return
+    tokenizer.no_truncation()
+    try:
+        lengths = [len(tokenizer.encode(texts[i]).ids) for i in cut]
+    finally:
+        tokenizer.enable_truncation(limit)
+    dropped = sum(length - limit for length in lengths)
+    which = f"text {cut[0] + 1}" if len(cut) == 1 else f"{len(cut)} texts"
+    logger.warning("%s longer than the model's %d tokens: %d tokens dropped from the end", which, limit, dropped)
 
 
 def _weight(layer: Layer, name: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -113,7 +113,7 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "hello", "--json"]) == 0
     embedding = json.loads(capsys.readouterr().out)["embedding"]
     assert len(embedding) == 384 and math.isclose(float(np.linalg.norm(embedding)), 1.0, rel_tol=1e-5)
-    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
+    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 2
     assert "--save-logits needs a decoder" in capsys.readouterr().err
     picture = tmp_path / "timeline.png"
     assert (
@@ -283,3 +283,15 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
     assert np.all(adjusted <= plain)
+
+
+async def test_the_encoder_refuses_ids_outside_its_vocabulary_and_warns_on_truncation(
+    minilm_slm: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with streamload.open(minilm_slm, cache_dir=tmp_path) as model:
+        for ids in ([101, 30522], [-1, 101], []):
+            with pytest.raises(streamload.RuntimeModelError, match="token id"):
+                await run(model, ids=ids)
+        result = await run(model, texts=["word " * 300])
+        assert result.embedding is not None and result.embedding.shape == (1, 384)
+    assert "text 1 longer than the model's 256 tokens: 46 tokens dropped" in caplog.text
