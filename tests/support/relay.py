@@ -58,7 +58,7 @@ class CountingRelay:
 
         try:
             await asyncio.gather(up(), down())
-        except OSError:
+        except (OSError, asyncio.CancelledError):  # a side closed, or the relay stops: asyncio logs a handler that raises
             pass
         finally:
             for writer in (server_writer, client_writer):
