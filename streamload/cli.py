@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -19,10 +20,17 @@ from .cache import default_cache_dir
 from .errors import StreamloadError, UsageError
 from .formats import ModelReader, convert, summarize_manifest
 from .formats.constants import MAX_CHUNK_RAW_SIZE_BYTES
+from .httputil import parse_header_option
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (bad file, network, integrity)
 EXIT_USAGE = 2  # argparse's own code for bad arguments
+TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN is for huggingface_hub
+HEADER_HELP = (
+    "an extra request header, as curl -H takes it: 'Authorization: Bearer TOKEN' (repeat for more); "
+    "sent to the URL's own host only, never to a redirect target on another host. "
+    f"${TOKEN_ENV}, when set, is sent as 'Authorization: Bearer ${TOKEN_ENV}' unless --header gives an Authorization"
+)
 
 
 def format_bytes(size: float) -> str:
@@ -155,11 +163,27 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
         )
 
 
+def request_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The --header options, then ``$STREAMLOAD_TOKEN`` as a bearer token when no Authorization header was given."""
+    headers = dict(args.header or [])
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token and not any(name.lower() == "authorization" for name in headers):
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _header_option(text: str) -> tuple[str, str]:
+    try:
+        return parse_header_option(text)
+    except StreamloadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.source.startswith(("http://", "https://")):
         from .model import read_remote_header
 
-        manifest, size = asyncio.run(read_remote_header(args.source))
+        manifest, size = asyncio.run(read_remote_header(args.source, headers=request_headers(args)))
         summary = summarize_manifest(manifest)
         summary["file_bytes"] = size
     else:
@@ -332,7 +356,12 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
     bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
         async with streamload_model.open(
-            args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar
+            args.source,
+            cache_dir=cache_dir_of(args),
+            digest=args.digest,
+            connections=args.connections,
+            progress=bar,
+            headers=request_headers(args),
         ) as model:
             stats = await model.wait_complete()
             return {
@@ -418,7 +447,12 @@ async def _run(args: argparse.Namespace) -> None:
     bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
         async with streamload_model.open(
-            args.source, cache_dir=cache_dir_of(args), digest=args.digest, connections=args.connections, progress=bar
+            args.source,
+            cache_dir=cache_dir_of(args),
+            digest=args.digest,
+            connections=args.connections,
+            progress=bar,
+            headers=request_headers(args),
         ) as model:
             check_run_options(args, model.config)
             result = await run(
@@ -694,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
     p.add_argument("source", type=_model_file_or_url, help="a .slm file or its URL (only the manifest is fetched)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
     p.set_defaults(func=cmd_inspect)
 
     p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")
@@ -758,6 +793,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help=f"cache directory (default $STREAMLOAD_CACHE or ~/.cache/streamload; here: {default_cache_dir()})")
     p.add_argument("--digest", type=_digest, help="refuse a model whose manifest sha256 differs")
     p.add_argument("--connections", type=_connections, default=1, help="parallel ranged requests (default 1: strict layer order)")
+    p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
