@@ -152,13 +152,13 @@ def test_list_says_where_the_cache_is_and_counts_partial_bytes(server: ServerThr
     assert streamload_cli("fetch", server.url("deep.slm"), "-q", cache=tmp_path).returncode == 0
     listed = streamload_cli("list", cache=tmp_path)
     assert f"1 model in {tmp_path}" in listed.stdout
-    # make it partial: keep the journal records of the embeddings' chunks only (the largest), drop the mark
+    # make it partial: keep the journal records of block 0's chunks only (large ones, against the table's small), drop the mark
     manifest = ModelReader(deep_slm).manifest
     (model_dir,) = (tmp_path / "models").iterdir()
     (model_dir / "complete").unlink()
     journal = model_dir / JOURNAL_NAME
     records = list(JOURNAL_RECORD.iter_unpack(journal.read_bytes()))
-    kept = [r for r in records if manifest.chunks[r[0]].layer_index == 0]
+    kept = [r for r in records if manifest.chunks[r[0]].layer_index == 1]
     journal.write_bytes(b"".join(JOURNAL_RECORD.pack(*r) for r in kept))
     sizes = {c.index: c.size_bytes for c in manifest.chunks}
     expected = int(100 * sum(sizes[i] for i, _ in kept) / sum(sizes.values()))
@@ -231,4 +231,4 @@ def test_convert_shows_progress_then_a_short_summary(tmp_path: Path, llama_dir: 
 def test_the_download_bar_shows_on_a_terminal_without_a_width(server: ServerThread, tmp_path: Path) -> None:
     status, _, terminal = run_on_a_terminal(["fetch", server.url("deep.slm")], cache=tmp_path)
     assert status == 0, terminal
-    assert "layers 14/14" in terminal and "100%" in terminal and "MB" in terminal
+    assert "layers 15/15" in terminal and "100%" in terminal and "MB" in terminal
