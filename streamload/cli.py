@@ -13,7 +13,7 @@ from typing import Any
 
 from .cache import default_cache_dir
 from .errors import RuntimeModelError, StreamloadError
-from .formats import ModelReader, convert, summarize_manifest
+from .formats import ModelReader, summarize_manifest
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (bad file, network, integrity)
@@ -36,6 +36,8 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import convert  # the writing side, imported only to convert
+
     report = convert(
         args.source, args.output, quant=args.quant, zstd_level=args.level, chunk_size_bytes=args.chunk_size, config_path=args.config
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +330,16 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
     assert np.all(adjusted <= plain)
+
+
+def test_a_cached_local_run_imports_neither_aiohttp_nor_the_converter(minilm_slm: Path, tmp_path: Path) -> None:
+    """Cold start: ``streamload run`` on a local file whose layers are cached reads and computes, nothing more."""
+    code = (
+        "import sys\n"
+        "from streamload.cli import main\n"
+        f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
+        "loaded = [m for m in ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer') if m in sys.modules]\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "LOADED []" in done.stderr, done.stderr[-2000:]
