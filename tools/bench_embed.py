@@ -382,7 +382,7 @@ def main() -> None:
     for revision, times in colds.items():
         where = f"@{revision}" if revision else "(this checkout)"
         print(
-            f"streamload {where} cold start to first embedding (fresh interpreter, cached model, median of {3 * len(times)}): {statistics.median(times):.3f} s"
+            f"streamload {where} cold start to first embedding (fresh interpreter, cached model; median over {len(times)} rounds of medians of 3): {statistics.median(times):.3f} s"
         )
 
 

@@ -7,10 +7,14 @@ Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py 
   4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (about 4-5 G weights/s on one core),
   not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.43x the speed of float32 weights,
   which stream at the memory's ~30 GB/s (tools/bench_runtime.py --large, 2 cores).
-* ``dense`` uses a float32 copy, dequantized once and transposed so that ``x @ W`` is one sgemm, kept in
-  ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``; 0 runs int8 only). It also fuses
-  several projections of the same input (query, key, value) into one matmul. Encoders, which run many
-  tokens through the same small weights again and again, use it.
+* ``dense_t`` uses a float32 copy, dequantized once with the scales folded in (rows stacked, (outs, in)) so
+  that ``W @ x^T`` is one sgemm, kept in ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``;
+  0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
+  Encoders, which run many tokens through the same small weights again and again, use it, with tokens as
+  columns (``linear_t``, ``layer_norm_t``); ``dense`` is the same with tokens as rows.
+
+Threads do not help the int8 cast: on 2 cores, casting tiles on a second Python thread (pipelined with the sgemv,
+or each thread half the rows) ran at half the serial rate (2.1-2.6 vs 4.4 G weights/s).
 """
 
 from __future__ import annotations
