@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .cache import default_cache_dir
 from .errors import StreamloadError, UsageError
-from .formats import ModelReader, convert, summarize_manifest
+from .formats import ModelReader, summarize_manifest
 from .formats.constants import MAX_CHUNK_RAW_SIZE_BYTES
 from .httputil import parse_header_option
 
@@ -75,6 +75,8 @@ class ConvertProgress:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import convert  # the writing side, imported only to convert
+
     bar = ConvertProgress(f"converting {Path(args.source).name}", enabled=not args.json and sys.stderr.isatty())
     try:
         report = convert(
