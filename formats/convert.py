@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,7 @@ def convert(
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
     config_path: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ConversionReport:
     """Convert a model folder or .safetensors file into a .slm file.
 
@@ -242,6 +243,7 @@ def convert(
         zstd_level: compression level of every chunk.
         chunk_size_bytes: raw bytes per chunk.
         config_path: a config.json to use when the source has none beside it.
+        progress: called with (source bytes converted, source bytes in all) before each tensor and at the end.
 
     Returns:
         A ``ConversionReport`` with per-tensor quantization errors.
@@ -268,6 +270,7 @@ def convert(
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
     reports: list[TensorReport] = []
+    source_bytes_done = 0
     with ModelWriter(
         output,
         config=config,
@@ -277,7 +280,9 @@ def convert(
         threads=threads,
     ) as writer:
         table_source, table_name = _take_row_table(arch, plan)
-        table = _store_form(tensors.array(table_source), quant)  # its scales go to layer 0, its rows after every step
+        table_values = tensors.array(table_source)
+        table = _store_form(table_values, quant)  # its scales go to layer 0, its rows after every step
+        source_bytes_done += table_values.nbytes
         for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
             layer_index = writer.begin_layer(layer_name)
             deferred_scales: list[tuple[str, np.ndarray]] = []
@@ -285,7 +290,11 @@ def convert(
                 deferred_scales.append((table_name + ".scales", table.scales))
             for entry in group:
                 source_name, name = entry.split("\0")
-                stored = _store_form(tensors.array(source_name), quant)
+                if progress is not None:
+                    progress(source_bytes_done, tensors.size_bytes)
+                values = tensors.array(source_name)
+                source_bytes_done += values.nbytes
+                stored = _store_form(values, quant)
                 if stored.scales is not None:
                     writer.add_tensor(name, stored.values, quant=QuantScheme.INT8_ROW, scales=name + ".scales", error=stored.error)
                     deferred_scales.append((name + ".scales", stored.scales))
@@ -310,6 +319,8 @@ def convert(
         del table
         writer.end_layer()
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
+    if progress is not None:
+        progress(tensors.size_bytes, tensors.size_bytes)
     output_size = Path(output).stat().st_size
     report = ConversionReport(
         path=Path(output),

@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import re
+import signal
 import socket
 import struct
 import time
@@ -445,15 +446,42 @@ def runner_options(config: ServerConfig) -> dict[str, object]:
     return {"keepalive_timeout": config.idle_timeout_s}
 
 
-def run_server(config: ServerConfig, host: str = "127.0.0.1", port: int = 8800, *, announce: Callable[[str], None] = print) -> None:
-    """Serve until SIGINT or SIGTERM, then close connections and exit cleanly."""
-    web.run_app(
+def run_server(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8800,
+    *,
+    announce: Callable[[str], None] = print,
+    access_log: bool = True,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then close connections and exit cleanly.
+
+    ``announce`` gets one line with the address actually bound (port 0 takes a free port).
+
+    Raises:
+        OSError: the address cannot be bound (the port is in use, the host does not resolve).
+    """
+    asyncio.run(_serve_until_signalled(config, host, port, announce, access_log))
+
+
+async def _serve_until_signalled(config: ServerConfig, host: str, port: int, announce: Callable[[str], None], access_log: bool) -> None:
+    """``web.run_app`` without its banner: the bound port is read back from the socket, so ``--port 0`` can say which."""
+    runner = web.AppRunner(
         create_app(config),
-        host=host,
-        port=port,
-        access_log=logging.getLogger("streamload.server.access"),
+        access_log=logging.getLogger("streamload.server.access") if access_log else None,
         access_log_class=AccessLogger,
-        print=lambda _: announce(f"serving {config.directory} on http://{host}:{port}/ (Ctrl-C to stop)"),
         shutdown_timeout=5.0,
         **runner_options(config),  # type: ignore[arg-type]
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the announcement: whoever reads it may stop us at once
+        loop.add_signal_handler(signum, stop.set)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_port = runner.addresses[0][1]
+        announce(f"serving {config.directory} on http://{host}:{bound_port}/ (Ctrl-C to stop)")
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -6,6 +6,8 @@ Example:
     ...     layer0 = await model.layer(0)
 """
 
+from importlib import metadata as _metadata
+
 from .errors import (
     CacheError,
     ChunkIntegrityError,
@@ -22,6 +24,11 @@ from .layer import Layer
 from .model import Model, open, read_remote_header
 from .stats import DownloadStats, Progress
 from .sync import SyncModel, load
+
+try:
+    __version__ = _metadata.version("streamload")  # one source of truth: pyproject's version
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CacheError",

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Mapping
 
 import aiohttp
 
-from .errors import HTTPStatusError
-from .httputil import RetryPolicy, http_status_error, parse_content_range, range_headers
+from .errors import HTTPStatusError, TransportRedirect
+from .httputil import REDIRECT_STATUSES, RetryPolicy, http_status_error, parse_content_range, range_headers
 from .transport import SpanReader, map_transport_errors
 
 READ_BUFFER_BYTES = 4 << 20
@@ -78,14 +79,29 @@ class AiohttpReader(SpanReader):
 
 
 async def open_aiohttp_span(
-    session: aiohttp.ClientSession, url: str, start: int, end: int | None, *, etag: str | None, policy: RetryPolicy
+    session: aiohttp.ClientSession,
+    url: str,
+    start: int,
+    end: int | None,
+    *,
+    etag: str | None,
+    policy: RetryPolicy,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> AiohttpReader:
-    """GET bytes [start, end) (end None: to the end); a 200 (Range ignored) is a whole-file reader from offset 0."""
+    """GET bytes [start, end) (end None: to the end); a 200 (Range ignored) is a whole-file reader from offset 0.
+
+    Redirects are not followed here but raised (``TransportRedirect``): ``HttpSource`` follows
+    them for both paths alike, and decides which hop may see the caller's headers.
+    """
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s, sock_read=policy.stall_timeout_s)
+    headers = range_headers(start, end, etag, extra_headers)
     with map_transport_errors(url, policy, (aiohttp.ClientError,)):
         async with asyncio.timeout(policy.header_timeout_s):
-            response = await session.get(url, headers=range_headers(start, end, etag), timeout=timeout)
+            response = await session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
     status = response.status
+    if status in REDIRECT_STATUSES and response.headers.get("Location"):
+        response.release()
+        raise TransportRedirect(status, response.headers["Location"])
     if status not in (200, 206):
         response.release()
         raise http_status_error(url, status, response.reason or "", response.headers.get("Retry-After"))

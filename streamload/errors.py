@@ -28,9 +28,10 @@
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
     └── UsageError (ValueError)              an argument to the library is out of its range
 
-Two signals of the threaded HTTP path never reach a caller: ``TransportUnsupported``
-(this response needs the general client) and ``TransportStatus`` (an error status,
-mapped to a FetchError by ``streamload.http``).
+Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
+(this response needs the general client), ``TransportStatus`` (an error status,
+mapped to a FetchError by ``streamload.http_source``) and ``TransportRedirect``
+(a 3xx that ``streamload.http_source`` follows).
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ class TransportStatus(Exception):
         self.retry_after = retry_after
 
 
+class TransportRedirect(Exception):
+    """Internal: either HTTP path got a redirect (RFC 9110 section 15.4); ``HttpSource`` follows it."""
+
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__(f"status {status} to {location}")
+        self.status = status
+        self.location = location
+
+
 # ------------------------------------------------------------------ the rest
 
 
@@ -197,6 +207,7 @@ __all__ = [
     "SourceError",
     "StalledError",
     "StreamloadError",
+    "TransportRedirect",
     "TransportStatus",
     "TransportUnsupported",
     "UnknownDTypeError",

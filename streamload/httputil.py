@@ -14,12 +14,18 @@ import logging
 import random
 import re
 import time
+import urllib.parse
+from collections.abc import Mapping
 
 from .errors import FetchError, HTTPStatusError, RetryableError, StalledError, UsageError
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # RFC 9110 section 15.4; a ranged GET stays a ranged GET after each
+# headers each request sets itself: a caller's value would break ranges, framing or the fast path's parsing
+OWN_HEADERS = frozenset({"host", "range", "if-range", "accept-encoding", "connection", "content-length", "transfer-encoding", "te"})
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 section 5.1: a field name
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -54,15 +60,49 @@ class RetryPolicy:
         return backoff * (0.5 + random.random() / 2)
 
 
-def range_headers(start: int, end: int | None, etag: str | None) -> dict[str, str]:
+def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A caller's extra request headers (``Authorization: Bearer ...``), checked: UsageError for one we cannot send.
+
+    Refused: a name that is not an RFC 9110 token, a value holding CR, LF or NUL (it would
+    end the header early: request splitting), and the headers each request sets itself.
+    """
+    checked: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if not _TOKEN.match(name):
+            raise UsageError(f"{name!r} is not a valid HTTP header name")
+        if name.lower() in OWN_HEADERS:
+            raise UsageError(f"the {name} header is set by streamload on each request; it cannot be given")
+        if any(c in value for c in "\r\n\0"):
+            raise UsageError(f"the value of the {name} header holds a line break or NUL")
+        checked[name] = value.strip()
+    return checked
+
+
+def parse_header_option(text: str) -> tuple[str, str]:
+    """``'Name: value'`` (as curl's -H takes it) -> (name, value); UsageError when there is no colon."""
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise UsageError(f"a header is 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Scheme, host and port all equal (RFC 6454): where a caller's credentials may be sent."""
+    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
+    defaults = {"http": 80, "https": 443}
+    return (a.scheme, a.hostname, a.port or defaults.get(a.scheme)) == (b.scheme, b.hostname, b.port or defaults.get(b.scheme))
+
+
+def range_headers(start: int, end: int | None, etag: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Request headers for bytes [start, end) (end None: to the end of the file).
 
     ``bytes=0-`` is sent too: a 206 to it says the server honours Range, a 200 that it does not.
 
     If-Range carries a strong ETag only (RFC 9110 section 13.1.5): if the file changed,
-    the server sends all of the new one instead of a mix of old and new.
+    the server sends all of the new one instead of a mix of old and new. ``extra`` (checked
+    by ``check_headers``) comes first, so the range headers cannot be overridden.
     """
-    headers = {"Accept-Encoding": "identity"}
+    headers = {**(extra or {}), "Accept-Encoding": "identity"}
     headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
     if etag and not etag.startswith("W/"):
         headers["If-Range"] = etag

@@ -14,7 +14,7 @@ import numpy as np
 from .cache import default_cache_dir
 from .fetch import fetch_header_with_retries
 from .formats import Manifest
-from .httputil import RetryPolicy
+from .httputil import RetryPolicy, check_headers
 from .layer import Layer
 from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
@@ -151,6 +151,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     progress: Callable[[Progress], None] | None = None,
     retry: RetryPolicy | None = None,
     verify_threads: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Model]:
     """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
 
@@ -164,6 +165,8 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         retry: retry and timeout policy for the network.
         verify_threads: threads that receive, hash, decompress and store chunks (default:
             cores + 1, at most 8: one thread waits on the connection while the others compute).
+        headers: extra request headers for a private model, e.g. ``{"Authorization": "Bearer TOKEN"}``;
+            sent to the URL's origin (scheme, host, port) only, never to a redirect target on another host.
 
     Raises:
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
@@ -183,6 +186,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         progress=progress,
         retry=retry or RetryPolicy(),
         verify_threads=verify_threads or default_verify_threads(),
+        headers=check_headers(headers),
     )
     try:
         await download.start()
@@ -192,13 +196,17 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
 
 
 async def read_remote_header(
-    url: str, *, session: aiohttp.ClientSession | None = None, retry: RetryPolicy | None = None
+    url: str,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    retry: RetryPolicy | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[Manifest, int]:
-    """The manifest of a model URL and the file's size, with one or two small requests (no data)."""
+    """The manifest of a model URL and the file's size, with one or two small requests (no data); ``headers`` as for ``open``."""
     from .http_source import HttpSource
 
     policy = retry or RetryPolicy()
-    source = HttpSource(url, policy, session)
+    source = HttpSource(url, policy, session, headers)
     try:
         header = await fetch_header_with_retries(source, policy)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes

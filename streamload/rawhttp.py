@@ -10,7 +10,8 @@ chunk is hashed, decompressed and stored by the thread that received it while it
 is still in that core's cache.
 
 It speaks just enough HTTP/1.1 for one ranged GET: a ``206`` with
-``Content-Length`` and a matching ``Content-Range``. Anything else raises
+``Content-Length`` and a matching ``Content-Range``, or a redirect, raised as
+``TransportRedirect`` for ``HttpSource`` to follow. Anything else raises
 ``TransportUnsupported`` and the caller uses aiohttp instead, so correctness never
 depends on this module. Over ``https://`` the connection and TLS handshake are
 made on a helper thread (an ``ssl.SSLSocket`` cannot be driven by the event
@@ -27,10 +28,10 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from .errors import TransportStatus, TransportUnsupported
-from .httputil import RetryPolicy, parse_content_range, range_headers
+from .errors import TransportRedirect, TransportStatus, TransportUnsupported
+from .httputil import REDIRECT_STATUSES, RetryPolicy, parse_content_range, range_headers
 from .transport import SpanReader
 
 HEADER_LIMIT_BYTES = 64 << 10
@@ -89,20 +90,22 @@ async def open_socket_span(
     etag: str | None,
     policy: RetryPolicy,
     ssl_context: ssl.SSLContext | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> SocketReader:
     """Connect, send ``GET`` for bytes [start, end) (end None: to the end of the file) and parse the head.
 
     ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
+    ``extra_headers``: the caller's own (checked by ``httputil.check_headers``).
     The whole head must arrive within ``policy.header_timeout_s``.
     Raises TransportUnsupported (use the general client), TransportStatus (an error status),
-    TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
+    TransportRedirect (a 3xx with a Location), TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise TransportUnsupported("only http and https URLs without credentials take the fast path")
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}"]
-    lines += [f"{name}: {value}" for name, value in range_headers(start, end, etag).items()]
+    lines += [f"{name}: {value}" for name, value in range_headers(start, end, etag, extra_headers).items()]
     lines += ["Connection: close", "User-Agent: streamload"]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if parts.scheme == "https":
@@ -129,6 +132,8 @@ async def open_socket_span(
         status, headers = _parse_head(bytes(head[:head_end]))
         if status >= 400:
             raise TransportStatus(status, headers.get("retry-after"))
+        if status in REDIRECT_STATUSES and headers.get("location"):
+            raise TransportRedirect(status, headers["location"])
         if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
             raise TransportUnsupported(f"status {status} or an encoded body")
         parsed = parse_content_range(headers.get("content-range"))

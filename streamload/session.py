@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,12 +105,14 @@ class DownloadSession:
         progress: Callable[[Progress], None] | None,
         retry: RetryPolicy,
         verify_threads: int,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url, self.pinned = split_pin(source, digest)
         self.cache_root = cache_root
         self.connections = max(1, connections)
         self.retry = retry
         self.borrowed_session = session
+        self.headers = headers  # the caller's, for the URL's origin only (HttpSource keeps them from other hosts)
         self.progress_callback = progress
         self.verify_threads = max(1, verify_threads)
         self.loop = asyncio.get_running_loop()
@@ -234,7 +236,7 @@ class DownloadSession:
             raise CacheError(f"{missing}, and {self.url} is not a source of it")
         from .http_source import HttpSource
 
-        source = HttpSource(self.url, self.retry, self.borrowed_session)
+        source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
         try:
             header = await self._fetch_with_retries(source, give_up_unreachable=True)
         except FetchError as exc:
@@ -261,7 +263,7 @@ class DownloadSession:
                 return cached
         from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
-        self.source = HttpSource(self.url, self.retry, self.borrowed_session)
+        self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
         try:
             header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=True)
         except FetchError as exc:

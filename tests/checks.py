@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.formats import ModelReader
+from tests.support.hosts import Host, HostMissing, start_host
 
 
 def assert_layers_equal_file(layers: Mapping[int, streamload.Layer], path: Path) -> None:
@@ -81,6 +83,44 @@ async def open_via(receive_path: str, url: str, *, check_path: bool = True, **kw
         yield model
         if check_path and model._session.source is not None:  # the path under test is the one that ran
             assert model._session.source.fast_path is (receive_path == "threads")  # type: ignore[attr-defined]
+
+
+LINKPROXY = Path(__file__).resolve().parent.parent / "tools" / "linkproxy.py"
+
+
+def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subprocess.Popen[bytes], int]:
+    """tools/linkproxy.py in front of a loopback port, in its own process: (process, its port)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(LINKPROXY),
+            "--target",
+            f"127.0.0.1:{target_port}",
+            "--listen-port",
+            str(port),
+            "--rate-mbit",
+            str(rate_mbit),
+            "--rtt-ms",
+            str(rtt_ms),
+            "--max-seconds",
+            "60",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    if not wait_for_port(port):
+        raise RuntimeError("link proxy did not start")
+    return process, port
+
+
+def start_host_or_skip(kind: str, work: Path, root: Path, **options: bool) -> Host:
+    """``start_host``, skipped with the package to install when the binary is missing (under CI, a failure)."""
+    try:
+        return start_host(kind, work, root, **options)
+    except HostMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}: .ci/run installs it")
+        pytest.skip(str(exc))
 
 
 RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])

@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import streamload
-from tests.checks import free_port, wait_for_port
+from tests.checks import start_link
 from tests.serving import serve_directory
 from tests.streamload.test_nginx import start_nginx
-
-LINKPROXY = Path(__file__).resolve().parent.parent / "tools" / "linkproxy.py"
-
-
-def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(LINKPROXY),
-            "--target",
-            f"127.0.0.1:{target_port}",
-            "--listen-port",
-            str(port),
-            "--rate-mbit",
-            str(rate_mbit),
-            "--rtt-ms",
-            str(rtt_ms),
-            "--max-seconds",
-            "60",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    if not wait_for_port(port):
-        raise RuntimeError("link proxy did not start")
-    return process, port
 
 
 @pytest.mark.parametrize("server_kind", ["bundled", "nginx"])

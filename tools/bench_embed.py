@@ -1,7 +1,7 @@
 """Benchmark: all-MiniLM-L6-v2 sentence embeddings, streamload's numpy runtime side by side with its peers.
 
 Usage:
-    python tools/bench_embed.py [--passes 7] [--threads 2] [--peers] [--only NAME ...]
+    python tools/bench_embed.py [--passes 7] [--rounds 1] [--threads 2] [--peers] [--only NAME ...] [--before REF]
 
 64 varied English sentences (tests/fixtures/minilm_varied_sentences.json), in length-sorted batches of 1 and
 16. Per runtime: sentences/s and CPU ms per sentence (all threads, from the process's CPU time), medians of
@@ -14,7 +14,11 @@ per-channel), on an ONNX export made here with torch.onnx.export.
 Rows:
     streamload int8              float32 weight copies under the default budget (ops.dense)
     streamload int8-only         budget 0: weights stay int8, cast tile by tile (ops.linear)
-The BLAS kernel in use (threadpoolctl), OPENBLAS_* variables and /proc/loadavg are printed with the table.
+With --before REF (a git revision of this checkout, e.g. main), the streamload rows also run on that revision's
+code (exported with git archive, imported through PYTHONPATH), alternating with the current code, so before and
+after share the machine's load. --rounds repeats the whole alternation; each figure is then the median over rounds
+of the per-round medians. The BLAS kernel in use (threadpoolctl), OPENBLAS_* variables and /proc/loadavg are printed
+with the table.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ async def fill_cache(workdir: Path) -> None:
         await model.wait_complete()
 
 
-def cold_start_s(workdir: Path) -> float:
+def cold_start_s(workdir: Path, env: dict[str, str] | None = None, runs: int = 5) -> float:
     """A fresh interpreter: import, open the cached model, embed one sentence."""
     code = (
         "import asyncio, time; t = time.perf_counter(); import streamload; from streamload.runtime import run\n"
@@ -255,9 +259,21 @@ def cold_start_s(workdir: Path) -> float:
         "asyncio.run(main()); print(time.perf_counter() - t)"
     )
     times = [
-        float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1]) for _ in range(5)
+        float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout.split()[-1])
+        for _ in range(runs)
     ]
     return statistics.median(times)
+
+
+def export_revision(revision: str, target: Path) -> dict[str, str]:
+    """``git archive`` of ``revision`` into ``target``, laid out as the installed package; the environment that imports it."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    for name in ("formats", "server"):  # installed as streamload.formats and streamload.server
+        link = target / "streamload" / name
+        if not link.exists():
+            link.symlink_to(target / name, target_is_directory=True)
+    return {**os.environ, "PYTHONPATH": str(target)}
 
 
 def loadavg() -> str:
@@ -267,15 +283,30 @@ def loadavg() -> str:
         return "unknown"
 
 
+def median_rows(results: list[dict]) -> dict:
+    """The median over rounds of each figure (cosines and sizes are the same every round)."""
+    merged = dict(results[0])
+    for size in ("batch1", "batch16"):
+        merged[size] = {key: statistics.median(r[size][key] for r in results) for key in results[0][size]}
+    merged["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in results)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the alternation of runtimes; medians over rounds")
     parser.add_argument("--threads", type=int, default=2, help="BLAS / intra-op threads of the peers (streamload: BLAS's own setting)")
     parser.add_argument("--peers", action="store_true", help="also run sentence-transformers and onnxruntime where installed")
     parser.add_argument("--only", nargs="*", choices=RUNTIMES)
+    parser.add_argument(
+        "--before", metavar="REF", help="also run the streamload rows on this git revision, alternating with the current code"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.passes < 1 or args.rounds < 1:
+        parser.error("--passes and --rounds must be at least 1")
     if args.child:
         print(json.dumps(run_one(args.child, Path(args.workdir), args.passes, args.threads)))
         return
@@ -285,56 +316,74 @@ def main() -> None:
         "onnxruntime-fp32": all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "torch", "transformers")),
     }
     available["onnxruntime-int8"] = available["onnxruntime-fp32"]
+    for name in names:
+        if not available.get(name, True):
+            print(f"skipped {name}: not installed (pip install -e .[bench])")
+    names = [n for n in names if available.get(n, True)]
     print(
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}; load before: {loadavg()}"
     )
-    rows = {}
+    results: dict[tuple[str, str], list[dict]] = {}
+    colds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        envs: dict[str, dict[str, str] | None] = {"": None}
+        if args.before:
+            (Path(tmp) / "before").mkdir()
+            envs = {args.before: export_revision(args.before, Path(tmp) / "before"), "": None}
         if any(n.startswith("streamload") for n in names):
             from streamload.formats import convert
 
             # here, so converting and filling the cache are not in a runtime's peak RSS
             convert(minilm_folder(), Path(tmp) / "minilm.slm")
             asyncio.run(fill_cache(Path(tmp)))
-        for name in names:
-            if not available.get(name, True):
-                print(f"skipped {name}: not installed (pip install -e .[bench])")
-                continue
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                name,
-                "--workdir",
-                tmp,
-                "--passes",
-                str(args.passes),
-                "--threads",
-                str(args.threads),
-            ]
-            done = subprocess.run(command, check=False, capture_output=True, text=True)
-            if done.returncode:
-                print(f"{name} failed:\n{done.stderr[-2000:]}")
-                continue
-            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"  {name}: done, load {loadavg()}", flush=True)
-        cold = cold_start_s(Path(tmp)) if any(n.startswith("streamload") for n in rows) else None
-    if not rows:
+        for _ in range(args.rounds):
+            for name in names:
+                for revision, env in envs.items() if name.startswith("streamload") else [("", None)]:
+                    command = [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        name,
+                        "--workdir",
+                        tmp,
+                        "--passes",
+                        str(args.passes),
+                        "--threads",
+                        str(args.threads),
+                    ]
+                    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+                    if done.returncode:
+                        print(f"{name} {revision} failed:\n{done.stderr[-2000:]}")
+                        continue
+                    results.setdefault((name, revision), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"  {name} {revision}: done, load {loadavg()}", flush=True)
+            if any(name.startswith("streamload") for name, _ in results):
+                for revision, env in envs.items():
+                    colds.setdefault(revision, []).append(cold_start_s(Path(tmp), env, runs=3))
+    if not results:
         return
+    rows = {key: median_rows(value) for key, value in results.items()}
     first = next(iter(rows.values()))
-    print(f"\nall-MiniLM-L6-v2, 64 varied sentences ({first['tokens']} tokens), length-sorted batches, medians of {args.passes} passes")
+    print(
+        f"\nall-MiniLM-L6-v2, 64 varied sentences ({first['tokens']} tokens), length-sorted batches, "
+        f"medians of {args.passes} passes{f' and of {args.rounds} rounds' if args.rounds > 1 else ''}"
+    )
     print(f"BLAS: {first['blas']}; load after: {loadavg()}")
-    header = f"{'runtime':<40} {'b1 sent/s':>9} {'b1 CPU ms':>9} {'b16 sent/s':>10} {'b16 CPU ms':>10} {'cos min / mean':>17} {'file MB':>8} {'peak RSS MB':>11}"
+    header = f"{'runtime':<48} {'b1 sent/s':>9} {'b1 CPU ms':>9} {'b16 sent/s':>10} {'b16 CPU ms':>10} {'cos min / mean':>17} {'file MB':>8} {'peak RSS MB':>11}"
     print(header)
-    for name, r in rows.items():
+    for (name, revision), r in rows.items():
         b1, b16 = r["batch1"], r["batch16"]
         cos = f"{min(b1['cos_min'], b16['cos_min']):.5f} / {b16['cos_mean']:.5f}"
+        label = f"{LABELS[name]} @{revision}" if revision else LABELS[name]
         print(
-            f"{LABELS[name]:<40} {b1['sentences_per_s']:>9.1f} {b1['cpu_ms_per_sentence']:>9.2f} {b16['sentences_per_s']:>10.1f} "
+            f"{label:<48} {b1['sentences_per_s']:>9.1f} {b1['cpu_ms_per_sentence']:>9.2f} {b16['sentences_per_s']:>10.1f} "
             f"{b16['cpu_ms_per_sentence']:>10.2f} {cos:>17} {r['file_bytes'] / 1e6:>8.1f} {r['peak_rss_bytes'] / 1e6:>11.0f}"
         )
-    if cold is not None:
-        print(f"streamload cold start to first embedding (fresh interpreter, cached model, median of 5): {cold:.3f} s")
+    for revision, times in colds.items():
+        where = f"@{revision}" if revision else "(this checkout)"
+        print(
+            f"streamload {where} cold start to first embedding (fresh interpreter, cached model; median over {len(times)} rounds of medians of 3): {statistics.median(times):.3f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py 
   4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (about 4-5 G weights/s on one core),
   not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.43x the speed of float32 weights,
   which stream at the memory's ~30 GB/s (tools/bench_runtime.py --large, 2 cores).
-* ``dense`` uses a float32 copy, dequantized once and transposed so that ``x @ W`` is one sgemm, kept in
-  ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``; 0 runs int8 only). It also fuses
-  several projections of the same input (query, key, value) into one matmul. Encoders, which run many
-  tokens through the same small weights again and again, use it.
+* ``dense_t`` uses a float32 copy, dequantized once with the scales folded in (rows stacked, (outs, in)) so
+  that ``W @ x^T`` is one sgemm, kept in ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``;
+  0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
+  Encoders, which run many tokens through the same small weights again and again, use it, with tokens as
+  columns (``linear_t``, ``layer_norm_t``); ``dense`` is the same with tokens as rows.
+
+Threads do not help the int8 cast: on 2 cores, casting tiles on a second Python thread (pipelined with the sgemv,
+or each thread half the rows) ran at half the serial rate (2.1-2.6 vs 4.4 G weights/s).
 """
 
 from __future__ import annotations
@@ -82,14 +86,54 @@ def linear(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, 
     return y
 
 
+def linear_t(
+    xt: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, bias: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``linear`` with tokens as columns: y^T = (weight * scales[:, None]) @ x^T + bias[:, None].
+
+    The weight's rows are the output's rows, so an int8 tile cast to float32 multiplies straight into a
+    contiguous block of the output; for few tokens OpenBLAS also splits (out, in) @ (in, T) across its threads
+    better than (T, in) @ (in, out) (MiniLM shapes, 19 tokens: 1.3-1.6x faster, tools/bench_runtime.py).
+
+    Args:
+        xt: (in, T) float32, any strides.
+        weight: (out, in) int8 with per-row ``scales`` (out,), or float32/float16 with scales None.
+        bias: (out,) or None.
+        out: (out, T) float32 to write into, or None.
+
+    Returns:
+        (out, T) float32.
+    """
+    out_features, in_features = weight.shape
+    tokens = xt.shape[1]
+    if out is None:
+        out = np.empty((out_features, tokens), dtype=np.float32)
+    if weight.dtype != np.int8:
+        np.matmul(weight.astype(np.float32, copy=False), xt, out=out)
+    else:
+        elements = TILE_ELEMENTS if tokens <= DECODE_TOKENS else PREFILL_TILE_ELEMENTS
+        rows = min(out_features, max(8, elements // max(1, in_features)))
+        tile = _tile_buffer(rows * in_features)
+        for start in range(0, out_features, rows):
+            stop = min(out_features, start + rows)
+            w = tile[: (stop - start) * in_features].reshape(stop - start, in_features)
+            np.copyto(w, weight[start:stop], casting="unsafe")  # int8 -> float32, exact
+            np.matmul(w, xt, out=out[start:stop])
+    if scales is not None:
+        out *= scales[:, None]
+    if bias is not None:
+        out += bias[:, None]
+    return out
+
+
 Projection = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]  # (weight (out, in), per-row scales or None, bias or None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FloatWeight:
-    """One or more projections of the same input, ready for one sgemm: ``x @ matrix + bias``."""
+    """One or more projections of the same input, ready for one sgemm: ``matrix @ x^T + bias[:, None]``."""
 
-    matrix: np.ndarray  # (in, sum of outs) float32, C-contiguous, scales folded in
+    matrix: np.ndarray  # (sum of outs, in) float32, C-contiguous, scales folded in
     bias: np.ndarray | None  # (sum of outs,) float32
 
 
@@ -131,7 +175,7 @@ class FloatWeightCache:
             if self.used_bytes + size_bytes > self.budget_bytes:
                 return None
             self.used_bytes += size_bytes
-        made = _dequantize_transposed(projections)
+        made = _dequantize_stacked(projections)
         refs = tuple(weakref.ref(weight) for weight, _, _ in projections)
         with self._lock:
             raced = self._entries.get(key)
@@ -153,18 +197,18 @@ class FloatWeightCache:
             self.used_bytes = 0
 
 
-def _dequantize_transposed(projections: Sequence[Projection]) -> FloatWeight:
+def _dequantize_stacked(projections: Sequence[Projection]) -> FloatWeight:
     in_features = projections[0][0].shape[1]
     outs = [weight.shape[0] for weight, _, _ in projections]
-    matrix = np.empty((in_features, sum(outs)), dtype=np.float32)
+    matrix = np.empty((sum(outs), in_features), dtype=np.float32)
     has_bias = any(bias is not None for _, _, bias in projections)
     bias_all = np.zeros(sum(outs), dtype=np.float32) if has_bias else None
     start = 0
     for (weight, scales, bias), out_features in zip(projections, outs, strict=True):
-        target = matrix[:, start : start + out_features]
-        np.copyto(target, weight.T, casting="unsafe")
+        target = matrix[start : start + out_features]
+        np.copyto(target, weight, casting="unsafe")
         if scales is not None:
-            target *= scales  # the same float32 product linear forms, so both paths agree exactly
+            target *= scales[:, None]  # the same float32 product linear forms, so both paths agree exactly
         if bias_all is not None and bias is not None:
             bias_all[start : start + out_features] = bias
         start += out_features
@@ -194,17 +238,27 @@ def set_float_weight_budget(budget_bytes: int) -> None:
 
 
 def dense(x: np.ndarray, projections: Sequence[Projection]) -> np.ndarray:
-    """The projections of x side by side, (T, sum of outs): one sgemm on cached float32 weights when the budget allows,
-    else ``linear`` per projection on the int8 weights."""
+    """The projections of x (T, in) side by side, (T, sum of outs): ``dense_t`` on x^T, transposed back (a view)."""
+    return dense_t(x.T, projections).T
+
+
+def dense_t(xt: np.ndarray, projections: Sequence[Projection]) -> np.ndarray:
+    """The projections of xt (in, T) stacked, (sum of outs, T): one sgemm on cached float32 weights when the budget
+    allows, else ``linear_t`` per projection on the int8 weights, each into its rows of the output."""
     cached = FLOAT_WEIGHTS.get(projections) if all(w.dtype == np.int8 for w, _, _ in projections) else None
     if cached is not None:
-        y = x @ cached.matrix
+        y = cached.matrix @ xt
         if cached.bias is not None:
-            y += cached.bias
+            y += cached.bias[:, None]
         return y
     if len(projections) == 1:
-        return linear(x, *projections[0])
-    return np.concatenate([linear(x, *p) for p in projections], axis=1)
+        return linear_t(xt, *projections[0])
+    y = np.empty((sum(weight.shape[0] for weight, _, _ in projections), xt.shape[1]), dtype=np.float32)
+    start = 0
+    for weight, scales, bias in projections:
+        linear_t(xt, weight, scales, bias, out=y[start : start + weight.shape[0]])
+        start += weight.shape[0]
+    return y
 
 
 def embedding(ids: np.ndarray, table: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
@@ -231,6 +285,23 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
     centered /= variance
     centered *= weight
     centered += bias
+    return centered
+
+
+def layer_norm_t(xt: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """LayerNorm over axis 0 of (H, T), tokens as columns; ``out`` may be ``xt`` (in place)."""
+    inverse_hidden = 1.0 / xt.shape[0]
+    mean = xt.sum(axis=0)
+    mean *= inverse_hidden
+    centered = np.subtract(xt, mean, out=out)
+    variance = np.einsum("ij,ij->j", centered, centered)  # (T,)
+    variance *= inverse_hidden
+    variance += eps
+    np.sqrt(variance, out=variance)
+    np.reciprocal(variance, out=variance)
+    centered *= variance
+    centered *= weight[:, None]
+    centered += bias[:, None]
     return centered
 
 
@@ -296,15 +367,20 @@ def gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def gelu_tanh(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), within 4.8e-4 of the exact one;
-    ``out`` may be ``x``. 2.4x faster than ``gelu`` (tools/bench_embed.py measures what it does to fidelity)."""
-    inner = np.multiply(x, x)
-    inner *= 0.044715 * _SQRT_2_OVER_PI
-    inner += _SQRT_2_OVER_PI
-    inner *= x
-    np.tanh(inner, out=inner)
-    inner += 1.0
-    inner *= 0.5
-    return np.multiply(x, inner, out=out)
+    ``out`` may be ``x``.
+
+    Computed as x / (1 + exp(-2 sqrt(2/pi) (x + 0.044715 x^3))), the same function (0.5 (1 + tanh u) is the logistic
+    of 2u): numpy's float32 exp is faster than its tanh, and the form needs one temporary and seven passes.
+    exp overflows to inf for x below about -9.7, where the quotient is -0.0, GELU's limit.
+    """
+    t = np.multiply(x, x)
+    t *= -2.0 * _SQRT_2_OVER_PI * 0.044715
+    t -= 2.0 * _SQRT_2_OVER_PI
+    t *= x
+    with np.errstate(over="ignore"):
+        np.exp(t, out=t)
+    t += 1.0
+    return np.divide(x, t, out=out)
 
 
 def silu(x: np.ndarray) -> np.ndarray:

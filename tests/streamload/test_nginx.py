@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,53 +13,12 @@ import pytest
 import streamload
 from streamload.formats import ModelReader
 from streamload.runtime import run
-from tests.checks import free_port, wait_for_port
-
-NGINX_CONF = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {work}/access.log;
-    client_body_temp_path {work}/tmp-body;
-    proxy_temp_path {work}/tmp-proxy;
-    fastcgi_temp_path {work}/tmp-fastcgi;
-    uwsgi_temp_path {work}/tmp-uwsgi;
-    scgi_temp_path {work}/tmp-scgi;
-    types {{ application/octet-stream slm; }}
-    sendfile on;
-    tcp_nopush off;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        {ranges}
-        location / {{ }}
-    }}
-}}
-"""
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is missing: .ci/run installs nginx-light")
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    return found
+from tests.checks import start_host_or_skip
 
 
 def start_nginx(work: Path, root: Path, ranges: bool) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(work=work, port=port, root=root, ranges="" if ranges else "max_ranges 0;"))
-    process = subprocess.Popen([nginx_binary(), "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")])
-    if wait_for_port(port):
-        return process, port
-    process.kill()
-    raise RuntimeError(f"nginx did not start: {(work / 'error.log').read_text() if (work / 'error.log').exists() else ''}")
+    host = start_host_or_skip("nginx", work, root, ranges=ranges)
+    return host.process, host.port
 
 
 @pytest.fixture(params=[True, False], ids=["ranges", "max_ranges_0"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 import streamload
+from streamload import runtime as runtime_module
 from streamload.cli import main
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
@@ -113,7 +117,7 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "hello", "--json"]) == 0
     embedding = json.loads(capsys.readouterr().out)["embedding"]
     assert len(embedding) == 384 and math.isclose(float(np.linalg.norm(embedding)), 1.0, rel_tol=1e-5)
-    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 1
+    assert main(["run", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "--text", "x", "--save-logits", str(logits_path)]) == 2
     assert "--save-logits needs a decoder" in capsys.readouterr().err
     picture = tmp_path / "timeline.png"
     assert (
@@ -149,6 +153,30 @@ def test_linear_equals_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> No
         for tokens in (1, 40):
             x = rng.standard_normal((tokens, 96)).astype(np.float32)
             np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_t_is_linear_with_tokens_as_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    q, scales, _ = quantize_int8_rows(rng.standard_normal((300, 64)).astype(np.float32))
+    bias = rng.standard_normal(300).astype(np.float32)
+    monkeypatch.setattr(ops, "TILE_ELEMENTS", 64 * 32)  # ten tiles, the last one short
+    for tokens in (1, 19, 40):
+        x = rng.standard_normal((tokens, 64)).astype(np.float32)
+        expected = ops.linear(x, q, scales, bias)
+        np.testing.assert_allclose(ops.linear_t(x.T, q, scales, bias), expected.T, rtol=1e-5, atol=1e-5)
+        out = np.full((300, tokens), np.nan, np.float32)
+        assert ops.linear_t(np.ascontiguousarray(x.T), q.astype(np.float32) * scales[:, None], None, bias, out=out) is out
+        np.testing.assert_allclose(out, expected.T, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_t_normalizes_columns() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 48)).astype(np.float32) * 3 + 1
+    weight, bias = rng.standard_normal(48).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    expected = ops.layer_norm(x.copy(), weight, bias, 1e-12)
+    xt = np.ascontiguousarray(x.T)
+    assert ops.layer_norm_t(xt, weight, bias, 1e-12, out=xt) is xt
+    np.testing.assert_allclose(xt, expected.T, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_on_float_copies_equals_int8_linear_and_respects_the_budget() -> None:
@@ -237,11 +265,31 @@ async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(
     assert compute == ["Timeline.compute_chain.<locals>.chain"] and [t.index for t in result.timeline] == list(range(7))
 
 
+async def test_a_model_is_validated_once_not_per_call(
+    served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamload.formats.architectures import BERT
+
+    server, _ = served
+    calls = []
+    validate = BERT.validate
+    monkeypatch.setattr(type(BERT), "validate", lambda self, *args: calls.append(1) or validate(*args))
+    monkeypatch.setattr(runtime_module, "_validated_digests", set())
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        for _ in range(3):
+            await run(model, texts=["the config is checked against the tensors once"])
+    assert calls == [1]
+
+
 def test_gelu_forms() -> None:
     x = np.linspace(-8, 8, 4001).astype(np.float32)
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     assert np.abs(ops.gelu(x) - exact).max() < 1e-6
     assert np.abs(ops.gelu_tanh(x) - exact).max() < 5e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp overflows far left of zero: GELU's limit, -0.0, and no warning
+        far = ops.gelu_tanh(np.array([-1e4, -60.0, -12.0, 0.0, 12.0, 60.0], np.float32))
+    np.testing.assert_array_equal(far, [0.0, 0.0, 0.0, 0.0, 12.0, 60.0])
     big = np.tile(x, 20)  # more than one block of the blockwise kernel, in place
     ops.gelu(big, out=big)
     assert np.abs(big - np.tile(exact, 20)).max() < 1e-6
@@ -283,3 +331,28 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
     assert np.all(adjusted <= plain)
+
+
+async def test_the_encoder_refuses_ids_outside_its_vocabulary_and_warns_on_truncation(
+    minilm_slm: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with streamload.open(minilm_slm, cache_dir=tmp_path) as model:
+        for ids in ([101, 30522], [-1, 101], []):
+            with pytest.raises(streamload.RuntimeModelError, match="token id"):
+                await run(model, ids=ids)
+        result = await run(model, texts=["word " * 300])
+        assert result.embedding is not None and result.embedding.shape == (1, 384)
+    assert "text 1 longer than the model's 256 tokens: 46 tokens dropped" in caplog.text
+
+
+def test_a_cached_local_run_imports_neither_aiohttp_nor_the_converter(minilm_slm: Path, tmp_path: Path) -> None:
+    """Cold start: ``streamload run`` on a local file whose layers are cached reads and computes, nothing more."""
+    code = (
+        "import sys\n"
+        "from streamload.cli import main\n"
+        f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
+        "loaded = [m for m in ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer') if m in sys.modules]\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "LOADED []" in done.stderr, done.stderr[-2000:]

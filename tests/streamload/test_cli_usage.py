@@ -1,0 +1,234 @@
+"""The installed ``streamload`` as a new user meets it (issue 14): every flag checked, one-line errors, cached models
+run by name, ``serve`` that says where it listens or why it cannot, ``convert`` that shows progress and a short summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import streamload
+from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+from streamload.formats import ModelReader
+from tests.checks import wait_for_port
+from tests.serving import ServerThread
+
+STREAMLOAD = str(Path(sys.executable).parent / "streamload")  # the console script pip installed
+
+
+def streamload_cli(*args: str, cache: Path | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if cache is not None:
+        env["STREAMLOAD_CACHE"] = str(cache)
+    return subprocess.run([STREAMLOAD, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], status: int, *phrases: str) -> None:
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in done.stderr, done.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["run", "m.slm", "--ids", "1", "--max-new-tokens", "-1"], "--max-new-tokens: '-1'"),
+        (["run", "m.slm", "--ids", "1", "--max-new-tokens", "-5"], "--max-new-tokens: '-5'"),
+        (["run", "m.slm", "--ids=-5,101"], "--ids"),
+        (["run", "m.slm", "--ids", "1,x"], "--ids"),
+        (["run", "m.slm", "--ids", "1", "--temperature", "-1"], "--temperature: '-1'"),
+        (["run", "m.slm", "--ids", "1", "--temperature", "nan"], "--temperature: 'nan'"),
+        (["run", "m.slm", "--ids", "1", "--top-p", "2"], "--top-p: '2'"),
+        (["run", "m.slm", "--ids", "1", "--top-p", "0"], "--top-p: '0'"),
+        (["run", "m.slm", "--ids", "1", "--seed", "-1"], "--seed: '-1'"),
+        (["run", "m.slm", "--text", ""], "the text is empty"),
+        (["run", "m.slm", "--text", "   "], "the text is empty"),
+        (["run", "m.slm", "--ids", "1", "--connections", "0"], "--connections: '0'"),
+        (["fetch", "m.slm", "--digest", "abc"], "not a sha256 digest"),
+        (["serve", ".", "--rate", "-5"], "--rate: '-5'"),
+        (["serve", ".", "--latency-ms", "-1"], "--latency-ms: '-1'"),
+        (["serve", ".", "--port", "99999"], "--port: '99999'"),
+        (["serve", ".", "--port", "-1"], "--port: '-1'"),
+        (["convert", ".", "-o", "/nonexistent-dir/x.slm"], "the directory /nonexistent-dir does not exist"),
+        (["convert", ".", "-o", "x.slm", "--level", "0"], "--level: '0'"),
+        (["convert", ".", "-o", "x.slm", "--chunk-size", "0"], "--chunk-size: '0'"),
+        (["verify", "http://127.0.0.1:8800/minilm.slm"], "verify checks a local file"),
+    ],
+)
+def test_a_bad_flag_is_a_one_line_usage_error(args: list[str], phrase: str) -> None:
+    assert_one_line_error(streamload_cli(*args), 2, phrase)
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_directory_is_refused_where_a_file_is_needed(command: str, tmp_path: Path) -> None:
+    assert_one_line_error(streamload_cli(command, str(tmp_path)), 2, f"{tmp_path} is a directory")
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    assert streamload.__version__ == version("streamload")
+    done = streamload_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"streamload {streamload.__version__}"
+
+
+def test_help_documents_every_option_and_the_cache(tmp_path: Path) -> None:
+    serve_help = streamload_cli("serve", "--help").stdout
+    assert "address to listen on" in serve_help and "0 takes a free port" in serve_help
+    assert "JSON array" in streamload_cli("list", "--help").stdout
+    assert str(tmp_path) in re.sub(r"\s+", "", streamload_cli("run", "--help", cache=tmp_path).stdout)  # argparse wraps the path
+
+
+# ---------------------------------------------------------------- run: options that depend on the model
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        (["--text", "hi", "--max-new-tokens", "3"], "--max-new-tokens needs a decoder; this model is a bert encoder"),
+        (["--text", "hi", "--temperature", "0.5", "--top-p", "0.9"], "--temperature and --top-p need a decoder"),
+        (["--ids", "101,99999"], "token id 99999 is outside this model's vocabulary (ids 0..30521)"),
+    ],
+)
+def test_options_that_do_not_fit_the_encoder_are_refused(server: ServerThread, tmp_path: Path, options: list[str], phrase: str) -> None:
+    done = streamload_cli("run", server.url("minilm.slm"), "-q", *options, cache=tmp_path)
+    assert_one_line_error(done, 2, phrase)
+    assert done.stdout == ""
+
+
+def test_ids_outside_the_decoders_vocabulary_are_refused(server: ServerThread, tmp_path: Path) -> None:
+    done = streamload_cli("run", server.url("deep.slm"), "-q", "--ids", "1,1024", "--max-new-tokens", "1", cache=tmp_path)
+    assert_one_line_error(done, 2, "token id 1024 is outside this model's vocabulary (ids 0..1023)")
+
+
+def test_truncation_says_how_many_tokens_were_dropped(server: ServerThread, tmp_path: Path) -> None:
+    done = streamload_cli("run", server.url("minilm.slm"), "-q", "--text", "word " * 600, "--text", "short", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "text 1 longer than the model's 256 tokens: 346 tokens dropped" in done.stderr  # 600 words + [CLS] [SEP] - 256
+    short = streamload_cli("run", server.url("minilm.slm"), "-q", "--text", "a short sentence", cache=tmp_path)
+    assert "dropped" not in short.stderr
+
+
+# ---------------------------------------------------------------- cached models by name
+
+
+def test_a_cached_model_runs_by_file_name_or_digest_prefix(server: ServerThread, tmp_path: Path, minilm_slm: Path) -> None:
+    digest = ModelReader(minilm_slm).manifest.digest
+    url = server.url("minilm.slm")
+    assert streamload_cli("fetch", url, "-q", cache=tmp_path).returncode == 0
+    by_url = streamload_cli("run", url, "--text", "hello", "-q", cache=tmp_path)
+    for name in ("minilm", "minilm.slm", digest[:4], f"sha256:{digest[:12]}"):
+        done = streamload_cli("run", name, "--text", "hello", "-q", cache=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == by_url.stdout
+        assert f"running cached minilm.slm sha256:{digest[:12]} (complete) from {url}" in done.stderr
+
+
+def test_an_unknown_name_and_a_url_without_its_scheme(tmp_path: Path) -> None:
+    assert_one_line_error(streamload_cli("run", "nosuchmodel", "--text", "hi", cache=tmp_path), 1, "no cached model", str(tmp_path))
+    done = streamload_cli("run", "127.0.0.1:8800/minilm.slm", "--text", "hi", cache=tmp_path)
+    assert_one_line_error(done, 1, "did you mean http://127.0.0.1:8800/minilm.slm")
+
+
+def test_fetch_of_a_local_file_says_it_copied(tmp_path: Path, deep_slm: Path) -> None:
+    done = streamload_cli("fetch", str(deep_slm), cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "copied from the local file" in done.stdout and "downloaded 0 B" not in done.stdout
+
+
+def test_list_says_where_the_cache_is_and_counts_partial_bytes(server: ServerThread, tmp_path: Path, deep_slm: Path) -> None:
+    empty = streamload_cli("list", cache=tmp_path)
+    assert empty.returncode == 0 and str(tmp_path) in empty.stdout
+    assert streamload_cli("fetch", server.url("deep.slm"), "-q", cache=tmp_path).returncode == 0
+    listed = streamload_cli("list", cache=tmp_path)
+    assert f"1 model in {tmp_path}" in listed.stdout
+    # make it partial: keep the journal records of block 0's chunks only (large ones, against the table's small), drop the mark
+    manifest = ModelReader(deep_slm).manifest
+    (model_dir,) = (tmp_path / "models").iterdir()
+    (model_dir / "complete").unlink()
+    journal = model_dir / JOURNAL_NAME
+    records = list(JOURNAL_RECORD.iter_unpack(journal.read_bytes()))
+    kept = [r for r in records if manifest.chunks[r[0]].layer_index == 1]
+    journal.write_bytes(b"".join(JOURNAL_RECORD.pack(*r) for r in kept))
+    sizes = {c.index: c.size_bytes for c in manifest.chunks}
+    expected = int(100 * sum(sizes[i] for i, _ in kept) / sum(sizes.values()))
+    assert expected != 100 * len(kept) // len(sizes)  # bytes and chunk counts disagree here
+    (row,) = json.loads(streamload_cli("list", "--json", cache=tmp_path).stdout)
+    assert row["status"] == f"partial {expected}%"
+
+
+# ---------------------------------------------------------------- serve
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(www: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = streamload_cli("serve", str(www), "--port", str(port), timeout_s=30)
+    assert_one_line_error(done, 1, f"cannot listen on 127.0.0.1:{port}", "in use", "--port 0")
+
+
+def test_serve_on_port_zero_says_which_port_and_warns_on_an_empty_directory(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [STREAMLOAD, "serve", str(tmp_path), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))  # type: ignore[union-attr]
+        assert port != 0 and wait_for_port(port)
+        assert "holds no .slm files" in process.stderr.readline()
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert process.returncode == 0
+
+
+# ---------------------------------------------------------------- on a terminal: convert's and fetch's bars
+
+
+def run_on_a_terminal(args: list[str], cache: Path | None = None) -> tuple[int, str, str]:
+    """Run with stderr on a fresh pseudo-terminal (0 columns, as under `script`); (status, stdout, terminal output)."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, **({"STREAMLOAD_CACHE": str(cache)} if cache else {}))
+    process = subprocess.Popen([STREAMLOAD, *args], stdout=subprocess.PIPE, stderr=terminal, text=True, env=env)
+    os.close(terminal)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        seen += data
+    os.close(controller)
+    stdout = process.stdout.read() if process.stdout else ""
+    return process.wait(10), stdout, seen.decode(errors="replace")
+
+
+def test_convert_shows_progress_then_a_short_summary(tmp_path: Path, llama_dir: Path) -> None:
+    status, stdout, terminal = run_on_a_terminal(["convert", str(llama_dir), "-o", str(tmp_path / "m.slm")])
+    assert status == 0, terminal
+    assert "converting" in terminal and "100%" in terminal
+    assert len(stdout.strip().splitlines()) == 2 and "largest error abs" in stdout and "--verbose" in stdout
+    verbose = streamload_cli("convert", str(llama_dir), "-o", str(tmp_path / "v.slm"), "--verbose")
+    assert "max abs err" in verbose.stdout and len(verbose.stdout.splitlines()) > 10
+
+
+def test_the_download_bar_shows_on_a_terminal_without_a_width(server: ServerThread, tmp_path: Path) -> None:
+    status, _, terminal = run_on_a_terminal(["fetch", server.url("deep.slm")], cache=tmp_path)
+    assert status == 0, terminal
+    assert "layers 15/15" in terminal and "100%" in terminal and "MB" in terminal
