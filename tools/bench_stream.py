@@ -87,9 +87,16 @@ class FloatModel:
             for name, values in group.items()
         }
         self._tensors = {name: values for group in grouped for name, values in group.items()}
+        from streamload.formats.constants import LayerKind
+
         self.manifest = types.SimpleNamespace(
-            architecture=self.config["architecture"], layers=self._layers, tensor_by_name=shapes, tensor=shapes.__getitem__
+            architecture=self.config["architecture"],
+            layers=[types.SimpleNamespace(name=n, kind=LayerKind.STEP) for n in names],
+            step_count=len(names),
+            tensor_by_name=shapes,
+            tensor=shapes.__getitem__,
         )
+        self.digest = f"fp32:{folder}"
         self.bytes_needed = 0
         self.opened_at = opened_at
         self.layer_ready_s = [0.0] * len(names)
