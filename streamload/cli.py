@@ -266,7 +266,7 @@ class ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=progress.bytes_to_download,
+                total=progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
@@ -274,7 +274,8 @@ class ProgressBar:
                 file=sys.stderr,
                 **_bar_width(),
             )
-        self.bar.n = min(progress.bytes_downloaded, self.bar.total or progress.bytes_downloaded)
+        done = progress.bytes_cached + progress.bytes_downloaded
+        self.bar.n = min(done, self.bar.total or done)
         # in the description, not the postfix: a narrow terminal drops the postfix first
         self.bar.set_description_str(f"{self.label} layers {progress.layers_ready}/{progress.layers_total}", refresh=False)
         self.bar.refresh()

@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -130,6 +132,7 @@ class DownloadSession:
         self._tasks: asyncio.TaskGroup | None = None  # the running download's, for extra row requests
         self._row_requests = 0  # extra requests running for demanded rows
         self._header_stream: SpanReader | None = None  # the header's request, going on into the data
+        self._temp_root: Path | None = None  # a private cache for a local file when the cache directory is not writable
         self._chunk_waiters: dict[int, asyncio.Future[None]] = {}  # chunk index -> resolved when it is stored
         self.needed_chunks: dict[int, int] = {}  # index -> size of the chunks the layers and rows handed out depended on
         self._layers: dict[int, Layer] = {}
@@ -149,6 +152,11 @@ class DownloadSession:
                 f"{self.url} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it"
             )
         self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
+        if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, self.cache_root):
+            # a local file needs no cache to outlive the run: decompress into a private one, removed at close
+            self._temp_root = Path(tempfile.mkdtemp(prefix="streamload-run-"))
+            logger.warning("the cache directory %s is not writable; running %s from a temporary copy", self.cache_root, self.url)
+            self.cache_root = self._temp_root
         self.cache = cache = ModelCache(self.cache_root, self.manifest.digest)
         remote = self.source is not None and self.source.remote
 
@@ -176,6 +184,7 @@ class DownloadSession:
         rows_from = sum(len(chunks) for chunks in self._layer_chunks[: self.manifest.step_count])
         self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled, rows_from=rows_from)
         self.bytes_to_download = self.scheduler.pending_bytes
+        self.bytes_cached = sum(c.size_bytes for c in self.manifest.chunks) - self.bytes_to_download
         self.remaining = [0] * len(self.manifest.layers)
         for chunk in pending:
             self.remaining[chunk.layer_index] += 1
@@ -490,6 +499,7 @@ class DownloadSession:
                 layers_ready=sum(1 for f in self.ready if f.done() and not f.exception()),
                 layers_total=len(self.ready),
                 elapsed_s=now - self.started,
+                bytes_cached=self.bytes_cached,
             )
         )
 
@@ -676,6 +686,18 @@ class DownloadSession:
         if self.cache is not None:
             self._layers.clear()
             self.cache.close()
+        if self._temp_root is not None:
+            shutil.rmtree(self._temp_root, ignore_errors=True)
+
+
+def _writable(directory: Path) -> bool:
+    """Whether the cache can be made here (a probe file is created and removed)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def default_verify_threads() -> int:

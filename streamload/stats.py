@@ -14,6 +14,7 @@ class Progress:
     layers_ready: int
     layers_total: int
     elapsed_s: float
+    bytes_cached: int = 0  # compressed bytes the cache already held: a resumed bar goes on from here out of the whole
 
     @property
     def rate_bytes_per_s(self) -> float:

@@ -232,3 +232,17 @@ def test_the_download_bar_shows_on_a_terminal_without_a_width(server: ServerThre
     status, _, terminal = run_on_a_terminal(["fetch", server.url("deep.slm")], cache=tmp_path)
     assert status == 0, terminal
     assert "layers 15/15" in terminal and "100%" in terminal and "MB" in terminal
+
+
+def test_a_local_file_runs_where_the_cache_cannot_be_written(minilm_slm: Path, tmp_path: Path) -> None:
+    """A local .slm needs no lasting cache: an unwritable cache directory means a temporary one, with a warning."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    done = subprocess.run(
+        ["streamload", "run", str(minilm_slm), "--text", "hello", "--cache-dir", str(blocker / "cache"), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["embedding"]) == 384
+    assert "is not writable; running" in done.stderr and "temporary copy" in done.stderr

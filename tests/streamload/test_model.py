@@ -207,3 +207,25 @@ def test_list_and_rm_the_cache(server: ServerThread, tmp_path: Path, capsys: pyt
     assert main(["list", "--cache-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert not any((tmp_path / "refs").iterdir())  # its URL ref went with it
+
+
+async def test_a_resumed_download_reports_progress_out_of_the_whole(www: Path, tmp_path: Path) -> None:
+    """The bar of a resumed download goes on from what the cache held (issue: it restarted from 0 of the rest)."""
+    from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+
+    with serve_directory(www) as server:
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+            await model.wait_complete()
+            manifest = model.manifest
+        (model_dir,) = (tmp_path / "models").iterdir()
+        (model_dir / "complete").unlink()
+        journal = model_dir / JOURNAL_NAME
+        kept = [r for r in JOURNAL_RECORD.iter_unpack(journal.read_bytes()) if manifest.chunks[r[0]].layer_index <= 2]
+        journal.write_bytes(b"".join(JOURNAL_RECORD.pack(*r) for r in kept))
+        seen: list[streamload.Progress] = []
+        async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path, progress=seen.append) as model:
+            await model.wait_complete()
+    cached = sum(manifest.chunks[index].size_bytes for index, _ in kept)
+    data = sum(c.size_bytes for c in manifest.chunks)
+    assert seen and all(p.bytes_cached == cached and p.bytes_cached + p.bytes_to_download == data for p in seen)
+    assert seen[-1].bytes_cached + seen[-1].bytes_downloaded >= data  # ends at the whole, not at the rest
