@@ -196,6 +196,9 @@ class DownloadSession:
             if count == 0:
                 self._set_ready(index)
         if not pending:
+            if self._header_stream is not None:  # nothing to read from it
+                self._header_stream.close()
+                self._header_stream = None
             if not cache.is_complete():
                 await asyncio.to_thread(cache.mark_complete)
             self._finish()
@@ -273,8 +276,11 @@ class DownloadSession:
         from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
         self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
+        # one open-ended request whose body goes on into the data; a header probe when the URL's model is cached whole
+        # (an open body would bring data nobody reads, on a metered link too)
+        stream = await self._complete_copy_of_url() is None
         try:
-            header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=True)
+            header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=stream)
         except FetchError as exc:
             return await self._offline_header(exc)
         self.stats.bytes_downloaded += len(header.raw)
