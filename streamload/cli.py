@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -72,6 +73,7 @@ class ConvertProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.enabled = False  # closed for good: later progress (completing the cache after the result) draws nothing
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -266,7 +268,7 @@ class ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
+                total=progress.bytes_total or progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
@@ -283,6 +285,7 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.enabled = False  # closed for good: later progress (completing the cache after the result) draws nothing
 
 
 def _bar_width() -> dict[str, Any]:
@@ -487,6 +490,7 @@ async def _run(args: argparse.Namespace) -> None:
                 "bytes_needed": result.bytes_needed,  # what the result depended on
                 "file_bytes": model.stats.bytes_total,
             }
+            bar.close()  # the result starts on a line of its own
             _print_result(args, out)
             if not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
@@ -537,6 +541,9 @@ def _print_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.ids is None):
         print("error: give --text TEXT or --ids 1,2,3", file=sys.stderr)
+        return EXIT_USAGE
+    if args.timeline_png and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
+        print("error: --timeline-png needs matplotlib: pip install 'streamload[plot]'", file=sys.stderr)
         return EXIT_USAGE
     if not resolve_source(args, "running"):
         return EXIT_FAILURE

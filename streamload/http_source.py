@@ -135,12 +135,13 @@ class HttpSource:
         return reader
 
     def _check_identity(self, reader: SpanReader) -> None:
-        """Pin the first ETag of each origin; a different strong one later means the file on that host was replaced."""
+        """Pin the first ETag of each origin; a different one later (compared weakly, RFC 9110 section 8.8.3.2: Apache
+        marks a just-modified file's tag weak, then strong) means the file on that host was replaced."""
         origin = _origin(self.resolved_url)
-        pinned = self.etags.setdefault(origin, reader.etag)
-        if pinned is None:
-            self.etags[origin] = reader.etag
-        elif reader.etag is not None and reader.etag != pinned and not reader.etag.startswith("W/"):
+        pinned = self.etags.get(origin)
+        if pinned is None or (pinned.startswith("W/") and reader.etag == pinned.removeprefix("W/")):
+            self.etags[origin] = reader.etag  # the first tag, or its strong form (If-Range needs a strong one)
+        elif reader.etag is not None and not reader.etag.startswith("W/") and reader.etag != pinned.removeprefix("W/"):
             reader.close()
             raise SourceChangedError(
                 f"the file at {self.url} changed on the server during the download (ETag {pinned} -> {reader.etag}); "

@@ -51,7 +51,8 @@ class ChunkPipeline:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.data_offset = data_offset
-        # compressed chunks can exceed the raw size a little; small chunks come in batches
+        # compressed chunks can exceed the raw size a little; small chunks come in batches. A thread's buffer grows to
+        # this on its first large chunk: one that only ever receives rows keeps a small one
         self.buffer_bytes = max(BATCH_BYTES, chunk_size_bytes + (chunk_size_bytes >> 3))
         self.write_chunks = write_chunks
         self.stats = stats
@@ -192,7 +193,8 @@ class ChunkPipeline:
         """This thread's receive buffer (allocated once, so its pages stay warm)."""
         buffer: bytearray | None = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size_bytes:
-            buffer = self._local.buffer = bytearray(max(size_bytes, self.buffer_bytes))
+            grown = self.buffer_bytes if size_bytes > BATCH_BYTES else BATCH_BYTES
+            buffer = self._local.buffer = bytearray(max(size_bytes, grown))
         return memoryview(buffer)[:size_bytes]
 
     def shutdown(self) -> None:

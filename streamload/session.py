@@ -506,6 +506,7 @@ class DownloadSession:
                 layers_total=len(self.ready),
                 elapsed_s=now - self.started,
                 bytes_cached=self.bytes_cached,
+                bytes_total=self.stats.bytes_total,
             )
         )
 

@@ -15,6 +15,7 @@ class Progress:
     layers_total: int
     elapsed_s: float
     bytes_cached: int = 0  # compressed bytes the cache already held: a resumed bar goes on from here out of the whole
+    bytes_total: int = 0  # the file: header and data
 
     @property
     def rate_bytes_per_s(self) -> float:

@@ -75,8 +75,10 @@ UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EN
 
 
 def _reason(exc: BaseException) -> str:
-    """An OS error's own words ("Connection refused"), not its repr."""
+    """An OS error's own words ("Connection refused", "Name or service not known"), not its repr."""
     os_error = exc if isinstance(exc, OSError) else getattr(exc, "os_error", None)
+    if isinstance(os_error, socket.gaierror):  # its errno is a resolver code (-2), not an errno os.strerror knows
+        return os_error.strerror or str(os_error)
     if isinstance(os_error, OSError) and os_error.errno:
         return os.strerror(os_error.errno)
     if isinstance(os_error, OSError) and os_error.strerror:

