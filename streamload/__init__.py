@@ -6,8 +6,6 @@ Example:
     ...     layer0 = await model.layer(0)
 """
 
-from importlib import metadata as _metadata
-
 from .errors import (
     CacheError,
     ChunkIntegrityError,
@@ -25,10 +23,20 @@ from .model import Model, open, read_remote_header
 from .stats import DownloadStats, Progress
 from .sync import SyncModel, load
 
-try:
-    __version__ = _metadata.version("streamload")  # one source of truth: pyproject's version
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the package metadata on first use (importlib.metadata costs ~20 ms at import)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'streamload' has no attribute {name!r}")
+    from importlib import metadata
+
+    try:
+        version = metadata.version("streamload")  # one source of truth: pyproject's version
+    except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version
+
 
 __all__ = [
     "CacheError",
