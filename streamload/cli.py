@@ -167,6 +167,20 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
         )
 
 
+def open_model(args: argparse.Namespace, progress: Any) -> Any:
+    """``streamload.open`` with the options ``fetch`` and ``run`` share."""
+    from . import model as streamload_model
+
+    return streamload_model.open(
+        args.source,
+        cache_dir=cache_dir_of(args),
+        digest=args.digest,
+        connections=args.connections,
+        progress=progress,
+        headers=request_headers(args),
+    )
+
+
 def request_headers(args: argparse.Namespace) -> dict[str, str]:
     """The --header options, then ``$STREAMLOAD_TOKEN`` as a bearer token when no Authorization header was given."""
     headers = dict(args.header or [])
@@ -357,18 +371,10 @@ def _file_name(url: str) -> str:
 
 
 async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
-    from . import model as streamload_model
 
     bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with streamload_model.open(
-            args.source,
-            cache_dir=cache_dir_of(args),
-            digest=args.digest,
-            connections=args.connections,
-            progress=bar,
-            headers=request_headers(args),
-        ) as model:
+        async with open_model(args, bar) as model:
             stats = await model.wait_complete()
             return {
                 "path": str(model.path),
@@ -446,20 +452,12 @@ async def _run(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from . import model as streamload_model
     from .runtime import run
 
     started = time.perf_counter()
     bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
-        async with streamload_model.open(
-            args.source,
-            cache_dir=cache_dir_of(args),
-            digest=args.digest,
-            connections=args.connections,
-            progress=bar,
-            headers=request_headers(args),
-        ) as model:
+        async with open_model(args, bar) as model:
             check_run_options(args, model.config)
             result = await run(
                 model,

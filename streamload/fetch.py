@@ -40,18 +40,17 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
     manifest and data); the caller closes it.
     """
     if stream:
-        return await _fetch_header_stream(source)
+        reader = await source.open_span(0, None)
+        try:
+            raw, total, _ = await _read_header_bytes(source, reader, limit=None)
+            header = await parse_header(raw, total)
+        except BaseException:
+            reader.close()
+            raise
+        return dataclasses.replace(header, stream=reader)
     reader = await source.open_span(0, HEADER_PROBE_BYTES)
     try:
-        total = reader.total_size_bytes
-        if total is None:
-            raise FetchError(f"{source.url} did not say how large the file is (no Content-Length or Content-Range)")
-        first = bytearray(min(PREAMBLE_SIZE_BYTES, total))
-        await asyncio.to_thread(reader.read_into, 0, memoryview(first))
-        needed = header_size_needed(first)
-        available = min(needed, total) if reader.whole_file else min(needed, HEADER_PROBE_BYTES, total)
-        raw = first + bytearray(available - len(first))
-        await asyncio.to_thread(reader.read_into, len(first), memoryview(raw)[len(first) :])
+        raw, total, needed = await _read_header_bytes(source, reader, limit=None if reader.whole_file else HEADER_PROBE_BYTES)
     finally:
         reader.close()
     if len(raw) < needed <= total:
@@ -67,21 +66,18 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
     return await parse_header(bytes(raw), total)
 
 
-async def _fetch_header_stream(source: Source) -> Header:
-    reader = await source.open_span(0, None)
-    try:
-        total = reader.total_size_bytes
-        if total is None:
-            raise FetchError(f"{source.url} did not say how large the file is (no Content-Length or Content-Range)")
-        first = bytearray(min(PREAMBLE_SIZE_BYTES, total))
-        await asyncio.to_thread(reader.read_into, 0, memoryview(first))
-        raw = first + bytearray(max(0, min(header_size_needed(first), total) - len(first)))
-        await asyncio.to_thread(reader.read_into, len(first), memoryview(raw)[len(first) :])
-        header = await parse_header(bytes(raw), total)
-    except BaseException:
-        reader.close()
-        raise
-    return dataclasses.replace(header, stream=reader)
+async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int | None) -> tuple[bytes, int, int]:
+    """(the header's bytes, at most ``limit`` of them; the file's size; the header's full size) from a body at byte 0."""
+    total = reader.total_size_bytes
+    if total is None:
+        raise FetchError(f"{source.url} did not say how large the file is (no Content-Length or Content-Range)")
+    first = bytearray(min(PREAMBLE_SIZE_BYTES, total))
+    await asyncio.to_thread(reader.read_into, 0, memoryview(first))
+    needed = header_size_needed(first)
+    available = min(needed, total, limit if limit is not None else needed)
+    raw = first + bytearray(max(0, available - len(first)))
+    await asyncio.to_thread(reader.read_into, len(first), memoryview(raw)[len(first) :])
+    return bytes(raw), total, needed
 
 
 async def fetch_header_with_retries(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.formats import ModelReader
 from tests.support.hosts import Host, HostMissing, start_host
+from tests.support.ports import free_port, wait_for_port
 
 
 def assert_layers_equal_file(layers: Mapping[int, streamload.Layer], path: Path) -> None:
@@ -52,24 +51,6 @@ def start_cli_server(directory: Path, port: int, *options: str) -> subprocess.Po
         process.wait()
         raise RuntimeError("streamload serve did not start")
     return process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> bool:
-    """True once something accepts connections on the loopback port."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 @contextlib.asynccontextmanager

@@ -16,12 +16,12 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from tests.support.ports import free_port, wait_for_port
 
 HOSTS = ("nginx", "caddy", "apache", "lighttpd", "python")
 RANGES = {"nginx": True, "caddy": True, "apache": True, "lighttpd": True, "python": False}  # what each host does with Range
@@ -194,20 +194,3 @@ def _start(kind: str, command: list[str], port: int, work: Path, log: Path | Non
     process.wait()
     errors = "\n".join(p.read_text(errors="replace")[-2000:] for p in work.glob("*.log"))
     raise RuntimeError(f"{kind} did not start on port {port}: {errors}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
