@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from .errors import HTTPStatusError, TransportRedirect
+from .errors import HTTPStatusError, TransportNotModified, TransportRedirect
 from .httputil import REDIRECT_STATUSES, RetryPolicy, http_status_error, parse_content_range, range_headers
 from .transport import SpanReader, map_transport_errors
 
@@ -102,6 +102,9 @@ async def open_aiohttp_span(
     if status in REDIRECT_STATUSES and response.headers.get("Location"):
         response.release()
         raise TransportRedirect(status, response.headers["Location"])
+    if status == 304:
+        response.release()
+        raise TransportNotModified()
     if status not in (200, 206):
         response.release()
         raise http_status_error(url, status, response.reason or "", response.headers.get("Retry-After"))

@@ -108,11 +108,20 @@ class ModelCache:
         return parse_ref(ModelCache.ref_path(root, url))[0] or None
 
     @staticmethod
-    def write_ref(root: Path, url: str, digest: str) -> None:
+    def read_ref_etag(root: Path, url: str) -> str | None:
+        """The ETag the URL's server gave that digest, when it gave one."""
+        try:
+            lines = ModelCache.ref_path(root, url).read_text().split("\n")
+        except OSError:
+            return None
+        return (lines[2].strip() or None) if len(lines) > 2 else None
+
+    @staticmethod
+    def write_ref(root: Path, url: str, digest: str, etag: str | None = None) -> None:
         path = ModelCache.ref_path(root, url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, f"{digest}\n{url}".encode())
+            _write_atomically(path, f"{digest}\n{url}".encode() + (f"\n{etag}".encode() if etag else b""))
         except OSError as exc:
             raise _cache_error("writing", path, exc) from None
 
@@ -420,12 +429,13 @@ class GroupCommitter:
 
 
 def parse_ref(path: Path) -> tuple[str, str]:
-    """(digest, url) of a ref file, which holds "digest\nurl" ("", "" when unreadable)."""
+    """(digest, url) of a ref file, which holds "digest\nurl" and, when the server gave one, "\netag" ("", "" when
+    unreadable)."""
     try:
-        digest, _, url = path.read_text().partition("\n")
+        digest, _, rest = path.read_text().partition("\n")
     except OSError:
         return "", ""
-    return digest.strip(), url.strip()
+    return digest.strip(), rest.partition("\n")[0].strip()
 
 
 def _human(size_bytes: float) -> str:

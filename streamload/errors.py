@@ -157,6 +157,10 @@ class TransportStatus(Exception):
         self.retry_after = retry_after
 
 
+class TransportNotModified(Exception):
+    """Internal: either HTTP path got a 304 to a conditional request (``If-None-Match``)."""
+
+
 class TransportRedirect(Exception):
     """Internal: either HTTP path got a redirect (RFC 9110 section 15.4); ``HttpSource`` follows it."""
 

@@ -29,7 +29,15 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import HTTPStatusError, RetryableError, SourceChangedError, TransportRedirect, TransportStatus, TransportUnsupported
+from .errors import (
+    HTTPStatusError,
+    RetryableError,
+    SourceChangedError,
+    TransportNotModified,
+    TransportRedirect,
+    TransportStatus,
+    TransportUnsupported,
+)
 from .httputil import RetryPolicy, check_headers, http_status_error, same_origin
 from .rawhttp import open_socket_span
 from .transport import SpanReader, map_transport_errors
@@ -82,12 +90,22 @@ class HttpSource:
         self._check_identity(reader)
         return reader
 
-    async def _follow(self, url: str, start: int, end: int | None) -> SpanReader:
+    async def unchanged(self, etag: str) -> bool:
+        """Whether the file still has this ETag: one conditional request (``If-None-Match``, one byte asked for), no
+        body when it does (304). A server that ignores the condition answers with the byte: False."""
+        try:
+            reader = await self._follow(self.url, 0, 1, if_none_match=etag)
+        except TransportNotModified:
+            return True
+        reader.close()
+        return False
+
+    async def _follow(self, url: str, start: int, end: int | None, *, if_none_match: str | None = None) -> SpanReader:
         """The span at url, after up to MAX_REDIRECTS redirects (each hop sent the Range again)."""
         status = 0
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                reader = await self._open_at(url, start, end)
+                reader = await self._open_at(url, start, end, if_none_match)
             except TransportRedirect as redirect:
                 target = urllib.parse.urljoin(url, redirect.location)
                 if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
@@ -100,8 +118,10 @@ class HttpSource:
             return reader
         raise HTTPStatusError(f"{self.url} redirected more than {MAX_REDIRECTS} times; check the URL", status=status)
 
-    async def _open_at(self, url: str, start: int, end: int | None) -> SpanReader:
+    async def _open_at(self, url: str, start: int, end: int | None, if_none_match: str | None = None) -> SpanReader:
         headers = self.headers if same_origin(url, self.url) else None  # credentials never leave the origin
+        if if_none_match is not None:
+            headers = {**(headers or {}), "If-None-Match": if_none_match}
         etag = self.etags.get(_origin(url))
         reader: SpanReader | None = None
         if self.fast_path and not self.whole_file_only:

@@ -30,7 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 
-from .errors import TransportRedirect, TransportStatus, TransportUnsupported
+from .errors import TransportNotModified, TransportRedirect, TransportStatus, TransportUnsupported
 from .httputil import REDIRECT_STATUSES, RetryPolicy, parse_content_range, range_headers
 from .transport import SpanReader
 
@@ -134,6 +134,8 @@ async def open_socket_span(
             raise TransportStatus(status, headers.get("retry-after"))
         if status in REDIRECT_STATUSES and headers.get("location"):
             raise TransportRedirect(status, headers["location"])
+        if status == 304:
+            raise TransportNotModified()
         if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
             raise TransportUnsupported(f"status {status} or an encoded body")
         parsed = parse_content_range(headers.get("content-range"))

@@ -163,7 +163,7 @@ class DownloadSession:
         def record() -> None:  # two small files written and fsynced: not on the event loop
             cache.write_header(header.raw)
             if remote:
-                ModelCache.write_ref(self.cache_root, self.url, self.manifest.digest)
+                ModelCache.write_ref(self.cache_root, self.url, self.manifest.digest, getattr(self.source, "etag", None))
 
         await asyncio.to_thread(record)
         await cache.acquire()
@@ -277,14 +277,31 @@ class DownloadSession:
 
         self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
         # one open-ended request whose body goes on into the data; a header probe when the URL's model is cached whole
-        # (an open body would bring data nobody reads, on a metered link too)
-        stream = await self._complete_copy_of_url() is None
+        # (an open body would bring data nobody reads, on a metered link too), and before it, when the server gave
+        # that copy an ETag, one conditional request: a 304 means the cached copy is the file, and nothing is read
+        cached = await self._complete_copy_of_url()
+        etag = ModelCache.read_ref_etag(self.cache_root, self.url) if cached is not None else None
+        if cached is not None and etag is not None and await self._unchanged(etag):
+            logger.info("%s is unchanged (ETag %s): using the cached %s", self.url, etag, cached.manifest.digest[:12])
+            return cached
+        stream = cached is None
         try:
             header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=stream)
         except FetchError as exc:
             return await self._offline_header(exc)
         self.stats.bytes_downloaded += len(header.raw)
         return header
+
+    async def _unchanged(self, etag: str) -> bool:
+        """The server says (304) the URL still has the cached copy's ETag; any failure: False (the header is fetched)."""
+        unchanged = getattr(self.source, "unchanged", None)
+        if unchanged is None:
+            return False
+        try:
+            return await unchanged(etag)
+        except (FetchError, OSError, TimeoutError) as exc:
+            logger.debug("%s: revalidating the cached copy failed (%s)", self.url, exc)
+            return False
 
     async def _fetch_with_retries(
         self, source: Source, *, cached_fallback: bool = False, give_up_unreachable: bool = False, stream: bool = False

@@ -229,3 +229,27 @@ async def test_a_resumed_download_reports_progress_out_of_the_whole(www: Path, t
     data = sum(c.size_bytes for c in manifest.chunks)
     assert seen and all(p.bytes_cached == cached and p.bytes_cached + p.bytes_to_download == data for p in seen)
     assert seen[-1].bytes_cached + seen[-1].bytes_downloaded >= data  # ends at the whole, not at the rest
+
+
+async def test_a_complete_model_from_an_unchanged_url_costs_one_conditional_request(
+    www: Path, minilm_slm: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second open sends If-None-Match with the ETag the first one saw: a 304, no manifest read again, nothing
+    downloaded. When the file is replaced, the condition fails and the new model is fetched."""
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "model.slm").write_bytes((www / "deep.slm").read_bytes())
+    with serve_directory(served) as server:
+        url = server.url("model.slm")
+        async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
+            first = await model.wait_complete()
+        caplog.set_level("INFO", logger="streamload.session")
+        async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
+            again = await model.wait_complete()
+        assert first.bytes_downloaded > 0 and again.bytes_downloaded == 0 and again.chunks_fetched == 0
+        assert "is unchanged (ETag" in caplog.text
+        (served / "model.slm").write_bytes(minilm_slm.read_bytes())  # a new model at the same URL
+        async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
+            replaced = await model.wait_complete()
+            assert model.digest == ModelReader(minilm_slm).manifest.digest
+    assert replaced.chunks_fetched == replaced.chunks_total

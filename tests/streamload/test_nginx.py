@@ -56,3 +56,14 @@ async def test_streamed_run_through_nginx(nginx: tuple[str, Path, bool], tmp_pat
     async with streamload.open(f"{base}/minilm.slm", cache_dir=tmp_path / "cache") as model:
         result = await run(model, texts=["served by nginx"])
     assert result.embedding is not None and abs(float(np.linalg.norm(result.embedding)) - 1.0) < 1e-5
+
+
+async def test_a_complete_model_is_revalidated_with_a_304(nginx: tuple[str, Path, bool], tmp_path: Path) -> None:
+    """The second open of a complete model asks nginx If-None-Match: 304, nothing downloaded (nginx's log says 304)."""
+    base, work, _ = nginx
+    for _ in range(2):
+        async with streamload.open(f"{base}/llama.slm", cache_dir=tmp_path / "cache") as model:
+            stats = await model.wait_complete()
+    assert stats.bytes_downloaded == 0 and stats.chunks_fetched == 0
+    statuses = [line.split('"')[2].split()[0] for line in (work / "access.log").read_text().splitlines()]
+    assert statuses[-1] == "304"
