@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 
-from .errors import FetchError, RetryableError, StalledError
+from .errors import FetchError, FormatError, RetryableError, StalledError
 from .formats import Manifest
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
@@ -39,6 +39,15 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
     ``Header.stream`` so the data follows on the same connection (no round trip between
     manifest and data); the caller closes it.
     """
+    try:
+        return await _fetch_header(source, stream)
+    except FormatError as exc:  # named after the source: a URL that serves a web page, say, rather than a model
+        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(source.url):
+            exc.args = (f"{source.url}: {exc.args[0]}", *exc.args[1:])
+        raise
+
+
+async def _fetch_header(source: Source, stream: bool) -> Header:
     if stream:
         reader = await source.open_span(0, None)
         try:
