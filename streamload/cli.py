@@ -364,6 +364,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
             connections=args.connections,
             progress=bar,
             headers=request_headers(args),
+            mirrors=args.mirror or (),
         ) as model:
             stats = await model.wait_complete()
             return {
@@ -378,6 +379,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
                 "chunks_fetched": stats.chunks_fetched,
                 "retries": stats.retries,
                 "integrity_failures": stats.integrity_failures,
+                "bytes_by_source": dict(stats.bytes_by_source),
             }
     finally:
         bar.close()
@@ -455,6 +457,7 @@ async def _run(args: argparse.Namespace) -> None:
             connections=args.connections,
             progress=bar,
             headers=request_headers(args),
+            mirrors=args.mirror or (),
         ) as model:
             check_run_options(args, model.config)
             result = await run(
@@ -689,6 +692,12 @@ def _model_file_or_url(text: str) -> str:
     return text
 
 
+def _mirror_url(text: str) -> str:
+    if not is_url(text):
+        raise argparse.ArgumentTypeError(f"a mirror is an http(s) URL of the same .slm file, got {text!r}")
+    return text
+
+
 def _model_file(text: str) -> str:
     if is_url(text):
         raise argparse.ArgumentTypeError(
@@ -796,6 +805,14 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digest", type=_digest, help="refuse a model whose manifest sha256 differs")
     p.add_argument("--connections", type=_connections, default=1, help="parallel ranged requests (default 1: strict layer order)")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
+    p.add_argument(
+        "--mirror",
+        action="append",
+        type=_mirror_url,
+        metavar="URL",
+        help="another URL of the same .slm file (repeat for more): the download is spread over all that serve the same "
+        "manifest digest, by their measured rates; one serving another model is refused",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
