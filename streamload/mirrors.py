@@ -10,9 +10,9 @@ Every mirror gets its own workers, each bound to that mirror's source; they take
 from the one ``ChunkScheduler``. Each worker measures its rate (bytes of a span over the
 seconds from its request to its last byte, smoothed) and sizes its next span from it:
 at most ``SPAN_S`` of its own rate, and at most ``TAIL_SHARE`` of the time all workers
-together still need, so a faster mirror takes larger spans and all finish at about the
-same time (the spans shrink towards the end instead of one slow span finishing alone).
-A worker without a measurement takes one chunk's worth first.
+together still need (never under ``MIN_SPAN_S``), so a faster mirror takes larger spans
+and all finish at about the same time (the spans shrink towards the end instead of one
+slow span finishing alone). A worker without a measurement takes one chunk's worth first.
 
 A mirror that stops answering (its workers give up after the retry policy's attempts)
 or serves ``MAX_BAD_CHUNKS`` chunks that fail their hash is dropped: its running spans
@@ -35,6 +35,7 @@ from .schedule import Span
 from .transport import Source
 
 SPAN_S = 2.0  # a span takes about this long at its worker's rate: requests are few, and a dead mirror hands back little
+MIN_SPAN_S = 0.2  # and at least this long (several round trips), however little is left: small chunks end the file
 TAIL_SHARE = 0.5  # of the time left for everyone: spans halve towards the end, so the last ones finish together
 MAX_SPAN_BYTES = 64 << 20
 MIN_WORKERS_PER_MIRROR = 2  # while one request waits its round trip for a first byte, the other keeps the link busy
@@ -105,13 +106,14 @@ def header_mismatch(mirror: Header, digest: str, data_offset: int) -> str | None
 
 
 def span_limit_bytes(meter: RateMeter, meters: Sequence[RateMeter], pending_bytes: int, chunk_size_bytes: int) -> int:
-    """The most one worker's next span should hold: SPAN_S of its rate, and TAIL_SHARE of its share of what is left.
+    """The most one worker's next span should hold: SPAN_S of its rate, and TAIL_SHARE of its share of what is left,
+    but no less than MIN_SPAN_S of its rate (a span holds at least one chunk whatever the limit).
 
-    ``meters`` are every live worker's (this one's among them). Without a measurement: one chunk.
+    ``meters`` are every live worker's (this one's among them). Without a measurement: one chunk's worth.
     """
     rate = meter.rate_bytes_per_s
     if rate is None:
         return chunk_size_bytes
     total = sum(m.rate_bytes_per_s for m in meters if m.rate_bytes_per_s is not None)
     remaining_s = pending_bytes / total if total > 0 else 0.0
-    return int(max(chunk_size_bytes, min(MAX_SPAN_BYTES, rate * min(SPAN_S, remaining_s * TAIL_SHARE))))
+    return int(min(MAX_SPAN_BYTES, rate * max(MIN_SPAN_S, min(SPAN_S, remaining_s * TAIL_SHARE))))

@@ -124,6 +124,7 @@ class DownloadSession:
         self.url, self.pinned = split_pin(source, digest)
         self.mirror_urls = check_mirrors(self.url, mirrors)  # other hosts of the same file, checked by manifest digest before use
         self.mirrors: list[Mirror] = []  # the primary URL's, then each mirror's (made when the download starts)
+        self._probes: dict[str, tuple[Source, asyncio.Task[Header]]] = {}  # mirror URL -> its header, on the way
         self.cache_root = cache_root
         self.connections = max(1, connections)
         self.retry = retry
@@ -279,6 +280,7 @@ class DownloadSession:
                 return cached
         from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
+        self._start_probes()  # the mirrors' headers come beside the primary's: they are ready when the data starts
         self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
         try:
             header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=True)
@@ -560,19 +562,28 @@ class DownloadSession:
         threads = -(-self.verify_threads // (workers * len(self.mirrors)))
         await asyncio.gather(*(self._tasks.create_task(self._worker(mirror, threads)) for _ in range(workers)))
 
-    async def _probe(self, mirror: Mirror) -> bool:
-        """Check a mirror's header against the model's (one bounded request); True when it serves the same model.
-        Otherwise it is dropped, named in the log."""
+    def _start_probes(self) -> None:
+        """Fetch each mirror's header (a bounded request; retried, but not when nobody answers), as tasks that
+        ``_probe`` awaits or ``close`` cancels."""
         from .http_source import HttpSource
-
-        headers = self.headers if same_origin(mirror.url, self.url) else None  # credentials stay on the primary's origin
-        source = HttpSource(mirror.url, self.retry, self.borrowed_session, headers)
 
         async def unreachable(failure: RetryableError | StalledError) -> bool:
             return bool(getattr(failure, "unreachable", False))
 
+        for url in self.mirror_urls:
+            if url not in self._probes:
+                headers = self.headers if same_origin(url, self.url) else None  # credentials stay on the primary's origin
+                source = HttpSource(url, self.retry, self.borrowed_session, headers)
+                task = asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
+                self._probes[url] = (source, task)
+
+    async def _probe(self, mirror: Mirror) -> bool:
+        """Check a mirror's header against the model's; True when it serves the same model.
+        Otherwise it is dropped, named in the log."""
+        self._start_probes()
+        source, task = self._probes.pop(mirror.url)
         try:
-            header = await fetch_header_with_retries(source, self.retry, give_up=unreachable)
+            header = await task
             problem = header_mismatch(header, self.manifest.digest, self.data_offset)
         except (FetchError, FormatError) as exc:
             header, problem = None, f"its header cannot be read ({exc})"
@@ -817,6 +828,12 @@ class DownloadSession:
         for mirror in self.mirrors:
             if mirror.source is not None and mirror.source is not self.source:
                 await mirror.source.close()
+        for source, task in self._probes.values():  # never awaited: the download did not start, or ended first
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await task
+            await source.close()
+        self._probes.clear()
         if self.cache is not None:
             self._layers.clear()
             self.cache.close()
