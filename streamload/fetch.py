@@ -61,7 +61,7 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
                 raise FetchError(f"{source.url} answered a range request with the whole file after honouring one")
             rest = bytearray(needed - len(raw))
             await asyncio.to_thread(more.read_into, len(raw), memoryview(rest))
-            raw += rest
+            raw = raw + rest  # a new buffer: the executor may not yet have dropped its view of raw (resizing it would raise BufferError)
         finally:
             more.close()
     return await parse_header(bytes(raw), total)
