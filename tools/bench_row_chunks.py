@@ -64,8 +64,12 @@ def main() -> None:
     tokenizer.no_padding()
     inputs = [set(tokenizer.encode(text).ids) for text in json.loads(SENTENCES.read_text())]
     compressor = zstandard.ZstdCompressor(level=DEFAULT_ZSTD_LEVEL, write_content_size=True)
-    print(f"{folder.name}: {rows} rows of {row_bytes} bytes; {len(inputs)} sentences; the converter picks {rows_per_chunk(rows, row_bytes)}")
-    print(f"{'rows/chunk':>10} {'chunks':>7} {'manifest KB':>11} {'table MB':>9} {'fetched KB median':>17} {'max':>7} {'manifest + median KB':>20}")
+    print(
+        f"{folder.name}: {rows} rows of {row_bytes} bytes; {len(inputs)} sentences; the converter picks {rows_per_chunk(rows, row_bytes)}"
+    )
+    print(
+        f"{'rows/chunk':>10} {'chunks':>7} {'manifest KB':>11} {'table MB':>9} {'fetched KB median':>17} {'max':>7} {'manifest + median KB':>20}"
+    )
     for r in candidates:
         size = r * row_bytes
         sizes, entries = [], []
