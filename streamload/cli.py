@@ -405,6 +405,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )
+        if len(args.mirror or ()) > 0:  # each source's share; a refused or dead mirror sent nothing
+            for url in dict.fromkeys(u.split("#")[0] for u in [args.source, *args.mirror]):
+                print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {url}")
     return EXIT_OK
 
 
@@ -811,7 +814,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
         type=_mirror_url,
         metavar="URL",
         help="another URL of the same .slm file (repeat for more): the download is spread over all that serve the same "
-        "manifest digest, by their measured rates; one serving another model is refused",
+        "manifest digest, by their measured rates (--connections requests each, at least 2); one serving another model is refused",
     )
 
 

@@ -72,6 +72,7 @@ def test_the_cli_names_a_refused_mirror(www: Path, deep_slm: Path, llama_slm: Pa
         result = subprocess.run([*command, "--cache-dir", str(tmp_path / "cache"), "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"{other.url('deep.slm')}: it serves another model" in result.stderr and "refused" in result.stderr
+    assert f"0 B from {other.url('deep.slm')}" in result.stdout
     assert_cache_exact(tmp_path / "cache", deep_slm)
 
 
