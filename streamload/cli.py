@@ -178,6 +178,7 @@ def open_model(args: argparse.Namespace, progress: Any) -> Any:
         connections=args.connections,
         progress=progress,
         headers=request_headers(args),
+        mirrors=args.mirror or (),
     )
 
 
@@ -388,6 +389,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
                 "chunks_fetched": stats.chunks_fetched,
                 "retries": stats.retries,
                 "integrity_failures": stats.integrity_failures,
+                "bytes_by_source": dict(stats.bytes_by_source),
             }
     finally:
         bar.close()
@@ -413,6 +415,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )
+        if len(args.mirror or ()) > 0:  # each source's share; a refused or dead mirror sent nothing
+            for url in dict.fromkeys(u.split("#")[0] for u in [args.source, *args.mirror]):
+                print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {url}")
     return EXIT_OK
 
 
@@ -695,6 +700,12 @@ def _model_file_or_url(text: str) -> str:
     return text
 
 
+def _mirror_url(text: str) -> str:
+    if not is_url(text):
+        raise argparse.ArgumentTypeError(f"a mirror is an http(s) URL of the same .slm file, got {text!r}")
+    return text
+
+
 def _model_file(text: str) -> str:
     if is_url(text):
         raise argparse.ArgumentTypeError(
@@ -802,6 +813,14 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digest", type=_digest, help="refuse a model whose manifest sha256 differs")
     p.add_argument("--connections", type=_connections, default=1, help="parallel ranged requests (default 1: strict layer order)")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
+    p.add_argument(
+        "--mirror",
+        action="append",
+        type=_mirror_url,
+        metavar="URL",
+        help="another URL of the same .slm file (repeat for more): the download is spread over all that serve the same "
+        "manifest digest, by their measured rates (--connections requests each, at least 2); one serving another model is refused",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

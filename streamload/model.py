@@ -152,6 +152,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     retry: RetryPolicy | None = None,
     verify_threads: int | None = None,
     headers: Mapping[str, str] | None = None,
+    mirrors: Sequence[str] = (),
 ) -> AsyncIterator[Model]:
     """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
 
@@ -167,6 +168,10 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
             cores + 1, at most 8: one thread waits on the connection while the others compute).
         headers: extra request headers for a private model, e.g. ``{"Authorization": "Bearer TOKEN"}``;
             sent to the URL's origin (scheme, host, port) only, never to a redirect target on another host.
+        mirrors: other URLs of the same .slm file. Each is used once its header shows the same manifest
+            digest (another model is refused and logged); spans are spread over all of them by their
+            measured rates, and one that fails or serves corrupt chunks is dropped while the others
+            take its share. ``connections`` then counts per source, at least 2 each.
 
     Raises:
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
@@ -187,6 +192,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         retry=retry or RetryPolicy(),
         verify_threads=verify_threads or default_verify_threads(),
         headers=check_headers(headers),
+        mirrors=mirrors,
     )
     try:
         await download.start()

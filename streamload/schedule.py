@@ -27,7 +27,7 @@ import bisect
 import collections
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 
 from .formats import ChunkEntry
 
@@ -173,42 +173,52 @@ class ChunkScheduler:
             self._urgent_pending -= 1
         return chunk
 
-    def take_span(self, max_bytes: int, max_gap_bytes: int = 0) -> Span | None:
+    def take_span(self, max_bytes: int, max_gap_bytes: int = 0, avoid: Set[int] = frozenset()) -> Span | None:
         """The highest-priority pending chunk and pending chunks after it in the file, up to max_bytes in all.
 
         After a demanded chunk the span reaches on only to further demanded chunks (with
         whatever pending chunks lie between them); otherwise it takes every pending chunk, but
         stops where the row tables begin unless it started among them. It skips over chunks that
-        are not pending when the gap is at most ``max_gap_bytes``.
+        are not pending when the gap is at most ``max_gap_bytes``. Positions in ``avoid`` (chunks
+        this source served corrupt) are left for others: treated as not pending.
         """
         first = self._first()
+        if first is not None and first in avoid:
+            first = next((p for p in range(self._cursor, len(self._state)) if self._state[p] == PENDING and p not in avoid), None)
         if first is None:
             return None
-        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=bool(self._urgent[first]))
+        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=bool(self._urgent[first]), avoid=avoid)
 
-    def take_span_at(self, offset: int, max_bytes: int, max_gap_bytes: int, max_skip_bytes: int) -> Span | None:
+    def take_span_at(
+        self, offset: int, max_bytes: int, max_gap_bytes: int, max_skip_bytes: int, avoid: Set[int] = frozenset()
+    ) -> Span | None:
         """The span an open body at data offset ``offset`` goes on with: from the first chunk at or after it, if that
         one is pending and at most ``max_skip_bytes`` ahead, every pending chunk in file order, demanded or not
         (they arrive in order on the open connection); None otherwise (the body is of no further use)."""
         position = bisect.bisect_left(self._offsets, offset)
-        if position >= len(self._state) or self._state[position] != PENDING or self._chunks[position].offset - offset > max_skip_bytes:
+        if (
+            position >= len(self._state)
+            or self._state[position] != PENDING
+            or position in avoid
+            or self._chunks[position].offset - offset > max_skip_bytes
+        ):
             return None
         first = self._first()
         if first is not None and self._urgent[first] and self._demands and self._demands[0].jump:
             if self._chunks[first].offset - offset > max_skip_bytes:
                 return None  # a layer far ahead is awaited: it jumps the queue on a new request
-        return self._span_from(position, max_bytes, max_gap_bytes, by_demand=False)
+        return self._span_from(position, max_bytes, max_gap_bytes, by_demand=False, avoid=avoid)
 
-    def take_urgent_span(self, max_bytes: int, max_gap_bytes: int) -> Span | None:
+    def take_urgent_span(self, max_bytes: int, max_gap_bytes: int, avoid: Set[int] = frozenset()) -> Span | None:
         """Like take_span, but only for a demanded chunk (None when no demand is pending): extra requests for rows."""
         if not self._urgent_pending:
             return None
         first = self._first()
-        if first is None or not self._urgent[first]:
+        if first is None or not self._urgent[first] or first in avoid:
             return None
-        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=True)
+        return self._span_from(first, max_bytes, max_gap_bytes, by_demand=True, avoid=avoid)
 
-    def _span_from(self, first: int, max_bytes: int, max_gap_bytes: int, *, by_demand: bool) -> Span:
+    def _span_from(self, first: int, max_bytes: int, max_gap_bytes: int, *, by_demand: bool, avoid: Set[int] = frozenset()) -> Span:
         state, all_chunks, urgent = self._state, self._chunks, self._urgent
         taken = [first]
         size = all_chunks[first].size_bytes
@@ -221,7 +231,7 @@ class ChunkScheduler:
                 candidate = all_chunks[position]
                 if candidate.offset - previous_end > max_gap_bytes:
                     break
-                if state[position] == PENDING:
+                if state[position] == PENDING and position not in avoid:
                     if urgent[position]:
                         if size + riders_size + candidate.size_bytes > max_bytes:
                             break
@@ -238,7 +248,7 @@ class ChunkScheduler:
             limit = len(state) if first >= self._rows_from else self._rows_from
             while position < limit:
                 candidate = all_chunks[position]
-                if state[position] == PENDING and urgent[position] != ROWS:  # demanded rows are left to extra requests
+                if state[position] == PENDING and urgent[position] != ROWS and position not in avoid:  # rows: left to extra requests
                     if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
                         break
                     taken.append(position)
@@ -320,6 +330,10 @@ class ChunkScheduler:
         missed = span.chunks[span.received :]
         self.give_back(missed)
         return missed
+
+    def notify(self) -> None:
+        """Wake the workers waiting for a change: something outside the chunks changed (a source came or went)."""
+        self._changed.set()
 
     async def wait_for_change(self) -> None:
         self._changed.clear()

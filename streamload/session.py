@@ -9,7 +9,10 @@ goes through one completion route (``_chunks_landed``), which journals each chun
 and resolves a layer's future when its last chunk lands, and a row waiter's when
 its chunk does. ``rows`` serves the rows of a row table an input needs: their
 chunks are demanded without cutting the running request, and up to
-ROW_REQUESTS extra requests fetch them beside it.
+ROW_REQUESTS extra requests fetch them beside it. With mirrors (``streamload.mirrors``),
+each host that serves the same manifest digest gets its own workers, spans sized
+by their measured rates; a host that fails or serves corrupt chunks is dropped
+and the others take its share.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +46,18 @@ from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
 from .formats.constants import LayerKind
 from .formats.reader import frame_size_bytes
-from .httputil import Backoff, RetryPolicy
+from .httputil import Backoff, RetryPolicy, same_origin
 from .layer import Layer, map_layer
+from .mirrors import (
+    MAX_BAD_CHUNKS,
+    MIN_WORKERS_PER_MIRROR,
+    Mirror,
+    MirrorState,
+    RateMeter,
+    check_mirrors,
+    header_mismatch,
+    span_limit_bytes,
+)
 from .pipeline import ChunkPipeline, Outcome
 from .schedule import ChunkScheduler, Span
 from .stats import DownloadStats, Progress
@@ -108,8 +121,12 @@ class DownloadSession:
         retry: RetryPolicy,
         verify_threads: int,
         headers: Mapping[str, str] | None = None,
+        mirrors: Sequence[str] = (),
     ) -> None:
         self.url, self.pinned = split_pin(source, digest)
+        self.mirror_urls = check_mirrors(self.url, mirrors)  # other hosts of the same file, checked by manifest digest before use
+        self.mirrors: list[Mirror] = []  # the primary URL's, then each mirror's (made when the download starts)
+        self._probes: dict[str, tuple[Source, asyncio.Task[Header]]] = {}  # mirror URL -> its header, on the way
         self.cache_root = cache_root
         self.connections = max(1, connections)
         self.retry = retry
@@ -224,8 +241,8 @@ class DownloadSession:
                 chunk_size_bytes=self.manifest.chunk_size_bytes,
                 write_chunks=self.cache.write_chunks,
                 stats=self.stats,
-                # every connection gets a thread at once, and so does each extra request for rows
-                threads=max(self.verify_threads, self.connections) + ROW_REQUESTS,
+                # every connection (to every mirror) gets a thread at once, and so does each extra request for rows
+                threads=max(self.verify_threads, self._workers_per_source() * (1 + len(self.mirror_urls))) + ROW_REQUESTS,
                 loop=self.loop,
             )
             self.committer = GroupCommitter(self.cache, self.loop, self.stats)
@@ -275,6 +292,7 @@ class DownloadSession:
                 return cached
         from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
+        self._start_probes()  # the mirrors' headers come beside the primary's: they are ready when the data starts
         self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
         # one open-ended request whose body goes on into the data; a header probe when the URL's model is cached whole
         # (an open body would bring data nobody reads, on a metered link too), and before it, when the server gave
@@ -531,7 +549,8 @@ class DownloadSession:
 
     async def _download(self) -> None:
         assert self.source is not None and self.committer is not None
-        workers = 1 if not self.source.remote or self.source.whole_file_only else self.connections
+        if not self.mirrors:  # the primary first: its header is the model's; the others are probed against it
+            self.mirrors = [Mirror(self.url, self.source, MirrorState.LIVE)] + [Mirror(url) for url in self.mirror_urls]
         try:
             try:
                 async with asyncio.TaskGroup() as tasks:
@@ -539,8 +558,12 @@ class DownloadSession:
                     watcher = tasks.create_task(self.committer.watch())
                     if self._chunk_waiters:
                         self._start_row_requests()  # rows were demanded before this download started
-                    await asyncio.gather(*(tasks.create_task(self._worker(workers)) for _ in range(workers)))
+                    serving = [tasks.create_task(self._serve(mirror)) for mirror in self.mirrors if mirror.usable]
+                    while not self.scheduler.finished:  # a source that fails for good raises when no other is left
+                        await self.scheduler.wait_for_change()
                     watcher.cancel()
+                    for task in serving:  # a mirror still being probed, or workers waiting out a backoff
+                        task.cancel()
             finally:
                 self._tasks = None
             self._finish()  # every layer is usable now; durability follows, before close() returns
@@ -557,37 +580,137 @@ class DownloadSession:
                 )
             self._fail(failure)
 
-    def _span_limit_bytes(self) -> int:
+    def _workers_per_source(self) -> int:
+        """``connections`` per source; with mirrors at least MIN_WORKERS_PER_MIRROR each (no idle link between spans)."""
+        return self.connections if not self.mirror_urls else max(MIN_WORKERS_PER_MIRROR, self.connections)
+
+    async def _serve(self, mirror: Mirror) -> None:
+        """One source's workers, after (for a mirror) its header matched the model's."""
+        assert self._tasks is not None
+        if mirror.state is MirrorState.PROBING and not await self._probe(mirror):
+            return
+        assert mirror.source is not None
+        if self._ignores_range(mirror):
+            return
+        workers = 1 if not mirror.source.remote or mirror.source.whole_file_only else self._workers_per_source()
+        threads = -(-self.verify_threads // (workers * len(self.mirrors)))
+        await asyncio.gather(*(self._tasks.create_task(self._worker(mirror, threads)) for _ in range(workers)))
+
+    def _start_probes(self) -> None:
+        """Fetch each mirror's header (a bounded request; retried, but not when nobody answers), as tasks that
+        ``_probe`` awaits or ``close`` cancels."""
+        from .http_source import HttpSource
+
+        async def unreachable(failure: RetryableError | StalledError) -> bool:
+            return bool(getattr(failure, "unreachable", False))
+
+        for url in self.mirror_urls:
+            if url not in self._probes:
+                headers = self.headers if same_origin(url, self.url) else None  # credentials stay on the primary's origin
+                source = HttpSource(url, self.retry, self.borrowed_session, headers)
+                task = asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
+                self._probes[url] = (source, task)
+
+    async def _probe(self, mirror: Mirror) -> bool:
+        """Check a mirror's header against the model's; True when it serves the same model.
+        Otherwise it is dropped, named in the log."""
+        self._start_probes()
+        source, task = self._probes.pop(mirror.url)
+        try:
+            header = await task
+            problem = header_mismatch(header, self.manifest.digest, self.data_offset)
+        except (FetchError, FormatError) as exc:
+            header, problem = None, f"its header cannot be read ({exc})"
+        if problem is not None or header is None:
+            await source.close()
+            self._drop(mirror, problem or "no header")
+            return False
+        mirror.source, mirror.state = source, MirrorState.LIVE
+        self.scheduler.notify()  # chunks others served corrupt, left for it, may be taken now
+        self._count_bytes(mirror, len(header.raw))
+        logger.info("mirror %s serves the same model %s: it takes a share of the download", mirror.url, self.manifest.digest[:12])
+        return True
+
+    def _ignores_range(self, mirror: Mirror) -> bool:
+        """True (and the source dropped) when it answers with the whole file while another live source honours Range:
+        it could only read the model from byte 0, alone."""
+        assert mirror.source is not None
+        if not mirror.source.whole_file_only or not any(m is not mirror and m.state is MirrorState.LIVE for m in self.mirrors):
+            return False
+        self._drop(mirror, "it ignores Range (answers 200 with the whole file), so it cannot share the download")
+        return True
+
+    def _drop(self, mirror: Mirror, reason: str) -> None:
+        """Use this source no more: its running spans end at their next chunk boundary and give the rest back.
+
+        Raises FetchError when no source is left (none live, none being probed).
+        """
+        if mirror.state is MirrorState.DROPPED:
+            return
+        mirror.state, mirror.reason = MirrorState.DROPPED, reason
+        for span in mirror.spans:
+            span.stop()
+        self.scheduler.notify()  # chunks left for it (others served them corrupt) may go to anyone now
+        if not any(m.usable for m in self.mirrors):
+            sources = "; ".join(f"{m.url}: {m.reason}" for m in self.mirrors)
+            raise FetchError(f"every source of {self.manifest.digest[:12]} failed ({sources}); connect and run again")
+        logger.warning("%s: %s; the other sources take its share", mirror.url, reason)
+
+    def _count_bytes(self, mirror: Mirror, size_bytes: int) -> None:
+        self.stats.bytes_downloaded += size_bytes
+        by_source = self.stats.bytes_by_source
+        by_source[mirror.url] = by_source.get(mirror.url, 0) + size_bytes
+
+    def _span_limit_bytes(self, meter: RateMeter | None) -> int:
+        if meter is not None and sum(m.usable for m in self.mirrors) > 1:  # spans by rate while others share (or may)
+            live = [m for mirror in self.mirrors if mirror.state is MirrorState.LIVE for m in mirror.meters]
+            return span_limit_bytes(meter, live, self.scheduler.pending_bytes, self.manifest.chunk_size_bytes)
         if self.connections == 1:
             return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
         return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
 
+    def _avoid(self, mirror: Mirror) -> frozenset[int]:
+        """Positions of chunks this mirror served corrupt, while another mirror (live or being probed) has not."""
+        if not mirror.bad_chunks:
+            return frozenset()
+        return frozenset(
+            self.scheduler.position_of(chunk)
+            for index, chunk in mirror.bad_chunks.items()
+            if any(m.usable and index not in m.bad_chunks for m in self.mirrors)
+        )
+
     def _start_row_requests(self) -> None:
         """Extra requests for demanded rows, beside the running ones (none for a server that ignores Range)."""
-        if self._tasks is None or self.source is None or self.source.whole_file_only:
+        mirror = next((m for m in self.mirrors if m.state is MirrorState.LIVE), None)
+        if self._tasks is None or mirror is None or mirror.source is None or mirror.source.whole_file_only:
             return  # no download running: what is demanded is here, or is fetched when it starts
         while self._row_requests < ROW_REQUESTS:
             try:
-                self._tasks.create_task(self._worker(1, rows_only=True))
+                self._tasks.create_task(self._worker(mirror, self.verify_threads, rows_only=True))
             except RuntimeError:  # the task group has finished: everything is here
                 return
             self._row_requests += 1
 
-    async def _worker(self, workers: int, *, rows_only: bool = False) -> None:
-        """Take a span, open it on the source (or go on reading the open body), run it through the pipeline; retry
-        what did not arrive. ``rows_only``: an extra request for demanded rows, ending when none are pending."""
-        assert self.source is not None and self.pipeline is not None
-        backoff = Backoff(self.retry, f"downloading {self.url}")
-        threads = -(-self.verify_threads // workers)
+    async def _worker(self, mirror: Mirror, threads: int, *, rows_only: bool = False) -> None:
+        """Take a span, open it on the mirror's source (or go on reading the open body), run it through the pipeline;
+        retry what did not arrive. ``rows_only``: an extra request for demanded rows, ending when none are pending.
+        A source that fails for good is dropped while others remain: what its spans did not receive goes to them."""
+        source = mirror.source
+        assert source is not None and self.pipeline is not None
+        backoff = Backoff(self.retry, f"downloading {mirror.url}")
+        meter = None if rows_only else RateMeter()
+        if meter is not None:
+            mirror.meters.append(meter)
         body: SpanReader | None = None  # an open-ended body this worker may go on reading
         try:
-            while not self.scheduler.finished:
+            while not self.scheduler.finished and mirror.state is MirrorState.LIVE and not self._ignores_range(mirror):
                 span = None
-                if body is None and not rows_only and self._header_stream is not None:
+                avoid = self._avoid(mirror)
+                if body is None and not rows_only and self._header_stream is not None and mirror is self.mirrors[0]:
                     body, self._header_stream = self._header_stream, None
                 if body is not None and not body.whole_file:  # go on with the open body while the chunks there are pending
                     span = self.scheduler.take_span_at(
-                        body.position - self.data_offset, self._span_limit_bytes(), MAX_GAP_BYTES, REUSE_SKIP_BYTES
+                        body.position - self.data_offset, self._span_limit_bytes(meter), MAX_GAP_BYTES, REUSE_SKIP_BYTES, avoid
                     )
                     if span is None:
                         body.close()
@@ -595,55 +718,72 @@ class DownloadSession:
                 if span is not None:
                     pass
                 elif rows_only:
-                    span = self.scheduler.take_urgent_span(self.manifest.chunk_size_bytes * 4, MAX_GAP_BYTES)
+                    span = self.scheduler.take_urgent_span(self.manifest.chunk_size_bytes * 4, MAX_GAP_BYTES, avoid)
                     if span is None:
                         return
-                elif self.source.whole_file_only:
+                elif source.whole_file_only:
                     span = self.scheduler.take_all()
                 else:
-                    span = self.scheduler.take_span(self._span_limit_bytes(), MAX_GAP_BYTES)
+                    span = self.scheduler.take_span(self._span_limit_bytes(meter), MAX_GAP_BYTES, avoid)
                 if span is None:
                     await self.scheduler.wait_for_change()
                     continue
+                mirror.spans.add(span)
                 start, end = self.data_offset + span.chunks[0].offset, self.data_offset + span.chunks[-1].end
                 reader: SpanReader | None = None
+                failure: RetryableError | StalledError | None = None
+                opened = time.perf_counter()
                 try:
                     open_ended = body is not None  # the header's request (bytes=0-) or what went on from it
-                    reader = body or await self.source.open_span(start, end)
+                    reader = body or await source.open_span(start, end)
                     body = None
                     if reader.whole_file:
                         span.cuttable = False
                     async with contextlib.aclosing(self.pipeline.run_span(span, reader, threads)) as outcomes:
                         async for landed in outcomes:
-                            self._chunks_landed(span, landed)
+                            self._chunks_landed(span, landed, mirror)
                     if (open_ended or reader.whole_file) and span.error is None:
                         body, reader = reader, None  # at a chunk boundary, going on to the end of the file: the next span may continue it
                     backoff.failures = 0
                 except (RetryableError, StalledError) as exc:
-                    self.stats.retries += 1
-                    await backoff.wait(exc, progressed=span.received > 0)  # chunks that did arrive count as progress
+                    failure = exc
                 finally:
                     if reader is not None:
                         reader.close()
-                    self.scheduler.finish_span(span)
+                    mirror.spans.discard(span)
+                    if meter is not None:
+                        meter.record(sum(c.size_bytes for c in span.chunks[: span.received]), time.perf_counter() - opened)
+                    self.scheduler.finish_span(span)  # before any backoff: what did not arrive is for the others now
                     if self._chunk_waiters and self.scheduler.urgent_waiting():
                         self._start_row_requests()  # demanded rows given back by a cut span: fetch them beside it
+                if failure is not None:
+                    self.stats.retries += 1
+                    if meter is not None:
+                        meter.rate_bytes_per_s = None  # measured again from one chunk when it works again
+                    try:
+                        await backoff.wait(failure, progressed=span.received > 0)  # chunks that did arrive count as progress
+                    except FetchError as gave_up:
+                        if len(self.mirrors) == 1:
+                            raise
+                        self._drop(mirror, str(gave_up))
+                        return
         finally:
             if body is not None:
                 body.close()
+            if meter is not None:
+                mirror.meters.remove(meter)
             if rows_only:
                 self._row_requests -= 1
 
-    def _chunks_landed(self, span: Span, landed: list[Outcome]) -> None:
+    def _chunks_landed(self, span: Span, landed: list[Outcome], mirror: Mirror) -> None:
         """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
-        assert self.committer is not None
-        remote = self.source is not None and self.source.remote
+        assert self.committer is not None and mirror.source is not None
         stored = [chunk for chunk, failure, _ in landed if failure is None]
-        if remote:
-            self.stats.bytes_downloaded += sum(chunk.size_bytes for chunk, _, _ in landed)
+        if mirror.source.remote:
+            self._count_bytes(mirror, sum(chunk.size_bytes for chunk, _, _ in landed))
         for chunk, failure, _ in landed:
             if failure is not None:
-                fatal = self._integrity_failed(chunk, failure)
+                fatal = self._integrity_failed(chunk, failure, mirror)
                 if fatal is not None:
                     span.stop(fatal)
         self.scheduler.done(stored)
@@ -663,14 +803,20 @@ class DownloadSession:
         else:
             self._report_progress()
 
-    def _integrity_failed(self, chunk: ChunkEntry, exc: ChunkIntegrityError) -> ChunkIntegrityError | None:
-        """A chunk failed its hash: queue it again, or (too many attempts, or a local file) the error that ends the download."""
+    def _integrity_failed(self, chunk: ChunkEntry, exc: ChunkIntegrityError, mirror: Mirror) -> ChunkIntegrityError | None:
+        """A chunk failed its hash: queue it again (for another mirror when one is live), or (too many attempts with no
+        other mirror left to try, or a local file) the error that ends the download. A mirror that keeps serving
+        corrupt chunks is dropped while another is live."""
+        assert mirror.source is not None
         self.stats.integrity_failures += 1
         attempts = self._integrity_attempts.get(chunk.index, 0) + 1
         self._integrity_attempts[chunk.index] = attempts
-        remote = self.source is not None and self.source.remote
-        if not remote or attempts >= MAX_INTEGRITY_ATTEMPTS:
-            where = "the file" if not remote else f"{attempts} downloads from {self.url}"
+        mirror.bad_chunks[chunk.index] = chunk
+        remote = mirror.source.remote
+        untried = [m for m in self.mirrors if m.usable and chunk.index not in m.bad_chunks]  # a mirror being probed counts
+        if not remote or (attempts >= MAX_INTEGRITY_ATTEMPTS and not untried):
+            culprits = ", ".join(m.url for m in self.mirrors if chunk.index in m.bad_chunks)
+            where = "the file" if not remote else f"{attempts} downloads from {culprits}"
             fatal = ChunkIntegrityError(
                 f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
                 "the source is corrupt: nothing from it was used. Re-convert or re-upload the model.",
@@ -679,8 +825,14 @@ class DownloadSession:
             )
             fatal.__cause__ = exc
             return fatal
-        logger.warning("%s; fetching it again", exc)
+        if untried:
+            logger.warning("%s (from %s); fetching it from %s", exc, mirror.url, " or ".join(m.url for m in untried))
+        else:
+            logger.warning("%s; fetching it again", exc)
         self.scheduler.give_back([chunk])
+        others = [m for m in self.mirrors if m is not mirror and m.state is MirrorState.LIVE]
+        if len(mirror.bad_chunks) >= MAX_BAD_CHUNKS and others:
+            self._drop(mirror, f"{len(mirror.bad_chunks)} chunks from it failed their sha256 check")
         return None
 
     # ------------------------------------------------------------ shutdown
@@ -707,6 +859,15 @@ class DownloadSession:
                 logger.info("gave back %d bytes reserved for chunks that never arrived", released)
         if self.source is not None:
             await self.source.close()
+        for mirror in self.mirrors:
+            if mirror.source is not None and mirror.source is not self.source:
+                await mirror.source.close()
+        for source, task in self._probes.values():  # never awaited: the download did not start, or ended first
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await task
+            await source.close()
+        self._probes.clear()
         if self.cache is not None:
             self._layers.clear()
             self.cache.close()

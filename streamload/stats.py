@@ -43,6 +43,7 @@ class DownloadStats:
     decompress_s: float = 0.0  # zstd, summed over pool threads
     store_s: float = 0.0  # pwrite into the store, summed over pool threads
     commit_s: float = 0.0  # fdatasync + journal on the commit thread (off the data path)
+    bytes_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # URL -> bytes it sent (with mirrors: each one's share)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -91,6 +91,19 @@ def test_a_chunk_that_failed_its_hash_is_fetched_again() -> None:
     assert indices(scheduler.take_span(10_000)) == [1]
 
 
+def test_chunks_a_source_served_corrupt_are_left_to_others() -> None:
+    chunks = chunks_of([4])
+    scheduler = ChunkScheduler(chunks)
+    span = scheduler.take_span(150)
+    span.received = 1
+    scheduler.give_back([chunks[0]])  # chunk 0 failed its hash from this source
+    scheduler.finish_span(span)
+    avoid = frozenset({scheduler.position_of(chunks[0])})
+    assert indices(scheduler.take_span(10_000, avoid=avoid)) == [1, 2, 3]  # its source goes on past it
+    assert scheduler.take_span_at(0, 10_000, 0, 0, avoid=avoid) is None
+    assert indices(scheduler.take_span(10_000)) == [0]  # another source takes it
+
+
 @pytest.mark.parametrize("demand_every", [0, 7])
 def test_the_cost_per_chunk_does_not_grow_with_the_chunk_count(demand_every: int) -> None:
     """20k chunks must cost about 10x 2k, not 100x: no operation may scan the pending chunks."""
