@@ -69,10 +69,10 @@ async def _fetch_header(source: Source, stream: bool) -> Header:
                 raise FetchError(f"{source.url} answered a range request with the whole file after honouring one")
             rest = bytearray(needed - len(raw))
             await asyncio.to_thread(more.read_into, len(raw), memoryview(rest))
-            raw = raw + rest  # a new buffer: a view of the old one may still be alive in the reader
+            raw += rest  # raw is bytes: a new object, whatever views of the pieces the reader still holds
         finally:
             more.close()
-    return await parse_header(bytes(raw), total)
+    return await parse_header(raw, total)
 
 
 async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int | None) -> tuple[bytes, int, int]:

@@ -84,7 +84,7 @@ class ChunkScheduler:
         self._pending_bytes = sum(c.size_bytes for c, s in zip(chunks, self._state, strict=True) if s == PENDING)
         self._taken = 0
         self._cursor = 0  # no pending chunk before it
-        self._urgent = bytearray(len(chunks))  # 1: some demand wants this position
+        self._urgent = bytearray(len(chunks))  # why a demand wants this position: JUMP or ROWS (0: none)
         self._urgent_pending = 0  # pending positions that a demand wants
         self._demands: collections.deque[_Demand] = collections.deque()
         self._running: set[Span] = set()

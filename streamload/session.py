@@ -198,6 +198,15 @@ class DownloadSession:
         self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]
         for chunk in self.manifest.chunks:
             self._layer_chunks[chunk.layer_index].append(chunk)
+        # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
+        # scales of its int8 tensors (a row table's live in an execution step)
+        self._chunk_starts = [np.fromiter((c.raw_offset for c in chunks), np.int64, len(chunks)) for chunks in self._layer_chunks]
+        self._scales_layers: list[list[int]] = [[] for _ in self.manifest.layers]
+        for tensor in self.manifest.tensors:
+            scales = self.manifest.tensor_by_name.get(tensor.scales or "")
+            elsewhere = self._scales_layers[tensor.layer_index]
+            if scales is not None and scales.layer_index != tensor.layer_index and scales.layer_index not in elsewhere:
+                elsewhere.append(scales.layer_index)
         rows_from = sum(len(chunks) for chunks in self._layer_chunks[: self.manifest.step_count])
         self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled, rows_from=rows_from)
         self.bytes_to_download = self.scheduler.pending_bytes
@@ -304,9 +313,10 @@ class DownloadSession:
             return cached
         stream = cached is None
         try:
-            header = await self._fetch_with_retries(self.source, cached_fallback=True, stream=stream)
+            # nobody answering ends the retries at once when the cache holds a complete copy to fall back to
+            header = await self._fetch_with_retries(self.source, give_up_unreachable=cached is not None, stream=stream)
         except FetchError as exc:
-            return await self._offline_header(exc)
+            return await self._offline_header(exc, cached)
         self.stats.bytes_downloaded += len(header.raw)
         return header
 
@@ -321,17 +331,12 @@ class DownloadSession:
             logger.debug("%s: revalidating the cached copy failed (%s)", self.url, exc)
             return False
 
-    async def _fetch_with_retries(
-        self, source: Source, *, cached_fallback: bool = False, give_up_unreachable: bool = False, stream: bool = False
-    ) -> Header:
+    async def _fetch_with_retries(self, source: Source, *, give_up_unreachable: bool = False, stream: bool = False) -> Header:
         """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
-        no such host) ends the retries at once with ``give_up_unreachable``, or with ``cached_fallback`` when the
-        cache holds a complete copy of the URL's model."""
+        no such host) ends the retries at once with ``give_up_unreachable``."""
 
         async def give_up(failure: RetryableError | StalledError) -> bool:
-            if not getattr(failure, "unreachable", False):
-                return False
-            return give_up_unreachable or (cached_fallback and await self._complete_copy_of_url() is not None)
+            return give_up_unreachable and bool(getattr(failure, "unreachable", False))
 
         return await fetch_header_with_retries(source, self.retry, give_up=give_up, stream=stream)
 
@@ -339,9 +344,8 @@ class DownloadSession:
         digest = ModelCache.read_ref(self.cache_root, self.url)
         return await self._cached_header(digest) if digest else None
 
-    async def _offline_header(self, failure: FetchError) -> Header:
+    async def _offline_header(self, failure: FetchError, cached: Header | None) -> Header:
         """The server cannot be reached: the complete cached copy this URL last had, or the failure."""
-        cached = await self._complete_copy_of_url()
         if cached is None:
             raise failure
         logger.warning("%s; using the cached copy %s", failure, cached.manifest.digest[:12])
@@ -389,7 +393,7 @@ class DownloadSession:
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        for scales_layer in self._scales_layers(index):  # a row table's scales live in an execution step
+        for scales_layer in self._scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
         while True:
             if not self.ready[index].done():
@@ -403,11 +407,6 @@ class DownloadSession:
             assert self.cache is not None
             self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
         return self._layers[index]
-
-    def _scales_layers(self, index: int) -> list[int]:
-        """Other layers holding the scales of this layer's int8 tensors (a row table's)."""
-        scales = (self.manifest.tensor_by_name.get(t.scales or "") for t in self.manifest.tensors_of_layer(index))
-        return sorted({t.layer_index for t in scales if t is not None and t.layer_index != index})
 
     async def rows(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``ids`` of a 2-D tensor and their scales (None for a float tensor), as soon as their chunks are here.
@@ -440,8 +439,7 @@ class DownloadSession:
 
     def _chunks_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> list[ChunkEntry]:
         """The chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
-        chunks = self._layer_chunks[layer_index]
-        starts = np.fromiter((c.raw_offset for c in chunks), dtype=np.int64, count=len(chunks))
+        chunks, starts = self._layer_chunks[layer_index], self._chunk_starts[layer_index]
         first = np.searchsorted(starts, table_offset + ids * row_bytes, side="right") - 1
         last = np.searchsorted(starts, table_offset + (ids + 1) * row_bytes - 1, side="right") - 1
         wanted = sorted({int(i) for lo, hi in zip(first, last, strict=True) for i in range(lo, hi + 1)})
@@ -691,6 +689,15 @@ class DownloadSession:
                 return
             self._row_requests += 1
 
+    def _take_span(self, source: Source, meter: RateMeter | None, avoid: frozenset[int], *, rows_only: bool) -> Span | None:
+        """What a worker fetches next on a new request: demanded rows only (an extra request), the whole file (a
+        server that ignores Range), or the scheduler's next span."""
+        if rows_only:
+            return self.scheduler.take_urgent_span(self.manifest.chunk_size_bytes * 4, MAX_GAP_BYTES, avoid)
+        if source.whole_file_only:
+            return self.scheduler.take_all()
+        return self.scheduler.take_span(self._span_limit_bytes(meter), MAX_GAP_BYTES, avoid)
+
     async def _worker(self, mirror: Mirror, threads: int, *, rows_only: bool = False) -> None:
         """Take a span, open it on the mirror's source (or go on reading the open body), run it through the pipeline;
         retry what did not arrive. ``rows_only``: an extra request for demanded rows, ending when none are pending.
@@ -715,17 +722,11 @@ class DownloadSession:
                     if span is None:
                         body.close()
                         body = None
-                if span is not None:
-                    pass
-                elif rows_only:
-                    span = self.scheduler.take_urgent_span(self.manifest.chunk_size_bytes * 4, MAX_GAP_BYTES, avoid)
-                    if span is None:
-                        return
-                elif source.whole_file_only:
-                    span = self.scheduler.take_all()
-                else:
-                    span = self.scheduler.take_span(self._span_limit_bytes(meter), MAX_GAP_BYTES, avoid)
                 if span is None:
+                    span = self._take_span(source, meter, avoid, rows_only=rows_only)
+                if span is None:
+                    if rows_only:
+                        return  # no demanded rows left to fetch
                     await self.scheduler.wait_for_change()
                     continue
                 mirror.spans.add(span)
