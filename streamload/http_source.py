@@ -115,6 +115,9 @@ class HttpSource:
                 url, status = target, redirect.status
                 continue
             self.resolved_url = url
+            if reader.whole_file and not self.whole_file_only:  # on either receive path
+                logger.info("%s ignores Range requests: downloading the whole file in order", _without_query(url))
+                self.whole_file_only = True
             return reader
         raise HTTPStatusError(f"{self.url} redirected more than {MAX_REDIRECTS} times; check the URL", status=status)
 
@@ -148,11 +151,7 @@ class HttpSource:
 
         if self.session is None:
             self.session = new_session()
-        reader = await open_aiohttp_span(self.session, url, start, end, etag=etag, policy=self.policy, extra_headers=headers)
-        if reader.whole_file and not self.whole_file_only:
-            logger.info("%s ignores Range requests: downloading the whole file in order", _without_query(url))
-            self.whole_file_only = True
-        return reader
+        return await open_aiohttp_span(self.session, url, start, end, etag=etag, policy=self.policy, extra_headers=headers)
 
     def _check_identity(self, reader: SpanReader) -> None:
         """Pin the first ETag of each origin; a different one later (compared weakly, RFC 9110 section 8.8.3.2: Apache

@@ -55,8 +55,10 @@ class SocketReader(SpanReader):
         leftover: bytes,
         url: str,
         policy: RetryPolicy,
+        *,
+        whole_file: bool = False,
     ) -> None:
-        super().__init__(start, whole_file=False, total_size_bytes=total_size_bytes, etag=etag, policy=policy)
+        super().__init__(start, whole_file=whole_file, total_size_bytes=total_size_bytes, etag=etag, policy=policy)
         self._sock = sock
         self._leftover = memoryview(leftover)  # body bytes that arrived with the response head
         self.url = url
@@ -96,7 +98,8 @@ async def open_socket_span(
 
     ``ssl_context``: for https (default: ``ssl.create_default_context()``, the system's CAs).
     ``extra_headers``: the caller's own (checked by ``httputil.check_headers``).
-    The whole head must arrive within ``policy.header_timeout_s``.
+    The whole head must arrive within ``policy.header_timeout_s``. A plain 200 to ``bytes=0-`` (a server that
+    ignores Range) is read here too, as a whole-file body.
     Raises TransportUnsupported (use the general client), TransportStatus (an error status),
     TransportRedirect (a 3xx with a Location), TimeoutError (no connection or no answer in time) or OSError (ssl.SSLError included).
     """
@@ -136,10 +139,16 @@ async def open_socket_span(
             raise TransportRedirect(status, headers["location"])
         if status == 304:
             raise TransportNotModified()
-        if status != 206 or "transfer-encoding" in headers or "content-encoding" in headers:
+        length = headers.get("content-length", "")
+        encoded = "transfer-encoding" in headers or "content-encoding" in headers
+        leftover = bytes(head[head_end + 4 : received])
+        if status == 200 and start == 0 and end is None and length.isdigit() and not encoded:
+            # the whole file for "bytes=0-": the same bytes, from a server that ignores Range (a whole-file body)
+            sock.settimeout(policy.stall_timeout_s)
+            return SocketReader(sock, 0, int(length), headers.get("etag"), leftover, url, policy, whole_file=True)
+        if status != 206 or encoded:
             raise TransportUnsupported(f"status {status} or an encoded body")
         parsed = parse_content_range(headers.get("content-range"))
-        length = headers.get("content-length", "")
         if parsed is None or parsed[0] != start or not length.isdigit():
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         first, last, total = parsed
@@ -148,7 +157,7 @@ async def open_socket_span(
         if last != expected_last or int(length) != last + 1 - first:
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         sock.settimeout(policy.stall_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
-        return SocketReader(sock, start, total, headers.get("etag"), bytes(head[head_end + 4 : received]), url, policy)
+        return SocketReader(sock, start, total, headers.get("etag"), leftover, url, policy)
     except BaseException:
         sock.close()
         raise

@@ -98,6 +98,25 @@ async def test_a_weak_etag_is_never_sent_as_if_range() -> None:
     assert b"If-Range" not in script.requests[0]
 
 
+async def test_a_200_to_an_open_range_from_byte_0_is_a_whole_file_body_on_this_path() -> None:
+    """A server that ignores Range answers "bytes=0-" with the whole file: the same bytes, read here (no second
+    request through the general client); an encoded or unsized 200 still goes there."""
+    script = Script(f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\n\r\n".encode(), [BODY[:1000], BODY[1000:]])
+    async with scripted(script) as url:
+        stream = await open_socket_span(url, 0, None, etag=None, policy=RetryPolicy(connect_timeout_s=5.0))
+        try:
+            whole = bytearray(len(BODY))
+            await asyncio.to_thread(stream.read_into, 0, memoryview(whole))
+        finally:
+            stream.close()
+    assert whole == BODY and stream.whole_file and stream.total_size_bytes == len(BODY)
+    assert "Range: bytes=0-\r\n" in script.requests[0].decode()
+    for head in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"):
+        async with scripted(Script(head, [b""])) as url:
+            with pytest.raises(TransportUnsupported):
+                await open_socket_span(url, 0, None, etag=None, policy=RetryPolicy(connect_timeout_s=5.0))
+
+
 @pytest.mark.parametrize(
     "head",
     [
