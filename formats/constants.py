@@ -13,14 +13,28 @@ import struct
 MAGIC = b"\x89SLM\r\n\x1a\n"
 """8 bytes. Non-ASCII first byte and CR LF / ^Z / LF catch text-mode mangling (as PNG does)."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped only for changes an old reader cannot skip; new manifest keys do not bump it.
 
 Version 2 added row-table layers (``LayerKind.ROWS``): a token-embedding table stored after the
-execution steps, in small chunks of whole rows, with its scales in layer 0."""
+execution steps, in small chunks of whole rows, with its scales in layer 0. Version 3 added
+progressive tensors (``coarse_shift``): pass-0 chunks hold their coarse levels, refinement chunks
+(``REFINEMENT_PASS``) the corrections that make them exact. The writer writes the lowest version
+that describes the file: 2 unless a tensor is progressive."""
 
-READABLE_FORMAT_VERSIONS = (1, 2)
-"""A version-1 file is a version-2 file without row-table layers: this reader reads both."""
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+"""A version-1 file is a version-2 file without row-table layers, a version-2 file a version-3 file without
+progressive tensors: this reader reads all three."""
+
+PLAIN_FORMAT_VERSION = 2
+"""What the writer puts in the preamble of a file with no progressive tensor (a version-2 reader reads it)."""
+
+REFINEMENT_PASS = 1
+"""The ``pass`` of a refinement chunk: it turns a range of a progressive tensor's coarse levels into the exact int8
+values. Higher passes are reserved: a reader bounds-checks and skips them."""
+
+COARSE_SHIFTS = range(1, 7)
+"""A progressive tensor's ``coarse_shift`` s: its coarse plane keeps 8 - s of each int8 value's bits (k = 8 - s)."""
 
 PREAMBLE = struct.Struct(
     "<"

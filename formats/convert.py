@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,12 @@ class _Stored:
         return (None, None) if self.error is None else (self.error.max_abs_error, self.error.max_rel_error)
 
 
+StoredPair = tuple[np.ndarray, np.ndarray | None]  # int8 values and their per-row scales, or float values and None
+ShiftChooser = Callable[[Sequence[Mapping[str, StoredPair]], StoredPair], Sequence[Mapping[str, int]]]
+"""``(per step {name: (stored values, scales or None)}, the token table's (values, scales)) -> per step {name:
+coarse_shift}`` for the int8 matrices that should be progressive; called once, with every step quantized."""
+
+
 def _store_form(values: np.ndarray, quant: str) -> _Stored:
     if quant == "int8" and values.ndim == 2:
         q, scales, error = quantize_int8_rows(values)
@@ -233,6 +239,8 @@ def convert(
     config_path: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    progressive: bool = False,
+    choose_shifts: ShiftChooser | None = None,
 ) -> ConversionReport:
     """Convert a model folder or .safetensors file into a .slm file.
 
@@ -244,6 +252,10 @@ def convert(
         chunk_size_bytes: raw bytes per chunk.
         config_path: a config.json to use when the source has none beside it.
         progress: called with (source bytes converted, source bytes in all) before each tensor and at the end.
+        progressive: store each int8 matrix of the execution steps as coarse levels plus a refinement
+            (FORMAT.md, "Progressive tensors"), so a client can run a preview before the exact weights are in.
+        choose_shifts: picks each matrix's coarse_shift, layer by layer (default: ``streamload.calibrate``'s,
+            which runs the layers so far on a bundled calibration text).
 
     Returns:
         A ``ConversionReport`` with per-tensor quantization errors.
@@ -279,24 +291,51 @@ def convert(
         zstd_level=zstd_level,
         threads=threads,
     ) as writer:
+        if progressive and quant == "int8" and choose_shifts is None:
+            from ..calibrate import CalibratedShifts  # runs the runtime: imported only for a progressive conversion
+
+            choose_shifts = CalibratedShifts(arch.name, config, model.tokenizer_json)
         table_source, table_name = _take_row_table(arch, plan)
         table_values = tensors.array(table_source)
         table = _store_form(table_values, quant)  # its scales go to layer 0, its rows after every step
         source_bytes_done += table_values.nbytes
-        for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
-            layer_index = writer.begin_layer(layer_name)
-            deferred_scales: list[tuple[str, np.ndarray]] = []
-            if layer_index == 0 and table.scales is not None:
-                deferred_scales.append((table_name + ".scales", table.scales))
+
+        def quantized(group: list[str]) -> dict[str, _Stored]:
+            nonlocal source_bytes_done
+            forms = {}
             for entry in group:
                 source_name, name = entry.split("\0")
                 if progress is not None:
                     progress(source_bytes_done, tensors.size_bytes)
                 values = tensors.array(source_name)
                 source_bytes_done += values.nbytes
-                stored = _store_form(values, quant)
+                forms[name] = _store_form(values, quant)
+            return forms
+
+        steps: Iterable[tuple[dict[str, _Stored], Mapping[str, int]]]
+        if progressive and choose_shifts is not None:  # the shifts depend on the whole model: every step in memory first
+            every_step = [quantized(group) for group in plan]
+            shifts_of_steps = choose_shifts(
+                [{n: (f.values, f.scales) for n, f in forms.items()} for forms in every_step], (table.values, table.scales)
+            )
+            steps = zip(every_step, shifts_of_steps, strict=True)
+        else:  # one step in memory at a time
+            steps = ((quantized(group), {}) for group in plan)
+        for layer_name, (stored_forms, shifts) in zip(layer_names(config["num_hidden_layers"]), steps, strict=True):
+            layer_index = writer.begin_layer(layer_name)
+            deferred_scales: list[tuple[str, np.ndarray]] = []
+            if layer_index == 0 and table.scales is not None:
+                deferred_scales.append((table_name + ".scales", table.scales))
+            for name, stored in stored_forms.items():
                 if stored.scales is not None:
-                    writer.add_tensor(name, stored.values, quant=QuantScheme.INT8_ROW, scales=name + ".scales", error=stored.error)
+                    writer.add_tensor(
+                        name,
+                        stored.values,
+                        quant=QuantScheme.INT8_ROW,
+                        scales=name + ".scales",
+                        error=stored.error,
+                        coarse_shift=shifts.get(name),
+                    )
                     deferred_scales.append((name + ".scales", stored.scales))
                     reports.append(TensorReport(name, layer_index, stored.values.shape, "i8", *stored.errors))
                     continue
@@ -305,6 +344,7 @@ def convert(
                 deferred_scales.clear()
                 writer.add_tensor(name, stored.values)
                 reports.append(TensorReport(name, layer_index, tuple(stored.values.shape), stored.values.dtype.name, None, None))
+            stored_forms.clear()
             for scale_name, scales in deferred_scales:
                 writer.add_tensor(scale_name, scales)
             writer.end_layer()

@@ -7,6 +7,7 @@ is valid. ``encode_manifest`` is its inverse, used by the writer.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import io
@@ -26,6 +27,7 @@ from ..errors import (
     UnknownDTypeError,
 )
 from .constants import (
+    COARSE_SHIFTS,
     LAYER_ALIGNMENT,
     MAX_CHUNK_RAW_SIZE_BYTES,
     MAX_CONFIG_SIZE_BYTES,
@@ -38,6 +40,7 @@ from .constants import (
     MAX_TOKENIZER_SIZE_BYTES,
     MAX_UNKNOWN_VALUE_SIZE_BYTES,
     MIN_ZSTD_FRAME_SIZE_BYTES,
+    REFINEMENT_PASS,
     SHA256_SIZE_BYTES,
     TENSOR_ALIGNMENT,
     Codec,
@@ -47,7 +50,7 @@ from .constants import (
 )
 
 BASE_PASS = 0
-"""Chunks of pass 0 hold the model; higher passes are reserved for refinements a v1 reader skips."""
+"""Chunks of pass 0 hold the model (a progressive tensor's coarse levels); pass REFINEMENT_PASS makes those exact."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ class TensorEntry:
     scales: str | None  # name of the f32 tensor of per-row scales, for INT8_ROW
     max_abs_error: float | None  # largest |w - dequant(q)| the converter introduced
     max_rel_error: float | None  # largest per-row ||w - dequant(q)|| / ||w||
+    coarse_shift: int | None = None  # progressive: pass 0 holds coarse levels (quantize.coarse_levels), refinements the rest
 
     @property
     def size_bytes(self) -> int:
@@ -105,6 +109,10 @@ class ChunkEntry:
     def end(self) -> int:
         return self.offset + self.size_bytes
 
+    @property
+    def raw_end(self) -> int:
+        return self.raw_offset + self.raw_size_bytes
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenizerBlob:
@@ -123,7 +131,7 @@ class Manifest:
     layers: tuple[LayerEntry, ...]
     tensors: tuple[TensorEntry, ...]
     chunks: tuple[ChunkEntry, ...]  # pass 0, in file order (= execution order)
-    refinement_chunks: tuple[ChunkEntry, ...]  # pass > 0: bounds-checked, otherwise unused by v1
+    refinement_chunks: tuple[ChunkEntry, ...]  # pass > 0, in file order: REFINEMENT_PASS ones tile the progressive tensors
     tokenizer: TokenizerBlob | None
     chunk_size_bytes: int
     int8_histogram: tuple[int, ...] | None  # counts of the 256 int8 values over all quantized weights
@@ -152,6 +160,22 @@ class Manifest:
 
     def chunks_of_layer(self, layer_index: int) -> tuple[ChunkEntry, ...]:
         return tuple(c for c in self.chunks if c.layer_index == layer_index)
+
+    def refinements_of_layer(self, layer_index: int) -> tuple[ChunkEntry, ...]:
+        """The REFINEMENT_PASS chunks that make this layer's progressive tensors exact (none for a plain layer)."""
+        return tuple(c for c in self.refinement_chunks if c.layer_index == layer_index and c.pass_index == REFINEMENT_PASS)
+
+    @property
+    def progressive(self) -> bool:
+        """Some tensor arrives coarse first (its pass-0 chunks) and exact after its refinement chunks."""
+        return any(t.coarse_shift is not None for t in self.tensors)
+
+    def file_order_chunks(self) -> tuple[ChunkEntry, ...]:
+        """Every chunk a reader fetches (pass 0 and refinements), in file order."""
+        refinements = [c for c in self.refinement_chunks if c.pass_index == REFINEMENT_PASS]
+        if not refinements:
+            return self.chunks
+        return tuple(sorted(self.chunks + tuple(refinements), key=lambda c: c.offset))
 
     @property
     def step_count(self) -> int:
@@ -385,6 +409,11 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
             raise ManifestSchemaError(f"manifest {where}: unknown quantization scheme {quant_name!r}") from None
         layer_index = _get_size(item, "layer", where, limit=len(layers) - 1)
         errors = [_get(item, key, (int, float), where, default=None) for key in ("max_abs_error", "max_rel_error")]
+        coarse_shift = _get(item, "coarse_shift", (int, type(None)), where, default=None)
+        if coarse_shift is not None and (isinstance(coarse_shift, bool) or coarse_shift not in COARSE_SHIFTS):
+            raise ManifestSchemaError(
+                f"manifest {where}: coarse_shift {coarse_shift!r} must be in [{COARSE_SHIFTS.start}, {COARSE_SHIFTS.stop - 1}]"
+            )
         entry = TensorEntry(
             name=_get_name(item, "name", where),
             layer_index=layer_index,
@@ -395,6 +424,7 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
             scales=_get(item, "scales", (str, type(None)), where, default=None),
             max_abs_error=None if errors[0] is None else float(errors[0]),
             max_rel_error=None if errors[1] is None else float(errors[1]),
+            coarse_shift=coarse_shift,
         )
         layer = layers[layer_index]
         if entry.raw_offset % TENSOR_ALIGNMENT:
@@ -422,6 +452,8 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
 
 
 def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry], layers: tuple[LayerEntry, ...]) -> None:
+    if entry.coarse_shift is not None and (entry.quant is not QuantScheme.INT8_ROW or layers[entry.layer_index].kind is not LayerKind.STEP):
+        raise ManifestSchemaError(f"manifest: tensor {entry.name!r} is progressive but not an int8_row tensor of an execution step")
     if entry.quant is QuantScheme.NONE:
         if entry.dtype is DType.I8:
             raise ManifestSchemaError(f"manifest: tensor {entry.name!r} is int8 with no quantization scheme")
@@ -540,6 +572,29 @@ def _parse_chunks(
     return tuple(base), tuple(refinements)
 
 
+def _check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[ChunkEntry, ...]) -> None:
+    """REFINEMENT_PASS chunks tile every progressive tensor exactly, each inside one (FORMAT.md, "Progressive tensors")."""
+    progressive = sorted((t for t in tensors if t.coarse_shift is not None), key=lambda t: t.raw_offset)
+    starts = [t.raw_offset for t in progressive]
+    covered = [t.raw_offset for t in progressive]  # per tensor: where the next refinement chunk must start
+    for chunk in refinements:
+        if chunk.pass_index != REFINEMENT_PASS:
+            continue  # a reserved pass: bounds-checked above, skipped
+        position = bisect.bisect_right(starts, chunk.raw_offset) - 1
+        tensor = progressive[position] if position >= 0 else None
+        if tensor is None or tensor.layer_index != chunk.layer_index or chunk.raw_offset + chunk.raw_size_bytes > tensor.raw_end:
+            raise ManifestSchemaError(f"manifest chunks[{chunk.index}]: a refinement chunk must lie inside one progressive tensor")
+        if chunk.raw_offset != covered[position]:
+            raise ManifestSchemaError(
+                f"manifest chunks[{chunk.index}]: refinement of {tensor.name!r} at store offset {chunk.raw_offset}, expected "
+                f"{covered[position]}; refinement chunks tile their tensor in order"
+            )
+        covered[position] += chunk.raw_size_bytes
+    for tensor, end in zip(progressive, covered, strict=True):
+        if end != tensor.raw_end:
+            raise ManifestSchemaError(f"manifest: progressive tensor {tensor.name!r} is not fully covered by refinement chunks")
+
+
 def _parse_tokenizer(data: bytes, span: Span | None) -> TokenizerBlob | None:
     if span is None or data[span[0]] == 0xC0:  # absent or nil
         return None
@@ -623,6 +678,7 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
     tensors = _parse_tensors(_entries(data, root["tensors"], "tensors"), layers)
     max_chunks = None if data_size_bytes is None else data_size_bytes // MIN_ZSTD_FRAME_SIZE_BYTES
     chunks, refinements = _parse_chunks(_entries(data, root["chunks"], "chunks", max_count=max_chunks), layers, data_size_bytes, chunk_size)
+    _check_refinements(tensors, refinements)
     return Manifest(
         config=config,
         layers=layers,
@@ -696,4 +752,6 @@ def _encode_tensor(t: TensorEntry) -> dict[str, Any]:
         item["max_abs_error"] = t.max_abs_error
     if t.max_rel_error is not None:
         item["max_rel_error"] = t.max_rel_error
+    if t.coarse_shift is not None:
+        item["coarse_shift"] = t.coarse_shift
     return item

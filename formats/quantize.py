@@ -68,3 +68,35 @@ def entropy_bits_per_symbol(histogram: np.ndarray | list[int] | tuple[int, ...])
         return 0.0
     p = counts[counts > 0] / total
     return float(-(p * np.log2(p)).sum())
+
+
+# ---------------------------------------------------------------- progressive tensors (FORMAT.md, "Progressive tensors")
+
+
+def coarse_levels(q: np.ndarray, shift: int) -> np.ndarray:
+    """The coarse level of each int8 value: sign-magnitude rounding to a multiple of 2**shift, with an exact zero.
+
+    level = sign(q) * min((|q| + 2**(shift-1)) >> shift, 127 >> shift) << shift: the centre of q's bucket,
+    so dequantizing it with the tensor's scales needs nothing else, and |q| < 2**(shift-1) maps to exactly 0
+    (a few input dimensions carry activations 15x the median: an offset on near-zero weights would be amplified).
+    Idempotent: ``coarse_levels(coarse_levels(q, s), s) == coarse_levels(q, s)``, and a level never leaves int8.
+    """
+    wide = q.astype(np.int16)
+    code = np.minimum((np.abs(wide) + (1 << (shift - 1))) >> shift, 127 >> shift)
+    return (np.sign(wide) * (code << shift)).astype(np.int8)
+
+
+def split_coarse(q: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse levels, refinement) of int8 values: q == coarse + refinement exactly, both int8."""
+    coarse = coarse_levels(q, shift)
+    return coarse, (q.astype(np.int16) - coarse).astype(np.int8)
+
+
+def fold_refinement(stored: np.ndarray, refinement: np.ndarray, shift: int) -> np.ndarray:
+    """The exact int8 values from a stored range (coarse levels, or values already folded) and its refinement.
+
+    Idempotent: folding into values that were already folded gives the same values, because the coarse level
+    of an exact value is the level it was split from; so a refinement applied twice (a crash between the
+    fold and its journal record) does no harm. Values a hostile file makes overflow wrap; they never raise.
+    """
+    return (coarse_levels(stored, shift).astype(np.int16) + refinement).astype(np.int8)

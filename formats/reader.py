@@ -40,6 +40,7 @@ from .constants import (
     align_up,
 )
 from .manifest import ChunkEntry, Manifest, TensorEntry, parse_manifest
+from .quantize import fold_refinement
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,10 +102,10 @@ def header_size_needed(data: bytes | memoryview) -> int:
     return PREAMBLE_SIZE_BYTES + read_preamble(data).manifest_size_bytes
 
 
-def encode_preamble(manifest_size_bytes: int) -> bytes:
-    """The preamble for a manifest of this size (used by the writer and golden tests)."""
+def encode_preamble(manifest_size_bytes: int, format_version: int | None = None) -> bytes:
+    """The preamble for a manifest of this size (used by the writer and golden tests); FORMAT_VERSION by default."""
     data_offset = align_up(PREAMBLE_SIZE_BYTES + manifest_size_bytes, DATA_ALIGNMENT)
-    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, manifest_size_bytes, data_offset)
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION if format_version is None else format_version, 0, manifest_size_bytes, data_offset)
 
 
 def verify_chunk(chunk: ChunkEntry, data: bytes | memoryview) -> None:
@@ -328,20 +329,34 @@ class ModelReader:
         verify_chunk(chunk, data)
         return decompress_chunk(chunk, data, out)
 
-    def read_layer(self, layer_index: int) -> bytearray:
-        """The decompressed bytes of one layer (a copy in memory)."""
+    def read_layer(self, layer_index: int, *, coarse: bool = False) -> bytearray:
+        """The decompressed bytes of one layer (a copy in memory): exact, or (``coarse``) progressive tensors at their
+        coarse levels, without their refinements."""
         layer = self.manifest.layers[layer_index]
         buffer = bytearray(layer.raw_size_bytes)
         view = memoryview(buffer)
         for chunk in self.manifest.chunks_of_layer(layer_index):
             start = chunk.raw_offset - layer.raw_offset
             self.read_chunk(chunk, view[start : start + chunk.raw_size_bytes])
+        if not coarse:
+            for chunk in self.manifest.refinements_of_layer(layer_index):
+                start = chunk.raw_offset - layer.raw_offset
+                stored = np.frombuffer(buffer, np.int8, chunk.raw_size_bytes, start)
+                refinement = np.frombuffer(self.read_chunk(chunk), np.int8)
+                stored[:] = fold_refinement(stored, refinement, self._shift_at(chunk.raw_offset))
         return buffer
 
-    def read_tensors(self, layer_index: int) -> dict[str, np.ndarray]:
-        """Every tensor of a layer as numpy arrays over one decompressed buffer."""
+    def _shift_at(self, raw_offset: int) -> int:
+        """The coarse_shift of the progressive tensor holding this store offset (the manifest checked there is one)."""
+        for tensor in self.manifest.tensors:
+            if tensor.coarse_shift is not None and tensor.raw_offset <= raw_offset < tensor.raw_end:
+                return tensor.coarse_shift
+        raise AssertionError(f"no progressive tensor at store offset {raw_offset}")  # pragma: no cover - parse_manifest checked
+
+    def read_tensors(self, layer_index: int, *, coarse: bool = False) -> dict[str, np.ndarray]:
+        """Every tensor of a layer as numpy arrays over one decompressed buffer (``coarse``: see ``read_layer``)."""
         layer = self.manifest.layers[layer_index]
-        buffer = self.read_layer(layer_index)
+        buffer = self.read_layer(layer_index, coarse=coarse)
         return {t.name: view_tensor(buffer, t, layer.raw_offset) for t in self.manifest.tensors_of_layer(layer_index)}
 
     def read_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:

@@ -30,6 +30,8 @@ from .constants import (
     DEFAULT_ZSTD_LEVEL,
     LAYER_ALIGNMENT,
     MAX_CHUNK_RAW_SIZE_BYTES,
+    PLAIN_FORMAT_VERSION,
+    REFINEMENT_PASS,
     TENSOR_ALIGNMENT,
     Codec,
     DType,
@@ -37,11 +39,16 @@ from .constants import (
     QuantScheme,
     align_up,
 )
-from .manifest import ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
-from .quantize import QuantizationError, int8_histogram
+from .manifest import BASE_PASS, ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
+from .quantize import QuantizationError, int8_histogram, split_coarse
 from .reader import encode_preamble
 
 logger = logging.getLogger(__name__)
+
+PLANE_ZSTD_LEVEL = 1
+"""Chunks of a progressive tensor's coarse levels and refinements: zstd level 3 codes these low-entropy planes 7-18%
+above their order-0 entropy, level 1 within 1-3% (all-MiniLM-L6-v2's blocks, coarse_shift 3: coarse + refinement
+are 1.033x the int8 bytes at level 1, 1.139x at level 3; ``python tools/bench_progressive.py --levels``)."""
 
 TOKENIZER_ZSTD_LEVEL = 19
 """The tokenizer sits in the manifest, on the path to layer 0: worth the slowest level (once, ~0.1 s)."""
@@ -99,9 +106,13 @@ class ModelWriter:
         self._level = zstd_level
         self._threads = threads or min(4, os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="slm-compress")
-        self._in_flight: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, bytes]], int, int, int]] = collections.deque()
+        self._in_flight: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, bytes]], int, int, int, int]] = collections.deque()
         self._data_path = self.path.with_name(self.path.name + ".data.tmp")
         self._data = open(self._data_path, "wb")
+        # progressive tensors' refinements, spilled raw until every step is written: (layer, store offset, size)
+        self._refine_path = self.path.with_name(self.path.name + ".refine.tmp")
+        self._refine: Any = None
+        self._refinements: list[tuple[int, int, int]] = []
         self._data_size = 0
         self._stage = WriterStage.BETWEEN_LAYERS
         self._layers: list[LayerEntry] = []
@@ -118,6 +129,7 @@ class ModelWriter:
         self._pending = bytearray()  # raw bytes not yet cut into a chunk
         self._pending_start = 0  # store offset of _pending[0]
         self._pending_dtype: DType | None = None
+        self._pending_level = zstd_level
 
     # ------------------------------------------------------------ stages
 
@@ -134,6 +146,8 @@ class ModelWriter:
         self._expect(WriterStage.BETWEEN_LAYERS, "begin a layer")
         if kind is LayerKind.STEP and self._layers and self._layers[-1].kind is LayerKind.ROWS:
             raise RuntimeError("row tables come after every execution step")
+        if kind is LayerKind.ROWS:
+            self._write_refinements()  # after every step's coarse levels, before the row tables
         chunk_size_bytes = self._chunk_size if chunk_size_bytes is None else chunk_size_bytes
         if not 0 < chunk_size_bytes <= self._chunk_size:
             raise ValueError(f"a layer's chunk_size_bytes must be in (0, {self._chunk_size}]")
@@ -155,8 +169,13 @@ class ModelWriter:
         quant: QuantScheme = QuantScheme.NONE,
         scales: str | None = None,
         error: QuantizationError | None = None,
+        coarse_shift: int | None = None,
     ) -> TensorEntry:
-        """Append a tensor to the open layer (f32, f16 or int8; C order is made here)."""
+        """Append a tensor to the open layer (f32, f16 or int8; C order is made here).
+
+        ``coarse_shift`` (an int8_row tensor of an execution step): store it progressive, its coarse levels here
+        and its refinement after every step (FORMAT.md, "Progressive tensors").
+        """
         self._expect(WriterStage.IN_LAYER, "add a tensor")
         if self._layer_kind is LayerKind.ROWS and (array.ndim != 2 or any(t.layer_index == len(self._layers) for t in self._tensors[-1:])):
             raise ValueError(f"row table {self._layer_name!r} holds exactly one 2-D tensor")
@@ -166,9 +185,16 @@ class ModelWriter:
         if dtype is None:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}; only float32, float16 and int8 are stored")
         array = np.ascontiguousarray(array, dtype=dtype.numpy_name)
-        if dtype is not self._pending_dtype and self._pending:
-            self._flush_pending()  # keep each chunk one dtype: int8 payload compresses (and is measured) alone
+        refinement = None
+        if coarse_shift is not None:
+            if quant is not QuantScheme.INT8_ROW or self._layer_kind is not LayerKind.STEP:
+                raise ValueError(f"tensor {name!r}: only an int8_row tensor of an execution step can be progressive")
+            array, refinement = split_coarse(array, coarse_shift)
+        level = self._level if coarse_shift is None else PLANE_ZSTD_LEVEL
+        if (dtype is not self._pending_dtype or level != self._pending_level) and self._pending:
+            self._flush_pending()  # keep each chunk one dtype (int8 payload compresses, and is measured, alone) and one level
         self._pending_dtype = dtype
+        self._pending_level = level
         offset = align_up(self._cursor, TENSOR_ALIGNMENT)
         self._append(bytes(offset - self._cursor))
         self._append(memoryview(array).cast("B"))
@@ -182,12 +208,18 @@ class ModelWriter:
             scales=scales,
             max_abs_error=None if error is None else error.max_abs_error,
             max_rel_error=None if error is None else error.max_rel_error,
+            coarse_shift=coarse_shift,
         )
         self._tensors.append(entry)
         self._names.add(name)
         if quant is QuantScheme.INT8_ROW:
-            self._histogram += int8_histogram(array)
+            self._histogram += int8_histogram(array if refinement is None else array + refinement)
             self._any_int8 = True
+        if refinement is not None:
+            if self._refine is None:
+                self._refine = open(self._refine_path, "w+b")
+            self._refine.write(memoryview(refinement).cast("B"))
+            self._refinements.append((len(self._layers), offset, refinement.nbytes))
         return entry
 
     def end_layer(self) -> LayerEntry:
@@ -212,6 +244,7 @@ class ModelWriter:
         leaves the target path untouched.
         """
         self._expect(WriterStage.BETWEEN_LAYERS, "finish")
+        self._write_refinements()
         self._drain(0)
         self._pool.shutdown()
         self._data.close()
@@ -227,7 +260,7 @@ class ModelWriter:
         manifest = parse_manifest(manifest_bytes, data_size_bytes=self._data_size)
         if check is not None:
             check(manifest)
-        preamble = encode_preamble(len(manifest_bytes))
+        preamble = encode_preamble(len(manifest_bytes), None if manifest.progressive else PLAIN_FORMAT_VERSION)
         partial = self.path.with_name(self.path.name + ".partial")
         with open(partial, "wb") as out, open(self._data_path, "rb") as data:
             out.write(preamble)
@@ -251,6 +284,7 @@ class ModelWriter:
         self._pool.shutdown(wait=True)
         self._data.close()
         self._data_path.unlink(missing_ok=True)
+        self._close_refinements()
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
         self._stage = WriterStage.FINISHED
 
@@ -273,12 +307,32 @@ class ModelWriter:
             if len(self._pending) == self._layer_chunk_size:
                 self._flush_pending()
 
+    def _write_refinements(self) -> None:
+        """Every refinement spilled so far, as REFINEMENT_PASS chunks in layer order, each inside its tensor."""
+        if self._refine is None:
+            return
+        self._refine.seek(0)
+        for layer_index, raw_offset, size in self._refinements:
+            for start in range(0, size, self._chunk_size):
+                raw = self._refine.read(min(self._chunk_size, size - start))
+                future = self._pool.submit(_compress, raw, PLANE_ZSTD_LEVEL)
+                self._in_flight.append((future, layer_index, raw_offset + start, len(raw), REFINEMENT_PASS))
+                self._drain(2 * self._threads)
+        self._close_refinements()
+
+    def _close_refinements(self) -> None:
+        if self._refine is not None:
+            self._refine.close()
+            self._refine = None
+        self._refinements.clear()
+        self._refine_path.unlink(missing_ok=True)
+
     def _flush_pending(self) -> None:
         if not self._pending:
             return
         raw = bytes(self._pending)
-        future = self._pool.submit(_compress, raw, self._level)
-        self._in_flight.append((future, len(self._layers), self._pending_start, len(raw)))
+        future = self._pool.submit(_compress, raw, self._pending_level)
+        self._in_flight.append((future, len(self._layers), self._pending_start, len(raw), BASE_PASS))
         self._pending_start += len(raw)
         self._cursor = self._pending_start
         self._pending.clear()
@@ -287,7 +341,7 @@ class ModelWriter:
     def _drain(self, keep: int) -> None:
         """Write finished chunks in order until at most ``keep`` are in flight."""
         while len(self._in_flight) > keep:
-            future, layer_index, raw_offset, raw_size = self._in_flight.popleft()
+            future, layer_index, raw_offset, raw_size, pass_index = self._in_flight.popleft()
             frame, sha = future.result()
             self._data.write(frame)
             self._chunks.append(
@@ -299,6 +353,7 @@ class ModelWriter:
                     raw_offset=raw_offset,
                     raw_size_bytes=raw_size,
                     sha256=sha,
+                    pass_index=pass_index,
                 )
             )
             self._data_size += len(frame)

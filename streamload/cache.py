@@ -45,11 +45,14 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
 from .errors import CacheError
+from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
 
 logger = logging.getLogger(__name__)
@@ -228,14 +231,41 @@ class ModelCache:
         usable = len(data) - len(data) % JOURNAL_RECORD.size
         return {i: digest for i, digest in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
 
-    def find_damaged(self, chunks: list[tuple[int, int, int, int]]) -> list[int]:
-        """Of (chunk index, store offset, size, xxh3 when journaled), the indices whose stored bytes differ."""
+    def find_damaged(
+        self, chunks: list[tuple[int, int, int, int]], coarse: Mapping[int, Sequence[tuple[int, int, int]]] | None = None
+    ) -> list[int]:
+        """Of (chunk index, store offset, size, xxh3 when journaled), the indices whose stored bytes differ.
+
+        ``coarse``: per chunk index, the (store offset, size, coarse_shift) ranges of progressive tensors it holds.
+        Its digest is of their coarse levels, which a refinement folded in since has not changed: those ranges are
+        compared at their coarse levels (``quantize.coarse_levels``, a copy).
+        """
         store = self.store_map
         damaged = []
         for index, offset, size, digest in chunks:
-            if store is None or offset + size > len(store) or xxhash.xxh3_64_intdigest(store[offset : offset + size]) != digest:
+            if store is None or offset + size > len(store):
+                damaged.append(index)
+                continue
+            data: bytes | memoryview | np.ndarray = store[offset : offset + size]
+            ranges = coarse.get(index) if coarse else None
+            if ranges:
+                levels = np.frombuffer(data, np.int8).copy()
+                for start, length, shift in ranges:
+                    piece = levels[start - offset : start - offset + length]
+                    piece[:] = coarse_levels(piece, shift)
+                data = levels
+            if xxhash.xxh3_64_intdigest(data) != digest:
                 damaged.append(index)
         return damaged
+
+    def fold_refinement(self, raw_offset: int, refinement: bytes | memoryview, shift: int) -> np.ndarray:
+        """Fold a verified refinement into the coarse levels stored at ``raw_offset`` (a pool thread); returns the exact
+        values written. Idempotent (``quantize.fold_refinement``): folding twice after a crash does no harm."""
+        assert self.store_map is not None
+        stored = np.frombuffer(self.store_map, np.int8, len(refinement), raw_offset)
+        exact = fold_refinement(stored, np.frombuffer(refinement, np.int8), shift)
+        self.write_chunks(raw_offset, [memoryview(exact)])
+        return exact
 
     def write_chunks(self, raw_offset: int, pieces: list[bytes | memoryview]) -> None:
         """Write verified, decompressed bytes back to back from ``raw_offset`` into the store.

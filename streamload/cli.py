@@ -89,6 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             chunk_size_bytes=args.chunk_size,
             config_path=args.config,
             progress=bar,
+            progressive=args.progressive,
         )
     finally:
         bar.close()
@@ -457,44 +458,43 @@ async def _run(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from .runtime import run
+    from .runtime import run_progressive
 
     started = time.perf_counter()
     bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
         async with open_model(args, bar) as model:
             check_run_options(args, model.config)
-            result = await run(
-                model,
-                texts=args.text,
-                ids=args.ids,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                keep_prompt_logits=bool(args.save_logits),
-                started=started,
-            )
-            bytes_downloaded = model.stats.bytes_downloaded
+            if args.progressive and not model.progressive:
+                print(f"warning: {args.source} was not converted with --progressive: no preview, only the exact result", file=sys.stderr)
+            options = {
+                "texts": args.text,
+                "ids": args.ids,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                "keep_prompt_logits": bool(args.save_logits),
+                "started": started,
+            }
+            preview: dict[str, Any] | None = None
+            results = run_progressive(model, **options) if args.progressive else _exact_only(model, options)
+            async for result in results:
+                out = _result_fields(result, model)
+                if result.precision == "coarse":
+                    preview, preview_result = out, result
+                    bar.close()
+                    if not args.json:
+                        _print_result(args, out, label="preview (coarse weights)")
+                    continue
+                break
             if args.save_logits:
                 np.save(args.save_logits, result.prompt_logits.astype(np.float32))
-            out: dict[str, Any] = {"architecture": result.architecture}
-            if result.embedding is not None:
-                out["embedding"] = result.embedding[0].tolist() if len(result.embedding) == 1 else result.embedding.tolist()
-            else:
-                out["generated_ids"] = result.generated_ids
-                out["text"] = result.text
-            out |= {
-                "timeline": [t.as_dict() for t in result.timeline],
-                "rows": [r.as_dict() for r in result.row_fetches],
-                "first_layer_done_s": result.first_layer_done_s,
-                "total_s": result.total_s,
-                "bytes_downloaded": bytes_downloaded,  # when the result was there
-                "bytes_needed": result.bytes_needed,  # what the result depended on
-                "file_bytes": model.stats.bytes_total,
-            }
+            if preview is not None:
+                preview["cosine_to_exact"] = _cosine(preview_result, result)
+                out["preview"] = preview
             bar.close()  # the result starts on a line of its own
-            _print_result(args, out)
+            _print_result(args, out, label="exact" if preview is not None else "")
             if not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
                     left = format_bytes(max(0, model.stats.bytes_total - model.stats.bytes_downloaded))
@@ -503,7 +503,7 @@ async def _run(args: argparse.Namespace) -> None:
             if args.timeline_png:
                 from .timeline_png import draw_timeline
 
-                floor = bytes_downloaded / args.link_rate if args.link_rate else None
+                floor = out["bytes_downloaded"] / args.link_rate if args.link_rate else None
                 draw_timeline(
                     args.timeline_png,
                     model.layer_spans(),
@@ -511,6 +511,7 @@ async def _run(args: argparse.Namespace) -> None:
                     started,
                     rows=result.row_fetches,
                     result_s=result.total_s,
+                    preview_s=preview["total_s"] if preview is not None else None,
                     link_floor_s=floor,
                     title=f"{Path(args.source.split('#')[0]).name}: result after {format_bytes(result.bytes_needed)} needed"
                     + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
@@ -519,7 +520,43 @@ async def _run(args: argparse.Namespace) -> None:
         bar.close()
 
 
-def _print_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
+async def _exact_only(model: Any, options: dict[str, Any]) -> Any:
+    from .runtime import run
+
+    yield await run(model, **options)
+
+
+def _result_fields(result: Any, model: Any) -> dict[str, Any]:
+    """A run's result as the JSON fields ``run`` prints."""
+    out: dict[str, Any] = {"architecture": result.architecture, "precision": result.precision}
+    if result.embedding is not None:
+        out["embedding"] = result.embedding[0].tolist() if len(result.embedding) == 1 else result.embedding.tolist()
+    else:
+        out["generated_ids"] = result.generated_ids
+        out["text"] = result.text
+        out["first_token_s"] = result.first_token_s
+    return out | {
+        "timeline": [t.as_dict() for t in result.timeline],
+        "rows": [r.as_dict() for r in result.row_fetches],
+        "first_layer_done_s": result.first_layer_done_s,
+        "total_s": result.total_s,
+        "bytes_downloaded": model.stats.bytes_downloaded,  # when the result was there
+        "bytes_needed": result.bytes_needed,  # what the result depended on
+        "file_bytes": model.stats.bytes_total,
+    }
+
+
+def _cosine(preview: Any, exact: Any) -> float | list[float]:
+    """Cosine of the preview to the exact result: per sentence for embeddings, of the first token's logits for a decoder."""
+    import numpy as np
+
+    a, b = (preview.embedding, exact.embedding) if exact.embedding is not None else (preview.first_token_logits, exact.first_token_logits)
+    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
+    cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(cosines[0]) if len(cosines) == 1 else cosines.tolist()
+
+
+def _print_result(args: argparse.Namespace, result: dict[str, Any], label: str = "") -> None:
     if args.json:
         print(json.dumps(result), flush=True)
         return
@@ -532,13 +569,20 @@ def _print_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
     sys.stdout.flush()
     first = result["first_layer_done_s"]
     needed = f"{format_bytes(result['bytes_needed'])} of {format_bytes(result['file_bytes'])} needed"
+    what = f"{label} result" if label else "result"
+    similar = f", cosine to the exact result {_format_cosine(result['preview']['cosine_to_exact'])}" if "preview" in result else ""
     print(
-        f"block 0 done at {first:.3f} s, result at {result['total_s']:.3f} s ({needed}), "
-        f"{format_bytes(result['bytes_downloaded'])} downloaded by then"
+        f"block 0 done at {first:.3f} s, {what} at {result['total_s']:.3f} s ({needed}), "
+        f"{format_bytes(result['bytes_downloaded'])} downloaded by then{similar}"
         if first is not None
-        else f"result at {result['total_s']:.3f} s ({needed})",
+        else f"{what} at {result['total_s']:.3f} s ({needed}){similar}",
         file=sys.stderr,
     )
+
+
+def _format_cosine(value: float | list[float]) -> str:
+    values = value if isinstance(value, list) else [value]
+    return f"{min(values):.4f}" if len(values) == 1 else f"min {min(values):.4f}, mean {sum(values) / len(values):.4f}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -739,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", type=_zstd_level, default=3, help="zstd level for every chunk (default 3; higher levels gain nothing on int8)"
     )
     p.add_argument("--chunk-size", type=_chunk_size, default=1 << 20, help="raw bytes per chunk (default 1 MiB)")
+    p.add_argument(
+        "--progressive",
+        action="store_true",
+        help="store int8 matrices as coarse levels first and refinements after, so `run --progressive` can print a preview "
+        "before the exact result (calibrated on a bundled text; about 1.3%% larger)",
+    )
     p.add_argument("--config", help="config.json to use when the source has none beside it")
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--verbose", dest="tensor_table", action="store_true", help="also print every tensor's shape, dtype and error")
@@ -783,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (result, timeline, timings, bytes)")
     p.add_argument(
         "--no-finish", action="store_true", help="stop once the result is printed (default: complete the cache for the next run)"
+    )
+    p.add_argument(
+        "--progressive",
+        action="store_true",
+        help="a model converted with --progressive: print a preview from the coarse weights first, then the exact result",
     )
     p.add_argument("--timeline-png", metavar="FILE.png", help="draw download, decompress and compute per layer (needs matplotlib)")
     p.add_argument(

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .formats import Manifest, QuantScheme, TensorEntry, view_tensor
+from .formats.quantize import coarse_levels
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,10 +35,12 @@ class Layer:
         return self.tensors[name], self.tensors[scales] if scales in self.tensors else self.borrowed[scales]
 
 
-def map_layer(manifest: Manifest, store: object, index: int) -> Layer:
+def map_layer(manifest: Manifest, store: object, index: int, *, coarse: bool = False) -> Layer:
     """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store).
 
     A row table's scales, which live in an execution step, are included: that layer must be here too.
+    ``coarse``: progressive tensors as copies at their coarse levels (whether or not refinements were folded
+    into the store yet), the rest as views.
     """
     entries = manifest.tensors_of_layer(index)
     scales = (manifest.tensor_by_name.get(t.scales or "") for t in entries if t.quant is QuantScheme.INT8_ROW)
@@ -45,6 +48,8 @@ def map_layer(manifest: Manifest, store: object, index: int) -> Layer:
 
     def view(entry: TensorEntry) -> np.ndarray:
         array = view_tensor(store if store is not None else bytearray(0), entry)
+        if coarse and entry.coarse_shift is not None:
+            array = coarse_levels(array, entry.coarse_shift)
         array.flags.writeable = False
         return array
 

@@ -65,6 +65,16 @@ class Model:
         return list(self._session.ready_s)
 
     @property
+    def layer_coarse_ready_s(self) -> list[float | None]:
+        """Seconds from open until each layer was usable at coarse precision (``coarse_layer``; None: not yet)."""
+        return list(self._session.coarse_ready_s)
+
+    @property
+    def progressive(self) -> bool:
+        """Some layers arrive coarse first and exact after their refinements (``convert --progressive``)."""
+        return self.manifest.progressive
+
+    @property
     def tokenizer(self) -> Any:
         """The embedded tokenizer as a ``tokenizers.Tokenizer`` (None when the model has none)."""
         return self._session.tokenizer()
@@ -95,6 +105,18 @@ class Model:
             StreamloadError: the download failed (ChunkIntegrityError, FetchError, CacheError...).
         """
         return await self._session.layer(index)
+
+    async def coarse_layer(self, index: int) -> Layer:
+        """Wait for layer ``index`` at coarse precision: as soon as the coarse levels of its progressive tensors are
+        here, before their refinements (those tensors are copies at coarse levels; a layer with none is ``layer``).
+
+        Raises: as ``layer``.
+        """
+        return await self._session.coarse_layer(index)
+
+    def coarse(self) -> CoarseModel:
+        """This model as the runtime sees it for a preview: ``layer`` is ``coarse_layer``, the rest is this model."""
+        return CoarseModel(self)
 
     async def rows(self, name: str, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``ids`` of a 2-D tensor (an embedding table) and their per-row scales (None for float), as copies.
@@ -138,6 +160,23 @@ class Model:
         """Wait until every chunk is in the cache; returns the run's stats."""
         await asyncio.shield(self._session.complete)
         return self._session.stats
+
+
+class CoarseModel:
+    """A ``Model`` whose layers are its coarse layers (``Model.coarse``): what a preview pass runs on."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+
+    async def layer(self, index: int) -> Layer:
+        return await self._model.coarse_layer(index)
+
+    @property
+    def layer_ready_s(self) -> list[float | None]:
+        return self._model.layer_coarse_ready_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 @contextlib.asynccontextmanager

@@ -6,8 +6,10 @@ span's reader, lets go of the lock, and verifies (sha256), decompresses and
 stores that chunk while the next thread receives the one after. Chunks are
 received in file order, so layers complete in execution order; each chunk stays
 in one core's cache from socket to store. Nothing unverified is decompressed or
-written. ``run_span`` yields each finished chunk (stored, or failed its hash) to
-the event loop as it lands, waking the loop once per batch, not per chunk.
+written; a refinement chunk is folded into the coarse levels its pass-0 chunks
+stored (``fold_chunk``), after those are in the store. ``run_span`` yields each
+finished chunk (stored, or failed its hash) to the event loop as it lands,
+waking the loop once per batch, not per chunk.
 
 Costs: one copy of each compressed chunk (connection to buffer), one of each raw
 chunk (pwrite into the page cache); one receive buffer and one zstd context per
@@ -22,7 +24,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import xxhash
 import zstandard
@@ -49,6 +51,8 @@ class ChunkPipeline:
         stats: DownloadStats,
         threads: int,
         loop: asyncio.AbstractEventLoop,
+        fold_chunk: Callable[[ChunkEntry, bytes | memoryview], bytes | memoryview] | None = None,
+        requires: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         self.data_offset = data_offset
         # compressed chunks can exceed the raw size a little; small chunks come in batches. A thread's buffer grows to
@@ -60,6 +64,16 @@ class ChunkPipeline:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
         self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
         self._local = threading.local()
+        # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
+        # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
+        # span: a refinement then waits for them here (received before it, under the span's lock)
+        self.fold_chunk = fold_chunk
+        self.requires = requires or {}
+        self._bases = {base for bases in self.requires.values() for base in bases}
+        self._bases_lock = threading.Lock()
+        self._bases_in_flight: dict[int, threading.Event] = {}
+        self._bases_failed: set[int] = set()
+        self._bases_stored: set[int] = set()
 
     async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[list[Outcome]]:
         """Receive, verify, decompress and store a span on ``threads`` pool threads, yielding chunks as they land
@@ -116,6 +130,11 @@ class ChunkPipeline:
                         size += span.chunks[last].size_bytes
                         last += 1
                     batch = span.chunks[first:last]
+                    if self._bases:
+                        with self._bases_lock:
+                            for chunk in batch:
+                                if chunk.index in self._bases:
+                                    self._bases_in_flight.setdefault(chunk.index, threading.Event())
                     view = self._buffer(size)
                     waiting = time.perf_counter()
                     position = 0
@@ -131,7 +150,10 @@ class ChunkPipeline:
                 received = time.perf_counter()
                 self.stats.receive_wait_s += received - waiting
                 if batch:
-                    landed.post(self.process(batch, view[:position], waiting, received))
+                    try:
+                        landed.post(self.process(batch, view[:position], waiting, received))
+                    finally:
+                        self._settle_bases(batch)
                 if failure is not None:
                     span.stop(failure)
                     return
@@ -165,6 +187,15 @@ class ChunkPipeline:
         runs: list[tuple[int, list[bytes | memoryview]]] = []  # (store offset, raw pieces back to back)
         run_end = -1
         for chunk, raw in zip(verified, raws, strict=True):
+            if chunk.pass_index:  # a refinement: folded into its coarse levels, once they are stored
+                unstored = self._wait_for_bases(chunk)
+                if unstored is not None:
+                    outcomes.append((chunk, unstored, 0))
+                    continue
+                assert self.fold_chunk is not None
+                folded = self.fold_chunk(chunk, raw)
+                outcomes.append((chunk, None, xxhash.xxh3_64_intdigest(folded)))
+                continue
             if chunk.raw_offset == run_end:
                 runs[-1][1].append(raw)
             else:
@@ -174,6 +205,9 @@ class ChunkPipeline:
         decompressed = time.perf_counter()
         for offset, pieces in runs:
             self.write_chunks(offset, pieces)
+        if self._bases:
+            with self._bases_lock:
+                self._bases_stored.update(c.index for c, failure, _ in outcomes if failure is None and c.index in self._bases)
         stored = time.perf_counter()
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s
@@ -181,6 +215,38 @@ class ChunkPipeline:
         for chunk, _, _ in outcomes:
             self.chunk_spans[chunk.index] = [received_from, received_at, started, stored]
         return outcomes
+
+    def _wait_for_bases(self, chunk: ChunkEntry) -> ChunkIntegrityError | None:
+        """Wait until the pass-0 chunks under a refinement that this pipeline is processing are stored; an error when
+        one of them failed its hash (the refinement is then fetched again, after it)."""
+        for base in self.requires.get(chunk.index, ()):
+            with self._bases_lock:
+                event = self._bases_in_flight.get(base)
+            if event is not None:
+                event.wait()
+            with self._bases_lock:
+                failed = base in self._bases_failed
+            if failed:
+                return ChunkIntegrityError(
+                    f"chunk {chunk.index} refines chunk {base}, which failed its sha256 check; fetching both again",
+                    layer_index=chunk.layer_index,
+                    chunk_index=chunk.index,
+                )
+        return None
+
+    def _settle_bases(self, batch: list[ChunkEntry]) -> None:
+        """The pass-0 chunks of a processed batch are stored (or failed): wake refinements waiting for them."""
+        if not self._bases:
+            return
+        with self._bases_lock:
+            for chunk in batch:
+                event = self._bases_in_flight.pop(chunk.index, None)
+                if event is not None:
+                    if chunk.index in self._bases_stored:
+                        self._bases_failed.discard(chunk.index)
+                    else:
+                        self._bases_failed.add(chunk.index)
+                    event.set()
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         """This thread's zstd context (contexts are not thread-safe, and one per chunk is setup thrown away)."""

@@ -10,6 +10,10 @@ its next chunk boundary and gives back what it did not receive. A row demand
 beside the running ones (``take_urgent_span``). A span over a whole-file body (a
 server that ignores Range) is never cut: a new request would start again from byte 0.
 
+A refinement chunk (a progressive tensor's correction, folded into the coarse
+levels already stored) ``requires`` the pass-0 chunks under it: it is handed
+out only once they are done, so a span stops before one whose base is not.
+
 Spans in file order stop where the row tables begin (``rows_from``), so the
 execution steps are never queued behind a table; spans may skip over chunks
 that are done or taken when the gap is at most ``max_gap_bytes`` (the reader
@@ -27,7 +31,7 @@ import bisect
 import collections
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 from .formats import ChunkEntry
 
@@ -70,12 +74,21 @@ class _Demand:
 class ChunkScheduler:
     """Pending chunks of one model, handed out as spans of contiguous chunks."""
 
-    def __init__(self, chunks: Sequence[ChunkEntry], done_indices: Iterable[int] = (), *, rows_from: int | None = None) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[ChunkEntry],
+        done_indices: Iterable[int] = (),
+        *,
+        rows_from: int | None = None,
+        requires: Mapping[int, Sequence[int]] | None = None,
+    ) -> None:
         self._chunks = chunks  # the manifest's chunks in file order; a position is an index into this
         self._rows_from = len(chunks) if rows_from is None else rows_from  # first position of the row tables
         done = set(done_indices)
         self._state = bytearray(DONE if c.index in done else PENDING for c in chunks)
         self._position_of = {c.index: p for p, c in enumerate(chunks)}
+        # position -> positions that must be done before it is handed out (a refinement's pass-0 chunks)
+        self._requires = {self._position_of[i]: [self._position_of[b] for b in base] for i, base in (requires or {}).items()}
         self._offsets = [c.offset for c in chunks]  # ascending (file order)
         self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
         for position, chunk in enumerate(chunks):
@@ -100,6 +113,11 @@ class ChunkScheduler:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    def _blocked(self, position: int) -> bool:
+        """A refinement whose pass-0 chunks are not all done yet."""
+        base = self._requires.get(position)
+        return base is not None and any(self._state[p] != DONE for p in base)
+
     def is_pending_or_taken(self, chunk: ChunkEntry) -> bool:
         return self._state[self._position_of[chunk.index]] != DONE
 
@@ -112,9 +130,13 @@ class ChunkScheduler:
 
     # ------------------------------------------------------------ demand
 
-    def prioritize(self, layer_index: int) -> None:
-        """Fetch this layer's pending chunks before any other not yet taken; cut running spans that would not reach them."""
-        self.demand(self._layer_positions.get(layer_index, []))
+    def prioritize(self, layer_index: int, *, coarse: bool = False) -> None:
+        """Fetch this layer's pending chunks (``coarse``: its pass-0 chunks only, not its refinements) before any other
+        not yet taken; cut running spans that would not reach them."""
+        positions = self._layer_positions.get(layer_index, [])
+        if coarse and self._requires:
+            positions = [p for p in positions if p not in self._requires]
+        self.demand(positions)
 
     def demand(self, positions: Sequence[int], *, cut: bool = True) -> None:
         """Fetch these positions (ascending) first; ``cut=False``: without cutting running spans (extra requests fetch them)."""
@@ -183,8 +205,11 @@ class ChunkScheduler:
         this source served corrupt) are left for others: treated as not pending.
         """
         first = self._first()
-        if first is not None and first in avoid:
-            first = next((p for p in range(self._cursor, len(self._state)) if self._state[p] == PENDING and p not in avoid), None)
+        if first is not None and (first in avoid or self._blocked(first)):
+            first = next(
+                (p for p in range(self._cursor, len(self._state)) if self._state[p] == PENDING and p not in avoid and not self._blocked(p)),
+                None,
+            )
         if first is None:
             return None
         return self._span_from(first, max_bytes, max_gap_bytes, by_demand=bool(self._urgent[first]), avoid=avoid)
@@ -201,6 +226,7 @@ class ChunkScheduler:
             or self._state[position] != PENDING
             or position in avoid
             or self._chunks[position].offset - offset > max_skip_bytes
+            or self._blocked(position)
         ):
             return None
         first = self._first()
@@ -214,12 +240,12 @@ class ChunkScheduler:
         if not self._urgent_pending:
             return None
         first = self._first()
-        if first is None or not self._urgent[first] or first in avoid:
+        if first is None or not self._urgent[first] or first in avoid or self._blocked(first):
             return None
         return self._span_from(first, max_bytes, max_gap_bytes, by_demand=True, avoid=avoid)
 
     def _span_from(self, first: int, max_bytes: int, max_gap_bytes: int, *, by_demand: bool, avoid: Set[int] = frozenset()) -> Span:
-        state, all_chunks, urgent = self._state, self._chunks, self._urgent
+        state, all_chunks, urgent, requires = self._state, self._chunks, self._urgent, self._requires
         taken = [first]
         size = all_chunks[first].size_bytes
         previous_end = all_chunks[first].end  # of the last chunk taken
@@ -232,6 +258,8 @@ class ChunkScheduler:
                 if candidate.offset - previous_end > max_gap_bytes:
                     break
                 if state[position] == PENDING and position not in avoid:
+                    if requires and self._blocked(position):
+                        break
                     if urgent[position]:
                         if size + riders_size + candidate.size_bytes > max_bytes:
                             break
@@ -250,6 +278,8 @@ class ChunkScheduler:
                 candidate = all_chunks[position]
                 if state[position] == PENDING and urgent[position] != ROWS and position not in avoid:  # rows: left to extra requests
                     if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
+                        break
+                    if requires and self._blocked(position):
                         break
                     taken.append(position)
                     size += candidate.size_bytes

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
-from .formats.constants import LayerKind
+from .formats.constants import REFINEMENT_PASS, LayerKind
 from .formats.reader import frame_size_bytes
 from .httputil import Backoff, RetryPolicy, same_origin
 from .layer import Layer, map_layer
@@ -143,8 +143,10 @@ class DownloadSession:
         self.cache: ModelCache | None = None
         self.pipeline: ChunkPipeline | None = None
         self.committer: GroupCommitter | None = None
-        self.ready: list[asyncio.Future[None]] = []
+        self.ready: list[asyncio.Future[None]] = []  # per layer: every chunk stored (a progressive layer's refinements too)
         self.ready_s: list[float | None] = []
+        self.coarse_ready: list[asyncio.Future[None]] = []  # per layer: its pass-0 chunks stored (coarse levels, if progressive)
+        self.coarse_ready_s: list[float | None] = []
         self._download_task: asyncio.Task[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None  # the running download's, for extra row requests
         self._row_requests = 0  # extra requests running for demanded rows
@@ -187,17 +189,19 @@ class DownloadSession:
         journaled = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
         store_size = await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
         self.store_cut_short = bool(journaled) and store_size < self.manifest.store_size_bytes
-        by_index = {c.index: c for c in self.manifest.chunks}
+        self.all_chunks = all_chunks = self.manifest.file_order_chunks()  # pass 0 and refinements
+        by_index = {c.index: c for c in all_chunks}
         # a store cut short lost the chunks past its end, whatever the journal says
         self.journaled = {
             i: d for i, d in journaled.items() if i in by_index and by_index[i].raw_offset + by_index[i].raw_size_bytes <= store_size
         }
-        pending = [c for c in self.manifest.chunks if c.index not in self.journaled]
-        self.stats.chunks_total = len(self.manifest.chunks)
-        self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
-        self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]
+        pending = [c for c in all_chunks if c.index not in self.journaled]
+        self.stats.chunks_total = len(all_chunks)
+        self.stats.chunks_cached = len(all_chunks) - len(pending)
+        self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]  # pass 0
         for chunk in self.manifest.chunks:
             self._layer_chunks[chunk.layer_index].append(chunk)
+        self._prepare_refinements()
         # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
         # scales of its int8 tensors (a row table's live in an execution step)
         self._chunk_starts = [np.fromiter((c.raw_offset for c in chunks), np.int64, len(chunks)) for chunks in self._layer_chunks]
@@ -207,17 +211,26 @@ class DownloadSession:
             elsewhere = self._scales_layers[tensor.layer_index]
             if scales is not None and scales.layer_index != tensor.layer_index and scales.layer_index not in elsewhere:
                 elsewhere.append(scales.layer_index)
-        rows_from = sum(len(chunks) for chunks in self._layer_chunks[: self.manifest.step_count])
-        self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled, rows_from=rows_from)
+        step_count = self.manifest.step_count
+        rows_from = next((p for p, c in enumerate(all_chunks) if c.layer_index >= step_count and not c.pass_index), len(all_chunks))
+        self.scheduler = ChunkScheduler(all_chunks, self.journaled, rows_from=rows_from, requires=self._requires)
         self.bytes_to_download = self.scheduler.pending_bytes
-        self.bytes_cached = sum(c.size_bytes for c in self.manifest.chunks) - self.bytes_to_download
-        self.remaining = [0] * len(self.manifest.layers)
+        self.bytes_cached = sum(c.size_bytes for c in all_chunks) - self.bytes_to_download
+        self.remaining = [0] * len(self.manifest.layers)  # chunks of each layer not yet stored, refinements included
+        self.remaining_coarse = [0] * len(self.manifest.layers)  # pass-0 chunks only
         for chunk in pending:
             self.remaining[chunk.layer_index] += 1
+            if not chunk.pass_index:
+                self.remaining_coarse[chunk.layer_index] += 1
         self.ready = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s = [None] * len(self.manifest.layers)
+        self.coarse_ready = [self.loop.create_future() for _ in self.manifest.layers]
+        self.coarse_ready_s = [None] * len(self.manifest.layers)
         self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
         self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
+        for index, count in enumerate(self.remaining_coarse):
+            if count == 0:
+                self._set_coarse_ready(index)
         for index, count in enumerate(self.remaining):
             if count == 0:
                 self._set_ready(index)
@@ -234,9 +247,44 @@ class DownloadSession:
             "%s: %d of %d chunks cached, %d bytes to fetch",
             self.url,
             self.stats.chunks_cached,
-            len(self.manifest.chunks),
+            len(all_chunks),
             self.bytes_to_download,
         )
+
+    def _prepare_refinements(self) -> None:
+        """For a progressive model: each layer's refinement chunks, the pass-0 chunks each one folds into (which must
+        be stored first), the coarse_shift it folds with, and per pass-0 chunk the progressive ranges it holds (its
+        journaled digest is of their coarse levels)."""
+        manifest = self.manifest
+        self._layer_refinements: list[list[ChunkEntry]] = [[] for _ in manifest.layers]
+        self._requires: dict[int, list[int]] = {}
+        self._shift_of: dict[int, int] = {}
+        self._coarse_ranges: dict[int, list[tuple[int, int, int]]] = {}
+        self._refined_by: dict[int, list[ChunkEntry]] = {}  # pass-0 chunk index -> refinements folded into it
+        progressive = sorted((t for t in manifest.tensors if t.coarse_shift is not None), key=lambda t: t.raw_offset)
+        if not progressive:
+            return
+        for chunk in (c for c in manifest.refinement_chunks if c.pass_index == REFINEMENT_PASS):
+            self._layer_refinements[chunk.layer_index].append(chunk)
+            starts = self._layer_chunks[chunk.layer_index]
+            bases = [b for b in starts if b.raw_offset < chunk.raw_offset + chunk.raw_size_bytes and chunk.raw_offset < b.raw_end]
+            self._requires[chunk.index] = [b.index for b in bases]
+            for base in bases:
+                self._refined_by.setdefault(base.index, []).append(chunk)
+            self._shift_of[chunk.index] = next(
+                t.coarse_shift for t in progressive if t.raw_offset <= chunk.raw_offset < t.raw_end and t.coarse_shift is not None
+            )
+        for layer_chunks in self._layer_chunks:
+            for base in layer_chunks:
+                for tensor in progressive:
+                    start, end = max(base.raw_offset, tensor.raw_offset), min(base.raw_end, tensor.raw_end)
+                    if start < end and tensor.coarse_shift is not None:
+                        self._coarse_ranges.setdefault(base.index, []).append((start, end - start, tensor.coarse_shift))
+
+    def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
+        """A verified refinement, folded into the coarse levels in the store (a pool thread)."""
+        assert self.cache is not None
+        return self.cache.fold_refinement(chunk.raw_offset, refinement, self._shift_of[chunk.index])
 
     async def _start_download(self) -> None:
         """Start fetching what the scheduler has pending (once; again after a damaged cached chunk is reopened)."""
@@ -253,6 +301,8 @@ class DownloadSession:
                 # every connection (to every mirror) gets a thread at once, and so does each extra request for rows
                 threads=max(self.verify_threads, self._workers_per_source() * (1 + len(self.mirror_urls))) + ROW_REQUESTS,
                 loop=self.loop,
+                fold_chunk=self._fold_chunk if self._requires else None,
+                requires=self._requires,
             )
             self.committer = GroupCommitter(self.cache, self.loop, self.stats)
         if self.complete.done():
@@ -264,7 +314,7 @@ class DownloadSession:
         the URL again, checked to serve the same model. Offline, a clear error."""
         if self.source is not None:
             return
-        first = next(c for c in self.manifest.chunks if self.scheduler.is_pending_or_taken(c))
+        first = next(c for c in self.all_chunks if self.scheduler.is_pending_or_taken(c))
         layer = f"layer {first.layer_index} ({self.manifest.layers[first.layer_index].name})"
         if self.store_cut_short:
             missing = f"{layer} of the cached model {self.manifest.digest[:12]} is damaged (its store was cut short)"
@@ -372,9 +422,15 @@ class DownloadSession:
     # ------------------------------------------------------------ readiness
 
     def _set_ready(self, index: int) -> None:
+        self._set_coarse_ready(index)
         if not self.ready[index].done():
             self.ready[index].set_result(None)
             self.ready_s[index] = time.perf_counter() - self.started
+
+    def _set_coarse_ready(self, index: int) -> None:
+        if not self.coarse_ready[index].done():
+            self.coarse_ready[index].set_result(None)
+            self.coarse_ready_s[index] = time.perf_counter() - self.started
 
     def _finish(self) -> None:
         """Every chunk is verified and stored: the model is usable (durability follows, before close() returns)."""
@@ -385,7 +441,7 @@ class DownloadSession:
         self._report_progress(force=True)
 
     def _fail(self, exc: BaseException) -> None:
-        for future in (*self.ready, *self._chunk_waiters.values(), self.complete):
+        for future in (*self.ready, *self.coarse_ready, *self._chunk_waiters.values(), self.complete):
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # retrieved here: a failure nobody awaits is not "never retrieved"
@@ -395,18 +451,39 @@ class DownloadSession:
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
         for scales_layer in self._scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
+        chunks = self._layer_chunks[index] + self._layer_refinements[index]
         while True:
             if not self.ready[index].done():
                 self.scheduler.prioritize(index)
             await asyncio.shield(self.ready[index])
-            if index in self._checked or await self._check_cached(self._layer_chunks[index]):
+            if index in self._checked or await self._check_cached(chunks):
                 break
         self._checked.add(index)
-        self.needed_chunks.update((c.index, c.size_bytes) for c in self._layer_chunks[index])
+        self.needed_chunks.update((c.index, c.size_bytes) for c in chunks)
         if index not in self._layers:
             assert self.cache is not None
             self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
         return self._layers[index]
+
+    async def coarse_layer(self, index: int) -> Layer:
+        """Layer ``index`` as soon as its pass-0 chunks are here: a progressive tensor at its coarse levels (a copy,
+        so refinements folded in meanwhile do not change it), the rest as ``layer`` gives it. A layer with no
+        progressive tensor is ``layer(index)``."""
+        if not 0 <= index < len(self.manifest.layers):
+            raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
+        if not self._layer_refinements[index]:
+            return await self.layer(index)
+        for scales_layer in self._scales_layers[index]:
+            await self.layer(scales_layer)
+        while True:
+            if not self.coarse_ready[index].done():
+                self.scheduler.prioritize(index, coarse=True)
+            await asyncio.shield(self.coarse_ready[index])
+            if await self._check_cached(self._layer_chunks[index]):
+                break
+        self.needed_chunks.update((c.index, c.size_bytes) for c in self._layer_chunks[index])
+        assert self.cache is not None
+        return map_layer(self.manifest, self.cache.store_map, index, coarse=True)
 
     async def rows(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``ids`` of a 2-D tensor and their scales (None for a float tensor), as soon as their chunks are here.
@@ -472,11 +549,14 @@ class DownloadSession:
             for c in chunks
             if c.index in self.journaled and c.index not in self._checked_chunks
         ]
-        damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached)) if cached else set()
+        damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached, self._coarse_ranges)) if cached else set()
         self._checked_chunks.update(index for index, *_ in cached)
         if not damaged:
             return True
         reopened = [c for c in chunks if c.index in damaged]
+        # a pass-0 chunk fetched again overwrites what was folded into it: its refinements are folded again after it
+        refolded = {r.index: r for c in reopened for r in self._refined_by.get(c.index, ()) if r.index in self.journaled}
+        reopened += [r for index, r in refolded.items() if index not in damaged]
         layers = sorted({c.layer_index for c in reopened})
         names = ", ".join(f"{i} ({self.manifest.layers[i].name})" for i in layers)
         logger.warning("layer %s: %d cached chunks differ from what was verified; fetching them again", names, len(reopened))
@@ -484,11 +564,16 @@ class DownloadSession:
             del self.journaled[chunk.index]
             self._checked_chunks.discard(chunk.index)
             self.remaining[chunk.layer_index] += 1
+            if not chunk.pass_index:
+                self.remaining_coarse[chunk.layer_index] += 1
         for index in layers:
             self._checked.discard(index)
             if self.ready[index].done():
                 self.ready[index] = self.loop.create_future()
                 self.ready_s[index] = None
+            if self.remaining_coarse[index] and self.coarse_ready[index].done():
+                self.coarse_ready[index] = self.loop.create_future()
+                self.coarse_ready_s[index] = None
         self.scheduler.reopen(reopened)
         try:
             await self._start_download()
@@ -788,8 +873,12 @@ class DownloadSession:
                 if fatal is not None:
                     span.stop(fatal)
         self.scheduler.done(stored)
-        remaining, waiters = self.remaining, self._chunk_waiters
+        remaining, remaining_coarse, waiters = self.remaining, self.remaining_coarse, self._chunk_waiters
         for chunk in stored:
+            if not chunk.pass_index:
+                remaining_coarse[chunk.layer_index] -= 1
+                if remaining_coarse[chunk.layer_index] == 0:
+                    self._set_coarse_ready(chunk.layer_index)
             remaining[chunk.layer_index] -= 1
             if remaining[chunk.layer_index] == 0:
                 self._set_ready(chunk.layer_index)

@@ -44,6 +44,10 @@ class SyncModel(Model):
         """Block until layer ``index`` is ready (moving it to the front of the queue)."""
         return self._run(Model.layer(self, index))
 
+    def coarse_layer(self, index: int) -> Layer:  # type: ignore[override]
+        """Block until layer ``index`` is usable at coarse precision (``Model.coarse_layer``)."""
+        return self._run(Model.coarse_layer(self, index))
+
     def rows(self, name: str, ids: Any) -> tuple[np.ndarray, np.ndarray | None]:  # type: ignore[override]
         """Block until rows ``ids`` of ``name`` are here (fetched first); see ``Model.rows``."""
         return self._run(Model.rows(self, name, ids))

@@ -18,13 +18,14 @@ def draw_timeline(
     *,
     rows: Sequence[RowsTiming] = (),
     result_s: float | None = None,
+    preview_s: float | None = None,
     link_floor_s: float | None = None,
     title: str = "",
 ) -> None:
     """Write a PNG: one row per layer; ``started`` (perf_counter) is time zero; the link floor as a dashed line.
 
     ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
-    the result was there (a solid line).
+    the result was there (a solid line); ``preview_s``: when a preview from coarse weights was (a dotted line).
 
     Raises:
         StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
@@ -76,6 +77,8 @@ def draw_timeline(
         )
     if result_s is not None:
         axes.axvline(result_s, color="#e45756", linewidth=1.5, label=f"result {result_s:.2f} s")
+    if preview_s is not None:
+        axes.axvline(preview_s, color="#b279a2", linewidth=1.5, linestyle=":", label=f"preview {preview_s:.2f} s")
     if link_floor_s is not None:
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
     handles, labels = axes.get_legend_handles_labels()

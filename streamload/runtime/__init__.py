@@ -3,13 +3,16 @@
 ``run`` picks the architecture from the manifest: BERT encoders return a sentence
 embedding, Llama decoders generate tokens. Each layer's compute starts as soon
 as that layer has arrived and runs on a worker thread, so the download goes on.
+``run_progressive`` yields a preview first, computed on a progressive model's
+coarse layers while their refinements stream in, then the exact result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +42,31 @@ class RunResult:
     total_s: float
     row_fetches: list[RowsTiming] = dataclasses.field(default_factory=list)  # the rows of the token table the input needed
     bytes_needed: int = 0  # bytes of the file the result depended on (header, the layers used, the rows' chunks)
+    precision: str = "exact"  # "coarse": a preview on a progressive model's coarse layers (``run_progressive``)
+    first_token_logits: np.ndarray | None = None  # decoder, (vocab,): what the first generated token was sampled from
+    first_token_s: float | None = None  # decoder: when the first token was there
+
+
+async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResult]:
+    """Yield a preview (``precision="coarse"``), then the exact result, of ``run(model, **options)``.
+
+    The preview runs on the coarse layers of a progressive model as they arrive (``Model.coarse_layer``), while
+    the refinements stream in behind them; the exact pass then runs on the exact layers and equals ``run``'s
+    result bit for bit. A model that is not progressive, or whose refinements are all here already, yields the
+    exact result only. Both count time from the same start (``started``, default now).
+
+    Example:
+        >>> async for result in runtime.run_progressive(model, texts=["hello world"]):   # doctest: +SKIP
+        ...     print(result.precision, result.total_s)
+        coarse 0.61
+        exact 1.02
+    """
+    options.setdefault("started", time.perf_counter())
+    refined = all(ready is not None for ready in model.layer_ready_s[: model.manifest.step_count])
+    if model.progressive and not refined:
+        preview = await run(model.coarse(), **options)  # type: ignore[arg-type]
+        yield dataclasses.replace(preview, precision="coarse")
+    yield await run(model, **options)
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
@@ -142,8 +170,10 @@ async def run(
             timeline.now_s(),
             timeline.row_records,
             model.bytes_needed,
+            first_token_logits=generation.first_token_logits,
+            first_token_s=generation.first_token_s,
         )
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run", "run_progressive"]

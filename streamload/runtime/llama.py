@@ -170,6 +170,7 @@ class Generation:
     generated_ids: list[int]
     prompt_logits: np.ndarray | None  # (T, vocab) when asked for
     first_token_s: float  # seconds from the run's start to the first generated token
+    first_token_logits: np.ndarray | None = None  # (vocab,) float32: the logits the first token was sampled from
 
 
 async def generate(
@@ -224,4 +225,9 @@ async def generate(
         return out
 
     generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []
-    return Generation(generated_ids=generated, prompt_logits=logits if keep_prompt_logits else None, first_token_s=first_token_s)
+    return Generation(
+        generated_ids=generated,
+        prompt_logits=logits if keep_prompt_logits else None,
+        first_token_s=first_token_s,
+        first_token_logits=np.asarray(logits[-1], dtype=np.float32),
+    )

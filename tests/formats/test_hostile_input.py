@@ -67,7 +67,7 @@ def test_specific_errors() -> None:
     manifest, region = split_file(GOLDEN)
     expect(errors.BadMagicError, b"PK\x03\x04" + GOLDEN[4:], "not a streamload .slm file")
     expect(errors.BadMagicError, GOLDEN[:10], "shorter than")
-    expect(errors.UnsupportedVersionError, GOLDEN[:8] + (3).to_bytes(4, "little") + GOLDEN[12:], "upgrade streamload")
+    expect(errors.UnsupportedVersionError, GOLDEN[:8] + (4).to_bytes(4, "little") + GOLDEN[12:], "upgrade streamload")
     huge = GOLDEN[:16] + (MAX_MANIFEST_SIZE_BYTES + 1).to_bytes(8, "little") + GOLDEN[24:]
     expect(errors.ManifestTooLargeError, huge, "over the")
     expect(errors.OutOfBoundsError, GOLDEN[:200], "truncated")
@@ -108,11 +108,11 @@ def test_unknown_manifest_keys_are_ignored() -> None:
     assert read_everything(join_file(manifest, region)) == 92
 
 
-def test_refinement_chunks_are_bounds_checked_and_skipped_by_pass_0() -> None:
+def test_chunks_of_reserved_passes_are_bounds_checked_and_skipped() -> None:
     manifest, region = split_file(GOLDEN)
     extra = dict(manifest["chunks"][2], offset=len(region), raw_size=12, pass_=None)
     extra.pop("pass_")
-    extra["pass"] = 1
+    extra["pass"] = 2  # pass 1 refines progressive tensors (tests/formats/test_progressive.py); higher ones are reserved
     manifest["chunks"].append(extra)
     data = join_file(manifest, region + region[manifest["chunks"][2]["offset"] :])
     assert read_everything(data) == 92 + 12
