@@ -128,3 +128,21 @@ def test_the_cost_per_chunk_does_not_grow_with_the_chunk_count(demand_every: int
     small = min(drain(2_000) for _ in range(5))
     large = min(drain(20_000) for _ in range(3))
     assert large / small < 30, f"{large / small:.1f}x the time for 10x the chunks"
+
+
+def test_a_refinement_is_handed_out_only_after_the_coarse_chunks_under_it() -> None:
+    chunks = chunks_of([2, 2, 2])  # 0-1 layer 0, 2-3 layer 1 (its refinements, pass 1, folded into 0-1), 4-5 layer 2
+    chunks[2:4] = [ChunkEntry(c.index, 0, c.offset, c.size_bytes, c.raw_offset - 256, 128, c.sha256, 1) for c in chunks[2:4]]
+    scheduler = ChunkScheduler(chunks, requires={2: [0], 3: [1]})
+    first = scheduler.take_span(1000)
+    assert indices(first) == [0, 1]  # the span stops before refinements whose coarse chunks are on the way
+    first.received = 1
+    scheduler.done(first.chunks[:1])
+    assert indices(scheduler.take_span(1000)) == [2]  # 0 is stored: its refinement may go; 3 waits for 1
+    scheduler.done(first.chunks[1:])
+    assert indices(scheduler.take_span(1000)) == [3, 4, 5]
+    scheduler = ChunkScheduler(chunks, requires={2: [0], 3: [1]})
+    scheduler.prioritize(0, coarse=True)  # a preview awaits layer 0's coarse chunks only
+    assert indices(scheduler.take_span(1000)) == [0, 1]
+    scheduler.prioritize(0)  # then its exact form: its refinements wait for their coarse chunks, other work goes on
+    assert indices(scheduler.take_span(1000)) == [4, 5]
