@@ -319,6 +319,7 @@ def convert(
                 [{n: (f.values, f.scales) for n, f in forms.items()} for forms in every_step], (table.values, table.scales)
             )
             steps = zip(every_step, shifts_of_steps, strict=True)
+            writer.preview_cosine = getattr(choose_shifts, "preview_cosine", None)
         else:  # one step in memory at a time
             steps = ((quantized(group), {}) for group in plan)
         for layer_name, (stored_forms, shifts) in zip(layer_names(config["num_hidden_layers"]), steps, strict=True):

@@ -138,6 +138,7 @@ class Manifest:
     digest: str  # sha256 hex of the encoded manifest bytes: the model's identity
     size_bytes: int  # length of the encoded manifest
     tensor_by_name: Mapping[str, TensorEntry] = dataclasses.field(repr=False, compare=False, default_factory=dict)
+    preview_cosine: float | None = None  # progressive: the coarse model's mean cosine to the exact one on calibration input
 
     @property
     def architecture(self) -> str:
@@ -630,6 +631,18 @@ def _parse_histogram(data: bytes, span: Span | None) -> tuple[int, ...] | None:
     return tuple(raw)
 
 
+def _parse_preview_cosine(data: bytes, span: Span | None) -> float | None:
+    fields = _map_spans(data, span, "stats") if span is not None else {}
+    if "preview_cosine" not in fields:
+        return None
+    value = _decode(data, fields["preview_cosine"], "stats.preview_cosine", limit_bytes=9)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+        raise ManifestSchemaError("manifest stats.preview_cosine must be a number in [-1, 1]")
+    return float(value)
+
+
 _KNOWN_ROOT_KEYS = frozenset({"config", "chunk_size", "layers", "tensors", "chunks", "tokenizer", "stats"})
 
 
@@ -688,6 +701,7 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         tokenizer=_parse_tokenizer(data, root.get("tokenizer")),
         chunk_size_bytes=chunk_size,
         int8_histogram=_parse_histogram(data, root.get("stats")),
+        preview_cosine=_parse_preview_cosine(data, root.get("stats")),
         digest=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         tensor_by_name={t.name: t for t in tensors},
@@ -706,6 +720,7 @@ def encode_manifest(
     tokenizer: TokenizerBlob | None,
     chunk_size_bytes: int,
     int8_histogram: list[int] | None,
+    preview_cosine: float | None = None,
 ) -> bytes:
     """Encode a manifest deterministically (fixed key order, no timestamps)."""
     root: dict[str, Any] = {
@@ -732,7 +747,8 @@ def encode_manifest(
         "tokenizer": None
         if tokenizer is None
         else {"codec": tokenizer.codec.value, "raw_size": tokenizer.raw_size_bytes, "data": tokenizer.data},
-        "stats": {"int8_histogram": int8_histogram} if int8_histogram is not None else {},
+        "stats": ({"int8_histogram": int8_histogram} if int8_histogram is not None else {})
+        | ({"preview_cosine": preview_cosine} if preview_cosine is not None else {}),
     }
     return msgpack.packb(root, use_bin_type=True)
 

@@ -48,11 +48,33 @@ def summarize_compression(manifest: Manifest) -> CompressionSummary | None:
     )
 
 
+def summarize_progressive(manifest: Manifest) -> dict[str, Any] | None:
+    """A progressive file's tiers: what a preview needs (every step's pass 0: the coarse levels and the exact rest),
+    what makes it exact (the refinements), the row tables; the coarse bits per matrix and the calibration's cosine."""
+    if not manifest.progressive:
+        return None
+    steps = manifest.step_count
+    progressive = [t for t in manifest.tensors if t.coarse_shift is not None]
+    bits: dict[str, int] = {}
+    for tensor in progressive:
+        key = f"{8 - (tensor.coarse_shift or 0)} bits"
+        bits[key] = bits.get(key, 0) + 1
+    return {
+        "coarse_tier_bytes": sum(c.size_bytes for c in manifest.chunks if c.layer_index < steps),
+        "refinement_bytes": sum(c.size_bytes for c in manifest.refinement_chunks),
+        "row_table_bytes": sum(c.size_bytes for c in manifest.chunks if c.layer_index >= steps),
+        "progressive_matrices": len(progressive),
+        "exact_matrices": sum(1 for t in manifest.tensors if t.quant is QuantScheme.INT8_ROW and t.coarse_shift is None),
+        "coarse_bits": dict(sorted(bits.items())),
+        "preview_cosine_on_calibration": manifest.preview_cosine,
+    }
+
+
 def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
     """A JSON-ready description of a model file: what ``streamload inspect`` shows."""
     layers = []
     for layer in manifest.layers:
-        chunks = manifest.chunks_of_layer(layer.index)
+        chunks = manifest.chunks_of_layer(layer.index) + manifest.refinements_of_layer(layer.index)
         compressed = sum(c.size_bytes for c in chunks)
         layers.append(
             {
@@ -70,7 +92,7 @@ def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
     worst = max(quantized, key=lambda t: t.max_rel_error or 0.0, default=None)
     scale_names = {t.scales for t in quantized}
     fp32_bytes = sum(math.prod(t.shape) * 4 for t in manifest.tensors if t.name not in scale_names)
-    data_bytes = sum(c.size_bytes for c in manifest.chunks)
+    data_bytes = sum(c.size_bytes for c in manifest.chunks + manifest.refinement_chunks)
     compression = summarize_compression(manifest)
     return {
         "format_version": FORMAT_VERSION,
@@ -84,8 +106,9 @@ def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
         "fp32_equivalent_bytes": fp32_bytes,
         "size_vs_fp32": (data_bytes + manifest.size_bytes) / fp32_bytes if fp32_bytes else None,
         "chunk_size_bytes": manifest.chunk_size_bytes,
-        "chunks": len(manifest.chunks),
+        "chunks": len(manifest.chunks) + len(manifest.refinement_chunks),
         "layers": layers,
+        "progressive": summarize_progressive(manifest),
         "quantization": {
             "tensors_int8": len(quantized),
             "tensors_float": len(manifest.tensors) - len(quantized) - len(scale_names),

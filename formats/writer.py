@@ -120,6 +120,7 @@ class ModelWriter:
         self._chunks: list[ChunkEntry] = []
         self._names: set[str] = set()
         self._histogram = np.zeros(256, dtype=np.int64)
+        self.preview_cosine: float | None = None  # recorded in the manifest's stats (a progressive file's calibration)
         self._any_int8 = False
         self._cursor = 0  # next free byte of the layer store
         self._layer_name = ""
@@ -256,6 +257,7 @@ class ModelWriter:
             tokenizer=self._tokenizer,
             chunk_size_bytes=self._chunk_size,
             int8_histogram=[int(v) for v in self._histogram] if self._any_int8 else None,
+            preview_cosine=self.preview_cosine,
         )
         manifest = parse_manifest(manifest_bytes, data_size_bytes=self._data_size)
         if check is not None:

@@ -159,6 +159,16 @@ def _print_summary(summary: dict[str, Any], source: str) -> None:
     print(f"\n  quantization   {q['tensors_int8']} int8 tensors (per-row scales), {q['tensors_float']} float")
     if q["tensors_int8"]:
         print(f"                 largest error abs {q['max_abs_error']:.3e}, rel {q['max_rel_error']:.3e} ({q['worst_tensor']})")
+    tiers = summary["progressive"]
+    if tiers:
+        cosine = tiers["preview_cosine_on_calibration"]
+        print(
+            f"  progressive    preview tier {format_bytes(tiers['coarse_tier_bytes'])} (steps at coarse levels), "
+            f"refinements {format_bytes(tiers['refinement_bytes'])}, row tables {format_bytes(tiers['row_table_bytes'])}\n"
+            f"                 {tiers['progressive_matrices']} matrices progressive "
+            f"({', '.join(f'{n} at {bits}' for bits, n in tiers['coarse_bits'].items())}), {tiers['exact_matrices']} exact in pass 0"
+            + (f"; preview cosine to exact {cosine:.4f} on the calibration text" if cosine is not None else "")
+        )
     payload = summary["int8_payload"]
     if payload:
         print(

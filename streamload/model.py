@@ -84,7 +84,7 @@ class Model:
         (``time.perf_counter()`` values; None for layers that came from the cache)."""
         chunk_spans = self._session.pipeline.chunk_spans if self._session.pipeline is not None else {}
         times_by_layer: dict[int, list[list[float]]] = {}
-        for chunk in self.manifest.chunks:
+        for chunk in self.manifest.file_order_chunks():  # a progressive layer's refinements too
             if chunk.index in chunk_spans:
                 times_by_layer.setdefault(chunk.layer_index, []).append(chunk_spans[chunk.index])
         spans = []

@@ -33,6 +33,14 @@ def minilm_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def minilm_progressive_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """all-MiniLM-L6-v2 converted with --progressive (calibrated coarse planes, then refinements)."""
+    out = tmp_path_factory.mktemp("minilm-p") / "minilm-p.slm"
+    convert(minilm_dir, out, progressive=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_llama(tmp_path_factory.mktemp("llama-src"), llama_config(num_hidden_layers=3))
 
@@ -56,11 +64,12 @@ def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def www(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path) -> Path:
-    """A directory to serve, holding deep.slm and minilm.slm (read-only for every server started on it)."""
+def www(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path, minilm_progressive_slm: Path) -> Path:
+    """A directory to serve, holding deep.slm, minilm.slm and minilm-p.slm (read-only for every server started on it)."""
     directory = tmp_path_factory.mktemp("www")
     (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
     (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    (directory / "minilm-p.slm").write_bytes(minilm_progressive_slm.read_bytes())
     return directory
 
 

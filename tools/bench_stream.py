@@ -6,12 +6,15 @@ Usage:
     python tools/bench_stream.py --png timeline.png   # also draw C's timeline on the 20 Mbit/s link
     python tools/bench_stream.py --models minilm --links 5,20,100 --repeats 3   # medians of 3 side-by-side runs
     python tools/bench_stream.py --models llama --variants B,C --links 20,100
+    python tools/bench_stream.py --models minilm --variants B,C,P --links 5,20 --repeats 3   # the progressive preview
 
 Every variant runs in its own process (peak RSS and CPU seconds from wait4), through the same
 emulated link (tools/linkproxy.py, 50 ms RTT) in front of a plain static file server:
   A  download the fp32 safetensors completely, load it (safetensors), run the numpy forward pass
   B  download the int8 .slm completely, load it (decompress into the cache), run the same pass
   C  streamload: stream the .slm, verify, decompress and compute layer by layer
+  P  streamload, progressive (``convert --progressive``, ``run --progressive``): a preview from the coarse
+     levels first, then the exact result (bit for bit C's); "preview" is its time, "result" the exact one's
 "Layer 0" is the embeddings' compute done; "result" is the sentence embedding, or the first
 generated token. "Needed" is the bytes C's result depended on (header, the layers it used, the
 chunks holding the input's rows of the token table). Floors: needed / rate + RTT for C's result;
@@ -133,7 +136,7 @@ async def download(url: str, path: Path) -> int:
 
 async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[str, Any]:
     import streamload
-    from streamload.runtime import run
+    from streamload.runtime import run, run_progressive
 
     started = time.perf_counter()
     inputs: dict[str, Any] = {"texts": [SENTENCE]} if kind == "minilm" else {"ids": LLAMA_PROMPT, "max_new_tokens": 1}
@@ -164,6 +167,21 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
         wire = await download(f"{base}/{kind}.slm", path)
         async with streamload.open(path, cache_dir=work / "cache") as model:
             result = await run(model, started=started, **inputs)
+    elif variant == "P":
+        async with streamload.open(f"{base}/{kind}-p.slm", cache_dir=work / "cache") as model:
+            preview = None
+            async for result in run_progressive(model, started=started, **inputs):
+                if result.precision == "coarse":
+                    preview, preview_wire = result, model.stats.bytes_downloaded
+            wire = model.stats.bytes_downloaded
+            needed = result.bytes_needed
+            await model.wait_complete()
+        assert preview is not None, "the progressive file yielded no preview"
+        pair = (preview.embedding[0], result.embedding[0]) if kind == "minilm" else (preview.first_token_logits, result.first_token_logits)
+        cosine = float(pair[0] @ pair[1] / ((pair[0] @ pair[0]) ** 0.5 * (pair[1] @ pair[1]) ** 0.5))
+        preview_at = preview.total_s if kind == "minilm" else preview.first_token_s
+        extra = {"preview_s": preview_at, "preview_needed_bytes": preview.bytes_needed, "preview_wire_bytes": preview_wire}
+        extra |= {"preview_cosine": cosine, "needed_bytes": needed, "block0_floor_bytes": 0}
     else:
         async with streamload.open(f"{base}/{kind}.slm", cache_dir=work / "cache") as model:
             result = await run(model, started=started, **inputs)
@@ -173,10 +191,13 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
             await model.wait_complete()  # the rest follows in the background, as `streamload run` does
     layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    out = {"layer0_s": layer0, "block0_s": result.first_layer_done_s, "result_s": result.total_s, "wire_bytes": wire}
+    result_s = result.total_s if kind == "minilm" or result.first_token_s is None else result.first_token_s
+    out = {"layer0_s": layer0, "block0_s": result.first_layer_done_s, "result_s": result_s, "wire_bytes": wire}
     out |= {"peak_rss_mb": peak_kb / 1024}
     if variant == "C":
         out |= {"needed_bytes": needed, "block0_floor_bytes": block0_bytes}
+    if variant == "P":
+        out |= extra
     return out
 
 
@@ -212,7 +233,7 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- orchestration
 
 
-def prepare(work: Path, models: list[str]) -> list[tuple[str, Path]]:
+def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[str, Path]]:
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
     from streamload.formats import convert
     from tests.support.synthetic import llama_config, write_synthetic_llama
@@ -227,6 +248,8 @@ def prepare(work: Path, models: list[str]) -> list[tuple[str, Path]]:
         minilm = Path(spec.origin).parent / "model"
         shutil.copytree(minilm, served / "minilm-fp32", dirs_exist_ok=True)
         convert(minilm, served / "minilm.slm")
+        if "P" in variants:
+            convert(minilm, served / "minilm-p.slm", progressive=True)
         kinds.append(("minilm", served / "minilm-fp32"))
     if "llama" in models:
         config = llama_config(
@@ -240,6 +263,8 @@ def prepare(work: Path, models: list[str]) -> list[tuple[str, Path]]:
         )
         write_synthetic_llama(served / "llama-fp32", config)
         convert(served / "llama-fp32", served / "llama.slm")
+        if "P" in variants:
+            convert(served / "llama-fp32", served / "llama-p.slm", progressive=True)
         kinds.append(("llama", served / "llama-fp32"))
     return kinds
 
@@ -252,17 +277,17 @@ def main() -> None:
     parser.add_argument("--png", help="draw C's timeline on the 20 Mbit/s link (MiniLM) to this file")
     parser.add_argument("--json", help="also write all results as JSON here")
     parser.add_argument("--models", help="comma-separated: minilm, llama (default both; quick: minilm)")
-    parser.add_argument("--variants", default="A,B,C", help="comma-separated subset of A,B,C (default all)")
+    parser.add_argument("--variants", default="A,B,C,P", help="comma-separated subset of A,B,C,P (default all)")
     parser.add_argument("--repeats", type=int, default=1, help="side-by-side runs per link; figures are medians")
     args = parser.parse_args()
     links = [float(x) for x in (args.links or ("20,100" if args.quick else "5,20,100")).split(",")]
     models = (args.models or ("minilm" if args.quick else "minilm,llama")).split(",")
     variants = args.variants.split(",")
-    if not set(models) <= {"minilm", "llama"} or not set(variants) <= {"A", "B", "C"} or "C" not in variants or args.repeats < 1:
-        parser.error("--models takes minilm,llama; --variants a subset of A,B,C that includes C; --repeats at least 1")
+    if not set(models) <= {"minilm", "llama"} or not set(variants) <= {"A", "B", "C", "P"} or "C" not in variants or args.repeats < 1:
+        parser.error("--models takes minilm,llama; --variants a subset of A,B,C,P that includes C; --repeats at least 1")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
-        kinds = prepare(work, models)
+        kinds = prepare(work, models, variants)
         server_port = free_port()
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(work / "www"), str(server_port)])
         rows = []
@@ -327,6 +352,8 @@ def main() -> None:
                         "block0_floor_s": c["block0_floor_bytes"] / rate + rtt,
                         "file_bytes": (work / "www" / f"{kind}.slm").stat().st_size,
                     }
+                    if "P" in variants:
+                        floors["progressive_file_bytes"] = (work / "www" / f"{kind}-p.slm").stat().st_size
                     rows.append({"model": kind, "mbit": mbit, "rate": rate, **floors, **results})
                     print_row(rows[-1], header=len(rows) == 1)
         finally:
@@ -343,7 +370,7 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             f"\n{'model':<7} {'link':>6} {'var':>3} {'block 0 s':>9} {'result s':>9} {'wire MB':>8} {'needed MB':>9} "
             f"{'peak RSS MB':>11} {'CPU s':>6}"
         )
-    for variant in ("A", "B", "C"):
+    for variant in ("A", "B", "C", "P"):
         r = row.get(variant)
         if r is None:
             continue
@@ -367,6 +394,22 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(
             f"{row['model']:<7} {row['mbit']:>4g}Mb {a:>6} {b:>6} {c['needed_bytes'] / row['file_bytes']:>11.2f} "
             f"{c['result_s'] / row['needed_floor_s']:>14.2f} {c['block0_s'] / row['block0_floor_s']:>14.2f}"
+        )
+    progressive = [row for row in rows if "P" in row]
+    if not progressive:
+        return
+    print(
+        f"\n{'model':<7} {'link':>6} {'preview s':>9} {'exact s':>8} {'preview/B':>9} {'preview/C':>9} {'exact P/C':>9} "
+        f"{'preview MB':>10} {'cos(prev, exact)':>16} {'P file / C file':>15}"
+        "   targets (MiniLM): preview <= 0.35 x B at 5, 20 Mbit/s; exact P <= 1.05 x C; file <= 1.02 x"
+    )
+    for row in progressive:
+        p, c = row["P"], row["C"]
+        b = f"{p['preview_s'] / row['B']['result_s']:.2f}" if "B" in row else "-"
+        print(
+            f"{row['model']:<7} {row['mbit']:>4g}Mb {p['preview_s']:>9.2f} {p['result_s']:>8.2f} {b:>9} "
+            f"{p['preview_s'] / c['result_s']:>9.2f} {p['result_s'] / c['result_s']:>9.2f} {p['preview_needed_bytes'] / 1e6:>10.1f} "
+            f"{p['preview_cosine']:>16.4f} {row['progressive_file_bytes'] / row['file_bytes']:>15.4f}"
         )
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
-from streamload.formats import ModelReader, convert
+from streamload.formats import ModelReader
 from streamload.formats.constants import REFINEMENT_PASS
 from streamload.formats.quantize import coarse_levels
 from streamload.runtime import ops, run, run_progressive
@@ -25,13 +25,10 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
 
 
-@pytest.fixture(scope="module")
-def progressive_www(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, minilm_slm: Path) -> Path:
-    """minilm.slm as every test has it, and minilm-p.slm: the same model converted with --progressive."""
-    directory = tmp_path_factory.mktemp("progressive-www")
-    convert(minilm_dir, directory / "minilm-p.slm", progressive=True)
-    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
-    return directory
+@pytest.fixture
+def progressive_www(www: Path) -> Path:
+    """minilm.slm, and minilm-p.slm: the same model converted with --progressive."""
+    return www
 
 
 @pytest.fixture
@@ -153,3 +150,21 @@ def test_run_progressive_prints_both_results(progressive_www: Path, tmp_path: Pa
     lines = text.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("[") for line in lines)  # the preview's embedding, then the exact one
     assert "preview (coarse weights) result at" in text.stderr and "exact result at" in text.stderr
+
+
+def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
+    command = [sys.executable, "-m", "streamload.cli", "inspect", "--json"]
+    tiers = json.loads(subprocess.run([*command, str(progressive_www / "minilm-p.slm")], capture_output=True, check=True).stdout)[
+        "progressive"
+    ]
+    plain = json.loads(subprocess.run([*command, str(progressive_www / "minilm.slm")], capture_output=True, check=True).stdout)
+    assert plain["progressive"] is None
+    steps = sum(layer["compressed_bytes"] for layer in plain["layers"] if layer["kind"] == "step")
+    assert tiers["coarse_tier_bytes"] < 0.8 * steps < tiers["coarse_tier_bytes"] + tiers["refinement_bytes"]
+    with ModelReader(progressive_www / "minilm-p.slm") as reader:
+        int8 = [t for t in reader.manifest.tensors if t.scales is not None]
+    assert tiers["progressive_matrices"] == sum(1 for t in int8 if t.coarse_shift) > 20
+    assert tiers["progressive_matrices"] + tiers["exact_matrices"] == len(int8)
+    assert 0.97 < tiers["preview_cosine_on_calibration"] < 1.0
+    text = subprocess.run([*command[:-1], str(progressive_www / "minilm-p.slm")], capture_output=True, text=True, check=True).stdout
+    assert "preview tier" in text and "on the calibration text" in text
