@@ -115,14 +115,17 @@ class LlamaRunner:
         start = self.cache.length
         positions = slice(start, start + tokens)
 
-        def proj(name: str, inputs: np.ndarray) -> np.ndarray:
-            bias = layer.tensors.get(p + name + ".bias")
-            return ops.linear(inputs, *layer.weight(p + name + ".weight"), bias)
+        def projections(*names: str) -> list[ops.Projection]:
+            return [(*layer.weight(p + name + ".weight"), layer.tensors.get(p + name + ".bias")) for name in names]
 
+        # ops.dense: one matmul per input (q, k, v stacked; gate and up stacked), on float32 weight copies while the
+        # budget lasts, else int8 tiles cast to float32 (ops.linear_t)
         h = ops.rms_norm(x, layer[p + "input_layernorm.weight"], c.rms_norm_eps)
-        q = proj("self_attn.q_proj", h).reshape(tokens, c.num_attention_heads, c.head_dim).transpose(1, 0, 2)  # (heads, T, d)
-        k = proj("self_attn.k_proj", h).reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)  # (kv, T, d)
-        v = proj("self_attn.v_proj", h).reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)
+        qkv = ops.dense(h, projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))  # (T, (heads + 2 kv) d)
+        q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        q = qkv[:, :q_width].reshape(tokens, c.num_attention_heads, c.head_dim).transpose(1, 0, 2)  # (heads, T, d)
+        k = qkv[:, q_width : q_width + kv_width].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)  # (kv, T, d)
+        v = qkv[:, q_width + kv_width :].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)
         q = apply_rope(q, self.cos[positions], self.sin[positions])
         k = apply_rope(k, self.cos[positions], self.sin[positions])
         keys, values = self.cache.keys[index], self.cache.values[index]
@@ -138,9 +141,11 @@ class LlamaRunner:
         attention = ops.softmax(scores).reshape(c.num_key_value_heads, group * tokens, total)
         context = (attention @ values[:, :total]).reshape(c.num_attention_heads, tokens, c.head_dim)
         context = context.transpose(1, 0, 2).reshape(tokens, c.num_attention_heads * c.head_dim)
-        x = x + proj("self_attn.o_proj", context)
+        x = x + ops.dense(context, projections("self_attn.o_proj"))
         h = ops.rms_norm(x, layer[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        x = x + proj("mlp.down_proj", ops.silu(proj("mlp.gate_proj", h)) * proj("mlp.up_proj", h))
+        gate_up = ops.dense(h, projections("mlp.gate_proj", "mlp.up_proj"))  # (T, 2 I)
+        inner = gate_up.shape[1] // 2
+        x = x + ops.dense(ops.silu(gate_up[:, :inner]) * gate_up[:, inner:], projections("mlp.down_proj"))
         if index == c.num_hidden_layers - 1:
             self.cache.length = total
         return x

@@ -19,7 +19,7 @@ from streamload import runtime as runtime_module
 from streamload.cli import main
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
-from streamload.runtime import llama, ops, run
+from streamload.runtime import bert, llama, ops, run
 from streamload.runtime import timeline as timeline_module
 from tests.serving import ServerThread, serve_directory
 
@@ -244,6 +244,24 @@ async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(serve
         cos = cosine_rows(embedding, reference)
         assert cos.min() >= 0.999 and cos.mean() >= 0.9993, (cos.min(), cos.mean())
     np.testing.assert_allclose(outputs[0], outputs[1], atol=2e-5)
+
+
+async def test_minilm_one_sentence_at_a_time_pads_its_matmuls_and_keeps_fidelity(
+    served: tuple[ServerThread, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 1, where the block's matmuls run on zero-padded columns: the same embeddings as without padding."""
+    assert [bert.padded_columns(n) for n in (8, 11, 13, 16, 17, 18, 19, 20, 21, 23, 400)] == [8, 12, 16, 16, 17, 18, 20, 20, 24, 24, 400]
+    server, _ = served
+    sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
+    reference = np.load(FIXTURES / "minilm_varied_reference.npy")
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        padded = np.concatenate([(await run(model, texts=[s])).embedding for s in sentences])
+        monkeypatch.setattr(bert, "padded_columns", lambda tokens: tokens)
+        unpadded = np.concatenate([(await run(model, texts=[s])).embedding for s in sentences[:16]])
+    cos = cosine_rows(padded, reference)
+    assert cos.min() >= 0.999 and cos.mean() >= 0.9993, (cos.min(), cos.mean())
+    np.testing.assert_allclose(padded[:16], unpadded, atol=2e-5)
 
 
 async def test_a_cached_model_runs_its_whole_pass_in_one_hand_off(
