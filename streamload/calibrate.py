@@ -56,6 +56,10 @@ SHIFTS_TRIED = (3, 4, 5)
 """Coarse planes of 5, 4 and 3 bits. s = 1 or 2 would leave a refinement of 1 or 2 bits, whose zstd frames cost more
 than the bits they hold (s = 2: 1.03-1.05x the file); a matrix too sensitive for s = 3 stays exact in pass 0."""
 
+MAX_PLANE_OVERHEAD = 0.05
+"""A shift is not tried for a matrix whose coarse and refinement planes would take over 5% more bytes than its int8
+values (3 bits of Gaussian weights: 7% more; 4 and 5 bits: 2-3%)."""
+
 MAX_PROPAGATED_STEPS = 2000
 """Step runs the end-to-end measurement may cost (a matrix and shift runs its step and every step after it); a deeper
 model has each choice's loss estimated instead, as its step's gain times its output change."""
@@ -161,9 +165,13 @@ class CalibratedShifts:
             for name, (values, scales) in tensors.items():
                 if scales is None or values.ndim != 2:
                     continue
-                choices: list[tuple[int | None, int, float]] = [(None, _zstd_size(values), 0.0)]
+                plain_bytes = _zstd_size(values)
+                choices: list[tuple[int | None, int, float]] = [(None, plain_bytes, 0.0)]
                 for shift in SHIFTS_TRIED:
                     levels = coarse_levels(values, shift)
+                    coarse_bytes = _zstd_size(levels)
+                    if coarse_bytes + _zstd_size(values - levels) > (1 + MAX_PLANE_OVERHEAD) * plain_bytes:
+                        continue  # two planes that cost too much more than one
                     trial = _pair_layer(index, dict(tensors) | {name: (levels, scales)})
                     _, output = self._step(index, trial, inputs[index])
                     assert output is not None
@@ -171,7 +179,7 @@ class CalibratedShifts:
                         loss = self._loss(final, self._finish(index, output, inputs, layers))
                     else:
                         loss = gain * float(np.square(output - exact, dtype=np.float64).mean()) / max(energy, 1e-30)
-                    choices.append((shift, _zstd_size(levels), loss))
+                    choices.append((shift, coarse_bytes, loss))
                 options.append((index, name, choices))
         chosen = _allocate([choices for _, _, choices in options], self.loss_budget)
         shifts: list[dict[str, int]] = [{} for _ in steps]
@@ -198,7 +206,7 @@ class CalibratedShifts:
 
     def _finish(self, index: int, output: np.ndarray, inputs: list[Any], layers: list[Layer]) -> Any:
         """The final state when step ``index`` put out ``output``: the steps after it run on from there."""
-        state = self._with_output(inputs[index], output)
+        state = self._with_output(index, inputs[index], output)
         for later in range(index + 1, len(layers)):
             state, _ = self._step(later, layers[later], state)
         return self._final(state)
@@ -220,10 +228,12 @@ class CalibratedShifts:
             return self._step_llama(index, layer, state)
         return state, None
 
-    def _with_output(self, before: Any, output: np.ndarray) -> Any:
-        """The state a step leaves when its output is ``output``."""
+    def _with_output(self, index: int, before: Any, output: np.ndarray) -> Any:
+        """The state step ``index`` leaves when its output is ``output``."""
         if self.architecture == "bert":
-            return (output, *before[1:]) if before is not None else None
+            return (output, *before[1:])
+        if index > int(self.config["num_hidden_layers"]):  # the head: its output is the logits
+            return (before[0], before[1], output)
         return (before[0], output, before[2])
 
     def _final(self, state: Any) -> np.ndarray:
