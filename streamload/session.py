@@ -483,7 +483,8 @@ class DownloadSession:
                 break
         self.needed_chunks.update((c.index, c.size_bytes) for c in self._layer_chunks[index])
         assert self.cache is not None
-        return map_layer(self.manifest, self.cache.store_map, index, coarse=True)
+        # copying the coarse levels is numpy work on a layer's bytes: off the event loop, so the download goes on
+        return await asyncio.to_thread(map_layer, self.manifest, self.cache.store_map, index, coarse=True)
 
     async def rows(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``ids`` of a 2-D tensor and their scales (None for a float tensor), as soon as their chunks are here.

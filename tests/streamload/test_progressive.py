@@ -168,3 +168,23 @@ def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
     assert 0.97 < tiers["preview_cosine_on_calibration"] < 1.0
     text = subprocess.run([*command[:-1], str(progressive_www / "minilm-p.slm")], capture_output=True, text=True, check=True).stdout
     assert "preview tier" in text and "on the calibration text" in text
+
+
+async def test_a_decoder_previews_its_first_token_then_generates_exactly(llama_dir: Path, llama_slm: Path, tmp_path: Path) -> None:
+    from streamload.formats import convert
+
+    progressive = tmp_path / "www" / "llama-p.slm"
+    progressive.parent.mkdir()
+    convert(llama_dir, progressive, chunk_size_bytes=16 << 10, progressive=True)
+    prompt = [1, 17, 300, 45, 99, 4]
+    with serve_directory(progressive.parent, rate_bytes_per_s=progressive.stat().st_size / 1.5) as server:  # refinements still due
+        async with streamload.open(server.url("llama-p.slm"), cache_dir=tmp_path / "p") as model:
+            results = [r async for r in run_progressive(model, ids=prompt, max_new_tokens=4)]
+    async with streamload.open(llama_slm, cache_dir=tmp_path / "plain") as model:
+        plain = await run(model, ids=prompt, max_new_tokens=4)
+    preview, exact = results
+    assert (preview.precision, exact.precision) == ("coarse", "exact")
+    assert exact.generated_ids == plain.generated_ids
+    np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
+    a, b = preview.first_token_logits, exact.first_token_logits
+    assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
