@@ -143,8 +143,8 @@ class Manifest:
 
     @property
     def data_size_bytes(self) -> int:
-        ends = [c.end for c in self.chunks + self.refinement_chunks]
-        return max(ends, default=0)
+        # chunks are in file order (ascending, no overlap): the last of each list ends furthest
+        return max((c.end for c in self.chunks[-1:] + self.refinement_chunks[-1:]), default=0)
 
     def tensor(self, name: str) -> TensorEntry:
         return self.tensor_by_name[name]

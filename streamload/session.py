@@ -187,12 +187,12 @@ class DownloadSession:
         journaled = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
         store_size = await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
         self.store_cut_short = bool(journaled) and store_size < self.manifest.store_size_bytes
-        by_index = {c.index: c for c in self.manifest.chunks}
+        by_index = {c.index: c for c in self.manifest.chunks} if journaled else {}
         # a store cut short lost the chunks past its end, whatever the journal says
         self.journaled = {
             i: d for i, d in journaled.items() if i in by_index and by_index[i].raw_offset + by_index[i].raw_size_bytes <= store_size
         }
-        pending = [c for c in self.manifest.chunks if c.index not in self.journaled]
+        pending = [c for c in self.manifest.chunks if c.index not in self.journaled] if self.journaled else list(self.manifest.chunks)
         self.stats.chunks_total = len(self.manifest.chunks)
         self.stats.chunks_cached = len(self.manifest.chunks) - len(pending)
         self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]
@@ -210,10 +210,13 @@ class DownloadSession:
         rows_from = sum(len(chunks) for chunks in self._layer_chunks[: self.manifest.step_count])
         self.scheduler = ChunkScheduler(self.manifest.chunks, self.journaled, rows_from=rows_from)
         self.bytes_to_download = self.scheduler.pending_bytes
-        self.bytes_cached = sum(c.size_bytes for c in self.manifest.chunks) - self.bytes_to_download
-        self.remaining = [0] * len(self.manifest.layers)
-        for chunk in pending:
-            self.remaining[chunk.layer_index] += 1
+        self.bytes_cached = sum(c.size_bytes for c in self.manifest.chunks) - self.bytes_to_download if self.journaled else 0
+        if self.journaled:
+            self.remaining = [0] * len(self.manifest.layers)
+            for chunk in pending:
+                self.remaining[chunk.layer_index] += 1
+        else:
+            self.remaining = [len(chunks) for chunks in self._layer_chunks]
         self.ready = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s = [None] * len(self.manifest.layers)
         self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
