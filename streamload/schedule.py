@@ -30,6 +30,8 @@ import itertools
 import threading
 from collections.abc import Iterable, Sequence, Set
 
+import numpy as np
+
 from .formats import ChunkEntry
 
 PENDING, TAKEN, DONE = 0, 1, 2
@@ -83,7 +85,8 @@ class ChunkScheduler:
         # compressed bytes before each position (a run's size is a difference), and the positions not back to back
         # with the chunk before them in the file: a span's run of pending chunks between them is taken whole
         self._bytes_before = list(itertools.accumulate((c.size_bytes for c in chunks), initial=0))
-        self._holes = [p for p in range(1, len(chunks)) if self._offsets[p] != self._offsets[p - 1] + chunks[p - 1].size_bytes]
+        shift = np.array(self._offsets, np.int64) - np.array(self._bytes_before[:-1], np.int64)  # changes at a hole
+        self._holes = (np.flatnonzero(np.diff(shift)) + 1).tolist()
         self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
         for position, chunk in enumerate(chunks):
             self._layer_positions[chunk.layer_index].append(position)
