@@ -184,9 +184,20 @@ def _where(chunk: ChunkEntry) -> str:
     return f"chunk {chunk.index} of layer {chunk.layer_index}"
 
 
-_MAGIC_WORD = int.from_bytes(_ZSTD_MAGIC, "little")
-_DICT_ID_SIZES = np.array([0, 1, 2, 4], np.int64)  # by Dictionary_ID_flag (RFC 8878 section 3.1.1.1.1)
-_PADDING_BYTES = 32  # past the last frame, so that reading a header field of a short frame never leaves the array
+def _descriptor_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """By Frame_Header_Descriptor byte (RFC 8878 section 3.1.1.1.1): where the content size field starts, its width
+    (0: absent, or the reserved bit set), where the first block header starts, and the checksum's size."""
+    descriptor = np.arange(256)
+    content_size_flag, single_segment = descriptor >> 6, (descriptor >> 5) & 1
+    field_at = 5 + (1 - single_segment) + np.array([0, 1, 2, 4])[descriptor & 3]  # magic, descriptor, window, dictionary
+    field_size = np.where(content_size_flag == 0, single_segment, 1 << content_size_flag)  # 1 (single segment), 2, 4, 8
+    field_size = np.where(descriptor & 0x08, 0, field_size)  # the reserved bit
+    return field_at, field_size, field_at + field_size, 4 * ((descriptor >> 2) & 1)
+
+
+_FIELD_AT, _FIELD_SIZE, _BLOCK_AT, _CHECKSUM_SIZE = _descriptor_tables()
+_WINDOW_BYTES = 21  # the longest frame header (18 bytes) and a block header
+_MAGIC_ARRAY = np.frombuffer(_ZSTD_MAGIC, np.uint8)
 
 
 def check_frames(chunks: list[ChunkEntry], data: bytes | memoryview) -> None:
@@ -201,41 +212,31 @@ def check_frames(chunks: list[ChunkEntry], data: bytes | memoryview) -> None:
 
 
 def _check_frames(chunks: list[ChunkEntry], data: bytes | memoryview, sizes: np.ndarray) -> None:
+    # few numpy calls per batch, each over every frame: a call may hand the GIL to another thread, and getting it
+    # back costs up to the switch interval when the pool is busy
     count = len(chunks)
-    raw_sizes = np.array([chunk.raw_size_bytes for chunk in chunks], np.uint64)
     starts = np.cumsum(sizes) - sizes
     if count == 0 or starts[-1] + sizes[-1] != len(data):
         raise ValueError(f"{len(data)} bytes do not hold exactly these {count} chunks")
-    buffer = np.zeros(len(data) + _PADDING_BYTES, np.uint8)
+    buffer = np.zeros(len(data) + _WINDOW_BYTES, np.uint8)  # padded: a short frame's window stays inside
     buffer[: len(data)] = np.frombuffer(data, np.uint8)
-
-    def read(offsets: np.ndarray, width: int) -> np.ndarray:  # little-endian unsigned fields of ``width`` bytes
-        value = np.zeros(count, np.uint64)
-        for byte in range(width):
-            value |= buffer[offsets + byte].astype(np.uint64) << np.uint64(8 * byte)
-        return value
-
-    descriptor = buffer[starts + 4].astype(np.int64)  # Frame_Header_Descriptor
-    content_size_flag, single_segment = descriptor >> 6, (descriptor >> 5) & 1
-    window_size = 1 - single_segment
-    field_at = starts + 5 + window_size + _DICT_ID_SIZES[descriptor & 3]
-    declared = np.where(single_segment == 1, read(field_at, 1), 0)  # flag 0: 1 byte when single-segment, else absent
-    declared = np.where(content_size_flag == 1, read(field_at, 2) + np.uint64(256), declared)
-    declared = np.where(content_size_flag == 2, read(field_at, 4), declared)
-    declared = np.where(content_size_flag == 3, read(field_at, 8), declared)
-    field_size = np.choose(content_size_flag, [single_segment, np.full(count, 2), np.full(count, 4), np.full(count, 8)])
-    block_at = field_at + field_size
-    block = read(block_at, 3).astype(np.int64)
+    window = buffer[starts[:, None] + np.arange(_WINDOW_BYTES)]  # each frame's first bytes, a row per frame
+    descriptor = window[:, 4]
+    field_size, block_at = _FIELD_SIZE[descriptor], _BLOCK_AT[descriptor]
+    field = np.take_along_axis(window, _FIELD_AT[descriptor][:, None] + np.arange(8), axis=1)  # the content size, LE
+    declared = np.where(np.arange(8) < field_size[:, None], field, np.uint8(0)).view("<u8")[:, 0]
+    declared = declared + np.where(field_size == 2, np.uint64(256), np.uint64(0))  # a 2-byte field counts from 256
+    block = np.take_along_axis(window, block_at[:, None] + np.arange(3), axis=1).astype(np.int64) @ np.array([1, 1 << 8, 1 << 16])
     block_type = (block >> 1) & 3
-    frame_end = block_at + 3 + np.where(block_type == 1, 1, block >> 3) + 4 * ((descriptor >> 2) & 1)
+    frame_end = block_at + 3 + np.where(block_type == 1, 1, block >> 3) + _CHECKSUM_SIZE[descriptor]
+    raw_sizes = np.array([chunk.raw_size_bytes for chunk in chunks], np.uint64)
     fast = (
-        (read(starts, 4) == _MAGIC_WORD)
-        & (descriptor & 0x08 == 0)  # the reserved bit
-        & (field_size > 0)  # the size is declared
+        (window[:, :4] == _MAGIC_ARRAY).all(axis=1)
+        & (field_size > 0)  # the size is declared (and the reserved bit is clear)
         & (declared == raw_sizes)
         & (block & 1 == 1)  # the last block
         & (block_type != 3)
-        & (frame_end == starts + sizes)
+        & (frame_end == sizes)
     )
     if not fast.all():
         view = memoryview(data)
