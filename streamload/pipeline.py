@@ -22,6 +22,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -31,11 +34,22 @@ import zstandard
 
 from .errors import ChunkIntegrityError, RetryableError, StalledError
 from .formats import ChunkEntry, decompress_chunks, verify_chunk
+from .formats.reader import decompress_batch
 from .schedule import Span
 from .stats import DownloadStats
 from .transport import SpanReader
 
-Outcome = tuple[ChunkEntry, ChunkIntegrityError | None, int]  # stored (None) or refused by its hash; xxh3 of its stored bytes
+
+@dataclasses.dataclass(slots=True)
+class Landed:
+    """What became of one batch of chunks: stored ones with the xxh3 of their stored bytes, and ones refused by their hash."""
+
+    stored: list[ChunkEntry]
+    digests: list[int]  # xxh3 of each stored chunk's bytes: what a later process checks the store against
+    failed: list[tuple[ChunkEntry, ChunkIntegrityError]]
+    size_bytes: int  # compressed bytes received for the batch
+
+
 BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
 
 
@@ -62,7 +76,8 @@ class ChunkPipeline:
         self.stats = stats
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
-        self.chunk_spans: dict[int, list[float]] = {}  # index -> [receive start, receive end, verify start, stored] (perf_counter)
+        # index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch
+        self.chunk_spans: dict[int, tuple[float, float, float, float]] = {}
         self._local = threading.local()
         # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
         # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
@@ -75,7 +90,7 @@ class ChunkPipeline:
         self._bases_failed: set[int] = set()
         self._bases_stored: set[int] = set()
 
-    async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[list[Outcome]]:
+    async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[Landed]:
         """Receive, verify, decompress and store a span on ``threads`` pool threads, yielding chunks as they land
         (a list per batch: one chunk, or several small consecutive ones).
 
@@ -85,7 +100,7 @@ class ChunkPipeline:
         The caller closes the reader (or, the span done, goes on reading its body).
         """
         span.abort = reader.abort
-        landed = _Landed(self.loop)
+        landed = _LandedQueue(self.loop)
         count = max(1, min(threads, len(span.chunks)))
         jobs = asyncio.gather(
             *(self.loop.run_in_executor(self.pool, self._pump, span, reader, landed) for _ in range(count)), return_exceptions=True
@@ -112,24 +127,26 @@ class ChunkPipeline:
         if span.error is not None:
             raise span.error
 
-    def _pump(self, span: Span, reader: SpanReader, landed: _Landed) -> None:
+    def _pump(self, span: Span, reader: SpanReader, landed: _LandedQueue) -> None:
         """One pool thread's share of a span: take the next batch, receive it, let go of the reader, process it.
 
-        A batch is one chunk, or several consecutive small ones up to BATCH_BYTES: one read,
-        one store write and one wake-up of the loop for all of them (small chunks would
-        otherwise spend their time handing the GIL and the reader between threads).
+        A batch is one chunk, or several consecutive small ones up to BATCH_BYTES: one read per
+        run of them that lies back to back in the file, one store write and one wake-up of the
+        loop for all of them (small chunks would otherwise spend their time handing the GIL and
+        the reader between threads, one system call each).
         """
         try:
             while True:
                 with span.lock:
                     first = span.received
-                    if span.cut or first == len(span.chunks):
+                    chunks = span.chunks
+                    if span.cut or first == len(chunks):
                         return
-                    last, size = first + 1, span.chunks[first].size_bytes
-                    while last < len(span.chunks) and size + span.chunks[last].size_bytes <= BATCH_BYTES:
-                        size += span.chunks[last].size_bytes
+                    last, size = first + 1, chunks[first].size_bytes
+                    while last < len(chunks) and size + chunks[last].size_bytes <= BATCH_BYTES:
+                        size += chunks[last].size_bytes
                         last += 1
-                    batch = span.chunks[first:last]
+                    batch = chunks[first:last]
                     if self._bases:
                         with self._bases_lock:
                             for chunk in batch:
@@ -137,16 +154,9 @@ class ChunkPipeline:
                                     self._bases_in_flight.setdefault(chunk.index, threading.Event())
                     view = self._buffer(size)
                     waiting = time.perf_counter()
-                    position = 0
-                    failure: BaseException | None = None
-                    for count, chunk in enumerate(batch):  # chunk by chunk: a break keeps the whole chunks before it
-                        try:
-                            reader.read_into(self.data_offset + chunk.offset, view[position : position + chunk.size_bytes])
-                        except (RetryableError, StalledError) as exc:
-                            failure, batch = exc, batch[:count]
-                            break
-                        position += chunk.size_bytes
-                    span.received = first + len(batch)
+                    count, position, failure = self._receive(reader, batch, view)
+                    batch = batch[:count]
+                    span.received = first + count
                 received = time.perf_counter()
                 self.stats.receive_wait_s += received - waiting
                 if batch:
@@ -160,61 +170,112 @@ class ChunkPipeline:
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
 
-    def process(self, batch: list[ChunkEntry], data: memoryview, received_from: float, received_at: float) -> list[Outcome]:
-        """Verify, decompress and store consecutive chunks whose bytes are ``data`` (pool thread).
+    def _receive(self, reader: SpanReader, batch: list[ChunkEntry], view: memoryview) -> tuple[int, int, BaseException | None]:
+        """Read a batch into ``view``, one read per run of chunks back to back in the file (under the span's lock).
+
+        Returns how many whole chunks arrived, their bytes, and the failure that stopped the rest
+        (a failure keeps the whole chunks that arrived before it).
+        """
+        count = position = 0
+        while count < len(batch):
+            run_end, end = count + 1, batch[count].end
+            while run_end < len(batch) and batch[run_end].offset == end:
+                end = batch[run_end].end
+                run_end += 1
+            start = self.data_offset + batch[count].offset
+            run_bytes = end - batch[count].offset
+            try:
+                reader.read_into(start, view[position : position + run_bytes])
+            except (RetryableError, StalledError) as exc:
+                arrived = reader.position - start
+                while count < run_end and batch[count].size_bytes <= arrived:
+                    arrived -= batch[count].size_bytes
+                    position += batch[count].size_bytes
+                    count += 1
+                return count, position, exc
+            count, position = run_end, position + run_bytes
+        return count, position, None
+
+    def process(self, batch: list[ChunkEntry], data: memoryview, received_from: float, received_at: float) -> Landed:
+        """Verify, decompress and store consecutive chunks whose bytes are ``data``, back to back (pool thread).
 
         Nothing unverified is ever decompressed or written; runs of chunks that are
         contiguous in the store are written with one pwritev.
         """
         decompressor = self._decompressor()
         started = time.perf_counter()
-        outcomes: list[Outcome] = []
-        verified: list[ChunkEntry] = []
-        pieces: list[memoryview] = []
+        sha256 = hashlib.sha256
+        failed: list[tuple[ChunkEntry, ChunkIntegrityError]] = []
         position = 0
         for chunk in batch:
-            piece = data[position : position + chunk.size_bytes]
-            position += chunk.size_bytes
-            try:
-                verify_chunk(chunk, piece)
-            except ChunkIntegrityError as exc:
-                outcomes.append((chunk, exc, 0))
-                continue
-            verified.append(chunk)
-            pieces.append(piece)
+            end = position + chunk.size_bytes
+            if sha256(data[position:end]).digest() != chunk.sha256:
+                try:
+                    verify_chunk(chunk, data[position:end])  # the error that names the chunk
+                except ChunkIntegrityError as exc:
+                    failed.append((chunk, exc))
+            position = end
         verify_s = time.perf_counter() - started
-        raws = decompress_chunks(verified, pieces, decompressor=decompressor) if verified else []
-        runs: list[tuple[int, list[bytes | memoryview]]] = []  # (store offset, raw pieces back to back)
-        run_end = -1
-        for chunk, raw in zip(verified, raws, strict=True):
-            if chunk.pass_index:  # a refinement: folded into its coarse levels, once they are stored
-                unstored = self._wait_for_bases(chunk)
-                if unstored is not None:
-                    outcomes.append((chunk, unstored, 0))
-                    continue
-                assert self.fold_chunk is not None
-                folded = self.fold_chunk(chunk, raw)
-                outcomes.append((chunk, None, xxhash.xxh3_64_intdigest(folded)))
-                continue
-            if chunk.raw_offset == run_end:
-                runs[-1][1].append(raw)
-            else:
-                runs.append((chunk.raw_offset, [raw]))
-            run_end = chunk.raw_offset + chunk.raw_size_bytes
-            outcomes.append((chunk, None, xxhash.xxh3_64_intdigest(raw)))  # what a later process checks the store against
+        if not failed:
+            stored = batch
+            raws = decompress_batch(batch, data, decompressor=decompressor)
+        else:
+            refused = {chunk.index for chunk, _ in failed}
+            starts = itertools.accumulate((chunk.size_bytes for chunk in batch), initial=0)  # one more than the batch
+            kept = [
+                (chunk, data[start : start + chunk.size_bytes])
+                for chunk, start in zip(batch, starts, strict=False)
+                if chunk.index not in refused
+            ]
+            stored = [chunk for chunk, _ in kept]
+            raws = decompress_chunks(stored, [piece for _, piece in kept], decompressor=decompressor) if kept else []
+        if self.fold_chunk is not None and any(chunk.pass_index for chunk in stored):
+            stored, raws, refined, exact = self._fold(stored, raws, failed)
+        else:
+            refined, exact = [], []
+        digests = [xxhash.xxh3_64_intdigest(raw) for raw in raws]  # what a later process checks the store against
         decompressed = time.perf_counter()
-        for offset, pieces in runs:
-            self.write_chunks(offset, pieces)
+        if stored:
+            first, last = stored[0], stored[-1]
+            if last.raw_offset + last.raw_size_bytes - first.raw_offset == sum(chunk.raw_size_bytes for chunk in stored):
+                self.write_chunks(first.raw_offset, raws)  # back to back in the store (ascending, no overlap): one run
+            else:
+                self._write_runs(stored, raws)
         if self._bases:
             with self._bases_lock:
-                self._bases_stored.update(c.index for c, failure, _ in outcomes if failure is None and c.index in self._bases)
-        stored = time.perf_counter()
+                self._bases_stored.update(chunk.index for chunk in stored if chunk.index in self._bases)
+        if refined:  # folded and written already: reported after the chunks written here
+            stored, digests = stored + refined, digests + [xxhash.xxh3_64_intdigest(values) for values in exact]
+        stored_at = time.perf_counter()
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s
-        self.stats.store_s += stored - decompressed
-        for chunk, _, _ in outcomes:
-            self.chunk_spans[chunk.index] = [received_from, received_at, started, stored]
-        return outcomes
+        self.stats.store_s += stored_at - decompressed
+        self.chunk_spans.update(dict.fromkeys([chunk.index for chunk in batch], (received_from, received_at, started, stored_at)))
+        return Landed(stored, digests, failed, position)
+
+    def _fold(
+        self, stored: list[ChunkEntry], raws: list[bytes | memoryview], failed: list[tuple[ChunkEntry, ChunkIntegrityError]]
+    ) -> tuple[list[ChunkEntry], list[bytes | memoryview], list[ChunkEntry], list[bytes | memoryview]]:
+        """Fold the batch's refinements into the coarse levels in the store, once those are there: (the chunks still to
+        write and their bytes, the refinements folded and their exact bytes). One whose coarse levels failed their hash
+        joins ``failed``: it is fetched again, after them."""
+        assert self.fold_chunk is not None
+        plain: list[ChunkEntry] = []
+        plain_raws: list[bytes | memoryview] = []
+        refined: list[ChunkEntry] = []
+        exact: list[bytes | memoryview] = []
+        for chunk, raw in zip(stored, raws, strict=True):
+            if not chunk.pass_index:
+                plain.append(chunk)
+                plain_raws.append(raw)
+                continue
+            unstored = self._wait_for_bases(chunk)
+            if unstored is not None:
+                failed.append((chunk, unstored))
+                continue
+            refined.append(chunk)
+            exact.append(self.fold_chunk(chunk, raw))
+        return plain, plain_raws, refined, exact
 
     def _wait_for_bases(self, chunk: ChunkEntry) -> ChunkIntegrityError | None:
         """Wait until the pass-0 chunks under a refinement that this pipeline is processing are stored; an error when
@@ -248,6 +309,19 @@ class ChunkPipeline:
                         self._bases_failed.add(chunk.index)
                     event.set()
 
+    def _write_runs(self, stored: list[ChunkEntry], raws: list[bytes | memoryview]) -> None:
+        """Write chunks with gaps between them in the store: one pwritev per run of contiguous ones."""
+        runs: list[tuple[int, list[bytes | memoryview]]] = []  # (store offset, raw pieces back to back)
+        run_end = -1
+        for chunk, raw in zip(stored, raws, strict=True):
+            if chunk.raw_offset == run_end:
+                runs[-1][1].append(raw)
+            else:
+                runs.append((chunk.raw_offset, [raw]))
+            run_end = chunk.raw_offset + chunk.raw_size_bytes
+        for offset, pieces in runs:
+            self.write_chunks(offset, pieces)
+
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         """This thread's zstd context (contexts are not thread-safe, and one per chunk is setup thrown away)."""
         decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
@@ -267,16 +341,16 @@ class ChunkPipeline:
         self.pool.shutdown(wait=True)
 
 
-class _Landed:
+class _LandedQueue:
     """Outcomes queued by pool threads for the event loop, with one wake-up per batch."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.batches: collections.deque[list[Outcome]] = collections.deque()
+        self.batches: collections.deque[Landed] = collections.deque()
         self._event = asyncio.Event()
         self._wake_scheduled = False
 
-    def post(self, outcomes: list[Outcome]) -> None:
+    def post(self, outcomes: Landed) -> None:
         """From a pool thread: queue a batch's outcomes; wake the loop only when no wake-up is pending."""
         self.batches.append(outcomes)
         if not self._wake_scheduled:

@@ -30,13 +30,18 @@ import asyncio
 import bisect
 import collections
 import dataclasses
+import itertools
 import threading
 from collections.abc import Iterable, Mapping, Sequence, Set
+
+import numpy as np
 
 from .formats import ChunkEntry
 
 PENDING, TAKEN, DONE = 0, 1, 2
 JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
+PENDING_BYTE, TAKEN_BYTE, DONE_BYTE = bytes([PENDING]), bytes([TAKEN]), bytes([DONE])  # for bytearray.find
+JUMP_BYTE, ROWS_BYTE = bytes([JUMP]), bytes([ROWS])
 
 
 @dataclasses.dataclass(eq=False)
@@ -85,16 +90,24 @@ class ChunkScheduler:
         self._chunks = chunks  # the manifest's chunks in file order; a position is an index into this
         self._rows_from = len(chunks) if rows_from is None else rows_from  # first position of the row tables
         done = set(done_indices)
-        self._state = bytearray(DONE if c.index in done else PENDING for c in chunks)
+        self._state = bytearray(DONE if c.index in done else PENDING for c in chunks) if done else bytearray(len(chunks))
         self._position_of = {c.index: p for p, c in enumerate(chunks)}
         # position -> positions that must be done before it is handed out (a refinement's pass-0 chunks)
         self._requires = {self._position_of[i]: [self._position_of[b] for b in base] for i, base in (requires or {}).items()}
+        self._refinement_positions = sorted(self._requires)  # for the runs: where a blocked refinement may end one
         self._offsets = [c.offset for c in chunks]  # ascending (file order)
+        # compressed bytes before each position (a run's size is a difference), and the positions not back to back
+        # with the chunk before them in the file: a span's run of pending chunks between them is taken whole
+        self._bytes_before = list(itertools.accumulate((c.size_bytes for c in chunks), initial=0))
+        shift = np.array(self._offsets, np.int64) - np.array(self._bytes_before[:-1], np.int64)  # changes at a hole
+        self._holes = (np.flatnonzero(np.diff(shift)) + 1).tolist()
         self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
         for position, chunk in enumerate(chunks):
             self._layer_positions[chunk.layer_index].append(position)
         self._pending = self._state.count(PENDING)
-        self._pending_bytes = sum(c.size_bytes for c, s in zip(chunks, self._state, strict=True) if s == PENDING)
+        self._pending_bytes = (
+            sum(c.size_bytes for c, s in zip(chunks, self._state, strict=True) if s == PENDING) if done else self._bytes_before[-1]
+        )
         self._taken = 0
         self._cursor = 0  # no pending chunk before it
         self._urgent = bytearray(len(chunks))  # why a demand wants this position: JUMP or ROWS (0: none)
@@ -181,9 +194,9 @@ class ChunkScheduler:
             if demand.cursor < len(demand.positions):
                 return demand.positions[demand.cursor]
             self._demands.popleft()
-        while self._cursor < len(self._state) and self._state[self._cursor] != PENDING:
-            self._cursor += 1
-        return self._cursor if self._cursor < len(self._state) else None
+        found = self._state.find(PENDING_BYTE, self._cursor)
+        self._cursor = len(self._state) if found < 0 else found
+        return None if found < 0 else found
 
     def _take(self, position: int) -> ChunkEntry:
         self._state[position] = TAKEN
@@ -275,6 +288,14 @@ class ChunkScheduler:
         else:  # every pending chunk in file order, over holes within the gap, up to the row tables
             limit = len(state) if first >= self._rows_from else self._rows_from
             while position < limit:
+                if not avoid and position == taken[-1] + 1:  # pending chunks back to back, none demanded: all at once
+                    run_end = self._run_end(position, limit, max_bytes - size)
+                    if run_end > position:
+                        taken.extend(range(position, run_end))
+                        size += self._bytes_before[run_end] - self._bytes_before[position]
+                        previous_end = all_chunks[run_end - 1].end
+                        position = run_end
+                        continue
                 candidate = all_chunks[position]
                 if state[position] == PENDING and urgent[position] != ROWS and position not in avoid:  # rows: left to extra requests
                     if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
@@ -287,9 +308,44 @@ class ChunkScheduler:
                 elif candidate.end - previous_end > max_gap_bytes:
                     break
                 position += 1
-        span = Span([self._take(p) for p in taken])
+        if taken[-1] - taken[0] + 1 == len(taken):  # one run: taken with slices
+            span = Span(self._take_run(taken[0], taken[-1] + 1))
+        else:
+            span = Span([self._take(p) for p in taken])
         self._running.add(span)
         return span
+
+    def _run_end(self, position: int, limit: int, room_bytes: int) -> int:
+        """The end of the run of chunks from ``position`` that are pending, not demanded, back to back in the file and
+        fit in ``room_bytes`` (``position`` itself when the first does not)."""
+        state, urgent = self._state, self._urgent
+        end = limit
+        for flag in (TAKEN_BYTE, DONE_BYTE):
+            found = state.find(flag, position, end)
+            end = end if found < 0 else found
+        for flag in (JUMP_BYTE, ROWS_BYTE):
+            found = urgent.find(flag, position, end)
+            end = end if found < 0 else found
+        if self._refinement_positions:  # a refinement whose coarse chunks are not done ends the run
+            refinements = self._refinement_positions
+            for index in range(bisect.bisect_left(refinements, position), bisect.bisect_left(refinements, end)):
+                if self._blocked(refinements[index]):
+                    end = refinements[index]
+                    break
+        hole = bisect.bisect_left(self._holes, position)  # a hole at ``position`` itself: the gap rule decides
+        if hole < len(self._holes):
+            end = min(end, self._holes[hole])
+        fits = bisect.bisect_right(self._bytes_before, self._bytes_before[position] + room_bytes) - 1
+        return max(position, min(end, fits))
+
+    def _take_run(self, start: int, end: int) -> list[ChunkEntry]:
+        """``_take`` for every position of [start, end), all pending."""
+        self._state[start:end] = TAKEN_BYTE * (end - start)
+        self._pending -= end - start
+        self._taken += end - start
+        self._pending_bytes -= self._bytes_before[end] - self._bytes_before[start]
+        self._urgent_pending -= end - start - self._urgent.count(0, start, end)
+        return list(self._chunks[start:end])
 
     def take_all(self) -> Span | None:
         """Every pending chunk in file order, as one span that cannot be cut (a server that sends only the whole file)."""

@@ -58,7 +58,7 @@ from .mirrors import (
     header_mismatch,
     span_limit_bytes,
 )
-from .pipeline import ChunkPipeline, Outcome
+from .pipeline import ChunkPipeline, Landed
 from .schedule import ChunkScheduler, Span
 from .stats import DownloadStats, Progress
 from .transport import FileSource, Source, SpanReader
@@ -862,33 +862,44 @@ class DownloadSession:
             if rows_only:
                 self._row_requests -= 1
 
-    def _chunks_landed(self, span: Span, landed: list[Outcome], mirror: Mirror) -> None:
+    def _chunks_landed(self, span: Span, landed: Landed, mirror: Mirror) -> None:
         """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
         assert self.committer is not None and mirror.source is not None
-        stored = [chunk for chunk, failure, _ in landed if failure is None]
+        stored = landed.stored
         if mirror.source.remote:
-            self._count_bytes(mirror, sum(chunk.size_bytes for chunk, _, _ in landed))
-        for chunk, failure, _ in landed:
-            if failure is not None:
-                fatal = self._integrity_failed(chunk, failure, mirror)
-                if fatal is not None:
-                    span.stop(fatal)
+            self._count_bytes(mirror, landed.size_bytes)
+        for chunk, failure in landed.failed:
+            fatal = self._integrity_failed(chunk, failure, mirror)
+            if fatal is not None:
+                span.stop(fatal)
         self.scheduler.done(stored)
         remaining, remaining_coarse, waiters = self.remaining, self.remaining_coarse, self._chunk_waiters
-        for chunk in stored:
-            if not chunk.pass_index:
-                remaining_coarse[chunk.layer_index] -= 1
-                if remaining_coarse[chunk.layer_index] == 0:
-                    self._set_coarse_ready(chunk.layer_index)
-            remaining[chunk.layer_index] -= 1
-            if remaining[chunk.layer_index] == 0:
-                self._set_ready(chunk.layer_index)
-            if waiters:
+        first, last = (stored[0], stored[-1]) if stored else (None, None)
+        if first is not None and last is not None and (first.layer_index, first.pass_index) == (last.layer_index, last.pass_index):
+            layer_index = first.layer_index  # a batch within one layer and pass (each is contiguous in file order)
+            if not first.pass_index:
+                remaining_coarse[layer_index] -= len(stored)
+                if remaining_coarse[layer_index] == 0:
+                    self._set_coarse_ready(layer_index)
+            remaining[layer_index] -= len(stored)
+            if remaining[layer_index] == 0:
+                self._set_ready(layer_index)
+        else:
+            for chunk in stored:
+                if not chunk.pass_index:
+                    remaining_coarse[chunk.layer_index] -= 1
+                    if remaining_coarse[chunk.layer_index] == 0:
+                        self._set_coarse_ready(chunk.layer_index)
+                remaining[chunk.layer_index] -= 1
+                if remaining[chunk.layer_index] == 0:
+                    self._set_ready(chunk.layer_index)
+        if waiters:
+            for chunk in stored:
                 waiter = waiters.pop(chunk.index, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
         self.stats.chunks_fetched += len(stored)
-        self.committer.add([(chunk.index, digest) for chunk, failure, digest in landed if failure is None])
+        self.committer.add(list(zip([chunk.index for chunk in stored], landed.digests, strict=True)))
         if self.scheduler.finished:
             self._finish()  # now, not when a group commit still running ends
         else:

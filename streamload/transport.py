@@ -107,7 +107,8 @@ class SpanReader:
         self._window_bytes = 0
 
     def read_into(self, offset: int, target: memoryview) -> None:
-        """Fill ``target`` with the file's bytes at ``offset`` (blocking). RetryableError / StalledError on failure."""
+        """Fill ``target`` with the file's bytes at ``offset`` (blocking). RetryableError / StalledError on failure,
+        after which ``position - offset`` bytes of ``target`` hold the file's (none when negative)."""
         if offset < self.position:
             raise RetryableError(f"{self.url}: asked for offset {offset} behind the body's position {self.position}")
         try:
@@ -129,8 +130,8 @@ class SpanReader:
             if count == 0:
                 raise RetryableError(f"{self.url}: the body ended {target.nbytes - filled} bytes early")
             filled += count
+            self.position += count  # as it comes: after a failure, says how much of ``target`` arrived
             self._count(count)
-        self.position += filled
 
     def _count(self, received_bytes: int) -> None:
         """The minimum-rate rule: fewer than min_rate x window bytes in a window means the link is stalled."""

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from streamload import errors
 from streamload.formats import ModelReader
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
-from streamload.formats.reader import encode_preamble, frame_size_bytes
+from streamload.formats.manifest import ChunkEntry
+from streamload.formats.reader import check_frame, check_frames, decompress_batch, encode_preamble, frame_size_bytes
 from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny-v1.slm").read_bytes()  # the byte-level cases below use its layout
@@ -173,3 +174,38 @@ def test_frame_size_walk_matches_the_compressor() -> None:
             assert frame_size_bytes(memoryview(frame + b"tail")) == len(frame)
             with pytest.raises(ValueError, match="truncated"):
                 frame_size_bytes(frame[:-1])
+
+
+def test_batch_frame_check_agrees_with_check_frame() -> None:
+    """check_frames (numpy, for a batch of small chunks) accepts and refuses exactly what check_frame does, frame by frame."""
+    rng = np.random.default_rng(1)
+    raws = [b"a", bytes(256), rng.bytes(200), rng.bytes(300), bytes(70_000), rng.bytes(1 << 18)]
+    cases: list[tuple[bytes, int]] = []  # (chunk bytes, manifest raw size)
+    for raw in raws:
+        for checksum, content_size in ((False, True), (True, True), (False, False)):
+            frame = zstandard.ZstdCompressor(level=3, write_checksum=checksum, write_content_size=content_size).compress(raw)
+            cases += [(frame, len(raw)), (frame, len(raw) + 1), (frame + b"\x00", len(raw)), (frame[:-1], len(raw))]
+    cases.append((b"\x00" * 12, 1))  # no magic
+    for first in range(0, len(cases), 5):  # batches with bad frames in varying places
+        batch = cases[first : first + 5]
+        chunks = [ChunkEntry(i, 0, 0, len(data), 0, raw_size, bytes(32)) for i, (data, raw_size) in enumerate(batch)]
+        expected: type[Exception] | None = None
+        for chunk, (data, _) in zip(chunks, batch, strict=True):
+            try:
+                check_frame(chunk, data)
+            except errors.FormatError as exc:
+                expected = type(exc)
+                break
+        if expected is None:
+            check_frames(chunks, b"".join(data for data, _ in batch))
+        else:
+            with pytest.raises(expected):
+                check_frames(chunks, b"".join(data for data, _ in batch))
+
+
+def test_decompress_batch_matches_one_by_one() -> None:
+    rng = np.random.default_rng(2)
+    raws = [rng.integers(0, 4, 256, dtype=np.uint8).tobytes() for _ in range(40)] + [bytes(256), rng.bytes(256)]
+    frames = [zstandard.ZstdCompressor(level=3).compress(raw) for raw in raws]
+    chunks = [ChunkEntry(i, 0, 0, len(frame), 0, len(raw), bytes(32)) for i, (frame, raw) in enumerate(zip(frames, raws, strict=True))]
+    assert [bytes(raw) for raw in decompress_batch(chunks, memoryview(b"".join(frames)))] == raws

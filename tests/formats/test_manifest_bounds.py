@@ -183,3 +183,50 @@ def test_root_map_bounds() -> None:
         parse_manifest(GOLDEN[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + 100])
     with pytest.raises(errors.ManifestDecodeError, match="the map is truncated"):
         parse_manifest(b"\x82\xa1a\xc0")  # two keys announced, one present
+
+
+def _parse_both(encoded: bytes, data_size_bytes: int | None) -> tuple[Any, Any]:
+    """parse_manifest's result (or error type) with the whole-list chunk reading and with it switched off."""
+    from streamload.formats import manifest as module
+
+    outcomes = []
+    for canonical in (module._parse_chunks_canonical, lambda *args: None):
+        original, module._parse_chunks_canonical = module._parse_chunks_canonical, canonical
+        try:
+            outcomes.append(parse_manifest(encoded, data_size_bytes=data_size_bytes))
+        except errors.FormatError as exc:
+            outcomes.append(type(exc))
+        finally:
+            module._parse_chunks_canonical = original
+    return outcomes[0], outcomes[1]
+
+
+def test_whole_list_chunk_reading_agrees_with_entry_by_entry(tmp_path: Path) -> None:
+    """The numpy reading of the writer's chunk entries gives the same manifest, and leaves anything else (a mutated
+    byte, a `pass`, a chunk past the data region) to the entry-by-entry path and its error."""
+    import random
+
+    from streamload.formats import manifest as module
+    from tests.support.synthetic import write_synthetic_int8_model
+
+    path = write_synthetic_int8_model(tmp_path / "small.slm", blocks=3, block_raw_bytes=6000, chunk_size_bytes=512)
+    data = path.read_bytes()
+    manifest_size = int.from_bytes(data[16:24], "little")
+    data_offset = int.from_bytes(data[24:32], "little")
+    encoded = data[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + manifest_size]
+    region = len(data) - data_offset
+    fast, slow = _parse_both(encoded, region)
+    assert fast == slow and len(fast.chunks) > 20
+    root = module._map_spans(encoded, (0, len(encoded)), "root")
+    assert module._parse_chunks_canonical(encoded, root["chunks"], fast.layers, region, 512) == fast.chunks  # not a fallback
+    assert _parse_both(encoded, region - 1) == (errors.OutOfBoundsError, errors.OutOfBoundsError)
+    manifest = msgpack.unpackb(encoded)
+    manifest["chunks"][3]["pass"] = 1
+    assert len(set(map(repr, _parse_both(msgpack.packb(manifest, use_bin_type=True), region)))) == 1
+    rng = random.Random(0)
+    start = encoded.index(b"\x86\xa5layer")
+    for _ in range(300):
+        mutated = bytearray(encoded)
+        mutated[rng.randrange(start, len(encoded))] = rng.randrange(256)
+        fast, slow = _parse_both(bytes(mutated), region)
+        assert fast == slow or fast is slow

@@ -146,3 +146,42 @@ def test_a_refinement_is_handed_out_only_after_the_coarse_chunks_under_it() -> N
     assert indices(scheduler.take_span(1000)) == [0, 1]
     scheduler.prioritize(0)  # then its exact form: its refinements wait for their coarse chunks, other work goes on
     assert indices(scheduler.take_span(1000)) == [4, 5]
+
+
+def test_runs_taken_whole_give_the_spans_of_the_chunk_by_chunk_walk() -> None:
+    """The fast path for runs of pending chunks (slices of the state, prefix sums) hands out exactly what the walk
+    over single chunks does: random sizes, holes in the file, cached chunks, demands, rows and chunks to avoid."""
+    import random
+
+    rng = random.Random(3)
+    for trial in range(60):
+        chunks, offset = [], 0
+        for index in range(rng.randrange(1, 120)):
+            offset += rng.choice([0, 0, 0, 0, 10, 5000])  # a hole now and then, some beyond the gap
+            size = rng.randrange(1, 300)
+            chunks.append(ChunkEntry(index, index // 10, offset, size, index * 512, 512, bytes(32)))
+            offset += size
+        done = {c.index for c in chunks if rng.random() < 0.2}
+        rows_from = rng.choice([None, len(chunks) // 2])
+        fast, slow = (ChunkScheduler(chunks, done, rows_from=rows_from) for _ in range(2))
+        slow._run_end = lambda position, limit, room_bytes: position  # type: ignore[method-assign]
+        for _ in range(40):
+            action = rng.random()
+            if action < 0.15:
+                positions = sorted(rng.sample(range(len(chunks)), min(len(chunks), 3)))
+                cut = rng.random() < 0.5
+                for scheduler in (fast, slow):
+                    scheduler.demand(positions, cut=cut)
+                continue
+            avoid = frozenset(rng.sample(range(len(chunks)), 2)) if action < 0.25 and len(chunks) > 2 else frozenset()
+            max_bytes, max_gap = rng.choice([50, 400, 3000, 1 << 30]), rng.choice([0, 64, 10_000])
+            spans = [s.take_span(max_bytes, max_gap, avoid) for s in (fast, slow)]
+            assert [None if s is None else indices(s) for s in spans[:1]] == [None if s is None else indices(s) for s in spans[1:]], trial
+            counters = [(s.pending_bytes, s._pending, s._taken, s._urgent_pending, bytes(s._state)) for s in (fast, slow)]
+            assert counters[0] == counters[1], trial
+            if spans[0] is not None:
+                received = rng.randrange(len(spans[0].chunks) + 1)
+                for span, scheduler in zip(spans, (fast, slow), strict=True):
+                    span.received = received
+                    scheduler.done(span.chunks[:received])
+                    scheduler.finish_span(span)
