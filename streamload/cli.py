@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
 from .cache import default_cache_dir
 from .errors import StreamloadError, UsageError
 from .formats import ModelReader, summarize_manifest
@@ -32,6 +31,21 @@ HEADER_HELP = (
     "sent to the URL's own host only, never to a redirect target on another host. "
     f"${TOKEN_ENV}, when set, is sent as 'Authorization: Bearer ${TOKEN_ENV}' unless --header gives an Authorization"
 )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package metadata is read only when asked (importlib.metadata costs ~20 ms of every start)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help="show the version and exit")
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+    ) -> None:
+        from . import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
 
 
 def format_bytes(size: float) -> str:
@@ -781,7 +795,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     cache_help = f"cache directory (default $STREAMLOAD_CACHE or ~/.cache/streamload; here: {default_cache_dir()})"
     parser = _Parser(prog="streamload", description="Stream int8 language models over HTTP and run them while they download.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -3,7 +3,7 @@
 Usage:
     python tools/bench_stream.py --quick          # all-MiniLM-L6-v2 on 20 and 100 Mbit/s: under two minutes
     python tools/bench_stream.py                  # + a synthetic ~1 GB fp32 Llama (24 blocks), on 5, 20, 100 Mbit/s
-    python tools/bench_stream.py --png timeline.png   # also draw C's timeline on the 20 Mbit/s link
+    python tools/bench_stream.py --png timeline.png   # also draw C's (and P's) timeline on the 20 Mbit/s link
     python tools/bench_stream.py --models minilm --links 5,20,100 --repeats 3   # medians of 3 side-by-side runs
     python tools/bench_stream.py --models llama --variants B,C --links 20,100
     python tools/bench_stream.py --models minilm --variants B,C,P --links 5,20 --repeats 3   # the progressive preview
@@ -323,25 +323,31 @@ def main() -> None:
                                 runs[v].append(run_child(v, base, kind))
                         results = {v: median_of(r) for v, r in runs.items()}
                         if args.png and kind == "minilm" and mbit == 20:
-                            subprocess.run(
-                                [
-                                    "streamload",
-                                    "run",
-                                    f"{base}/minilm.slm",
-                                    "--text",
-                                    SENTENCE,
-                                    "--cache-dir",
-                                    str(work / "png-cache"),
-                                    "--timeline-png",
-                                    args.png,
-                                    "--link-rate",
-                                    str(rate),
-                                    "-q",
-                                ],
-                                check=True,
-                                stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL,
-                            )
+                            pictures = [("minilm.slm", args.png, [])]
+                            if "P" in variants:  # the progressive run too, its preview marked
+                                progressive_png = str(Path(args.png).with_name(Path(args.png).stem + "-progressive.png"))
+                                pictures.append(("minilm-p.slm", progressive_png, ["--progressive"]))
+                            for name, png, extra in pictures:
+                                subprocess.run(
+                                    [
+                                        "streamload",
+                                        "run",
+                                        f"{base}/{name}",
+                                        "--text",
+                                        SENTENCE,
+                                        "--cache-dir",
+                                        str(work / f"png-cache-{name}"),
+                                        "--timeline-png",
+                                        png,
+                                        "--link-rate",
+                                        str(rate),
+                                        "-q",
+                                        *extra,
+                                    ],
+                                    check=True,
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL,
+                                )
                     finally:
                         proxy.terminate()
                         proxy.wait()
