@@ -174,13 +174,7 @@ def bench_large_decode(workdir: Path, repeats: int) -> None:
     print(f"\n4. Llama decode, hidden 2048, 16 blocks, {weights / 1e9:.2f} G matmul weights per token (median of {repeats})")
     print(f"{'weights':<10} {'tokens/s':>9} {'weight bytes/token':>19} {'weights read at':>16}")
     rates = {}
-    default_budget = ops.FLOAT_WEIGHTS.budget_bytes
-    for label, quant, width, budget in (
-        ("int8", "int8", 1, default_budget),  # float32 copies of the first weights, up to the budget
-        ("int8-only", "int8", 1, 0),
-        ("float32", "none", 4, default_budget),
-    ):
-        ops.set_float_weight_budget(budget)
+    for label, quant, width in (("int8", "int8", 1), ("float32", "none", 4)):  # a decoder makes no float32 copies
         path = workdir / f"large-{quant}.slm"
         if not path.exists():
             convert(source, path, quant=quant)
@@ -195,12 +189,8 @@ def bench_large_decode(workdir: Path, repeats: int) -> None:
         if label != "int8":
             path.unlink()
             shutil.rmtree(cache, ignore_errors=True)
-    ops.set_float_weight_budget(default_budget)
     summed, gemv = read_bandwidth_bytes_per_s(repeats)
-    print(
-        f"int8 / float32 decode speed: {rates['int8'] / rates['float32']:.2f}, int8-only / float32 {rates['int8-only'] / rates['float32']:.2f}"
-        f" (target >= 1; float32 copies: {default_budget / 2**20:.0f} MiB budget)"
-    )
+    print(f"int8 / float32 decode speed: {rates['int8'] / rates['float32']:.2f} (target >= 1)")
     print(f"this machine's read bandwidth: numpy sum of 1 GiB {summed / 1e9:.1f} GB/s (one thread), sgemv over 1 GiB {gemv / 1e9:.1f} GB/s")
 
 

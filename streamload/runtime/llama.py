@@ -118,10 +118,13 @@ class LlamaRunner:
         def projections(*names: str) -> list[ops.Projection]:
             return [(*layer.weight(p + name + ".weight"), layer.tensors.get(p + name + ".bias")) for name in names]
 
-        # ops.dense: one matmul per input (q, k, v stacked; gate and up stacked), on float32 weight copies while the
-        # budget lasts, else int8 tiles cast to float32 (ops.linear_t)
+        # one matmul per input (q, k, v stacked; gate and up stacked) on int8 tiles: float32 copies under the budget
+        # made decode slower (4.25 against 5.20 tokens/s for 0.74 G weights, of which 512 MiB of copies hold a sixth:
+        # `python tools/bench_runtime.py --only-large`) and cost that memory
         h = ops.rms_norm(x, layer[p + "input_layernorm.weight"], c.rms_norm_eps)
-        qkv = ops.dense(h, projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))  # (T, (heads + 2 kv) d)
+        qkv = ops.dense(
+            h, projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), float_copies=False
+        )  # (T, (heads + 2 kv) d)
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         q = qkv[:, :q_width].reshape(tokens, c.num_attention_heads, c.head_dim).transpose(1, 0, 2)  # (heads, T, d)
         k = qkv[:, q_width : q_width + kv_width].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)  # (kv, T, d)
@@ -141,11 +144,11 @@ class LlamaRunner:
         attention = ops.softmax(scores).reshape(c.num_key_value_heads, group * tokens, total)
         context = (attention @ values[:, :total]).reshape(c.num_attention_heads, tokens, c.head_dim)
         context = context.transpose(1, 0, 2).reshape(tokens, c.num_attention_heads * c.head_dim)
-        x = x + ops.dense(context, projections("self_attn.o_proj"))
+        x = x + ops.dense(context, projections("self_attn.o_proj"), float_copies=False)
         h = ops.rms_norm(x, layer[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        gate_up = ops.dense(h, projections("mlp.gate_proj", "mlp.up_proj"))  # (T, 2 I)
+        gate_up = ops.dense(h, projections("mlp.gate_proj", "mlp.up_proj"), float_copies=False)  # (T, 2 I)
         inner = gate_up.shape[1] // 2
-        x = x + ops.dense(ops.silu(gate_up[:, :inner]) * gate_up[:, inner:], projections("mlp.down_proj"))
+        x = x + ops.dense(ops.silu(gate_up[:, :inner]) * gate_up[:, inner:], projections("mlp.down_proj"), float_copies=False)
         if index == c.num_hidden_layers - 1:
             self.cache.length = total
         return x

@@ -237,15 +237,16 @@ def set_float_weight_budget(budget_bytes: int) -> None:
     log.debug("float32 weight budget: %d bytes", budget_bytes)
 
 
-def dense(x: np.ndarray, projections: Sequence[Projection]) -> np.ndarray:
+def dense(x: np.ndarray, projections: Sequence[Projection], *, float_copies: bool = True) -> np.ndarray:
     """The projections of x (T, in) side by side, (T, sum of outs): ``dense_t`` on x^T, transposed back (a view)."""
-    return dense_t(x.T, projections).T
+    return dense_t(x.T, projections, float_copies=float_copies).T
 
 
-def dense_t(xt: np.ndarray, projections: Sequence[Projection]) -> np.ndarray:
+def dense_t(xt: np.ndarray, projections: Sequence[Projection], *, float_copies: bool = True) -> np.ndarray:
     """The projections of xt (in, T) stacked, (sum of outs, T): one sgemm on cached float32 weights when the budget
-    allows, else ``linear_t`` per projection on the int8 weights, each into its rows of the output."""
-    cached = FLOAT_WEIGHTS.get(projections) if all(w.dtype == np.int8 for w, _, _ in projections) else None
+    allows (and ``float_copies``), else ``linear_t`` per projection on the int8 weights, each into its rows of the output."""
+    usable = float_copies and all(w.dtype == np.int8 for w, _, _ in projections)
+    cached = FLOAT_WEIGHTS.get(projections) if usable else None
     if cached is not None:
         y = cached.matrix @ xt
         if cached.bias is not None:
