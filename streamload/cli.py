@@ -536,6 +536,7 @@ async def _run(args: argparse.Namespace) -> None:
                     rows=result.row_fetches,
                     result_s=result.total_s,
                     preview_s=preview["total_s"] if preview is not None else None,
+                    preview=preview_result.timeline if preview is not None else (),
                     link_floor_s=floor,
                     title=f"{Path(args.source.split('#')[0]).name}: result after {format_bytes(result.bytes_needed)} needed"
                     + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),

@@ -83,18 +83,24 @@ class Model:
         """Per layer, when its chunks were received and when they were verified+decompressed+stored
         (``time.perf_counter()`` values; None for layers that came from the cache)."""
         chunk_spans = self._session.pipeline.chunk_spans if self._session.pipeline is not None else {}
-        times_by_layer: dict[int, list[list[float]]] = {}
-        for chunk in self.manifest.file_order_chunks():  # a progressive layer's refinements too
+        times_by_layer: dict[int, list[tuple[float, ...]]] = {}
+        refined_by_layer: dict[int, list[tuple[float, ...]]] = {}
+        for chunk in self.manifest.file_order_chunks():  # pass 0, and a progressive layer's refinements apart
             if chunk.index in chunk_spans:
-                times_by_layer.setdefault(chunk.layer_index, []).append(chunk_spans[chunk.index])
+                (refined_by_layer if chunk.pass_index else times_by_layer).setdefault(chunk.layer_index, []).append(
+                    chunk_spans[chunk.index]
+                )
         spans = []
         for layer in self.manifest.layers:
             times = times_by_layer.get(layer.index)
+            refined = refined_by_layer.get(layer.index)
+            refinement = (min(t[0] for t in refined), max(t[3] for t in refined)) if refined else None
             if not times:
-                spans.append(LayerSpans(layer.index, layer.name, None, None))
+                spans.append(LayerSpans(layer.index, layer.name, None, None, refinement))
                 continue
             download = (min(t[0] for t in times), max(t[1] for t in times))
-            spans.append(LayerSpans(layer.index, layer.name, download, (min(t[2] for t in times), max(t[3] for t in times))))
+            decompress = (min(t[2] for t in times), max(t[3] for t in times))
+            spans.append(LayerSpans(layer.index, layer.name, download, decompress, refinement))
         return spans
 
     async def layer(self, index: int) -> Layer:

@@ -54,3 +54,4 @@ class LayerSpans:
     name: str
     download: tuple[float, float] | None  # first chunk's receive start, last chunk's receive end
     decompress: tuple[float, float] | None  # first chunk's verify start, last chunk stored
+    refinement: tuple[float, float] | None = None  # a progressive layer's refinements: first receive start, last folded

@@ -19,16 +19,18 @@ def draw_timeline(
     rows: Sequence[RowsTiming] = (),
     result_s: float | None = None,
     preview_s: float | None = None,
+    preview: Sequence[LayerTiming] = (),
     link_floor_s: float | None = None,
     title: str = "",
 ) -> None:
     """Write a PNG: one row per layer; ``started`` (perf_counter) is time zero; the link floor as a dashed line.
 
-    ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
-    the result was there (a solid line); ``preview_s``: when a preview from coarse weights was (a dotted line).
+        ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
+        the result was there (a solid line); ``preview_s``: when a preview from coarse weights was (a dotted line), and
+    ``preview`` its per-layer compute (a progressive layer's refinements are drawn apart from its coarse levels).
 
-    Raises:
-        StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
+        Raises:
+            StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
     """
     try:
         import matplotlib
@@ -53,6 +55,15 @@ def draw_timeline(
                 color="#4c78a8",
                 label="download",
             )
+        if span.refinement:
+            axes.barh(
+                y + 0.25,
+                span.refinement[1] - span.refinement[0],
+                left=span.refinement[0] - started,
+                height=0.25,
+                color="#9ecae9",
+                label="refinements: download + fold",
+            )
         if span.decompress:
             axes.barh(
                 y,
@@ -66,6 +77,11 @@ def draw_timeline(
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
             axes.barh(y - 0.25, width, left=timing.compute_start_s, height=0.25, color="#54a24b", label="compute")
+    for timing in preview:
+        width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
+        axes.barh(
+            rows_count - 1 - timing.index - 0.25, width, left=timing.compute_start_s, height=0.25, color="#b279a2", label="preview compute"
+        )
     for fetch in rows:
         axes.barh(
             rows_count - 1 - fetch.index + 0.25,
