@@ -81,9 +81,23 @@ def coarse_levels(q: np.ndarray, shift: int) -> np.ndarray:
     (a few input dimensions carry activations 15x the median: an offset on near-zero weights would be amplified).
     Idempotent: ``coarse_levels(coarse_levels(q, s), s) == coarse_levels(q, s)``, and a level never leaves int8.
     """
-    wide = q.astype(np.int16)
-    code = np.minimum((np.abs(wide) + (1 << (shift - 1))) >> shift, 127 >> shift)
-    return (np.sign(wide) * (code << shift)).astype(np.int8)
+    levels = np.empty(q.shape, dtype=np.int8)
+    values, out = q.reshape(-1), levels.reshape(-1)
+    for start in range(0, values.size, LEVELS_BLOCK_ELEMENTS):  # int16 temporaries of a block, not of the tensor
+        wide = values[start : start + LEVELS_BLOCK_ELEMENTS].astype(np.int16)
+        sign = np.sign(wide)
+        np.abs(wide, out=wide)
+        wide += 1 << (shift - 1)
+        wide >>= shift
+        np.minimum(wide, 127 >> shift, out=wide)
+        wide <<= shift
+        wide *= sign
+        out[start : start + LEVELS_BLOCK_ELEMENTS] = wide
+    return levels
+
+
+LEVELS_BLOCK_ELEMENTS = 1 << 20
+"""Values per block of ``coarse_levels``: a 32000 x 1024 head made 320 MB of int16 temporaries at once, now 4 MB."""
 
 
 def split_coarse(q: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
