@@ -14,12 +14,13 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
-from streamload.formats import ModelReader
+from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from streamload.formats.quantize import coarse_levels
 from streamload.runtime import ops, run, run_progressive
 from tests.checks import assert_cache_exact
-from tests.serving import serve_directory
+from tests.faulty import Faults, faulty_app
+from tests.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
@@ -171,8 +172,6 @@ def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
 
 
 async def test_a_decoder_previews_its_first_token_then_generates_exactly(llama_dir: Path, llama_slm: Path, tmp_path: Path) -> None:
-    from streamload.formats import convert
-
     progressive = tmp_path / "www" / "llama-p.slm"
     progressive.parent.mkdir()
     convert(llama_dir, progressive, chunk_size_bytes=16 << 10, progressive=True)
@@ -188,3 +187,20 @@ async def test_a_decoder_previews_its_first_token_then_generates_exactly(llama_d
     np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
     a, b = preview.first_token_logits, exact.first_token_logits
     assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
+
+
+async def test_a_refinement_whose_coarse_chunk_fails_its_hash_is_fetched_again_after_it(progressive_www: Path, tmp_path: Path) -> None:
+    """Without Range the whole file is one span: a refinement waits in the pipeline for the coarse chunk under it, and
+    when that one fails its sha256 the refinement is refused too, not folded into bytes that are not there."""
+    path = progressive_www / "minilm-p.slm"
+    with ModelReader(path) as reader:
+        refinement = next(c for c in reader.manifest.refinement_chunks if c.layer_index == 2)
+        base = next(c for c in reader.manifest.chunks if c.layer_index == 2 and c.raw_offset <= refinement.raw_offset < c.raw_end)
+        start = reader.preamble.data_offset + base.offset
+    faults = Faults(script=["full"] * 10, corrupt_range=(start, start + base.size_bytes), corrupt_times=1)
+    with ServerThread(faulty_app(path, faults)) as server:
+        async with streamload.open(server.url("minilm-p.slm"), cache_dir=tmp_path) as model:
+            stats = await model.wait_complete()
+    assert stats.integrity_failures >= 2  # the coarse chunk, and the refinement that would have been folded into it
+    assert len(faults.requests) >= 2 and faults.actions[0] == "full"
+    assert_cache_exact(tmp_path, path)
