@@ -46,33 +46,13 @@ def draw_timeline(
     figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows_count), dpi=110)
     for span in spans:
         y = rows_count - 1 - span.index
-        if span.download:
-            axes.barh(
-                y + 0.25,
-                span.download[1] - span.download[0],
-                left=span.download[0] - started,
-                height=0.25,
-                color="#4c78a8",
-                label="download",
-            )
-        if span.refinement:
-            axes.barh(
-                y + 0.25,
-                span.refinement[1] - span.refinement[0],
-                left=span.refinement[0] - started,
-                height=0.25,
-                color="#9ecae9",
-                label="refinements: download + fold",
-            )
-        if span.decompress:
-            axes.barh(
-                y,
-                span.decompress[1] - span.decompress[0],
-                left=span.decompress[0] - started,
-                height=0.25,
-                color="#f58518",
-                label="verify + decompress",
-            )
+        for interval, offset, color, label in (
+            (span.download, 0.25, "#4c78a8", "download"),
+            (span.refinement, 0.25, "#9ecae9", "refinements: download + fold"),
+            (span.decompress, 0.0, "#f58518", "verify + decompress"),
+        ):
+            if interval:  # perf_counter seconds: drawn from the start
+                axes.barh(y + offset, interval[1] - interval[0], left=interval[0] - started, height=0.25, color=color, label=label)
         timing = compute.get(span.index)
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
