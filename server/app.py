@@ -453,18 +453,23 @@ def run_server(
     *,
     announce: Callable[[str], None] = print,
     access_log: bool = True,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then close connections and exit cleanly.
 
-    ``announce`` gets one line with the address actually bound (port 0 takes a free port).
+    ``announce`` gets one line with the address actually bound (port 0 takes a free port). ``sock``: a listening
+    socket bound already (the CLI binds before it imports this module, so a port in use is said at once); host and
+    port are then only named in the announcement.
 
     Raises:
         OSError: the address cannot be bound (the port is in use, the host does not resolve).
     """
-    asyncio.run(_serve_until_signalled(config, host, port, announce, access_log))
+    asyncio.run(_serve_until_signalled(config, host, port, announce, access_log, sock))
 
 
-async def _serve_until_signalled(config: ServerConfig, host: str, port: int, announce: Callable[[str], None], access_log: bool) -> None:
+async def _serve_until_signalled(
+    config: ServerConfig, host: str, port: int, announce: Callable[[str], None], access_log: bool, sock: socket.socket | None
+) -> None:
     """``web.run_app`` without its banner: the bound port is read back from the socket, so ``--port 0`` can say which."""
     runner = web.AppRunner(
         create_app(config),
@@ -479,7 +484,7 @@ async def _serve_until_signalled(config: ServerConfig, host: str, port: int, ann
         loop.add_signal_handler(signum, stop.set)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await (web.TCPSite(runner, host, port) if sock is None else web.SockSite(runner, sock)).start()
         bound_port = runner.addresses[0][1]
         announce(f"serving {config.directory} on http://{host}:{bound_port}/ (Ctrl-C to stop)")
         await stop.wait()

@@ -264,11 +264,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, run_server
+    import socket
 
     if not Path(args.directory).is_dir():
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return EXIT_FAILURE
+    try:  # bound before the server's imports (aiohttp): a port in use is said at once, not after them
+        sock = socket.create_server((args.host, args.port), backlog=1024)
+    except OSError as exc:
+        return _cannot_listen(args, exc)
+    from .server import ServerConfig, run_server
+
     if not any(Path(args.directory).glob("*.slm")):
         print(f"warning: {args.directory} holds no .slm files: every model request will get 404", file=sys.stderr)
     logging.getLogger("streamload.server.access").setLevel(logging.INFO)
@@ -279,15 +285,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ranges_enabled=not args.no_ranges,
     )
     try:
-        run_server(config, host=args.host, port=args.port, announce=lambda line: print(line, flush=True), access_log=not args.quiet)
+        run_server(
+            config, host=args.host, port=args.port, announce=lambda line: print(line, flush=True), access_log=not args.quiet, sock=sock
+        )
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            reason = "the port is in use (another server?); pick another with --port, or --port 0 for any free one"
-        else:
-            reason = exc.strerror or str(exc)
-        print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _cannot_listen(args, exc)
     return EXIT_OK
+
+
+def _cannot_listen(args: argparse.Namespace, exc: OSError) -> int:
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the port is in use (another server?); pick another with --port, or --port 0 for any free one"
+    else:
+        reason = exc.strerror or str(exc)
+    print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 # ---------------------------------------------------------------- fetch
