@@ -21,6 +21,7 @@ from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny-v1.slm").read_bytes()  # the byte-level cases below use its layout
 GOLDEN_V2 = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
+GOLDEN_V3 = (Path(__file__).parent / "golden" / "tiny-progressive.slm").read_bytes()
 
 
 def test_golden_file_reads() -> None:
@@ -131,13 +132,14 @@ def assert_only_format_errors(data: bytes) -> None:
 def test_mutated_bytes_raise_only_format_errors(seed: int) -> None:
     assert_only_format_errors(mutate_bytes(GOLDEN, random.Random(seed)))
     assert_only_format_errors(mutate_bytes(GOLDEN_V2, random.Random(seed)))
+    assert_only_format_errors(mutate_bytes(GOLDEN_V3, random.Random(seed)))
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32))
 def test_mutated_manifests_raise_only_format_errors(seed: int) -> None:
     rng = random.Random(seed)
-    for golden in (GOLDEN, GOLDEN_V2):
+    for golden in (GOLDEN, GOLDEN_V2, GOLDEN_V3):
         manifest, region = split_file(golden)
         for _ in range(rng.randint(1, 3)):
             manifest = mutate_structure(manifest, rng)
