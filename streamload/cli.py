@@ -136,10 +136,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print()
     ratio = report.output_size_bytes / report.source_size_bytes
     manifest = report.manifest
+    chunks = len(manifest.file_order_chunks())
     print(
         f"wrote {report.path}: {format_bytes(report.output_size_bytes)} from {format_bytes(report.source_size_bytes)} "
         f"({ratio:.3f}x) in {report.seconds:.2f} s; largest error abs {report.max_abs_error:.3e}, rel {report.max_rel_error:.3e}\n"
-        f"{manifest.architecture}, {len(manifest.layers)} layers, {len(report.tensors)} tensors, {len(manifest.chunks)} chunks, "
+        f"{manifest.architecture}, {len(manifest.layers)} layers, {len(report.tensors)} tensors, {chunks} chunks, "
         f"digest sha256:{manifest.digest[:12]} (per-tensor table: --verbose, or `streamload inspect {report.path}`)"
     )
     return EXIT_OK
@@ -688,7 +689,7 @@ def _done_percent(directory: Path, manifest: Any) -> int:
         data = (directory / JOURNAL_NAME).read_bytes()
     except OSError:
         return 0
-    sizes = {c.index: c.size_bytes for c in manifest.chunks}
+    sizes = {c.index: c.size_bytes for c in manifest.file_order_chunks()}  # a progressive model's refinements too
     done = {index for index, _ in JOURNAL_RECORD.iter_unpack(data[: len(data) - len(data) % JOURNAL_RECORD.size]) if index in sizes}
     return int(100 * sum(sizes[i] for i in done) / max(1, sum(sizes.values())))
 
