@@ -1,0 +1,45 @@
+"""The ``streamload`` command line: the only place that prints or exits (the library only logs).
+
+``parser`` declares the commands and options; ``files`` (convert, inspect, verify, serve), ``stream`` (fetch, run) and
+``cached`` (where a model comes from; list, rm) carry them out; ``output`` is what they show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import StreamloadError, UsageError
+from .output import EXIT_FAILURE, EXIT_USAGE
+from .parser import build_parser
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except UsageError as exc:  # an option that does not fit the model: a usage error, as argparse reports them
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreamloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename or exc}: no such file", file=sys.stderr)
+        return EXIT_FAILURE
+    except IsADirectoryError as exc:
+        print(f"error: {exc.filename or exc}: is a directory, not a .slm file", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE

@@ -1,0 +1,146 @@
+"""The commands on a local file or directory: ``convert``, ``inspect``, ``verify``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import sys
+from pathlib import Path
+
+from ..formats import ModelReader, summarize_manifest
+from .cached import request_headers
+from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..formats import convert  # the writing side, imported only to convert
+
+    bar = ConvertProgress(f"converting {Path(args.source).name}", enabled=not args.json and sys.stderr.isatty())
+    try:
+        report = convert(
+            args.source,
+            args.output,
+            quant=args.quant,
+            zstd_level=args.level,
+            chunk_size_bytes=args.chunk_size,
+            config_path=args.config,
+            progress=bar,
+            progressive=args.progressive,
+        )
+    finally:
+        bar.close()
+    if args.json:
+        summary = summarize_manifest(report.manifest)
+        summary |= {
+            "path": str(report.path),
+            "source_bytes": report.source_size_bytes,
+            "output_bytes": report.output_size_bytes,
+            "seconds": report.seconds,
+        }
+        summary["tensors"] = [
+            {
+                "name": t.name,
+                "layer": t.layer_index,
+                "shape": list(t.shape),
+                "dtype": t.stored_dtype,
+                "max_abs_error": t.max_abs_error,
+                "max_rel_error": t.max_rel_error,
+            }
+            for t in report.tensors
+        ]
+        print_json(summary)
+        return EXIT_OK
+    if args.tensor_table:
+        print(f"{'tensor':<56} {'layer':>5} {'shape':>14} {'dtype':>7} {'max abs err':>12} {'max rel err':>12}")
+        for t in report.tensors:
+            errors = f"{t.max_abs_error:12.3e} {t.max_rel_error:12.3e}" if t.max_abs_error is not None else f"{'-':>12} {'-':>12}"
+            print(f"{t.name:<56} {t.layer_index:>5} {'x'.join(map(str, t.shape)):>14} {t.stored_dtype:>7} {errors}")
+        print()
+    ratio = report.output_size_bytes / report.source_size_bytes
+    manifest = report.manifest
+    chunks = len(manifest.file_order_chunks())
+    print(
+        f"wrote {report.path}: {format_bytes(report.output_size_bytes)} from {format_bytes(report.source_size_bytes)} "
+        f"({ratio:.3f}x) in {report.seconds:.2f} s; largest error abs {report.max_abs_error:.3e}, rel {report.max_rel_error:.3e}\n"
+        f"{manifest.architecture}, {len(manifest.layers)} layers, {len(report.tensors)} tensors, {chunks} chunks, "
+        f"digest sha256:{manifest.digest[:12]} (per-tensor table: --verbose, or `streamload inspect {report.path}`)"
+    )
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.source.startswith(("http://", "https://")):
+        from ..model import read_remote_header
+
+        manifest, size = asyncio.run(read_remote_header(args.source, headers=request_headers(args)))
+        summary = summarize_manifest(manifest)
+        summary["file_bytes"] = size
+    else:
+        with ModelReader(args.source) as reader:
+            summary = summarize_manifest(reader.manifest)
+            summary["file_bytes"] = reader.size_bytes
+    if args.json:
+        print_json(summary)
+    else:
+        print_summary(summary, args.source)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with ModelReader(args.file) as reader:
+        problems = reader.verify()
+        checked = len(reader.manifest.chunks) + len(reader.manifest.refinement_chunks)
+        digest = reader.manifest.digest
+    if args.json:
+        print_json(
+            {"path": args.file, "ok": not problems, "chunks": checked, "bad_chunks": [str(p) for p in problems], "manifest_digest": digest}
+        )
+    else:
+        for problem in problems:
+            print(f"BAD  {problem}")
+        print(f"{args.file}: {checked - len(problems)}/{checked} chunks verified" + ("" if problems else ", intact"))
+    return EXIT_OK if not problems else EXIT_FAILURE
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    if not Path(args.directory).is_dir():
+        print(f"error: {args.directory} is not a directory", file=sys.stderr)
+        return EXIT_FAILURE
+    try:  # bound before the server's imports (aiohttp): a port in use is said at once, not after them
+        sock = socket.create_server((args.host, args.port), backlog=1024)
+    except OSError as exc:
+        return _cannot_listen(args, exc)
+    from ..server import ServerConfig, run_server
+
+    if not any(Path(args.directory).glob("*.slm")):
+        print(f"warning: {args.directory} holds no .slm files: every model request will get 404", file=sys.stderr)
+    logging.getLogger("streamload.server.access").setLevel(logging.INFO)
+    config = ServerConfig(
+        directory=Path(args.directory),
+        rate_bytes_per_s=args.rate,
+        latency_ms=args.latency_ms,
+        ranges_enabled=not args.no_ranges,
+    )
+    try:
+        run_server(
+            config, host=args.host, port=args.port, announce=lambda line: print(line, flush=True), access_log=not args.quiet, sock=sock
+        )
+    except OSError as exc:
+        return _cannot_listen(args, exc)
+    return EXIT_OK
+
+
+def _cannot_listen(args: argparse.Namespace, exc: OSError) -> int:
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the port is in use (another server?); pick another with --port, or --port 0 for any free one"
+    else:
+        reason = exc.strerror or str(exc)
+    print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+    return EXIT_FAILURE
