@@ -21,7 +21,7 @@ Fairness against hostile clients (figures: ``python tools/bench_server_fairness.
   the transport's high-water mark (64 KiB), under write_timeout_s; so one connection
   holds at most ~64 KiB of answers, 32 queued requests and one read buffer
   (256 KiB) however many requests it pipelines.
-- The index parses each file's manifest once per (size, mtime_ns, inode), in a worker
+- The index (``files.py``) parses each file's manifest once per (size, mtime_ns, inode), in a worker
   thread, and only manifests up to max_indexed_manifest_bytes; others are served as
   bytes and listed with the reason they could not be read.
 """
@@ -32,11 +32,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import email.utils
 import logging
-import mmap
-import os
-import re
 import signal
 import socket
 import struct
@@ -47,14 +43,12 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from ..formats import FormatError
-from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header, read_preamble
+from .files import ModelFiles, ServedFile
 from .ranges import RangeOutcome, decide_range
 from .slots import SlotPool, Transfer
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
 UNTHROTTLED_PIECE_BYTES = 1 << 20
 
 
@@ -73,115 +67,6 @@ class ServerConfig:
     send_buffer_bytes: int | None = None  # SO_SNDBUF per connection (nginx's listen sndbuf=); None keeps the kernel's autotuning
     max_indexed_manifest_bytes: int = 4 << 20  # larger manifests are not parsed: served as bytes, listed as unreadable
     idle_timeout_s: float = 15.0  # a connection without a complete request (slow headers, idle keep-alive) is closed
-
-
-@dataclasses.dataclass(slots=True)
-class ServedFile:
-    path: Path
-    size_bytes: int
-    identity: tuple[int, int, int, int]  # (size, mtime_ns, device, inode): a change means another file
-    etag: str
-    last_modified: str
-    map: mmap.mmap | None
-    architecture: str | None
-    digest: str | None
-    error: str | None  # why the manifest could not be read, for the index; the bytes are served anyway
-
-
-class ModelFiles:
-    """The .slm files directly under one directory, opened lazily (off the event loop) and reopened when they change."""
-
-    def __init__(self, directory: Path, max_manifest_bytes: int) -> None:
-        self.directory = directory.resolve()
-        self.max_manifest_bytes = max_manifest_bytes
-        self._open: dict[str, ServedFile] = {}
-        self._opening: dict[str, asyncio.Lock] = {}
-
-    async def lookup(self, name: str) -> ServedFile | None:
-        """The file for a URL path segment, or None: only plain .slm names directly under the directory."""
-        if not MODEL_NAME.match(name):
-            return None
-        path = self.directory / name
-        try:
-            resolved = path.resolve(strict=True)
-            if resolved.parent != self.directory or not resolved.is_file():
-                return None  # symlink out of the directory, or not a regular file
-            stat = resolved.stat()
-        except OSError:
-            return None
-        identity = (stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino)
-        served = self._open.get(name)
-        if served is not None and served.identity == identity:
-            return served
-        lock = self._opening.setdefault(name, asyncio.Lock())
-        async with lock:  # one parse per new version of a file, however many requests ask for it at once
-            served = self._open.get(name)
-            if served is not None and served.identity == identity:
-                return served
-            try:
-                opened = await asyncio.to_thread(self._open_file, resolved, stat, self.max_manifest_bytes)
-            except OSError:
-                return None  # removed or unreadable since the stat
-            if served is not None and served.map is not None:
-                _close_quietly(served.map)
-            self._open[name] = opened
-            return opened
-
-    def names(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.directory.iterdir() if MODEL_NAME.match(p.name))
-        except OSError:
-            return []
-
-    def close(self) -> None:
-        for served in self._open.values():
-            if served.map is not None:
-                _close_quietly(served.map)
-        self._open.clear()
-
-    @staticmethod
-    def _open_file(path: Path, stat: os.stat_result, max_manifest_bytes: int) -> ServedFile:
-        file_map = None
-        if stat.st_size:
-            with open(path, "rb") as f:
-                file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        architecture = digest = error = None
-        logger.debug("reading the manifest of %s", path.name)
-        try:
-            if file_map is None or stat.st_size < PREAMBLE_SIZE_BYTES:
-                raise FormatError(f"{stat.st_size} bytes is shorter than a .slm preamble")
-            manifest_size = read_preamble(file_map[:PREAMBLE_SIZE_BYTES]).manifest_size_bytes
-            if manifest_size > max_manifest_bytes:
-                # Parsing costs time and memory in proportion to the manifest (msgpack can pack millions of
-                # empty maps in a few MiB): a file in the directory must not make every index slow.
-                raise FormatError(f"its manifest is {manifest_size} bytes, over the server's limit of {max_manifest_bytes} for reading one")
-            needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
-            _, manifest = read_header(file_map[: min(needed, stat.st_size)], stat.st_size)
-            architecture, digest = manifest.architecture, manifest.digest
-        except FormatError as exc:
-            error = str(exc)
-            logger.warning("%s is not a readable model file (%s); serving its bytes anyway", path.name, exc)
-        # The manifest digest identifies the content (it covers every chunk hash): a strong validator
-        # that is the same on every mirror. Files that do not parse fall back to size, mtime and inode.
-        etag = f'"{digest}"' if digest else f'"{stat.st_size:x}-{stat.st_mtime_ns:x}-{stat.st_ino:x}"'
-        return ServedFile(
-            path=path,
-            size_bytes=stat.st_size,
-            identity=(stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino),
-            etag=etag,
-            last_modified=email.utils.formatdate(stat.st_mtime, usegmt=True),
-            map=file_map,
-            architecture=architecture,
-            digest=digest,
-            error=error,
-        )
-
-
-def _close_quietly(file_map: mmap.mmap) -> None:
-    try:
-        file_map.close()
-    except BufferError:  # a response still writing from it; collected later
-        pass
 
 
 class TokenBucket:

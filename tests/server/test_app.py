@@ -152,7 +152,7 @@ async def test_index_lists_hostile_files_as_unreadable_without_parsing_them(mode
 
 
 async def test_index_reads_each_file_once_per_version(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="streamload.server.app")
+    caplog.set_level(logging.DEBUG, logger="streamload.server.files")
     path = model_dir / "llama.slm"
 
     def reads() -> int:
