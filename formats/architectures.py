@@ -20,206 +20,30 @@ needs and the blocks before the rest of the table; in a version-1 file it is in 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ManifestSchemaError, SourceError, UnsupportedArchitectureError
-from .constants import MAX_STORE_SIZE_BYTES, LayerKind
-from .manifest import Manifest
+from .constants import MAX_STORE_SIZE_BYTES
+from .family import (
+    COUNT,
+    EPS,
+    MAX_POSITIONS,
+    POSITIONS,
+    Architecture,
+    Dim,
+    Field,
+    choice,
+    fail,
+    flag,
+    id_list,
+    integer,
+    optional_id,
+    real,
+    require,
+)
 
-MAX_POSITIONS = 1 << 24
-"""Largest max_position_embeddings / max_seq_length a model may declare (16 M tokens)."""
-
-REQUIRED = object()
-"""A field's default when the config must give it."""
-
-Dim = tuple[str, ...]
-"""One tensor dimension: the product of these config fields."""
-
-
-# ---------------------------------------------------------------- config fields
-
-
-def _fail(name: str, value: Any, expected: str) -> ManifestSchemaError:
-    return ManifestSchemaError(f"model config: {name}={value!r} is invalid: expected {expected}; the file is damaged or hostile")
-
-
-def _integer(low: int, high: int) -> Callable[[str, Any], int]:
-    def parse(name: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise _fail(name, value, f"an integer in [{low}, {high}]")
-        return value
-
-    return parse
-
-
-def _real(low: float, high: float) -> Callable[[str, Any], float]:
-    def parse(name: str, value: Any) -> float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
-            raise _fail(name, value, f"a finite number in [{low:g}, {high:g}]")
-        return float(value)
-
-    return parse
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(name, value, "true or false")
-    return value
-
-
-def _choice(*options: str) -> Callable[[str, Any], str]:
-    def parse(name: str, value: Any) -> str:
-        if value not in options or not isinstance(value, str):
-            raise _fail(name, value, "one of " + ", ".join(options))
-        return value
-
-    return parse
-
-
-def _optional_id(name: str, value: Any) -> int | None:
-    return None if value is None else _integer(0, MAX_STORE_SIZE_BYTES)(name, value)
-
-
-def _id_list(name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > 64:
-        raise _fail(name, value, "a list of at most 64 token ids")
-    return tuple(_integer(0, MAX_STORE_SIZE_BYTES)(name, v) for v in value)
-
-
-_COUNT = _integer(1, MAX_STORE_SIZE_BYTES)
-_POSITIONS = _integer(1, MAX_POSITIONS)
-_EPS = _real(0.0, 1.0)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Field:
-    """One manifest config field the runtime reads."""
-
-    name: str
-    parse: Callable[[str, Any], Any]  # (name, raw value) -> checked value; raises ManifestSchemaError
-    default: Any = REQUIRED
-
-
-# ---------------------------------------------------------------- the description
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Architecture:
-    name: str
-    model_types: tuple[str, ...]  # HF config "model_type" values handled
-    fields: tuple[Field, ...]
-    normalize_config: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # HF config, extras -> manifest config
-    canonical_name: Callable[[str], str | None]  # HF tensor name -> stored name, or None to drop
-    first_prefix: str  # names starting with this are layer 0 (the embeddings)
-    row_table: str  # the token-embedding table: stored as a row table after the steps, read a few rows at a time
-    tensor_dims: Callable[[Mapping[str, Any]], dict[str, tuple[tuple[Dim, ...], bool]]]  # name -> (dims, required)
-    check_config: Callable[[dict[str, Any]], None]  # relations between fields; fills derived defaults
-
-    def default(self, key: str) -> Any:
-        """A field's default (the one place it is written)."""
-        for field in self.fields:
-            if field.name == key:
-                return field.default
-        raise KeyError(key)
-
-    def read_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Every field checked and defaulted (no tensor shapes involved).
-
-        Raises:
-            ManifestSchemaError: naming the field and its value.
-        """
-        values: dict[str, Any] = {}
-        for field in self.fields:
-            raw = config.get(field.name, field.default)
-            if raw is REQUIRED:
-                raise ManifestSchemaError(f"model config: {field.name} is missing; the file is damaged or was not written by streamload")
-            values[field.name] = field.parse(field.name, raw)
-        self.check_config(values)
-        return values
-
-    def layer_of(self, name: str, block_count: int) -> int:
-        """Stored tensor name -> layer index."""
-        if name.startswith(self.first_prefix):
-            return 0
-        match = _BLOCK.match(name)
-        if match:
-            index = int(match.group(1))
-            if index >= block_count:
-                raise SourceError(f"tensor {name!r} belongs to block {index}, but the config has {block_count} blocks")
-            return index + 1
-        return block_count + 1
-
-    def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        """Every tensor the runtime needs, with its shape, for a config."""
-        return {name: _shape(dims, config) for name, (dims, required) in self.tensor_dims(config).items() if required}
-
-    def validate(self, config: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
-        """Check the config against the manifest's layers and tensors, before anything is allocated.
-
-        Returns:
-            The checked config with defaults filled in.
-
-        Raises:
-            ManifestSchemaError: naming the field, its value and the tensor shape it contradicts.
-        """
-        values = self.read_config(config)
-        blocks = values["num_hidden_layers"]
-        if manifest.step_count != blocks + 2:
-            raise ManifestSchemaError(
-                f"model config: num_hidden_layers={blocks} contradicts the file's {manifest.step_count} execution steps "
-                "(embeddings + blocks + head)"
-            )
-        for layer in manifest.layers[manifest.step_count :]:
-            held = [t.name for t in manifest.tensors if t.layer_index == layer.index]
-            if held != [self.row_table]:
-                raise ManifestSchemaError(f"model file: row table {layer.name!r} holds {held}, expected [{self.row_table!r}]")
-        for name, (dims, required) in self.tensor_dims(values).items():
-            entry = manifest.tensor_by_name.get(name)
-            if entry is None:
-                if required:
-                    raise ManifestSchemaError(
-                        f"model config: {_describe(dims, values)} implies tensor {name!r}, which the file does not hold"
-                    )
-                continue
-            if len(entry.shape) != len(dims):
-                raise ManifestSchemaError(f"model config: tensor {name!r} has shape {entry.shape}, expected {len(dims)} dimensions")
-            for axis, (dim, actual) in enumerate(zip(dims, entry.shape, strict=True)):
-                expected = math.prod(values[f] for f in dim)
-                if expected != actual:
-                    product = f" = {expected}" if len(dim) > 1 else ""
-                    raise ManifestSchemaError(
-                        f"model config: {_describe((dim,), values)}{product} contradicts tensor {name!r} of shape {entry.shape} "
-                        f"(dimension {axis} is {actual})"
-                    )
-            in_row_table = name == self.row_table and manifest.layers[entry.layer_index].kind is LayerKind.ROWS
-            if entry.layer_index != self.layer_of(name, blocks) and not in_row_table:
-                raise ManifestSchemaError(
-                    f"model config: tensor {name!r} is in layer {entry.layer_index}, "
-                    f"the runtime reads it from layer {self.layer_of(name, blocks)}"
-                )
-        return values
-
-
-def _shape(dims: tuple[Dim, ...], config: Mapping[str, Any]) -> tuple[int, ...]:
-    return tuple(math.prod(config[f] for f in dim) for dim in dims)
-
-
-def _describe(dims: tuple[Dim, ...], config: Mapping[str, Any]) -> str:
-    return ", ".join(" x ".join(f"{f}={config[f]}" for f in dim) for dim in dims)
-
-
-_BLOCK = re.compile(r"^(?:encoder\.layer|model\.layers)\.(\d+)\.")
-
-
-def _require(config: Mapping[str, Any], key: str, kind: type = int) -> Any:
-    value = config.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
-        raise SourceError(f"config.json: {key!r} is missing or invalid ({value!r}); it is needed to convert this model")
-    return value
+__all__ = ["BERT", "LLAMA", "ROW_TABLE_LAYER_NAME", "Architecture", "architecture_named", "find_architecture", "layer_names"]
 
 
 # ---------------------------------------------------------------- BERT
@@ -229,8 +53,8 @@ _BERT_POOLING = ("mean", "cls", "max")  # sentence-transformers' pooling modes
 
 
 def _bert_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, Any]:
-    hidden = _require(hf, "hidden_size")
-    heads = _require(hf, "num_attention_heads")
+    hidden = require(hf, "hidden_size")
+    heads = require(hf, "num_attention_heads")
     if hidden % heads:
         raise SourceError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -242,12 +66,12 @@ def _bert_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, 
         raise UnsupportedArchitectureError(f"BERT hidden_act {act!r} is not supported")
     return {
         "architecture": "bert",
-        "vocab_size": _require(hf, "vocab_size"),
+        "vocab_size": require(hf, "vocab_size"),
         "hidden_size": hidden,
-        "num_hidden_layers": _require(hf, "num_hidden_layers"),
+        "num_hidden_layers": require(hf, "num_hidden_layers"),
         "num_attention_heads": heads,
-        "intermediate_size": _require(hf, "intermediate_size"),
-        "max_position_embeddings": _require(hf, "max_position_embeddings"),
+        "intermediate_size": require(hf, "intermediate_size"),
+        "max_position_embeddings": require(hf, "max_position_embeddings"),
         "type_vocab_size": int(hf.get("type_vocab_size", BERT.default("type_vocab_size"))),
         "layer_norm_eps": float(hf.get("layer_norm_eps", BERT.default("layer_norm_eps"))),
         "hidden_act": act,
@@ -304,20 +128,20 @@ BERT = Architecture(
     name="bert",
     model_types=("bert",),
     fields=(
-        Field("vocab_size", _COUNT),
-        Field("hidden_size", _COUNT),
-        Field("num_hidden_layers", _COUNT),
-        Field("num_attention_heads", _COUNT),
-        Field("intermediate_size", _COUNT),
-        Field("max_position_embeddings", _POSITIONS),
-        Field("type_vocab_size", _COUNT, 2),
-        Field("layer_norm_eps", _EPS, 1e-12),
-        Field("hidden_act", _choice(*_BERT_ACTIVATIONS), "gelu"),
-        Field("pad_token_id", _integer(0, MAX_STORE_SIZE_BYTES), 0),
-        Field("pooling", _choice(*_BERT_POOLING), "mean"),
-        Field("normalize", _flag, False),
+        Field("vocab_size", COUNT),
+        Field("hidden_size", COUNT),
+        Field("num_hidden_layers", COUNT),
+        Field("num_attention_heads", COUNT),
+        Field("intermediate_size", COUNT),
+        Field("max_position_embeddings", POSITIONS),
+        Field("type_vocab_size", COUNT, 2),
+        Field("layer_norm_eps", EPS, 1e-12),
+        Field("hidden_act", choice(*_BERT_ACTIVATIONS), "gelu"),
+        Field("pad_token_id", integer(0, MAX_STORE_SIZE_BYTES), 0),
+        Field("pooling", choice(*_BERT_POOLING), "mean"),
+        Field("normalize", flag, False),
         Field(
-            "max_seq_length", lambda name, value: None if value is None else _POSITIONS(name, value), None
+            "max_seq_length", lambda name, value: None if value is None else POSITIONS(name, value), None
         ),  # None: max_position_embeddings
     ),
     normalize_config=_bert_config,
@@ -332,8 +156,8 @@ BERT = Architecture(
 
 
 def _llama_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, Any]:
-    hidden = _require(hf, "hidden_size")
-    heads = _require(hf, "num_attention_heads")
+    hidden = require(hf, "hidden_size")
+    heads = require(hf, "num_attention_heads")
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     if heads % kv_heads:
         raise SourceError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
@@ -349,10 +173,10 @@ def _llama_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str,
     eos = hf.get("eos_token_id")
     return {
         "architecture": "llama",
-        "vocab_size": _require(hf, "vocab_size"),
+        "vocab_size": require(hf, "vocab_size"),
         "hidden_size": hidden,
-        "intermediate_size": _require(hf, "intermediate_size"),
-        "num_hidden_layers": _require(hf, "num_hidden_layers"),
+        "intermediate_size": require(hf, "intermediate_size"),
+        "num_hidden_layers": require(hf, "num_hidden_layers"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -408,20 +232,20 @@ def _rope_scaling(name: str, value: Any) -> Mapping[str, Any] | None:
     if value is None or value == {}:
         return None
     if not isinstance(value, dict):
-        raise _fail(name, value, "a map or nil")
+        raise fail(name, value, "a map or nil")
     kind = value.get("rope_type", value.get("type"))
     if kind != "llama3":
-        raise _fail(name, value, "llama3 scaling (the only kind the runtime applies)")
+        raise fail(name, value, "llama3 scaling (the only kind the runtime applies)")
     checked = {
-        "factor": _real(1e-6, 1e6)(name + ".factor", value.get("factor")),
-        "low_freq_factor": _real(1e-6, 1e6)(name + ".low_freq_factor", value.get("low_freq_factor", 1.0)),
-        "high_freq_factor": _real(1e-6, 1e6)(name + ".high_freq_factor", value.get("high_freq_factor", 4.0)),
-        "original_max_position_embeddings": _real(1, MAX_POSITIONS)(
+        "factor": real(1e-6, 1e6)(name + ".factor", value.get("factor")),
+        "low_freq_factor": real(1e-6, 1e6)(name + ".low_freq_factor", value.get("low_freq_factor", 1.0)),
+        "high_freq_factor": real(1e-6, 1e6)(name + ".high_freq_factor", value.get("high_freq_factor", 4.0)),
+        "original_max_position_embeddings": real(1, MAX_POSITIONS)(
             name + ".original_max_position_embeddings", value.get("original_max_position_embeddings", 8192)
         ),
     }
     if checked["high_freq_factor"] <= checked["low_freq_factor"]:
-        raise _fail(name, value, "high_freq_factor > low_freq_factor")
+        raise fail(name, value, "high_freq_factor > low_freq_factor")
     return {"rope_type": "llama3", **checked}
 
 
@@ -436,28 +260,28 @@ def _llama_check(values: dict[str, Any]) -> None:
 def _eos_ids(name: str, value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    return _id_list(name, [value] if isinstance(value, int) and not isinstance(value, bool) else value)
+    return id_list(name, [value] if isinstance(value, int) and not isinstance(value, bool) else value)
 
 
 LLAMA = Architecture(
     name="llama",
     model_types=("llama",),
     fields=(
-        Field("vocab_size", _COUNT),
-        Field("hidden_size", _COUNT),
-        Field("intermediate_size", _COUNT),
-        Field("num_hidden_layers", _COUNT),
-        Field("num_attention_heads", _COUNT),
-        Field("num_key_value_heads", _COUNT),
-        Field("head_dim", _COUNT),
-        Field("rms_norm_eps", _EPS, 1e-6),
-        Field("rope_theta", _real(1e-6, 1e300), 10000.0),
+        Field("vocab_size", COUNT),
+        Field("hidden_size", COUNT),
+        Field("intermediate_size", COUNT),
+        Field("num_hidden_layers", COUNT),
+        Field("num_attention_heads", COUNT),
+        Field("num_key_value_heads", COUNT),
+        Field("head_dim", COUNT),
+        Field("rms_norm_eps", EPS, 1e-6),
+        Field("rope_theta", real(1e-6, 1e300), 10000.0),
         Field("rope_scaling", _rope_scaling, None),
-        Field("max_position_embeddings", _POSITIONS, 2048),
-        Field("tie_word_embeddings", _flag, False),
-        Field("attention_bias", _flag, False),
-        Field("mlp_bias", _flag, False),
-        Field("bos_token_id", _optional_id, None),
+        Field("max_position_embeddings", POSITIONS, 2048),
+        Field("tie_word_embeddings", flag, False),
+        Field("attention_bias", flag, False),
+        Field("mlp_bias", flag, False),
+        Field("bos_token_id", optional_id, None),
         Field("eos_token_id", _eos_ids, []),
     ),
     normalize_config=_llama_config,

@@ -1,0 +1,208 @@
+"""What describes a model family: its config fields (type, bounds, default), tensor dimensions as products of
+config fields, and the check of a model's config against the tensors its manifest holds.
+
+The families themselves (BERT, Llama) are in ``architectures.py``; these are the parts they are built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import ManifestSchemaError, SourceError
+from .constants import MAX_STORE_SIZE_BYTES, LayerKind
+from .manifest import Manifest
+
+MAX_POSITIONS = 1 << 24
+"""Largest max_position_embeddings / max_seq_length a model may declare (16 M tokens)."""
+
+REQUIRED = object()
+"""A field's default when the config must give it."""
+
+Dim = tuple[str, ...]
+"""One tensor dimension: the product of these config fields."""
+
+
+# ---------------------------------------------------------------- config fields
+
+
+def fail(name: str, value: Any, expected: str) -> ManifestSchemaError:
+    return ManifestSchemaError(f"model config: {name}={value!r} is invalid: expected {expected}; the file is damaged or hostile")
+
+
+def integer(low: int, high: int) -> Callable[[str, Any], int]:
+    def parse(name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise fail(name, value, f"an integer in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def real(low: float, high: float) -> Callable[[str, Any], float]:
+    def parse(name: str, value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
+            raise fail(name, value, f"a finite number in [{low:g}, {high:g}]")
+        return float(value)
+
+    return parse
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(name, value, "true or false")
+    return value
+
+
+def choice(*options: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        if value not in options or not isinstance(value, str):
+            raise fail(name, value, "one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def optional_id(name: str, value: Any) -> int | None:
+    return None if value is None else integer(0, MAX_STORE_SIZE_BYTES)(name, value)
+
+
+def id_list(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise fail(name, value, "a list of at most 64 token ids")
+    return tuple(integer(0, MAX_STORE_SIZE_BYTES)(name, v) for v in value)
+
+
+COUNT = integer(1, MAX_STORE_SIZE_BYTES)
+POSITIONS = integer(1, MAX_POSITIONS)
+EPS = real(0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Field:
+    """One manifest config field the runtime reads."""
+
+    name: str
+    parse: Callable[[str, Any], Any]  # (name, raw value) -> checked value; raises ManifestSchemaError
+    default: Any = REQUIRED
+
+
+# ---------------------------------------------------------------- the description
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]  # HF config "model_type" values handled
+    fields: tuple[Field, ...]
+    normalize_config: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # HF config, extras -> manifest config
+    canonical_name: Callable[[str], str | None]  # HF tensor name -> stored name, or None to drop
+    first_prefix: str  # names starting with this are layer 0 (the embeddings)
+    row_table: str  # the token-embedding table: stored as a row table after the steps, read a few rows at a time
+    tensor_dims: Callable[[Mapping[str, Any]], dict[str, tuple[tuple[Dim, ...], bool]]]  # name -> (dims, required)
+    check_config: Callable[[dict[str, Any]], None]  # relations between fields; fills derived defaults
+
+    def default(self, key: str) -> Any:
+        """A field's default (the one place it is written)."""
+        for field in self.fields:
+            if field.name == key:
+                return field.default
+        raise KeyError(key)
+
+    def read_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Every field checked and defaulted (no tensor shapes involved).
+
+        Raises:
+            ManifestSchemaError: naming the field and its value.
+        """
+        values: dict[str, Any] = {}
+        for field in self.fields:
+            raw = config.get(field.name, field.default)
+            if raw is REQUIRED:
+                raise ManifestSchemaError(f"model config: {field.name} is missing; the file is damaged or was not written by streamload")
+            values[field.name] = field.parse(field.name, raw)
+        self.check_config(values)
+        return values
+
+    def layer_of(self, name: str, block_count: int) -> int:
+        """Stored tensor name -> layer index."""
+        if name.startswith(self.first_prefix):
+            return 0
+        match = BLOCK_NAME.match(name)
+        if match:
+            index = int(match.group(1))
+            if index >= block_count:
+                raise SourceError(f"tensor {name!r} belongs to block {index}, but the config has {block_count} blocks")
+            return index + 1
+        return block_count + 1
+
+    def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Every tensor the runtime needs, with its shape, for a config."""
+        return {name: _shape(dims, config) for name, (dims, required) in self.tensor_dims(config).items() if required}
+
+    def validate(self, config: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
+        """Check the config against the manifest's layers and tensors, before anything is allocated.
+
+        Returns:
+            The checked config with defaults filled in.
+
+        Raises:
+            ManifestSchemaError: naming the field, its value and the tensor shape it contradicts.
+        """
+        values = self.read_config(config)
+        blocks = values["num_hidden_layers"]
+        if manifest.step_count != blocks + 2:
+            raise ManifestSchemaError(
+                f"model config: num_hidden_layers={blocks} contradicts the file's {manifest.step_count} execution steps "
+                "(embeddings + blocks + head)"
+            )
+        for layer in manifest.layers[manifest.step_count :]:
+            held = [t.name for t in manifest.tensors if t.layer_index == layer.index]
+            if held != [self.row_table]:
+                raise ManifestSchemaError(f"model file: row table {layer.name!r} holds {held}, expected [{self.row_table!r}]")
+        for name, (dims, required) in self.tensor_dims(values).items():
+            entry = manifest.tensor_by_name.get(name)
+            if entry is None:
+                if required:
+                    raise ManifestSchemaError(
+                        f"model config: {_describe(dims, values)} implies tensor {name!r}, which the file does not hold"
+                    )
+                continue
+            if len(entry.shape) != len(dims):
+                raise ManifestSchemaError(f"model config: tensor {name!r} has shape {entry.shape}, expected {len(dims)} dimensions")
+            for axis, (dim, actual) in enumerate(zip(dims, entry.shape, strict=True)):
+                expected = math.prod(values[f] for f in dim)
+                if expected != actual:
+                    product = f" = {expected}" if len(dim) > 1 else ""
+                    raise ManifestSchemaError(
+                        f"model config: {_describe((dim,), values)}{product} contradicts tensor {name!r} of shape {entry.shape} "
+                        f"(dimension {axis} is {actual})"
+                    )
+            in_row_table = name == self.row_table and manifest.layers[entry.layer_index].kind is LayerKind.ROWS
+            if entry.layer_index != self.layer_of(name, blocks) and not in_row_table:
+                raise ManifestSchemaError(
+                    f"model config: tensor {name!r} is in layer {entry.layer_index}, "
+                    f"the runtime reads it from layer {self.layer_of(name, blocks)}"
+                )
+        return values
+
+
+def _shape(dims: tuple[Dim, ...], config: Mapping[str, Any]) -> tuple[int, ...]:
+    return tuple(math.prod(config[f] for f in dim) for dim in dims)
+
+
+def _describe(dims: tuple[Dim, ...], config: Mapping[str, Any]) -> str:
+    return ", ".join(" x ".join(f"{f}={config[f]}" for f in dim) for dim in dims)
+
+
+BLOCK_NAME = re.compile(r"^(?:encoder\.layer|model\.layers)\.(\d+)\.")
+
+
+def require(config: Mapping[str, Any], key: str, kind: type = int) -> Any:
+    value = config.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
+        raise SourceError(f"config.json: {key!r} is missing or invalid ({value!r}); it is needed to convert this model")
+    return value
