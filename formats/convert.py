@@ -129,6 +129,8 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
                 raise SourceError(f"shard {w.name} named by the index is missing from {folder}")
     elif path.is_file() and path.suffix == ".safetensors":
         folder, weights = path.parent, (path,)
+    elif not path.exists():
+        raise SourceError(f"{path}: no such file or folder (give a Hugging Face model folder or a .safetensors file)")
     else:
         raise SourceError(f"{path} is neither a model folder nor a .safetensors file")
     hf_config: Any = None

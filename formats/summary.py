@@ -41,6 +41,8 @@ def summarize_compression(manifest: Manifest) -> CompressionSummary | None:
             position += 1
         if position < len(int8_ranges) and int8_ranges[position][0] < chunk.raw_offset + chunk.raw_size_bytes:
             compressed += chunk.size_bytes
+    # a progressive matrix's refinements (pass 1, each inside one int8 tensor) are the rest of its int8 payload
+    compressed += sum(chunk.size_bytes for chunk in manifest.refinement_chunks)
     return CompressionSummary(
         int8_weights=int(sum(manifest.int8_histogram)),
         int8_compressed_bytes=compressed,

@@ -155,7 +155,8 @@ class Backoff:
         """After a failed attempt: progress since the last failure starts the count again."""
         self.failures = 0 if progressed else self.failures + 1
         if self.failures >= self.policy.max_attempts:
-            raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}") from None
+            hint = "; is the server running, and is the address right?" if getattr(exc, "unreachable", False) else ""
+            raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
         delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
         logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)
         await asyncio.sleep(delay)

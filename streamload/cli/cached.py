@@ -39,8 +39,16 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
     from ..cachedir import list_cached_models
 
     source = args.source
+    if Path(source).is_dir():
+        hint = f"; a Hugging Face model folder? convert it first: streamload convert {source} -o model.slm"
+        config = (Path(source) / "config.json").is_file()
+        print(f"error: {source} is a directory: give a .slm file in it{hint if config else ''}", file=sys.stderr)
+        return False
     if is_url(source) or Path(source).exists():
         return True
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
+        print(f"error: {source}: only http:// and https:// URLs are supported", file=sys.stderr)
+        return False
     root = cache_dir_of(args)
     cached = list_cached_models(root)
     by_name = [m for m in cached if {source, source + ".slm"} & {_file_name(url) for url in m.sources}]

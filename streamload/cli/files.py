@@ -17,6 +17,8 @@ from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..formats import convert  # the writing side, imported only to convert
 
+    if not args.output.endswith(".slm"):
+        print(f"warning: {args.output} does not end in .slm: `streamload serve` serves only .slm files", file=sys.stderr)
     bar = ConvertProgress(f"converting {Path(args.source).name}", enabled=not args.json and sys.stderr.isatty())
     try:
         report = convert(

@@ -52,14 +52,16 @@ class ConvertProgress:
 
 
 class ProgressBar:
-    """An `ollama pull`-style bar on stderr, fed by the download progress callback."""
+    """An `ollama pull`-style bar on stderr, fed by the download progress callback; ``last`` is the latest report."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label = label
         self.enabled = enabled
         self.bar: Any = None
+        self.last: Any = None
 
     def __call__(self, progress: Any) -> None:
+        self.last = progress
         if not self.enabled:
             return
         if self.bar is None:
@@ -67,6 +69,7 @@ class ProgressBar:
 
             self.bar = tqdm(
                 total=progress.bytes_total or progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
+                initial=progress.bytes_cached,  # what the cache held is not counted in the rate
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
@@ -127,10 +130,12 @@ def print_summary(summary: dict[str, Any], source: str) -> None:
     if tiers:
         cosine = tiers["preview_cosine_on_calibration"]
         print(
-            f"  progressive    preview tier {format_bytes(tiers['coarse_tier_bytes'])} (steps at coarse levels), "
+            f"  progressive    preview tier {format_bytes(tiers['coarse_tier_bytes'])} (what the preview needs: every layer, "
+            f"its progressive matrices at coarse levels), "
             f"refinements {format_bytes(tiers['refinement_bytes'])}, row tables {format_bytes(tiers['row_table_bytes'])}\n"
             f"                 {tiers['progressive_matrices']} matrices progressive "
-            f"({', '.join(f'{n} at {bits}' for bits, n in tiers['coarse_bits'].items())}), {tiers['exact_matrices']} exact in pass 0"
+            f"({', '.join(f'{n} at {bits}' for bits, n in tiers['coarse_bits'].items())}), "
+            f"{tiers['exact_matrices']} stored exact in the preview tier"
             + (f"; preview cosine to exact {cosine:.4f} on the calibration text" if cosine is not None else "")
         )
     payload = summary["int8_payload"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +102,9 @@ def _digest(text: str) -> str:
 
 
 def _output_file(text: str) -> str:
+    if text.endswith(("/", os.sep)):
+        example = text.rstrip("/" + os.sep) + "/model.slm"
+        raise argparse.ArgumentTypeError(f"{text} names a directory: give the .slm file to write, e.g. {example}")
     directory = Path(text).parent
     if not directory.is_dir():
         raise argparse.ArgumentTypeError(f"the directory {directory} does not exist: create it first (mkdir -p {directory})")

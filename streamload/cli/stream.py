@@ -139,9 +139,11 @@ async def _run(args: argparse.Namespace) -> None:
             print_result(args, out, label="exact" if preview is not None else "")
             if not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
-                    left = format_bytes(max(0, model.stats.bytes_total - model.stats.bytes_downloaded))
-                    print(f"completing the cache for the next run ({left} left; --no-finish stops here)", file=sys.stderr)
-                await model.wait_complete()
+                    print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
+                stats = await model.wait_complete()
+                if not args.quiet and not args.json:
+                    done = f"cache complete in {model.path} ({format_bytes(stats.bytes_total)})"
+                    print(f"{done}: the next run needs no network", file=sys.stderr)
             if args.timeline_png:
                 from ..timeline_png import draw_timeline
 
@@ -161,6 +163,14 @@ async def _run(args: argparse.Namespace) -> None:
                 )
     finally:
         bar.close()
+
+
+def _left(bar: ProgressBar, model: Any) -> str:
+    """What the cache still lacks: the file less what it held at the start and what came since (the latest report)."""
+    progress = bar.last
+    if progress is None:
+        return format_bytes(max(0, model.stats.bytes_total - model.stats.bytes_downloaded))
+    return format_bytes(max(0, progress.bytes_total - progress.bytes_cached - progress.bytes_downloaded))
 
 
 async def _exact_only(model: Any, options: dict[str, Any]) -> Any:

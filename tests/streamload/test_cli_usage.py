@@ -61,6 +61,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], status: int, *
         (["serve", ".", "--port", "-1"], "--port: '-1'"),
         (["convert", ".", "-o", "/nonexistent-dir/x.slm"], "the directory /nonexistent-dir does not exist"),
         (["convert", ".", "-o", "x.slm", "--level", "0"], "--level: '0'"),
+        (["convert", ".", "-o", "models/"], "models/ names a directory: give the .slm file to write, e.g. models/model.slm"),
         (["convert", ".", "-o", "x.slm", "--chunk-size", "0"], "--chunk-size: '0'"),
         (["verify", "http://127.0.0.1:8800/minilm.slm"], "verify checks a local file"),
     ],
@@ -132,6 +133,22 @@ def test_a_cached_model_runs_by_file_name_or_digest_prefix(server: ServerThread,
         assert done.returncode == 0, done.stderr
         assert done.stdout == by_url.stdout
         assert f"running cached minilm.slm sha256:{digest[:12]} (complete) from {url}" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "fetch"])
+def test_a_directory_to_run_or_fetch_is_named_and_a_model_folder_gets_the_convert_command(command: str, tmp_path: Path) -> None:
+    extra = ["--text", "hi"] if command == "run" else []
+    assert_one_line_error(streamload_cli(command, str(tmp_path), *extra, cache=tmp_path / "c"), 1, f"{tmp_path} is a directory")
+    (tmp_path / "config.json").write_text("{}")
+    done = streamload_cli(command, str(tmp_path), *extra, cache=tmp_path / "c")
+    assert_one_line_error(done, 1, f"convert it first: streamload convert {tmp_path} -o model.slm")
+
+
+def test_a_url_of_another_scheme_and_a_missing_conversion_source(tmp_path: Path) -> None:
+    done = streamload_cli("run", "htp://127.0.0.1:8800/minilm.slm", "--text", "hi", cache=tmp_path)
+    assert_one_line_error(done, 1, "only http:// and https:// URLs are supported")
+    done = streamload_cli("convert", str(tmp_path / "nosuch"), "-o", str(tmp_path / "m.slm"))
+    assert_one_line_error(done, 1, "nosuch: no such file or folder")
 
 
 def test_an_unknown_name_and_a_url_without_its_scheme(tmp_path: Path) -> None:

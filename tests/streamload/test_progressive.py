@@ -160,6 +160,15 @@ def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
     ]
     plain = json.loads(subprocess.run([*command, str(progressive_www / "minilm.slm")], capture_output=True, check=True).stdout)
     assert plain["progressive"] is None
+    progressive_payload = json.loads(
+        subprocess.run([*command, str(progressive_www / "minilm-p.slm")], capture_output=True, check=True).stdout
+    )["int8_payload"]
+    # the int8 payload counts the refinements: the same weights in two planes, so no fewer bytes than in one
+    assert (
+        plain["int8_payload"]["compressed_bytes"]
+        < progressive_payload["compressed_bytes"]
+        < 1.05 * plain["int8_payload"]["compressed_bytes"]
+    )
     steps = sum(layer["compressed_bytes"] for layer in plain["layers"] if layer["kind"] == "step")
     assert tiers["coarse_tier_bytes"] < 0.8 * steps < tiers["coarse_tier_bytes"] + tiers["refinement_bytes"]
     with ModelReader(progressive_www / "minilm-p.slm") as reader:
