@@ -80,8 +80,8 @@ class ChunkPipeline:
         self.stats = stats
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
-        # index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch
-        self.chunk_spans: dict[int, tuple[float, float, float, float]] = {}
+        # per batch: its chunk indices and (receive start, receive end, verify start, stored) (perf_counter)
+        self._batch_times: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
         self._local = threading.local()
         # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
         # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
@@ -93,6 +93,14 @@ class ChunkPipeline:
         self._bases_in_flight: dict[int, threading.Event] = {}
         self._bases_failed: set[int] = set()
         self._bases_stored: set[int] = set()
+
+    @property
+    def chunk_spans(self) -> dict[int, tuple[float, float, float, float]]:
+        """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch."""
+        spans: dict[int, tuple[float, float, float, float]] = {}
+        for indices, times in list(self._batch_times):
+            spans.update(dict.fromkeys(indices.tolist(), times))
+        return spans
 
     async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[Landed]:
         """Receive, verify, decompress and store a span on ``threads`` pool threads, yielding chunks as they land
@@ -252,7 +260,7 @@ class ChunkPipeline:
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s
         self.stats.store_s += stored_at - decompressed
-        self.chunk_spans.update(dict.fromkeys(column_at(table.index, batch).tolist(), (received_from, received_at, started, stored_at)))
+        self._batch_times.append((column_at(table.index, batch), (received_from, received_at, started, stored_at)))
         return Landed(stored, written, failed, ends[-1])
 
     def _fold(

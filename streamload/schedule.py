@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 import numpy as np
 
 from .formats import ChunkEntry
-from .formats.chunk_table import ChunkTable
+from .formats.chunk_table import ChunkTable, column_at
 
 PENDING, TAKEN, DONE = 0, 1, 2
 JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
@@ -71,7 +71,7 @@ class Span:
 
     def received_bytes(self) -> int:
         """Compressed bytes of the chunks that came off the connection."""
-        return int(self.table.size[np.asarray(self.positions[: self.received], np.int64)].sum())
+        return int(column_at(self.table.size, self.positions[: self.received]).sum())
 
     def stop(self, error: BaseException | None = None) -> None:
         """End the span at the next chunk boundary; with an error, also abort its connection (any thread)."""

@@ -919,7 +919,7 @@ class DownloadSession:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
         self.stats.chunks_fetched += len(stored)
-        self.committer.add(list(zip(indices, landed.digests, strict=True)))
+        self.committer.add_columns(indices, landed.digests)
         if self.scheduler.finished:
             self._finish()  # now, not when a group commit still running ends
         else:
