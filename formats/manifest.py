@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import io
 import math
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -619,7 +618,8 @@ def _check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[Chun
 # parsed entry by entry, and so is a list this reading finds anything wrong with, to raise the precise error.
 _CHUNK_KEYS = [msgpack.packb(key) for key in ("layer", "offset", "size", "raw_offset", "raw_size", "sha256")]
 _SHA256_BIN_HEADER = bytes([0xC4, SHA256_SIZE_BYTES])
-_CHUNK_OPENING = re.compile(re.escape(b"\x86" + _CHUNK_KEYS[0]))  # a map of 6 whose first key is "layer"
+_CHUNK_OPENING = np.frombuffer(b"\x86" + _CHUNK_KEYS[0], np.uint8)  # a map of 6 whose first key is "layer"
+_SCAN_BLOCK_BYTES = 1 << 20
 _MIN_CHUNK_ENTRY_BYTES = 1 + sum(map(len, _CHUNK_KEYS)) + 5 * 1 + 2 + SHA256_SIZE_BYTES  # every int in one byte
 _MAX_CHUNK_ENTRY_BYTES = _MIN_CHUNK_ENTRY_BYTES + 5 * 8  # every int in nine
 
@@ -645,6 +645,26 @@ def _parse_chunks_canonical(
     )
 
 
+def _entry_starts(whole: np.ndarray, count: int) -> np.ndarray | None:
+    """Where the list's ``count`` entries open (``_CHUNK_OPENING``), the first at 0; None for any other number of
+    openings. Read a block at a time: no array is longer than a block or than ``count``. (Openings cannot overlap.)"""
+    found: list[np.ndarray] = []
+    total = 0
+    last = len(whole) - len(_CHUNK_OPENING)  # the last position an opening fits at
+    for block in range(0, last + 1, _SCAN_BLOCK_BYTES):
+        candidates = np.flatnonzero(whole[block : min(block + _SCAN_BLOCK_BYTES, last + 1)] == _CHUNK_OPENING[0]) + block
+        for k in range(1, len(_CHUNK_OPENING)):
+            candidates = candidates[whole[candidates + k] == _CHUNK_OPENING[k]]
+        total += len(candidates)
+        if total > count:
+            return None
+        found.append(candidates)
+    if total != count:
+        return None
+    starts = np.concatenate(found)
+    return starts if starts[0] == 0 else None
+
+
 def _chunk_columns(
     data: bytes, span: Span, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
 ) -> np.ndarray | None:
@@ -668,16 +688,10 @@ def _chunk_columns(
     list_bytes = end - body
     if count == 0 or not _MIN_CHUNK_ENTRY_BYTES * count <= list_bytes <= _MAX_CHUNK_ENTRY_BYTES * count:
         return None
-    found: list[int] = []
-    for match in _CHUNK_OPENING.finditer(data, body, end):
-        if len(found) == count:
-            return None
-        found.append(match.start() - body)
-    if len(found) != count or found[0] != 0:
-        return None
-    starts = np.array(found, np.int64)
-    del found
     whole = np.frombuffer(data, np.uint8, list_bytes, body)
+    starts = _entry_starts(whole, count)
+    if starts is None:
+        return None
     ok = np.ones(count, bool)
 
     def byte_at(at: np.ndarray) -> np.ndarray:  # a read past the list (only a malformed last entry makes one) is refused below

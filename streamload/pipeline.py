@@ -48,7 +48,7 @@ class Landed:
     bytes, and ones refused by their hash."""
 
     stored: Sequence[int]
-    digests: list[int]  # xxh3 of each stored chunk's bytes: what a later process checks the store against
+    digests: np.ndarray  # (uint64) xxh3 of each stored chunk's bytes: what a later process checks the store against
     failed: list[tuple[int, ChunkIntegrityError]]
     size_bytes: int  # compressed bytes received for the batch
 
@@ -243,7 +243,8 @@ class ChunkPipeline:
             stored, raws, refined, exact = self._fold(table, stored, raws, failed)
         else:
             refined, exact = [], []
-        written = [xxhash.xxh3_64_intdigest(raw) for raw in raws]  # what a later process checks the store against
+        # what a later process checks the store against
+        written = np.fromiter(map(xxhash.xxh3_64_intdigest, raws), np.uint64, len(raws))
         decompressed = time.perf_counter()
         if stored:
             raw_offsets, raw_sizes = column_at(table.raw_offset, stored), column_at(table.raw_size, stored)
@@ -255,7 +256,8 @@ class ChunkPipeline:
             with self._bases_lock:
                 self._bases_stored.update(index for index in column_at(table.index, stored).tolist() if index in self._bases)
         if refined:  # folded and written already: reported after the chunks written here
-            stored, written = [*stored, *refined], written + [xxhash.xxh3_64_intdigest(values) for values in exact]
+            folded = np.fromiter(map(xxhash.xxh3_64_intdigest, exact), np.uint64, len(exact))
+            stored, written = [*stored, *refined], np.concatenate([written, folded])
         stored_at = time.perf_counter()
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s

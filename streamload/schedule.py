@@ -26,6 +26,7 @@ run on the event loop, except that pool threads read ``Span.cut``.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import collections
@@ -82,6 +83,12 @@ class Span:
                 self.abort()
 
 
+def _int_array(values: np.ndarray) -> array.array[int]:
+    copy = array.array("q")
+    copy.frombytes(values.astype(np.int64, copy=False).tobytes())
+    return copy
+
+
 class _Demand:
     """Positions someone waits for, in file order, with a cursor past those no longer pending."""
 
@@ -118,12 +125,13 @@ class ChunkScheduler:
         # position -> positions that must be done before it is handed out (a refinement's pass-0 chunks)
         self._requires = {self._position(i): [self._position(b) for b in base] for i, base in (requires or {}).items()}
         self._refinement_positions = sorted(self._requires)  # for the runs: where a blocked refinement may end one
-        self._offsets: list[int] = table.offset.tolist()  # ascending (file order)
-        self._sizes: list[int] = table.size.tolist()
+        # plain int64 arrays (array.array): read an element at a time, and bisect-able, at the cost of a copy
+        self._offsets = _int_array(table.offset)  # ascending (file order)
+        self._sizes = _int_array(table.size)
         # compressed bytes before each position (a run's size is a difference), and the positions not back to back
         # with the chunk before them in the file: a span's run of pending chunks between them is taken whole
         bytes_before = np.concatenate([[0], np.cumsum(table.size)])
-        self._bytes_before: list[int] = bytes_before.tolist()
+        self._bytes_before = _int_array(bytes_before)
         shift = table.offset - bytes_before[:-1]  # changes at a hole
         self._holes = (np.flatnonzero(np.diff(shift)) + 1).tolist()
         self._layers = table.layer

@@ -912,9 +912,9 @@ class DownloadSession:
                 remaining[layer_index] -= int(count)
                 if remaining[layer_index] == 0:
                     self._set_ready(int(layer_index))
-        indices = column_at(table.index, stored).tolist()
+        indices = column_at(table.index, stored)
         if waiters:
-            for index in indices:
+            for index in indices.tolist():
                 waiter = waiters.pop(index, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
