@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import io
 import math
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from ..errors import (
     OverlapError,
     UnknownDTypeError,
 )
+from .chunk_table import ChunkTable
 from .constants import (
     COARSE_SHIFTS,
     LAYER_ALIGNMENT,
@@ -132,7 +132,7 @@ class Manifest:
     config: Mapping[str, Any]
     layers: tuple[LayerEntry, ...]
     tensors: tuple[TensorEntry, ...]
-    chunks: tuple[ChunkEntry, ...]  # pass 0, in file order (= execution order)
+    chunk_table: ChunkTable  # pass 0, in file order (= execution order), as columns; ``chunks`` as ChunkEntry objects
     refinement_chunks: tuple[ChunkEntry, ...]  # pass > 0, in file order: REFINEMENT_PASS ones tile the progressive tensors
     tokenizer: TokenizerBlob | None
     chunk_size_bytes: int
@@ -151,9 +151,15 @@ class Manifest:
         return self.layers[-1].raw_end if self.layers else 0
 
     @property
+    def chunks(self) -> tuple[ChunkEntry, ...]:
+        """Pass-0 chunks in file order (= execution order), made from ``chunk_table`` on first use."""
+        return self.chunk_table.entries()
+
+    @property
     def data_size_bytes(self) -> int:
         # chunks are in file order (ascending, no overlap): the last of each list ends furthest
-        return max((c.end for c in self.chunks[-1:] + self.refinement_chunks[-1:]), default=0)
+        ends = [int(self.chunk_table.end[-1])] if len(self.chunk_table) else []
+        return max(ends + [c.end for c in self.refinement_chunks[-1:]], default=0)
 
     def tensor(self, name: str) -> TensorEntry:
         return self.tensor_by_name[name]
@@ -179,6 +185,14 @@ class Manifest:
         if not refinements:
             return self.chunks
         return tuple(sorted(self.chunks + tuple(refinements), key=lambda c: c.offset))
+
+    def file_order_table(self) -> ChunkTable:
+        """``file_order_chunks`` as a ChunkTable (no ChunkEntry is made for a model without refinements)."""
+        refinements = [c for c in self.refinement_chunks if c.pass_index == REFINEMENT_PASS]
+        if not refinements:
+            return self.chunk_table
+        merged = ChunkTable.concat([self.chunk_table, ChunkTable.from_entries(refinements)])
+        return merged.take(np.argsort(merged.offset, kind="stable"))
 
     @property
     def step_count(self) -> int:
@@ -604,28 +618,51 @@ def _check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[Chun
 # parsed entry by entry, and so is a list this reading finds anything wrong with, to raise the precise error.
 _CHUNK_KEYS = [msgpack.packb(key) for key in ("layer", "offset", "size", "raw_offset", "raw_size", "sha256")]
 _SHA256_BIN_HEADER = bytes([0xC4, SHA256_SIZE_BYTES])
-_CHUNK_OPENING = re.compile(re.escape(b"\x86" + _CHUNK_KEYS[0]))  # a map of 6 whose first key is "layer"
+_CHUNK_OPENING = np.frombuffer(b"\x86" + _CHUNK_KEYS[0], np.uint8)  # a map of 6 whose first key is "layer"
+_SCAN_BLOCK_BYTES = 1 << 20
 _MIN_CHUNK_ENTRY_BYTES = 1 + sum(map(len, _CHUNK_KEYS)) + 5 * 1 + 2 + SHA256_SIZE_BYTES  # every int in one byte
 _MAX_CHUNK_ENTRY_BYTES = _MIN_CHUNK_ENTRY_BYTES + 5 * 8  # every int in nine
 
 
 def _parse_chunks_canonical(
     data: bytes, span: Span, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
-) -> tuple[ChunkEntry, ...] | None:
-    """The chunk list when every entry has the writer's encoding and every rule of ``_parse_chunks`` holds, else None."""
+) -> ChunkTable | None:
+    """The chunk list when every entry has the writer's encoding and every rule of ``_parse_chunks`` holds, else None.
+    Columns only: no ChunkEntry is made here (``ChunkTable.entries`` makes them when someone asks)."""
     columns = _chunk_columns(data, span, layers, data_size_bytes, chunk_size_bytes)
     if columns is None:
         return None
-    count = columns.shape[1]
-    entries: list[ChunkEntry] = []
-    for first in range(0, count, _ENTRIES_PER_BLOCK):  # Python ints for a block at a time: the peak stays near the result's
-        layer, offset, size, raw_offset, raw_size, sha_at = columns[:, first : first + _ENTRIES_PER_BLOCK].tolist()
-        shas = [data[position : position + SHA256_SIZE_BYTES] for position in sha_at]
-        entries.extend(map(ChunkEntry, range(first, first + len(shas)), layer, offset, size, raw_offset, raw_size, shas))
-    return tuple(entries)
+    layer, offset, size, raw_offset, raw_size, sha_at = columns
+    whole = np.frombuffer(data, np.uint8)
+    return ChunkTable(
+        index=np.arange(len(layer), dtype=np.int64),
+        layer=layer,
+        offset=offset,
+        size=size,
+        raw_offset=raw_offset,
+        raw_size=raw_size,
+        sha256=whole[sha_at[:, None] + np.arange(SHA256_SIZE_BYTES)],  # (n, 32): one gather, a copy
+    )
 
 
-_ENTRIES_PER_BLOCK = 4096
+def _entry_starts(whole: np.ndarray, count: int) -> np.ndarray | None:
+    """Where the list's ``count`` entries open (``_CHUNK_OPENING``), the first at 0; None for any other number of
+    openings. Read a block at a time: no array is longer than a block or than ``count``. (Openings cannot overlap.)"""
+    found: list[np.ndarray] = []
+    total = 0
+    last = len(whole) - len(_CHUNK_OPENING)  # the last position an opening fits at
+    for block in range(0, last + 1, _SCAN_BLOCK_BYTES):
+        candidates = np.flatnonzero(whole[block : min(block + _SCAN_BLOCK_BYTES, last + 1)] == _CHUNK_OPENING[0]) + block
+        for k in range(1, len(_CHUNK_OPENING)):
+            candidates = candidates[whole[candidates + k] == _CHUNK_OPENING[k]]
+        total += len(candidates)
+        if total > count:
+            return None
+        found.append(candidates)
+    if total != count:
+        return None
+    starts = np.concatenate(found)
+    return starts if starts[0] == 0 else None
 
 
 def _chunk_columns(
@@ -651,16 +688,10 @@ def _chunk_columns(
     list_bytes = end - body
     if count == 0 or not _MIN_CHUNK_ENTRY_BYTES * count <= list_bytes <= _MAX_CHUNK_ENTRY_BYTES * count:
         return None
-    found: list[int] = []
-    for match in _CHUNK_OPENING.finditer(data, body, end):
-        if len(found) == count:
-            return None
-        found.append(match.start() - body)
-    if len(found) != count or found[0] != 0:
-        return None
-    starts = np.array(found, np.int64)
-    del found
     whole = np.frombuffer(data, np.uint8, list_bytes, body)
+    starts = _entry_starts(whole, count)
+    if starts is None:
+        return None
     ok = np.ones(count, bool)
 
     def byte_at(at: np.ndarray) -> np.ndarray:  # a read past the list (only a malformed last entry makes one) is refused below
@@ -818,16 +849,17 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
     max_chunks = None if data_size_bytes is None else data_size_bytes // MIN_ZSTD_FRAME_SIZE_BYTES
     canonical = _parse_chunks_canonical(data, root["chunks"], layers, data_size_bytes, chunk_size)
     if canonical is not None and (max_chunks is None or len(canonical) <= max_chunks):
-        chunks, refinements = canonical, ()
+        chunk_table, refinements = canonical, ()
     else:
         entries = _entries(data, root["chunks"], "chunks", max_count=max_chunks)
         chunks, refinements = _parse_chunks(entries, layers, data_size_bytes, chunk_size)
+        chunk_table = ChunkTable.from_entries(chunks)
     _check_refinements(tensors, refinements)
     return Manifest(
         config=config,
         layers=layers,
         tensors=tensors,
-        chunks=chunks,
+        chunk_table=chunk_table,
         refinement_chunks=refinements,
         tokenizer=_parse_tokenizer(data, root.get("tokenizer")),
         chunk_size_bytes=chunk_size,

@@ -11,7 +11,7 @@ import hashlib
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -209,10 +209,11 @@ def check_frames(chunks: list[ChunkEntry], data: bytes | memoryview) -> None:
     content size equal to the manifest's raw size, and the frame ending exactly where the
     chunk does. Any other frame goes to ``check_frame``, which accepts it or raises its error.
     """
-    _check_frames(chunks, data, np.array([chunk.size_bytes for chunk in chunks], np.int64))
+    sizes = np.array([chunk.size_bytes for chunk in chunks], np.int64)
+    _check_frames(chunks, data, sizes, np.array([chunk.raw_size_bytes for chunk in chunks], np.int64))
 
 
-def _check_frames(chunks: list[ChunkEntry], data: bytes | memoryview, sizes: np.ndarray) -> None:
+def _check_frames(chunks: Sequence[ChunkEntry], data: bytes | memoryview, sizes: np.ndarray, raw_sizes: np.ndarray) -> None:
     # few numpy calls per batch, each over every frame: a call may hand the GIL to another thread, and getting it
     # back costs up to the switch interval when the pool is busy
     count = len(chunks)
@@ -230,11 +231,10 @@ def _check_frames(chunks: list[ChunkEntry], data: bytes | memoryview, sizes: np.
     block = np.take_along_axis(window, block_at[:, None] + np.arange(3), axis=1).astype(np.int64) @ np.array([1, 1 << 8, 1 << 16])
     block_type = (block >> 1) & 3
     frame_end = block_at + 3 + np.where(block_type == 1, 1, block >> 3) + _CHECKSUM_SIZE[descriptor]
-    raw_sizes = np.array([chunk.raw_size_bytes for chunk in chunks], np.uint64)
     fast = (
         (window[:, :4] == _MAGIC_ARRAY).all(axis=1)
         & (field_size > 0)  # the size is declared (and the reserved bit is clear)
-        & (declared == raw_sizes)
+        & (declared == raw_sizes.astype(np.uint64))
         & (block & 1 == 1)  # the last block
         & (block_type != 3)
         & (frame_end == sizes)
@@ -322,20 +322,27 @@ def decompress_chunks(
 
 
 def decompress_batch(
-    chunks: list[ChunkEntry], data: bytes | memoryview, *, decompressor: zstandard.ZstdDecompressor | None = None
+    chunks: Sequence[ChunkEntry],
+    data: bytes | memoryview,
+    *,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+    sizes: np.ndarray | None = None,
+    raw_sizes: np.ndarray | None = None,
 ) -> list[bytes | memoryview]:
     """``decompress_chunks`` for verified chunks whose bytes lie back to back in ``data``: the frames are checked
     for the whole batch at once (``check_frames``) and decoded with one call into libzstd, with no Python
-    work per chunk beyond taking its output."""
+    work per chunk beyond taking its output. ``sizes`` and ``raw_sizes`` (int64), when given, are the chunks'
+    (a ``ChunkTable``'s columns): ``chunks`` is then indexed only to name a chunk that fails."""
     if len(chunks) == 1:
         return [decompress_chunk(chunks[0], data, decompressor=decompressor)]
-    sizes = np.array([chunk.size_bytes for chunk in chunks], np.int64)
-    _check_frames(chunks, data, sizes)
+    if sizes is None or raw_sizes is None:
+        sizes = np.array([chunk.size_bytes for chunk in chunks], np.int64)
+        raw_sizes = np.array([chunk.raw_size_bytes for chunk in chunks], np.int64)
+    _check_frames(chunks, data, sizes, raw_sizes)
     segments = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8")  # (offset, length) of each frame
-    raw_sizes = struct.pack(f"={len(chunks)}Q", *(chunk.raw_size_bytes for chunk in chunks))
     try:
         result = (decompressor or zstandard.ZstdDecompressor()).multi_decompress_to_buffer(
-            zstandard.BufferWithSegments(data, segments.tobytes()), decompressed_sizes=raw_sizes
+            zstandard.BufferWithSegments(data, segments.tobytes()), decompressed_sizes=raw_sizes.astype("=u8").tobytes()
         )
     except zstandard.ZstdError:  # name the chunk that failed
         view = memoryview(data)

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "chunks.log"
 JOURNAL_RECORD = struct.Struct("<IQ")  # chunk index, xxh3_64 of the chunk's bytes in the store
+JOURNAL_DTYPE = np.dtype([("index", "<u4"), ("digest", "<u8")])  # JOURNAL_RECORD as a numpy record (packed, 12 bytes)
 RESERVE_BLOCK_BYTES = 8 << 20
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 IOV_MAX = 1024  # buffers per pwritev (POSIX minimum, Linux's limit)
@@ -330,16 +331,21 @@ class ModelCache:
             self._reserved[block] = 0
         return released
 
-    def commit_chunks(self, records: list[tuple[int, int]]) -> None:
+    def commit_chunks(self, records: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Make written chunks durable, then journal (index, xxh3) for each (group commit; the commit thread).
 
         fdatasync first, journal second: after a crash or a power cut the journal names
-        only chunks whose bytes are on disk. One write(2) with O_APPEND per batch.
+        only chunks whose bytes are on disk. One write(2) with O_APPEND per batch. ``records``: (index, xxh3) pairs,
+        or an array of JOURNAL_DTYPE (``journal_records``).
         """
         assert self._journal_fd is not None and self._store_fd is not None
         try:
             os.fdatasync(self._store_fd)
-            os.write(self._journal_fd, b"".join(JOURNAL_RECORD.pack(index, digest) for index, digest in records))
+            if isinstance(records, np.ndarray):
+                data = records.astype(JOURNAL_DTYPE, copy=False).tobytes()
+            else:
+                data = b"".join(JOURNAL_RECORD.pack(index, digest) for index, digest in records)
+            os.write(self._journal_fd, data)
         except OSError as exc:
             raise _cache_error("committing", self.directory / JOURNAL_NAME, exc) from None
 
@@ -391,26 +397,43 @@ class GroupCommitter:
         self.loop = loop
         self.stats = stats  # its receive_wait_s (receivers' summed waiting) tells network-bound from CPU-bound
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-commit")
-        self.uncommitted: list[tuple[int, int]] = []  # (index, xxh3): written to the store, not yet durable and journaled
+        self._pending: list[np.ndarray] = []  # JOURNAL_DTYPE records: written to the store, not yet durable and journaled
         self.running: asyncio.Future[None] | None = None
         self.failed: asyncio.Future[None] = loop.create_future()  # gets the first commit failure
         self.commit_s = 0.0
         self._last_commit = time.perf_counter()
         self._wait_at_commit = stats.receive_wait_s
 
-    def add(self, records: list[tuple[int, int]]) -> None:
+    @property
+    def uncommitted(self) -> list[tuple[int, int]]:
+        """(index, xxh3) of the chunks written to the store, not yet durable and journaled."""
+        return [(index, digest) for part in self._pending for index, digest in part.tolist()]
+
+    def add(self, records: Sequence[tuple[int, int]]) -> None:
         """Chunks are verified and written: journal (index, xxh3 of the stored bytes) with the next group."""
-        self.uncommitted.extend(records)
+        self.add_columns([index for index, _ in records], [digest for _, digest in records])
+
+    def add_columns(self, indices: Sequence[int], digests: Sequence[int]) -> None:
+        """``add`` for a batch given as two columns (no Python object per chunk)."""
+        records = np.empty(len(indices), JOURNAL_DTYPE)
+        records["index"] = indices
+        records["digest"] = np.array(digests, np.uint64)
+        self._pending.append(records)
         self._maybe_commit()
 
+    def _take_pending(self) -> np.ndarray:
+        batch = np.concatenate(self._pending) if len(self._pending) != 1 else self._pending[0]
+        self._pending = []
+        return batch
+
     def _maybe_commit(self) -> None:
-        if self.running is not None or not self.uncommitted or self.failed.done():
+        if self.running is not None or not self._pending or self.failed.done():
             return
         if commit_due(time.perf_counter() - self._last_commit, self.stats.receive_wait_s - self._wait_at_commit):
             self._start()
 
     def _start(self) -> None:
-        batch, self.uncommitted = self.uncommitted, []
+        batch = self._take_pending()
         started = time.perf_counter()
         self.running = self.loop.run_in_executor(self.pool, self.cache.commit_chunks, batch)
         self.running.add_done_callback(lambda done: self._committed(done, started))
@@ -433,7 +456,7 @@ class GroupCommitter:
 
     async def flush(self) -> None:
         """Commit everything written so far and wait for it; raises a commit failure."""
-        while self.running is not None or self.uncommitted:
+        while self.running is not None or self._pending:
             if self.running is None:
                 self._start()
             running = self.running
@@ -449,8 +472,8 @@ class GroupCommitter:
         """After a stop or a failure: keep what is verified and written (a failure to is logged), then end the thread."""
         if self.running is not None:
             await asyncio.wait([self.running])
-        if self.uncommitted and not self.failed.done():
-            batch, self.uncommitted = self.uncommitted, []
+        if self._pending and not self.failed.done():
+            batch = self._take_pending()
             try:
                 await self.loop.run_in_executor(self.pool, self.cache.commit_chunks, batch)
             except CacheError as exc:

@@ -24,16 +24,18 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
+import numpy as np
 import xxhash
 import zstandard
 
 from .errors import ChunkIntegrityError, RetryableError, StalledError
 from .formats import ChunkEntry, decompress_chunks, verify_chunk
+from .formats.chunk_table import ChunkTable, EntriesAt, column_at
+from .formats.constants import MIN_ZSTD_FRAME_SIZE_BYTES
 from .formats.reader import decompress_batch
 from .schedule import Span
 from .stats import DownloadStats
@@ -42,15 +44,17 @@ from .transport import SpanReader
 
 @dataclasses.dataclass(slots=True)
 class Landed:
-    """What became of one batch of chunks: stored ones with the xxh3 of their stored bytes, and ones refused by their hash."""
+    """What became of one batch of chunks (positions in the span's table): stored ones with the xxh3 of their stored
+    bytes, and ones refused by their hash."""
 
-    stored: list[ChunkEntry]
-    digests: list[int]  # xxh3 of each stored chunk's bytes: what a later process checks the store against
-    failed: list[tuple[ChunkEntry, ChunkIntegrityError]]
+    stored: Sequence[int]
+    digests: np.ndarray  # (uint64) xxh3 of each stored chunk's bytes: what a later process checks the store against
+    failed: list[tuple[int, ChunkIntegrityError]]
     size_bytes: int  # compressed bytes received for the batch
 
 
 BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
+MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
 
 
 class ChunkPipeline:
@@ -76,8 +80,8 @@ class ChunkPipeline:
         self.stats = stats
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
-        # index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch
-        self.chunk_spans: dict[int, tuple[float, float, float, float]] = {}
+        # per batch: its chunk indices and (receive start, receive end, verify start, stored) (perf_counter)
+        self._batch_times: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
         self._local = threading.local()
         # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
         # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
@@ -90,6 +94,14 @@ class ChunkPipeline:
         self._bases_failed: set[int] = set()
         self._bases_stored: set[int] = set()
 
+    @property
+    def chunk_spans(self) -> dict[int, tuple[float, float, float, float]]:
+        """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch."""
+        spans: dict[int, tuple[float, float, float, float]] = {}
+        for indices, times in list(self._batch_times):
+            spans.update(dict.fromkeys(indices.tolist(), times))
+        return spans
+
     async def run_span(self, span: Span, reader: SpanReader, threads: int) -> AsyncIterator[Landed]:
         """Receive, verify, decompress and store a span on ``threads`` pool threads, yielding chunks as they land
         (a list per batch: one chunk, or several small consecutive ones).
@@ -101,7 +113,7 @@ class ChunkPipeline:
         """
         span.abort = reader.abort
         landed = _LandedQueue(self.loop)
-        count = max(1, min(threads, len(span.chunks)))
+        count = max(1, min(threads, len(span.positions)))
         jobs = asyncio.gather(
             *(self.loop.run_in_executor(self.pool, self._pump, span, reader, landed) for _ in range(count)), return_exceptions=True
         )
@@ -135,145 +147,146 @@ class ChunkPipeline:
         loop for all of them (small chunks would otherwise spend their time handing the GIL and
         the reader between threads, one system call each).
         """
+        table = span.table
         try:
             while True:
                 with span.lock:
                     first = span.received
-                    chunks = span.chunks
-                    if span.cut or first == len(chunks):
+                    if span.cut or first == len(span.positions):
                         return
-                    last, size = first + 1, chunks[first].size_bytes
-                    while last < len(chunks) and size + chunks[last].size_bytes <= BATCH_BYTES:
-                        size += chunks[last].size_bytes
-                        last += 1
-                    batch = chunks[first:last]
+                    rest = span.positions[first : first + MAX_BATCH_CHUNKS]
+                    sizes = column_at(table.size, rest)
+                    count = max(1, int(np.searchsorted(np.cumsum(sizes), BATCH_BYTES, side="right")))
+                    batch, sizes = rest[:count], sizes[:count]
                     if self._bases:
                         with self._bases_lock:
-                            for chunk in batch:
-                                if chunk.index in self._bases:
-                                    self._bases_in_flight.setdefault(chunk.index, threading.Event())
-                    view = self._buffer(size)
+                            for index in column_at(table.index, batch).tolist():
+                                if index in self._bases:
+                                    self._bases_in_flight.setdefault(index, threading.Event())
+                    view = self._buffer(int(sizes.sum()))
                     waiting = time.perf_counter()
-                    count, position, failure = self._receive(reader, batch, view)
-                    batch = batch[:count]
+                    count, position, failure = self._receive(reader, table, batch, sizes, view)
+                    batch, sizes = batch[:count], sizes[:count]
                     span.received = first + count
                 received = time.perf_counter()
                 self.stats.receive_wait_s += received - waiting
                 if batch:
                     try:
-                        landed.post(self.process(batch, view[:position], waiting, received))
+                        landed.post(self.process(table, batch, sizes, view[:position], waiting, received))
                     finally:
-                        self._settle_bases(batch)
+                        self._settle_bases(table, batch)
                 if failure is not None:
                     span.stop(failure)
                     return
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
 
-    def _receive(self, reader: SpanReader, batch: list[ChunkEntry], view: memoryview) -> tuple[int, int, BaseException | None]:
+    def _receive(
+        self, reader: SpanReader, table: ChunkTable, batch: Sequence[int], sizes: np.ndarray, view: memoryview
+    ) -> tuple[int, int, BaseException | None]:
         """Read a batch into ``view``, one read per run of chunks back to back in the file (under the span's lock).
 
         Returns how many whole chunks arrived, their bytes, and the failure that stopped the rest
         (a failure keeps the whole chunks that arrived before it).
         """
-        count = position = 0
-        while count < len(batch):
-            run_end, end = count + 1, batch[count].end
-            while run_end < len(batch) and batch[run_end].offset == end:
-                end = batch[run_end].end
-                run_end += 1
-            start = self.data_offset + batch[count].offset
-            run_bytes = end - batch[count].offset
+        offsets = column_at(table.offset, batch)
+        breaks = (np.flatnonzero(offsets[1:] != offsets[:-1] + sizes[:-1]) + 1).tolist()
+        before = (np.cumsum(sizes) - sizes).tolist()  # where each chunk starts in ``view``
+        total = int(sizes.sum())
+        for run_start, run_end in zip([0, *breaks], [*breaks, len(batch)], strict=True):
+            start = self.data_offset + int(offsets[run_start])
+            position = before[run_start]
+            run_bytes = (before[run_end] if run_end < len(batch) else total) - position
             try:
                 reader.read_into(start, view[position : position + run_bytes])
             except (RetryableError, StalledError) as exc:
-                arrived = reader.position - start
-                while count < run_end and batch[count].size_bytes <= arrived:
-                    arrived -= batch[count].size_bytes
-                    position += batch[count].size_bytes
-                    count += 1
-                return count, position, exc
-            count, position = run_end, position + run_bytes
-        return count, position, None
+                arrived = reader.position - start  # whole chunks of this run that arrived before the failure
+                count = run_start + int(np.searchsorted(np.cumsum(sizes[run_start:run_end]), arrived, side="right"))
+                return count, (before[count] if count < len(batch) else total), exc
+        return len(batch), total, None
 
-    def process(self, batch: list[ChunkEntry], data: memoryview, received_from: float, received_at: float) -> Landed:
-        """Verify, decompress and store consecutive chunks whose bytes are ``data``, back to back (pool thread).
-
-        Nothing unverified is ever decompressed or written; runs of chunks that are
-        contiguous in the store are written with one pwritev.
-        """
+    def process(
+        self, table: ChunkTable, batch: Sequence[int], sizes: np.ndarray, data: memoryview, received_from: float, received_at: float
+    ) -> Landed:
+        """Verify, decompress and store consecutive chunks (positions in ``table``) whose bytes are ``data``, back to
+        back (pool thread). Nothing unverified is ever decompressed or written; runs of chunks that are contiguous in
+        the store are written with one pwritev. Python work per chunk: its sha256, its xxh3, nothing else."""
         decompressor = self._decompressor()
         started = time.perf_counter()
         sha256 = hashlib.sha256
-        failed: list[tuple[ChunkEntry, ChunkIntegrityError]] = []
-        position = 0
-        for chunk in batch:
-            end = position + chunk.size_bytes
-            if sha256(data[position:end]).digest() != chunk.sha256:
+        ends = np.cumsum(sizes)
+        starts, ends = (ends - sizes).tolist(), ends.tolist()
+        digests = b"".join([sha256(data[start:end]).digest() for start, end in zip(starts, ends, strict=True)])
+        expected = column_at(table.sha256, batch)
+        failed: list[tuple[int, ChunkIntegrityError]] = []
+        if digests != expected.tobytes():
+            wrong = (np.frombuffer(digests, np.uint8).reshape(expected.shape) != expected).any(axis=1)
+            for i in np.flatnonzero(wrong).tolist():
                 try:
-                    verify_chunk(chunk, data[position:end])  # the error that names the chunk
+                    verify_chunk(table.entry(batch[i]), data[starts[i] : ends[i]])  # the error that names the chunk
                 except ChunkIntegrityError as exc:
-                    failed.append((chunk, exc))
-            position = end
+                    failed.append((batch[i], exc))
         verify_s = time.perf_counter() - started
+        stored: Sequence[int]
         if not failed:
             stored = batch
-            raws = decompress_batch(batch, data, decompressor=decompressor)
+            raws = decompress_batch(
+                EntriesAt(table, batch), data, decompressor=decompressor, sizes=sizes, raw_sizes=column_at(table.raw_size, batch)
+            )
         else:
-            refused = {chunk.index for chunk, _ in failed}
-            starts = itertools.accumulate((chunk.size_bytes for chunk in batch), initial=0)  # one more than the batch
-            kept = [
-                (chunk, data[start : start + chunk.size_bytes])
-                for chunk, start in zip(batch, starts, strict=False)
-                if chunk.index not in refused
-            ]
-            stored = [chunk for chunk, _ in kept]
-            raws = decompress_chunks(stored, [piece for _, piece in kept], decompressor=decompressor) if kept else []
-        if self.fold_chunk is not None and any(chunk.pass_index for chunk in stored):
-            stored, raws, refined, exact = self._fold(stored, raws, failed)
+            refused = {position for position, _ in failed}
+            kept = [i for i, position in enumerate(batch) if position not in refused]
+            stored = [batch[i] for i in kept]
+            pieces = [data[starts[i] : ends[i]] for i in kept]
+            raws = decompress_chunks(list(EntriesAt(table, stored)), pieces, decompressor=decompressor) if kept else []
+        if self.fold_chunk is not None and column_at(table.pass_index, stored).any():
+            stored, raws, refined, exact = self._fold(table, stored, raws, failed)
         else:
             refined, exact = [], []
-        digests = [xxhash.xxh3_64_intdigest(raw) for raw in raws]  # what a later process checks the store against
+        # what a later process checks the store against
+        written = np.fromiter(map(xxhash.xxh3_64_intdigest, raws), np.uint64, len(raws))
         decompressed = time.perf_counter()
         if stored:
-            first, last = stored[0], stored[-1]
-            if last.raw_offset + last.raw_size_bytes - first.raw_offset == sum(chunk.raw_size_bytes for chunk in stored):
-                self.write_chunks(first.raw_offset, raws)  # back to back in the store (ascending, no overlap): one run
+            raw_offsets, raw_sizes = column_at(table.raw_offset, stored), column_at(table.raw_size, stored)
+            if raw_offsets[-1] + raw_sizes[-1] - raw_offsets[0] == raw_sizes.sum():
+                self.write_chunks(int(raw_offsets[0]), raws)  # back to back in the store (ascending, no overlap): one run
             else:
-                self._write_runs(stored, raws)
+                self._write_runs(raw_offsets.tolist(), raw_sizes.tolist(), raws)
         if self._bases:
             with self._bases_lock:
-                self._bases_stored.update(chunk.index for chunk in stored if chunk.index in self._bases)
+                self._bases_stored.update(index for index in column_at(table.index, stored).tolist() if index in self._bases)
         if refined:  # folded and written already: reported after the chunks written here
-            stored, digests = stored + refined, digests + [xxhash.xxh3_64_intdigest(values) for values in exact]
+            folded = np.fromiter(map(xxhash.xxh3_64_intdigest, exact), np.uint64, len(exact))
+            stored, written = [*stored, *refined], np.concatenate([written, folded])
         stored_at = time.perf_counter()
         self.stats.verify_s += verify_s
         self.stats.decompress_s += decompressed - started - verify_s
         self.stats.store_s += stored_at - decompressed
-        self.chunk_spans.update(dict.fromkeys([chunk.index for chunk in batch], (received_from, received_at, started, stored_at)))
-        return Landed(stored, digests, failed, position)
+        self._batch_times.append((column_at(table.index, batch), (received_from, received_at, started, stored_at)))
+        return Landed(stored, written, failed, ends[-1])
 
     def _fold(
-        self, stored: list[ChunkEntry], raws: list[bytes | memoryview], failed: list[tuple[ChunkEntry, ChunkIntegrityError]]
-    ) -> tuple[list[ChunkEntry], list[bytes | memoryview], list[ChunkEntry], list[bytes | memoryview]]:
+        self, table: ChunkTable, stored: Sequence[int], raws: list[bytes | memoryview], failed: list[tuple[int, ChunkIntegrityError]]
+    ) -> tuple[list[int], list[bytes | memoryview], list[int], list[bytes | memoryview]]:
         """Fold the batch's refinements into the coarse levels in the store, once those are there: (the chunks still to
         write and their bytes, the refinements folded and their exact bytes). One whose coarse levels failed their hash
         joins ``failed``: it is fetched again, after them."""
         assert self.fold_chunk is not None
-        plain: list[ChunkEntry] = []
+        plain: list[int] = []
         plain_raws: list[bytes | memoryview] = []
-        refined: list[ChunkEntry] = []
+        refined: list[int] = []
         exact: list[bytes | memoryview] = []
-        for chunk, raw in zip(stored, raws, strict=True):
+        for position, raw in zip(stored, raws, strict=True):
+            chunk = table.entry(position)
             if not chunk.pass_index:
-                plain.append(chunk)
+                plain.append(position)
                 plain_raws.append(raw)
                 continue
             unstored = self._wait_for_bases(chunk)
             if unstored is not None:
-                failed.append((chunk, unstored))
+                failed.append((position, unstored))
                 continue
-            refined.append(chunk)
+            refined.append(position)
             exact.append(self.fold_chunk(chunk, raw))
         return plain, plain_raws, refined, exact
 
@@ -295,30 +308,30 @@ class ChunkPipeline:
                 )
         return None
 
-    def _settle_bases(self, batch: list[ChunkEntry]) -> None:
+    def _settle_bases(self, table: ChunkTable, batch: Sequence[int]) -> None:
         """The pass-0 chunks of a processed batch are stored (or failed): wake refinements waiting for them."""
         if not self._bases:
             return
         with self._bases_lock:
-            for chunk in batch:
-                event = self._bases_in_flight.pop(chunk.index, None)
+            for index in column_at(table.index, batch).tolist():
+                event = self._bases_in_flight.pop(index, None)
                 if event is not None:
-                    if chunk.index in self._bases_stored:
-                        self._bases_failed.discard(chunk.index)
+                    if index in self._bases_stored:
+                        self._bases_failed.discard(index)
                     else:
-                        self._bases_failed.add(chunk.index)
+                        self._bases_failed.add(index)
                     event.set()
 
-    def _write_runs(self, stored: list[ChunkEntry], raws: list[bytes | memoryview]) -> None:
+    def _write_runs(self, raw_offsets: list[int], raw_sizes: list[int], raws: list[bytes | memoryview]) -> None:
         """Write chunks with gaps between them in the store: one pwritev per run of contiguous ones."""
         runs: list[tuple[int, list[bytes | memoryview]]] = []  # (store offset, raw pieces back to back)
         run_end = -1
-        for chunk, raw in zip(stored, raws, strict=True):
-            if chunk.raw_offset == run_end:
+        for raw_offset, raw_size, raw in zip(raw_offsets, raw_sizes, raws, strict=True):
+            if raw_offset == run_end:
                 runs[-1][1].append(raw)
             else:
-                runs.append((chunk.raw_offset, [raw]))
-            run_end = chunk.raw_offset + chunk.raw_size_bytes
+                runs.append((raw_offset, [raw]))
+            run_end = raw_offset + raw_size
         for offset, pieces in runs:
             self.write_chunks(offset, pieces)
 

@@ -26,17 +26,18 @@ run on the event loop, except that pool threads read ``Span.cut``.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import bisect
 import collections
 import dataclasses
-import itertools
 import threading
 from collections.abc import Iterable, Mapping, Sequence, Set
 
 import numpy as np
 
 from .formats import ChunkEntry
+from .formats.chunk_table import ChunkTable, column_at
 
 PENDING, TAKEN, DONE = 0, 1, 2
 JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
@@ -46,15 +47,32 @@ JUMP_BYTE, ROWS_BYTE = bytes([JUMP]), bytes([ROWS])
 
 @dataclasses.dataclass(eq=False)
 class Span:
-    """Contiguous chunks fetched with one request and received by pool threads in turn."""
+    """Contiguous chunks fetched with one request and received by pool threads in turn: ``positions`` (ascending) in
+    the scheduler's ``table``."""
 
-    chunks: list[ChunkEntry]
+    table: ChunkTable
+    positions: Sequence[int]  # a range for a run of back-to-back chunks (the common case)
     cuttable: bool = True
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    received: int = 0  # chunks[:received] came off the connection
+    received: int = 0  # positions[:received] came off the connection
     cut: bool = False  # end at the next chunk boundary (set by the scheduler)
     error: BaseException | None = None  # the first failure: the span's outcome
     abort: object = None  # called with no argument to make a blocked reader fail (set by whoever reads the span)
+
+    @property
+    def start(self) -> int:
+        """Data offset of the first chunk."""
+        return int(self.table.offset[self.positions[0]])
+
+    @property
+    def end(self) -> int:
+        """Data offset just past the last chunk."""
+        last = self.positions[-1]
+        return int(self.table.offset[last] + self.table.size[last])
+
+    def received_bytes(self) -> int:
+        """Compressed bytes of the chunks that came off the connection."""
+        return int(column_at(self.table.size, self.positions[: self.received]).sum())
 
     def stop(self, error: BaseException | None = None) -> None:
         """End the span at the next chunk boundary; with an error, also abort its connection (any thread)."""
@@ -63,6 +81,12 @@ class Span:
             self.error = error
             if callable(self.abort):
                 self.abort()
+
+
+def _int_array(values: np.ndarray) -> array.array[int]:
+    copy = array.array("q")
+    copy.frombytes(values.astype(np.int64, copy=False).tobytes())
+    return copy
 
 
 class _Demand:
@@ -81,33 +105,39 @@ class ChunkScheduler:
 
     def __init__(
         self,
-        chunks: Sequence[ChunkEntry],
+        chunks: ChunkTable | Sequence[ChunkEntry],
         done_indices: Iterable[int] = (),
         *,
         rows_from: int | None = None,
         requires: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
-        self._chunks = chunks  # the manifest's chunks in file order; a position is an index into this
-        self._rows_from = len(chunks) if rows_from is None else rows_from  # first position of the row tables
-        done = set(done_indices)
-        self._state = bytearray(DONE if c.index in done else PENDING for c in chunks) if done else bytearray(len(chunks))
-        self._position_of = {c.index: p for p, c in enumerate(chunks)}
+        table = chunks if isinstance(chunks, ChunkTable) else ChunkTable.from_entries(chunks)
+        self.table = table  # the manifest's chunks in file order; a position is an index into it
+        count = len(table)
+        self._rows_from = count if rows_from is None else rows_from  # first position of the row tables
+        self._position_of = np.full(int(table.index.max()) + 1 if count else 0, -1, np.int64)  # chunk index -> position
+        self._position_of[table.index] = np.arange(count)
+        done = np.zeros(count, bool)
+        done_list = np.fromiter(done_indices, np.int64)
+        done_list = done_list[(done_list >= 0) & (done_list < len(self._position_of))]
+        done[self._position_of[done_list][self._position_of[done_list] >= 0]] = True
+        self._state = bytearray((done * DONE).astype(np.uint8).tobytes())
         # position -> positions that must be done before it is handed out (a refinement's pass-0 chunks)
-        self._requires = {self._position_of[i]: [self._position_of[b] for b in base] for i, base in (requires or {}).items()}
+        self._requires = {self._position(i): [self._position(b) for b in base] for i, base in (requires or {}).items()}
         self._refinement_positions = sorted(self._requires)  # for the runs: where a blocked refinement may end one
-        self._offsets = [c.offset for c in chunks]  # ascending (file order)
+        # plain int64 arrays (array.array): read an element at a time, and bisect-able, at the cost of a copy
+        self._offsets = _int_array(table.offset)  # ascending (file order)
+        self._sizes = _int_array(table.size)
         # compressed bytes before each position (a run's size is a difference), and the positions not back to back
         # with the chunk before them in the file: a span's run of pending chunks between them is taken whole
-        self._bytes_before = list(itertools.accumulate((c.size_bytes for c in chunks), initial=0))
-        shift = np.array(self._offsets, np.int64) - np.array(self._bytes_before[:-1], np.int64)  # changes at a hole
+        bytes_before = np.concatenate([[0], np.cumsum(table.size)])
+        self._bytes_before = _int_array(bytes_before)
+        shift = table.offset - bytes_before[:-1]  # changes at a hole
         self._holes = (np.flatnonzero(np.diff(shift)) + 1).tolist()
-        self._layer_positions: dict[int, list[int]] = collections.defaultdict(list)
-        for position, chunk in enumerate(chunks):
-            self._layer_positions[chunk.layer_index].append(position)
+        self._layers = table.layer
+        self._layer_positions: dict[int, list[int]] = {}  # made on a layer's first demand
         self._pending = self._state.count(PENDING)
-        self._pending_bytes = (
-            sum(c.size_bytes for c, s in zip(chunks, self._state, strict=True) if s == PENDING) if done else self._bytes_before[-1]
-        )
+        self._pending_bytes = int(table.size[~done].sum())
         self._taken = 0
         self._cursor = 0  # no pending chunk before it
         self._urgent = bytearray(len(chunks))  # why a demand wants this position: JUMP or ROWS (0: none)
@@ -131,11 +161,23 @@ class ChunkScheduler:
         base = self._requires.get(position)
         return base is not None and any(self._state[p] != DONE for p in base)
 
+    def _position(self, index: int) -> int:
+        return int(self._position_of[index])
+
     def is_pending_or_taken(self, chunk: ChunkEntry) -> bool:
-        return self._state[self._position_of[chunk.index]] != DONE
+        return self._state[self._position(chunk.index)] != DONE
 
     def position_of(self, chunk: ChunkEntry) -> int:
-        return self._position_of[chunk.index]
+        return self._position(chunk.index)
+
+    def done_mask(self) -> np.ndarray:
+        """Per position: verified and stored."""
+        return np.frombuffer(self._state, np.uint8) == DONE
+
+    def first_not_done(self) -> int | None:
+        """The first position that is pending or taken."""
+        found = [p for p in (self._state.find(PENDING_BYTE), self._state.find(TAKEN_BYTE)) if p >= 0]
+        return min(found, default=None)
 
     def urgent_waiting(self) -> bool:
         """True when a chunk someone waits for is pending (nobody is fetching it)."""
@@ -146,7 +188,9 @@ class ChunkScheduler:
     def prioritize(self, layer_index: int, *, coarse: bool = False) -> None:
         """Fetch this layer's pending chunks (``coarse``: its pass-0 chunks only, not its refinements) before any other
         not yet taken; cut running spans that would not reach them."""
-        positions = self._layer_positions.get(layer_index, [])
+        positions = self._layer_positions.get(layer_index)
+        if positions is None:
+            positions = self._layer_positions[layer_index] = np.flatnonzero(self._layers == layer_index).tolist()
         if coarse and self._requires:
             positions = [p for p in positions if p not in self._requires]
         self.demand(positions)
@@ -174,7 +218,7 @@ class ChunkScheduler:
         wanted = set(positions)
         for span in self._running:
             if span.cuttable and not span.cut:
-                if any(self._position_of[chunk.index] in wanted for chunk in span.chunks[span.received + 1 :]):
+                if not wanted.isdisjoint(span.positions[span.received + 1 :]):
                     span.cut = True
 
     def _cut_running(self) -> None:
@@ -198,15 +242,14 @@ class ChunkScheduler:
         self._cursor = len(self._state) if found < 0 else found
         return None if found < 0 else found
 
-    def _take(self, position: int) -> ChunkEntry:
+    def _take(self, position: int) -> int:
         self._state[position] = TAKEN
         self._pending -= 1
         self._taken += 1
-        chunk = self._chunks[position]
-        self._pending_bytes -= chunk.size_bytes
+        self._pending_bytes -= self._sizes[position]
         if self._urgent[position]:
             self._urgent_pending -= 1
-        return chunk
+        return position
 
     def take_span(self, max_bytes: int, max_gap_bytes: int = 0, avoid: Set[int] = frozenset()) -> Span | None:
         """The highest-priority pending chunk and pending chunks after it in the file, up to max_bytes in all.
@@ -238,13 +281,13 @@ class ChunkScheduler:
             position >= len(self._state)
             or self._state[position] != PENDING
             or position in avoid
-            or self._chunks[position].offset - offset > max_skip_bytes
+            or self._offsets[position] - offset > max_skip_bytes
             or self._blocked(position)
         ):
             return None
         first = self._first()
         if first is not None and self._urgent[first] and self._demands and self._demands[0].jump:
-            if self._chunks[first].offset - offset > max_skip_bytes:
+            if self._offsets[first] - offset > max_skip_bytes:
                 return None  # a layer far ahead is awaited: it jumps the queue on a new request
         return self._span_from(position, max_bytes, max_gap_bytes, by_demand=False, avoid=avoid)
 
@@ -258,32 +301,31 @@ class ChunkScheduler:
         return self._span_from(first, max_bytes, max_gap_bytes, by_demand=True, avoid=avoid)
 
     def _span_from(self, first: int, max_bytes: int, max_gap_bytes: int, *, by_demand: bool, avoid: Set[int] = frozenset()) -> Span:
-        state, all_chunks, urgent, requires = self._state, self._chunks, self._urgent, self._requires
+        state, offsets, sizes, urgent, requires = self._state, self._offsets, self._sizes, self._urgent, self._requires
         taken = [first]
-        size = all_chunks[first].size_bytes
-        previous_end = all_chunks[first].end  # of the last chunk taken
+        size = sizes[first]
+        previous_end = offsets[first] + sizes[first]  # of the last chunk taken
         position = first + 1
         if by_demand:  # on to the next demanded chunk within the gap; pending ones between ride along
             riders: list[int] = []
             riders_size = 0
             while position < len(state):
-                candidate = all_chunks[position]
-                if candidate.offset - previous_end > max_gap_bytes:
+                if offsets[position] - previous_end > max_gap_bytes:
                     break
                 if state[position] == PENDING and position not in avoid:
                     if requires and self._blocked(position):
                         break
                     if urgent[position]:
-                        if size + riders_size + candidate.size_bytes > max_bytes:
+                        if size + riders_size + sizes[position] > max_bytes:
                             break
                         taken += riders
                         taken.append(position)
-                        size += riders_size + candidate.size_bytes
-                        previous_end = candidate.end
+                        size += riders_size + sizes[position]
+                        previous_end = offsets[position] + sizes[position]
                         riders, riders_size = [], 0
                     else:
                         riders.append(position)
-                        riders_size += candidate.size_bytes
+                        riders_size += sizes[position]
                 position += 1
         else:  # every pending chunk in file order, over holes within the gap, up to the row tables
             limit = len(state) if first >= self._rows_from else self._rows_from
@@ -293,25 +335,24 @@ class ChunkScheduler:
                     if run_end > position:
                         taken.extend(range(position, run_end))
                         size += self._bytes_before[run_end] - self._bytes_before[position]
-                        previous_end = all_chunks[run_end - 1].end
+                        previous_end = offsets[run_end - 1] + sizes[run_end - 1]
                         position = run_end
                         continue
-                candidate = all_chunks[position]
                 if state[position] == PENDING and urgent[position] != ROWS and position not in avoid:  # rows: left to extra requests
-                    if candidate.offset - previous_end > max_gap_bytes or size + candidate.size_bytes > max_bytes:
+                    if offsets[position] - previous_end > max_gap_bytes or size + sizes[position] > max_bytes:
                         break
                     if requires and self._blocked(position):
                         break
                     taken.append(position)
-                    size += candidate.size_bytes
-                    previous_end = candidate.end
-                elif candidate.end - previous_end > max_gap_bytes:
+                    size += sizes[position]
+                    previous_end = offsets[position] + sizes[position]
+                elif offsets[position] + sizes[position] - previous_end > max_gap_bytes:
                     break
                 position += 1
         if taken[-1] - taken[0] + 1 == len(taken):  # one run: taken with slices
-            span = Span(self._take_run(taken[0], taken[-1] + 1))
+            span = Span(self.table, self._take_run(taken[0], taken[-1] + 1))
         else:
-            span = Span([self._take(p) for p in taken])
+            span = Span(self.table, [self._take(p) for p in taken])
         self._running.add(span)
         return span
 
@@ -338,51 +379,54 @@ class ChunkScheduler:
         fits = bisect.bisect_right(self._bytes_before, self._bytes_before[position] + room_bytes) - 1
         return max(position, min(end, fits))
 
-    def _take_run(self, start: int, end: int) -> list[ChunkEntry]:
+    def _take_run(self, start: int, end: int) -> range:
         """``_take`` for every position of [start, end), all pending."""
         self._state[start:end] = TAKEN_BYTE * (end - start)
         self._pending -= end - start
         self._taken += end - start
         self._pending_bytes -= self._bytes_before[end] - self._bytes_before[start]
         self._urgent_pending -= end - start - self._urgent.count(0, start, end)
-        return list(self._chunks[start:end])
+        return range(start, end)
 
     def take_all(self) -> Span | None:
         """Every pending chunk in file order, as one span that cannot be cut (a server that sends only the whole file)."""
-        chunks = [self._take(p) for p in range(len(self._state)) if self._state[p] == PENDING]
-        if not chunks:
+        positions = [self._take(p) for p in range(len(self._state)) if self._state[p] == PENDING]
+        if not positions:
             return None
-        span = Span(chunks, cuttable=False)
+        span = Span(self.table, positions, cuttable=False)
         self._running.add(span)
         return span
 
     # ------------------------------------------------------------ outcomes
 
-    def done(self, chunks: Iterable[ChunkEntry]) -> None:
-        """Chunks verified and stored."""
-        state, position_of = self._state, self._position_of
-        finished = 0
-        for chunk in chunks:
-            position = position_of[chunk.index]
-            if state[position] == TAKEN:
-                state[position] = DONE
-                finished += 1
+    def done(self, positions: Iterable[int]) -> None:
+        """Chunks (positions) verified and stored."""
+        state = self._state
+        run = isinstance(positions, range) and positions.step == 1
+        if run and state.count(TAKEN_BYTE, positions.start, positions.stop) == len(positions):  # type: ignore[union-attr]
+            state[positions.start : positions.stop] = DONE_BYTE * len(positions)  # type: ignore[union-attr]
+            finished = len(positions)
+        else:
+            finished = 0
+            for position in positions:
+                if state[position] == TAKEN:
+                    state[position] = DONE
+                    finished += 1
         if finished:
             self._taken -= finished
             self._changed.set()
 
-    def give_back(self, chunks: Iterable[ChunkEntry]) -> None:
-        """Chunks whose bytes did not arrive or failed verification: pending again."""
+    def give_back(self, positions: Iterable[int]) -> None:
+        """Chunks (positions) whose bytes did not arrive or failed verification: pending again."""
         returned = False
         urgent: list[int] = []
-        for chunk in chunks:
-            position = self._position_of[chunk.index]
+        for position in positions:
             if self._state[position] != TAKEN:
                 continue
             self._state[position] = PENDING
             self._taken -= 1
             self._pending += 1
-            self._pending_bytes += chunk.size_bytes
+            self._pending_bytes += self._sizes[position]
             self._cursor = min(self._cursor, position)
             if self._urgent[position]:
                 self._urgent_pending += 1
@@ -394,26 +438,25 @@ class ChunkScheduler:
             self._changed.set()
             self._cut_running()
 
-    def reopen(self, chunks: Iterable[ChunkEntry]) -> None:
-        """Done chunks whose stored bytes turned out damaged: pending again, ahead of the rest."""
-        positions = []
-        for chunk in chunks:
-            position = self._position_of[chunk.index]
+    def reopen(self, positions: Iterable[int]) -> None:
+        """Done chunks (positions) whose stored bytes turned out damaged: pending again, ahead of the rest."""
+        reopened = []
+        for position in positions:
             if self._state[position] != DONE:
                 continue
             self._state[position] = PENDING
             self._pending += 1
-            self._pending_bytes += chunk.size_bytes
+            self._pending_bytes += self._sizes[position]
             self._cursor = min(self._cursor, position)
-            positions.append(position)
-        if positions:
+            reopened.append(position)
+        if reopened:
             self._changed.set()
-            self.demand(sorted(positions))
+            self.demand(sorted(reopened))
 
-    def finish_span(self, span: Span) -> list[ChunkEntry]:
-        """A span's request ended: give back what it did not receive; returns those chunks."""
+    def finish_span(self, span: Span) -> Sequence[int]:
+        """A span's request ended: give back what it did not receive; returns those positions."""
         self._running.discard(span)
-        missed = span.chunks[span.received :]
+        missed = span.positions[span.received :]
         self.give_back(missed)
         return missed
 

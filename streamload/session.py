@@ -44,6 +44,7 @@ from .errors import (
 )
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
+from .formats.chunk_table import column_at
 from .formats.constants import REFINEMENT_PASS, LayerKind
 from .formats.reader import frame_size_bytes
 from .httputil import Backoff, RetryPolicy, same_origin
@@ -186,42 +187,47 @@ class DownloadSession:
 
         await asyncio.to_thread(record)
         await cache.acquire()
-        journaled = cache.read_journal(len(self.manifest.chunks) + len(self.manifest.refinement_chunks))
+        journaled = cache.read_journal(len(self.manifest.chunk_table) + len(self.manifest.refinement_chunks))
         store_size = await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
         self.store_cut_short = bool(journaled) and store_size < self.manifest.store_size_bytes
-        self.all_chunks = all_chunks = self.manifest.file_order_chunks()  # pass 0 and refinements
-        by_index = {c.index: c for c in all_chunks}
+        # pass 0 and refinements, as columns: no object per chunk (a position is an index into it)
+        self.all_chunks = table = self.manifest.file_order_table()
+        layer_count = len(self.manifest.layers)
+        self._position_of = np.full(int(table.index.max()) + 1 if len(table) else 0, -1, np.int64)  # chunk index -> position
+        self._position_of[table.index] = np.arange(len(table))
         # a store cut short lost the chunks past its end, whatever the journal says
-        self.journaled = {
-            i: d for i, d in journaled.items() if i in by_index and by_index[i].raw_offset + by_index[i].raw_size_bytes <= store_size
-        }
-        pending = [c for c in all_chunks if c.index not in self.journaled]
-        self.stats.chunks_total = len(all_chunks)
-        self.stats.chunks_cached = len(all_chunks) - len(pending)
-        self._layer_chunks: list[list[ChunkEntry]] = [[] for _ in self.manifest.layers]  # pass 0
-        for chunk in self.manifest.chunks:
-            self._layer_chunks[chunk.layer_index].append(chunk)
+        indices = np.fromiter(journaled, np.int64, len(journaled))
+        indices = indices[indices < len(self._position_of)]
+        positions = self._position_of[indices]
+        usable = positions >= 0
+        usable[usable] = table.raw_offset[positions[usable]] + table.raw_size[positions[usable]] <= store_size
+        self.journaled = {i: journaled[i] for i in indices[usable].tolist()}
+        pending = np.ones(len(table), bool)
+        pending[positions[usable]] = False
+        self.stats.chunks_total = len(table)
+        self.stats.chunks_cached = len(table) - int(pending.sum())
+        # per layer: the positions of its pass-0 chunks (in file order)
+        base = np.flatnonzero(table.pass_index == 0)
+        by_layer = base[np.argsort(table.layer[base], kind="stable")]
+        self._layer_positions = np.split(by_layer, np.cumsum(np.bincount(table.layer[base], minlength=layer_count))[:-1])
         self._prepare_refinements()
         # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
         # scales of its int8 tensors (a row table's live in an execution step)
-        self._chunk_starts = [np.fromiter((c.raw_offset for c in chunks), np.int64, len(chunks)) for chunks in self._layer_chunks]
+        self._chunk_starts = [table.raw_offset[positions] for positions in self._layer_positions]
         self._scales_layers: list[list[int]] = [[] for _ in self.manifest.layers]
         for tensor in self.manifest.tensors:
             scales = self.manifest.tensor_by_name.get(tensor.scales or "")
             elsewhere = self._scales_layers[tensor.layer_index]
             if scales is not None and scales.layer_index != tensor.layer_index and scales.layer_index not in elsewhere:
                 elsewhere.append(scales.layer_index)
-        step_count = self.manifest.step_count
-        rows_from = next((p for p, c in enumerate(all_chunks) if c.layer_index >= step_count and not c.pass_index), len(all_chunks))
-        self.scheduler = ChunkScheduler(all_chunks, self.journaled, rows_from=rows_from, requires=self._requires)
+        rows = np.flatnonzero((table.layer >= self.manifest.step_count) & (table.pass_index == 0))
+        rows_from = int(rows[0]) if len(rows) else len(table)
+        self.scheduler = ChunkScheduler(table, self.journaled, rows_from=rows_from, requires=self._requires)
         self.bytes_to_download = self.scheduler.pending_bytes
-        self.bytes_cached = sum(c.size_bytes for c in all_chunks) - self.bytes_to_download
-        self.remaining = [0] * len(self.manifest.layers)  # chunks of each layer not yet stored, refinements included
-        self.remaining_coarse = [0] * len(self.manifest.layers)  # pass-0 chunks only
-        for chunk in pending:
-            self.remaining[chunk.layer_index] += 1
-            if not chunk.pass_index:
-                self.remaining_coarse[chunk.layer_index] += 1
+        self.bytes_cached = int(table.size.sum()) - self.bytes_to_download
+        # chunks of each layer not yet stored, refinements included; pass-0 chunks only
+        self.remaining = np.bincount(table.layer[pending], minlength=layer_count).tolist()
+        self.remaining_coarse = np.bincount(table.layer[pending & (table.pass_index == 0)], minlength=layer_count).tolist()
         self.ready = [self.loop.create_future() for _ in self.manifest.layers]
         self.ready_s = [None] * len(self.manifest.layers)
         self.coarse_ready = [self.loop.create_future() for _ in self.manifest.layers]
@@ -234,7 +240,7 @@ class DownloadSession:
         for index, count in enumerate(self.remaining):
             if count == 0:
                 self._set_ready(index)
-        if not pending:
+        if not pending.any():
             if self._header_stream is not None:  # nothing to read from it
                 self._header_stream.close()
                 self._header_stream = None
@@ -247,7 +253,7 @@ class DownloadSession:
             "%s: %d of %d chunks cached, %d bytes to fetch",
             self.url,
             self.stats.chunks_cached,
-            len(all_chunks),
+            len(table),
             self.bytes_to_download,
         )
 
@@ -256,7 +262,7 @@ class DownloadSession:
         be stored first), the coarse_shift it folds with, and per pass-0 chunk the progressive ranges it holds (its
         journaled digest is of their coarse levels)."""
         manifest = self.manifest
-        self._layer_refinements: list[list[ChunkEntry]] = [[] for _ in manifest.layers]
+        self._layer_refinements: list[np.ndarray] = [np.zeros(0, np.int64) for _ in manifest.layers]  # positions
         self._requires: dict[int, list[int]] = {}
         self._shift_of: dict[int, int] = {}
         self._coarse_ranges: dict[int, list[tuple[int, int, int]]] = {}
@@ -264,9 +270,11 @@ class DownloadSession:
         progressive = sorted((t for t in manifest.tensors if t.coarse_shift is not None), key=lambda t: t.raw_offset)
         if not progressive:
             return
+        layer_chunks = [[self.all_chunks.entry(p) for p in positions.tolist()] for positions in self._layer_positions]
+        refinements: list[list[int]] = [[] for _ in manifest.layers]
         for chunk in (c for c in manifest.refinement_chunks if c.pass_index == REFINEMENT_PASS):
-            self._layer_refinements[chunk.layer_index].append(chunk)
-            starts = self._layer_chunks[chunk.layer_index]
+            refinements[chunk.layer_index].append(int(self._position_of[chunk.index]))
+            starts = layer_chunks[chunk.layer_index]
             bases = [b for b in starts if b.raw_offset < chunk.raw_offset + chunk.raw_size_bytes and chunk.raw_offset < b.raw_end]
             self._requires[chunk.index] = [b.index for b in bases]
             for base in bases:
@@ -274,8 +282,9 @@ class DownloadSession:
             self._shift_of[chunk.index] = next(
                 t.coarse_shift for t in progressive if t.raw_offset <= chunk.raw_offset < t.raw_end and t.coarse_shift is not None
             )
-        for layer_chunks in self._layer_chunks:
-            for base in layer_chunks:
+        self._layer_refinements = [np.array(positions, np.int64) for positions in refinements]
+        for chunks in layer_chunks:
+            for base in chunks:
                 for tensor in progressive:
                     start, end = max(base.raw_offset, tensor.raw_offset), min(base.raw_end, tensor.raw_end)
                     if start < end and tensor.coarse_shift is not None:
@@ -314,7 +323,7 @@ class DownloadSession:
         the URL again, checked to serve the same model. Offline, a clear error."""
         if self.source is not None:
             return
-        first = next(c for c in self.all_chunks if self.scheduler.is_pending_or_taken(c))
+        first = self.all_chunks.entry(self.scheduler.first_not_done() or 0)
         layer = f"layer {first.layer_index} ({self.manifest.layers[first.layer_index].name})"
         if self.store_cut_short:
             missing = f"{layer} of the cached model {self.manifest.digest[:12]} is damaged (its store was cut short)"
@@ -451,7 +460,7 @@ class DownloadSession:
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
         for scales_layer in self._scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
-        chunks = self._layer_chunks[index] + self._layer_refinements[index]
+        chunks = np.concatenate([self._layer_positions[index], self._layer_refinements[index]])
         while True:
             if not self.ready[index].done():
                 self.scheduler.prioritize(index)
@@ -459,7 +468,7 @@ class DownloadSession:
             if index in self._checked or await self._check_cached(chunks):
                 break
         self._checked.add(index)
-        self.needed_chunks.update((c.index, c.size_bytes) for c in chunks)
+        self._need(chunks)
         if index not in self._layers:
             assert self.cache is not None
             self._layers[index] = map_layer(self.manifest, self.cache.store_map, index)
@@ -471,7 +480,7 @@ class DownloadSession:
         progressive tensor is ``layer(index)``."""
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        if not self._layer_refinements[index]:
+        if not len(self._layer_refinements[index]):
             return await self.layer(index)
         for scales_layer in self._scales_layers[index]:
             await self.layer(scales_layer)
@@ -479,9 +488,9 @@ class DownloadSession:
             if not self.coarse_ready[index].done():
                 self.scheduler.prioritize(index, coarse=True)
             await asyncio.shield(self.coarse_ready[index])
-            if await self._check_cached(self._layer_chunks[index]):
+            if await self._check_cached(self._layer_positions[index]):
                 break
-        self.needed_chunks.update((c.index, c.size_bytes) for c in self._layer_chunks[index])
+        self._need(self._layer_positions[index])
         assert self.cache is not None
         # copying the coarse levels is numpy work on a layer's bytes: off the event loop, so the download goes on
         return await asyncio.to_thread(map_layer, self.manifest, self.cache.store_map, index, coarse=True)
@@ -517,11 +526,16 @@ class DownloadSession:
 
     def _chunks_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> list[ChunkEntry]:
         """The chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
-        chunks, starts = self._layer_chunks[layer_index], self._chunk_starts[layer_index]
+        positions, starts = self._layer_positions[layer_index], self._chunk_starts[layer_index]
         first = np.searchsorted(starts, table_offset + ids * row_bytes, side="right") - 1
         last = np.searchsorted(starts, table_offset + (ids + 1) * row_bytes - 1, side="right") - 1
         wanted = sorted({int(i) for lo, hi in zip(first, last, strict=True) for i in range(lo, hi + 1)})
-        return [chunks[i] for i in wanted]
+        return [self.all_chunks.entry(int(positions[i])) for i in wanted]
+
+    def _need(self, positions: np.ndarray) -> None:
+        """Count these chunks as ones the layers and rows handed out depended on."""
+        table = self.all_chunks
+        self.needed_chunks.update(zip(table.index[positions].tolist(), table.size[positions].tolist(), strict=True))
 
     async def _rows_arrived(self, chunks: list[ChunkEntry]) -> bool:
         """Demand these chunks (no cut: extra requests fetch them) and wait; True once all are here and checked."""
@@ -536,25 +550,30 @@ class DownloadSession:
             self.scheduler.demand(sorted(self.scheduler.position_of(c) for c in missing), cut=False)
             self._start_row_requests()
             await asyncio.gather(*(asyncio.shield(w) for w in waiters))
-        return await self._check_cached(chunks)
+        return await self._check_cached(np.array([self.scheduler.position_of(c) for c in chunks], np.int64))
 
-    async def _check_cached(self, chunks: list[ChunkEntry]) -> bool:
-        """Check the given chunks that came from the cache against their journaled digests (once per process).
+    async def _check_cached(self, positions: np.ndarray) -> bool:
+        """Check the given chunks (positions) that came from the cache against their journaled digests (once per process).
 
         True when all match. Damaged ones are fetched again (False: wait for them), or,
         with no source to fetch them from, a CacheError naming their layer.
         """
         assert self.cache is not None
+        if not self.journaled:
+            return True  # nothing came from the cache
+        table, positions = self.all_chunks, np.asarray(positions, np.int64)
+        indices = table.index[positions].tolist()
+        places = zip(indices, table.raw_offset[positions].tolist(), table.raw_size[positions].tolist(), strict=True)
         cached = [
-            (c.index, c.raw_offset, c.raw_size_bytes, self.journaled[c.index])
-            for c in chunks
-            if c.index in self.journaled and c.index not in self._checked_chunks
+            (index, raw_offset, raw_size, self.journaled[index])
+            for index, raw_offset, raw_size in places
+            if index in self.journaled and index not in self._checked_chunks
         ]
         damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached, self._coarse_ranges)) if cached else set()
         self._checked_chunks.update(index for index, *_ in cached)
         if not damaged:
             return True
-        reopened = [c for c in chunks if c.index in damaged]
+        reopened = [table.entry(p) for p, index in zip(positions.tolist(), indices, strict=True) if index in damaged]
         # a pass-0 chunk fetched again overwrites what was folded into it: its refinements are folded again after it
         refolded = {r.index: r for c in reopened for r in self._refined_by.get(c.index, ()) if r.index in self.journaled}
         reopened += [r for index, r in refolded.items() if index not in damaged]
@@ -575,7 +594,7 @@ class DownloadSession:
             if self.remaining_coarse[index] and self.coarse_ready[index].done():
                 self.coarse_ready[index] = self.loop.create_future()
                 self.coarse_ready_s[index] = None
-        self.scheduler.reopen(reopened)
+        self.scheduler.reopen([self.scheduler.position_of(c) for c in reopened])
         try:
             await self._start_download()
         except StreamloadError as exc:
@@ -816,7 +835,7 @@ class DownloadSession:
                     await self.scheduler.wait_for_change()
                     continue
                 mirror.spans.add(span)
-                start, end = self.data_offset + span.chunks[0].offset, self.data_offset + span.chunks[-1].end
+                start, end = self.data_offset + span.start, self.data_offset + span.end
                 reader: SpanReader | None = None
                 failure: RetryableError | StalledError | None = None
                 opened = time.perf_counter()
@@ -839,7 +858,7 @@ class DownloadSession:
                         reader.close()
                     mirror.spans.discard(span)
                     if meter is not None:
-                        meter.record(sum(c.size_bytes for c in span.chunks[: span.received]), time.perf_counter() - opened)
+                        meter.record(span.received_bytes(), time.perf_counter() - opened)
                     self.scheduler.finish_span(span)  # before any backoff: what did not arrive is for the others now
                     if self._chunk_waiters and self.scheduler.urgent_waiting():
                         self._start_row_requests()  # demanded rows given back by a cut span: fetch them beside it
@@ -865,41 +884,42 @@ class DownloadSession:
     def _chunks_landed(self, span: Span, landed: Landed, mirror: Mirror) -> None:
         """For every chunk of every source, as it lands: journal it and signal its layer, or handle its failure."""
         assert self.committer is not None and mirror.source is not None
-        stored = landed.stored
+        stored, table = landed.stored, self.all_chunks
         if mirror.source.remote:
             self._count_bytes(mirror, landed.size_bytes)
-        for chunk, failure in landed.failed:
-            fatal = self._integrity_failed(chunk, failure, mirror)
+        for position, failure in landed.failed:
+            fatal = self._integrity_failed(table.entry(position), failure, mirror)
             if fatal is not None:
                 span.stop(fatal)
         self.scheduler.done(stored)
         remaining, remaining_coarse, waiters = self.remaining, self.remaining_coarse, self._chunk_waiters
-        first, last = (stored[0], stored[-1]) if stored else (None, None)
-        if first is not None and last is not None and (first.layer_index, first.pass_index) == (last.layer_index, last.pass_index):
-            layer_index = first.layer_index  # a batch within one layer and pass (each is contiguous in file order)
-            if not first.pass_index:
+        layers, passes = column_at(table.layer, stored), column_at(table.pass_index, stored)
+        if len(stored) and (layers[0], passes[0]) == (layers[-1], passes[-1]):
+            layer_index = int(layers[0])  # a batch within one layer and pass (each is contiguous in file order)
+            if not passes[0]:
                 remaining_coarse[layer_index] -= len(stored)
                 if remaining_coarse[layer_index] == 0:
                     self._set_coarse_ready(layer_index)
             remaining[layer_index] -= len(stored)
             if remaining[layer_index] == 0:
                 self._set_ready(layer_index)
-        else:
-            for chunk in stored:
-                if not chunk.pass_index:
-                    remaining_coarse[chunk.layer_index] -= 1
-                    if remaining_coarse[chunk.layer_index] == 0:
-                        self._set_coarse_ready(chunk.layer_index)
-                remaining[chunk.layer_index] -= 1
-                if remaining[chunk.layer_index] == 0:
-                    self._set_ready(chunk.layer_index)
+        elif len(stored):
+            for layer_index, count in zip(*np.unique(layers[passes == 0], return_counts=True), strict=True):
+                remaining_coarse[layer_index] -= int(count)
+                if remaining_coarse[layer_index] == 0:
+                    self._set_coarse_ready(int(layer_index))
+            for layer_index, count in zip(*np.unique(layers, return_counts=True), strict=True):
+                remaining[layer_index] -= int(count)
+                if remaining[layer_index] == 0:
+                    self._set_ready(int(layer_index))
+        indices = column_at(table.index, stored)
         if waiters:
-            for chunk in stored:
-                waiter = waiters.pop(chunk.index, None)
+            for index in indices.tolist():
+                waiter = waiters.pop(index, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
         self.stats.chunks_fetched += len(stored)
-        self.committer.add(list(zip([chunk.index for chunk in stored], landed.digests, strict=True)))
+        self.committer.add_columns(indices, landed.digests)
         if self.scheduler.finished:
             self._finish()  # now, not when a group commit still running ends
         else:
@@ -931,7 +951,7 @@ class DownloadSession:
             logger.warning("%s (from %s); fetching it from %s", exc, mirror.url, " or ".join(m.url for m in untried))
         else:
             logger.warning("%s; fetching it again", exc)
-        self.scheduler.give_back([chunk])
+        self.scheduler.give_back([self.scheduler.position_of(chunk)])
         others = [m for m in self.mirrors if m is not mirror and m.state is MirrorState.LIVE]
         if len(mirror.bad_chunks) >= MAX_BAD_CHUNKS and others:
             self._drop(mirror, f"{len(mirror.bad_chunks)} chunks from it failed their sha256 check")
@@ -955,7 +975,8 @@ class DownloadSession:
         if self.committer is not None:
             await self.committer.close()  # stopped early or failed: keep what is verified and written
         if self.cache is not None and self.committer is not None and not (self.complete.done() and self.complete.exception() is None):
-            present = [(c.raw_offset, c.raw_size_bytes) for c in self.manifest.chunks if not self.scheduler.is_pending_or_taken(c)]
+            table, done = self.all_chunks, self.scheduler.done_mask() & (self.all_chunks.pass_index == 0)
+            present = list(zip(table.raw_offset[done].tolist(), table.raw_size[done].tolist(), strict=True))
             released = await asyncio.to_thread(self.cache.release_unverified, present)
             if released:
                 logger.info("gave back %d bytes reserved for chunks that never arrived", released)

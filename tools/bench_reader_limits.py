@@ -57,7 +57,9 @@ data = open(path, "rb").read()
 before = peak_rss_bytes()
 started = time.perf_counter()
 try:
-    outcome = f"ok, {len(parse_manifest(data, data_size_bytes=None if size == 'none' else int(size)).chunks)} chunks"
+    manifest = parse_manifest(data, data_size_bytes=None if size == 'none' else int(size))
+    chunks = manifest.chunk_table if hasattr(manifest, "chunk_table") else manifest.chunks  # columns since chunks2
+    outcome = f"ok, {len(chunks)} chunks"
 except FormatError as exc:
     outcome = type(exc).__name__
 except MemoryError:
