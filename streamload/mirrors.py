@@ -23,16 +23,23 @@ one mirror is not handed to that mirror again while another live one has not fai
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import enum
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .errors import UsageError
-from .fetch import Header
+from .errors import RetryableError, StalledError, StreamloadError, UsageError
+from .fetch import Header, fetch_header_with_retries
 from .formats import ChunkEntry
+from .httputil import RetryPolicy, same_origin
 from .schedule import Span
 from .transport import Source
+
+if TYPE_CHECKING:
+    import aiohttp
 
 SPAN_S = 2.0  # a span takes about this long at its worker's rate: requests are few, and a dead mirror hands back little
 MIN_SPAN_S = 0.2  # and at least this long (several round trips), however little is left: small chunks end the file
@@ -117,3 +124,52 @@ def span_limit_bytes(meter: RateMeter, meters: Sequence[RateMeter], pending_byte
     total = sum(m.rate_bytes_per_s for m in meters if m.rate_bytes_per_s is not None)
     remaining_s = pending_bytes / total if total > 0 else 0.0
     return int(min(MAX_SPAN_BYTES, rate * max(MIN_SPAN_S, min(SPAN_S, remaining_s * TAIL_SHARE))))
+
+
+class HeaderProbes:
+    """Each mirror's header, fetched beside the primary's (a bounded request; retried, but not when nobody answers),
+    as tasks that the download awaits (``take``) or ``close`` cancels."""
+
+    def __init__(
+        self,
+        primary_url: str,
+        urls: Sequence[str],
+        retry: RetryPolicy,
+        session: aiohttp.ClientSession | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        self.primary_url = primary_url
+        self.urls = urls
+        self.retry = retry
+        self.session = session
+        self.headers = headers
+        self._probes: dict[str, tuple[Source, asyncio.Task[Header]]] = {}  # mirror URL -> its header, on the way
+        self._taken: set[str] = set()
+
+    def start(self) -> None:
+        from .http_source import HttpSource
+
+        async def unreachable(failure: RetryableError | StalledError) -> bool:
+            return bool(getattr(failure, "unreachable", False))
+
+        for url in self.urls:
+            if url not in self._probes and url not in self._taken:
+                headers = self.headers if same_origin(url, self.primary_url) else None  # credentials stay on the primary's origin
+                source = HttpSource(url, self.retry, self.session, headers)
+                task = asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
+                self._probes[url] = (source, task)
+
+    def take(self, url: str) -> tuple[Source, asyncio.Task[Header]]:
+        """The source and header task of one mirror (started now if it was not): the caller closes the source."""
+        self.start()
+        self._taken.add(url)
+        return self._probes.pop(url)
+
+    async def close(self) -> None:
+        """Cancel the probes never taken (the download did not start, or ended first) and close their sources."""
+        for source, task in self._probes.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await task
+            await source.close()
+        self._probes.clear()

@@ -243,7 +243,7 @@ async def test_a_complete_model_from_an_unchanged_url_costs_one_conditional_requ
         url = server.url("model.slm")
         async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
             first = await model.wait_complete()
-        caplog.set_level("INFO", logger="streamload.session")
+        caplog.set_level("INFO", logger="streamload.origin")
         async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
             again = await model.wait_complete()
         assert first.bytes_downloaded > 0 and again.bytes_downloaded == 0 and again.chunks_fetched == 0

@@ -1,0 +1,181 @@
+"""Where a model's header comes from, and a source for the bytes its cache lacks.
+
+The header is read from the local file; from the cache, when the model is pinned and complete there (no network);
+or from the URL: one open-ended request whose body goes on into the data, or, when the URL's model is cached whole,
+first a conditional request (a 304: the cached copy is the file, nothing is read) and then a header probe. A server
+that cannot be reached falls back to the complete cached copy the URL last had. ``reconnect`` finds a source again
+when the header came from the cache and chunks turn out to be missing or damaged there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .cache import ModelCache
+from .errors import CacheError, DigestMismatchError, FetchError, FormatError, RetryableError, StalledError
+from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
+from .httputil import RetryPolicy
+from .stats import DownloadStats
+from .transport import FileSource, Source
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import aiohttp
+
+logger = logging.getLogger(__name__)
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` pins the manifest digest, like pip's hash fragments."""
+    if "#sha256=" in source:
+        source, _, pinned = source.partition("#sha256=")
+        if digest is not None and digest.lower() != pinned.lower():
+            raise DigestMismatchError(f"the URL pins sha256={pinned} but digest={digest} was also given")
+        digest = pinned
+    if digest is not None:
+        digest = digest.lower().removeprefix("sha256:")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise DigestMismatchError(f"pinned digest {digest!r} is not 64 hex digits")
+    return source, digest
+
+
+class Origin:
+    """One model's source of truth: its URL or file, its pin, and the cache copies it may stand for."""
+
+    def __init__(
+        self,
+        url: str,
+        pinned: str | None,
+        *,
+        cache_root: Path,
+        retry: RetryPolicy,
+        session: aiohttp.ClientSession | None,
+        headers: Mapping[str, str] | None,
+        stats: DownloadStats,
+    ) -> None:
+        self.url = url
+        self.pinned = pinned
+        self.cache_root = cache_root
+        self.retry = retry
+        self.borrowed_session = session
+        self.headers = headers  # the caller's, for the URL's origin only (HttpSource keeps them from other hosts)
+        self.stats = stats
+        self.source: Source | None = None  # None while the header came from the cache and nothing is missing
+
+    async def cached_pinned_header(self) -> Header | None:
+        """The header of the pinned model when the cache holds it complete: then no network is needed."""
+        if self.pinned is None or not is_url(self.url):
+            return None
+        cached = await self.cached_header(self.pinned)
+        if cached is not None:
+            logger.info("using cached %s (pinned, complete): no network", self.pinned[:12])
+        return cached
+
+    async def read_header(self) -> Header:
+        """Preamble and manifest from the file, or from the server (the cache when it cannot be reached)."""
+        if not is_url(self.url):
+            self.source = FileSource(Path(self.url))
+            return await fetch_header(self.source)
+        from .http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
+
+        self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
+        # one open-ended request whose body goes on into the data; a header probe when the URL's model is cached whole
+        # (an open body would bring data nobody reads, on a metered link too), and before it, when the server gave
+        # that copy an ETag, one conditional request: a 304 means the cached copy is the file, and nothing is read
+        cached = await self._complete_copy_of_url()
+        etag = ModelCache.read_ref_etag(self.cache_root, self.url) if cached is not None else None
+        if cached is not None and etag is not None and await self._unchanged(etag):
+            logger.info("%s is unchanged (ETag %s): using the cached %s", self.url, etag, cached.manifest.digest[:12])
+            return cached
+        try:
+            # nobody answering ends the retries at once when the cache holds a complete copy to fall back to
+            header = await self._fetch_with_retries(self.source, give_up_unreachable=cached is not None, stream=cached is None)
+        except FetchError as exc:
+            return await self._offline_header(exc, cached)
+        self.stats.bytes_downloaded += len(header.raw)
+        return header
+
+    async def reconnect(self, digest: str, missing: str) -> Source:
+        """A source for the bytes the cache lacks (``missing`` says which) when the header came from the cache: the
+        URL again, checked to serve the same model. Offline, or a file that is not the model's, a clear error."""
+        if self.source is not None:
+            return self.source
+        if not is_url(self.url):
+            raise CacheError(f"{missing}, and {self.url} is not a source of it")
+        from .http_source import HttpSource
+
+        source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
+        try:
+            header = await self._fetch_with_retries(source, give_up_unreachable=True)
+        except FetchError as exc:
+            await source.close()
+            raise FetchError(f"{missing} and {self.url} cannot be reached ({exc}); connect and run again") from None
+        if header.manifest.digest != digest:
+            await source.close()
+            raise DigestMismatchError(
+                f"{missing}, and {self.url} now serves another model ({header.manifest.digest[:12]}); "
+                f"run without the pin to use it, or `streamload rm {digest[:12]}`"
+            )
+        self.source = source
+        self.stats.bytes_downloaded += len(header.raw)
+        return source
+
+    async def close(self) -> None:
+        if self.source is not None:
+            await self.source.close()
+
+    async def cached_header(self, digest: str) -> Header | None:
+        """The header of a complete cached model, or None (also when the cached header is damaged: it is fetched again)."""
+        try:
+            cached = ModelCache(self.cache_root, digest)
+        except CacheError:
+            return None
+        raw = cached.read_header() if cached.is_complete() else None
+        if raw is None:
+            return None
+        try:
+            return await parse_header(raw, None)
+        except FormatError as exc:
+            logger.warning("the cached header of %s is damaged (%s); it is fetched again", digest[:12], exc)
+            return None
+
+    async def _unchanged(self, etag: str) -> bool:
+        """The server says (304) the URL still has the cached copy's ETag; any failure: False (the header is fetched)."""
+        unchanged = getattr(self.source, "unchanged", None)
+        if unchanged is None:
+            return False
+        try:
+            return await unchanged(etag)
+        except (FetchError, OSError, TimeoutError) as exc:
+            logger.debug("%s: revalidating the cached copy failed (%s)", self.url, exc)
+            return False
+
+    async def _fetch_with_retries(self, source: Source, *, give_up_unreachable: bool = False, stream: bool = False) -> Header:
+        """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
+        no such host) ends the retries at once with ``give_up_unreachable``."""
+
+        async def give_up(failure: RetryableError | StalledError) -> bool:
+            return give_up_unreachable and bool(getattr(failure, "unreachable", False))
+
+        return await fetch_header_with_retries(source, self.retry, give_up=give_up, stream=stream)
+
+    async def _complete_copy_of_url(self) -> Header | None:
+        digest = ModelCache.read_ref(self.cache_root, self.url)
+        return await self.cached_header(digest) if digest else None
+
+    async def _offline_header(self, failure: FetchError, cached: Header | None) -> Header:
+        """The server cannot be reached: the complete cached copy this URL last had, or the failure."""
+        if cached is None:
+            raise failure
+        logger.warning("%s; using the cached copy %s", failure, cached.manifest.digest[:12])
+        if self.source is not None:
+            await self.source.close()
+        self.source = None
+        return cached
