@@ -5,7 +5,7 @@
     <cache_dir>/models/<digest>/chunks.log   (u32 chunk index, u64 xxh3 of its stored bytes) per verified chunk
     <cache_dir>/models/<digest>/complete     present once every chunk is in the store
     <cache_dir>/models/<digest>/lock         flock: one writer at a time
-    <cache_dir>/refs/<sha256(url)>           "<digest>\\n<url>": the digest a URL last had (offline use)
+    <cache_dir>/refs/<sha256(url)>           "<digest>\\n<url>[\\n<etag>]": what a URL last served (``refs.py``)
 
 A chunk's record is appended to the journal (chunks.log) only after its bytes
 are in the store and flushed to disk (``GroupCommitter``: every 1 s while the
@@ -17,11 +17,8 @@ it uses them (``find_damaged``): a cache that was truncated, zeroed or flipped
 is fetched again, never used. xxh3 runs at tens of GB/s, so the check costs a
 cached run about a millisecond per 40 MB.
 
-Space: the store is a sparse file. Blocks of RESERVE_BLOCK_BYTES are reserved
-(fallocate) as the first verified chunk lands in them, so at most one block per
-region being written is reserved ahead of verified data, never the whole size a
-manifest declares; ``release_unverified`` punches out what a failed or cancelled
-download reserved but never filled. Nothing is ever written through a symbolic
+Space: the store is a sparse file, reserved in blocks as verified data lands in them and given back when a
+download fails (``store_space.py``). Nothing is ever written through a symbolic
 link: the cache's files are opened with O_NOFOLLOW.
 
 Threads: store writes (``write_chunks``, pwritev at distinct offsets) come from the
@@ -34,16 +31,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import errno
 import fcntl
-import hashlib
 import logging
 import mmap
 import os
 import shutil
 import struct
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,14 +48,13 @@ import xxhash
 from .errors import CacheError
 from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
+from .store_space import StoreSpace
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "chunks.log"
 JOURNAL_RECORD = struct.Struct("<IQ")  # chunk index, xxh3_64 of the chunk's bytes in the store
 JOURNAL_DTYPE = np.dtype([("index", "<u4"), ("digest", "<u8")])  # JOURNAL_RECORD as a numpy record (packed, 12 bytes)
-RESERVE_BLOCK_BYTES = 8 << 20
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 IOV_MAX = 1024  # buffers per pwritev (POSIX minimum, Linux's limit)
 LOCK_POLL_S = 0.1
 
@@ -72,7 +65,7 @@ def default_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "streamload"
 
 
-def _cache_error(action: str, path: Path, exc: OSError) -> CacheError:
+def cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     """``action`` is a gerund: "writing", "committing"."""
     if exc.errno == errno.ELOOP:
         return CacheError(f"{path}: {exc.strerror}")
@@ -95,39 +88,10 @@ class ModelCache:
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._store_fd: int | None = None
-        self._store_size = 0
-        self._reserved = bytearray()  # 1 per RESERVE_BLOCK_BYTES block this process fallocated
-        self._reserve_lock = threading.Lock()
+        self._space: StoreSpace | None = None  # the store's blocks reserved as verified data lands in them
         self.store_map: mmap.mmap | None = None
 
-    # ------------------------------------------------------------ refs and header
-
-    @staticmethod
-    def ref_path(root: Path, url: str) -> Path:
-        return root / "refs" / hashlib.sha256(url.encode()).hexdigest()
-
-    @staticmethod
-    def read_ref(root: Path, url: str) -> str | None:
-        """The digest a URL had when last fetched."""
-        return parse_ref(ModelCache.ref_path(root, url))[0] or None
-
-    @staticmethod
-    def read_ref_etag(root: Path, url: str) -> str | None:
-        """The ETag the URL's server gave that digest, when it gave one."""
-        try:
-            lines = ModelCache.ref_path(root, url).read_text().split("\n")
-        except OSError:
-            return None
-        return (lines[2].strip() or None) if len(lines) > 2 else None
-
-    @staticmethod
-    def write_ref(root: Path, url: str, digest: str, etag: str | None = None) -> None:
-        path = ModelCache.ref_path(root, url)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, f"{digest}\n{url}".encode() + (f"\n{etag}".encode() if etag else b""))
-        except OSError as exc:
-            raise _cache_error("writing", path, exc) from None
+    # ------------------------------------------------------------ header
 
     @property
     def header_path(self) -> Path:
@@ -147,9 +111,9 @@ class ModelCache:
         try:
             self._make_directory()
             if self.read_header() != header:
-                _write_atomically(self.header_path, header)
+                write_atomically(self.header_path, header)
         except OSError as exc:
-            raise _cache_error("writing", self.header_path, exc) from None
+            raise cache_error("writing", self.header_path, exc) from None
 
     def is_complete(self) -> bool:
         return (self.directory / "complete").exists()
@@ -162,7 +126,7 @@ class ModelCache:
             self._make_directory()
             fd = _open_own(self.directory / "lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            raise _cache_error("creating", self.directory, exc) from None
+            raise cache_error("creating", self.directory, exc) from None
         waited = False
         while True:
             try:
@@ -207,8 +171,7 @@ class ModelCache:
             size_before = os.fstat(fd).st_size
             if size_before != size_bytes:
                 os.ftruncate(fd, size_bytes)
-            self._store_size = size_bytes
-            self._reserved = bytearray(-(-size_bytes // RESERVE_BLOCK_BYTES))
+            self._space = StoreSpace(fd, size_bytes)
             if size_bytes:
                 self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwritev
             self._journal_fd = _open_own(self.directory / JOURNAL_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND)
@@ -217,7 +180,7 @@ class ModelCache:
                 os.ftruncate(self._journal_fd, os.fstat(self._journal_fd).st_size - torn)
         except OSError as exc:
             self.close()
-            raise _cache_error("preparing", self.store_path, exc) from None
+            raise cache_error("preparing", self.store_path, exc) from None
         return min(size_before, size_bytes)
 
     def read_journal(self, chunk_count: int) -> dict[int, int]:
@@ -228,7 +191,7 @@ class ModelCache:
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            raise _cache_error("reading", path, exc) from None
+            raise cache_error("reading", path, exc) from None
         usable = len(data) - len(data) % JOURNAL_RECORD.size
         return {i: digest for i, digest in JOURNAL_RECORD.iter_unpack(data[:usable]) if i < chunk_count}
 
@@ -276,7 +239,8 @@ class ModelCache:
         """
         assert self._store_fd is not None
         try:
-            self._reserve(raw_offset, raw_offset + sum(len(piece) for piece in pieces))
+            assert self._space is not None
+            self._space.reserve(raw_offset, raw_offset + sum(len(piece) for piece in pieces))
             while pieces:
                 group = pieces[:IOV_MAX]
                 expected = sum(len(piece) for piece in group)
@@ -290,46 +254,12 @@ class ModelCache:
                 raw_offset += expected
                 pieces = pieces[IOV_MAX:]
         except OSError as exc:
-            raise _cache_error("writing", self.store_path, exc) from None
-
-    def _reserve(self, start: int, end: int) -> None:
-        """fallocate the RESERVE_BLOCK_BYTES blocks that [start, end) touches, once each (so writes cannot hit a full
-        disk halfway through a block, and a filling disk fails here, cleanly)."""
-        first, last = start // RESERVE_BLOCK_BYTES, (end - 1) // RESERVE_BLOCK_BYTES
-        if all(self._reserved[first : last + 1]):
-            return
-        assert self._store_fd is not None
-        with self._reserve_lock:
-            for block in range(first, last + 1):
-                if not self._reserved[block]:
-                    offset = block * RESERVE_BLOCK_BYTES
-                    os.posix_fallocate(self._store_fd, offset, min(RESERVE_BLOCK_BYTES, self._store_size - offset))
-                    self._reserved[block] = 1
+            raise cache_error("writing", self.store_path, exc) from None
 
     def release_unverified(self, present: list[tuple[int, int]]) -> int:
         """Give back the space reserved in this process that holds no verified chunk; ``present``: (offset, size) of
         every chunk the store holds (journaled or written). Returns the bytes released."""
-        if self._store_fd is None or not any(self._reserved):
-            return 0
-        covered = sorted(present)
-        released = 0
-        for block, reserved in enumerate(self._reserved):
-            if not reserved:
-                continue
-            start, end = block * RESERVE_BLOCK_BYTES, min((block + 1) * RESERVE_BLOCK_BYTES, self._store_size)
-            cursor = start
-            for offset, size in covered:  # the gaps between present chunks inside this block
-                if offset + size <= cursor:
-                    continue
-                if offset >= end:
-                    break
-                if offset > cursor:
-                    released += _punch_hole(self._store_fd, cursor, offset - cursor)
-                cursor = max(cursor, offset + size)
-            if cursor < end:
-                released += _punch_hole(self._store_fd, cursor, end - cursor)
-            self._reserved[block] = 0
-        return released
+        return self._space.release_unverified(present) if self._space is not None else 0
 
     def commit_chunks(self, records: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Make written chunks durable, then journal (index, xxh3) for each (group commit; the commit thread).
@@ -347,16 +277,16 @@ class ModelCache:
                 data = b"".join(JOURNAL_RECORD.pack(index, digest) for index, digest in records)
             os.write(self._journal_fd, data)
         except OSError as exc:
-            raise _cache_error("committing", self.directory / JOURNAL_NAME, exc) from None
+            raise cache_error("committing", self.directory / JOURNAL_NAME, exc) from None
 
     def mark_complete(self) -> None:
         """Every chunk is committed: make the journal durable and drop the marker that says so."""
         try:
             if self._journal_fd is not None:
                 os.fsync(self._journal_fd)
-            _write_atomically(self.directory / "complete", b"")
+            write_atomically(self.directory / "complete", b"")
         except OSError as exc:
-            raise _cache_error("finishing", self.directory, exc) from None
+            raise cache_error("finishing", self.directory, exc) from None
 
     def close(self) -> None:
         if self.store_map is not None:
@@ -481,16 +411,6 @@ class GroupCommitter:
         self.pool.shutdown(wait=True)
 
 
-def parse_ref(path: Path) -> tuple[str, str]:
-    """(digest, url) of a ref file, which holds "digest\nurl" and, when the server gave one, "\netag" ("", "" when
-    unreadable)."""
-    try:
-        digest, _, rest = path.read_text().partition("\n")
-    except OSError:
-        return "", ""
-    return digest.strip(), rest.partition("\n")[0].strip()
-
-
 def _human(size_bytes: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if size_bytes < 1024 or unit == "GiB":
@@ -499,7 +419,7 @@ def _human(size_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write a new file and rename it over ``path`` (a link at ``path`` is replaced, never followed)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -520,17 +440,3 @@ def _open_own(path: Path, flags: int) -> int:
         if exc.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, "is a symbolic link; streamload never writes through a link it did not make: remove it") from None
         raise
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _punch_hole(fd: int, offset: int, size: int) -> int:
-    """Deallocate [offset, offset + size) of a file, keeping its size; 0 where the file system cannot."""
-    if size <= 0:
-        return 0
-    result = _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, ctypes.c_int64(offset), ctypes.c_int64(size))
-    if result != 0:
-        logger.debug("cannot punch a hole in the store (%s)", os.strerror(ctypes.get_errno()))
-        return 0
-    return size

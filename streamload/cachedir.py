@@ -9,8 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .cache import JOURNAL_NAME, JOURNAL_RECORD, parse_ref
+from .cache import JOURNAL_NAME, JOURNAL_RECORD
 from .errors import CacheError
+from .refs import parse_ref
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ from .httputil import Backoff, RetryPolicy
 from .mirrors import MAX_BAD_CHUNKS, MIN_WORKERS_PER_MIRROR, HeaderProbes, Mirror, MirrorState, RateMeter, header_mismatch, span_limit_bytes
 from .pipeline import ChunkPipeline, Landed
 from .readiness import Readiness
-from .schedule import ChunkScheduler, Span
+from .schedule import ChunkScheduler
+from .span import Span
 from .stats import DownloadStats
 from .transport import Source, SpanReader
 

@@ -35,7 +35,7 @@ from .errors import RetryableError, StalledError, StreamloadError, UsageError
 from .fetch import Header, fetch_header_with_retries
 from .formats import ChunkEntry
 from .httputil import RetryPolicy, same_origin
-from .schedule import Span
+from .span import Span
 from .transport import Source
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from .cache import ModelCache
 from .errors import CacheError, DigestMismatchError, FetchError, FormatError, RetryableError, StalledError
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .httputil import RetryPolicy
+from .refs import read_ref, read_ref_etag
 from .stats import DownloadStats
 from .transport import FileSource, Source
 
@@ -90,7 +91,7 @@ class Origin:
         # (an open body would bring data nobody reads, on a metered link too), and before it, when the server gave
         # that copy an ETag, one conditional request: a 304 means the cached copy is the file, and nothing is read
         cached = await self._complete_copy_of_url()
-        etag = ModelCache.read_ref_etag(self.cache_root, self.url) if cached is not None else None
+        etag = read_ref_etag(self.cache_root, self.url) if cached is not None else None
         if cached is not None and etag is not None and await self._unchanged(etag):
             logger.info("%s is unchanged (ETag %s): using the cached %s", self.url, etag, cached.manifest.digest[:12])
             return cached
@@ -167,7 +168,7 @@ class Origin:
         return await fetch_header_with_retries(source, self.retry, give_up=give_up, stream=stream)
 
     async def _complete_copy_of_url(self) -> Header | None:
-        digest = ModelCache.read_ref(self.cache_root, self.url)
+        digest = read_ref(self.cache_root, self.url)
         return await self.cached_header(digest) if digest else None
 
     async def _offline_header(self, failure: FetchError, cached: Header | None) -> Header:

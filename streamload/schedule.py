@@ -30,57 +30,18 @@ import array
 import asyncio
 import bisect
 import collections
-import dataclasses
-import threading
 from collections.abc import Iterable, Mapping, Sequence, Set
 
 import numpy as np
 
 from .formats import ChunkEntry
-from .formats.chunk_table import ChunkTable, column_at
+from .formats.chunk_table import ChunkTable
+from .span import Span
 
 PENDING, TAKEN, DONE = 0, 1, 2
 JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
 PENDING_BYTE, TAKEN_BYTE, DONE_BYTE = bytes([PENDING]), bytes([TAKEN]), bytes([DONE])  # for bytearray.find
 JUMP_BYTE, ROWS_BYTE = bytes([JUMP]), bytes([ROWS])
-
-
-@dataclasses.dataclass(eq=False)
-class Span:
-    """Contiguous chunks fetched with one request and received by pool threads in turn: ``positions`` (ascending) in
-    the scheduler's ``table``."""
-
-    table: ChunkTable
-    positions: Sequence[int]  # a range for a run of back-to-back chunks (the common case)
-    cuttable: bool = True
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    received: int = 0  # positions[:received] came off the connection
-    cut: bool = False  # end at the next chunk boundary (set by the scheduler)
-    error: BaseException | None = None  # the first failure: the span's outcome
-    abort: object = None  # called with no argument to make a blocked reader fail (set by whoever reads the span)
-
-    @property
-    def start(self) -> int:
-        """Data offset of the first chunk."""
-        return int(self.table.offset[self.positions[0]])
-
-    @property
-    def end(self) -> int:
-        """Data offset just past the last chunk."""
-        last = self.positions[-1]
-        return int(self.table.offset[last] + self.table.size[last])
-
-    def received_bytes(self) -> int:
-        """Compressed bytes of the chunks that came off the connection."""
-        return int(column_at(self.table.size, self.positions[: self.received]).sum())
-
-    def stop(self, error: BaseException | None = None) -> None:
-        """End the span at the next chunk boundary; with an error, also abort its connection (any thread)."""
-        self.cut = True
-        if error is not None and self.error is None:
-            self.error = error
-            if callable(self.abort):
-                self.abort()
 
 
 def _int_array(values: np.ndarray) -> array.array[int]:

@@ -35,6 +35,7 @@ from .origin import Origin, is_url, split_pin
 from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .refinements import RefinementPlan
+from .refs import write_ref
 from .schedule import ChunkScheduler
 from .stats import DownloadStats, Progress
 from .tokenizer import load_tokenizer
@@ -133,7 +134,7 @@ class DownloadSession:
         def record() -> None:  # two small files written and fsynced: not on the event loop
             cache.write_header(header.raw)
             if remote:
-                ModelCache.write_ref(self.cache_root, self.url, self.manifest.digest, getattr(self.source, "etag", None))
+                write_ref(self.cache_root, self.url, self.manifest.digest, getattr(self.source, "etag", None))
 
         await asyncio.to_thread(record)
         await cache.acquire()

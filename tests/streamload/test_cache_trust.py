@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import streamload
-from streamload.cache import JOURNAL_NAME, RESERVE_BLOCK_BYTES
+from streamload.cache import JOURNAL_NAME
 from streamload.formats import ModelReader, ModelWriter
+from streamload.store_space import RESERVE_BLOCK_BYTES
 from tests.checks import assert_cache_exact, assert_layers_equal_file, free_port
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
