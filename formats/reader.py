@@ -93,7 +93,7 @@ def read_header(data: bytes | memoryview, file_size_bytes: int | None) -> tuple[
     if len(data) < manifest_end:
         raise OutOfBoundsError(f"need {manifest_end} header bytes, got {len(data)}")
     data_size = None if file_size_bytes is None else file_size_bytes - preamble.data_offset
-    manifest = parse_manifest(data[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=data_size)
+    manifest = parse_manifest(memoryview(data)[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=data_size)  # copied once, there
     return preamble, manifest
 
 
