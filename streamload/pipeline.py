@@ -57,6 +57,7 @@ BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and
 MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
 LOOKAHEAD_CHUNKS = 2048  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~1,000
 JOIN_BELOW_BYTES = 1024  # chunks this small on average are written as one joined piece
+HASHLIB_GIL_MIN_BYTES = 2048  # CPython's hashlib releases the GIL only for inputs of at least this many bytes
 
 
 class ChunkPipeline:
@@ -85,6 +86,9 @@ class ChunkPipeline:
         # per batch: its chunk indices and (receive start, receive end, verify start, stored) (perf_counter)
         self._batch_times: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
         self._local = threading.local()
+        # batches of small chunks are processed one at a time: their work holds the GIL (hashlib lets it go only for
+        # inputs of 2 KiB or more), so more threads at it only contend for the GIL, and take CPU from the receivers
+        self._serial = threading.Lock()
         # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
         # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
         # span: a refinement then waits for them here (received before it, under the span's lock)
@@ -171,7 +175,9 @@ class ChunkPipeline:
                 self.stats.receive_wait_s += received - waiting
                 if batch:
                     try:
-                        landed.post(self.process(table, batch, sizes, view[:position], waiting, received))
+                        with self._serial if self._gil_bound(batch, sizes) else contextlib.nullcontext():
+                            outcomes = self.process(table, batch, sizes, view[:position], waiting, received)
+                        landed.post(outcomes)
                     finally:
                         self._settle_bases(table, batch)
                 if failure is not None:
@@ -179,6 +185,11 @@ class ChunkPipeline:
                     return
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
+
+    def _gil_bound(self, batch: Sequence[int], sizes: np.ndarray) -> bool:
+        """Whether a batch's processing holds the GIL nearly throughout: many chunks under HASHLIB_GIL_MIN_BYTES. Never
+        with refinements, which can wait in ``process`` for chunks that another thread is processing."""
+        return len(batch) > 1 and not self._bases and int(sizes.sum()) < HASHLIB_GIL_MIN_BYTES * len(batch)
 
     @staticmethod
     def _next_batch(table: ChunkTable, positions: Sequence[int], first: int) -> tuple[Sequence[int], np.ndarray]:
