@@ -53,9 +53,9 @@ class Landed:
     size_bytes: int  # compressed bytes received for the batch
 
 
-BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
+BATCH_BYTES = 512 << 10  # consecutive chunks smaller than this are received and processed together
 MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
-LOOKAHEAD_CHUNKS = 2048  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~1,000
+LOOKAHEAD_CHUNKS = 4096  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~2,000
 JOIN_BELOW_BYTES = 1024  # chunks this small on average are written as one joined piece
 HASHLIB_GIL_MIN_BYTES = 2048  # CPython's hashlib releases the GIL only for inputs of at least this many bytes
 
@@ -274,7 +274,7 @@ class ChunkPipeline:
             raw_offsets, raw_sizes = column_at(table.raw_offset, stored), column_at(table.raw_size, stored)
             if raw_offsets[-1] + raw_sizes[-1] - raw_offsets[0] == raw_sizes.sum():
                 # back to back in the store (ascending, no overlap): one run. Small chunks are joined into one piece first:
-                # copying ~1,000 of them costs less than handing them to pwritev one by one
+                # copying ~2,000 of them costs less than handing them to pwritev one by one
                 small = len(raws) > 1 and raw_sizes.sum() <= JOIN_BELOW_BYTES * len(raws)
                 self.write_chunks(int(raw_offsets[0]), [b"".join(raws)] if small else raws)
             else:
