@@ -93,7 +93,7 @@ def read_header(data: bytes | memoryview, file_size_bytes: int | None) -> tuple[
     if len(data) < manifest_end:
         raise OutOfBoundsError(f"need {manifest_end} header bytes, got {len(data)}")
     data_size = None if file_size_bytes is None else file_size_bytes - preamble.data_offset
-    manifest = parse_manifest(data[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=data_size)
+    manifest = parse_manifest(memoryview(data)[PREAMBLE_SIZE_BYTES:manifest_end], data_size_bytes=data_size)  # copied once, there
     return preamble, manifest
 
 
@@ -198,7 +198,9 @@ def _descriptor_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 _FIELD_AT, _FIELD_SIZE, _BLOCK_AT, _CHECKSUM_SIZE = _descriptor_tables()
 _WINDOW_BYTES = 21  # the longest frame header (18 bytes) and a block header
-_MAGIC_ARRAY = np.frombuffer(_ZSTD_MAGIC, np.uint8)
+_MAGIC_LE = np.uint64(int.from_bytes(_ZSTD_MAGIC, "little"))
+_FIELD_MASK = ((1 << (8 * _FIELD_SIZE.astype(object))) - 1).astype(np.uint64)  # the content size field's bytes of 8
+_FIELD_BIAS = np.where(_FIELD_SIZE == 2, 256, 0).astype(np.uint64)  # a 2-byte field counts from 256
 
 
 def check_frames(chunks: list[ChunkEntry], data: bytes | memoryview) -> None:
@@ -220,19 +222,20 @@ def _check_frames(chunks: Sequence[ChunkEntry], data: bytes | memoryview, sizes:
     starts = np.cumsum(sizes) - sizes
     if count == 0 or starts[-1] + sizes[-1] != len(data):
         raise ValueError(f"{len(data)} bytes do not hold exactly these {count} chunks")
-    buffer = np.zeros(len(data) + _WINDOW_BYTES, np.uint8)  # padded: a short frame's window stays inside
+    buffer = np.zeros(len(data) + _WINDOW_BYTES + 8, np.uint8)  # padded: a short frame's reads stay inside
     buffer[: len(data)] = np.frombuffer(data, np.uint8)
-    window = buffer[starts[:, None] + np.arange(_WINDOW_BYTES)]  # each frame's first bytes, a row per frame
-    descriptor = window[:, 4]
+    # the 8 (4) bytes from each byte on as one little-endian integer (unaligned views, no copy): a read per field
+    u64 = np.ndarray((len(buffer) - 7,), "<u8", buffer, strides=(1,))
+    u32 = np.ndarray((len(buffer) - 3,), "<u4", buffer, strides=(1,))
+    head = u64[starts]  # magic (4 bytes), descriptor, ...
+    descriptor = ((head >> np.uint64(32)) & np.uint64(0xFF)).astype(np.uint8)
     field_size, block_at = _FIELD_SIZE[descriptor], _BLOCK_AT[descriptor]
-    field = np.take_along_axis(window, _FIELD_AT[descriptor][:, None] + np.arange(8), axis=1)  # the content size, LE
-    declared = np.where(np.arange(8) < field_size[:, None], field, np.uint8(0)).view("<u8")[:, 0]
-    declared = declared + np.where(field_size == 2, np.uint64(256), np.uint64(0))  # a 2-byte field counts from 256
-    block = np.take_along_axis(window, block_at[:, None] + np.arange(3), axis=1).astype(np.int64) @ np.array([1, 1 << 8, 1 << 16])
+    declared = (u64[starts + _FIELD_AT[descriptor]] & _FIELD_MASK[descriptor]) + _FIELD_BIAS[descriptor]  # the content size
+    block = (u32[starts + block_at] & np.uint32(0xFFFFFF)).astype(np.int64)
     block_type = (block >> 1) & 3
     frame_end = block_at + 3 + np.where(block_type == 1, 1, block >> 3) + _CHECKSUM_SIZE[descriptor]
     fast = (
-        (window[:, :4] == _MAGIC_ARRAY).all(axis=1)
+        ((head & np.uint64(0xFFFFFFFF)) == _MAGIC_LE)
         & (field_size > 0)  # the size is declared (and the reserved bit is clear)
         & (declared == raw_sizes.astype(np.uint64))
         & (block & 1 == 1)  # the last block

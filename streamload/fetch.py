@@ -22,11 +22,11 @@ class Header:
 
     data_offset: int
     manifest: Manifest
-    raw: bytes  # the bytes as stored, for the cache
+    raw: bytes | bytearray  # the bytes as stored, for the cache (as received: not to be changed)
     stream: SpanReader | None = dataclasses.field(default=None, compare=False)  # the body going on into the data, when asked for
 
 
-async def parse_header(raw: bytes, file_size_bytes: int | None) -> Header:
+async def parse_header(raw: bytes | bytearray, file_size_bytes: int | None) -> Header:
     """Validate preamble and manifest off the event loop: the work is linear in the chunk count (~100k for 100 GB)."""
     preamble, manifest = await asyncio.to_thread(read_header, raw, file_size_bytes)
     return Header(preamble.data_offset, manifest, raw)
@@ -69,13 +69,13 @@ async def _fetch_header(source: Source, stream: bool) -> Header:
                 raise FetchError(f"{source.url} answered a range request with the whole file after honouring one")
             rest = bytearray(needed - len(raw))
             await asyncio.to_thread(more.read_into, len(raw), memoryview(rest))
-            raw += rest  # raw is bytes: a new object, whatever views of the pieces the reader still holds
+            raw = raw + rest  # a new object, whatever views of the pieces the reader still holds
         finally:
             more.close()
     return await parse_header(raw, total)
 
 
-async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int | None) -> tuple[bytes, int, int]:
+async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int | None) -> tuple[bytearray, int, int]:
     """(the header's bytes, at most ``limit`` of them; the file's size; the header's full size) from a body at byte 0."""
     total = reader.total_size_bytes
     if total is None:
@@ -84,9 +84,11 @@ async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int |
     await asyncio.to_thread(reader.read_into, 0, memoryview(first))
     needed = header_size_needed(first)
     available = min(needed, total, limit if limit is not None else needed)
-    raw = first + bytearray(max(0, available - len(first)))
+    # received in place, never copied here: a manifest of ~100k chunks is ~10 MB, and each copy into fresh pages ~5 ms
+    raw = bytearray(max(available, len(first)))
+    raw[: len(first)] = first
     await asyncio.to_thread(reader.read_into, len(first), memoryview(raw)[len(first) :])
-    return bytes(raw), total, needed
+    return raw, total, needed
 
 
 async def fetch_header_with_retries(

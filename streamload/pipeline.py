@@ -53,8 +53,11 @@ class Landed:
     size_bytes: int  # compressed bytes received for the batch
 
 
-BATCH_BYTES = 256 << 10  # consecutive chunks smaller than this are received and processed together
+BATCH_BYTES = 512 << 10  # consecutive chunks smaller than this are received and processed together
 MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
+LOOKAHEAD_CHUNKS = 4096  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~2,000
+JOIN_BELOW_BYTES = 1024  # chunks this small on average are written as one joined piece
+HASHLIB_GIL_MIN_BYTES = 2048  # CPython's hashlib releases the GIL only for inputs of at least this many bytes
 
 
 class ChunkPipeline:
@@ -83,6 +86,9 @@ class ChunkPipeline:
         # per batch: its chunk indices and (receive start, receive end, verify start, stored) (perf_counter)
         self._batch_times: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
         self._local = threading.local()
+        # batches of small chunks are processed one at a time: their work holds the GIL (hashlib lets it go only for
+        # inputs of 2 KiB or more), so more threads at it only contend for the GIL, and take CPU from the receivers
+        self._serial = threading.Lock()
         # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
         # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
         # span: a refinement then waits for them here (received before it, under the span's lock)
@@ -154,10 +160,7 @@ class ChunkPipeline:
                     first = span.received
                     if span.cut or first == len(span.positions):
                         return
-                    rest = span.positions[first : first + MAX_BATCH_CHUNKS]
-                    sizes = column_at(table.size, rest)
-                    count = max(1, int(np.searchsorted(np.cumsum(sizes), BATCH_BYTES, side="right")))
-                    batch, sizes = rest[:count], sizes[:count]
+                    batch, sizes = self._next_batch(table, span.positions, first)
                     if self._bases:
                         with self._bases_lock:
                             for index in column_at(table.index, batch).tolist():
@@ -172,7 +175,9 @@ class ChunkPipeline:
                 self.stats.receive_wait_s += received - waiting
                 if batch:
                     try:
-                        landed.post(self.process(table, batch, sizes, view[:position], waiting, received))
+                        with self._serial if self._gil_bound(batch, sizes) else contextlib.nullcontext():
+                            outcomes = self.process(table, batch, sizes, view[:position], waiting, received)
+                        landed.post(outcomes)
                     finally:
                         self._settle_bases(table, batch)
                 if failure is not None:
@@ -180,6 +185,25 @@ class ChunkPipeline:
                     return
         except BaseException as exc:  # a chunk that decodes wrong after its hash matched, a full disk, a bug: fatal
             span.stop(exc)
+
+    def _gil_bound(self, batch: Sequence[int], sizes: np.ndarray) -> bool:
+        """Whether a batch's processing holds the GIL nearly throughout: many chunks under HASHLIB_GIL_MIN_BYTES. Never
+        with refinements, which can wait in ``process`` for chunks that another thread is processing."""
+        return len(batch) > 1 and not self._bases and int(sizes.sum()) < HASHLIB_GIL_MIN_BYTES * len(batch)
+
+    @staticmethod
+    def _next_batch(table: ChunkTable, positions: Sequence[int], first: int) -> tuple[Sequence[int], np.ndarray]:
+        """The chunks from ``first`` on that fit in BATCH_BYTES (at least one) and their sizes (under the span's lock).
+        Looks ahead a few batches' worth of small chunks at a time, not MAX_BATCH_CHUNKS (~29k of them) each time."""
+        ahead = LOOKAHEAD_CHUNKS
+        while True:
+            rest = positions[first : first + ahead]
+            sizes = column_at(table.size, rest)
+            ends = np.cumsum(sizes)
+            if ends[-1] > BATCH_BYTES or len(rest) < ahead or ahead >= MAX_BATCH_CHUNKS:
+                count = max(1, int(np.searchsorted(ends, BATCH_BYTES, side="right")))
+                return rest[:count], sizes[:count]
+            ahead = min(4 * ahead, MAX_BATCH_CHUNKS)
 
     def _receive(
         self, reader: SpanReader, table: ChunkTable, batch: Sequence[int], sizes: np.ndarray, view: memoryview
@@ -249,7 +273,10 @@ class ChunkPipeline:
         if stored:
             raw_offsets, raw_sizes = column_at(table.raw_offset, stored), column_at(table.raw_size, stored)
             if raw_offsets[-1] + raw_sizes[-1] - raw_offsets[0] == raw_sizes.sum():
-                self.write_chunks(int(raw_offsets[0]), raws)  # back to back in the store (ascending, no overlap): one run
+                # back to back in the store (ascending, no overlap): one run. Small chunks are joined into one piece first:
+                # copying ~2,000 of them costs less than handing them to pwritev one by one
+                small = len(raws) > 1 and raw_sizes.sum() <= JOIN_BELOW_BYTES * len(raws)
+                self.write_chunks(int(raw_offsets[0]), [b"".join(raws)] if small else raws)
             else:
                 self._write_runs(raw_offsets.tolist(), raw_sizes.tolist(), raws)
         if self._bases:
