@@ -89,7 +89,7 @@ class ChunkTable:
         """The ChunkEntry at ``position``."""
         if self._entries is not None:
             return self._entries[position]
-        from .manifest import ChunkEntry
+        from .entries import ChunkEntry
 
         return ChunkEntry(
             int(self.index[position]),
@@ -105,7 +105,7 @@ class ChunkTable:
     def entries(self) -> tuple:
         """Every chunk as a ChunkEntry, made on the first call (a block at a time: the peak stays near the result's)."""
         if self._entries is None:
-            from .manifest import ChunkEntry
+            from .entries import ChunkEntry
 
             made: list[ChunkEntry] = []
             for first in range(0, len(self), _ENTRIES_PER_BLOCK):

@@ -190,14 +190,14 @@ def _parse_both(encoded: bytes, data_size_bytes: int | None) -> tuple[Any, Any]:
     from streamload.formats import manifest as module
 
     outcomes = []
-    for canonical in (module._parse_chunks_canonical, lambda *args: None):
-        original, module._parse_chunks_canonical = module._parse_chunks_canonical, canonical
+    for canonical in (module.parse_chunks_canonical, lambda *args: None):
+        original, module.parse_chunks_canonical = module.parse_chunks_canonical, canonical
         try:
             outcomes.append(parse_manifest(encoded, data_size_bytes=data_size_bytes))
         except errors.FormatError as exc:
             outcomes.append(type(exc))
         finally:
-            module._parse_chunks_canonical = original
+            module.parse_chunks_canonical = original
     return outcomes[0], outcomes[1]
 
 
@@ -217,8 +217,8 @@ def test_whole_list_chunk_reading_agrees_with_entry_by_entry(tmp_path: Path) -> 
     region = len(data) - data_offset
     fast, slow = _parse_both(encoded, region)
     assert fast == slow and len(fast.chunks) > 20
-    root = module._map_spans(encoded, (0, len(encoded)), "root")
-    assert module._parse_chunks_canonical(encoded, root["chunks"], fast.layers, region, 512) == fast.chunk_table  # not a fallback
+    root = module.map_spans(encoded, (0, len(encoded)), "root")
+    assert module.parse_chunks_canonical(encoded, root["chunks"], fast.layers, region, 512) == fast.chunk_table  # not a fallback
     assert _parse_both(encoded, region - 1) == (errors.OutOfBoundsError, errors.OutOfBoundsError)
     manifest = msgpack.unpackb(encoded)
     manifest["chunks"][3]["pass"] = 1
