@@ -378,9 +378,8 @@ class Download:
             self._drop(mirror, f"{len(mirror.bad_chunks)} chunks from it failed their sha256 check")
         return None
 
-    async def close(self) -> None:
-        """Stop (an unfinished download) or let the last group commit end; close the body nobody took and every
-        mirror's source (the primary's is the origin's)."""
+    async def stop(self) -> None:
+        """Stop (an unfinished download) or let the last group commit end; close the body no worker took."""
         if self._task is not None:
             if not self.readiness.complete.done() or self.readiness.complete.exception() is not None:
                 self._task.cancel()  # unfinished: stop; what is committed stays for the next run
@@ -389,6 +388,9 @@ class Download:
         if self.header_stream is not None:  # no worker took it (the download failed first)
             self.header_stream.close()
             self.header_stream = None
+
+    async def close_sources(self) -> None:
+        """Close every mirror's source (the primary's is the origin's), once the pipeline's threads are done."""
         for mirror in self.mirrors:
             if mirror.source is not None and mirror.source is not self.source:
                 await mirror.source.close()

@@ -404,7 +404,7 @@ class DownloadSession:
 
     async def close(self) -> None:
         if self.download is not None:
-            await self.download.close()
+            await self.download.stop()
         if self._header_stream is not None:  # no download took it (nothing was pending, or starting one failed)
             self._header_stream.close()
             self._header_stream = None
@@ -420,6 +420,8 @@ class DownloadSession:
             if released:
                 logger.info("gave back %d bytes reserved for chunks that never arrived", released)
         await self.origin.close()
+        if self.download is not None:
+            await self.download.close_sources()
         await self.probes.close()
         if self.cache is not None:
             self._layers.clear()
