@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from .constants import FORMAT_VERSION, QuantScheme
+from .constants import FORMAT_VERSION, PLAIN_FORMAT_VERSION, QuantScheme
 from .manifest import Manifest
 from .quantize import entropy_bits_per_symbol
 
@@ -72,7 +72,7 @@ def summarize_progressive(manifest: Manifest) -> dict[str, Any] | None:
     }
 
 
-def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
+def summarize_manifest(manifest: Manifest, *, format_version: int | None = None) -> dict[str, Any]:
     """A JSON-ready description of a model file: what ``streamload inspect`` shows."""
     layers = []
     for layer in manifest.layers:
@@ -97,7 +97,8 @@ def summarize_manifest(manifest: Manifest) -> dict[str, Any]:
     data_bytes = sum(c.size_bytes for c in manifest.chunks + manifest.refinement_chunks)
     compression = summarize_compression(manifest)
     return {
-        "format_version": FORMAT_VERSION,
+        # the file's preamble says it; without it, the version the writer gives such a manifest
+        "format_version": format_version or (FORMAT_VERSION if manifest.progressive else PLAIN_FORMAT_VERSION),
         "architecture": manifest.architecture,
         "config": dict(manifest.config),
         "manifest_digest": manifest.digest,

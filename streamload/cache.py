@@ -295,6 +295,7 @@ class ModelCache:
             except BufferError:  # numpy views still alive; the map goes when they do
                 pass
             self.store_map = None
+        self._space = None  # its descriptor is closed below: nothing may be punched through it (or its reuse)
         for name in ("_journal_fd", "_store_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:

@@ -118,23 +118,14 @@ class Download:
 
     async def _run(self) -> None:
         try:
-            try:
-                async with asyncio.TaskGroup() as tasks:
-                    self._tasks = tasks
-                    watcher = tasks.create_task(self.committer.watch())
-                    if self.readiness.chunk_waiters:
-                        self.start_row_requests()  # rows were demanded before this download started
-                    serving = [tasks.create_task(self._serve(mirror)) for mirror in self.mirrors if mirror.usable]
-                    while not self.scheduler.finished:  # a source that fails for good raises when no other is left
-                        await self.scheduler.wait_for_change()
-                    watcher.cancel()
-                    for task in serving:  # a mirror still being probed, or workers waiting out a backoff
-                        task.cancel()
-            finally:
-                self._tasks = None
-            self.readiness.finish()  # every layer is usable now; durability follows, before close() returns
-            await self.committer.flush()
-            await self.committer.mark_complete()
+            while True:  # again when chunks were reopened (damaged in the cache) while the last commits ran
+                await self._serve_until_finished()
+                self.readiness.finish()  # every layer is usable now; durability follows, before close() returns
+                await self.committer.flush()
+                if self.scheduler.finished:
+                    await self.committer.mark_complete()
+                    if self.scheduler.finished:  # no await between this test and the task's end: nothing is missed
+                        break
         except BaseException as exc:  # delivered to every waiter; close() awaits this task
             failure = first_cause(exc)
             if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
@@ -145,6 +136,23 @@ class Download:
                     "the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure
                 )
             self.readiness.fail(failure)
+
+    async def _serve_until_finished(self) -> None:
+        """Every usable source's workers (and the row requests), until the scheduler has nothing left."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                watcher = tasks.create_task(self.committer.watch())
+                if self.readiness.chunk_waiters:
+                    self.start_row_requests()  # rows were demanded before this download started
+                serving = [tasks.create_task(self._serve(mirror)) for mirror in self.mirrors if mirror.usable]
+                while not self.scheduler.finished:  # a source that fails for good raises when no other is left
+                    await self.scheduler.wait_for_change()
+                watcher.cancel()
+                for task in serving:  # a mirror still being probed, or workers waiting out a backoff
+                    task.cancel()
+        finally:
+            self._tasks = None
 
     async def _serve(self, mirror: Mirror) -> None:
         """One source's workers, after (for a mirror) its header matched the model's."""
@@ -169,6 +177,12 @@ class Download:
             problem = header_mismatch(header, self.manifest.digest, self.data_offset)
         except (FetchError, FormatError) as exc:
             header, problem = None, f"its header cannot be read ({exc})"
+        except asyncio.CancelledError:  # the download ended first: the probe goes with it (a restart probes again)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await task
+            await source.close()
+            raise
         if problem is not None or header is None:
             await source.close()
             self._drop(mirror, problem or "no header")

@@ -144,26 +144,28 @@ class HeaderProbes:
         self.session = session
         self.headers = headers
         self._probes: dict[str, tuple[Source, asyncio.Task[Header]]] = {}  # mirror URL -> its header, on the way
-        self._taken: set[str] = set()
 
     def start(self) -> None:
+        """Start every mirror's probe that is not on the way (none without mirrors: no HTTP module is loaded)."""
+        for url in self.urls:
+            if url not in self._probes:
+                self._probes[url] = self._probe(url)
+
+    def take(self, url: str) -> tuple[Source, asyncio.Task[Header]]:
+        """The source and header task of one mirror, started now when none is on the way (a download that ended
+        while the mirror was still being probed took and dropped the last one): the caller closes the source."""
+        probe = self._probes.pop(url, None)
+        return probe if probe is not None else self._probe(url)
+
+    def _probe(self, url: str) -> tuple[Source, asyncio.Task[Header]]:
         from .http_source import HttpSource
 
         async def unreachable(failure: RetryableError | StalledError) -> bool:
             return bool(getattr(failure, "unreachable", False))
 
-        for url in self.urls:
-            if url not in self._probes and url not in self._taken:
-                headers = self.headers if same_origin(url, self.primary_url) else None  # credentials stay on the primary's origin
-                source = HttpSource(url, self.retry, self.session, headers)
-                task = asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
-                self._probes[url] = (source, task)
-
-    def take(self, url: str) -> tuple[Source, asyncio.Task[Header]]:
-        """The source and header task of one mirror (started now if it was not): the caller closes the source."""
-        self.start()
-        self._taken.add(url)
-        return self._probes.pop(url)
+        headers = self.headers if same_origin(url, self.primary_url) else None  # credentials stay on the primary's origin
+        source = HttpSource(url, self.retry, self.session, headers)
+        return source, asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
 
     async def close(self) -> None:
         """Cancel the probes never taken (the download did not start, or ended first) and close their sources."""

@@ -69,6 +69,7 @@ class Origin:
         self.headers = headers  # the caller's, for the URL's origin only (HttpSource keeps them from other hosts)
         self.stats = stats
         self.source: Source | None = None  # None while the header came from the cache and nothing is missing
+        self.revalidated_etag: str | None = None  # the cached copy's ETag, when the server said (304) it is still the file
 
     async def cached_pinned_header(self) -> Header | None:
         """The header of the pinned model when the cache holds it complete: then no network is needed."""
@@ -94,6 +95,7 @@ class Origin:
         etag = read_ref_etag(self.cache_root, self.url) if cached is not None else None
         if cached is not None and etag is not None and await self._unchanged(etag):
             logger.info("%s is unchanged (ETag %s): using the cached %s", self.url, etag, cached.manifest.digest[:12])
+            self.revalidated_etag = etag
             return cached
         try:
             # nobody answering ends the retries at once when the cache holds a complete copy to fall back to

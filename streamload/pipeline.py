@@ -37,7 +37,7 @@ from .formats import ChunkEntry, decompress_chunks, verify_chunk
 from .formats.chunk_table import ChunkTable, EntriesAt, column_at
 from .formats.constants import MIN_ZSTD_FRAME_SIZE_BYTES
 from .formats.reader import decompress_batch
-from .schedule import Span
+from .span import Span
 from .stats import DownloadStats
 from .transport import SpanReader
 

@@ -31,7 +31,7 @@ from .formats.constants import LayerKind
 from .httputil import RetryPolicy
 from .layer import Layer, map_layer
 from .mirrors import HeaderProbes, check_mirrors
-from .origin import Origin, is_url, split_pin
+from .origin import Origin, split_pin
 from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .refinements import RefinementPlan
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DownloadSession", "default_verify_threads", "is_url", "split_pin"]
+__all__ = ["DownloadSession", "default_verify_threads"]
 
 
 class DownloadSession:
@@ -134,7 +134,9 @@ class DownloadSession:
         def record() -> None:  # two small files written and fsynced: not on the event loop
             cache.write_header(header.raw)
             if remote:
-                write_ref(self.cache_root, self.url, self.manifest.digest, getattr(self.source, "etag", None))
+                # a 304 read no header, so the source has no ETag of its own: the one revalidated stays in the ref
+                etag = getattr(self.source, "etag", None) or self.origin.revalidated_etag
+                write_ref(self.cache_root, self.url, self.manifest.digest, etag)
 
         await asyncio.to_thread(record)
         await cache.acquire()
@@ -207,8 +209,9 @@ class DownloadSession:
         """Start fetching what the scheduler has pending (once; again after a damaged cached chunk is reopened)."""
         assert self.cache is not None and self.readiness is not None
         if self.download is not None and self.download.running:
+            self.readiness.restart()  # the running download fetches what was reopened, even while its last commits run
             return
-        source = await self.origin.reconnect(self.manifest.digest, self._what_is_missing())
+        source = self.origin.source or await self.origin.reconnect(self.manifest.digest, self._what_is_missing())
         if self.download is None:
             self.pipeline = ChunkPipeline(
                 data_offset=self.data_offset,

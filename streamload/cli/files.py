@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..formats import ModelReader, summarize_manifest
+from ..formats import ModelReader, read_preamble, summarize_manifest
+from ..formats.constants import PREAMBLE_SIZE_BYTES
 from .cached import request_headers
 from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
 
@@ -80,8 +81,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         summary = summarize_manifest(manifest)
         summary["file_bytes"] = size
     else:
+        with open(args.source, "rb") as f:
+            preamble = read_preamble(f.read(PREAMBLE_SIZE_BYTES))
         with ModelReader(args.source) as reader:
-            summary = summarize_manifest(reader.manifest)
+            summary = summarize_manifest(reader.manifest, format_version=preamble.format_version)
             summary["file_bytes"] = reader.size_bytes
     if args.json:
         print_json(summary)

@@ -116,10 +116,10 @@ def print_summary(summary: dict[str, Any], source: str) -> None:
     )
     if summary["size_vs_fp32"] is not None:
         print(f"  size vs fp32   {summary['size_vs_fp32']:.3f} (fp32 weights would be {format_bytes(summary['fp32_equivalent_bytes'])})")
-    print(f"\n  {'#':>3} {'layer':<12} {'tensors':>7} {'chunks':>6} {'raw':>11} {'compressed':>11} {'ratio':>6}")
+    print(f"\n  {'#':>3} {'layer':<15} {'tensors':>7} {'chunks':>6} {'raw':>11} {'compressed':>11} {'ratio':>6}")
     for layer in summary["layers"]:
         print(
-            f"  {layer['index']:>3} {layer['name']:<12} {layer['tensors']:>7} {layer['chunks']:>6} "
+            f"  {layer['index']:>3} {layer['name']:<15} {layer['tensors']:>7} {layer['chunks']:>6} "
             f"{format_bytes(layer['raw_bytes']):>11} {format_bytes(layer['compressed_bytes']):>11} {layer['ratio']:>6.3f}"
         )
     q = summary["quantization"]

@@ -134,7 +134,7 @@ async def _run(args: argparse.Namespace) -> None:
                 preview["cosine_to_exact"] = _cosine(preview_result, result)
                 out["preview"] = preview
             bar.close()  # the result starts on a line of its own
-            if args.progressive and model.progressive and preview is None and not args.json:
+            if args.progressive and model.progressive and preview is None:  # on stderr, so with --json too
                 print("no preview: the exact weights were already here", file=sys.stderr)
             print_result(args, out, label="exact" if preview is not None else "")
             if not args.no_finish and not model.is_complete:

@@ -3,8 +3,10 @@ a lost journal or header is recovered, links are never written through, and disk
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -171,3 +173,79 @@ async def test_space_is_reserved_as_verified_data_arrives_and_given_back_on_fail
             with pytest.raises(streamload.FetchError):
                 await model.wait_complete()
     assert store_blocks() <= layer2_end + (64 << 10)  # what was reserved but never verified was given back
+
+
+def flip_byte(store: Path, offset: int) -> None:
+    with open(store, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+async def test_damage_found_in_two_layers_one_after_the_other_is_fetched_again_each_time(
+    server: ServerThread, www: Path, tmp_path: Path
+) -> None:
+    """The second damaged layer is found while the download that refetched the first may still be making its last
+    commits: that download fetches it too (it used to end without it, and the layer was waited for forever)."""
+    url = server.url("deep.slm")
+    await fill_cache(url, tmp_path)
+    with ModelReader(www / "deep.slm") as reader:
+        layers = reader.manifest.layers
+    for index in (2, 4):
+        flip_byte(model_dir_of(tmp_path) / "store.bin", (layers[index].raw_offset + layers[index].raw_end) // 2)
+    async with streamload.open(url, cache_dir=tmp_path) as model:
+        async with asyncio.timeout(60):
+            seen = [index async for index, _ in model.layers()]
+            stats = await model.wait_complete()
+    assert seen == list(range(len(layers))) and stats.chunks_fetched >= 2
+    assert_cache_exact(tmp_path, www / "deep.slm")
+
+
+async def test_a_mirror_still_being_probed_when_a_refetch_ends_is_probed_again_by_the_next(
+    server: ServerThread, www: Path, tmp_path: Path
+) -> None:
+    """A mirror whose header never comes is still being probed when the download that refetched one damaged layer
+    ends; the next damaged layer starts the download again, which probes that mirror again (no KeyError)."""
+    url = server.url("deep.slm")
+    await fill_cache(url, tmp_path)
+    with ModelReader(www / "deep.slm") as reader:
+        layers = reader.manifest.layers
+    for index in (2, 4):
+        flip_byte(model_dir_of(tmp_path) / "store.bin", (layers[index].raw_offset + layers[index].raw_end) // 2)
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        mirror = f"http://127.0.0.1:{silent.getsockname()[1]}/deep.slm"
+        policy = streamload.RetryPolicy(header_timeout_s=30, connect_timeout_s=30)
+        async with streamload.open(url, cache_dir=tmp_path, mirrors=[mirror], retry=policy) as model:
+            async with asyncio.timeout(60):
+                await model.layer(2)
+                while not model.is_complete:  # the first refetch's download ends, the mirror still unanswered
+                    await asyncio.sleep(0.02)
+                await model.layer(4)
+                await model.wait_complete()
+    finally:
+        silent.close()
+    assert_cache_exact(tmp_path, www / "deep.slm")
+
+
+async def test_space_is_never_given_back_through_a_closed_store(tmp_path: Path) -> None:
+    """After close(), release_unverified does nothing: the store's descriptor number may belong to another file."""
+    from streamload.cache import ModelCache
+
+    cache = ModelCache(tmp_path, "ab" * 32)
+    await cache.acquire()
+    cache.open_store(16 << 20)
+    cache.write_chunks(0, [b"x" * 4096])  # reserves the first block
+    cache.close()
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"V" * (1 << 20))
+    descriptors = [os.open(other, os.O_RDWR) for _ in range(4)]  # the store's freed descriptor number among them
+    try:
+        assert cache.release_unverified([]) == 0
+    finally:
+        for fd in descriptors:
+            os.close(fd)
+    assert other.read_bytes() == b"V" * (1 << 20)

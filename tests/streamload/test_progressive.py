@@ -160,9 +160,11 @@ def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
     ]
     plain = json.loads(subprocess.run([*command, str(progressive_www / "minilm.slm")], capture_output=True, check=True).stdout)
     assert plain["progressive"] is None
+    assert plain["format_version"] == 2  # the file's own, from its preamble
     progressive_payload = json.loads(
         subprocess.run([*command, str(progressive_www / "minilm-p.slm")], capture_output=True, check=True).stdout
     )["int8_payload"]
+    assert progressive_payload is not None
     # the int8 payload counts the refinements: the same weights in two planes, so no fewer bytes than in one
     assert (
         plain["int8_payload"]["compressed_bytes"]
