@@ -5,20 +5,22 @@ Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py 
 * ``linear`` keeps weights int8 as stored: it casts them to float32 a tile of rows at a time into a small
   reused buffer and lets BLAS do the rest, then scales the output columns by the per-row scales. It reads
   4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (about 4-5 G weights/s on one core),
-  not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.43x the speed of float32 weights,
-  which stream at the memory's ~30 GB/s (tools/bench_runtime.py --large, 2 cores).
+  not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.78-1.02x the speed of float32 weights,
+  which stream at the memory's 31-41 GB/s, with the cast on two threads (below; tools/bench_runtime.py --only-large).
 * ``dense_t`` uses a float32 copy, dequantized once with the scales folded in (rows stacked, (outs, in)) so
   that ``W @ x^T`` is one sgemm, kept in ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``;
   0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
   Encoders, which run many tokens through the same small weights again and again, use it, with tokens as
   columns (``linear_t``, ``layer_norm_t``); ``dense`` is the same with tokens as rows.
 
-Threads do not help the int8 cast: on 2 cores, casting tiles on a second Python thread (pipelined with the sgemv,
-or each thread half the rows) ran at half the serial rate (2.1-2.6 vs 4.4 G weights/s).
+At decode (at most DECODE_TOKENS rows of x) a matrix of PARALLEL_MIN_WEIGHTS or more is cast and multiplied half on
+the calling thread and half on one helper thread, each on its own tile: numpy's cast and BLAS release the GIL, and two
+cores cast at 1.45-1.6x the rate of one (tools/bench_runtime.py --only-large); ``set_decode_threads(1)`` turns it off.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -29,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import UsageError
+
 log = logging.getLogger(__name__)
 
 DECODE_TOKENS = 16  # at or below this many rows of x, casting the weights is the cost: 1 MiB tiles
@@ -37,7 +41,28 @@ PREFILL_TILE_ELEMENTS = 1 << 20  # 4 MiB for longer inputs (4096x4096, 64 tokens
 ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its temporaries are reused, not allocated per call
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
+PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
+
 _scratch = threading.local()
+_decode_threads = min(2, os.cpu_count() or 1)
+_helper: concurrent.futures.ThreadPoolExecutor | None = None
+_helper_lock = threading.Lock()
+
+
+def set_decode_threads(threads: int) -> None:
+    """Threads that cast and multiply one large int8 matrix at decode: 2 (default on 2+ cores) or 1."""
+    global _decode_threads
+    if threads not in (1, 2):
+        raise UsageError(f"decode threads must be 1 or 2, got {threads}")
+    _decode_threads = threads
+
+
+def _helper_thread() -> concurrent.futures.ThreadPoolExecutor:
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            _helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-decode")
+        return _helper
 
 
 def _tile_buffer(elements: int) -> np.ndarray:
@@ -67,6 +92,8 @@ def linear(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, 
     """
     if weight.dtype != np.int8:
         y = x @ weight.astype(np.float32, copy=False).T
+    elif _decode_threads > 1 and x.shape[0] <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+        return np.ascontiguousarray(linear_t(x.T, weight, scales, bias).T)  # a decode head: cast on two threads
     else:
         out_features, in_features = weight.shape
         tokens = x.shape[0]
@@ -113,12 +140,25 @@ def linear_t(
     else:
         elements = TILE_ELEMENTS if tokens <= DECODE_TOKENS else PREFILL_TILE_ELEMENTS
         rows = min(out_features, max(8, elements // max(1, in_features)))
-        tile = _tile_buffer(rows * in_features)
-        for start in range(0, out_features, rows):
-            stop = min(out_features, start + rows)
-            w = tile[: (stop - start) * in_features].reshape(stop - start, in_features)
-            np.copyto(w, weight[start:stop], casting="unsafe")  # int8 -> float32, exact
-            np.matmul(w, xt, out=out[start:stop])
+
+        def cast_and_multiply(first: int, end: int) -> None:  # rows [first, end), a tile at a time, on this thread's tile
+            tile = _tile_buffer(rows * in_features)
+            for start in range(first, end, rows):
+                stop = min(end, start + rows)
+                w = tile[: (stop - start) * in_features].reshape(stop - start, in_features)
+                np.copyto(w, weight[start:stop], casting="unsafe")  # int8 -> float32, exact
+                np.matmul(w, xt, out=out[start:stop])
+
+        if _decode_threads > 1 and tokens <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+            # decode: the cast bounds it, and numpy casts and multiplies without the GIL: half the rows on the helper
+            middle = -(-out_features // 2 // rows) * rows
+            other_half = _helper_thread().submit(cast_and_multiply, middle, out_features)
+            try:
+                cast_and_multiply(0, middle)
+            finally:
+                other_half.result()
+        else:
+            cast_and_multiply(0, out_features)
     if scales is not None:
         out *= scales[:, None]
     if bias is not None:

@@ -17,6 +17,7 @@ import pytest
 import streamload
 from streamload import runtime as runtime_module
 from streamload.cli import main
+from streamload.errors import UsageError
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import bert, llama, ops, run
@@ -374,3 +375,25 @@ def test_a_cached_local_run_imports_neither_aiohttp_nor_the_converter(minilm_slm
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "LOADED []" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_on_one(tokens: int) -> None:
+    """Decode casts a large int8 matrix on two threads, half the rows each: bit for bit the one-thread result, and
+    the float64 product within float32 rounding; the head (``linear``, tokens as rows) goes the same way."""
+    rng = np.random.default_rng(7)
+    weight = rng.integers(-127, 128, size=(ops.PARALLEL_MIN_WEIGHTS // 1024 + 37, 1024), dtype=np.int8)  # odd rows: halves differ
+    scales = rng.uniform(0.001, 0.01, weight.shape[0]).astype(np.float32)
+    x = rng.standard_normal((tokens, 1024)).astype(np.float32)
+    results = {}
+    try:
+        for threads in (1, 2):
+            ops.set_decode_threads(threads)
+            results[threads] = (ops.linear_t(x.T, weight, scales), ops.linear(x, weight, scales))
+    finally:
+        ops.set_decode_threads(2)
+    assert np.array_equal(results[1][0], results[2][0]) and np.array_equal(results[1][1], results[2][1])
+    expected = (x.astype(np.float64) @ weight.T.astype(np.float64)) * scales
+    np.testing.assert_allclose(results[2][1], expected, rtol=1e-4, atol=1e-3)
+    with pytest.raises(UsageError, match="decode threads must be 1 or 2"):
+        ops.set_decode_threads(3)
