@@ -183,17 +183,23 @@ def flip_byte(store: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
+async def cache_with_two_damaged_layers(url: str, served: Path, cache: Path) -> tuple:
+    """A complete cache of ``url`` with one byte flipped in layers 2 and 4; the file's layers."""
+    await fill_cache(url, cache)
+    with ModelReader(served) as reader:
+        layers = reader.manifest.layers
+    for index in (2, 4):
+        flip_byte(model_dir_of(cache) / "store.bin", (layers[index].raw_offset + layers[index].raw_end) // 2)
+    return layers
+
+
 async def test_damage_found_in_two_layers_one_after_the_other_is_fetched_again_each_time(
     server: ServerThread, www: Path, tmp_path: Path
 ) -> None:
     """The second damaged layer is found while the download that refetched the first may still be making its last
     commits: that download fetches it too (it used to end without it, and the layer was waited for forever)."""
     url = server.url("deep.slm")
-    await fill_cache(url, tmp_path)
-    with ModelReader(www / "deep.slm") as reader:
-        layers = reader.manifest.layers
-    for index in (2, 4):
-        flip_byte(model_dir_of(tmp_path) / "store.bin", (layers[index].raw_offset + layers[index].raw_end) // 2)
+    layers = await cache_with_two_damaged_layers(url, www / "deep.slm", tmp_path)
     async with streamload.open(url, cache_dir=tmp_path) as model:
         async with asyncio.timeout(60):
             seen = [index async for index, _ in model.layers()]
@@ -208,11 +214,7 @@ async def test_a_mirror_still_being_probed_when_a_refetch_ends_is_probed_again_b
     """A mirror whose header never comes is still being probed when the download that refetched one damaged layer
     ends; the next damaged layer starts the download again, which probes that mirror again (no KeyError)."""
     url = server.url("deep.slm")
-    await fill_cache(url, tmp_path)
-    with ModelReader(www / "deep.slm") as reader:
-        layers = reader.manifest.layers
-    for index in (2, 4):
-        flip_byte(model_dir_of(tmp_path) / "store.bin", (layers[index].raw_offset + layers[index].raw_end) // 2)
+    await cache_with_two_damaged_layers(url, www / "deep.slm", tmp_path)
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
