@@ -29,6 +29,12 @@ progressive tensors: this reader reads all three."""
 PLAIN_FORMAT_VERSION = 2
 """What the writer puts in the preamble of a file with no progressive tensor (a version-2 reader reads it)."""
 
+
+def written_format_version(progressive: bool) -> int:
+    """The version the writer puts in a file's preamble: the oldest that reads it."""
+    return FORMAT_VERSION if progressive else PLAIN_FORMAT_VERSION
+
+
 REFINEMENT_PASS = 1
 """The ``pass`` of a refinement chunk: it turns a range of a progressive tensor's coarse levels into the exact int8
 values. Higher passes are reserved: a reader bounds-checks and skips them."""

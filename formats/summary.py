@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from .constants import FORMAT_VERSION, PLAIN_FORMAT_VERSION, QuantScheme
+from .constants import QuantScheme, written_format_version
 from .manifest import Manifest
 from .quantize import entropy_bits_per_symbol
 
@@ -98,7 +98,7 @@ def summarize_manifest(manifest: Manifest, *, format_version: int | None = None)
     compression = summarize_compression(manifest)
     return {
         # the file's preamble says it; without it, the version the writer gives such a manifest
-        "format_version": format_version or (FORMAT_VERSION if manifest.progressive else PLAIN_FORMAT_VERSION),
+        "format_version": format_version or written_format_version(manifest.progressive),
         "architecture": manifest.architecture,
         "config": dict(manifest.config),
         "manifest_digest": manifest.digest,

@@ -30,7 +30,6 @@ from .constants import (
     DEFAULT_ZSTD_LEVEL,
     LAYER_ALIGNMENT,
     MAX_CHUNK_RAW_SIZE_BYTES,
-    PLAIN_FORMAT_VERSION,
     REFINEMENT_PASS,
     TENSOR_ALIGNMENT,
     Codec,
@@ -38,6 +37,7 @@ from .constants import (
     LayerKind,
     QuantScheme,
     align_up,
+    written_format_version,
 )
 from .manifest import BASE_PASS, ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
 from .quantize import QuantizationError, int8_histogram, split_coarse
@@ -262,7 +262,7 @@ class ModelWriter:
         manifest = parse_manifest(manifest_bytes, data_size_bytes=self._data_size)
         if check is not None:
             check(manifest)
-        preamble = encode_preamble(len(manifest_bytes), None if manifest.progressive else PLAIN_FORMAT_VERSION)
+        preamble = encode_preamble(len(manifest_bytes), written_format_version(manifest.progressive))
         partial = self.path.with_name(self.path.name + ".partial")
         with open(partial, "wb") as out, open(self._data_path, "rb") as data:
             out.write(preamble)

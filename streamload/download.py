@@ -78,7 +78,6 @@ class Download:
         mirror_urls: list[str],
         probes: HeaderProbes,
         header_stream: SpanReader | None,
-        bytes_to_download: int,
     ) -> None:
         self.url = url
         self.source = source  # the primary's (the origin closes it)
@@ -96,7 +95,6 @@ class Download:
         self.mirror_urls = mirror_urls
         self.probes = probes
         self.header_stream = header_stream  # the header's request, going on into the data
-        self.bytes_to_download = bytes_to_download  # what the cache lacked when the model was opened: sizes spans
         self.mirrors: list[Mirror] = []  # the primary URL's, then each mirror's (made when the download starts)
         self._task: asyncio.Task[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None  # the running download's, for extra row requests
@@ -229,7 +227,7 @@ class Download:
             return span_limit_bytes(meter, live, self.scheduler.pending_bytes, self.manifest.chunk_size_bytes)
         if self.connections == 1:
             return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
-        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * self.connections)))
+        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.readiness.bytes_to_download // (4 * self.connections)))
 
     def _avoid(self, mirror: Mirror) -> frozenset[int]:
         """Positions of chunks this mirror served corrupt, while another mirror (live or being probed) has not."""

@@ -35,6 +35,7 @@ from .errors import RetryableError, StalledError, StreamloadError, UsageError
 from .fetch import Header, fetch_header_with_retries
 from .formats import ChunkEntry
 from .httputil import RetryPolicy, same_origin
+from .origin import is_url
 from .span import Span
 from .transport import Source
 
@@ -91,7 +92,7 @@ def check_mirrors(url: str, mirrors: Sequence[str]) -> list[str]:
     """The mirror URLs to use beside ``url``: http(s) only, each once, the primary left out. UsageError otherwise."""
     if not mirrors:
         return []
-    if not url.startswith(("http://", "https://")):
+    if not is_url(url):
         raise UsageError(f"mirrors serve a model URL; {url} is a local file")
     checked: list[str] = []
     for mirror in mirrors:

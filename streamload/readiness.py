@@ -32,6 +32,8 @@ class Readiness:
         started: float,
         stats: DownloadStats,
         progress: Callable[[Progress], None] | None,
+        bytes_to_download: int,
+        bytes_cached: int,
     ) -> None:
         self.loop = loop
         self.remaining = remaining
@@ -45,8 +47,8 @@ class Readiness:
         self.coarse_ready_s: list[float | None] = [None] * len(remaining)
         self.chunk_waiters: dict[int, asyncio.Future[None]] = {}  # chunk index -> resolved when it is stored
         self.complete: asyncio.Future[None] = loop.create_future()
-        self.bytes_to_download = 0  # compressed bytes the cache lacked at the start, and held (for progress)
-        self.bytes_cached = 0
+        self.bytes_to_download = bytes_to_download  # compressed bytes the cache lacked when the model was opened
+        self.bytes_cached = bytes_cached  # and held
         self._last_progress = 0.0
         for index, count in enumerate(remaining_coarse):
             if count == 0:

@@ -184,9 +184,9 @@ class DownloadSession:
             started=self.started,
             stats=self.stats,
             progress=self.progress_callback,
+            bytes_to_download=self.scheduler.pending_bytes,
+            bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
         )
-        self.bytes_to_download = self.readiness.bytes_to_download = self.scheduler.pending_bytes
-        self.readiness.bytes_cached = int(table.size.sum()) - self.bytes_to_download
         self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
         self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
         if not pending.any():
@@ -198,7 +198,13 @@ class DownloadSession:
             self.readiness.finish()
         else:
             await self._start_download()
-        logger.info("%s: %d of %d chunks cached, %d bytes to fetch", self.url, self.stats.chunks_cached, len(table), self.bytes_to_download)
+        logger.info(
+            "%s: %d of %d chunks cached, %d bytes to fetch",
+            self.url,
+            self.stats.chunks_cached,
+            len(table),
+            self.readiness.bytes_to_download,
+        )
 
     def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
         """A verified refinement, folded into the coarse levels in the store (a pool thread)."""
@@ -243,7 +249,6 @@ class DownloadSession:
                 mirror_urls=self.mirror_urls,
                 probes=self.probes,
                 header_stream=self._header_stream,
-                bytes_to_download=self.bytes_to_download,
             )
             self._header_stream = None
         self.readiness.restart()

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..cache import default_cache_dir
 from ..errors import StreamloadError
+from ..origin import is_url
 from .output import EXIT_FAILURE, EXIT_OK, format_bytes
 
 TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN is for huggingface_hub
@@ -19,10 +20,6 @@ TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN
 
 def cache_dir_of(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
 
 
 # host[:port]/path, the way a URL reads without its scheme ("127.0.0.1:8800/minilm.slm", "cdn.example/m.slm")

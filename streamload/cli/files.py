@@ -9,9 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..formats import ModelReader, read_preamble, summarize_manifest
-from ..formats.constants import PREAMBLE_SIZE_BYTES
-from .cached import request_headers
+from ..formats import ModelReader, summarize_manifest
+from .cached import is_url, request_headers
 from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
 
 
@@ -74,17 +73,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    if args.source.startswith(("http://", "https://")):
+    if is_url(args.source):
         from ..model import read_remote_header
 
         manifest, size = asyncio.run(read_remote_header(args.source, headers=request_headers(args)))
         summary = summarize_manifest(manifest)
         summary["file_bytes"] = size
     else:
-        with open(args.source, "rb") as f:
-            preamble = read_preamble(f.read(PREAMBLE_SIZE_BYTES))
         with ModelReader(args.source) as reader:
-            summary = summarize_manifest(reader.manifest, format_version=preamble.format_version)
+            summary = summarize_manifest(reader.manifest, format_version=reader.preamble.format_version)
             summary["file_bytes"] = reader.size_bytes
     if args.json:
         print_json(summary)
