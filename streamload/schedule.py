@@ -125,9 +125,6 @@ class ChunkScheduler:
     def _position(self, index: int) -> int:
         return int(self._position_of[index])
 
-    def is_pending_or_taken(self, chunk: ChunkEntry) -> bool:
-        return self._state[self._position(chunk.index)] != DONE
-
     def position_of(self, chunk: ChunkEntry) -> int:
         return self._position(chunk.index)
 

@@ -322,9 +322,9 @@ class DownloadSession:
             await self.layer(entry.layer_index)
         else:
             row_bytes = entry.shape[1] * entry.dtype.size_bytes
-            chunks = self._chunks_of_rows(entry.layer_index, entry.raw_offset, row_bytes, np.unique(ids))
-            self.needed_chunks.update((c.index, c.size_bytes) for c in chunks)
-            while entry.layer_index not in self._checked and not await self._rows_arrived(chunks):
+            positions = self._positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, np.unique(ids))
+            self._need(positions)
+            while entry.layer_index not in self._checked and not await self._rows_arrived(positions):
                 pass
         if scales_entry is not None:
             await self.layer(scales_entry.layer_index)
@@ -333,29 +333,30 @@ class DownloadSession:
         scales = None if scales_entry is None else view_tensor(self.cache.store_map, scales_entry)[ids]
         return values, scales
 
-    def _chunks_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> list[ChunkEntry]:
-        """The chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
+    def _positions_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> np.ndarray:
+        """The positions of the chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
         positions, starts = self._layer_positions[layer_index], self._chunk_starts[layer_index]
         first = np.searchsorted(starts, table_offset + ids * row_bytes, side="right") - 1
         last = np.searchsorted(starts, table_offset + (ids + 1) * row_bytes - 1, side="right") - 1
         wanted = sorted({int(i) for lo, hi in zip(first, last, strict=True) for i in range(lo, hi + 1)})
-        return [self.all_chunks.entry(int(positions[i])) for i in wanted]
+        return positions[np.array(wanted, np.int64)]
 
     def _need(self, positions: np.ndarray) -> None:
         """Count these chunks as ones the layers and rows handed out depended on."""
         table = self.all_chunks
         self.needed_chunks.update(zip(table.index[positions].tolist(), table.size[positions].tolist(), strict=True))
 
-    async def _rows_arrived(self, chunks: list[ChunkEntry]) -> bool:
-        """Demand these chunks (no cut: extra requests fetch them) and wait; True once all are here and checked."""
-        missing = [c for c in chunks if self.scheduler.is_pending_or_taken(c)]
-        if missing:
-            waiters = self.readiness.wait_for_chunks([c.index for c in missing])
-            self.scheduler.demand(sorted(self.scheduler.position_of(c) for c in missing), cut=False)
+    async def _rows_arrived(self, positions: np.ndarray) -> bool:
+        """Demand these chunks (positions, ascending; no cut: extra requests fetch them) and wait; True once all are
+        here and checked."""
+        missing = positions[~self.scheduler.done_mask()[positions]]
+        if len(missing):
+            waiters = self.readiness.wait_for_chunks(self.all_chunks.index[missing].tolist())
+            self.scheduler.demand(missing.tolist(), cut=False)
             if self.download is not None:
                 self.download.start_row_requests()
             await asyncio.gather(*(asyncio.shield(w) for w in waiters))
-        return await self._check_cached(np.array([self.scheduler.position_of(c) for c in chunks], np.int64))
+        return await self._check_cached(positions)
 
     async def _check_cached(self, positions: np.ndarray) -> bool:
         """Check the given chunks (positions) that came from the cache against their journaled digests (once per process).
