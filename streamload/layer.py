@@ -35,6 +35,14 @@ class Layer:
         return self.tensors[name], self.tensors[scales] if scales in self.tensors else self.borrowed[scales]
 
 
+def distinct_rows(ids: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``ids``: ``np.unique`` without the numpy.ma import it makes (7 ms of a cold start)."""
+    ordered = np.sort(np.asarray(ids), axis=None)
+    if ordered.size < 2:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
 def map_layer(manifest: Manifest, store: object, index: int, *, coarse: bool = False) -> Layer:
     """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store).
 

@@ -29,7 +29,7 @@ from .errors import CacheError, DigestMismatchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
 from .formats.constants import LayerKind
 from .httputil import RetryPolicy
-from .layer import Layer, map_layer
+from .layer import Layer, distinct_rows, map_layer
 from .mirrors import HeaderProbes, check_mirrors
 from .origin import Origin, split_pin
 from .pipeline import ChunkPipeline
@@ -322,7 +322,7 @@ class DownloadSession:
             await self.layer(entry.layer_index)
         else:
             row_bytes = entry.shape[1] * entry.dtype.size_bytes
-            positions = self._positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, np.unique(ids))
+            positions = self._positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, distinct_rows(ids))
             self._need(positions)
             while entry.layer_index not in self._checked and not await self._rows_arrived(positions):
                 pass

@@ -15,7 +15,7 @@ from ..errors import StreamloadError, UsageError
 from .output import EXIT_FAILURE, EXIT_USAGE
 from .parser import build_parser
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,3 +43,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def entry() -> None:
+    """The console script: ``main()``, then exit without Python's teardown.
+
+    Everything a command writes is written and closed when ``main`` returns (the cache through unbuffered descriptors,
+    the rest in ``with`` blocks), so what remains is freeing modules, numpy's and OpenBLAS's state: 14-27 ms of a
+    0.2 s cached ``streamload run`` (tools/bench_cold_start.py). stdout and stderr are flushed, logging is shut down,
+    and ``os._exit`` ends the process with ``main``'s status.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left before the last bytes: as main's own handler, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or EXIT_FAILURE
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import RuntimeModelError
 from ..formats.architectures import architecture_named
-from . import bert, llama
 from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
@@ -119,6 +118,8 @@ async def run(
             _validated_digests.clear()
         _validated_digests.add(model.digest)  # the digest hashes the manifest, config included: once per model, not per call
     if architecture == "bert":
+        from . import bert  # each architecture's module on first use: a cold start imports only its own
+
         config = bert.BertConfig.from_manifest(model.config)
         if texts is not None:
             batch = bert.tokenize(model, texts, config)
@@ -140,6 +141,8 @@ async def run(
             model.bytes_needed,
         )
     if architecture == "llama":
+        from . import llama
+
         if texts is not None:
             tokenizer = model.tokenizer
             if tokenizer is None:

@@ -8,9 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
-from ..layer import Layer
+from ..layer import Layer, distinct_rows
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -73,7 +71,7 @@ class Timeline:
         asked = self.now_s()
         values, scales = await self.model.rows(name, ids)
         entry = self.model.manifest.tensor(name)
-        rows = len(np.unique(np.asarray(ids)))
+        rows = len(distinct_rows(ids))
         name_of_layer = self.model.manifest.layers[entry.layer_index].name
         self.row_records.append(RowsTiming(entry.layer_index, name_of_layer, rows, asked, self.now_s()))
         return values, scales

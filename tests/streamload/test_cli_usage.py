@@ -120,6 +120,22 @@ def test_truncation_says_how_many_tokens_were_dropped(server: ServerThread, tmp_
     assert "dropped" not in short.stderr
 
 
+def test_the_console_script_writes_all_its_output_before_its_fast_exit(minilm_slm: Path, tmp_path: Path) -> None:
+    """The console script ends with os._exit (no interpreter teardown): stdout sent to a file, block-buffered, is
+    still written whole, and the status is main's."""
+    out = tmp_path / "out.json"
+    with out.open("w") as stdout:
+        done = subprocess.run([STREAMLOAD, "inspect", "--json", str(minilm_slm)], stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["architecture"] == "bert"
+    with out.open("w") as stdout:
+        done = subprocess.run(
+            [STREAMLOAD, "run", str(minilm_slm), "--text", "hello", "--json", "--cache-dir", str(tmp_path / "c")], stdout=stdout, text=True
+        )
+    assert done.returncode == 0 and len(json.loads(out.read_text())["embedding"]) == 384
+    assert_one_line_error(streamload_cli("inspect", str(tmp_path / "missing.slm")), 1, "missing.slm")
+
+
 # ---------------------------------------------------------------- cached models by name
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import streamload
 from streamload.formats import ModelReader, convert
+from streamload.layer import distinct_rows
 from streamload.runtime import run
 from tests.checks import assert_cache_exact, journal_count
 from tests.faulty import Faults, faulty_app
@@ -39,6 +42,14 @@ def needed_bytes(path: Path, ids: list[int]) -> int:
             if any(c.raw_offset <= start < c.raw_offset + c.raw_size_bytes for start in wanted)
         )
         return reader.preamble.data_offset + steps + rows
+
+
+@given(st.lists(st.integers(0, 30521), max_size=64), st.sampled_from([(-1,), (2, -1)]))
+def test_distinct_rows_are_numpys_unique(ids: list[int], shape: tuple[int, ...]) -> None:
+    array = np.asarray(ids, dtype=np.int64)
+    if shape == (2, -1):  # a batch of two sentences: the ids of both, padded
+        array = np.concatenate([array, array[::-1]]).reshape(2, -1)
+    assert np.array_equal(distinct_rows(array), np.unique(array))
 
 
 async def test_an_inputs_rows_arrive_before_the_rest_of_the_table(www: Path, tmp_path: Path) -> None:
