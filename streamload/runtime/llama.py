@@ -225,11 +225,12 @@ async def generate(
 
     def decode(first_id: int) -> list[int]:  # every step layer is here now: plain loop, off the event loop
         out = [first_id]
-        while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
-            h = runner.embed(rows_of(out[-1]))
-            for index, layer in enumerate(blocks):
-                h = runner.block(layer, h, index)
-            out.append(sample(runner.head(head_layer, table_layer, h)[-1], temperature, top_p, rng))
+        with ops.decoding():  # large matrices cast on two threads, BLAS on one
+            while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
+                h = runner.embed(rows_of(out[-1]))
+                for index, layer in enumerate(blocks):
+                    h = runner.block(layer, h, index)
+                out.append(sample(runner.head(head_layer, table_layer, h)[-1], temperature, top_p, rng))
         return out
 
     generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []

@@ -4,30 +4,34 @@ Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py 
 
 * ``linear`` keeps weights int8 as stored: it casts them to float32 a tile of rows at a time into a small
   reused buffer and lets BLAS do the rest, then scales the output columns by the per-row scales. It reads
-  4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (about 4-5 G weights/s on one core),
-  not memory, bounds it: decoding a Llama with 0.74 G weights runs at 0.78-1.02x the speed of float32 weights,
-  which stream at the memory's 31-41 GB/s, with the cast on two threads (below; tools/bench_runtime.py --only-large).
+  4x fewer bytes than float32 weights, but numpy's int8 -> float32 cast (5-8 G weights/s on one core),
+  not memory, bounds it. Decode (``decoding``) casts on two threads: a Llama with 0.74 G weights then reads its
+  int8 weights at 8-9 G weights/s, against float32 weights streaming at the memory's 30 GB/s, 7.5 G weights/s
+  (tools/bench_runtime.py --only-large).
 * ``dense_t`` uses a float32 copy, dequantized once with the scales folded in (rows stacked, (outs, in)) so
   that ``W @ x^T`` is one sgemm, kept in ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``;
   0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
   Encoders, which run many tokens through the same small weights again and again, use it, with tokens as
   columns (``linear_t``, ``layer_norm_t``); ``dense`` is the same with tokens as rows.
 
-At decode (at most DECODE_TOKENS rows of x) a matrix of PARALLEL_MIN_WEIGHTS or more is cast and multiplied half on
-the calling thread and half on one helper thread, each on its own tile: numpy's cast and BLAS release the GIL, and two
-cores cast at 1.45-1.6x the rate of one (tools/bench_runtime.py --only-large); ``set_decode_threads(1)`` turns it off.
+In ``decoding`` (a decoder's token-by-token loop), a matrix of PARALLEL_MIN_WEIGHTS or more multiplying at most
+DECODE_TOKENS rows of x is cast and multiplied half on the calling thread and half on one helper thread, each on its
+own 4 MiB tile, with OpenBLAS on one thread: numpy's cast and BLAS release the GIL. ``set_decode_threads(1)`` turns
+it off.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +46,14 @@ ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its tempora
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
 PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
+PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: 10.2-10.7 G int8 weights/s on two cores, vs 8.7 at 1 MiB
 
 _scratch = threading.local()
 _decode_threads = min(2, os.cpu_count() or 1)
 _helper: concurrent.futures.ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
+_blas: Any = None  # threadpoolctl's OpenBLAS controller once looked up; False where there is none
+_split = threading.local()  # .on: this thread is in ``decoding``
 
 
 def set_decode_threads(threads: int) -> None:
@@ -63,6 +70,45 @@ def _helper_thread() -> concurrent.futures.ThreadPoolExecutor:
         if _helper is None:
             _helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-decode")
         return _helper
+
+
+def _blas_threads() -> Any:
+    """threadpoolctl's controller of the loaded OpenBLAS (made once, ~1 ms), or None where there is none."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        controllers = ThreadpoolController().select(internal_api="openblas").lib_controllers
+        _blas = controllers[0] if len(controllers) == 1 else False
+    return _blas or None
+
+
+@contextlib.contextmanager
+def decoding() -> Iterator[None]:
+    """Decode on two threads: within the block, on this thread, ``linear`` and ``linear_t`` cast and multiply a large
+    int8 matrix (few tokens) half on a helper thread, each thread on its own 4 MiB tile, with OpenBLAS on one thread.
+
+    OpenBLAS's own pool beside our two threads contends for the two cores (its waiting threads spin): 5.2-5.5 tokens/s
+    against 11.6-12.1 with it on one thread, and turning it off and on per matrix was erratic (1.8-13), so it is off for
+    the whole block (process-wide: another thread's BLAS call meanwhile runs on one thread too). A no-op with
+    ``set_decode_threads(1)``, or where no OpenBLAS is found to set.
+    """
+    blas = _blas_threads() if _decode_threads > 1 and not _splitting() else None
+    if blas is None:
+        yield
+        return
+    previous = blas.get_num_threads()
+    blas.set_num_threads(1)
+    _split.on = True
+    try:
+        yield
+    finally:
+        _split.on = False
+        blas.set_num_threads(previous)
+
+
+def _splitting() -> bool:
+    return getattr(_split, "on", False)
 
 
 def _tile_buffer(elements: int) -> np.ndarray:
@@ -92,7 +138,7 @@ def linear(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, 
     """
     if weight.dtype != np.int8:
         y = x @ weight.astype(np.float32, copy=False).T
-    elif _decode_threads > 1 and x.shape[0] <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+    elif _splitting() and x.shape[0] <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
         return np.ascontiguousarray(linear_t(x.T, weight, scales, bias).T)  # a decode head: cast on two threads
     else:
         out_features, in_features = weight.shape
@@ -149,8 +195,10 @@ def linear_t(
                 np.copyto(w, weight[start:stop], casting="unsafe")  # int8 -> float32, exact
                 np.matmul(w, xt, out=out[start:stop])
 
-        if _decode_threads > 1 and tokens <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
-            # decode: the cast bounds it, and numpy casts and multiplies without the GIL: half the rows on the helper
+        if _splitting() and tokens <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+            # decode: the cast bounds it, and numpy casts and multiplies without the GIL: half the rows on the helper,
+            # each thread on its own larger tile (BLAS is on one thread in ``decoding``)
+            rows = min(out_features, max(8, PARALLEL_TILE_ELEMENTS // max(1, in_features)))
             middle = -(-out_features // 2 // rows) * rows
             other_half = _helper_thread().submit(cast_and_multiply, middle, out_features)
             try:
