@@ -14,6 +14,8 @@ per-channel), on an ONNX export made here with torch.onnx.export.
 Rows:
     streamload int8              float32 weight copies under the default budget (ops.dense)
     streamload int8-only         budget 0: weights stay int8, cast tile by tile (ops.linear)
+    numpy sgemm alone            only the projections' float32 matmuls at the same shapes (tokens as columns, padded
+                                 the same way, BLAS's threads): a ceiling no numpy runtime of this model can pass
 With --before REF (a git revision of this checkout, e.g. main), the streamload rows also run on that revision's
 code (exported with git archive, imported through PYTHONPATH), alternating with the current code, so before and
 after share the machine's load. --rounds repeats the whole alternation; each figure is then the median over rounds
@@ -36,15 +38,17 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-RUNTIMES = ("streamload-int8", "streamload-int8-only", "sentence-transformers", "onnxruntime-fp32", "onnxruntime-int8")
+RUNTIMES = ("streamload-int8", "streamload-int8-only", "numpy-sgemm", "sentence-transformers", "onnxruntime-fp32", "onnxruntime-int8")
 LABELS = {
     "streamload-int8": "streamload int8 (float32 copies)",
     "streamload-int8-only": "streamload int8-only",
+    "numpy-sgemm": "numpy sgemm alone (ceiling, see below)",
     "sentence-transformers": "sentence-transformers, torch fp32",
     "onnxruntime-fp32": "onnxruntime fp32",
     "onnxruntime-int8": "onnxruntime int8 (per-channel, dynamic)",
@@ -67,7 +71,9 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def measure(embed: Callable[[list[str]], np.ndarray], sentences: list[str], lengths: list[int], passes: int) -> dict:
+def measure(
+    embed: Callable[[list[str]], np.ndarray], sentences: list[str], lengths: list[int], passes: int, *, cosine: bool = True
+) -> dict:
     result: dict = {}
     for size in (1, 16):
         batches = length_sorted_batches(sentences, lengths, size)
@@ -88,10 +94,33 @@ def measure(embed: Callable[[list[str]], np.ndarray], sentences: list[str], leng
             "sentences_per_s": len(sentences) / statistics.median(walls),
             "cpu_ms_per_sentence": statistics.median(cpus) / len(sentences) * 1e3,
         }
+        if not cosine:
+            continue
         reference = np.load(FIXTURES / "minilm_varied_reference.npy")
         cos = cosine_rows(embeddings.astype(np.float64), reference.astype(np.float64))
         result[f"batch{size}"].update(cos_min=float(cos.min()), cos_mean=float(cos.mean()))
     return result
+
+
+def sgemm_ceiling_embedder(tokenizer: Any) -> tuple[Callable[[list[str]], np.ndarray], int]:
+    """Only the encoder's projection matmuls, float32, at the shapes streamload's encoder runs them (tokens as
+    columns, padded as ``bert.padded_columns`` pads them, BLAS's own threads): what numpy's sgemm alone takes, so no
+    numpy runtime of this model runs faster. Attention, norms, GELU, tokenizing and pooling cost nothing here."""
+    from streamload.runtime.bert import padded_columns
+
+    rng = np.random.default_rng(0)
+    shapes = [(1152, 384), (384, 384), (1536, 384), (384, 1536)]  # query+key+value fused, attention output, FFN in, FFN out
+    blocks = [[rng.standard_normal(shape, dtype=np.float32) for shape in shapes] for _ in range(6)]
+
+    def embed(texts: list[str]) -> np.ndarray:
+        columns = padded_columns(len(texts) * max(len(e.ids) for e in tokenizer.encode_batch(texts)))
+        inputs = {k: np.ones((k, columns), np.float32) for k in (384, 1536)}
+        for block in blocks:
+            for weight in block:
+                weight @ inputs[weight.shape[1]]
+        return np.zeros((len(texts), 384), np.float32)
+
+    return embed, 0
 
 
 def streamload_embedder(workdir: Path, budget_bytes: int | None) -> tuple[Callable[[list[str]], np.ndarray], int, Callable[[], None]]:
@@ -231,11 +260,13 @@ def run_one(name: str, workdir: Path, passes: int, threads: int) -> dict:
     close = None
     if name.startswith("streamload"):
         embed, size, close = streamload_embedder(workdir, 0 if name == "streamload-int8-only" else None)
+    elif name == "numpy-sgemm":
+        embed, size = sgemm_ceiling_embedder(tokenizer)
     elif name == "sentence-transformers":
         embed, size = sentence_transformers_embedder(threads)
     else:
         embed, size = onnxruntime_embedder(workdir, threads, quantized=name == "onnxruntime-int8")
-    result = measure(embed, sentences, lengths, passes)
+    result = measure(embed, sentences, lengths, passes, cosine=name != "numpy-sgemm")
     if close is not None:
         close()
     result.update(file_bytes=size, peak_rss_bytes=peak_rss_bytes(), blas=blas_description(), tokens=sum(lengths))
@@ -310,7 +341,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(args.child, Path(args.workdir), args.passes, args.threads)))
         return
-    names = args.only or [n for n in RUNTIMES if args.peers or n.startswith("streamload")]
+    names = args.only or [n for n in RUNTIMES if args.peers or n.startswith(("streamload", "numpy"))]
     available = {
         "sentence-transformers": importlib.util.find_spec("sentence_transformers") is not None,
         "onnxruntime-fp32": all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "torch", "transformers")),
@@ -373,11 +404,12 @@ def main() -> None:
     print(header)
     for (name, revision), r in rows.items():
         b1, b16 = r["batch1"], r["batch16"]
-        cos = f"{min(b1['cos_min'], b16['cos_min']):.5f} / {b16['cos_mean']:.5f}"
+        cos = f"{min(b1['cos_min'], b16['cos_min']):.5f} / {b16['cos_mean']:.5f}" if "cos_min" in b1 else "-"
         label = f"{LABELS[name]} @{revision}" if revision else LABELS[name]
+        size = f"{r['file_bytes'] / 1e6:.1f}" if r["file_bytes"] else "-"
         print(
             f"{label:<48} {b1['sentences_per_s']:>9.1f} {b1['cpu_ms_per_sentence']:>9.2f} {b16['sentences_per_s']:>10.1f} "
-            f"{b16['cpu_ms_per_sentence']:>10.2f} {cos:>17} {r['file_bytes'] / 1e6:>8.1f} {r['peak_rss_bytes'] / 1e6:>11.0f}"
+            f"{b16['cpu_ms_per_sentence']:>10.2f} {cos:>17} {size:>8} {r['peak_rss_bytes'] / 1e6:>11.0f}"
         )
     for revision, times in colds.items():
         where = f"@{revision}" if revision else "(this checkout)"
