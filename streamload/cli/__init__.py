@@ -19,7 +19,13 @@ __all__ = ["entry", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    options = [word for word in extra if word.startswith("-")]
+    if extra and getattr(args, "texts", None) is not None and not options:
+        args.texts += extra  # `run MODEL -q 'TEXT'`: argparse gives the texts after an option back unparsed
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s"
     )

@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="stream a model and run it: embeddings for encoders, generation for decoders")
     add_source_arguments(p)
+    p.add_argument("texts", nargs="*", type=_text, metavar="TEXT", help="input text, as --text: streamload run MODEL 'a sentence'")
     p.add_argument("--text", action="append", type=_text, help="input text (repeat for a batch of sentences with an encoder)")
     p.add_argument("--ids", type=_parse_ids, help="comma-separated token ids instead of text")
     p.add_argument("--max-new-tokens", type=_token_count, help="decoder: tokens to generate (default 16)")

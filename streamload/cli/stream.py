@@ -210,8 +210,10 @@ def _cosine(preview: Any, exact: Any) -> float | list[float]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    args.text = [*args.texts, *(args.text or [])] or None
     if (args.text is None) == (args.ids is None):
-        print("error: give --text TEXT or --ids 1,2,3", file=sys.stderr)
+        what = "give the text (streamload run MODEL 'TEXT', or --text TEXT) or --ids 1,2,3"
+        print(f"error: {what}, not both" if args.text else f"error: {what}", file=sys.stderr)
         return EXIT_USAGE
     if args.timeline_png and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
         print("error: --timeline-png needs matplotlib: pip install 'streamload[plot]'", file=sys.stderr)

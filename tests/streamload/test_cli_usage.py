@@ -120,6 +120,17 @@ def test_truncation_says_how_many_tokens_were_dropped(server: ServerThread, tmp_
     assert "dropped" not in short.stderr
 
 
+def test_text_comes_as_arguments_as_with_ollama_run(minilm_slm: Path, tmp_path: Path) -> None:
+    """`streamload run MODEL 'TEXT' ...`: each argument one text, as --text; both ways at once are one batch."""
+    common = (str(minilm_slm), "-q", "--json", "--cache-dir", str(tmp_path))
+    by_option = json.loads(streamload_cli("run", *common, "--text", "first one", "--text", "second").stdout)["embedding"]
+    by_argument = json.loads(streamload_cli("run", *common, "first one", "second").stdout)["embedding"]
+    mixed = json.loads(streamload_cli("run", *common, "first one", "--text", "second").stdout)["embedding"]
+    assert len(by_option) == 2 and by_argument == by_option == mixed
+    assert_one_line_error(streamload_cli("run", *common), 2, "give the text (streamload run MODEL 'TEXT', or --text TEXT)")
+    assert_one_line_error(streamload_cli("run", *common, "hi", "--ids", "101"), 2, "not both")
+
+
 def test_the_console_script_writes_all_its_output_before_its_fast_exit(minilm_slm: Path, tmp_path: Path) -> None:
     """The console script ends with os._exit (no interpreter teardown): stdout sent to a file, block-buffered, is
     still written whole, and the status is main's."""
