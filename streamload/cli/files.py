@@ -67,7 +67,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"wrote {report.path}: {format_bytes(report.output_size_bytes)} from {format_bytes(report.source_size_bytes)} "
         f"({ratio:.3f}x) in {report.seconds:.2f} s; largest error abs {report.max_abs_error:.3e}, rel {report.max_rel_error:.3e}\n"
         f"{manifest.architecture}, {len(manifest.layers)} layers, {len(report.tensors)} tensors, {chunks} chunks, "
-        f"digest sha256:{manifest.digest[:12]} (per-tensor table: --verbose, or `streamload inspect {report.path}`)"
+        f"digest sha256:{manifest.digest[:12]} (per tensor: convert --verbose; per layer: streamload inspect {report.path})"
     )
     return EXIT_OK
 

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ..origin import is_url
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (bad file, network, integrity)
 EXIT_USAGE = 2  # argparse's own code for bad arguments
@@ -109,7 +111,8 @@ def print_summary(summary: dict[str, Any], source: str) -> None:
         f"hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})"
     )
     print(f"  manifest       {format_bytes(summary['manifest_bytes'])}, digest sha256:{summary['manifest_digest']}")
-    print(f"  tokenizer      {format_bytes(summary['tokenizer_bytes']) if summary['tokenizer_bytes'] else 'none'}")
+    tokenizer = f"{format_bytes(summary['tokenizer_bytes'])} of tokenizer.json, compressed inside the manifest"
+    print(f"  tokenizer      {tokenizer if summary['tokenizer_bytes'] else 'none'}")
     print(
         f"  data           {format_bytes(summary['data_bytes'])} in {summary['chunks']} chunks "
         f"of <= {format_bytes(summary['chunk_size_bytes'])}"
@@ -162,11 +165,13 @@ def print_result(args: argparse.Namespace, result: dict[str, Any], label: str = 
     needed = f"{format_bytes(result['bytes_needed'])} of {format_bytes(result['file_bytes'])} needed"
     what = f"{label} result" if label else "result"
     similar = f", cosine to the exact result {format_cosine(result['preview']['cosine_to_exact'])}" if "preview" in result else ""
+    line = f"{what} at {result['total_s']:.3f} s ({needed})"
+    if first is not None:
+        line = f"block 0 done at {first:.3f} s, {line}"
+    if first is not None and is_url(args.source):  # a local file is read, not downloaded
+        line += f", {format_bytes(result['bytes_downloaded'])} downloaded by then"
     print(
-        f"block 0 done at {first:.3f} s, {what} at {result['total_s']:.3f} s ({needed}), "
-        f"{format_bytes(result['bytes_downloaded'])} downloaded by then{similar}"
-        if first is not None
-        else f"{what} at {result['total_s']:.3f} s ({needed}){similar}",
+        line + similar,
         file=sys.stderr,
     )
 

@@ -143,7 +143,8 @@ async def _run(args: argparse.Namespace) -> None:
                 stats = await model.wait_complete()
                 if not args.quiet and not args.json:
                     done = f"cache complete in {model.path} ({format_bytes(stats.bytes_total)})"
-                    print(f"{done}: the next run needs no network", file=sys.stderr)
+                    after = "needs no network" if is_url(args.source) else "maps it without decompressing"
+                    print(f"{done}: the next run {after}", file=sys.stderr)
             if args.timeline_png:
                 from ..timeline_png import draw_timeline
 

@@ -131,6 +131,16 @@ def test_text_comes_as_arguments_as_with_ollama_run(minilm_slm: Path, tmp_path: 
     assert_one_line_error(streamload_cli("run", *common, "hi", "--ids", "101"), 2, "not both")
 
 
+def test_a_local_file_run_speaks_of_no_download_and_a_url_run_does(server: ServerThread, minilm_slm: Path, tmp_path: Path) -> None:
+    local = streamload_cli("run", str(minilm_slm), "hello", "--cache-dir", str(tmp_path / "a"))
+    assert local.returncode == 0, local.stderr
+    assert "result at" in local.stderr and "downloaded" not in local.stderr and "network" not in local.stderr
+    remote = streamload_cli("run", server.url("minilm.slm"), "hello", "--cache-dir", str(tmp_path / "b"))
+    assert remote.returncode == 0, remote.stderr
+    assert "downloaded by then" in remote.stderr
+    assert remote.stdout == local.stdout
+
+
 def test_the_console_script_writes_all_its_output_before_its_fast_exit(minilm_slm: Path, tmp_path: Path) -> None:
     """The console script ends with os._exit (no interpreter teardown): stdout sent to a file, block-buffered, is
     still written whole, and the status is main's."""
