@@ -36,7 +36,8 @@ class Layer:
 
 
 def distinct_rows(ids: np.ndarray) -> np.ndarray:
-    """The sorted distinct values of ``ids``: ``np.unique`` without the numpy.ma import it makes (7 ms of a cold start)."""
+    """The sorted distinct values of ``ids``: ``np.unique`` without the numpy.ma import it makes (a cold start's cost:
+    ``python -X importtime -c 'import numpy, numpy.ma'``)."""
     ordered = np.sort(np.asarray(ids), axis=None)
     if ordered.size < 2:
         return ordered

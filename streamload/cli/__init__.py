@@ -55,9 +55,9 @@ def entry() -> None:
     """The console script: ``main()``, then exit without Python's teardown.
 
     Everything a command writes is written and closed when ``main`` returns (the cache through unbuffered descriptors,
-    the rest in ``with`` blocks), so what remains is freeing modules, numpy's and OpenBLAS's state: 14-27 ms of a
-    0.2 s cached ``streamload run`` (tools/bench_cold_start.py). stdout and stderr are flushed, logging is shut down,
-    and ``os._exit`` ends the process with ``main``'s status.
+    the rest in ``with`` blocks), so what remains is freeing modules, numpy's and OpenBLAS's state, a noticeable part of
+    a 0.2 s cached ``streamload run`` (tools/bench_cold_start.py times whole processes). stdout and stderr are flushed,
+    logging is shut down, and ``os._exit`` ends the process with ``main``'s status.
     """
     code = main()
     try:

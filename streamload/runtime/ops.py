@@ -46,7 +46,7 @@ ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its tempora
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
 PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
-PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: 10.2-10.7 G int8 weights/s on two cores, vs 8.7 at 1 MiB
+PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: fewer calls per matrix than 1 MiB tiles, still in L2
 
 _scratch = threading.local()
 _decode_threads = min(2, os.cpu_count() or 1)
@@ -88,10 +88,10 @@ def decoding() -> Iterator[None]:
     """Decode on two threads: within the block, on this thread, ``linear`` and ``linear_t`` cast and multiply a large
     int8 matrix (few tokens) half on a helper thread, each thread on its own 4 MiB tile, with OpenBLAS on one thread.
 
-    OpenBLAS's own pool beside our two threads contends for the two cores (its waiting threads spin): 5.2-5.5 tokens/s
-    against 11.6-12.1 with it on one thread, and turning it off and on per matrix was erratic (1.8-13), so it is off for
-    the whole block (process-wide: another thread's BLAS call meanwhile runs on one thread too). A no-op with
-    ``set_decode_threads(1)``, or where no OpenBLAS is found to set.
+    OpenBLAS's own pool beside our two threads competes with them for the two cores (its waiting threads spin), and
+    turning it off and on per matrix made decode erratic, so it is off for the whole block (process-wide: another
+    thread's BLAS call meanwhile runs on one thread too). A no-op with ``set_decode_threads(1)``, or where no OpenBLAS
+    is found to set.
     """
     blas = _blas_threads() if _decode_threads > 1 and not _splitting() else None
     if blas is None:
