@@ -46,7 +46,7 @@ ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its tempora
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
 PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
-PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: fewer calls per matrix than 1 MiB tiles, still in L2
+PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: a quarter of the calls per matrix of 1 MiB tiles
 
 _scratch = threading.local()
 _decode_threads = min(2, os.cpu_count() or 1)
