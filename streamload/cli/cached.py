@@ -133,7 +133,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no models in {cache_dir_of(args)}")
         return EXIT_OK
     print(f"{len(rows)} model{'s' if len(rows) != 1 else ''} in {cache_dir_of(args)}")
-    print(f"{'DIGEST':<14} {'ARCH':<8} {'SIZE':>10} {'STATUS':<13} SOURCE")
+    print(f"{'DIGEST':<14} {'ARCH':<8} {'ON DISK':>10} {'STATUS':<13} SOURCE")  # decompressed: more than the .slm
     for row in rows:
         print(
             f"{row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} "
