@@ -256,7 +256,7 @@ class CalibratedShifts:
             values, scales = self.table
             h = bert.embed_tokens(layer, (values[input_ids], None if scales is None else scales[input_ids]), batch, config)
             mask_bias = ((1 - mask) * np.float32(-1e9)).astype(np.float32)[:, None, None, :]
-            ht = np.ascontiguousarray(h.reshape(-1, h.shape[-1]).T)
+            ht = np.ascontiguousarray(h.reshape(-1, h.shape[-1]).T)  # no padding columns: the losses compare every column
             return (ht, mask_bias, input_ids.shape, mask), ht
         if index <= config.num_hidden_layers:
             ht, mask_bias, shape, mask = state

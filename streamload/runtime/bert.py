@@ -122,10 +122,19 @@ def padded_columns(tokens: int) -> int:
     return tokens + 1 if rest == 3 else tokens
 
 
+def token_columns(h: np.ndarray) -> np.ndarray:
+    """(B, T, H) -> (H, B*T + padding): tokens as columns, zero-padded to ``padded_columns``; the blocks keep the
+    padding (each column is computed on its own and no attention score reads a padding column), sliced off at the end."""
+    tokens = h.shape[0] * h.shape[1]
+    ht = np.zeros((h.shape[-1], padded_columns(tokens)), dtype=np.float32)
+    ht[:, :tokens] = h.reshape(-1, h.shape[-1]).T
+    return ht
+
+
 def encoder_block(
     layer: Layer, ht: np.ndarray, mask_bias: np.ndarray | None, block: int, config: BertConfig, batch_shape: tuple[int, int]
 ) -> np.ndarray:
-    """One transformer block, post-norm as in BERT, with tokens as columns: ht (H, B*T) -> (H, B*T).
+    """One transformer block, post-norm as in BERT, with tokens as columns: ht (H, B*T + padding) -> the same shape.
 
     Tokens as columns let every projection be ``weight @ ht`` (``ops.dense_t``), which OpenBLAS runs faster than
     ``x @ weight.T`` for the few tokens of one sentence. Query, key and value are one matmul (on float32 weight
@@ -151,12 +160,7 @@ def encoder_block(
                 weight = weight * np.float32(factor)
         return weight, scales, bias
 
-    columns = padded_columns(tokens)
-    if columns != tokens:
-        xt = np.zeros((hidden, columns), dtype=np.float32)
-        xt[:, :tokens] = ht
-    else:
-        xt = ht
+    xt, columns = ht, ht.shape[1]
     query = projection("attention.self.query", 1.0 / math.sqrt(head_dim))
     qkv = ops.dense_t(xt, [query, projection("attention.self.key"), projection("attention.self.value")])  # (3H, columns)
     qkv = qkv[:, :tokens].reshape(3, heads, head_dim, batch, length)  # a view
@@ -167,7 +171,8 @@ def encoder_block(
     if mask_bias is not None:
         scores += mask_bias
     probabilities = ops.softmax(scores, out=scores)
-    context_t = np.empty((hidden, columns), dtype=np.float32) if columns == tokens else np.zeros((hidden, columns), dtype=np.float32)
+    context_t = np.empty((hidden, columns), dtype=np.float32)
+    context_t[:, tokens:] = 0  # the padding columns: zeros in, finite out (no attention reads them)
     target = context_t[:, :tokens].reshape(heads, head_dim, batch, length).transpose(2, 0, 1, 3)  # (B, heads, d, T) view
     np.matmul(v, probabilities.transpose(0, 1, 3, 2), out=target)  # context^T per sentence and head, in place
     attended = ops.dense_t(context_t, [projection("attention.output.dense")])
@@ -187,7 +192,7 @@ def encoder_block(
     out = ops.dense_t(inner, [projection("output.dense")])
     out += attended
     ops.layer_norm_t(out, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps, out=out)
-    return out if columns == tokens else np.ascontiguousarray(out[:, :tokens])
+    return out
 
 
 def pool(h: np.ndarray, mask: np.ndarray, config: BertConfig) -> np.ndarray:
@@ -221,13 +226,14 @@ async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.nd
         raise RuntimeModelError(f"token ids must be in [0, {vocab_size})")
     word_rows = await timeline.rows(WORD_EMBEDDINGS, batch.input_ids)  # the rows this input needs, fetched first
 
+    tokens = batch_shape[0] * batch_shape[1]
+
     def step(layer: Layer, index: int, ht: np.ndarray | None) -> np.ndarray:
         if index == 0:
-            h = embed_tokens(layer, word_rows, batch, config)  # (B, T, H)
-            return np.ascontiguousarray(h.reshape(-1, h.shape[-1]).T)  # (H, B*T)
+            return token_columns(embed_tokens(layer, word_rows, batch, config))  # (H, B*T + padding)
         assert ht is not None
         return encoder_block(layer, ht, mask_bias, index - 1, config, batch_shape)
 
     ht = await timeline.compute_chain(range(config.num_hidden_layers + 1), step, None)
-    h = ht.T.reshape(*batch_shape, ht.shape[0])  # (B, T, H)
+    h = ht[:, :tokens].T.reshape(*batch_shape, ht.shape[0])  # (B, T, H)
     return pool(h, batch.attention_mask, config)
