@@ -9,8 +9,8 @@ all-MiniLM-L6-v2 converted here, its cache filled by one earlier run.
 
 Rows:
     python -c pass                         the interpreter and its site packages: no program starts faster
-    python -c 'import numpy, asyncio, tokenizers'
-                                           the libraries a cached run cannot do without
+    python -c 'import numpy, asyncio, tokenizers, os; os._exit(0)'
+                                           the libraries a cached run cannot do without, ended as streamload ends
     streamload run FILE --text ...         the console script on a local .slm whose layers are cached
     streamload run NAME --text ...         the same model by its cached name, pulled from a URL (pinned to its digest:
                                            no network), as `ollama run NAME` runs a pulled model
@@ -41,9 +41,9 @@ from loopback import free_port, wait_for_port  # noqa: E402
 TEXT = "a cold start"
 
 
-def time_process_s(argv: list[str], env: dict[str, str]) -> float:
+def time_process_s(argv: list[str], env: dict[str, str], cwd: Path) -> float:
     started = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-1000:]}")
@@ -70,7 +70,9 @@ def fill_cache(path: Path, cache: Path, env: dict[str, str]) -> str:
     try:
         wait_for_port(port)
         for source in (str(path), f"http://127.0.0.1:{port}/{path.name}"):
-            time_process_s([sys.executable, "-m", "streamload.cli", "run", source, "--cache-dir", str(cache), "--text", TEXT], env)
+            time_process_s(
+                [sys.executable, "-m", "streamload.cli", "run", source, "--cache-dir", str(cache), "--text", TEXT], env, path.parent
+            )
     finally:
         server.terminate()
         server.wait()
@@ -97,7 +99,10 @@ def main() -> None:
         tail = ["--cache-dir", str(cache), "--text", TEXT]
         rows: dict[str, tuple[list[str], dict[str, str]]] = {
             "python -c pass": ([sys.executable, "-c", "pass"], env),
-            "python -c 'import numpy, asyncio, tokenizers'": ([sys.executable, "-c", "import numpy, asyncio, tokenizers"], env),
+            "python -c 'import numpy, asyncio, tokenizers' (exits as streamload does)": (
+                [sys.executable, "-c", "import numpy, asyncio, tokenizers, os; os._exit(0)"],
+                env,
+            ),
             "streamload run FILE": ([script, "run", str(path), *tail], env),
             "streamload run NAME (cached from a URL)": ([script, "run", name, *tail], env),
         }
@@ -108,12 +113,12 @@ def main() -> None:
             rows[f"streamload run FILE at {args.before}"] = ([*before, str(path), *tail], before_env)
             rows[f"streamload run NAME at {args.before}"] = ([*before, name, *tail], before_env)
         for argv, row_env in rows.values():  # writes the bytecode; not measured
-            time_process_s(argv, row_env)
+            time_process_s(argv, row_env, work)  # in the work directory: NAME is not a file there
         times: dict[str, list[float]] = {label: [] for label in rows}
         load_before = loadavg()
         for _ in range(args.runs):  # alternate the rows, so they share the machine's load
             for label, (argv, row_env) in rows.items():
-                times[label].append(time_process_s(argv, row_env))
+                times[label].append(time_process_s(argv, row_env, work))
         print(f"cold start of a cached all-MiniLM-L6-v2 run, whole process, {args.runs} runs alternating; {sys.executable}")
         print(f"load before: {load_before}; after: {loadavg()}")
         print(f"{'process':58} {'median s':>9} {'min s':>7}")

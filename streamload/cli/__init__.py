@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import StreamloadError, UsageError
 from .output import EXIT_FAILURE, EXIT_USAGE
-from .parser import build_parser
+from .parser import build_parser, check_text
 
 __all__ = ["entry", "main"]
 
@@ -21,11 +22,10 @@ __all__ = ["entry", "main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    options = [word for word in extra if word.startswith("-")]
-    if extra and getattr(args, "texts", None) is not None and not options:
-        args.texts += extra  # `run MODEL -q 'TEXT'`: argparse gives the texts after an option back unparsed
+    if extra and getattr(args, "texts", None) is not None:  # `run MODEL -q 'TEXT'`: texts after an option come back
+        args.texts += _more_texts(parser, extra)  # unparsed from argparse, in order
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s"
     )
@@ -51,6 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def _more_texts(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    """``run``'s texts that argparse left over: every word before a ``--`` that is not an option, and all after it."""
+    end = words.index("--") if "--" in words else len(words)
+    options = [word for word in words[:end] if word.startswith("-")]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)} (a text that starts with '-': after --, or --text=TEXT)")
+    texts = words[:end] + words[end + 1 :]
+    try:
+        return [check_text(text) for text in texts]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument TEXT: {exc}")
+
+
 def entry() -> None:
     """The console script: ``main()``, then exit without Python's teardown.
 
@@ -60,11 +73,15 @@ def entry() -> None:
     logging is shut down, and ``os._exit`` ends the process with ``main``'s status.
     """
     code = main()
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader left before the last bytes: as main's own handler, no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = code or EXIT_FAILURE
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed (`streamload list >&-`)
+            continue
+        try:
+            stream.flush()
+        except BrokenPipeError:  # the reader left before the last bytes: as main's own handler, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            code = code or EXIT_FAILURE
+        except (OSError, ValueError):  # a full disk, a stream closed by the command: Python's exit would say the same
+            code = code or EXIT_FAILURE
     logging.shutdown()
     os._exit(code)

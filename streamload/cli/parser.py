@@ -88,7 +88,7 @@ def _parse_ids(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-def _text(text: str) -> str:
+def check_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the text is empty: give at least one word")
     return text
@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="stream a model and run it: embeddings for encoders, generation for decoders")
     add_source_arguments(p)
-    p.add_argument("texts", nargs="*", type=_text, metavar="TEXT", help="input text, as --text: streamload run MODEL 'a sentence'")
-    p.add_argument("--text", action="append", type=_text, help="input text (repeat for a batch of sentences with an encoder)")
+    p.add_argument("texts", nargs="*", type=check_text, metavar="TEXT", help="input text, as --text: streamload run MODEL 'a sentence'")
+    p.add_argument("--text", action="append", type=check_text, help="input text (repeat for a batch of sentences with an encoder)")
     p.add_argument("--ids", type=_parse_ids, help="comma-separated token ids instead of text")
     p.add_argument("--max-new-tokens", type=_token_count, help="decoder: tokens to generate (default 16)")
     p.add_argument("--temperature", type=_temperature, help="decoder: 0 is greedy (default)")

@@ -84,6 +84,10 @@ def check_run_options(args: argparse.Namespace, config: Any) -> None:
     for name, default in DECODER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if architecture == "llama" and args.text is not None and len(args.text) > 1:
+        if not args.words:
+            raise UsageError("a decoder takes one prompt: give one --text, or the prompt's words as arguments")
+        args.text = [" ".join(args.text)]  # `streamload run llama why is the sky blue`, as ollama run reads it
     vocab_size = config.get("vocab_size")
     if args.ids is not None and isinstance(vocab_size, int):
         outside = [i for i in args.ids if i >= vocab_size]
@@ -211,7 +215,11 @@ def _cosine(preview: Any, exact: Any) -> float | list[float]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    args.text = [*args.texts, *(args.text or [])] or None
+    if args.texts and args.text:
+        print("error: give the texts as arguments or with --text, not both", file=sys.stderr)
+        return EXIT_USAGE
+    args.words = bool(args.texts)  # a decoder's prompt may come as words: they are joined
+    args.text = args.texts or args.text
     if (args.text is None) == (args.ids is None):
         what = "give the text (streamload run MODEL 'TEXT', or --text TEXT) or --ids 1,2,3"
         print(f"error: {what}, not both" if args.text else f"error: {what}", file=sys.stderr)

@@ -52,7 +52,9 @@ _scratch = threading.local()
 _decode_threads = min(2, os.cpu_count() or 1)
 _helper: concurrent.futures.ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
-_blas: Any = None  # threadpoolctl's OpenBLAS controller once looked up; False where there is none
+_blas_lock = threading.Lock()
+_blas_blocks = 0  # ``decoding`` blocks open in any thread: BLAS is on one thread while there are any
+_blas_saved: list[tuple[Any, int]] = []  # each BLAS library and the thread count the first of those blocks found
 _split = threading.local()  # .on: this thread is in ``decoding``
 
 
@@ -72,39 +74,53 @@ def _helper_thread() -> concurrent.futures.ThreadPoolExecutor:
         return _helper
 
 
-def _blas_threads() -> Any:
-    """threadpoolctl's controller of the loaded OpenBLAS (made once, ~1 ms), or None where there is none."""
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
+def _blas_libraries() -> list[Any]:
+    """threadpoolctl's controllers of every BLAS loaded now (numpy's OpenBLAS; scipy brings its own copy): ~1 ms, so
+    looked up when the first ``decoding`` block starts, not per matrix; empty where threadpoolctl finds none."""
+    from threadpoolctl import ThreadpoolController
 
-        controllers = ThreadpoolController().select(internal_api="openblas").lib_controllers
-        _blas = controllers[0] if len(controllers) == 1 else False
-    return _blas or None
+    libraries = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    if not libraries:
+        log.info("no BLAS library found to set to one thread: decode casts on one thread")
+    return libraries
 
 
 @contextlib.contextmanager
 def decoding() -> Iterator[None]:
     """Decode on two threads: within the block, on this thread, ``linear`` and ``linear_t`` cast and multiply a large
-    int8 matrix (few tokens) half on a helper thread, each thread on its own 4 MiB tile, with OpenBLAS on one thread.
+    int8 matrix (few tokens) half on a helper thread, each thread on its own 4 MiB tile, with BLAS on one thread.
 
     OpenBLAS's own pool beside our two threads competes with them for the two cores (its waiting threads spin), and
-    turning it off and on per matrix made decode erratic, so it is off for the whole block (process-wide: another
-    thread's BLAS call meanwhile runs on one thread too). A no-op with ``set_decode_threads(1)``, or where no OpenBLAS
-    is found to set.
+    turning it off and on per matrix made decode erratic, so every loaded BLAS is on one thread while any thread is in
+    a ``decoding`` block (process-wide: another thread's BLAS call meanwhile runs on one thread too); the last block
+    to end gives back the thread counts the first one found. Without a BLAS library threadpoolctl can set, and with
+    ``set_decode_threads(1)`` (read when the block starts), decode runs on one thread.
     """
-    blas = _blas_threads() if _decode_threads > 1 and not _splitting() else None
-    if blas is None:
+    global _blas_blocks, _blas_saved
+    if _decode_threads < 2 or _splitting():
         yield
         return
-    previous = blas.get_num_threads()
-    blas.set_num_threads(1)
+    with _blas_lock:
+        if _blas_blocks == 0:
+            libraries = _blas_libraries()
+            _blas_saved = [(library, library.get_num_threads()) for library in libraries]
+            for library in libraries:
+                library.set_num_threads(1)
+        splitting = bool(_blas_saved)  # nothing to set: BLAS's own pool would compete with a split
+        _blas_blocks += splitting
+    if not splitting:
+        yield
+        return
     _split.on = True
     try:
         yield
     finally:
         _split.on = False
-        blas.set_num_threads(previous)
+        with _blas_lock:
+            _blas_blocks -= 1
+            if _blas_blocks == 0:
+                for library, threads in _blas_saved:
+                    library.set_num_threads(threads)
 
 
 def _splitting() -> bool:

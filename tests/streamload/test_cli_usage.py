@@ -3,6 +3,7 @@ run by name, ``serve`` that says where it listens or why it cannot, ``convert`` 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pty
@@ -17,6 +18,7 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
 from tests.checks import wait_for_port
 from tests.serving import ServerThread
@@ -121,14 +123,36 @@ def test_truncation_says_how_many_tokens_were_dropped(server: ServerThread, tmp_
 
 
 def test_text_comes_as_arguments_as_with_ollama_run(minilm_slm: Path, tmp_path: Path) -> None:
-    """`streamload run MODEL 'TEXT' ...`: each argument one text, as --text; both ways at once are one batch."""
-    common = (str(minilm_slm), "-q", "--json", "--cache-dir", str(tmp_path))
-    by_option = json.loads(streamload_cli("run", *common, "--text", "first one", "--text", "second").stdout)["embedding"]
-    by_argument = json.loads(streamload_cli("run", *common, "first one", "second").stdout)["embedding"]
-    mixed = json.loads(streamload_cli("run", *common, "first one", "--text", "second").stdout)["embedding"]
-    assert len(by_option) == 2 and by_argument == by_option == mixed
+    """`streamload run MODEL 'TEXT' ...`: each argument one text, as --text, in order, before or after options; a text
+    that starts with '-' after --; texts given both ways, none, or an empty one are one-line usage errors."""
+
+    def embeddings(*args: str) -> list[list[float]]:
+        done = streamload_cli("run", str(minilm_slm), "--json", "--cache-dir", str(tmp_path), *args)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["embedding"]
+
+    by_option = embeddings("--text", "first one", "--text", "second")
+    assert len(by_option) == 2
+    assert embeddings("first one", "second") == by_option
+    assert embeddings("-q", "first one", "second") == by_option  # after an option: argparse hands them back, in order
+    assert embeddings("first one", "-q", "second") == by_option
+    assert embeddings("-q", "--", "-5 degrees") == embeddings("--text=-5 degrees")
+    common = (str(minilm_slm), "-q", "--cache-dir", str(tmp_path))
     assert_one_line_error(streamload_cli("run", *common), 2, "give the text (streamload run MODEL 'TEXT', or --text TEXT)")
     assert_one_line_error(streamload_cli("run", *common, "hi", "--ids", "101"), 2, "not both")
+    assert_one_line_error(streamload_cli("run", *common, "a", "--text", "b"), 2, "as arguments or with --text, not both")
+    assert_one_line_error(streamload_cli("run", *common, "   "), 2, "the text is empty")
+    assert_one_line_error(streamload_cli("run", *common, "-5"), 2, "unrecognized arguments: -5", "after --")
+
+
+def test_a_decoders_prompt_as_words_is_joined_and_two_prompts_are_refused(server: ServerThread, tmp_path: Path) -> None:
+    """`streamload run llama why is the sky blue` is one prompt, as ollama run reads it; two --text are refused."""
+    words = argparse.Namespace(text=["why", "is", "the", "sky", "blue"], words=True, ids=None, save_logits=None)
+    words.__dict__.update(dict.fromkeys(DECODER_DEFAULTS))
+    check_run_options(words, {"architecture": "llama", "vocab_size": 1024})
+    assert words.text == ["why is the sky blue"]
+    two = streamload_cli("run", server.url("deep.slm"), "-q", "--text", "why", "--text", "blue", "--cache-dir", str(tmp_path))
+    assert_one_line_error(two, 2, "a decoder takes one prompt")
 
 
 def test_a_local_file_run_speaks_of_no_download_and_a_url_run_does(server: ServerThread, minilm_slm: Path, tmp_path: Path) -> None:
@@ -155,6 +179,10 @@ def test_the_console_script_writes_all_its_output_before_its_fast_exit(minilm_sl
         )
     assert done.returncode == 0 and len(json.loads(out.read_text())["embedding"]) == 384
     assert_one_line_error(streamload_cli("inspect", str(tmp_path / "missing.slm")), 1, "missing.slm")
+    closed = subprocess.run(  # started with stdout closed (`streamload list >&-`): sys.stdout is None
+        [STREAMLOAD, "list", "--cache-dir", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1)
+    )
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr
 
 
 # ---------------------------------------------------------------- cached models by name
