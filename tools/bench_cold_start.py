@@ -121,9 +121,9 @@ def main() -> None:
                 times[label].append(time_process_s(argv, row_env, work))
         print(f"cold start of a cached all-MiniLM-L6-v2 run, whole process, {args.runs} runs alternating; {sys.executable}")
         print(f"load before: {load_before}; after: {loadavg()}")
-        print(f"{'process':58} {'median s':>9} {'min s':>7}")
+        print(f"{'process':72} {'median s':>9} {'min s':>7}")
         for label, values in times.items():
-            print(f"{label:58} {statistics.median(values):9.3f} {min(values):7.3f}")
+            print(f"{label:72} {statistics.median(values):9.3f} {min(values):7.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
