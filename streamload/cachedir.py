@@ -24,7 +24,7 @@ class CachedModel:
     complete: bool
     chunks_done: int
     header: bytes | None  # preamble + manifest, for the architecture and chunk count
-    sources: tuple[str, ...]  # URLs whose last digest this is (refs)
+    sources: tuple[str, ...]  # URLs whose last digest this is, and local files it was read from (refs)
 
 
 def list_cached_models(root: Path) -> list[CachedModel]:

@@ -3,7 +3,8 @@
     <cache_dir>/refs/<sha256(url)>   "<digest>\\n<url>", then "\\n<etag>" when the server gave one
 
 A complete model from a URL is used offline through its ref, and revalidated with one conditional request
-(If-None-Match with the ETag kept here).
+(If-None-Match with the ETag kept here). A local file's ref holds its absolute path in place of the URL: it lets
+``streamload run NAME`` find the file again (``streamload list`` shows it as the model's source).
 """
 
 from __future__ import annotations

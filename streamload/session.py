@@ -137,6 +137,8 @@ class DownloadSession:
                 # a 304 read no header, so the source has no ETag of its own: the one revalidated stays in the ref
                 etag = getattr(self.source, "etag", None) or self.origin.revalidated_etag
                 write_ref(self.cache_root, self.url, self.manifest.digest, etag)
+            elif self.source is not None:  # a local file: `streamload run NAME` finds it again by its cached name
+                write_ref(self.cache_root, str(Path(self.url).resolve()), self.manifest.digest)
 
         await asyncio.to_thread(record)
         await cache.acquire()

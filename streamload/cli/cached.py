@@ -61,16 +61,19 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
         print(f"error: {source}: no such file, and no cached model of that name or digest in {root}{hint}", file=sys.stderr)
         return False
     model = matches[0]
-    if not model.sources:
-        print(f"error: cached model {model.digest[:12]} came from a local file, not a URL: give that file's path", file=sys.stderr)
+    urls = [s for s in model.sources if is_url(s)]
+    files = [s for s in model.sources if not is_url(s) and Path(s).is_file()]
+    if not urls and not files:
+        gone = f" ({', '.join(model.sources)} is gone)" if model.sources else ""
+        print(f"error: cached model {model.digest[:12]} came from a local file{gone}: give the file's path or a URL", file=sys.stderr)
         return False
     if args.digest is not None and args.digest.lower().removeprefix("sha256:") != model.digest:
         print(f"error: {source!r} is the cached model {model.digest[:12]}, not --digest {args.digest}", file=sys.stderr)
         return False
-    url = model.sources[0]
-    status = "complete" if model.complete else "partial: the rest comes from its URL"
-    print(f"{verb} cached {_file_name(url)} sha256:{model.digest[:12]} ({status}) from {url}", file=sys.stderr)
-    args.source, args.digest = url, model.digest
+    origin = (urls or files)[0]  # a URL pinned to the digest needs no network when the copy is complete
+    status = "complete" if model.complete else f"partial: the rest comes from {'its URL' if urls else 'the file'}"
+    print(f"{verb} cached {_file_name(origin)} sha256:{model.digest[:12]} ({status}) from {origin}", file=sys.stderr)
+    args.source, args.digest = origin, model.digest
     return True
 
 

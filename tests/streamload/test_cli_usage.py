@@ -200,6 +200,23 @@ def test_a_cached_model_runs_by_file_name_or_digest_prefix(server: ServerThread,
         assert f"running cached minilm.slm sha256:{digest[:12]} (complete) from {url}" in done.stderr
 
 
+def test_a_model_cached_from_a_local_file_runs_by_name_while_the_file_is_there(minilm_slm: Path, tmp_path: Path) -> None:
+    """Convert, run the file once, then `streamload run minilm 'TEXT'`, as with a model pulled from a URL."""
+    model = tmp_path / "models" / "minilm.slm"
+    model.parent.mkdir()
+    model.write_bytes(minilm_slm.read_bytes())
+    by_path = streamload_cli("run", str(model), "hello", "-q", cache=tmp_path / "cache")
+    assert by_path.returncode == 0, by_path.stderr
+    by_name = streamload_cli("run", "minilm", "hello", "-q", cache=tmp_path / "cache")
+    assert by_name.returncode == 0, by_name.stderr
+    assert by_name.stdout == by_path.stdout and f"from {model.resolve()}" in by_name.stderr
+    (row,) = json.loads(streamload_cli("list", "--json", cache=tmp_path / "cache").stdout)
+    assert row["sources"] == [str(model.resolve())]
+    model.unlink()
+    gone = streamload_cli("run", "minilm", "hello", "-q", cache=tmp_path / "cache")
+    assert_one_line_error(gone, 1, f"came from a local file ({model.resolve()} is gone)")
+
+
 @pytest.mark.parametrize("command", ["run", "fetch"])
 def test_a_directory_to_run_or_fetch_is_named_and_a_model_folder_gets_the_convert_command(command: str, tmp_path: Path) -> None:
     extra = ["--text", "hi"] if command == "run" else []
