@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "texts", None) is not None:  # `run MODEL -q 'TEXT'`: texts after an option come back
-        args.texts += _more_texts(parser, extra)  # unparsed from argparse, in order
+        args.texts += _more_texts(args.command_parser, extra)  # unparsed from argparse, in order
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(

@@ -64,7 +64,7 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
     urls = [s for s in model.sources if is_url(s)]
     files = [s for s in model.sources if not is_url(s) and Path(s).is_file()]
     if not urls and not files:
-        gone = f" ({', '.join(model.sources)} is gone)" if model.sources else ""
+        gone = f" ({' and '.join(model.sources)} {'is' if len(model.sources) == 1 else 'are'} gone)" if model.sources else ""
         print(f"error: cached model {model.digest[:12]} came from a local file{gone}: give the file's path or a URL", file=sys.stderr)
         return False
     if args.digest is not None and args.digest.lower().removeprefix("sha256:") != model.digest:

@@ -195,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="stream a model and run it: embeddings for encoders, generation for decoders")
     add_source_arguments(p)
-    p.add_argument("texts", nargs="*", type=check_text, metavar="TEXT", help="input text, as --text: streamload run MODEL 'a sentence'")
+    p.add_argument(
+        "texts",
+        nargs="*",
+        type=check_text,
+        metavar="TEXT",
+        help="input texts, as --text: streamload run MODEL 'a sentence' (one text each; after --, a text may start with '-'; "
+        "a decoder joins them into one prompt)",
+    )
     p.add_argument("--text", action="append", type=check_text, help="input text (repeat for a batch of sentences with an encoder)")
     p.add_argument("--ids", type=_parse_ids, help="comma-separated token ids instead of text")
     p.add_argument("--max-new-tokens", type=_token_count, help="decoder: tokens to generate (default 16)")
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--link-rate", type=_positive_rate, metavar="BYTES_PER_S", help="mark the link floor (bytes downloaded / rate) on the picture"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, command_parser=p)
 
     p = commands.add_parser("list", help="list the models in the cache")
     p.add_argument("--cache-dir", help=cache_help)

@@ -45,6 +45,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     result = asyncio.run(_fetch(args))
     if args.json:
         print(json.dumps(result))
+    elif result["chunks_cached"] == result["chunks_total"]:
+        print(
+            f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
+            f"already cached whole: nothing {'downloaded' if is_url(args.source) else 'copied'} ({result['chunks_total']} chunks)"
+        )
     elif not is_url(args.source):
         print(
             f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
@@ -171,11 +176,10 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def _left(bar: ProgressBar, model: Any) -> str:
-    """What the cache still lacks: the file less what it held at the start and what came since (the latest report)."""
-    progress = bar.last
-    if progress is None:
-        return format_bytes(max(0, model.stats.bytes_total - model.stats.bytes_downloaded))
-    return format_bytes(max(0, progress.bytes_total - progress.bytes_cached - progress.bytes_downloaded))
+    """What the cache still lacks: the file less what it held at the start (a report's) and what came since (now: the
+    reports are spaced out, and on a fast link the last one is well behind)."""
+    cached = bar.last.bytes_cached if bar.last is not None else 0
+    return format_bytes(max(0, model.stats.bytes_total - cached - model.stats.bytes_downloaded))
 
 
 async def _exact_only(model: Any, options: dict[str, Any]) -> Any:

@@ -146,7 +146,9 @@ async def run(
         if texts is not None:
             tokenizer = model.tokenizer
             if tokenizer is None:
-                raise RuntimeModelError("this model has no tokenizer: pass --ids instead of --text")
+                raise RuntimeModelError(
+                    "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
+                )
             prompt = tokenizer.encode(texts[0]).ids
         else:
             prompt = list(ids or [])

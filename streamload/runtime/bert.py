@@ -56,7 +56,9 @@ class EncodedBatch:
 def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedBatch:
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise RuntimeModelError("this model has no tokenizer: pass token ids instead of text")
+        raise RuntimeModelError(
+            "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
+        )
     tokenizer.no_padding()
     limit = min(config.max_seq_length, config.max_position_embeddings)
     tokenizer.enable_truncation(limit)

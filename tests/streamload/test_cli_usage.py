@@ -21,7 +21,7 @@ from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
 from tests.checks import wait_for_port
-from tests.serving import ServerThread
+from tests.serving import ServerThread, serve_directory
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")  # the console script pip installed
 
@@ -243,6 +243,8 @@ def test_fetch_of_a_local_file_says_it_copied(tmp_path: Path, deep_slm: Path) ->
     done = streamload_cli("fetch", str(deep_slm), cache=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "copied from the local file" in done.stdout and "downloaded 0 B" not in done.stdout
+    again = streamload_cli("fetch", str(deep_slm), cache=tmp_path)
+    assert again.returncode == 0 and "already cached whole: nothing copied" in again.stdout, again.stdout
 
 
 def test_list_says_where_the_cache_is_and_counts_partial_bytes(server: ServerThread, tmp_path: Path, deep_slm: Path) -> None:
@@ -325,6 +327,19 @@ def test_convert_shows_progress_then_a_short_summary(tmp_path: Path, llama_dir: 
     assert len(stdout.strip().splitlines()) == 2 and "largest error abs" in stdout and "--verbose" in stdout
     verbose = streamload_cli("convert", str(llama_dir), "-o", str(tmp_path / "v.slm"), "--verbose")
     assert "max abs err" in verbose.stdout and len(verbose.stdout.splitlines()) > 10
+
+
+def test_what_is_left_to_cache_counts_what_came_after_the_last_progress_report(www: Path, tmp_path: Path) -> None:
+    """ "completing the cache (N left)" is the file less what was cached and downloaded by then: never more than what the
+    result line says was still missing (a stale progress report once made it most of the file)."""
+    with serve_directory(www, rate_bytes_per_s=8_000_000) as server:  # the result comes well before the whole file
+        status, _, terminal = run_on_a_terminal(["run", server.url("minilm.slm"), "hello"], cache=tmp_path)  # with its bar
+    assert status == 0, terminal
+    downloaded = re.search(r"needed\), ([0-9.]+) MB downloaded by then", terminal)
+    left = re.search(r"completing the cache for the next run \(([0-9.]+) MB left", terminal)
+    assert downloaded and left, terminal
+    total_mb = (www / "minilm.slm").stat().st_size / 1e6
+    assert float(left.group(1)) <= total_mb - float(downloaded.group(1)) + 0.1, terminal
 
 
 def test_the_download_bar_shows_on_a_terminal_without_a_width(server: ServerThread, tmp_path: Path) -> None:
