@@ -252,14 +252,21 @@ async def read_remote_header(
     session: aiohttp.ClientSession | None = None,
     retry: RetryPolicy | None = None,
     headers: Mapping[str, str] | None = None,
+    give_up_unreachable: bool = False,
 ) -> tuple[Manifest, int]:
-    """The manifest of a model URL and the file's size, with one or two small requests (no data); ``headers`` as for ``open``."""
+    """The manifest of a model URL and the file's size, with one or two small requests (no data); ``headers`` as for ``open``.
+
+    ``give_up_unreachable``: a server nobody answers at (connection refused, no such host) ends the retries at once.
+    """
     from .http_source import HttpSource
+
+    async def give_up(failure: Exception) -> bool:
+        return give_up_unreachable and bool(getattr(failure, "unreachable", False))
 
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session, headers)
     try:
-        header = await fetch_header_with_retries(source, policy)
+        header = await fetch_header_with_retries(source, policy, give_up=give_up)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         await source.close()

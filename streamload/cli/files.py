@@ -8,9 +8,10 @@ import errno
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..formats import ModelReader, summarize_manifest
-from .cached import is_url, request_headers
+from .cached import cache_dir_of, is_url, request_headers
 from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
 
 
@@ -74,9 +75,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     if is_url(args.source):
-        from ..model import read_remote_header
-
-        manifest, size = asyncio.run(read_remote_header(args.source, headers=request_headers(args)))
+        manifest, size = asyncio.run(_read_url_or_cached_header(args))
         summary = summarize_manifest(manifest)
         summary["file_bytes"] = size
     else:
@@ -88,6 +87,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print_summary(summary, args.source)
     return EXIT_OK
+
+
+async def _read_url_or_cached_header(args: argparse.Namespace) -> tuple[Any, int]:
+    """The URL's manifest and file size; when nobody answers there, the header its model left in the cache (as `run`
+    falls back to the cached copy), with a warning."""
+    from ..cache import ModelCache
+    from ..errors import FetchError
+    from ..fetch import parse_header
+    from ..model import read_remote_header
+    from ..origin import split_pin
+    from ..refs import read_ref
+
+    url, _ = split_pin(args.source, None)
+    digest = read_ref(cache_dir_of(args), url)
+    raw = ModelCache(cache_dir_of(args), digest).read_header() if digest else None
+    try:
+        return await read_remote_header(args.source, headers=request_headers(args), give_up_unreachable=raw is not None)
+    except FetchError as exc:
+        if raw is None:
+            raise
+        header = await parse_header(raw, None)
+        print(f"warning: {exc}; showing the cached copy sha256:{header.manifest.digest[:12]}", file=sys.stderr)
+        return header.manifest, header.data_offset + header.manifest.data_size_bytes
 
 
 # ---------------------------------------------------------------- verify

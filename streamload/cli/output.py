@@ -111,7 +111,7 @@ def print_summary(summary: dict[str, Any], source: str) -> None:
         f"hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})"
     )
     print(f"  manifest       {format_bytes(summary['manifest_bytes'])}, digest sha256:{summary['manifest_digest']}")
-    tokenizer = f"{format_bytes(summary['tokenizer_bytes'])} of tokenizer.json, compressed inside the manifest"
+    tokenizer = f"tokenizer.json, {format_bytes(summary['tokenizer_bytes'])} (stored compressed in the manifest)"
     print(f"  tokenizer      {tokenizer if summary['tokenizer_bytes'] else 'none'}")
     print(
         f"  data           {format_bytes(summary['data_bytes'])} in {summary['chunks']} chunks "

@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=_model_file_or_url, help="a .slm file or its URL (only the manifest is fetched)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
+    p.add_argument("--cache-dir", help="where a URL's cached header is read when its server cannot be reached (" + cache_help + ")")
     p.set_defaults(func=cmd_inspect)
 
     p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")

@@ -239,6 +239,21 @@ def test_an_unknown_name_and_a_url_without_its_scheme(tmp_path: Path) -> None:
     assert_one_line_error(done, 1, "did you mean http://127.0.0.1:8800/minilm.slm")
 
 
+def test_inspect_of_a_url_nobody_answers_at_shows_its_cached_header(www: Path, tmp_path: Path) -> None:
+    """As run falls back to the cached copy: at once, with one warning line, not after the retries."""
+    with serve_directory(www) as server:
+        url = server.url("minilm.slm")
+        assert streamload_cli("fetch", url, "-q", cache=tmp_path).returncode == 0
+        online = streamload_cli("inspect", url, "--json", "--cache-dir", str(tmp_path))
+    started = time.monotonic()
+    offline = streamload_cli("inspect", url, "--json", "--cache-dir", str(tmp_path))
+    assert offline.returncode == 0 and time.monotonic() - started < 3, offline.stderr
+    assert json.loads(offline.stdout) == json.loads(online.stdout)
+    assert offline.stderr.count("\n") == 1 and "showing the cached copy sha256:" in offline.stderr, offline.stderr
+    elsewhere = streamload_cli("inspect", url.replace("minilm", "other"), "--cache-dir", str(tmp_path), timeout_s=60)
+    assert elsewhere.returncode == 1 and "cannot connect" in elsewhere.stderr  # nothing cached for that URL
+
+
 def test_fetch_of_a_local_file_says_it_copied(tmp_path: Path, deep_slm: Path) -> None:
     done = streamload_cli("fetch", str(deep_slm), cache=tmp_path)
     assert done.returncode == 0, done.stderr
