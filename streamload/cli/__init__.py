@@ -26,9 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.texts += _more_texts(args.command_parser, extra)  # unparsed from argparse, in order
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s"
-    )
+    verbose = min(args.verbose, 2)  # -v: which module says what, as a developer reads it; by default a user's "warning: ..."
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _UserFormatter())
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[verbose], handlers=[handler])
     try:
         return args.func(args)
     except UsageError as exc:  # an option that does not fit the model: a usage error, as argparse reports them
@@ -49,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+class _UserFormatter(logging.Formatter):
+    """``warning: message``, as the CLI's own errors read (``error: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
 
 
 def _more_texts(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:

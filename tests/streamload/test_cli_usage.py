@@ -252,6 +252,7 @@ def test_inspect_of_a_url_nobody_answers_at_shows_its_cached_header(www: Path, t
     assert offline.stderr.count("\n") == 1 and "showing the cached copy sha256:" in offline.stderr, offline.stderr
     elsewhere = streamload_cli("inspect", url.replace("minilm", "other"), "--cache-dir", str(tmp_path), timeout_s=60)
     assert elsewhere.returncode == 1 and "cannot connect" in elsewhere.stderr  # nothing cached for that URL
+    assert "warning: cannot connect" in elsewhere.stderr and "streamload.httputil" not in elsewhere.stderr  # a user's words
 
 
 def test_fetch_of_a_local_file_says_it_copied(tmp_path: Path, deep_slm: Path) -> None:
