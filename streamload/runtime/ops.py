@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -393,9 +394,17 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, 
     return centered
 
 
+@functools.lru_cache(maxsize=8)
+def _averaging_row(size: int) -> np.ndarray:
+    """(size,) of 1/size, read-only: made once per width, not once per norm."""
+    row = np.full(size, 1.0 / size, dtype=np.float32)
+    row.flags.writeable = False
+    return row
+
+
 def layer_norm_t(xt: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
     """LayerNorm over axis 0 of (H, T), tokens as columns; ``out`` may be ``xt`` (in place)."""
-    average = np.full(xt.shape[0], 1.0 / xt.shape[0], dtype=np.float32)  # (H,): the column means as one sgemv
+    average = _averaging_row(xt.shape[0])  # (H,): the column means as one sgemv
     mean = average @ xt  # (T,); for 19 tokens 5x faster than xt.sum(axis=0), which reduces across rows
     centered = np.subtract(xt, mean, out=out)
     variance = average @ np.square(centered)  # (T,)
