@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
 
 from .errors import FetchError, FormatError, RetryableError, StalledError
 from .formats import Manifest
@@ -95,15 +94,16 @@ async def fetch_header_with_retries(
     source: Source,
     policy: RetryPolicy,
     *,
-    give_up: Callable[[RetryableError | StalledError], Awaitable[bool]] | None = None,
+    give_up_unreachable: bool = False,
     stream: bool = False,
 ) -> Header:
-    """``fetch_header`` retried with backoff; ``give_up(failure)`` returning True ends the retries at once (FetchError)."""
+    """``fetch_header`` retried with backoff. ``give_up_unreachable``: a server nobody answers at (connection refused,
+    no such host) ends the retries at once (FetchError)."""
     backoff = Backoff(policy, f"fetching the header of {source.url}")
     while True:
         try:
             return await fetch_header(source, stream=stream)
         except (RetryableError, StalledError) as exc:
-            if give_up is not None and await give_up(exc):
+            if give_up_unreachable and getattr(exc, "unreachable", False):
                 raise FetchError(str(exc)) from None
             await backoff.wait(exc)

@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .errors import RetryableError, StalledError, StreamloadError, UsageError
+from .errors import StreamloadError, UsageError
 from .fetch import Header, fetch_header_with_retries
 from .formats import ChunkEntry
 from .httputil import RetryPolicy, same_origin
@@ -161,12 +161,9 @@ class HeaderProbes:
     def _probe(self, url: str) -> tuple[Source, asyncio.Task[Header]]:
         from .http_source import HttpSource
 
-        async def unreachable(failure: RetryableError | StalledError) -> bool:
-            return bool(getattr(failure, "unreachable", False))
-
         headers = self.headers if same_origin(url, self.primary_url) else None  # credentials stay on the primary's origin
         source = HttpSource(url, self.retry, self.session, headers)
-        return source, asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up=unreachable), name=f"probe {url}")
+        return source, asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up_unreachable=True), name=f"probe {url}")
 
     async def close(self) -> None:
         """Cancel the probes never taken (the download did not start, or ended first) and close their sources."""

@@ -260,13 +260,10 @@ async def read_remote_header(
     """
     from .http_source import HttpSource
 
-    async def give_up(failure: Exception) -> bool:
-        return give_up_unreachable and bool(getattr(failure, "unreachable", False))
-
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session, headers)
     try:
-        header = await fetch_header_with_retries(source, policy, give_up=give_up)
+        header = await fetch_header_with_retries(source, policy, give_up_unreachable=give_up_unreachable)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         await source.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import ModelCache
-from .errors import CacheError, DigestMismatchError, FetchError, FormatError, RetryableError, StalledError
+from .errors import CacheError, DigestMismatchError, FetchError, FormatError
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .httputil import RetryPolicy
 from .refs import read_ref, read_ref_etag
@@ -163,11 +163,7 @@ class Origin:
     async def _fetch_with_retries(self, source: Source, *, give_up_unreachable: bool = False, stream: bool = False) -> Header:
         """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
         no such host) ends the retries at once with ``give_up_unreachable``."""
-
-        async def give_up(failure: RetryableError | StalledError) -> bool:
-            return give_up_unreachable and bool(getattr(failure, "unreachable", False))
-
-        return await fetch_header_with_retries(source, self.retry, give_up=give_up, stream=stream)
+        return await fetch_header_with_retries(source, self.retry, give_up_unreachable=give_up_unreachable, stream=stream)
 
     async def _complete_copy_of_url(self) -> Header | None:
         digest = read_ref(self.cache_root, self.url)
