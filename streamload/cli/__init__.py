@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import StreamloadError, UsageError
 from .output import EXIT_FAILURE, EXIT_USAGE
@@ -48,8 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard(sys.stdout)
         return EXIT_FAILURE
+
+
+def _discard(stream: Any) -> None:
+    """Point a stream whose reader left at /dev/null, so what is still buffered goes nowhere instead of raising."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 class _UserFormatter(logging.Formatter):
@@ -87,7 +93,7 @@ def entry() -> None:
         try:
             stream.flush()
         except BrokenPipeError:  # the reader left before the last bytes: as main's own handler, no traceback
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            _discard(stream)
             code = code or EXIT_FAILURE
         except (OSError, ValueError):  # a full disk, a stream closed by the command: Python's exit would say the same
             code = code or EXIT_FAILURE

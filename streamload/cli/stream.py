@@ -45,21 +45,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     result = asyncio.run(_fetch(args))
     if args.json:
         print(json.dumps(result))
-    elif result["chunks_cached"] == result["chunks_total"]:
-        print(
-            f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
-            f"already cached whole: nothing {'downloaded' if is_url(args.source) else 'copied'} ({result['chunks_total']} chunks)"
-        )
+        return EXIT_OK
+    print(f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}")
+    if result["chunks_cached"] == result["chunks_total"]:
+        print(f"already cached whole: nothing {'downloaded' if is_url(args.source) else 'copied'} ({result['chunks_total']} chunks)")
     elif not is_url(args.source):
         print(
-            f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
             f"copied from the local file {args.source}, every chunk verified "
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) in {result['seconds']:.2f} s"
         )
     else:
         rate = result["bytes_downloaded"] / result["seconds"] if result["seconds"] > 0 else 0.0
         print(
-            f"{result['architecture']} model sha256:{result['manifest_digest'][:12]} ready in {result['path']}\n"
             f"downloaded {format_bytes(result['bytes_downloaded'])} of {format_bytes(result['bytes_total'])} "
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"

@@ -128,6 +128,11 @@ def _splitting() -> bool:
     return getattr(_split, "on", False)
 
 
+def _splits(tokens: int, weight: np.ndarray) -> bool:
+    """Whether ``linear_t`` casts and multiplies this int8 matrix on two threads (in ``decoding``, few tokens, large)."""
+    return _splitting() and tokens <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS
+
+
 def _tile_buffer(elements: int) -> np.ndarray:
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.size < elements:
@@ -155,7 +160,7 @@ def linear(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, 
     """
     if weight.dtype != np.int8:
         y = x @ weight.astype(np.float32, copy=False).T
-    elif _splitting() and x.shape[0] <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+    elif _splits(x.shape[0], weight):
         return np.ascontiguousarray(linear_t(x.T, weight, scales, bias).T)  # a decode head: cast on two threads
     else:
         out_features, in_features = weight.shape
@@ -212,7 +217,7 @@ def linear_t(
                 np.copyto(w, weight[start:stop], casting="unsafe")  # int8 -> float32, exact
                 np.matmul(w, xt, out=out[start:stop])
 
-        if _splitting() and tokens <= DECODE_TOKENS and weight.size >= PARALLEL_MIN_WEIGHTS:
+        if _splits(tokens, weight):
             # decode: the cast bounds it, and numpy casts and multiplies without the GIL: half the rows on the helper,
             # each thread on its own larger tile (BLAS is on one thread in ``decoding``)
             rows = min(out_features, max(8, PARALLEL_TILE_ELEMENTS // max(1, in_features)))
