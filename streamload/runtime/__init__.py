@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import RuntimeModelError
 from ..formats.architectures import architecture_named
+from ..tokenizer import NO_TOKENIZER
 from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
@@ -146,9 +147,7 @@ async def run(
         if texts is not None:
             tokenizer = model.tokenizer
             if tokenizer is None:
-                raise RuntimeModelError(
-                    "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
-                )
+                raise RuntimeModelError(NO_TOKENIZER)
             prompt = tokenizer.encode(texts[0]).ids
         else:
             prompt = list(ids or [])

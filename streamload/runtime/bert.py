@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import RuntimeModelError
 from ..formats.architectures import BERT
 from ..layer import Layer
+from ..tokenizer import NO_TOKENIZER
 from . import ops
 from .timeline import Timeline
 
@@ -56,9 +57,7 @@ class EncodedBatch:
 def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedBatch:
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise RuntimeModelError(
-            "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
-        )
+        raise RuntimeModelError(NO_TOKENIZER)
     tokenizer.no_padding()
     limit = min(config.max_seq_length, config.max_position_embeddings)
     tokenizer.enable_truncation(limit)
