@@ -105,8 +105,7 @@ def decoding() -> Iterator[None]:
         if _blas_blocks == 0:
             libraries = _blas_libraries()
             _blas_saved = [(library, library.get_num_threads()) for library in libraries]
-            for library in libraries:
-                library.set_num_threads(1)
+            _set_blas_threads([(library, 1) for library in libraries])
         splitting = bool(_blas_saved)  # nothing to set: BLAS's own pool would compete with a split
         _blas_blocks += splitting
     if not splitting:
@@ -120,8 +119,20 @@ def decoding() -> Iterator[None]:
         with _blas_lock:
             _blas_blocks -= 1
             if _blas_blocks == 0:
-                for library, threads in _blas_saved:
-                    library.set_num_threads(threads)
+                _set_blas_threads(_blas_saved)
+
+
+def _set_blas_threads(settings: list[tuple[Any, int]]) -> None:
+    """Set each BLAS library's thread count, always from the one long-lived helper thread: OpenBLAS (0.3.30 and 0.3.31
+    here) ignored a count raised from another thread than the one that lowered it while that thread lived, which left
+    BLAS on one thread when two ``decoding`` blocks in two threads ended in the other order."""
+
+    def set_all() -> None:
+        for library, threads in settings:
+            library.set_num_threads(threads)
+
+    if settings:
+        _helper_thread().submit(set_all).result()
 
 
 def _splitting() -> bool:
