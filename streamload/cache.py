@@ -288,6 +288,27 @@ class ModelCache:
         except OSError as exc:
             raise cache_error("finishing", self.directory, exc) from None
 
+    def drop_store_pages(self, offset: int = 0, size_bytes: int = 0) -> None:
+        """Unmap this process's pages of the store (``size_bytes`` from ``offset``, page-aligned; 0: to the end) and drop
+        the clean ones from the page cache (best effort): a run under a memory budget does this for what it will not
+        read again soon, since those pages count against it."""
+        if self.store_map is not None:
+            length = size_bytes or len(self.store_map) - offset
+            try:
+                self.store_map.madvise(mmap.MADV_DONTNEED, offset, min(length, len(self.store_map) - offset))
+            except (OSError, ValueError):
+                pass
+        try:
+            fd = os.open(self.store_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, offset, size_bytes, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         if self.store_map is not None:
             try:

@@ -26,6 +26,7 @@
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
+    │   └── MemoryBudgetError                a memory budget too small to run the model at all
     └── UsageError (ValueError)              an argument to the library is out of its range
 
 Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
@@ -185,6 +186,14 @@ class RuntimeModelError(StreamloadError, ValueError):
     """The model or its input cannot be run."""
 
 
+class MemoryBudgetError(RuntimeModelError):
+    """The memory budget cannot hold what one step of the model needs; ``minimum_bytes`` is the least that can."""
+
+    def __init__(self, message: str, *, minimum_bytes: int) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
 class UsageError(StreamloadError, ValueError):
     """An argument to the library is out of its range."""
 
@@ -203,6 +212,7 @@ __all__ = [
     "ManifestDecodeError",
     "ManifestSchemaError",
     "ManifestTooLargeError",
+    "MemoryBudgetError",
     "OutOfBoundsError",
     "OverlapError",
     "RetryableError",

@@ -44,8 +44,9 @@ def distinct_rows(ids: np.ndarray) -> np.ndarray:
     return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
 
 
-def map_layer(manifest: Manifest, store: object, index: int, *, coarse: bool = False) -> Layer:
-    """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store).
+def map_layer(manifest: Manifest, store: object, index: int, *, coarse: bool = False, base_offset: int = 0) -> Layer:
+    """Layer ``index`` as zero-copy read-only views of ``store`` (a buffer laid out as FORMAT.md's layer store, or the part
+    of it from ``base_offset`` on).
 
     A row table's scales, which live in an execution step, are included: that layer must be here too.
     ``coarse``: progressive tensors as copies at their coarse levels (whether or not refinements were folded
@@ -56,7 +57,7 @@ def map_layer(manifest: Manifest, store: object, index: int, *, coarse: bool = F
     foreign = [t for t in scales if t is not None and t.layer_index != index]  # a row table's, from an execution step
 
     def view(entry: TensorEntry) -> np.ndarray:
-        array = view_tensor(store if store is not None else bytearray(0), entry)
+        array = view_tensor(store if store is not None else bytearray(0), entry, base_offset)
         if coarse and entry.coarse_shift is not None:
             array = coarse_levels(array, entry.coarse_shift)
         array.flags.writeable = False

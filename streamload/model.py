@@ -31,6 +31,7 @@ class Model:
 
     def __init__(self, session: DownloadSession) -> None:
         self._session = session
+        self.runtime_state: Any = None  # the runtime's own per-model state (float32 weight copies, a validated config)
 
     @property
     def manifest(self) -> Manifest:
@@ -49,6 +50,24 @@ class Model:
         """The model's cache directory."""
         assert self._session.cache is not None
         return self._session.cache.directory
+
+    @property
+    def store_path(self) -> Path:
+        """The model's layer store in the cache (FORMAT.md's layer store): where a run under a memory budget reads its
+        weights from, apart from the memory map."""
+        assert self._session.cache is not None
+        return self._session.cache.store_path
+
+    def drop_cached_pages(self, layer_index: int | None = None) -> None:
+        """Unmap the store's pages this process touched (of one layer, or all) and let the kernel drop them from the page
+        cache (best effort): a run under a memory budget does this for what it will not read again soon."""
+        if self._session.cache is None:
+            return
+        if layer_index is None:
+            self._session.cache.drop_store_pages()
+        else:
+            layer = self.manifest.layers[layer_index]
+            self._session.cache.drop_store_pages(layer.raw_offset, layer.raw_size_bytes)
 
     @property
     def stats(self) -> DownloadStats:

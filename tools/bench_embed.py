@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import inspect
 import json
 import os
 import resource
@@ -132,10 +133,14 @@ def streamload_embedder(workdir: Path, budget_bytes: int | None) -> tuple[Callab
     from streamload.formats import convert
     from streamload.runtime import ops, run
 
+    options: dict[str, int] = {}
     if budget_bytes is not None:
-        if not hasattr(ops, "set_float_weight_budget"):
+        if "float_weights_bytes" in inspect.signature(run).parameters:  # a model's own float32 copies, per run
+            options["float_weights_bytes"] = budget_bytes
+        elif hasattr(ops, "set_float_weight_budget"):  # older revisions (--before): one budget for the process
+            ops.set_float_weight_budget(budget_bytes)
+        else:
             raise SystemExit("this streamload has no float32 weight budget to set")
-        ops.set_float_weight_budget(budget_bytes)
     path = workdir / "minilm.slm"
     if not path.exists():
         convert(minilm_folder(), path)
@@ -145,7 +150,7 @@ def streamload_embedder(workdir: Path, budget_bytes: int | None) -> tuple[Callab
     loop.run_until_complete(model.wait_complete())
 
     def embed(texts: list[str]) -> np.ndarray:
-        embedding = loop.run_until_complete(run(model, texts=texts)).embedding
+        embedding = loop.run_until_complete(run(model, texts=texts, **options)).embedding
         assert embedding is not None
         return embedding
 

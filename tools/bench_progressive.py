@@ -28,7 +28,7 @@ from streamload.calibrate import PREVIEW_LOSS, CalibratedShifts
 from streamload.formats import ModelReader, convert
 from streamload.formats.architectures import find_architecture
 from streamload.formats.quantize import split_coarse
-from streamload.runtime import ops, run
+from streamload.runtime import run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
@@ -49,8 +49,8 @@ async def embeddings(path: Path, sentences: list[str]) -> tuple[np.ndarray, np.n
     with tempfile.TemporaryDirectory() as cache:
         async with streamload.open(path, cache_dir=cache) as model:
             await model.wait_complete()
-            preview = await run(model.coarse(), texts=sentences)
-            exact = await run(model, texts=sentences)
+            preview = await run(model.coarse(), texts=sentences, float_weights_bytes=0)  # the same compute path for every file
+            exact = await run(model, texts=sentences, float_weights_bytes=0)
     return preview.embedding, exact.embedding
 
 
@@ -95,7 +95,6 @@ def main() -> None:
     if args.levels:
         measure_levels(source)
         return
-    ops.set_float_weight_budget(0)  # the same compute path for every file
     sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
     reference = np.load(FIXTURES / "minilm_varied_reference.npy")
     work = Path(tempfile.mkdtemp())

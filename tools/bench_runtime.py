@@ -151,11 +151,11 @@ def read_bandwidth_bytes_per_s(repeats: int) -> tuple[float, float]:
     return matrix.nbytes / (summed / 1e3), matrix.nbytes / (gemv / 1e3)
 
 
-async def decode_seconds(path: Path, cache: Path, tokens: int) -> float:
+async def decode_seconds(path: Path, cache: Path, tokens: int, threads: int = 2) -> float:
     async with streamload.open(path, cache_dir=cache) as model:
         await model.wait_complete()
         started = time.perf_counter()
-        await run(model, ids=[1, 2, 3, 4], max_new_tokens=tokens)
+        await run(model, ids=[1, 2, 3, 4], max_new_tokens=tokens, decode_threads=threads, memory_budget_bytes=None)
         return time.perf_counter() - started
 
 
@@ -180,18 +180,17 @@ def bench_large_decode(workdir: Path, repeats: int) -> None:
         if not path.exists():
             convert(source, path, quant=quant)
         cache = workdir / f"large-cache-{quant}"
-        ops.set_decode_threads(threads)
         asyncio.run(decode_seconds(path, cache, 1))  # fills the cache
         steps = 16
         seconds = statistics.median(
-            asyncio.run(decode_seconds(path, cache, steps + 1)) - asyncio.run(decode_seconds(path, cache, 1)) for _ in range(repeats)
+            asyncio.run(decode_seconds(path, cache, steps + 1, threads)) - asyncio.run(decode_seconds(path, cache, 1, threads))
+            for _ in range(repeats)
         )
         rates[label] = steps / seconds
         print(f"{label:<11} {rates[label]:>8.2f} {weights * width / 1e6:>16.0f} MB {weights * width * rates[label] / 1e9:>11.2f} GB/s")
         if label == "float32":
             path.unlink()
             shutil.rmtree(cache, ignore_errors=True)
-    ops.set_decode_threads(2)
     summed, gemv = read_bandwidth_bytes_per_s(repeats)
     print(
         f"int8 / float32 decode speed: {rates['int8'] / rates['float32']:.2f} (target >= 1); two threads / one: {rates['int8'] / rates['int8, 1 thr']:.2f}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..cache import default_cache_dir
-from ..errors import StreamloadError
+from ..errors import StreamloadError, UsageError
 from ..formats.constants import MAX_CHUNK_RAW_SIZE_BYTES
 from ..httputil import parse_header_option
 from .cached import TOKEN_ENV, cmd_list, cmd_rm, is_url
@@ -75,6 +75,25 @@ _milliseconds = _number(float, "a delay of 0 ms or more", low=0)
 _connections = _number(int, "a number of connections from 1 to 64", low=1, high=64)
 _token_count = _number(int, "a number of tokens, 0 or more", low=0)
 _temperature = _number(float, "a temperature of 0 (greedy) or more", low=0)
+
+
+def _memory_budget(text: str) -> int | str | None:
+    """--memory-budget: a size (640M, 2G, bytes), 'none', or 'auto' (the default: $STREAMLOAD_MEMORY_BUDGET, else the cgroup's)."""
+    from ..runtime.memory import parse_size_bytes
+
+    if text.strip().lower() in ("none", "off", "unlimited"):
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = parse_size_bytes(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError("a memory budget must be more than 0 bytes ('none' for no limit)")
+    return size
+
+
 _top_p = _number(float, "a probability mass in (0, 1]", above=0, high=1)
 _seed = _number(int, "a seed of 0 or more", low=0)
 _zstd_level = _number(int, "a zstd level from 1 to 22", low=1, high=22)
@@ -211,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_top_p, help="decoder: nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=_seed, help="decoder: sampling seed (default 0)")
     p.add_argument("--save-logits", metavar="FILE.npy", help="decoder: save the prompt's logits, float32 [prompt length, vocab]")
+    p.add_argument(
+        "--memory-budget",
+        type=_memory_budget,
+        default="auto",
+        metavar="SIZE",
+        help="memory the run may use, page cache included (e.g. 640M, 2G; 'none': no limit); default: $STREAMLOAD_MEMORY_BUDGET, "
+        "else the memory limit of the process's cgroup. A decoder larger than it keeps what fits resident and reads the rest "
+        "from the cache on every token",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (result, timeline, timings, bytes)")
     p.add_argument(
         "--no-finish", action="store_true", help="stop once the result is printed (default: complete the cache for the next run)"

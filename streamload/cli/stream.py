@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ async def _run(args: argparse.Namespace) -> None:
                 "seed": args.seed,
                 "keep_prompt_logits": bool(args.save_logits),
                 "started": started,
+                "memory_budget_bytes": memory_budget_setting(args.memory_budget),
             }
             preview: dict[str, Any] | None = None
             results = run_progressive(model, **options) if args.progressive else _exact_only(model, options)
@@ -179,6 +181,23 @@ def _left(bar: ProgressBar, model: Any) -> str:
     return format_bytes(max(0, model.stats.bytes_total - cached - model.stats.bytes_downloaded))
 
 
+def memory_budget_setting(given: int | str | None) -> int | str | None:
+    """--memory-budget, else $STREAMLOAD_MEMORY_BUDGET (read here, at the CLI's boundary), else 'auto' (the cgroup's limit)."""
+    if given != "auto":
+        return given
+    from ..runtime.memory import BUDGET_ENV, parse_size_bytes
+
+    text = os.environ.get(BUDGET_ENV, "").strip()
+    if not text or text.lower() == "auto":
+        return "auto"
+    if text.lower() in ("none", "off", "unlimited"):
+        return None
+    try:
+        return parse_size_bytes(text)
+    except UsageError as exc:
+        raise UsageError(f"${BUDGET_ENV}: {exc}") from None
+
+
 async def _exact_only(model: Any, options: dict[str, Any]) -> Any:
     from ..runtime import run
 
@@ -194,6 +213,7 @@ def _result_fields(result: Any, model: Any) -> dict[str, Any]:
         out["generated_ids"] = result.generated_ids
         out["text"] = result.text
         out["first_token_s"] = result.first_token_s
+        out["token_times_s"] = result.token_times_s
     return out | {
         "timeline": [t.as_dict() for t in result.timeline],
         "rows": [r.as_dict() for r in result.row_fetches],

@@ -12,22 +12,37 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..errors import RuntimeModelError
+from ..errors import RuntimeModelError, UsageError
 from ..formats.architectures import architecture_named
 from ..tokenizer import NO_TOKENIZER
+from .memory import MemoryBudget, read_cgroup_memory_limit
+from .ops import DEFAULT_DECODE_THREADS, FloatWeightCache, default_float_weight_budget_bytes
 from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
 
 SUPPORTED_ARCHITECTURES = ("bert", "llama")
-VALIDATED_DIGESTS_KEPT = 64  # manifests whose config already passed ``validate`` (1 ms a call on MiniLM, a tenth of a sentence)
 
-_validated_digests: set[str] = set()
+
+@dataclasses.dataclass(slots=True)
+class ModelState:
+    """What the runtime keeps per model between runs (on ``Model.runtime_state``; it goes with the model)."""
+
+    float_weights: FloatWeightCache  # float32 copies of int8 weights an encoder reuses on every batch
+    validated: bool = False  # the config passed its family's ``validate`` (1 ms a call on MiniLM, a tenth of a sentence)
+
+
+def model_state(model: Model) -> ModelState:
+    """The runtime's state of ``model``, made on its first run."""
+    state = model.runtime_state
+    if state is None:
+        state = model.runtime_state = ModelState(FloatWeightCache(default_float_weight_budget_bytes()))
+    return state
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +60,7 @@ class RunResult:
     precision: str = "exact"  # "coarse": a preview on a progressive model's coarse layers (``run_progressive``)
     first_token_logits: np.ndarray | None = None  # decoder, (vocab,): what the first generated token was sampled from
     first_token_s: float | None = None  # decoder: when the first token was there
+    token_times_s: list[float] | None = None  # decoder: when each generated token was there
 
 
 async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResult]:
@@ -69,6 +85,17 @@ async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResu
     yield await run(model, **options)
 
 
+def memory_budget(setting: int | Literal["auto"] | None) -> MemoryBudget | None:
+    """The budget ``run`` keeps to for ``memory_budget_bytes`` (see there)."""
+    if setting == "auto":
+        return read_cgroup_memory_limit()
+    if setting is None:
+        return None
+    if isinstance(setting, bool) or not isinstance(setting, int):
+        raise UsageError(f"memory_budget_bytes must be a number of bytes, 'auto' or None, not {setting!r}")
+    return MemoryBudget(setting, "argument")
+
+
 def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
     """Token ids index the embedding table: refuse any outside it before it is read."""
     if not ids:
@@ -89,6 +116,9 @@ async def run(
     seed: int = 0,
     keep_prompt_logits: bool = False,
     started: float | None = None,
+    memory_budget_bytes: int | Literal["auto"] | None = "auto",
+    float_weights_bytes: int | None = None,
+    decode_threads: int = DEFAULT_DECODE_THREADS,
 ) -> RunResult:
     """Run a streamed model on text or token ids.
 
@@ -97,9 +127,17 @@ async def run(
         texts: sentences (encoder: one embedding each; decoder: the first is the prompt).
         ids: token ids instead of text.
         started: ``time.perf_counter()`` the timeline counts from (default: now).
+        memory_budget_bytes: bytes the run may use, page cache included; "auto" (default): the memory limit of the
+            process's cgroup, if any; None: no budget. Under a budget below the model's size a decoder keeps what fits
+            resident and reads the rest from the cache's store on every token (``runtime.memory``); an encoder drops
+            each layer's pages after its pass.
+        float_weights_bytes: bytes of float32 copies of int8 weights an encoder may keep for the next batches (None:
+            an eighth of physical memory, at most 512 MiB, less under a memory budget; 0: int8 only).
+        decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.decoding``).
 
     Raises:
         RuntimeModelError: unknown architecture, missing tokenizer, bad input.
+        MemoryBudgetError: the budget cannot hold one step of the model (the message names the minimum).
         ManifestSchemaError: the model's config contradicts its tensors, or a field is out of range.
 
     Example:
@@ -111,13 +149,17 @@ async def run(
     if (texts is None) == (ids is None):
         raise RuntimeModelError("give either text or token ids")
     timeline = Timeline(model, started)
+    budget = memory_budget(memory_budget_bytes)
     architecture = model.manifest.architecture
     family = architecture_named(architecture)
-    if family is not None and model.digest not in _validated_digests:
+    state = model_state(model)
+    if family is not None and not state.validated:
         family.validate(model.config, model.manifest)  # every field the runtime reads, against the tensor shapes, before any allocation
-        if len(_validated_digests) >= VALIDATED_DIGESTS_KEPT:
-            _validated_digests.clear()
-        _validated_digests.add(model.digest)  # the digest hashes the manifest, config included: once per model, not per call
+        state.validated = True
+    if float_weights_bytes is not None:
+        if float_weights_bytes < 0:
+            raise UsageError(f"float_weights_bytes cannot be negative, got {float_weights_bytes}")
+        state.float_weights.set_budget(float_weights_bytes)
     if architecture == "bert":
         from . import bert  # each architecture's module on first use: a cold start imports only its own
 
@@ -128,7 +170,7 @@ async def run(
             _check_ids(ids or [], int(model.config.get("vocab_size", 0)))
             row = np.asarray([list(ids or [])], dtype=np.int64)
             batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
-        embedding = await bert.encode(model, batch, timeline)
+        embedding = await bert.encode(model, batch, timeline, float_weights=state.float_weights, memory_budget=budget)
         return RunResult(
             "bert",
             embedding,
@@ -160,6 +202,8 @@ async def run(
             top_p=top_p,
             seed=seed,
             keep_prompt_logits=keep_prompt_logits,
+            memory_budget=budget,
+            decode_threads=decode_threads,
         )
         tokenizer = model.tokenizer
         text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
@@ -176,8 +220,9 @@ async def run(
             model.bytes_needed,
             first_token_logits=generation.first_token_logits,
             first_token_s=generation.first_token_s,
+            token_times_s=generation.token_times_s,
         )
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run", "run_progressive"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelState", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run", "run_progressive"]

@@ -15,6 +15,8 @@ from ..formats.architectures import BERT
 from ..layer import Layer
 from ..tokenizer import NO_TOKENIZER
 from . import ops
+from .memory import MemoryBudget, plan_single_pass, process_anonymous_bytes
+from .ops import default_float_weight_budget_bytes
 from .timeline import Timeline
 
 if TYPE_CHECKING:
@@ -133,7 +135,13 @@ def token_columns(h: np.ndarray) -> np.ndarray:
 
 
 def encoder_block(
-    layer: Layer, ht: np.ndarray, mask_bias: np.ndarray | None, block: int, config: BertConfig, batch_shape: tuple[int, int]
+    layer: Layer,
+    ht: np.ndarray,
+    mask_bias: np.ndarray | None,
+    block: int,
+    config: BertConfig,
+    batch_shape: tuple[int, int],
+    float_weights: ops.FloatWeightCache | None = None,
 ) -> np.ndarray:
     """One transformer block, post-norm as in BERT, with tokens as columns: ht (H, B*T + padding) -> the same shape.
 
@@ -154,7 +162,7 @@ def encoder_block(
     def projection(name: str, factor: float | None = None) -> ops.Projection:
         weight, scales = _weight(layer, p + name + ".weight")
         bias = layer[p + name + ".bias"]
-        if factor is not None:  # the same factor on every call: FLOAT_WEIGHTS keys copies by the weight alone
+        if factor is not None:  # the same factor on every call: a FloatWeightCache keys copies by the weight alone
             scales = scales * np.float32(factor) if scales is not None else None
             bias = bias * np.float32(factor)
             if scales is None:
@@ -163,7 +171,9 @@ def encoder_block(
 
     xt, columns = ht, ht.shape[1]
     query = projection("attention.self.query", 1.0 / math.sqrt(head_dim))
-    qkv = ops.dense_t(xt, [query, projection("attention.self.key"), projection("attention.self.value")])  # (3H, columns)
+    qkv = ops.dense_t(
+        xt, [query, projection("attention.self.key"), projection("attention.self.value")], float_weights=float_weights
+    )  # (3H, columns)
     qkv = qkv[:, :tokens].reshape(3, heads, head_dim, batch, length)  # a view
     q = qkv[0].transpose(2, 0, 3, 1)  # (B, heads, T, d)
     k = qkv[1].transpose(2, 0, 1, 3)  # (B, heads, d, T)
@@ -176,7 +186,7 @@ def encoder_block(
     context_t[:, tokens:] = 0  # the padding columns: zeros in, finite out (no attention reads them)
     target = context_t[:, :tokens].reshape(heads, head_dim, batch, length).transpose(2, 0, 1, 3)  # (B, heads, d, T) view
     np.matmul(v, probabilities.transpose(0, 1, 3, 2), out=target)  # context^T per sentence and head, in place
-    attended = ops.dense_t(context_t, [projection("attention.output.dense")])
+    attended = ops.dense_t(context_t, [projection("attention.output.dense")], float_weights=float_weights)
     attended += xt
     ops.layer_norm_t(
         attended,
@@ -185,12 +195,12 @@ def encoder_block(
         config.layer_norm_eps,
         out=attended,
     )
-    inner = ops.dense_t(attended, [projection("intermediate.dense")])  # (I, columns)
+    inner = ops.dense_t(attended, [projection("intermediate.dense")], float_weights=float_weights)  # (I, columns)
     if config.hidden_act.startswith("gelu"):  # tanh form for the exact "gelu" too: cosine to PyTorch unchanged to 1e-4
         ops.gelu_tanh(inner, out=inner)
     else:
         np.maximum(inner, 0, out=inner)
-    out = ops.dense_t(inner, [projection("output.dense")])
+    out = ops.dense_t(inner, [projection("output.dense")], float_weights=float_weights)
     out += attended
     ops.layer_norm_t(out, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps, out=out)
     return out
@@ -210,10 +220,22 @@ def pool(h: np.ndarray, mask: np.ndarray, config: BertConfig) -> np.ndarray:
     return pooled.astype(np.float32)
 
 
-async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.ndarray:
+async def encode(
+    model: Model,
+    batch: EncodedBatch,
+    timeline: Timeline,
+    *,
+    float_weights: ops.FloatWeightCache | None = None,
+    memory_budget: MemoryBudget | None = None,
+) -> np.ndarray:
     """Sentence embeddings (B, H), each block computed as soon as it has arrived.
 
-    When every layer is already here (a cached model), the whole pass runs on one worker thread.
+    When every layer is already here (a cached model), the whole pass runs on one worker thread. Under a
+    ``memory_budget`` the layers stay mapped (with float32 copies in the room left) when they fit; otherwise each layer's
+    pages are dropped after its compute and no copies are made: one pass reads each layer once, so nothing thrashes.
+
+    Raises:
+        MemoryBudgetError: the budget cannot hold the largest layer beside the batch's activations.
     """
     config = BertConfig.from_manifest(model.config)
     if len(model.manifest.layers) < config.num_hidden_layers + 1:
@@ -225,16 +247,42 @@ async def encode(model: Model, batch: EncodedBatch, timeline: Timeline) -> np.nd
     vocab_size = model.manifest.tensor(WORD_EMBEDDINGS).shape[0]
     if batch.input_ids.size and (batch.input_ids.min() < 0 or batch.input_ids.max() >= vocab_size):
         raise RuntimeModelError(f"token ids must be in [0, {vocab_size})")
+    steps = range(config.num_hidden_layers + 1)
+    drop_after_use = False
+    if memory_budget is not None:
+        plan = plan_single_pass(
+            memory_budget,
+            [model.manifest.layers[i].raw_size_bytes for i in steps],
+            fixed_costs={"process": process_anonymous_bytes(), "activations": _activation_bytes(model.config, config, batch_shape)},
+            float_weight_cap=default_float_weight_budget_bytes(),
+        )
+        drop_after_use = plan.drop_after_use
+        if float_weights is not None and float_weights.budget_bytes > plan.float_weight_bytes:
+            float_weights.set_budget(plan.float_weight_bytes)
     word_rows = await timeline.rows(WORD_EMBEDDINGS, batch.input_ids)  # the rows this input needs, fetched first
 
     tokens = batch_shape[0] * batch_shape[1]
 
     def step(layer: Layer, index: int, ht: np.ndarray | None) -> np.ndarray:
         if index == 0:
-            return token_columns(embed_tokens(layer, word_rows, batch, config))  # (H, B*T + padding)
-        assert ht is not None
-        return encoder_block(layer, ht, mask_bias, index - 1, config, batch_shape)
+            out = token_columns(embed_tokens(layer, word_rows, batch, config))  # (H, B*T + padding)
+        else:
+            assert ht is not None
+            out = encoder_block(layer, ht, mask_bias, index - 1, config, batch_shape, float_weights)
+        if drop_after_use:
+            model.drop_cached_pages(index)  # one pass: this layer is not read again until the next batch
+        return out
 
-    ht = await timeline.compute_chain(range(config.num_hidden_layers + 1), step, None)
+    ht = await timeline.compute_chain(steps, step, None)
     h = ht[:, :tokens].T.reshape(*batch_shape, ht.shape[0])  # (B, T, H)
     return pool(h, batch.attention_mask, config)
+
+
+def _activation_bytes(fields: Mapping[str, Any], config: BertConfig, batch_shape: tuple[int, int]) -> int:
+    """A block's float32 temporaries for a batch: states, q/k/v, the attention scores, the intermediate layer."""
+    batch, length = batch_shape
+    tokens = batch * length
+    intermediate = int(fields.get("intermediate_size", 4 * config.hidden_size))
+    states = tokens * (8 * config.hidden_size + 2 * intermediate)
+    scores = batch * config.num_attention_heads * length * length
+    return 4 * (states + 2 * scores)

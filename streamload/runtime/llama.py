@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,10 +16,14 @@ from ..errors import RuntimeModelError
 from ..formats.architectures import LLAMA
 from ..layer import Layer
 from . import ops
+from .memory import MemoryBudget, plan_residency, process_anonymous_bytes
+from .residency import DecodeWeights, decoder_segments
 from .timeline import Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,9 +127,7 @@ class LlamaRunner:
         # made decode slower (4.25 against 5.20 tokens/s for 0.74 G weights, of which 512 MiB of copies hold a sixth:
         # `python tools/bench_runtime.py --only-large`) and cost that memory
         h = ops.rms_norm(x, layer[p + "input_layernorm.weight"], c.rms_norm_eps)
-        qkv = ops.dense(
-            h, projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), float_copies=False
-        )  # (T, (heads + 2 kv) d)
+        qkv = ops.dense(h, projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))  # (T, (heads + 2 kv) d)
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         q = qkv[:, :q_width].reshape(tokens, c.num_attention_heads, c.head_dim).transpose(1, 0, 2)  # (heads, T, d)
         k = qkv[:, q_width : q_width + kv_width].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)  # (kv, T, d)
@@ -144,21 +147,98 @@ class LlamaRunner:
         attention = ops.softmax(scores).reshape(c.num_key_value_heads, group * tokens, total)
         context = (attention @ values[:, :total]).reshape(c.num_attention_heads, tokens, c.head_dim)
         context = context.transpose(1, 0, 2).reshape(tokens, c.num_attention_heads * c.head_dim)
-        x = x + ops.dense(context, projections("self_attn.o_proj"), float_copies=False)
+        x = x + ops.dense(context, projections("self_attn.o_proj"))
         h = ops.rms_norm(x, layer[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        gate_up = ops.dense(h, projections("mlp.gate_proj", "mlp.up_proj"), float_copies=False)  # (T, 2 I)
+        gate_up = ops.dense(h, projections("mlp.gate_proj", "mlp.up_proj"))  # (T, 2 I)
         inner = gate_up.shape[1] // 2
-        x = x + ops.dense(ops.silu(gate_up[:, :inner]) * gate_up[:, inner:], projections("mlp.down_proj"), float_copies=False)
+        x = x + ops.dense(ops.silu(gate_up[:, :inner]) * gate_up[:, inner:], projections("mlp.down_proj"))
         if index == c.num_hidden_layers - 1:
             self.cache.length = total
         return x
 
     def head(self, head_layer: Layer, table_layer: Layer | None, x: np.ndarray) -> np.ndarray:
         """Final norm and output projection: (T, H) -> (T, vocab) logits (a tied head reads the table's layer)."""
-        h = ops.rms_norm(x, head_layer["model.norm.weight"], self.config.rms_norm_eps)
-        if table_layer is not None:
-            return ops.linear(h, *table_layer.weight(EMBED_TOKENS))
-        return ops.linear(h, *head_layer.weight("lm_head.weight"))
+        return self.project(self.final_norm(head_layer, x), *(table_layer or head_layer).weight(self.head_matrix(table_layer is not None)))
+
+    def final_norm(self, head_layer: Layer, x: np.ndarray) -> np.ndarray:
+        return ops.rms_norm(x, head_layer["model.norm.weight"], self.config.rms_norm_eps)
+
+    def project(self, h: np.ndarray, weight: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+        """The output projection of normed states h (T, H) onto ``weight``'s rows (all of the head, or some): (T, rows)."""
+        return ops.linear(h, weight, scales)
+
+    @staticmethod
+    def head_matrix(tied: bool) -> str:
+        return EMBED_TOKENS if tied else "lm_head.weight"
+
+
+class DecoderWeights(DecodeWeights):
+    """``DecodeWeights`` with what the head needs beside its matrix: the final norm's small tensors and the matrix's
+    per-row scales (copies, so nothing of the head layer's memory map stays in use under a budget)."""
+
+    small_head: Layer
+    head_scales: np.ndarray | None
+
+
+def decode_weights(
+    model: Model,
+    runner: LlamaRunner,
+    blocks: list[Layer],
+    head_layer: Layer,
+    table_layer: Layer | None,
+    budget: MemoryBudget | None,
+    decodes: bool,
+) -> DecoderWeights:
+    """The weights decode reads, planned under ``budget`` (None: all mapped, as the prefill left them).
+
+    Raises:
+        MemoryBudgetError: the budget cannot hold one decode step; the message names the minimum.
+    """
+    config = runner.config
+    manifest = model.manifest
+    tied = table_layer is not None
+    head_name = runner.head_matrix(tied)
+    matrix, scales = (table_layer or head_layer).weight(head_name)
+    segments = decoder_segments(manifest, config.num_hidden_layers, head_name)
+    small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
+    plan = None
+    if budget is not None and decodes:
+        plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
+        log.info("%s", plan.describe())
+        if not plan.all_resident:
+            model.drop_cached_pages()  # the prefill's pages of the store: the plan's copies and reads replace them
+    weights = DecoderWeights(manifest, model.store_path, segments, plan, head_matrix=head_name, mapped_blocks=blocks, mapped_head=matrix)
+    mapped = weights.mapped
+    weights.small_head = head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={})
+    weights.head_scales = scales if mapped or scales is None else np.array(scales)
+    return weights
+
+
+def _fixed_costs(runner: LlamaRunner, block: Layer, small_head: Mapping[str, np.ndarray], scales: np.ndarray | None) -> dict[str, int]:
+    """What a decode step holds beside the weights of its blocks and head matrix (module doc of ``memory``)."""
+    c = runner.config
+    kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * runner.capacity * c.head_dim * 4
+    intermediate = max(max(a.shape[0] for a in block.tensors.values()), c.hidden_size)  # the widest projection's outputs
+    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + 2 * 4 * ops.PARALLEL_TILE_ELEMENTS
+    head = sum(a.nbytes for a in small_head.values()) + (0 if scales is None else scales.nbytes)
+    return {"process": process_anonymous_bytes(), "kv_cache": kv_cache, "activations": activations, "head_small": head}
+
+
+def _token_rows(model: Model, loop: asyncio.AbstractEventLoop) -> Callable[[int], tuple[np.ndarray, np.ndarray | None]]:
+    """A decode step's embedding rows: from the table's memory map once the table is whole (no trip to the event loop
+    per token), fetched on demand through the loop while it is still streaming in."""
+    index = model.manifest.tensor(EMBED_TOKENS).layer_index
+    table: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def rows_of(token_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if not table and model.layer_ready_s[index] is not None:
+            table.append(asyncio.run_coroutine_threadsafe(model.layer(index), loop).result().weight(EMBED_TOKENS))
+        if table:
+            values, scales = table[0]
+            return values[[token_id]], None if scales is None else scales[[token_id]]
+        return asyncio.run_coroutine_threadsafe(model.rows(EMBED_TOKENS, np.array([token_id])), loop).result()
+
+    return rows_of
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -179,6 +259,7 @@ class Generation:
     prompt_logits: np.ndarray | None  # (T, vocab) when asked for
     first_token_s: float  # seconds from the run's start to the first generated token
     first_token_logits: np.ndarray | None = None  # (vocab,) float32: the logits the first token was sampled from
+    token_times_s: list[float] = dataclasses.field(default_factory=list)  # per generated token, when it was there (run's clock)
 
 
 async def generate(
@@ -191,8 +272,11 @@ async def generate(
     top_p: float = 1.0,
     seed: int = 0,
     keep_prompt_logits: bool = False,
+    memory_budget: MemoryBudget | None = None,
+    decode_threads: int = ops.DEFAULT_DECODE_THREADS,
 ) -> Generation:
-    """Prefill the prompt layer by layer as layers arrive, then decode from the memory map at full speed."""
+    """Prefill the prompt layer by layer as layers arrive, then decode: from the memory map at full speed, or under
+    ``memory_budget`` from resident copies and segments read from the store on every token (``residency``)."""
     config = LlamaConfig.from_manifest(model.config)
     ids = np.asarray(prompt_ids, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
@@ -218,19 +302,32 @@ async def generate(
     first = sample(logits[-1], temperature, top_p, rng)
     first_token_s = timeline.now_s()
 
-    loop = asyncio.get_running_loop()
+    weights = await asyncio.to_thread(decode_weights, model, runner, blocks, head_layer, table_layer, memory_budget, max_new_tokens > 1)
+    rows_of = _token_rows(model, asyncio.get_running_loop())
 
-    def rows_of(token_id: int) -> tuple[np.ndarray, np.ndarray | None]:  # fetched on demand while the table streams in
-        return asyncio.run_coroutine_threadsafe(model.rows(EMBED_TOKENS, np.array([token_id])), loop).result()
+    token_times_s = [first_token_s]
 
     def decode(first_id: int) -> list[int]:  # every step layer is here now: plain loop, off the event loop
         out = [first_id]
-        with ops.decoding():  # large matrices cast on two threads, BLAS on one
-            while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
-                h = runner.embed(rows_of(out[-1]))
-                for index, layer in enumerate(blocks):
-                    h = runner.block(layer, h, index)
-                out.append(sample(runner.head(head_layer, table_layer, h)[-1], temperature, top_p, rng))
+        small_head = weights.small_head
+        scales = weights.head_scales
+        try:
+            with ops.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
+                while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
+                    h = runner.embed(rows_of(out[-1]))
+                    for index in range(config.num_hidden_layers):
+                        h = runner.block(weights.block(index), h, index)
+                        weights.done(index)
+                    normed = runner.final_norm(small_head, h)
+
+                    def project(rows: np.ndarray, part: slice, normed: np.ndarray = normed) -> np.ndarray:
+                        return runner.project(normed, rows, None if scales is None else scales[part])
+
+                    logits = weights.head_logits(project)
+                    out.append(sample(logits[-1], temperature, top_p, rng))
+                    token_times_s.append(timeline.now_s())
+        finally:
+            weights.close()
         return out
 
     generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []
@@ -239,4 +336,5 @@ async def generate(
         prompt_logits=logits if keep_prompt_logits else None,
         first_token_s=first_token_s,
         first_token_logits=np.asarray(logits[-1], dtype=np.float32),
+        token_times_s=token_times_s[: len(generated)],
     )

@@ -9,15 +9,19 @@ Two ways to multiply by an int8 weight, both measured in tools/bench_runtime.py 
   int8 weights at 8-9 G weights/s, against float32 weights streaming at the memory's 30 GB/s, 7.5 G weights/s
   (tools/bench_runtime.py --only-large).
 * ``dense_t`` uses a float32 copy, dequantized once with the scales folded in (rows stacked, (outs, in)) so
-  that ``W @ x^T`` is one sgemm, kept in ``FLOAT_WEIGHTS`` under a byte budget (``set_float_weight_budget``;
-  0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
+  that ``W @ x^T`` is one sgemm, kept in a ``FloatWeightCache`` under a byte budget (the runtime keeps one per
+  model; a budget of 0 runs int8 only). It also fuses several projections of the same input (query, key, value) into one matmul.
   Encoders, which run many tokens through the same small weights again and again, use it, with tokens as
   columns (``linear_t``, ``layer_norm_t``); ``dense`` is the same with tokens as rows.
 
 In ``decoding`` (a decoder's token-by-token loop), a matrix of PARALLEL_MIN_WEIGHTS or more multiplying at most
 DECODE_TOKENS rows of x is cast and multiplied half on the calling thread and half on one helper thread, each on its
-own 4 MiB tile, with OpenBLAS on one thread: numpy's cast and BLAS release the GIL. ``set_decode_threads(1)`` turns
+own 4 MiB tile, with OpenBLAS on one thread: numpy's cast and BLAS release the GIL. ``decoding(threads=1)`` turns
 it off.
+
+State: float32 copies belong to the ``FloatWeightCache`` a caller passes (the runtime keeps one per model); thread
+counts are arguments. What is process-wide is what the process has once: the helper thread, each thread's scratch
+tiles, and the BLAS library's thread count, which ``decoding`` blocks in any thread share (counted under a lock).
 """
 
 from __future__ import annotations
@@ -49,22 +53,15 @@ FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
 PARALLEL_TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 per thread there: a quarter of the calls per matrix of 1 MiB tiles
 
+DEFAULT_DECODE_THREADS = min(2, os.cpu_count() or 1)
+
 _scratch = threading.local()
-_decode_threads = min(2, os.cpu_count() or 1)
 _helper: concurrent.futures.ThreadPoolExecutor | None = None
 _helper_lock = threading.Lock()
 _blas_lock = threading.Lock()
 _blas_blocks = 0  # ``decoding`` blocks open in any thread: BLAS is on one thread while there are any
 _blas_saved: list[tuple[Any, int]] = []  # each BLAS library and the thread count the first of those blocks found
 _split = threading.local()  # .on: this thread is in ``decoding``
-
-
-def set_decode_threads(threads: int) -> None:
-    """Threads that cast and multiply one large int8 matrix at decode: 2 (default on 2+ cores) or 1."""
-    global _decode_threads
-    if threads not in (1, 2):
-        raise UsageError(f"decode threads must be 1 or 2, got {threads}")
-    _decode_threads = threads
 
 
 def _helper_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -87,7 +84,7 @@ def _blas_libraries() -> list[Any]:
 
 
 @contextlib.contextmanager
-def decoding() -> Iterator[None]:
+def decoding(threads: int = DEFAULT_DECODE_THREADS) -> Iterator[None]:
     """Decode on two threads: within the block, on this thread, ``linear`` and ``linear_t`` cast and multiply a large
     int8 matrix (few tokens) half on a helper thread, each thread on its own 4 MiB tile, with BLAS on one thread.
 
@@ -95,10 +92,15 @@ def decoding() -> Iterator[None]:
     turning it off and on per matrix made decode erratic, so every loaded BLAS is on one thread while any thread is in
     a ``decoding`` block (process-wide: another thread's BLAS call meanwhile runs on one thread too); the last block
     to end gives back the thread counts the first one found. Without a BLAS library threadpoolctl can set, and with
-    ``set_decode_threads(1)`` (read when the block starts), decode runs on one thread.
+    ``threads=1``, decode runs on one thread.
+
+    Raises:
+        UsageError: ``threads`` is not 1 or 2.
     """
     global _blas_blocks, _blas_saved
-    if _decode_threads < 2 or _splitting():
+    if threads not in (1, 2):
+        raise UsageError(f"decode threads must be 1 or 2, got {threads}")
+    if threads < 2 or _splitting():
         yield
         return
     with _blas_lock:
@@ -290,7 +292,7 @@ class FloatWeightCache:
             return None
         in_features = projections[0][0].shape[1]
         if any(weight.ndim != 2 or weight.shape[1] != in_features for weight, _, _ in projections):
-            raise ValueError("projections fused into one matmul must share their input size")
+            raise UsageError("projections fused into one matmul must share their input size")
         size_bytes = 4 * in_features * sum(weight.shape[0] for weight, _, _ in projections)
         with self._lock:
             if self.used_bytes + size_bytes > self.budget_bytes:
@@ -316,6 +318,12 @@ class FloatWeightCache:
         with self._lock:
             self._entries.clear()
             self.used_bytes = 0
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Bytes the copies may use from now on; copies made under a larger budget are dropped (0: int8 only)."""
+        if budget_bytes < self.used_bytes:
+            self.clear()
+        self.budget_bytes = budget_bytes
 
 
 def _dequantize_stacked(projections: Sequence[Projection]) -> FloatWeight:
@@ -345,29 +353,16 @@ def default_float_weight_budget_bytes() -> int:
     return min(FLOAT_WEIGHT_BUDGET_CAP_BYTES, physical // 8)
 
 
-FLOAT_WEIGHTS = FloatWeightCache(default_float_weight_budget_bytes())
-
-
-def set_float_weight_budget(budget_bytes: int) -> None:
-    """Bytes the float32 weight copies may use; 0 runs int8 only (and frees the copies)."""
-    if budget_bytes < 0:
-        raise ValueError("the float32 weight budget cannot be negative")
-    if budget_bytes < FLOAT_WEIGHTS.used_bytes:
-        FLOAT_WEIGHTS.clear()
-    FLOAT_WEIGHTS.budget_bytes = budget_bytes
-    log.debug("float32 weight budget: %d bytes", budget_bytes)
-
-
-def dense(x: np.ndarray, projections: Sequence[Projection], *, float_copies: bool = True) -> np.ndarray:
+def dense(x: np.ndarray, projections: Sequence[Projection], *, float_weights: FloatWeightCache | None = None) -> np.ndarray:
     """The projections of x (T, in) side by side, (T, sum of outs): ``dense_t`` on x^T, transposed back (a view)."""
-    return dense_t(x.T, projections, float_copies=float_copies).T
+    return dense_t(x.T, projections, float_weights=float_weights).T
 
 
-def dense_t(xt: np.ndarray, projections: Sequence[Projection], *, float_copies: bool = True) -> np.ndarray:
-    """The projections of xt (in, T) stacked, (sum of outs, T): one sgemm on cached float32 weights when the budget
-    allows (and ``float_copies``), else ``linear_t`` per projection on the int8 weights, each into its rows of the output."""
-    usable = float_copies and all(w.dtype == np.int8 for w, _, _ in projections)
-    cached = FLOAT_WEIGHTS.get(projections) if usable else None
+def dense_t(xt: np.ndarray, projections: Sequence[Projection], *, float_weights: FloatWeightCache | None = None) -> np.ndarray:
+    """The projections of xt (in, T) stacked, (sum of outs, T): one sgemm on float32 copies from ``float_weights`` when
+    it has or makes them (None: int8 only), else ``linear_t`` per projection on the int8 weights, each into its rows."""
+    usable = float_weights is not None and all(w.dtype == np.int8 for w, _, _ in projections)
+    cached = float_weights.get(projections) if usable and float_weights is not None else None
     if cached is not None:
         y = cached.matrix @ xt
         if cached.bias is not None:

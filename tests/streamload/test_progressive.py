@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from streamload.formats.quantize import coarse_levels
-from streamload.runtime import ops, run, run_progressive
+from streamload.runtime import run, run_progressive
 from tests.checks import assert_cache_exact
 from tests.faulty import Faults, faulty_app
 from tests.serving import ServerThread, serve_directory
@@ -32,30 +31,22 @@ def progressive_www(www: Path) -> Path:
     return www
 
 
-@pytest.fixture
-def int8_only() -> Iterator[None]:
-    """The same compute path on every run (no float32 weight copies made on second use), so results compare bit for bit."""
-    budget = ops.FLOAT_WEIGHTS.budget_bytes
-    ops.set_float_weight_budget(0)
-    yield
-    ops.set_float_weight_budget(budget)
+INT8_ONLY = {"float_weights_bytes": 0}  # the same compute path on every run (no float32 copies), so results compare bit for bit
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-async def test_the_preview_comes_first_and_the_exact_result_is_the_plain_files(
-    progressive_www: Path, tmp_path: Path, int8_only: None
-) -> None:
+async def test_the_preview_comes_first_and_the_exact_result_is_the_plain_files(progressive_www: Path, tmp_path: Path) -> None:
     path = progressive_www / "minilm-p.slm"
     with serve_directory(progressive_www, rate_bytes_per_s=path.stat().st_size / 3.0) as server:
         async with streamload.open(server.url("minilm-p.slm"), cache_dir=tmp_path / "p") as model:
-            results = [result async for result in run_progressive(model, texts=[SENTENCE])]
+            results = [result async for result in run_progressive(model, texts=[SENTENCE], **INT8_ONLY)]
             coarse_ready = model.layer_coarse_ready_s
             exact_ready = model.layer_ready_s
         async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path / "plain") as model:
-            plain = await run(model, texts=[SENTENCE])
+            plain = await run(model, texts=[SENTENCE], **INT8_ONLY)
     preview, exact = results
     assert (preview.precision, exact.precision) == ("coarse", "exact")
     assert np.array_equal(exact.embedding, plain.embedding)  # bit for bit
@@ -66,13 +57,13 @@ async def test_the_preview_comes_first_and_the_exact_result_is_the_plain_files(
     assert max(coarse_ready[i] for i in blocks) < min(exact_ready[i] for i in blocks)  # every coarse level before any refinement
 
 
-async def test_preview_quality_on_varied_sentences(progressive_www: Path, tmp_path: Path, int8_only: None) -> None:
+async def test_preview_quality_on_varied_sentences(progressive_www: Path, tmp_path: Path) -> None:
     sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
     reference = np.load(FIXTURES / "minilm_varied_reference.npy")  # PyTorch fp32 (tools/make_reference.py)
     async with streamload.open(progressive_www / "minilm-p.slm", cache_dir=tmp_path) as model:
         await model.wait_complete()
-        preview = await run(model.coarse(), texts=sentences)
-        exact = await run(model, texts=sentences)
+        preview = await run(model.coarse(), texts=sentences, **INT8_ONLY)
+        exact = await run(model, texts=sentences, **INT8_ONLY)
     assert cosines(exact.embedding, reference).min() > 0.999
     to_reference = cosines(preview.embedding, reference)
     assert to_reference.mean() >= 0.98 and to_reference.min() > 0.95

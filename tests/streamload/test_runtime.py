@@ -17,7 +17,6 @@ import pytest
 import threadpoolctl
 
 import streamload
-from streamload import runtime as runtime_module
 from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import convert
@@ -190,35 +189,42 @@ def test_dense_on_float_copies_equals_int8_linear_and_respects_the_budget() -> N
         projections.append((q, scales, rng.standard_normal(out_features).astype(np.float32)))
     x = rng.standard_normal((7, 80)).astype(np.float32)
     expected = np.concatenate([ops.linear(x, *p) for p in projections], axis=1)
-    cache, saved = ops.FloatWeightCache(1 << 20), ops.FLOAT_WEIGHTS
-    try:
-        ops.FLOAT_WEIGHTS = cache
-        np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
-        assert cache.used_bytes == 0  # first use: int8, no copy yet
-        fused = ops.dense(x, projections)
-        assert cache.used_bytes == 4 * 80 * 256 and cache.get(projections) is cache.get(projections)  # made once, on the second use
-        np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
-        ops.FLOAT_WEIGHTS = ops.FloatWeightCache(4 * 80 * 100, copy_on_use=1)  # too small for the fused weight: int8 path, nothing kept
-        np.testing.assert_allclose(ops.dense(x, projections), expected, rtol=1e-5, atol=1e-5)
-        assert ops.FLOAT_WEIGHTS.used_bytes == 0 and ops.FLOAT_WEIGHTS.get(projections) is None
-        assert ops.FLOAT_WEIGHTS.get(projections[:1]) is not None  # a single projection fits
-    finally:
-        ops.FLOAT_WEIGHTS = saved
+    cache = ops.FloatWeightCache(1 << 20)
+    np.testing.assert_allclose(ops.dense(x, projections, float_weights=cache), expected, rtol=1e-5, atol=1e-5)
+    assert cache.used_bytes == 0  # first use: int8, no copy yet
+    fused = ops.dense(x, projections, float_weights=cache)
+    assert cache.used_bytes == 4 * 80 * 256 and cache.get(projections) is cache.get(projections)  # made once, on the second use
+    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+    small = ops.FloatWeightCache(4 * 80 * 100, copy_on_use=1)  # too small for the fused weight: int8 path, nothing kept
+    np.testing.assert_allclose(ops.dense(x, projections, float_weights=small), expected, rtol=1e-5, atol=1e-5)
+    assert small.used_bytes == 0 and small.get(projections) is None
+    assert small.get(projections[:1]) is not None  # a single projection fits
     del projections[:]  # the weights go: so do their float32 copies
     assert cache.used_bytes == 0
 
 
 def test_float_weight_budget_zero_runs_int8_only() -> None:
-    before = ops.FLOAT_WEIGHTS.budget_bytes
-    try:
-        ops.set_float_weight_budget(0)
-        assert ops.FLOAT_WEIGHTS.used_bytes == 0
-        q, scales, _ = quantize_int8_rows(np.ones((4, 8), np.float32))
-        assert ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None and ops.FLOAT_WEIGHTS.get([(q, scales, None)]) is None
-        with pytest.raises(ValueError):
-            ops.set_float_weight_budget(-1)
-    finally:
-        ops.set_float_weight_budget(before)
+    cache = ops.FloatWeightCache(1 << 20, copy_on_use=1)
+    q, scales, _ = quantize_int8_rows(np.ones((4, 8), np.float32))
+    assert cache.get([(q, scales, None)]) is not None and cache.used_bytes > 0
+    cache.set_budget(0)
+    assert cache.used_bytes == 0
+    assert cache.get([(q, scales, None)]) is None and cache.get([(q, scales, None)]) is None
+
+
+async def test_two_models_in_one_process_keep_their_own_float_copies(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
+    """The float32 copies belong to a model: a second model neither sees nor spends the first one's budget."""
+    server, _ = served
+    async with (
+        streamload.open(server.url("minilm.slm"), cache_dir=tmp_path / "a") as first,
+        streamload.open(server.url("minilm.slm"), cache_dir=tmp_path / "b") as second,
+    ):
+        for _ in range(2):  # copies are made on a weight's second use
+            await run(first, texts=["one model"], memory_budget_bytes=None)
+        await run(second, texts=["another"], memory_budget_bytes=None, float_weights_bytes=0)
+        assert first.runtime_state.float_weights.used_bytes > 0
+        assert second.runtime_state.float_weights.used_bytes == 0
+        assert first.runtime_state.float_weights is not second.runtime_state.float_weights
 
 
 async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(served: tuple[ServerThread, Path], tmp_path: Path) -> None:
@@ -226,21 +232,19 @@ async def test_minilm_int8_only_and_float_copies_agree_on_varied_sentences(serve
     server, _ = served
     sentences = json.loads((FIXTURES / "minilm_varied_sentences.json").read_text())
     reference = np.load(FIXTURES / "minilm_varied_reference.npy")
-    before = ops.FLOAT_WEIGHTS.budget_bytes
     outputs = []
     async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
         await model.wait_complete()
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-        for budget in (before, 0):
-            ops.set_float_weight_budget(budget)
+        for budget in (ops.default_float_weight_budget_bytes(), 0):
             embedding = np.zeros((len(sentences), 384), np.float32)
             for start in range(0, len(order), 16):
                 rows = order[start : start + 16]
-                result = await run(model, texts=[sentences[i] for i in rows])
+                result = await run(model, texts=[sentences[i] for i in rows], float_weights_bytes=budget, memory_budget_bytes=None)
                 embedding[rows] = result.embedding
-            assert ops.FLOAT_WEIGHTS.used_bytes >= (42_467_328 if budget else 0)  # 6 blocks' matrices as float32, from the second batch on
+            used = model.runtime_state.float_weights.used_bytes
+            assert used >= (42_467_328 if budget else 0)  # 6 blocks' matrices as float32, from the second batch on
             outputs.append(embedding)
-    ops.set_float_weight_budget(before)
     assert [t.index for t in result.timeline] == list(range(7))
     assert all(t.ready_s <= t.compute_start_s <= t.compute_done_s for t in result.timeline)
     for embedding in outputs:
@@ -295,11 +299,13 @@ async def test_a_model_is_validated_once_not_per_call(
     calls = []
     validate = BERT.validate
     monkeypatch.setattr(type(BERT), "validate", lambda self, *args: calls.append(1) or validate(*args))
-    monkeypatch.setattr(runtime_module, "_validated_digests", set())
     async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
         for _ in range(3):
             await run(model, texts=["the config is checked against the tensors once"])
     assert calls == [1]
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as again:  # the same model opened again: its own check
+        await run(again, texts=["checked for this model object"])
+    assert calls == [1, 1]
 
 
 def test_gelu_forms() -> None:
@@ -430,20 +436,16 @@ def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_o
     x = rng.standard_normal((tokens, 1024)).astype(np.float32)
     results = {}
     threads_before = blas_threads()
-    try:
-        for threads in (1, 2):
-            ops.set_decode_threads(threads)
-            with ops.decoding():
-                results[threads] = (ops.linear_t(x.T, weight, scales), ops.linear(x, weight, scales))
-                blas_inside = blas_threads()
-            assert blas_inside == (threads_before if threads == 1 else [1] * len(threads_before))  # two of ours: BLAS on one
-    finally:
-        ops.set_decode_threads(2)
+    for threads in (1, 2):
+        with ops.decoding(threads):
+            results[threads] = (ops.linear_t(x.T, weight, scales), ops.linear(x, weight, scales))
+            blas_inside = blas_threads()
+        assert blas_inside == (threads_before if threads == 1 else [1] * len(threads_before))  # two of ours: BLAS on one
     assert blas_threads() == threads_before  # given back
     if tokens == 1:  # a matrix-vector product sums each row in one order, whatever the threads
         assert np.array_equal(results[1][0], results[2][0]) and np.array_equal(results[1][1], results[2][1])
     expected = (x.astype(np.float64) @ weight.T.astype(np.float64)) * scales
     for result in (results[1][0].T, results[1][1], results[2][0].T, results[2][1]):  # BLAS's threads may split the sums
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-3)
-    with pytest.raises(UsageError, match="decode threads must be 1 or 2"):
-        ops.set_decode_threads(3)
+    with pytest.raises(UsageError, match="decode threads must be 1 or 2"), ops.decoding(3):
+        pass

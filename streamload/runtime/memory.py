@@ -1,0 +1,263 @@
+"""How much memory a run may use, and what stays resident inside it.
+
+A budget comes from, in order: the caller (``run(..., memory_budget_bytes=...)``, the CLI's ``--memory-budget``),
+the environment variable STREAMLOAD_MEMORY_BUDGET (read by the caller of ``resolve_memory_budget``), or the memory
+limit of the cgroup the process runs in (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the smallest along the
+path to the root). Both cgroup versions count the page cache of the files a process reads, so a model whose memory map
+is read front to back on every token thrashes inside a limit below its size: the page cache's LRU evicts each page
+just before its next use. ``plan_residency`` splits the weights a decode step reads into what stays resident (copies
+in anonymous memory, which a cgroup cannot evict) and what is read from the store again on every token
+(``residency.SegmentReader``: two reused buffers, the next segment's read overlapped with the current one's compute).
+
+What a decode step costs under a budget, all counted (``ResidencyPlan.costs``): the process as it stands (its
+anonymous memory: the interpreter, numpy, the tokenizer, buffers already made), the KV cache
+(2 x blocks x kv heads x positions x head dim x 4 bytes), the activations and the cast tiles, the two read buffers (each
+as large as the largest segment), the resident weights, and a margin for the page cache of what is being read.
+Float32 weight copies are not made under a budget (decode runs on int8 tiles either way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..errors import MemoryBudgetError, UsageError
+
+log = logging.getLogger(__name__)
+
+BUDGET_ENV = "STREAMLOAD_MEMORY_BUDGET"
+UNLIMITED_BYTES = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1; anything this large is none
+MARGIN_BYTES = 24 << 20  # page cache of reads in flight, allocator slack, the tokenizer's and sampler's small arrays
+PAGE_BYTES = 4096
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size_bytes(text: str) -> int:
+    """'640M', '1.5G', '320MiB', '1000000' -> bytes (k, M, G, T are powers of 1024, as in ``ulimit``, cgroups and curl).
+
+    Raises:
+        UsageError: not a size.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise UsageError(f"not a size: {text!r} (write bytes, or a number with k, M, G or T, e.g. 640M)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * (1 << (10 * " kmgt".index(unit or " "))))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemoryBudget:
+    """Bytes a run may use in all (the process's memory and the page cache it causes), and where that figure came from."""
+
+    total_bytes: int
+    source: str  # "argument", "STREAMLOAD_MEMORY_BUDGET", "cgroup v2 memory.max at ...", "cgroup v1 ..."
+
+    def __post_init__(self) -> None:
+        if self.total_bytes <= 0:
+            raise UsageError(f"a memory budget must be positive, got {self.total_bytes} bytes ({self.source})")
+
+
+def read_cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> MemoryBudget | None:
+    """The memory limit of this process's cgroup (the smallest along its path to the root), or None when unlimited."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[tuple[int, str]] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # cgroup v2's unified hierarchy
+            found.extend(_limits_along(root, path, "memory.max", "cgroup v2"))
+        elif "memory" in controllers.split(","):  # cgroup v1's memory controller
+            found.extend(_limits_along(root / "memory", path, "memory.limit_in_bytes", "cgroup v1"))
+    if not found:
+        return None
+    limit, where = min(found)
+    return MemoryBudget(limit, where)
+
+
+def _limits_along(mount: Path, path: str, filename: str, version: str) -> list[tuple[int, str]]:
+    """Each limit set on ``path`` and its ancestors below ``mount`` (a container may see only its own part)."""
+    limits = []
+    directory = mount / path.strip("/")
+    while True:
+        try:
+            text = (directory / filename).read_text().strip()
+        except OSError:
+            text = ""
+        if text and text != "max" and text.isdigit() and 0 < int(text) < UNLIMITED_BYTES:
+            limits.append((int(text), f"{version} {filename} at {directory}"))
+        if directory == mount or mount not in directory.parents:
+            return limits
+        directory = directory.parent
+
+
+def resolve_memory_budget(explicit_bytes: int | None = None, environ: Mapping[str, str] | None = None) -> MemoryBudget | None:
+    """The budget a run keeps to: ``explicit_bytes``, else ``environ[STREAMLOAD_MEMORY_BUDGET]``, else the cgroup's limit.
+
+    None: no limit anywhere (the runtime keeps every weight memory-mapped, as without a budget).
+
+    Raises:
+        UsageError: the variable does not hold a size, or a budget is not positive.
+    """
+    if explicit_bytes is not None:
+        return MemoryBudget(explicit_bytes, "argument")
+    text = (environ or {}).get(BUDGET_ENV, "").strip()
+    if text:
+        return MemoryBudget(parse_size_bytes(text), BUDGET_ENV)
+    return read_cgroup_memory_limit()
+
+
+def process_anonymous_bytes() -> int:
+    """This process's anonymous resident memory (RssAnon): what a cgroup cannot reclaim from it (no swap here).
+    Mapped file pages are left out: they are the page cache the plan accounts for on its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Segment:
+    """A range of the layer store that decode reads as one piece: a block's layer, or rows of the head's matrix."""
+
+    name: str  # "block 3", "head rows 0-32767"
+    offset: int  # in the layer store
+    size_bytes: int
+    block: int | None  # the block this is, or None for rows of the head
+    rows: tuple[int, int] | None = None  # the head matrix's rows [first, end)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResidencyPlan:
+    """Which segments stay resident and which are read from the store on every decode step, and what each part costs."""
+
+    budget: MemoryBudget
+    segments: tuple[Segment, ...]  # in the order a decode step uses them
+    resident: frozenset[int]  # indices into segments
+    buffer_bytes: int  # each of the two read buffers
+    costs: Mapping[str, int]  # bytes: process, kv_cache, activations, read_buffers, resident_weights, margin
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.segments)) if i not in self.resident)
+
+    @property
+    def streamed_bytes_per_step(self) -> int:
+        return sum(self.segments[i].size_bytes for i in self.streamed)
+
+    @property
+    def all_resident(self) -> bool:
+        return len(self.resident) == len(self.segments)
+
+    def describe(self) -> str:
+        costs = ", ".join(f"{name} {_mib(size)}" for name, size in self.costs.items())
+        return (
+            f"memory budget {_mib(self.budget.total_bytes)} ({self.budget.source}): {len(self.resident)} of {len(self.segments)} "
+            f"weight segments resident, {_mib(self.streamed_bytes_per_step)} read per token; {costs}"
+        )
+
+
+def _mib(size_bytes: int) -> str:
+    return f"{size_bytes / (1 << 20):.1f} MiB"
+
+
+def plan_residency(
+    budget: MemoryBudget,
+    segments: Sequence[Segment],
+    *,
+    fixed_costs: Mapping[str, int],
+) -> ResidencyPlan:
+    """Keep resident what fits after the fixed costs and two read buffers, the first segments first (a step starts on
+    them while the reader fetches the first streamed one); read the rest on every step.
+
+    Everything resident when it all fits without buffers: the plan then reads nothing.
+
+    Raises:
+        MemoryBudgetError: the fixed costs and two buffers of the largest segment do not fit; names the minimum.
+    """
+    fixed = dict(fixed_costs) | {"margin": MARGIN_BYTES}
+    weights = sum(s.size_bytes for s in segments)
+    if sum(fixed.values()) + weights <= budget.total_bytes:
+        return ResidencyPlan(budget, tuple(segments), frozenset(range(len(segments))), 0, fixed | {"resident_weights": weights})
+    buffer_bytes = _round_up(max(s.size_bytes for s in segments), PAGE_BYTES) + PAGE_BYTES  # + the alignment of a direct read
+    costs = fixed | {"read_buffers": 2 * buffer_bytes}
+    minimum = sum(costs.values())
+    if minimum > budget.total_bytes:
+        raise MemoryBudgetError(
+            f"a memory budget of {_mib(budget.total_bytes)} ({budget.source}) is too small to run this model: it needs at least "
+            f"{_mib(minimum)} ({', '.join(f'{name} {_mib(size)}' for name, size in costs.items())})",
+            minimum_bytes=minimum,
+        )
+    room = budget.total_bytes - minimum
+    resident = []
+    for index, segment in enumerate(segments):
+        if segment.size_bytes <= room:
+            resident.append(index)
+            room -= segment.size_bytes
+    kept = sum(segments[i].size_bytes for i in resident)
+    return ResidencyPlan(budget, tuple(segments), frozenset(resident), buffer_bytes, costs | {"resident_weights": kept})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SinglePassPlan:
+    """An encoder's pass under a budget: its layers stay mapped when they fit beside the fixed costs; otherwise each
+    layer's pages are dropped after its compute (one pass reads each layer once: nothing is read twice)."""
+
+    budget: MemoryBudget
+    drop_after_use: bool
+    float_weight_bytes: int  # room left for float32 copies of int8 weights (0: int8 only)
+    costs: Mapping[str, int]
+
+
+def plan_single_pass(
+    budget: MemoryBudget, layer_sizes: Sequence[int], *, fixed_costs: Mapping[str, int], float_weight_cap: int
+) -> SinglePassPlan:
+    """Keep the layers mapped if they all fit, with float32 copies in what is left (at most ``float_weight_cap``);
+    otherwise hold one layer at a time.
+
+    Raises:
+        MemoryBudgetError: the fixed costs and the largest layer do not fit; names the minimum.
+    """
+    fixed = dict(fixed_costs) | {"margin": MARGIN_BYTES}
+    weights = sum(layer_sizes)
+    room = budget.total_bytes - sum(fixed.values()) - weights
+    if room >= 0:
+        return SinglePassPlan(budget, False, min(float_weight_cap, room), fixed | {"weights": weights})
+    costs = fixed | {"largest_layer": max(layer_sizes, default=0)}
+    minimum = sum(costs.values())
+    if minimum > budget.total_bytes:
+        raise MemoryBudgetError(
+            f"a memory budget of {_mib(budget.total_bytes)} ({budget.source}) is too small to run this model: it needs at least "
+            f"{_mib(minimum)} ({', '.join(f'{name} {_mib(size)}' for name, size in costs.items())})",
+            minimum_bytes=minimum,
+        )
+    return SinglePassPlan(budget, True, 0, costs)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def drop_page_cache(path: Path | str, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to drop the clean page cache of a file's range (0 length: to the end); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
