@@ -257,6 +257,9 @@ async def encode(
             float_weight_cap=default_float_weight_budget_bytes(),
         )
         drop_after_use = plan.drop_after_use
+        if drop_after_use:
+            budget_mib = memory_budget.total_bytes >> 20
+            logger.info("memory budget %d MiB (%s): the model does not fit; one layer at a time", budget_mib, memory_budget.source)
         if float_weights is not None and float_weights.budget_bytes > plan.float_weight_bytes:
             float_weights.set_budget(plan.float_weight_bytes)
     word_rows = await timeline.rows(WORD_EMBEDDINGS, batch.input_ids)  # the rows this input needs, fetched first

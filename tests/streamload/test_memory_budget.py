@@ -1,0 +1,194 @@
+"""A run under a memory budget: where the budget comes from, what the plan keeps resident, and that a budget changes
+where the weights come from, never the result (runtime.memory, runtime.residency)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamload
+from streamload.errors import MemoryBudgetError, UsageError
+from streamload.runtime import run
+from streamload.runtime.memory import (
+    MARGIN_BYTES,
+    MemoryBudget,
+    Segment,
+    parse_size_bytes,
+    plan_residency,
+    read_cgroup_memory_limit,
+    resolve_memory_budget,
+)
+from tests.serving import ServerThread
+
+STREAMLOAD = str(Path(sys.executable).parent / "streamload")
+PROMPT = [1, 2, 3, 4, 5]
+PLAN_LINE = re.compile(r"(\d+) of (\d+) weight segments resident")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("640M", 640 << 20), ("1.5G", 3 << 29), ("320MiB", 320 << 20), ("4096", 4096), ("2k", 2048), ("1 t", 1 << 40)]
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "12 apples", "-5M", "1e9"])
+def test_a_size_that_is_not_one_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size_bytes(text)
+
+
+def test_cgroup_v1_limit_is_the_smallest_along_the_path(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:cpu,cpuacct:/x\n7:memory:/outer/inner\n0::/\n")
+    memory = tmp_path / "fs" / "memory"
+    (memory / "outer" / "inner").mkdir(parents=True)
+    (memory / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    (memory / "outer" / "memory.limit_in_bytes").write_text(f"{640 << 20}\n")
+    (memory / "outer" / "inner" / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    budget = read_cgroup_memory_limit(proc, tmp_path / "fs")
+    assert budget is not None and budget.total_bytes == 640 << 20 and "cgroup v1" in budget.source
+
+
+def test_cgroup_v2_limit_and_no_limit(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/user.slice/app\n")
+    app = tmp_path / "fs" / "user.slice" / "app"
+    app.mkdir(parents=True)
+    (app / "memory.max").write_text("max\n")
+    assert read_cgroup_memory_limit(proc, tmp_path / "fs") is None
+    (app / "memory.max").write_text(f"{320 << 20}\n")
+    budget = read_cgroup_memory_limit(proc, tmp_path / "fs")
+    assert budget is not None and budget.total_bytes == 320 << 20 and "cgroup v2" in budget.source
+    assert read_cgroup_memory_limit(tmp_path / "missing", tmp_path / "fs") is None
+
+
+def test_a_budget_given_beats_the_environment_which_beats_the_cgroup() -> None:
+    assert resolve_memory_budget(123 << 20, {"STREAMLOAD_MEMORY_BUDGET": "1G"}) == MemoryBudget(123 << 20, "argument")
+    assert resolve_memory_budget(None, {"STREAMLOAD_MEMORY_BUDGET": "1G"}) == MemoryBudget(1 << 30, "STREAMLOAD_MEMORY_BUDGET")
+    with pytest.raises(UsageError):
+        resolve_memory_budget(0)
+
+
+def segments(*sizes: int) -> list[Segment]:
+    return [Segment(f"block {i}", i << 30, size, i) for i, size in enumerate(sizes)]
+
+
+def test_a_plan_that_fits_keeps_everything_and_reads_nothing() -> None:
+    plan = plan_residency(MemoryBudget(1 << 30, "argument"), segments(10 << 20, 10 << 20), fixed_costs={"process": 50 << 20})
+    assert plan.all_resident and plan.streamed == () and plan.buffer_bytes == 0
+
+
+def test_a_tight_plan_keeps_the_first_segments_that_fit_and_stays_within_the_budget() -> None:
+    sizes = [8 << 20] * 10
+    budget = MemoryBudget((50 << 20) + MARGIN_BYTES + 2 * ((8 << 20) + 4096) + (24 << 20) + 1, "argument")
+    plan = plan_residency(budget, segments(*sizes), fixed_costs={"process": 50 << 20})
+    assert sorted(plan.resident) == [0, 1, 2]  # 24 MiB of room: three 8 MiB segments, the first ones
+    assert plan.streamed == tuple(range(3, 10)) and plan.streamed_bytes_per_step == 7 * (8 << 20)
+    assert sum(plan.costs.values()) <= budget.total_bytes
+    more = plan_residency(MemoryBudget(budget.total_bytes + (16 << 20), "argument"), segments(*sizes), fixed_costs={"process": 50 << 20})
+    assert more.streamed_bytes_per_step < plan.streamed_bytes_per_step  # more memory, fewer bytes read per token
+
+
+def test_a_budget_too_small_names_the_minimum() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"needs at least 10\d\.\d MiB") as raised:
+        plan_residency(MemoryBudget(64 << 20, "argument"), segments(8 << 20, 8 << 20, 8 << 20), fixed_costs={"process": 60 << 20})
+    assert raised.value.minimum_bytes > 64 << 20
+
+
+@pytest.fixture
+def steady_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's own memory counted as a constant: a test process grows between runs, and these budgets are tight."""
+    from streamload.runtime import bert, llama
+
+    for module in (bert, llama):
+        monkeypatch.setattr(module, "process_anonymous_bytes", lambda: 64 << 20)
+
+
+def test_the_process_s_own_memory_is_measured() -> None:
+    from streamload.runtime.memory import process_anonymous_bytes
+
+    assert 1 << 20 < process_anonymous_bytes() < 16 << 30
+
+
+async def budget_runs(model: streamload.Model, caplog: pytest.LogCaptureFixture, extra_bytes: int) -> tuple[list[int], int, int]:
+    """The minimum a budget must be for this model, then a run at that plus ``extra_bytes``: (ids, resident, segments)."""
+    with pytest.raises(MemoryBudgetError) as raised:
+        await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=1)
+    assert "needs at least" in str(raised.value)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="streamload.runtime.llama"):
+        result = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=raised.value.minimum_bytes + extra_bytes)
+    found = PLAN_LINE.search(caplog.text)
+    assert found is not None and result.generated_ids is not None
+    return result.generated_ids, int(found.group(1)), int(found.group(2))
+
+
+async def test_decode_under_a_budget_streams_blocks_and_gives_the_same_tokens(
+    server: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture, steady_process: None
+) -> None:
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        free = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=None, keep_prompt_logits=True)
+        weights = sum(layer.raw_size_bytes for layer in model.manifest.layers[1:-1])
+        ids, resident, total = await budget_runs(model, caplog, weights // 3)
+        assert 0 < resident < total  # some blocks kept, the rest read from the store every token
+        assert ids == free.generated_ids
+        none_kept, resident, _ = await budget_runs(model, caplog, 0)
+        assert resident == 0 and none_kept == free.generated_ids  # everything read every token: still the same tokens
+        roomy = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=1 << 40)
+        assert roomy.generated_ids == free.generated_ids
+
+
+async def test_a_budget_does_not_change_the_logits(server: ServerThread, tmp_path: Path, steady_process: None) -> None:
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        free = await run(model, ids=PROMPT, max_new_tokens=6, memory_budget_bytes=None)
+        with pytest.raises(MemoryBudgetError) as raised:
+            await run(model, ids=PROMPT, max_new_tokens=6, memory_budget_bytes=1)
+        tight = await run(model, ids=PROMPT, max_new_tokens=6, memory_budget_bytes=raised.value.minimum_bytes)
+    assert tight.generated_ids == free.generated_ids
+    assert np.array_equal(tight.first_token_logits, free.first_token_logits)
+
+
+async def test_an_encoder_below_its_size_drops_each_layer_and_gives_the_same_embedding(
+    server: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture, steady_process: None
+) -> None:
+    texts = ["a budget below the model's size", "the same embedding"]
+    async with streamload.open(server.url("minilm.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        free = await run(model, texts=texts, memory_budget_bytes=None)  # a weight's first use: int8, no float32 copy yet
+        with pytest.raises(MemoryBudgetError) as raised:
+            await run(model, texts=texts, memory_budget_bytes=1)
+        budget = raised.value.minimum_bytes + 1  # the largest layer fits; all of them do not
+        with caplog.at_level(logging.INFO, logger="streamload.runtime.bert"):
+            for _ in range(2):  # the second batch too: no float32 copies are made under this budget
+                tight = await run(model, texts=texts, memory_budget_bytes=budget)
+        assert "one layer at a time" in caplog.text
+        assert model.runtime_state.float_weights.used_bytes == 0
+    assert np.array_equal(tight.embedding, free.embedding)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([STREAMLOAD, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_cli_budget_too_small_is_one_line_naming_the_minimum(server: ServerThread, tmp_path: Path) -> None:
+    base = ["run", server.url("deep.slm"), "--ids", "1,2,3", "--cache-dir", str(tmp_path)]
+    for done in (cli(*base, "--memory-budget", "1k"), cli(*base, env={"STREAMLOAD_MEMORY_BUDGET": "1k"})):
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "needs at least" in lines[0] and "MiB" in lines[0] and "Traceback" not in done.stderr
+    done = cli(*base, "--memory-budget", "lots")
+    assert done.returncode == 2 and "not a size" in done.stderr
+    done = cli(*base, env={"STREAMLOAD_MEMORY_BUDGET": "lots"})
+    assert done.returncode != 0 and "STREAMLOAD_MEMORY_BUDGET" in done.stderr and "Traceback" not in done.stderr
+    done = cli(*base, "--memory-budget", "none", "--json", "--max-new-tokens", "3")
+    assert done.returncode == 0, done.stderr
