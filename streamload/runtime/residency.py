@@ -15,10 +15,13 @@ and per step the streamed bytes at the disk's rate (``ResidencyPlan.streamed_byt
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,23 +34,30 @@ from .memory import PAGE_BYTES, ResidencyPlan, Segment
 
 log = logging.getLogger(__name__)
 
+MAP_FIXED = 0x10  # Linux's mmap flag (the mmap module does not export it)
+READ_PIECE_BYTES = 8 << 20  # a read waits for this much of the ring to be free, not a whole segment
+DIRECT_READS = True  # O_DIRECT where the filesystem takes it (False: buffered reads, their pages dropped behind them)
 HEAD_ROWS_ALIGNMENT = 1024  # head segments start on multiples of this many rows: whole 4 MiB cast tiles at width <= 1024
 
 
 class SegmentReader:
-    """Reads the plan's streamed segments in a cycle, one after another, into two reused buffers, on one thread.
+    """Reads the plan's streamed segments in a cycle, one after another, into one ring buffer, on one thread.
 
-    The k-th read (k = 0, 1, ...) is segment ``order[k % len(order)]`` into buffer ``k % 2``; ``take(k)`` waits for it
-    and ``give_back(k)`` frees its buffer for read k + 2.
+    The k-th read (k = 0, 1, ...) is segment ``order[k % len(order)]``; ``take(k)`` waits until it is read and returns its
+    bytes as one contiguous view; ``give_back(k)`` (in order) frees them. The reader runs ahead into whatever the ring
+    has free: with ``memory.LOOKAHEAD_BYTES`` beyond the largest segment it keeps reading while the loop computes on a
+    segment (a block computes in less time than this many bytes take to read), so the disk never waits for it. The
+    ring is mapped twice, back to back, so a segment that wraps past its end is still one view; where that mapping
+    cannot be made, a segment never wraps (the ring is then two of the largest segment, a double buffer).
     """
 
-    def __init__(self, path: Path, segments: tuple[Segment, ...], order: tuple[int, ...], buffer_bytes: int) -> None:
+    def __init__(self, path: Path, segments: tuple[Segment, ...], order: tuple[int, ...], ring: Ring) -> None:
         self.segments = segments
         self.order = order
-        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(2)]  # anonymous: page-aligned, as O_DIRECT wants
-        self._views = [memoryview(buffer) for buffer in self._buffers]
-        self._filled: list[tuple[int, int] | None] = [None, None]  # per buffer: (read number, store offset of byte 0)
-        self._free = [True, True]
+        self.ring = ring
+        self._placed: dict[int, tuple[int, int, int]] = {}  # read number -> (start in the byte stream, length, store offset)
+        self._produced = 0  # bytes of the stream written (or skipped)
+        self._released = 0  # bytes of the stream given back: the reader may write up to released + capacity
         self._failure: BaseException | None = None
         self._closed = False
         self._condition = threading.Condition()
@@ -57,19 +67,20 @@ class SegmentReader:
         self._thread.start()
 
     def take(self, number: int) -> tuple[memoryview, int]:
-        """The buffer holding read ``number`` and the store offset of its first byte, once it is read."""
-        slot = number % 2
+        """The bytes of read ``number`` and the store offset of the first, once it is read."""
         with self._condition:
-            while (filled := self._filled[slot]) is None or filled[0] != number:
+            while number not in self._placed:
                 if self._failure is not None:
                     raise CacheError(f"reading the model's weights from its store failed: {self._failure}") from self._failure
                 self._condition.wait()
-            return self._views[slot], filled[1]
+            start, length, base = self._placed[number]
+        position = start % self.ring.capacity
+        return self.ring.view[position : position + length], base
 
     def give_back(self, number: int) -> None:
         with self._condition:
-            self._filled[number % 2] = None
-            self._free[number % 2] = True
+            start, length, _ = self._placed.pop(number)
+            self._released = start + length
             self._condition.notify_all()
 
     def close(self) -> None:
@@ -78,25 +89,21 @@ class SegmentReader:
             self._condition.notify_all()
         self._thread.join()
         os.close(self._fd)
-        for view, buffer in zip(self._views, self._buffers, strict=True):
-            view.release()
-            buffer.close()
 
     def _read_all(self) -> None:
         number = 0
         try:
-            while True:
-                slot = number % 2
-                with self._condition:
-                    while not self._free[slot] and not self._closed:
-                        self._condition.wait()
-                    if self._closed:
-                        return
-                    self._free[slot] = False
+            while not self._closed:
                 segment = self.segments[self.order[number % len(self.order)]]
-                base = self._read(segment, self._views[slot])
+                base, length = self._extent(segment)
+                start = self._produced
+                if not self.ring.mirrored and start % self.ring.capacity + length > self.ring.capacity:
+                    start = _round_up(start, self.ring.capacity)  # no wrapping: to the ring's start
+                if not self._read(segment, start, base, length):
+                    return
                 with self._condition:
-                    self._filled[slot] = (number, base)
+                    self._placed[number] = (start, length, base)
+                    self._produced = start + length
                     self._condition.notify_all()
                 number += 1
         except BaseException as exc:  # handed to the loop's thread, which raises it
@@ -104,26 +111,94 @@ class SegmentReader:
                 self._failure = exc
                 self._condition.notify_all()
 
-    def _read(self, segment: Segment, view: memoryview) -> int:
-        """Read ``segment`` into ``view``; returns the store offset of the view's first byte."""
-        if self.direct:
-            base = segment.offset - segment.offset % PAGE_BYTES
-            length = _round_up(segment.offset + segment.size_bytes - base, PAGE_BYTES)
+    def _extent(self, segment: Segment) -> tuple[int, int]:
+        """(store offset of the first byte read, bytes read) for ``segment``: whole pages for a direct read."""
+        if not self.direct:
+            return segment.offset, _round_up(segment.size_bytes, PAGE_BYTES)
+        base = segment.offset - segment.offset % PAGE_BYTES
+        return base, _round_up(segment.offset + segment.size_bytes - base, PAGE_BYTES)
+
+    def _read(self, segment: Segment, start: int, base: int, length: int) -> bool:
+        """Read ``segment`` to stream position ``start``, a piece at a time as the ring frees; False once closed."""
+        needed = segment.offset + segment.size_bytes - base
+        done = 0
+        while done < needed:
+            piece = min(READ_PIECE_BYTES, length - done)
+            with self._condition:  # the bytes this piece overwrites (a lap back; at most what was read) must be given back
+                while min(start + done + piece - self.ring.capacity, self._produced) > self._released and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return False
+            position = (start + done) % self.ring.capacity
+            want = min(piece, needed - done)
+            view = self.ring.view[position : position + (piece if self.direct else want)]
             try:
-                _read_fully(self._fd, view[:length], base, segment.offset + segment.size_bytes - base)
-                return base
-            except OSError as exc:  # a filesystem that took O_DIRECT at open but refuses its reads
-                log.info("direct reads of the store failed (%s); reading through the page cache", exc)
+                got = os.preadv(self._fd, [view], base + done)
+            except OSError as exc:
+                if not self.direct:
+                    raise
+                log.info("direct reads of the store failed (%s); reading through the page cache", exc)  # took O_DIRECT at open only
                 os.close(self._fd)
                 self._fd, self.direct = _open_for_streaming(self.path, direct=False)
-        _read_fully(self._fd, view[: segment.size_bytes], segment.offset, segment.size_bytes)
-        _drop_behind(self._fd, segment.offset, segment.size_bytes)
-        return segment.offset
+                continue
+            if got <= 0:
+                raise OSError(f"the store ended at byte {base + done}, before {base + needed}")
+            done += min(got, want)
+        if not self.direct:
+            _drop_behind(self._fd, segment.offset, segment.size_bytes)
+        return True
+
+
+class Ring:
+    """``capacity`` bytes of anonymous memory, page-aligned, mapped twice back to back where the system allows (then
+    ``view`` is 2 x capacity long and byte i + capacity is byte i); unmapped when the last view of it is gone."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = _round_up(capacity, PAGE_BYTES)
+        mirrored = _map_mirrored(self.capacity)
+        if mirrored is None:
+            self._memory: object = mmap.mmap(-1, self.capacity)
+            self.view = memoryview(self._memory)  # type: ignore[arg-type]
+            self.mirrored = False
+        else:
+            self._memory = mirrored
+            self.view = memoryview(mirrored).cast("B")
+            self.mirrored = True
+
+
+def _map_mirrored(capacity: int) -> object | None:
+    """A ctypes array over 2 x ``capacity`` bytes whose halves are one memfd mapped twice, or None (not Linux, refused)."""
+    if not hasattr(os, "memfd_create") or sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        fd = os.memfd_create("streamload-weights", os.MFD_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    try:
+        os.ftruncate(fd, capacity)
+        failed = ctypes.c_void_p(-1).value
+        reserved = libc.mmap(None, 2 * capacity, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # PROT_NONE: the address range
+        if reserved in (None, failed):
+            return None
+        for half in (0, 1):
+            placed = libc.mmap(reserved + half * capacity, capacity, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, 0)
+            if placed != reserved + half * capacity:
+                libc.munmap(reserved, 2 * capacity)
+                return None
+    finally:
+        os.close(fd)  # the mappings keep the memory
+    array = (ctypes.c_char * (2 * capacity)).from_address(reserved)
+    weakref.finalize(array, libc.munmap, reserved, 2 * capacity)  # when no view of it is left
+    return array
 
 
 def _open_for_streaming(path: Path, *, direct: bool = True) -> tuple[int, bool]:
     """The store opened for direct reads where the filesystem allows them (and ``direct``), else buffered: (fd, direct)."""
-    if direct and hasattr(os, "O_DIRECT"):
+    if direct and DIRECT_READS and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
         except OSError:
@@ -211,7 +286,9 @@ class DecodeWeights:
         self._resident: dict[int, tuple[mmap.mmap, int]] = {i: read_resident(store_path, self.segments[i]) for i in resident}
         self._layers: dict[int, Layer] = {}  # resident blocks, mapped once
         self._streamed = () if self.mapped or plan is None else plan.streamed
-        self._reader = SegmentReader(store_path, self.segments, self._streamed, plan.buffer_bytes) if self._streamed and plan else None
+        self._reader = None
+        if self._streamed and plan is not None:
+            self._reader = SegmentReader(store_path, self.segments, self._streamed, Ring(plan.ring_bytes))
         self._reads = 0  # reads taken so far: read k is of streamed[k % len(streamed)]
         self._taken: int | None = None
         self._block_segment = {s.block: i for i, s in enumerate(self.segments) if s.block is not None}

@@ -83,12 +83,12 @@ def segments(*sizes: int) -> list[Segment]:
 
 def test_a_plan_that_fits_keeps_everything_and_reads_nothing() -> None:
     plan = plan_residency(MemoryBudget(1 << 30, "argument"), segments(10 << 20, 10 << 20), fixed_costs={"process": 50 << 20})
-    assert plan.all_resident and plan.streamed == () and plan.buffer_bytes == 0
+    assert plan.all_resident and plan.streamed == () and plan.ring_bytes == 0
 
 
 def test_a_tight_plan_keeps_the_first_segments_that_fit_and_stays_within_the_budget() -> None:
     sizes = [8 << 20] * 10
-    budget = MemoryBudget((50 << 20) + MARGIN_BYTES + 2 * ((8 << 20) + 4096) + (24 << 20) + 1, "argument")
+    budget = MemoryBudget((50 << 20) + MARGIN_BYTES + 2 * (8 << 20) + 4096 + (24 << 20), "argument")
     plan = plan_residency(budget, segments(*sizes), fixed_costs={"process": 50 << 20})
     assert sorted(plan.resident) == [0, 1, 2]  # 24 MiB of room: three 8 MiB segments, the first ones
     assert plan.streamed == tuple(range(3, 10)) and plan.streamed_bytes_per_step == 7 * (8 << 20)
@@ -98,9 +98,9 @@ def test_a_tight_plan_keeps_the_first_segments_that_fit_and_stays_within_the_bud
 
 
 def test_a_budget_too_small_names_the_minimum() -> None:
-    with pytest.raises(MemoryBudgetError, match=r"needs at least 10\d\.\d MiB") as raised:
+    with pytest.raises(MemoryBudgetError, match=r"budget of 64\.0 MiB .* needs at least \d+\.\d MiB \(process 60\.0 MiB") as raised:
         plan_residency(MemoryBudget(64 << 20, "argument"), segments(8 << 20, 8 << 20, 8 << 20), fixed_costs={"process": 60 << 20})
-    assert raised.value.minimum_bytes > 64 << 20
+    assert raised.value.minimum_bytes == (60 << 20) + MARGIN_BYTES + 2 * (8 << 20) + 4096  # the process, the margin, the ring
 
 
 @pytest.fixture
@@ -192,3 +192,31 @@ def test_cli_budget_too_small_is_one_line_naming_the_minimum(server: ServerThrea
     assert done.returncode != 0 and "STREAMLOAD_MEMORY_BUDGET" in done.stderr and "Traceback" not in done.stderr
     done = cli(*base, "--memory-budget", "none", "--json", "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("mirrored", [True, False])
+def test_the_reader_hands_out_each_segment_s_bytes_cycle_after_cycle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirrored: bool
+) -> None:
+    """Segments of odd sizes at odd offsets, read through a ring smaller than two of them: every take is the file's bytes."""
+    from streamload.runtime import residency
+
+    if not mirrored:
+        monkeypatch.setattr(residency, "_map_mirrored", lambda capacity: None)
+    data = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    store = tmp_path / "store.bin"
+    store.write_bytes(data)
+    spans = [(100, 700_001), (800_000, 3), (1 << 20, 900_000), (2_000_000, 1_000_000)]
+    parts = tuple(Segment(f"s{i}", offset, size, i) for i, (offset, size) in enumerate(spans))
+    ring = residency.Ring(1_000_000 + 5 * 4096 + 300_000)
+    assert ring.mirrored == mirrored
+    reader = residency.SegmentReader(store, parts, (0, 1, 2, 3), ring)
+    try:
+        for number in range(4 * 3):
+            view, base = reader.take(number)
+            part = parts[number % 4]
+            start = part.offset - base
+            assert bytes(view[start : start + part.size_bytes]) == data[part.offset : part.offset + part.size_bytes]
+            reader.give_back(number)
+    finally:
+        reader.close()
