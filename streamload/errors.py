@@ -26,7 +26,8 @@
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
-    └── UsageError (ValueError)              an argument to the library is out of its range
+    ├── UsageError (ValueError)              an argument to the library is out of its range
+    └── WriterStageError (RuntimeError)      a ModelWriter call out of order (a tensor outside a layer, ...)
 
 Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
 (this response needs the general client), ``TransportStatus`` (an error status,
@@ -189,6 +190,10 @@ class UsageError(StreamloadError, ValueError):
     """An argument to the library is out of its range."""
 
 
+class WriterStageError(StreamloadError, RuntimeError):
+    """A ``ModelWriter`` method was called in a stage where it cannot run (the caller's bug, not the data's)."""
+
+
 __all__ = [
     "BadMagicError",
     "CacheError",
@@ -218,4 +223,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",
     "UsageError",
+    "WriterStageError",
 ]
