@@ -42,7 +42,7 @@ from ..errors import ConversionError, FormatError, SourceError, UsageError
 from .architectures import ROW_TABLE_LAYER_NAME, Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, DType, LayerKind, QuantScheme, rows_per_chunk
 from .manifest import Manifest
-from .quantize import NO_ERROR, QuantizationReport, quantize_row_block
+from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
 from .writer import ModelWriter, PageReleasingFile, drop_cached
 
@@ -293,13 +293,15 @@ class TensorStreamer:
             except ConversionError as exc:
                 raise SourceError(f"tensor {source_name!r}: {exc}") from None
 
-    def scan_int8(self, source_name: str) -> Int8Matrix:
-        """A matrix's scales and error without writing it (the row table's scales go to layer 0, its rows last)."""
-        scales, report = [], NO_ERROR
-        for _, block_scales, block_report in self.quantized_blocks(source_name):
-            scales.append(block_scales)
-            report = report.merged(block_report)
-        return Int8Matrix(np.concatenate(scales) if scales else np.zeros(0, np.float32), report)
+    def scales_of(self, source_name: str) -> np.ndarray:
+        """A matrix's int8 scales without quantizing it: the row table's scales go to layer 0, its rows last."""
+        scales = []
+        for block in self.row_blocks(source_name):
+            try:
+                scales.append(int8_row_scales(block))
+            except ConversionError as exc:
+                raise SourceError(f"tensor {source_name!r}: {exc}") from None
+        return np.concatenate(scales) if scales else np.zeros(0, np.float32)
 
     def write_tensor(self, writer: ModelWriter, source_name: str, name: str, *, coarse_shift: int | None = None) -> Int8Matrix | None:
         """Write one tensor's values into the writer's open layer: int8 (returns its scales, for the caller to write
@@ -327,7 +329,7 @@ class _RowTable:
 
     source_name: str
     name: str
-    int8: Int8Matrix | None
+    scales: np.ndarray | None
 
 
 def _write_step(
@@ -343,8 +345,8 @@ def _write_step(
     """One execution step: its int8 matrices, then their scales (and, in layer 0, the row table's), then its floats."""
     layer_index = writer.begin_layer(layer_name)
     deferred_scales: list[tuple[str, np.ndarray]] = []
-    if layer_index == 0 and table.int8 is not None:
-        deferred_scales.append((table.name + ".scales", table.int8.scales))
+    if layer_index == 0 and table.scales is not None:
+        deferred_scales.append((table.name + ".scales", table.scales))
     for source_name, name in group:
         streamer.report_progress()
         shape = tuple(streamer.tensors.shape_of(source_name))
@@ -368,13 +370,13 @@ def _write_row_table(
 ) -> None:
     """The token table, after every step, in chunks of whole rows."""
     rows, cols = streamer.tensors.shape_of(table.source_name)
-    itemsize = 1 if table.int8 is not None else np.dtype(streamer.float_dtype(table.source_name).numpy_name).itemsize
-    row_bytes = cols * itemsize
+    float_dtype = np.dtype(streamer.float_dtype(table.source_name).numpy_name)
+    row_bytes = cols * (1 if table.scales is not None else float_dtype.itemsize)
     row_chunk_bytes = min(chunk_size_bytes, rows_per_chunk(rows, row_bytes) * row_bytes)
     layer_index = writer.begin_layer(ROW_TABLE_LAYER_NAME, kind=LayerKind.ROWS, chunk_size_bytes=max(row_chunk_bytes, 1))
-    streamer.write_tensor(writer, table.source_name, table.name)
-    errors = (None, None) if table.int8 is None else (table.int8.report.max_abs_error, table.int8.report.max_rel_error)
-    stored_dtype = "int8" if table.int8 is not None else np.dtype(streamer.float_dtype(table.source_name).numpy_name).name
+    written = streamer.write_tensor(writer, table.source_name, table.name)
+    errors = (None, None) if written is None else (written.report.max_abs_error, written.report.max_rel_error)
+    stored_dtype = "int8" if written is not None else float_dtype.name
     reports.append(TensorReport(table.name, layer_index, (rows, cols), stored_dtype, *errors))
     writer.end_layer()
 
@@ -541,7 +543,7 @@ def convert(
             streamer.source_bytes_to_read += tensors.size_bytes_of(table_source)  # read once more, for its scales
         if progressive and quant == "int8":
             streamer.source_bytes_to_read += tensors.size_bytes  # read once more, for calibration
-        table = _RowTable(table_source, table_name, streamer.scan_int8(table_source) if streamer.is_int8(table_source) else None)
+        table = _RowTable(table_source, table_name, streamer.scales_of(table_source) if streamer.is_int8(table_source) else None)
         if progressive and quant == "int8":
             assert calibrator is not None
             _write_progressive_steps(writer, streamer, plan, table, calibrator(arch.name, config, model.tokenizer_json), reports)

@@ -42,11 +42,9 @@ def quantize_row_block(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, Quanti
         ConversionError: a value is NaN or infinite.
     """
     block = np.asarray(rows, dtype=np.float32)  # (b, cols)
-    cols = block.shape[1]
     if not np.isfinite(block).all():
         raise ConversionError("weight has NaN or infinite values; cannot quantize")
-    amax = np.abs(block).max(axis=1) if cols else np.zeros(len(block), np.float32)  # (b,)
-    scale = (amax / 127.0).astype(np.float32)
+    scale = _scales_of(block)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     qb = np.clip(np.rint(block / safe[:, None]), -127, 127).astype(np.int8)
     max_abs = max_rel = 0.0
@@ -57,6 +55,24 @@ def quantize_row_block(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, Quanti
         rel = np.linalg.norm(error, axis=1) / np.where(norms > 0, norms, 1.0)
         max_rel = float(rel.max())
     return qb, scale, QuantizationReport(max_abs_error=max_abs, max_rel_error=max_rel)
+
+
+def int8_row_scales(rows: np.ndarray) -> np.ndarray:
+    """The per-row scales ``quantize_row_block`` gives these rows, without quantizing them (one pass, no temporaries
+    of the block's size but its float32 form).
+
+    Raises:
+        ConversionError: a value is NaN or infinite.
+    """
+    scale = _scales_of(np.asarray(rows, dtype=np.float32))
+    if not np.isfinite(scale).all():  # a row's max is NaN or infinite exactly when one of its values is
+        raise ConversionError("weight has NaN or infinite values; cannot quantize")
+    return scale
+
+
+def _scales_of(block: np.ndarray) -> np.ndarray:
+    amax = np.abs(block).max(axis=1) if block.shape[1] else np.zeros(len(block), np.float32)  # (b,)
+    return (amax / 127.0).astype(np.float32)
 
 
 def quantize_int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, QuantizationReport]:
@@ -90,7 +106,8 @@ def quantize_int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, Quan
 
 def int8_histogram(q: np.ndarray) -> np.ndarray:
     """Counts of the 256 int8 values (index = value + 128)."""
-    return np.bincount(q.reshape(-1).view(np.uint8) ^ 0x80, minlength=256).astype(np.int64)
+    counts = np.bincount(q.reshape(-1).view(np.uint8), minlength=256).astype(np.int64)  # index = value mod 256
+    return np.roll(counts, 128)  # values -128..-1 (bytes 128..255) first
 
 
 def entropy_bits_per_symbol(histogram: np.ndarray | list[int] | tuple[int, ...]) -> float:

@@ -464,7 +464,7 @@ class ModelWriter:
 
 def _copy_releasing(source: Any, target: PageReleasingFile) -> None:
     """Copy a file's remaining bytes, dropping each piece read from the page cache (the target drops its own)."""
-    while piece := source.read(4 << 20):
+    while piece := source.read(1 << 20):
         target.write(piece)
         drop_cached(source.fileno(), source.tell() - len(piece), len(piece))
 
