@@ -320,7 +320,7 @@ class TensorStreamer:
             scales.append(block_scales)
             report = report.merged(block_report)
         writer.end_tensor(report)
-        return Int8Matrix(np.concatenate(scales), report)
+        return Int8Matrix(np.concatenate(scales) if scales else np.zeros(0, np.float32), report)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -403,13 +403,13 @@ class _QuantizedSteps:
         if not streamer.is_int8(source_name):
             dtype = streamer.float_dtype(source_name).numpy_name
             values = [np.asarray(block, dtype=dtype).reshape(-1) for block in streamer.row_blocks(source_name)]
-            return -1, shape, np.concatenate(values).reshape(shape)
+            return -1, shape, (np.concatenate(values) if values else np.zeros(0, dtype)).reshape(shape)
         offset = self._spill.file.tell()
         scales = []
         for q, block_scales, _ in streamer.quantized_blocks(source_name):
             self._spill.write(memoryview(q).cast("B"))
             scales.append(block_scales)
-        return offset, shape, np.concatenate(scales)
+        return offset, shape, np.concatenate(scales) if scales else np.zeros(0, np.float32)
 
     def mapped(self) -> list[dict[str, StoredPair]]:
         """Every step added, {name: (values, scales or None)}: int8 values are views of the mapped file."""
@@ -460,6 +460,32 @@ def _write_progressive_steps(
         spill.close()
     for layer_name, group, step_shifts in zip(layer_names(len(plan) - 2), plan, shifts, strict=True):
         _write_step(writer, streamer, layer_name, group, table=table, shifts=step_shifts, reports=reports)
+
+
+def _write_layers(
+    writer: ModelWriter,
+    streamer: TensorStreamer,
+    arch: Architecture,
+    plan: SourcePlan,
+    chunk_size_bytes: int,
+    choose_shifts: ShiftChooser | None,
+) -> list[TensorReport]:
+    """Every execution step in order (progressive when ``choose_shifts`` is given), then the row table."""
+    reports: list[TensorReport] = []
+    table_source, table_name = _take_row_table(arch, plan)
+    int8_table = streamer.is_int8(table_source)
+    if int8_table:
+        streamer.source_bytes_to_read += streamer.tensors.size_bytes_of(table_source)  # read once more, for its scales
+    if choose_shifts is not None:
+        streamer.source_bytes_to_read += streamer.tensors.size_bytes  # read once more, for calibration
+    table = _RowTable(table_source, table_name, streamer.scales_of(table_source) if int8_table else None)
+    if choose_shifts is not None:
+        _write_progressive_steps(writer, streamer, plan, table, choose_shifts, reports)
+    else:
+        for layer_name, group in zip(layer_names(len(plan) - 2), plan, strict=True):
+            _write_step(writer, streamer, layer_name, group, table=table, shifts={}, reports=reports)
+    _write_row_table(writer, streamer, table, chunk_size_bytes, reports)
+    return reports
 
 
 def _check_arguments(quant: str, progressive: bool, calibrator: Calibrator | None) -> None:
@@ -529,7 +555,7 @@ def convert(
     model, arch, config, tensors = _read_source(source, config_path, quant)
     plan = _plan_layers(arch, config, tensors)
     streamer = TensorStreamer(tensors, quant, progress)
-    reports: list[TensorReport] = []
+    choose_shifts = calibrator(arch.name, config, model.tokenizer_json) if progressive and quant == "int8" and calibrator else None
     with ModelWriter(
         output,
         config=config,
@@ -538,19 +564,7 @@ def convert(
         zstd_level=zstd_level,
         threads=threads,
     ) as writer:
-        table_source, table_name = _take_row_table(arch, plan)
-        if streamer.is_int8(table_source):
-            streamer.source_bytes_to_read += tensors.size_bytes_of(table_source)  # read once more, for its scales
-        if progressive and quant == "int8":
-            streamer.source_bytes_to_read += tensors.size_bytes  # read once more, for calibration
-        table = _RowTable(table_source, table_name, streamer.scales_of(table_source) if streamer.is_int8(table_source) else None)
-        if progressive and quant == "int8":
-            assert calibrator is not None
-            _write_progressive_steps(writer, streamer, plan, table, calibrator(arch.name, config, model.tokenizer_json), reports)
-        else:
-            for layer_name, group in zip(layer_names(config["num_hidden_layers"]), plan, strict=True):
-                _write_step(writer, streamer, layer_name, group, table=table, shifts={}, reports=reports)
-        _write_row_table(writer, streamer, table, chunk_size_bytes, reports)
+        reports = _write_layers(writer, streamer, arch, plan, chunk_size_bytes, choose_shifts)
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
     if progress is not None:
         progress(streamer.source_bytes_to_read, streamer.source_bytes_to_read)
