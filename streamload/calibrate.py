@@ -23,11 +23,14 @@ A greedy search then takes the choice with the fewest coarse bytes whose summed
 loss stays within ``PREVIEW_LOSS``: each move makes one matrix one step coarser
 (exact in pass 0, then s = 3, 4, 5), best bytes saved per loss added first. The
 whole coarse model is then run once to record its measured cosine in the file.
-Every step is held in memory while this runs; a step the runtime does not compute
-(BERT's pooler) stays exact. On all-MiniLM-L6-v2 this picks a preview tier of 0.61
-of the blocks' bytes with a mean cosine of 0.983 to PyTorch fp32 on 64 other
-sentences, where every matrix at 5 bits (0.60 of the bytes) gives 0.980
-(``python tools/bench_progressive.py``).
+Every step is handed over at once (the int8 values as read-only memory maps of
+the converter's spill file, docs/memory.md); a step the runtime does not compute
+(BERT's pooler) stays exact. ``CalibratedShifts`` is what the CLI passes to
+``convert(calibrator=...)``: the converter itself imports nothing of the runtime.
+
+On all-MiniLM-L6-v2 this picks a preview tier of 0.61 of the blocks' bytes with a
+mean cosine of 0.983 to PyTorch fp32 on 64 other sentences, where every matrix at
+5 bits (0.60 of the bytes) gives 0.980 (``python tools/bench_progressive.py``).
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def _pair_layer(index: int, tensors: Mapping[str, StoredPair]) -> Layer:
 
 
 class CalibratedShifts:
-    """The converter's ``choose_shifts`` (see the module docstring)."""
+    """A ``formats.convert.Calibrator``: made with (architecture, config, tokenizer JSON), called as the converter's
+    ``ShiftChooser`` (see the module docstring)."""
 
     def __init__(self, architecture: str, config: Mapping[str, Any], tokenizer_json: bytes | None, *, loss: float | None = None) -> None:
         self.architecture = architecture

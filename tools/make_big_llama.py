@@ -24,8 +24,9 @@ Weights are normal(0, ``--scale``) (default 0.02, the initializer range of Llama
 are 1 + normal(0, scale). Each tensor has its own seed (``--seed`` and its name), so a folder is reproducible.
 
 Memory: tensors are generated and written ``ROWS_PER_BLOCK`` rows at a time into each file (the safetensors header,
-which holds only names, shapes and offsets, is written first), so the script stays near 30 MiB of heap whatever the
-shape. Time: about 10 s per GB written on one core. Needs numpy only (safetensors' layout is ten lines, written here).
+which holds only names, shapes and offsets, is written first), so the script's peak RSS is 123 MB for the 1b shape
+and 208 MB for 7b (the widest block's float32 normals). Time: 29 s for 1b (2.47 GB) on one core; 7b (15.0 GB) took
+17.5 min on a busy one. Needs numpy only (safetensors' layout is ten lines, written here).
 """
 
 from __future__ import annotations
