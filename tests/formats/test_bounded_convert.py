@@ -188,3 +188,13 @@ def test_a_nan_in_the_token_table_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(SourceError, match=r"tensor 'model\.embed_tokens\.weight': weight has NaN or infinite values"):
         convert(source, tmp_path / "m.slm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_calibration_loss_in_row_blocks_equals_the_whole_comparison() -> None:
+    from streamload.calibrate import LOSS_ROWS, CalibratedShifts
+
+    rng = np.random.default_rng(3)
+    exact = rng.standard_normal((3 * LOSS_ROWS + 5, 37)).astype(np.float32)
+    other = exact + rng.standard_normal(exact.shape).astype(np.float32) * np.float32(0.1)
+    whole = float(np.mean(1.0 - (exact * other).sum(axis=-1) / (np.linalg.norm(exact, axis=-1) * np.linalg.norm(other, axis=-1))))
+    assert CalibratedShifts._loss(exact, other) == whole  # exactly: a progressive file's bytes depend on it
