@@ -1,15 +1,20 @@
-"""Read tensors from .safetensors files as zero-copy numpy memory maps.
+"""Read tensors from .safetensors files: whole, as zero-copy memory maps, or a block of rows at a time.
 
 We parse the documented safetensors layout (u64 header length, JSON header,
 byte buffer) ourselves because the ``safetensors`` numpy backend cannot hand out
-bfloat16 tensors, and because a memory map lets conversion stream tensor by
-tensor with memory near the largest tensor, whatever the model's size.
+bfloat16 tensors, and because reading rows ourselves lets conversion run in
+bounded memory: ``read_rows`` reads a row range with one ``pread`` into a fresh
+array and then drops those pages from the page cache (``posix_fadvise``
+DONTNEED), so neither the process's resident set nor a memory cgroup's page
+cache grows with the model. ``array`` maps the whole tensor instead (its pages
+count as resident once touched); tests and tools use it, the converter does not.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -66,7 +71,7 @@ class SafetensorsFile:
             if not 0 <= start <= end <= self._data_size or end - start != math.prod(shape) * _DTYPES[dtype].itemsize:
                 raise SourceError(f"{self.path}: tensor {name!r} has inconsistent offsets; the file is damaged")
             self._entries[name] = (dtype, shape, start, end)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._map: np.ndarray | None = None  # mapped on the first ``array`` call
 
     def names(self) -> Iterable[str]:
         return self._entries.keys()
@@ -77,13 +82,53 @@ class SafetensorsFile:
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def size_bytes_of(self, name: str) -> int:
+        _, _, start, end = self._entries[name]
+        return end - start
+
     def array(self, name: str) -> np.ndarray:
         """The tensor's values: a zero-copy view, except bf16, which is widened to float32."""
         dtype, shape, start, end = self._entries[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self._data_start + self._data_size else np.zeros(0, np.uint8)
         raw = self._map[self._data_start + start : self._data_start + end].view(_DTYPES[dtype]).reshape(shape)
-        if dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an f32
-        return raw
+        return _widened(raw, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the tensor (along its first dimension; a 0-D tensor is one row), read into memory.
+
+        The pages read are dropped from the page cache afterwards. bf16 is widened to float32.
+
+        Raises:
+            SourceError: the file is unreadable or shorter than its header says.
+        """
+        dtype, shape, begin, _ = self._entries[name]
+        row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * _DTYPES[dtype].itemsize
+        offset = self._data_start + begin + start * row_bytes
+        buffer = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(offset)
+                done = 0
+                while done < buffer.size and (got := f.readinto(memoryview(buffer)[done:])):
+                    done += got
+                if done < buffer.size:
+                    raise SourceError(f"{self.path} ends inside tensor {name!r}; the file is damaged")
+                page = mmap.PAGESIZE
+                floor = offset - offset % page  # the page this read shares with the previous one is done with too
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), floor, offset + buffer.size - floor, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc}") from None
+        raw = buffer.view(_DTYPES[dtype]).reshape((stop - start, *row_shape) if shape else ())
+        return _widened(raw, dtype)
+
+
+def _widened(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an f32
+    return raw
 
 
 class SafetensorsCollection:
@@ -109,6 +154,12 @@ class SafetensorsCollection:
 
     def array(self, name: str) -> np.ndarray:
         return self._owner[name].array(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._owner[name].read_rows(name, start, stop)
+
+    def size_bytes_of(self, name: str) -> int:
+        return self._owner[name].size_bytes_of(name)
 
     @property
     def size_bytes(self) -> int:

@@ -1,22 +1,30 @@
 """Write .slm files: layers in execution order, chunked, compressed, hashed.
 
 ``ModelWriter`` is a small state machine (``WriterStage``): open a layer, add
-its tensors, close it, repeat, then ``finish``. Tensors stream through: each is
-cut into chunks, compressed on a thread pool and spilled to a temporary data
-file, so memory stays near one tensor plus a few chunks. ``finish`` writes the
-preamble and manifest (known only now) and then the data region, to a temporary
-name that is atomically renamed into place.
+its tensors, close it, repeat, then ``finish``. A tensor is added whole
+(``add_tensor``) or a block of rows at a time (``begin_tensor``, ``add_rows``,
+``end_tensor``): its bytes are cut into chunks, compressed on a thread pool
+(``threads`` workers, at most twice that many chunks in flight) and spilled to a
+temporary data file, so memory stays near the block given plus a few chunks.
+``finish`` writes the preamble and manifest (known only now) and then the data
+region, to a temporary name that is atomically renamed into place.
+
+The pages the writer has written are synced and dropped from the page cache
+every ``RELEASE_BYTES`` (``posix_fadvise(DONTNEED)``), so that writing a model
+larger than a memory-limited cgroup does not fill it with dirty page cache, at
+the cost of one ``fdatasync`` per ``RELEASE_BYTES`` written.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import enum
 import hashlib
 import logging
+import math
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from ..errors import UsageError, WriterStageError
 from .constants import (
     DATA_ALIGNMENT,
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -40,7 +49,7 @@ from .constants import (
     written_format_version,
 )
 from .manifest import BASE_PASS, ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
-from .quantize import QuantizationError, int8_histogram, split_coarse
+from .quantize import QuantizationReport, int8_histogram, split_coarse
 from .reader import encode_preamble
 
 logger = logging.getLogger(__name__)
@@ -53,13 +62,59 @@ are 1.033x the int8 bytes at level 1, 1.139x at level 3; ``python tools/bench_pr
 TOKENIZER_ZSTD_LEVEL = 19
 """The tokenizer sits in the manifest, on the path to layer 0: worth the slowest level (once, ~0.1 s)."""
 
+RELEASE_BYTES = 64 << 20
+"""Bytes written to a file between two syncs that drop its written pages from the page cache."""
+
 _DTYPE_OF_NUMPY = {np.dtype("float32"): DType.F32, np.dtype("float16"): DType.F16, np.dtype("int8"): DType.I8}
 
 
 class WriterStage(enum.Enum):
     BETWEEN_LAYERS = "between layers"
     IN_LAYER = "in a layer"
+    IN_TENSOR = "in a tensor"
     FINISHED = "finished"
+
+
+@dataclasses.dataclass(slots=True)
+class _OpenTensor:
+    """The tensor ``begin_tensor`` opened: what ``add_rows`` checks each block against."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    raw_offset: int
+    quant: QuantScheme
+    scales: str | None
+    coarse_shift: int | None
+    row_elements: int  # elements per row: a block's size must be a multiple of it
+    elements_added: int = 0
+
+
+class PageReleasingFile:
+    """A file written front to back whose written pages are synced and dropped every ``RELEASE_BYTES``."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.file = open(path, mode)  # noqa: SIM115 - closed by ModelWriter
+        self._released = 0  # bytes before this offset are synced and dropped
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        position = self.file.tell()
+        if position - self._released >= RELEASE_BYTES:
+            self.release(position)
+
+    def release(self, end: int) -> None:
+        """Sync bytes up to ``end`` and drop them from the page cache."""
+        self.file.flush()
+        os.fdatasync(self.file.fileno())
+        drop_cached(self.file.fileno(), 0, end)
+        self._released = end
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to drop a file range's clean pages from the page cache (a hint: a no-op where unsupported)."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _compress(raw: bytes, level: int) -> tuple[bytes, bytes]:
@@ -90,9 +145,9 @@ class ModelWriter:
         threads: int | None = None,
     ) -> None:
         if not 0 < chunk_size_bytes <= MAX_CHUNK_RAW_SIZE_BYTES:
-            raise ValueError(f"chunk_size_bytes must be in (0, {MAX_CHUNK_RAW_SIZE_BYTES}]")
+            raise UsageError(f"chunk_size_bytes must be in (0, {MAX_CHUNK_RAW_SIZE_BYTES}]")
         if "architecture" not in config:
-            raise ValueError("config needs an 'architecture' entry")
+            raise UsageError("config needs an 'architecture' entry")
         self.path = Path(path)
         self._config = dict(config)
         self._tokenizer = None
@@ -108,10 +163,10 @@ class ModelWriter:
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="slm-compress")
         self._in_flight: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, bytes]], int, int, int, int]] = collections.deque()
         self._data_path = self.path.with_name(self.path.name + ".data.tmp")
-        self._data = open(self._data_path, "wb")
+        self._data = PageReleasingFile(self._data_path, "wb")
         # progressive tensors' refinements, spilled raw until every step is written: (layer, store offset, size)
         self._refine_path = self.path.with_name(self.path.name + ".refine.tmp")
-        self._refine: Any = None
+        self._refine: PageReleasingFile | None = None
         self._refinements: list[tuple[int, int, int]] = []
         self._data_size = 0
         self._stage = WriterStage.BETWEEN_LAYERS
@@ -131,12 +186,13 @@ class ModelWriter:
         self._pending_start = 0  # store offset of _pending[0]
         self._pending_dtype: DType | None = None
         self._pending_level = zstd_level
+        self._open: _OpenTensor | None = None  # the tensor between begin_tensor and end_tensor
 
     # ------------------------------------------------------------ stages
 
     def _expect(self, stage: WriterStage, action: str) -> None:
         if self._stage is not stage:
-            raise RuntimeError(f"cannot {action} while {self._stage.value}")
+            raise WriterStageError(f"cannot {action} while {self._stage.value}")
 
     def begin_layer(self, name: str, *, kind: LayerKind = LayerKind.STEP, chunk_size_bytes: int | None = None) -> int:
         """Open the next layer; returns its index.
@@ -146,12 +202,12 @@ class ModelWriter:
         """
         self._expect(WriterStage.BETWEEN_LAYERS, "begin a layer")
         if kind is LayerKind.STEP and self._layers and self._layers[-1].kind is LayerKind.ROWS:
-            raise RuntimeError("row tables come after every execution step")
+            raise WriterStageError("row tables come after every execution step")
         if kind is LayerKind.ROWS:
             self._write_refinements()  # after every step's coarse levels, before the row tables
         chunk_size_bytes = self._chunk_size if chunk_size_bytes is None else chunk_size_bytes
         if not 0 < chunk_size_bytes <= self._chunk_size:
-            raise ValueError(f"a layer's chunk_size_bytes must be in (0, {self._chunk_size}]")
+            raise UsageError(f"a layer's chunk_size_bytes must be in (0, {self._chunk_size}]")
         self._stage = WriterStage.IN_LAYER
         self._layer_name = name
         self._layer_kind = kind
@@ -169,28 +225,42 @@ class ModelWriter:
         *,
         quant: QuantScheme = QuantScheme.NONE,
         scales: str | None = None,
-        error: QuantizationError | None = None,
+        error: QuantizationReport | None = None,
         coarse_shift: int | None = None,
     ) -> TensorEntry:
-        """Append a tensor to the open layer (f32, f16 or int8; C order is made here).
+        """Append a whole tensor to the open layer (f32, f16 or int8; C order is made here).
 
         ``coarse_shift`` (an int8_row tensor of an execution step): store it progressive, its coarse levels here
         and its refinement after every step (FORMAT.md, "Progressive tensors").
         """
         self._expect(WriterStage.IN_LAYER, "add a tensor")
-        if self._layer_kind is LayerKind.ROWS and (array.ndim != 2 or any(t.layer_index == len(self._layers) for t in self._tensors[-1:])):
-            raise ValueError(f"row table {self._layer_name!r} holds exactly one 2-D tensor")
-        if name in self._names:
-            raise ValueError(f"duplicate tensor name {name!r}")
         dtype = _DTYPE_OF_NUMPY.get(array.dtype)
         if dtype is None:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}; only float32, float16 and int8 are stored")
-        array = np.ascontiguousarray(array, dtype=dtype.numpy_name)
-        refinement = None
-        if coarse_shift is not None:
-            if quant is not QuantScheme.INT8_ROW or self._layer_kind is not LayerKind.STEP:
-                raise ValueError(f"tensor {name!r}: only an int8_row tensor of an execution step can be progressive")
-            array, refinement = split_coarse(array, coarse_shift)
+            raise UsageError(f"tensor {name!r} has dtype {array.dtype}; only float32, float16 and int8 are stored")
+        self.begin_tensor(name, array.shape, dtype, quant=quant, scales=scales, coarse_shift=coarse_shift)
+        self.add_rows(array)
+        return self.end_tensor(error)
+
+    def begin_tensor(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: DType,
+        *,
+        quant: QuantScheme = QuantScheme.NONE,
+        scales: str | None = None,
+        coarse_shift: int | None = None,
+    ) -> None:
+        """Open a tensor of the open layer whose values ``add_rows`` gives, a block of rows at a time."""
+        self._expect(WriterStage.IN_LAYER, "add a tensor")
+        if self._layer_kind is LayerKind.ROWS and (len(shape) != 2 or any(t.layer_index == len(self._layers) for t in self._tensors[-1:])):
+            raise UsageError(f"row table {self._layer_name!r} holds exactly one 2-D tensor")
+        if name in self._names:
+            raise UsageError(f"duplicate tensor name {name!r}")
+        if dtype not in _DTYPE_OF_NUMPY.values():
+            raise UsageError(f"tensor {name!r} has dtype {dtype.name}; only float32, float16 and int8 are stored")
+        if coarse_shift is not None and (quant is not QuantScheme.INT8_ROW or self._layer_kind is not LayerKind.STEP):
+            raise UsageError(f"tensor {name!r}: only an int8_row tensor of an execution step can be progressive")
         level = self._level if coarse_shift is None else PLANE_ZSTD_LEVEL
         if (dtype is not self._pending_dtype or level != self._pending_level) and self._pending:
             self._flush_pending()  # keep each chunk one dtype (int8 payload compresses, and is measured, alone) and one level
@@ -198,29 +268,56 @@ class ModelWriter:
         self._pending_level = level
         offset = align_up(self._cursor, TENSOR_ALIGNMENT)
         self._append(bytes(offset - self._cursor))
-        self._append(memoryview(array).cast("B"))
+        shape = tuple(int(d) for d in shape)
+        row_elements = math.prod(shape[1:]) if len(shape) > 1 else 1
+        self._open = _OpenTensor(name, dtype, shape, offset, quant, scales, coarse_shift, row_elements)
+        self._stage = WriterStage.IN_TENSOR
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Append the open tensor's next rows (any shape holding whole rows, in C order; converted to its dtype)."""
+        self._expect(WriterStage.IN_TENSOR, "add rows")
+        tensor = self._open
+        assert tensor is not None
+        if rows.size % tensor.row_elements or tensor.elements_added + rows.size > math.prod(tensor.shape):
+            raise UsageError(f"tensor {tensor.name!r}: {rows.shape} is not whole rows of the {tensor.shape} still to come")
+        values = np.ascontiguousarray(rows, dtype=tensor.dtype.numpy_name)
+        if tensor.quant is QuantScheme.INT8_ROW:
+            self._histogram += int8_histogram(values)
+            self._any_int8 = True
+        if tensor.coarse_shift is not None:
+            values, refinement = split_coarse(values, tensor.coarse_shift)
+            if self._refine is None:
+                self._refine = PageReleasingFile(self._refine_path, "w+b")
+            self._refine.write(memoryview(refinement).cast("B"))
+        self._append(memoryview(values).cast("B"))
+        tensor.elements_added += values.size
+
+    def end_tensor(self, error: QuantizationReport | None = None) -> TensorEntry:
+        """Close the open tensor once every row is in; ``error``: what quantizing it cost, for the manifest."""
+        self._expect(WriterStage.IN_TENSOR, "end a tensor")
+        tensor = self._open
+        assert tensor is not None
+        size = math.prod(tensor.shape)
+        if tensor.elements_added != size:
+            raise UsageError(f"tensor {tensor.name!r}: {tensor.elements_added} of its {size} values were added")
         entry = TensorEntry(
-            name=name,
+            name=tensor.name,
             layer_index=len(self._layers),
-            dtype=dtype,
-            shape=tuple(int(d) for d in array.shape),
-            raw_offset=offset,
-            quant=quant,
-            scales=scales,
+            dtype=tensor.dtype,
+            shape=tensor.shape,
+            raw_offset=tensor.raw_offset,
+            quant=tensor.quant,
+            scales=tensor.scales,
             max_abs_error=None if error is None else error.max_abs_error,
             max_rel_error=None if error is None else error.max_rel_error,
-            coarse_shift=coarse_shift,
+            coarse_shift=tensor.coarse_shift,
         )
         self._tensors.append(entry)
-        self._names.add(name)
-        if quant is QuantScheme.INT8_ROW:
-            self._histogram += int8_histogram(array if refinement is None else array + refinement)
-            self._any_int8 = True
-        if refinement is not None:
-            if self._refine is None:
-                self._refine = open(self._refine_path, "w+b")
-            self._refine.write(memoryview(refinement).cast("B"))
-            self._refinements.append((len(self._layers), offset, refinement.nbytes))
+        self._names.add(tensor.name)
+        if tensor.coarse_shift is not None:
+            self._refinements.append((len(self._layers), tensor.raw_offset, size))  # int8: one byte a value
+        self._open = None
+        self._stage = WriterStage.IN_LAYER
         return entry
 
     def end_layer(self) -> LayerEntry:
@@ -248,7 +345,7 @@ class ModelWriter:
         self._write_refinements()
         self._drain(0)
         self._pool.shutdown()
-        self._data.close()
+        self._data.file.close()
         manifest_bytes = encode_manifest(
             config=self._config,
             layers=self._layers,
@@ -264,13 +361,14 @@ class ModelWriter:
             check(manifest)
         preamble = encode_preamble(len(manifest_bytes), written_format_version(manifest.progressive))
         partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as out, open(self._data_path, "rb") as data:
+        out = PageReleasingFile(partial, "wb")
+        with out.file, open(self._data_path, "rb") as data:
             out.write(preamble)
             out.write(manifest_bytes)
             out.write(bytes(_padding(len(preamble) + len(manifest_bytes))))
-            shutil.copyfileobj(data, out, 4 << 20)
-            out.flush()
-            os.fsync(out.fileno())
+            _copy_releasing(data, out)
+            out.file.flush()
+            os.fsync(out.file.fileno())
         os.replace(partial, self.path)
         self._data_path.unlink(missing_ok=True)
         self._stage = WriterStage.FINISHED
@@ -284,7 +382,7 @@ class ModelWriter:
         for future, *_ in self._in_flight:
             future.cancel()
         self._pool.shutdown(wait=True)
-        self._data.close()
+        self._data.file.close()
         self._data_path.unlink(missing_ok=True)
         self._close_refinements()
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
@@ -313,10 +411,13 @@ class ModelWriter:
         """Every refinement spilled so far, as REFINEMENT_PASS chunks in layer order, each inside its tensor."""
         if self._refine is None:
             return
-        self._refine.seek(0)
+        spill = self._refine.file
+        spill.flush()
+        spill.seek(0)
         for layer_index, raw_offset, size in self._refinements:
             for start in range(0, size, self._chunk_size):
-                raw = self._refine.read(min(self._chunk_size, size - start))
+                raw = spill.read(min(self._chunk_size, size - start))
+                drop_cached(spill.fileno(), spill.tell() - len(raw), len(raw))
                 future = self._pool.submit(_compress, raw, PLANE_ZSTD_LEVEL)
                 self._in_flight.append((future, layer_index, raw_offset + start, len(raw), REFINEMENT_PASS))
                 self._drain(2 * self._threads)
@@ -324,7 +425,7 @@ class ModelWriter:
 
     def _close_refinements(self) -> None:
         if self._refine is not None:
-            self._refine.close()
+            self._refine.file.close()
             self._refine = None
         self._refinements.clear()
         self._refine_path.unlink(missing_ok=True)
@@ -359,6 +460,13 @@ class ModelWriter:
                 )
             )
             self._data_size += len(frame)
+
+
+def _copy_releasing(source: Any, target: PageReleasingFile) -> None:
+    """Copy a file's remaining bytes, dropping each piece read from the page cache (the target drops its own)."""
+    while piece := source.read(1 << 20):
+        target.write(piece)
+        drop_cached(source.fileno(), source.tell() - len(piece), len(piece))
 
 
 def _padding(header_size_bytes: int) -> int:

@@ -23,11 +23,14 @@ A greedy search then takes the choice with the fewest coarse bytes whose summed
 loss stays within ``PREVIEW_LOSS``: each move makes one matrix one step coarser
 (exact in pass 0, then s = 3, 4, 5), best bytes saved per loss added first. The
 whole coarse model is then run once to record its measured cosine in the file.
-Every step is held in memory while this runs; a step the runtime does not compute
-(BERT's pooler) stays exact. On all-MiniLM-L6-v2 this picks a preview tier of 0.61
-of the blocks' bytes with a mean cosine of 0.983 to PyTorch fp32 on 64 other
-sentences, where every matrix at 5 bits (0.60 of the bytes) gives 0.980
-(``python tools/bench_progressive.py``).
+Every step is handed over at once (the int8 values as read-only memory maps of
+the converter's spill file, docs/memory.md); a step the runtime does not compute
+(BERT's pooler) stays exact. ``CalibratedShifts`` is what the CLI passes to
+``convert(calibrator=...)``: the converter itself imports nothing of the runtime.
+
+On all-MiniLM-L6-v2 this picks a preview tier of 0.61 of the blocks' bytes with a
+mean cosine of 0.983 to PyTorch fp32 on 64 other sentences, where every matrix at
+5 bits (0.60 of the bytes) gives 0.980 (``python tools/bench_progressive.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ NOISE_PROBE = 1e-3
 """Relative noise energy injected at a step's output to measure its gain (small: the loss is linear there)."""
 
 RANDOM_PROMPT_TOKENS = 64
+
+LOSS_ROWS = 16
+"""Rows of the outputs compared at a time: a Llama prompt's logits are (tokens, vocabulary), 0.23 GB for 450 tokens of
+a 128,256-token vocabulary, and comparing them whole made three temporaries that size."""
 
 CALIBRATION_TEXT = (
     "The committee postponed its decision until the auditors had finished reviewing the accounts.",
@@ -110,7 +117,8 @@ def _pair_layer(index: int, tensors: Mapping[str, StoredPair]) -> Layer:
 
 
 class CalibratedShifts:
-    """The converter's ``choose_shifts`` (see the module docstring)."""
+    """A ``formats.convert.Calibrator``: made with (architecture, config, tokenizer JSON), called as the converter's
+    ``ShiftChooser`` (see the module docstring)."""
 
     def __init__(self, architecture: str, config: Mapping[str, Any], tokenizer_json: bytes | None, *, loss: float | None = None) -> None:
         self.architecture = architecture
@@ -213,9 +221,14 @@ class CalibratedShifts:
 
     @staticmethod
     def _loss(exact: np.ndarray, other: np.ndarray) -> float:
-        """Mean over rows of 1 - cosine."""
-        dots = (exact * other).sum(axis=-1)
-        norms = np.linalg.norm(exact, axis=-1) * np.linalg.norm(other, axis=-1)
+        """Mean over rows of 1 - cosine, LOSS_ROWS rows at a time (each row's sums are the same whatever the block)."""
+        exact, other = exact.reshape(-1, exact.shape[-1]), other.reshape(-1, other.shape[-1])
+        dtype = np.result_type(exact, other)
+        dots, norms = np.empty(len(exact), dtype), np.empty(len(exact), dtype)
+        for start in range(0, len(exact), LOSS_ROWS):  # temporaries of a few rows, not of the whole (tokens, vocabulary) logits
+            e, o = exact[start : start + LOSS_ROWS], other[start : start + LOSS_ROWS]
+            dots[start : start + LOSS_ROWS] = (e * o).sum(axis=-1)
+            norms[start : start + LOSS_ROWS] = np.linalg.norm(e, axis=-1) * np.linalg.norm(o, axis=-1)
         return float(np.mean(1.0 - dots / np.maximum(norms, 1e-30)))
 
     # ------------------------------------------------------------ the families' steps, as pure functions of a state

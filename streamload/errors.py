@@ -27,7 +27,8 @@
     ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
     │   └── MemoryBudgetError                a memory budget too small to run the model at all
-    └── UsageError (ValueError)              an argument to the library is out of its range
+    ├── UsageError (ValueError)              an argument to the library is out of its range
+    └── WriterStageError (RuntimeError)      a ModelWriter call out of order (a tensor outside a layer, ...)
 
 Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
 (this response needs the general client), ``TransportStatus`` (an error status,
@@ -198,6 +199,10 @@ class UsageError(StreamloadError, ValueError):
     """An argument to the library is out of its range."""
 
 
+class WriterStageError(StreamloadError, RuntimeError):
+    """A ``ModelWriter`` method was called in a stage where it cannot run (the caller's bug, not the data's)."""
+
+
 __all__ = [
     "BadMagicError",
     "CacheError",
@@ -228,4 +233,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",
     "UsageError",
+    "WriterStageError",
 ]

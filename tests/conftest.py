@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from streamload.calibrate import CalibratedShifts
 from streamload.formats import convert
 from tests.serving import ServerThread, serve_directory
 from tests.support.synthetic import llama_config, write_synthetic_llama
@@ -36,7 +37,7 @@ def minilm_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Pa
 def minilm_progressive_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """all-MiniLM-L6-v2 converted with --progressive (calibrated coarse planes, then refinements)."""
     out = tmp_path_factory.mktemp("minilm-p") / "minilm-p.slm"
-    convert(minilm_dir, out, progressive=True)
+    convert(minilm_dir, out, progressive=True, calibrator=CalibratedShifts)
     return out
 
 

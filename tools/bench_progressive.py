@@ -126,7 +126,7 @@ def main() -> None:
     )
     for label, chooser in rows:
         path = work / "p.slm"
-        convert(source, path, progressive=True, choose_shifts=chooser)
+        convert(source, path, progressive=True, calibrator=lambda *_, chooser=chooser: chooser)
         preview, exact = asyncio.run(embeddings(path, sentences))
         coarse, refinements = tiers(path)
         c = cosines(preview, reference)

@@ -235,6 +235,7 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
 
 def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[str, Path]]:
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
+    from streamload.calibrate import CalibratedShifts
     from streamload.formats import convert
     from tests.support.synthetic import llama_config, write_synthetic_llama
 
@@ -249,7 +250,7 @@ def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[st
         shutil.copytree(minilm, served / "minilm-fp32", dirs_exist_ok=True)
         convert(minilm, served / "minilm.slm")
         if "P" in variants:
-            convert(minilm, served / "minilm-p.slm", progressive=True)
+            convert(minilm, served / "minilm-p.slm", progressive=True, calibrator=CalibratedShifts)
         kinds.append(("minilm", served / "minilm-fp32"))
     if "llama" in models:
         config = llama_config(
@@ -264,7 +265,7 @@ def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[st
         write_synthetic_llama(served / "llama-fp32", config)
         convert(served / "llama-fp32", served / "llama.slm")
         if "P" in variants:
-            convert(served / "llama-fp32", served / "llama-p.slm", progressive=True)
+            convert(served / "llama-fp32", served / "llama-p.slm", progressive=True, calibrator=CalibratedShifts)
         kinds.append(("llama", served / "llama-fp32"))
     return kinds
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import ModelReader, summarize_manifest
+from ..formats.constants import DEFAULT_ZSTD_LEVEL
 from .cached import cache_dir_of, is_url, request_headers
 from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
 
@@ -18,6 +19,14 @@ from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..formats import convert  # the writing side, imported only to convert
 
+    calibrator = None
+    if args.progressive:
+        from ..calibrate import CalibratedShifts  # runs the runtime: imported only for a progressive conversion
+
+        calibrator = CalibratedShifts
+
+    if args.level is not None:
+        print("warning: convert --level is deprecated and will be removed: levels above 3 gain nothing on int8 weights", file=sys.stderr)
     if not args.output.endswith(".slm"):
         print(f"warning: {args.output} does not end in .slm: `streamload serve` serves only .slm files", file=sys.stderr)
     bar = ConvertProgress(f"converting {Path(args.source).name}", enabled=not args.json and sys.stderr.isatty())
@@ -26,11 +35,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.source,
             args.output,
             quant=args.quant,
-            zstd_level=args.level,
+            zstd_level=DEFAULT_ZSTD_LEVEL if args.level is None else args.level,
             chunk_size_bytes=args.chunk_size,
             config_path=args.config,
             progress=bar,
             progressive=args.progressive,
+            calibrator=calibrator,
         )
     finally:
         bar.close()

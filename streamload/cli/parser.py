@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="model folder (config.json + safetensors) or a .safetensors file")
     p.add_argument("-o", "--output", required=True, type=_output_file, help="the .slm file to write")
     p.add_argument("--quant", choices=("int8", "none"), default="int8", help="int8: 2-D weights to int8 with per-row scales (default)")
-    p.add_argument(
-        "--level", type=_zstd_level, default=3, help="zstd level for every chunk (default 3; higher levels gain nothing on int8)"
-    )
+    p.add_argument("--level", type=_zstd_level, help=argparse.SUPPRESS)  # deprecated: levels above 3 gain nothing on int8
     p.add_argument("--chunk-size", type=_chunk_size, default=1 << 20, help="raw bytes per chunk (default 1 MiB)")
     p.add_argument(
         "--progressive",

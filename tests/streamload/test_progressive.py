@@ -13,6 +13,7 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from streamload.formats.quantize import coarse_levels
@@ -176,7 +177,7 @@ def test_inspect_shows_the_tiers(progressive_www: Path) -> None:
 async def test_a_decoder_previews_its_first_token_then_generates_exactly(llama_dir: Path, llama_slm: Path, tmp_path: Path) -> None:
     progressive = tmp_path / "www" / "llama-p.slm"
     progressive.parent.mkdir()
-    convert(llama_dir, progressive, chunk_size_bytes=16 << 10, progressive=True)
+    convert(llama_dir, progressive, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     prompt = [1, 17, 300, 45, 99, 4]
     with serve_directory(progressive.parent, rate_bytes_per_s=progressive.stat().st_size / 1.5) as server:  # refinements still due
         async with streamload.open(server.url("llama-p.slm"), cache_dir=tmp_path / "p") as model:
