@@ -276,7 +276,7 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         entries = list_entries(data, root["chunks"], "chunks", max_count=max_chunks)
         chunks, refinements = parse_chunks(entries, layers, data_size_bytes, chunk_size)
         chunk_table = ChunkTable.from_entries(chunks)
-    check_refinements(tensors, refinements)
+    check_refinements(tensors, refinements, chunk_table)
     return Manifest(
         config=config,
         layers=layers,
