@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import streamload
+from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.errors import FormatError, ManifestSchemaError
 from streamload.formats import ModelReader, convert
+from streamload.formats.constants import REFINEMENT_PASS
 from tests.checks import assert_cache_exact
 from tests.serving import serve_directory
 from tests.support.mutate import join_file, split_file
@@ -80,3 +83,40 @@ def test_the_converter_writes_every_refinement_after_its_coarse_chunks(tmp_path:
     convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True)
     with ModelReader(path) as reader:  # the reader's check passes on the converter's own file
         assert reader.manifest.refinement_chunks and not reader.verify()
+
+
+def forget_refinements(cache: Path, path: Path) -> int:
+    """Rewrite the journal without the refinements' records and mark the copy incomplete: a download interrupted
+    after every coarse chunk was stored and before any refinement was."""
+    with ModelReader(path) as reader:
+        refinements = {c.index for c in reader.manifest.refinement_chunks if c.pass_index == REFINEMENT_PASS}
+    journal = next(cache.glob(f"models/*/{JOURNAL_NAME}"))
+    records = list(JOURNAL_RECORD.iter_unpack(journal.read_bytes()))
+    journal.write_bytes(b"".join(JOURNAL_RECORD.pack(*r) for r in records if r[0] not in refinements))
+    (journal.parent / "complete").unlink(missing_ok=True)
+    return len(refinements)
+
+
+async def test_a_damaged_coarse_chunk_under_a_pending_refinement_never_gives_a_wrong_exact_layer(
+    minilm_progressive_slm: Path, tmp_path: Path
+) -> None:
+    """The refinement still to fetch is folded only onto coarse levels checked in this process: the zeroed coarse chunk
+    under it is fetched again first, and the layer handed out is the file's, exactly."""
+    path = minilm_progressive_slm
+    async with streamload.open(path, cache_dir=tmp_path) as model:
+        await model.wait_complete()
+    assert forget_refinements(tmp_path, path) > 20
+    with ModelReader(path) as reader:
+        refinement = next(c for c in reader.manifest.refinement_chunks if c.layer_index == 3)
+        base = next(c for c in reader.manifest.chunks if c.raw_offset <= refinement.raw_offset < c.raw_end)
+        expected = reader.read_tensors(3)
+    store = next(tmp_path.glob("models/*/store.bin"))
+    with store.open("r+b") as file:
+        file.seek(base.raw_offset)
+        file.write(bytes(base.raw_size_bytes))
+    async with streamload.open(path, cache_dir=tmp_path) as model:
+        layer = await model.layer(3)
+        for name, values in expected.items():
+            np.testing.assert_array_equal(layer[name], values)
+        await model.wait_complete()
+    assert_cache_exact(tmp_path, path)
