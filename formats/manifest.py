@@ -9,8 +9,8 @@ values are decoded within bounds (``msgpack_bounded.py``) and the chunk list as 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -36,6 +36,7 @@ from .constants import (
     MAX_TOKENIZER_SIZE_BYTES,
     MAX_UNKNOWN_VALUE_SIZE_BYTES,
     MIN_ZSTD_FRAME_SIZE_BYTES,
+    REFINEMENT_PASS,
     TENSOR_ALIGNMENT,
     Codec,
     DType,
@@ -53,6 +54,8 @@ from .msgpack_bounded import (
     list_entries,
     map_spans,
 )
+
+_Item = TypeVar("_Item")
 
 __all__ = ["BASE_PASS", "ChunkEntry", "LayerEntry", "Manifest", "TensorEntry", "TokenizerBlob", "encode_manifest", "parse_manifest"]
 
@@ -149,10 +152,11 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
             raise OverlapError(f"manifest: tensors {before.name!r} and {after.name!r} overlap in the layer store")
     for entry in tensors:
         _check_quantization(entry, by_name, layers)
+    held = _by_layer(tensors, lambda t: t.layer_index)
     for layer in layers:
         if layer.kind is LayerKind.ROWS:
-            held = [t for t in tensors if t.layer_index == layer.index]
-            if len(held) != 1 or len(held[0].shape) != 2:
+            table = held.get(layer.index, ())
+            if len(table) != 1 or len(table[0].shape) != 2:
                 raise ManifestSchemaError(f"manifest: row table {layer.name!r} must hold exactly one 2-D tensor")
     return tuple(tensors)
 
@@ -290,7 +294,17 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         digest=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         tensor_by_name={t.name: t for t in tensors},
+        tensors_by_layer=_by_layer(tensors, lambda t: t.layer_index),
+        refinements_by_layer=_by_layer([c for c in refinements if c.pass_index == REFINEMENT_PASS], lambda c: c.layer_index),
     )
+
+
+def _by_layer(items: Sequence[_Item], layer_of: Callable[[_Item], int]) -> dict[int, tuple[_Item, ...]]:
+    """Items grouped by layer, each group in the items' order: one pass, so asking for every layer's is linear."""
+    groups: dict[int, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(layer_of(item), []).append(item)
+    return {layer: tuple(group) for layer, group in groups.items()}
 
 
 # ---------------------------------------------------------------- encoding
