@@ -31,12 +31,14 @@ from .constants import (
     MAX_CONFIG_SIZE_BYTES,
     MAX_MANIFEST_SIZE_BYTES,
     MAX_NAME_LENGTH,
+    MAX_STORE_PER_COMPRESSED_BYTE,
     MAX_STORE_SIZE_BYTES,
     MAX_TENSOR_NDIM,
     MAX_TOKENIZER_SIZE_BYTES,
     MAX_UNKNOWN_VALUE_SIZE_BYTES,
     MIN_ZSTD_FRAME_SIZE_BYTES,
     REFINEMENT_PASS,
+    STORE_ALLOWANCE_BYTES,
     TENSOR_ALIGNMENT,
     Codec,
     DType,
@@ -281,6 +283,7 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         chunks, refinements = parse_chunks(entries, layers, data_size_bytes, chunk_size)
         chunk_table = ChunkTable.from_entries(chunks)
     check_refinements(tensors, refinements, chunk_table)
+    _check_store_against_chunks(layers, chunk_table, refinements)
     return Manifest(
         config=config,
         layers=layers,
@@ -297,6 +300,17 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         tensors_by_layer=_by_layer(tensors, lambda t: t.layer_index),
         refinements_by_layer=_by_layer([c for c in refinements if c.pass_index == REFINEMENT_PASS], lambda c: c.layer_index),
     )
+
+
+def _check_store_against_chunks(layers: tuple[LayerEntry, ...], chunk_table: ChunkTable, refinements: tuple[ChunkEntry, ...]) -> None:
+    """The store a file declares is bounded by what its chunks are (constants.MAX_STORE_PER_COMPRESSED_BYTE)."""
+    compressed = int(chunk_table.size.sum()) + sum(chunk.size_bytes for chunk in refinements)
+    store = layers[-1].raw_end
+    if store > MAX_STORE_PER_COMPRESSED_BYTE * compressed + STORE_ALLOWANCE_BYTES:
+        raise OutOfBoundsError(
+            f"manifest: a {store}-byte layer store from {compressed} bytes of chunks, over the bound of "
+            f"{MAX_STORE_PER_COMPRESSED_BYTE} times plus {STORE_ALLOWANCE_BYTES >> 20} MiB; the file is hostile or damaged"
+        )
 
 
 def _by_layer(items: Sequence[_Item], layer_of: Callable[[_Item], int]) -> dict[int, tuple[_Item, ...]]:

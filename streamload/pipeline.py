@@ -54,6 +54,10 @@ class Landed:
 
 
 BATCH_BYTES = 512 << 10  # consecutive chunks smaller than this are received and processed together
+# and decompressed together up to this many raw bytes (one allocation per batch): a batch of real chunks (at most ~3x)
+# stays far below it; chunks of zeros (~5,000x each) would otherwise take gigabytes at once. A single chunk is a batch
+# whatever its size (at most the manifest's chunk_size, itself at most 64 MiB)
+BATCH_RAW_BYTES = 4 << 20
 MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
 LOOKAHEAD_CHUNKS = 4096  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~2,000
 JOIN_BELOW_BYTES = 1024  # chunks this small on average are written as one joined piece
@@ -193,15 +197,17 @@ class ChunkPipeline:
 
     @staticmethod
     def _next_batch(table: ChunkTable, positions: Sequence[int], first: int) -> tuple[Sequence[int], np.ndarray]:
-        """The chunks from ``first`` on that fit in BATCH_BYTES (at least one) and their sizes (under the span's lock).
+        """The chunks from ``first`` on that fit in BATCH_BYTES and BATCH_RAW_BYTES (at least one) and their sizes (under
+        the span's lock).
         Looks ahead a few batches' worth of small chunks at a time, not MAX_BATCH_CHUNKS (~29k of them) each time."""
         ahead = LOOKAHEAD_CHUNKS
         while True:
             rest = positions[first : first + ahead]
             sizes = column_at(table.size, rest)
-            ends = np.cumsum(sizes)
-            if ends[-1] > BATCH_BYTES or len(rest) < ahead or ahead >= MAX_BATCH_CHUNKS:
-                count = max(1, int(np.searchsorted(ends, BATCH_BYTES, side="right")))
+            ends, raw_ends = np.cumsum(sizes), np.cumsum(column_at(table.raw_size, rest))
+            if ends[-1] > BATCH_BYTES or raw_ends[-1] > BATCH_RAW_BYTES or len(rest) < ahead or ahead >= MAX_BATCH_CHUNKS:
+                fits = min(np.searchsorted(ends, BATCH_BYTES, side="right"), np.searchsorted(raw_ends, BATCH_RAW_BYTES, side="right"))
+                count = max(1, int(fits))
                 return rest[:count], sizes[:count]
             ahead = min(4 * ahead, MAX_BATCH_CHUNKS)
 
