@@ -304,7 +304,8 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
 
 def _check_store_against_chunks(layers: tuple[LayerEntry, ...], chunk_table: ChunkTable, refinements: tuple[ChunkEntry, ...]) -> None:
     """The store a file declares is bounded by what its chunks are (constants.MAX_STORE_PER_COMPRESSED_BYTE)."""
-    compressed = int(chunk_table.size.sum()) + sum(chunk.size_bytes for chunk in refinements)
+    # the chunks a reader fetches (pass 0 and refinements): a reserved pass is skipped, so it does not count
+    compressed = int(chunk_table.size.sum()) + sum(chunk.size_bytes for chunk in refinements if chunk.pass_index == REFINEMENT_PASS)
     store = layers[-1].raw_end
     if store > MAX_STORE_PER_COMPRESSED_BYTE * compressed + STORE_ALLOWANCE_BYTES:
         raise OutOfBoundsError(

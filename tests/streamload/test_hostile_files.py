@@ -18,7 +18,7 @@ from streamload.formats.constants import MAX_STORE_PER_COMPRESSED_BYTE, STORE_AL
 from streamload.formats.manifest import ChunkEntry, LayerEntry, TensorEntry, encode_manifest
 from streamload.pipeline import BATCH_RAW_BYTES
 from tests.serving import serve_directory
-from tests.support.mutate import join_file
+from tests.support.mutate import join_file, split_file
 
 
 def write_zeros_model(path: Path, layers: int, layer_bytes: int, chunk_bytes: int) -> None:
@@ -78,3 +78,26 @@ async def test_batches_of_highly_compressed_chunks_are_bounded_in_raw_bytes(tmp_
             batches = model._session.pipeline._batch_times  # type: ignore[union-attr]
     assert sum(len(indices) for indices, _ in batches) == 768
     assert max(len(indices) for indices, _ in batches) * chunk_bytes <= BATCH_RAW_BYTES
+
+
+def test_chunks_of_a_reserved_pass_do_not_raise_the_store_bound(tmp_path: Path) -> None:
+    """A reader skips a reserved pass's chunks: they cannot pay for a store. 16 MiB of them (real bytes in the file)
+    would otherwise let ~10 KB of zero frames declare 256 MiB."""
+    path = tmp_path / "padded.slm"
+    write_zeros_model(path, layers=4, layer_bytes=64 << 20, chunk_bytes=1 << 20)
+    manifest, region = split_file(path.read_bytes())
+    padding = bytes(16 << 20)
+    manifest["chunks"].append(
+        {
+            "layer": 0,
+            "offset": len(region),
+            "size": len(padding),
+            "raw_offset": 0,
+            "raw_size": 1,
+            "sha256": hashlib.sha256(padding).digest(),
+            "pass": 2,
+        }
+    )
+    path.write_bytes(join_file(manifest, region + padding))
+    with pytest.raises(OutOfBoundsError, match="over the bound"):
+        ModelReader(path).close()
