@@ -5,6 +5,7 @@ real socket, into a real cache."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +98,13 @@ def forget_refinements(cache: Path, path: Path) -> int:
     return len(refinements)
 
 
+@pytest.mark.parametrize("served", ["file", "without range"])
 async def test_a_damaged_coarse_chunk_under_a_pending_refinement_never_gives_a_wrong_exact_layer(
-    minilm_progressive_slm: Path, tmp_path: Path
+    minilm_progressive_slm: Path, tmp_path: Path, served: str
 ) -> None:
     """The refinement still to fetch is folded only onto coarse levels checked in this process: the zeroed coarse chunk
-    under it is fetched again first, and the layer handed out is the file's, exactly."""
+    under it is fetched again first, and the layer handed out is the file's, exactly (from the file, or from a server
+    that sends the whole file in file order)."""
     path = minilm_progressive_slm
     async with streamload.open(path, cache_dir=tmp_path) as model:
         await model.wait_complete()
@@ -114,9 +117,13 @@ async def test_a_damaged_coarse_chunk_under_a_pending_refinement_never_gives_a_w
     with store.open("r+b") as file:
         file.seek(base.raw_offset)
         file.write(bytes(base.raw_size_bytes))
-    async with streamload.open(path, cache_dir=tmp_path) as model:
-        layer = await model.layer(3)
-        for name, values in expected.items():
-            np.testing.assert_array_equal(layer[name], values)
-        await model.wait_complete()
+    with contextlib.ExitStack() as stack:
+        source = str(path)
+        if served != "file":
+            source = stack.enter_context(serve_directory(path.parent, ranges_enabled=False)).url(path.name)
+        async with streamload.open(source, cache_dir=tmp_path) as model:
+            layer = await model.layer(3)
+            for name, values in expected.items():
+                np.testing.assert_array_equal(layer[name], values)
+            await asyncio.wait_for(model.wait_complete(), 60)
     assert_cache_exact(tmp_path, path)
