@@ -137,8 +137,10 @@ def parse_chunks(
     return tuple(base), tuple(refinements)
 
 
-def check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[ChunkEntry, ...]) -> None:
-    """REFINEMENT_PASS chunks tile every progressive tensor exactly, each inside one (FORMAT.md, "Progressive tensors")."""
+def check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[ChunkEntry, ...], base: ChunkTable) -> None:
+    """REFINEMENT_PASS chunks tile every progressive tensor exactly, each inside one, and each lies in the file after
+    every pass-0 chunk it refines (FORMAT.md, "Progressive tensors"): a reader of the file front to back has the coarse
+    levels before their refinement. ``base``: the pass-0 chunks, ascending in the file and in the store."""
     progressive = sorted((t for t in tensors if t.coarse_shift is not None), key=lambda t: t.raw_offset)
     starts = [t.raw_offset for t in progressive]
     covered = [t.raw_offset for t in progressive]  # per tensor: where the next refinement chunk must start
@@ -158,6 +160,20 @@ def check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[Chunk
     for tensor, end in zip(progressive, covered, strict=True):
         if end != tensor.raw_end:
             raise ManifestSchemaError(f"manifest: progressive tensor {tensor.name!r} is not fully covered by refinement chunks")
+    refining = [chunk for chunk in refinements if chunk.pass_index == REFINEMENT_PASS]
+    if not refining:
+        return
+    # the last pass-0 chunk under each refinement is the latest of them in the file (pass 0 ascends in both orders)
+    ends = np.array([chunk.raw_end for chunk in refining], np.int64)
+    offsets = np.array([chunk.offset for chunk in refining], np.int64)
+    last_base = np.searchsorted(base.raw_offset, ends, side="left") - 1  # a refinement lies inside a layer: never -1
+    early = np.flatnonzero(base.offset[last_base] > offsets)
+    if len(early):
+        chunk = refining[int(early[0])]
+        raise ManifestSchemaError(
+            f"manifest chunks[{chunk.index}]: refinement at file offset {chunk.offset} comes before chunk "
+            f"{int(base.index[last_base[early[0]]])}, which it refines; a refinement follows its coarse levels in the file"
+        )
 
 
 # The writer's encoding of a chunk entry (encode_manifest): a 6-key map, keys in this order, each value a

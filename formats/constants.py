@@ -96,6 +96,17 @@ MAX_UNKNOWN_VALUE_SIZE_BYTES = 16 << 20
 MIN_ZSTD_FRAME_SIZE_BYTES = 9
 """The smallest zstd frame (6-byte header, 3-byte block header): bounds the chunk count by the data size."""
 
+# What a file may claim against what it is: a zstd frame of zeros decodes to ~5,000 times its size, so chunks that
+# each respect their own bounds could declare a store of terabytes from a few megabytes on the wire.
+MAX_STORE_PER_COMPRESSED_BYTE = 16
+"""The layer store (the last layer's end) is at most this many times the compressed bytes of the chunks a reader fetches
+(pass 0 and refinements), plus STORE_ALLOWANCE_BYTES. Real models: 1.03-1.11 (int8 weights compress ~1.1x:
+all-MiniLM-L6-v2 1.09, a 1B Llama 1.11, their progressive files 1.08); a store 16 times its chunks would be >90% bytes
+that compress to nothing."""
+STORE_ALLOWANCE_BYTES = 64 << 20
+"""Store bytes any file may have beyond the ratio: a small model's layer alignment (tests/formats/golden/tiny.slm is 47
+times its 175 chunk bytes) or a few zero-filled tensors."""
+
 
 class DType(enum.Enum):
     """Element types a tensor may have; the value is the manifest spelling."""

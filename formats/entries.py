@@ -109,6 +109,8 @@ class Manifest:
     digest: str  # sha256 hex of the encoded manifest bytes: the model's identity
     size_bytes: int  # length of the encoded manifest
     tensor_by_name: Mapping[str, TensorEntry] = dataclasses.field(repr=False, compare=False, default_factory=dict)
+    tensors_by_layer: Mapping[int, tuple[TensorEntry, ...]] = dataclasses.field(repr=False, compare=False, default_factory=dict)
+    refinements_by_layer: Mapping[int, tuple[ChunkEntry, ...]] = dataclasses.field(repr=False, compare=False, default_factory=dict)
     preview_cosine: float | None = None  # progressive: the coarse model's mean cosine to the exact one on calibration input
 
     @property
@@ -134,14 +136,16 @@ class Manifest:
         return self.tensor_by_name[name]
 
     def tensors_of_layer(self, layer_index: int) -> tuple[TensorEntry, ...]:
-        return tuple(t for t in self.tensors if t.layer_index == layer_index)
+        return self.tensors_by_layer.get(layer_index, ())
 
     def chunks_of_layer(self, layer_index: int) -> tuple[ChunkEntry, ...]:
-        return tuple(c for c in self.chunks if c.layer_index == layer_index)
+        # pass 0 tiles the layers in order: a layer's chunks are one run of the table, found by bisection
+        first, end = np.searchsorted(self.chunk_table.layer, [layer_index, layer_index + 1])
+        return self.chunk_table.take(np.arange(first, end)).entries()
 
     def refinements_of_layer(self, layer_index: int) -> tuple[ChunkEntry, ...]:
         """The REFINEMENT_PASS chunks that make this layer's progressive tensors exact (none for a plain layer)."""
-        return tuple(c for c in self.refinement_chunks if c.layer_index == layer_index and c.pass_index == REFINEMENT_PASS)
+        return self.refinements_by_layer.get(layer_index, ())
 
     @property
     def progressive(self) -> bool:

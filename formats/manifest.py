@@ -9,8 +9,8 @@ values are decoded within bounds (``msgpack_bounded.py``) and the chunk list as 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -31,11 +31,14 @@ from .constants import (
     MAX_CONFIG_SIZE_BYTES,
     MAX_MANIFEST_SIZE_BYTES,
     MAX_NAME_LENGTH,
+    MAX_STORE_PER_COMPRESSED_BYTE,
     MAX_STORE_SIZE_BYTES,
     MAX_TENSOR_NDIM,
     MAX_TOKENIZER_SIZE_BYTES,
     MAX_UNKNOWN_VALUE_SIZE_BYTES,
     MIN_ZSTD_FRAME_SIZE_BYTES,
+    REFINEMENT_PASS,
+    STORE_ALLOWANCE_BYTES,
     TENSOR_ALIGNMENT,
     Codec,
     DType,
@@ -53,6 +56,8 @@ from .msgpack_bounded import (
     list_entries,
     map_spans,
 )
+
+_Item = TypeVar("_Item")
 
 __all__ = ["BASE_PASS", "ChunkEntry", "LayerEntry", "Manifest", "TensorEntry", "TokenizerBlob", "encode_manifest", "parse_manifest"]
 
@@ -149,10 +154,11 @@ def _parse_tensors(raw: Iterator[tuple[int, Any]], layers: tuple[LayerEntry, ...
             raise OverlapError(f"manifest: tensors {before.name!r} and {after.name!r} overlap in the layer store")
     for entry in tensors:
         _check_quantization(entry, by_name, layers)
+    held = _by_layer(tensors, lambda t: t.layer_index)
     for layer in layers:
         if layer.kind is LayerKind.ROWS:
-            held = [t for t in tensors if t.layer_index == layer.index]
-            if len(held) != 1 or len(held[0].shape) != 2:
+            table = held.get(layer.index, ())
+            if len(table) != 1 or len(table[0].shape) != 2:
                 raise ManifestSchemaError(f"manifest: row table {layer.name!r} must hold exactly one 2-D tensor")
     return tuple(tensors)
 
@@ -276,7 +282,8 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         entries = list_entries(data, root["chunks"], "chunks", max_count=max_chunks)
         chunks, refinements = parse_chunks(entries, layers, data_size_bytes, chunk_size)
         chunk_table = ChunkTable.from_entries(chunks)
-    check_refinements(tensors, refinements)
+    check_refinements(tensors, refinements, chunk_table)
+    _check_store_against_chunks(layers, chunk_table, refinements)
     return Manifest(
         config=config,
         layers=layers,
@@ -290,7 +297,29 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
         digest=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         tensor_by_name={t.name: t for t in tensors},
+        tensors_by_layer=_by_layer(tensors, lambda t: t.layer_index),
+        refinements_by_layer=_by_layer([c for c in refinements if c.pass_index == REFINEMENT_PASS], lambda c: c.layer_index),
     )
+
+
+def _check_store_against_chunks(layers: tuple[LayerEntry, ...], chunk_table: ChunkTable, refinements: tuple[ChunkEntry, ...]) -> None:
+    """The store a file declares is bounded by what its chunks are (constants.MAX_STORE_PER_COMPRESSED_BYTE)."""
+    # the chunks a reader fetches (pass 0 and refinements): a reserved pass is skipped, so it does not count
+    compressed = int(chunk_table.size.sum()) + sum(chunk.size_bytes for chunk in refinements if chunk.pass_index == REFINEMENT_PASS)
+    store = layers[-1].raw_end
+    if store > MAX_STORE_PER_COMPRESSED_BYTE * compressed + STORE_ALLOWANCE_BYTES:
+        raise OutOfBoundsError(
+            f"manifest: a {store}-byte layer store from {compressed} bytes of chunks, over the bound of "
+            f"{MAX_STORE_PER_COMPRESSED_BYTE} times plus {STORE_ALLOWANCE_BYTES >> 20} MiB; the file is hostile or damaged"
+        )
+
+
+def _by_layer(items: Sequence[_Item], layer_of: Callable[[_Item], int]) -> dict[int, tuple[_Item, ...]]:
+    """Items grouped by layer, each group in the items' order: one pass, so asking for every layer's is linear."""
+    groups: dict[int, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(layer_of(item), []).append(item)
+    return {layer: tuple(group) for layer, group in groups.items()}
 
 
 # ---------------------------------------------------------------- encoding

@@ -144,10 +144,14 @@ class Origin:
         if raw is None:
             return None
         try:
-            return await parse_header(raw, None)
+            header = await parse_header(raw, None)
         except FormatError as exc:
             logger.warning("the cached header of %s is damaged (%s); it is fetched again", digest[:12], exc)
             return None
+        if header.manifest.digest != digest:  # a directory is named by its model's digest: this header is not its own
+            logger.warning("the cached header of %s is another model's (%s); it is fetched again", digest[:12], header.manifest.digest[:12])
+            return None
+        return header
 
     async def _unchanged(self, etag: str) -> bool:
         """The server says (304) the URL still has the cached copy's ETag; any failure: False (the header is fetched)."""

@@ -54,6 +54,10 @@ class Landed:
 
 
 BATCH_BYTES = 512 << 10  # consecutive chunks smaller than this are received and processed together
+# and decompressed together up to this many raw bytes (one allocation per batch): a batch of real chunks (at most ~3x)
+# stays far below it; chunks of zeros (~5,000x each) would otherwise take gigabytes at once. A single chunk is a batch
+# whatever its size (at most the manifest's chunk_size, itself at most 64 MiB)
+BATCH_RAW_BYTES = 4 << 20
 MAX_BATCH_CHUNKS = BATCH_BYTES // MIN_ZSTD_FRAME_SIZE_BYTES  # more never fit in BATCH_BYTES
 LOOKAHEAD_CHUNKS = 4096  # chunks looked at first for the next batch: a batch of 256-byte chunks holds ~2,000
 JOIN_BELOW_BYTES = 1024  # chunks this small on average are written as one joined piece
@@ -193,15 +197,17 @@ class ChunkPipeline:
 
     @staticmethod
     def _next_batch(table: ChunkTable, positions: Sequence[int], first: int) -> tuple[Sequence[int], np.ndarray]:
-        """The chunks from ``first`` on that fit in BATCH_BYTES (at least one) and their sizes (under the span's lock).
+        """The chunks from ``first`` on that fit in BATCH_BYTES and BATCH_RAW_BYTES (at least one) and their sizes (under
+        the span's lock).
         Looks ahead a few batches' worth of small chunks at a time, not MAX_BATCH_CHUNKS (~29k of them) each time."""
         ahead = LOOKAHEAD_CHUNKS
         while True:
             rest = positions[first : first + ahead]
             sizes = column_at(table.size, rest)
-            ends = np.cumsum(sizes)
-            if ends[-1] > BATCH_BYTES or len(rest) < ahead or ahead >= MAX_BATCH_CHUNKS:
-                count = max(1, int(np.searchsorted(ends, BATCH_BYTES, side="right")))
+            ends, raw_ends = np.cumsum(sizes), np.cumsum(column_at(table.raw_size, rest))
+            if ends[-1] > BATCH_BYTES or raw_ends[-1] > BATCH_RAW_BYTES or len(rest) < ahead or ahead >= MAX_BATCH_CHUNKS:
+                fits = min(np.searchsorted(ends, BATCH_BYTES, side="right"), np.searchsorted(raw_ends, BATCH_RAW_BYTES, side="right"))
+                count = max(1, int(fits))
                 return rest[:count], sizes[:count]
             ahead = min(4 * ahead, MAX_BATCH_CHUNKS)
 
@@ -263,13 +269,35 @@ class ChunkPipeline:
             stored = [batch[i] for i in kept]
             pieces = [data[starts[i] : ends[i]] for i in kept]
             raws = decompress_chunks(list(EntriesAt(table, stored)), pieces, decompressor=decompressor) if kept else []
-        if self.fold_chunk is not None and column_at(table.pass_index, stored).any():
-            stored, raws, refined, exact = self._fold(table, stored, raws, failed)
-        else:
-            refined, exact = [], []
         # what a later process checks the store against
         written = np.fromiter(map(xxhash.xxh3_64_intdigest, raws), np.uint64, len(raws))
         decompressed = time.perf_counter()
+        if self.fold_chunk is not None and column_at(table.pass_index, stored).any():
+            # the batch's pass-0 chunks are stored (and those failed, settled) first: a refinement of this batch may fold
+            # into one of them, and this thread is the one that would store it (waiting for it here never ends)
+            passes = column_at(table.pass_index, stored)
+            plain = [position for position, pass_index in zip(stored, passes.tolist(), strict=True) if not pass_index]
+            later = [(position, raw) for position, pass_index, raw in zip(stored, passes.tolist(), raws, strict=True) if pass_index]
+            written = written[passes == 0]
+            self._store(table, plain, [raw for raw, pass_index in zip(raws, passes.tolist(), strict=True) if not pass_index])
+            batch_passes = column_at(table.pass_index, batch).tolist()
+            self._settle_bases(table, [p for p, pass_index in zip(batch, batch_passes, strict=True) if not pass_index])
+            stored, (refined, exact) = plain, self._fold(table, later, failed)
+        else:
+            self._store(table, stored, raws)
+            refined, exact = [], []
+        if refined:  # folded and written already: reported after the chunks written here
+            folded = np.fromiter(map(xxhash.xxh3_64_intdigest, exact), np.uint64, len(exact))
+            stored, written = [*stored, *refined], np.concatenate([written, folded])
+        stored_at = time.perf_counter()
+        self.stats.verify_s += verify_s
+        self.stats.decompress_s += decompressed - started - verify_s
+        self.stats.store_s += stored_at - decompressed
+        self._batch_times.append((column_at(table.index, batch), (received_from, received_at, started, stored_at)))
+        return Landed(stored, written, failed, ends[-1])
+
+    def _store(self, table: ChunkTable, stored: Sequence[int], raws: list[bytes | memoryview]) -> None:
+        """Write verified pass-0 chunks (positions in ``table``) and record the ones refinements wait for."""
         if stored:
             raw_offsets, raw_sizes = column_at(table.raw_offset, stored), column_at(table.raw_size, stored)
             if raw_offsets[-1] + raw_sizes[-1] - raw_offsets[0] == raw_sizes.sum():
@@ -282,40 +310,25 @@ class ChunkPipeline:
         if self._bases:
             with self._bases_lock:
                 self._bases_stored.update(index for index in column_at(table.index, stored).tolist() if index in self._bases)
-        if refined:  # folded and written already: reported after the chunks written here
-            folded = np.fromiter(map(xxhash.xxh3_64_intdigest, exact), np.uint64, len(exact))
-            stored, written = [*stored, *refined], np.concatenate([written, folded])
-        stored_at = time.perf_counter()
-        self.stats.verify_s += verify_s
-        self.stats.decompress_s += decompressed - started - verify_s
-        self.stats.store_s += stored_at - decompressed
-        self._batch_times.append((column_at(table.index, batch), (received_from, received_at, started, stored_at)))
-        return Landed(stored, written, failed, ends[-1])
 
     def _fold(
-        self, table: ChunkTable, stored: Sequence[int], raws: list[bytes | memoryview], failed: list[tuple[int, ChunkIntegrityError]]
-    ) -> tuple[list[int], list[bytes | memoryview], list[int], list[bytes | memoryview]]:
-        """Fold the batch's refinements into the coarse levels in the store, once those are there: (the chunks still to
-        write and their bytes, the refinements folded and their exact bytes). One whose coarse levels failed their hash
-        joins ``failed``: it is fetched again, after them."""
+        self, table: ChunkTable, refinements: list[tuple[int, bytes | memoryview]], failed: list[tuple[int, ChunkIntegrityError]]
+    ) -> tuple[list[int], list[bytes | memoryview]]:
+        """Fold the batch's refinements into the coarse levels in the store, once those are there (the batch's own are
+        already): (the refinements folded, their exact bytes). One whose coarse levels failed their hash joins
+        ``failed``: it is fetched again, after them."""
         assert self.fold_chunk is not None
-        plain: list[int] = []
-        plain_raws: list[bytes | memoryview] = []
         refined: list[int] = []
         exact: list[bytes | memoryview] = []
-        for position, raw in zip(stored, raws, strict=True):
+        for position, raw in refinements:
             chunk = table.entry(position)
-            if not chunk.pass_index:
-                plain.append(position)
-                plain_raws.append(raw)
-                continue
             unstored = self._wait_for_bases(chunk)
             if unstored is not None:
                 failed.append((position, unstored))
                 continue
             refined.append(position)
             exact.append(self.fold_chunk(chunk, raw))
-        return plain, plain_raws, refined, exact
+        return refined, exact
 
     def _wait_for_bases(self, chunk: ChunkEntry) -> ChunkIntegrityError | None:
         """Wait until the pass-0 chunks under a refinement that this pipeline is processing are stored; an error when

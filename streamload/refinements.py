@@ -8,6 +8,7 @@ fetched again overwrites what was folded into it, so its refinements are folded 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import numpy as np
@@ -27,28 +28,34 @@ class RefinementPlan:
 
     @classmethod
     def build(cls, manifest: Manifest, table: ChunkTable, layer_positions: list[np.ndarray], position_of: np.ndarray) -> RefinementPlan:
-        """The plan of a model (empty for a model with no progressive tensor)."""
+        """The plan of a model (empty for a model with no progressive tensor). Linear in the manifest (a bisection per
+        refinement and per progressive tensor): the pass-0 chunks ascend in the store, layer after layer."""
         plan = cls([np.zeros(0, np.int64) for _ in manifest.layers], {}, {}, {}, {})
-        progressive = sorted((t for t in manifest.tensors if t.coarse_shift is not None), key=lambda t: t.raw_offset)
+        progressive = sorted((t for t in manifest.tensors if t.coarse_shift is not None and t.size_bytes), key=lambda t: t.raw_offset)
         if not progressive:
             return plan
-        layer_chunks = [[table.entry(p) for p in positions.tolist()] for positions in layer_positions]
+        base = np.concatenate([np.zeros(0, np.int64), *layer_positions])  # pass-0 positions, ascending in the store
+        base_index, base_start = table.index[base], table.raw_offset[base]
+        base_end = base_start + table.raw_size[base]
+
+        def overlapping(start: int, end: int) -> range:  # positions in ``base`` of the pass-0 chunks over [start, end)
+            return range(int(np.searchsorted(base_end, start, side="right")), int(np.searchsorted(base_start, end, side="left")))
+
+        tensor_starts = [t.raw_offset for t in progressive]
         refinements: list[list[int]] = [[] for _ in manifest.layers]
         for chunk in (c for c in manifest.refinement_chunks if c.pass_index == REFINEMENT_PASS):
             refinements[chunk.layer_index].append(int(position_of[chunk.index]))
-            starts = layer_chunks[chunk.layer_index]
-            bases = [b for b in starts if b.raw_offset < chunk.raw_offset + chunk.raw_size_bytes and chunk.raw_offset < b.raw_end]
-            plan.requires[chunk.index] = [b.index for b in bases]
-            for base in bases:
-                plan.refined_by.setdefault(base.index, []).append(chunk)
-            plan.shift_of[chunk.index] = next(
-                t.coarse_shift for t in progressive if t.raw_offset <= chunk.raw_offset < t.raw_end and t.coarse_shift is not None
-            )
+            under = overlapping(chunk.raw_offset, chunk.raw_end)
+            plan.requires[chunk.index] = base_index[under.start : under.stop].tolist()
+            for index in plan.requires[chunk.index]:
+                plan.refined_by.setdefault(index, []).append(chunk)
+            tensor = progressive[bisect.bisect_right(tensor_starts, chunk.raw_offset) - 1]  # the parser put it inside one
+            assert tensor.coarse_shift is not None
+            plan.shift_of[chunk.index] = tensor.coarse_shift
         plan.layer_refinements[:] = [np.array(positions, np.int64) for positions in refinements]
-        for chunks in layer_chunks:
-            for base in chunks:
-                for tensor in progressive:
-                    start, end = max(base.raw_offset, tensor.raw_offset), min(base.raw_end, tensor.raw_end)
-                    if start < end and tensor.coarse_shift is not None:
-                        plan.coarse_ranges.setdefault(base.index, []).append((start, end - start, tensor.coarse_shift))
+        for tensor in progressive:
+            assert tensor.coarse_shift is not None
+            for at in overlapping(tensor.raw_offset, tensor.raw_end):
+                start, end = max(int(base_start[at]), tensor.raw_offset), min(int(base_end[at]), tensor.raw_end)
+                plan.coarse_ranges.setdefault(int(base_index[at]), []).append((start, end - start, tensor.coarse_shift))
         return plan

@@ -157,15 +157,19 @@ class DownloadSession:
         usable = positions >= 0
         usable[usable] = table.raw_offset[positions[usable]] + table.raw_size[positions[usable]] <= store_size
         self.journaled = {i: journaled[i] for i in indices[usable].tolist()}
-        pending = np.ones(len(table), bool)
-        pending[positions[usable]] = False
-        self.stats.chunks_total = len(table)
-        self.stats.chunks_cached = len(table) - int(pending.sum())
         # per layer: the positions of its pass-0 chunks (in file order)
         base = np.flatnonzero(table.pass_index == 0)
         by_layer = base[np.argsort(table.layer[base], kind="stable")]
         self._layer_positions = np.split(by_layer, np.cumsum(np.bincount(table.layer[base], minlength=layer_count))[:-1])
         self.plan = RefinementPlan.build(self.manifest, table, self._layer_positions, self._position_of)
+        self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
+        self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
+        if self.plan.requires and self.journaled:
+            await self._check_coarse_under_pending_refinements()
+        pending = np.ones(len(table), bool)
+        pending[self._position_of[np.fromiter(self.journaled, np.int64, len(self.journaled))]] = False
+        self.stats.chunks_total = len(table)
+        self.stats.chunks_cached = len(table) - int(pending.sum())
         # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
         # scales of its int8 tensors (a row table's live in an execution step)
         self._chunk_starts = [table.raw_offset[positions] for positions in self._layer_positions]
@@ -189,8 +193,6 @@ class DownloadSession:
             bytes_to_download=self.scheduler.pending_bytes,
             bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
         )
-        self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
-        self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
         if not pending.any():
             if self._header_stream is not None:  # nothing to read from it
                 self._header_stream.close()
@@ -207,6 +209,32 @@ class DownloadSession:
             len(table),
             self.readiness.bytes_to_download,
         )
+
+    async def _check_coarse_under_pending_refinements(self) -> None:
+        """Before anything is fetched: a refinement is folded only onto coarse levels checked in this process. The cached
+        pass-0 chunks under refinements still to fetch are checked against their digests now (a damaged one is fetched
+        again, and every refinement folded into it with it); a refinement journaled over a pass-0 chunk that is not is
+        folded again after it. Costs one xxh3 pass over those chunks' bytes."""
+        assert self.cache is not None
+        journaled, requires = self.journaled, self.plan.requires
+        for refinement, bases in requires.items():
+            if refinement in journaled and not all(b in journaled for b in bases):
+                del journaled[refinement]
+        under = sorted({b for refinement, bases in requires.items() if refinement not in journaled for b in bases if b in journaled})
+        if not under:
+            return
+        table, positions = self.all_chunks, self._position_of[np.array(under, np.int64)]
+        places = zip(under, table.raw_offset[positions].tolist(), table.raw_size[positions].tolist(), strict=True)
+        cached = [(index, raw_offset, raw_size, journaled[index]) for index, raw_offset, raw_size in places]
+        damaged = await asyncio.to_thread(self.cache.find_damaged, cached, self.plan.coarse_ranges)
+        self._checked_chunks.update(under)
+        for index in damaged:
+            del journaled[index]
+            self._checked_chunks.discard(index)
+            for refinement in self.plan.refined_by.get(index, ()):
+                journaled.pop(refinement.index, None)
+        if damaged:
+            logger.warning("%d cached chunks under refinements still to fetch differ from what was verified; fetching them", len(damaged))
 
     def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
         """A verified refinement, folded into the coarse levels in the store (a pool thread)."""

@@ -118,6 +118,8 @@ async def _read_url_or_cached_header(args: argparse.Namespace) -> tuple[Any, int
         if raw is None:
             raise
         header = await parse_header(raw, None)
+        if header.manifest.digest != digest:  # the directory holds another model's header: not this URL's copy
+            raise
         print(f"warning: {exc}; showing the cached copy sha256:{header.manifest.digest[:12]}", file=sys.stderr)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes
 

@@ -1,0 +1,32 @@
+"""A cache an attacker (or a crash, or another tool) rearranged: whatever a model directory holds, the model run is the
+one its name (the manifest digest) says, or it is fetched again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamload
+from tests.checks import assert_cache_exact
+from tests.serving import ServerThread
+
+
+async def fill_cache(url: str, cache: Path) -> str:
+    async with streamload.open(url, cache_dir=cache) as model:
+        await model.wait_complete()
+        return model.digest
+
+
+async def test_a_model_directory_holding_another_models_header_is_fetched_again(server: ServerThread, www: Path, tmp_path: Path) -> None:
+    """The server's 304 says the URL's model is unchanged; the cached header in that model's directory is another
+    model's: it is a damaged header, fetched again, whether the run is pinned or not (and the server is not blamed)."""
+    url = server.url("minilm.slm")
+    digest = await fill_cache(url, tmp_path)
+    other = await fill_cache(server.url("deep.slm"), tmp_path)
+    models = tmp_path / "models"
+    for source in (url, f"{url}#sha256={digest}"):
+        (models / digest / "header.slm").write_bytes((models / other / "header.slm").read_bytes())
+        async with streamload.open(source, cache_dir=tmp_path) as model:
+            assert model.digest == digest
+            await model.wait_complete()
+        assert (models / digest / "header.slm").read_bytes() != (models / other / "header.slm").read_bytes()  # written again
+    assert_cache_exact(tmp_path, www / "minilm.slm")
