@@ -13,8 +13,11 @@ Fairness against hostile clients (figures: ``python tools/bench_server_fairness.
   wait for a slot, each takes back the slot of the blocked transfer that has made no
   progress for longest (at least stall_reclaim_s) and resets its connection, so
   clients that send a GET and never read cannot starve the others. Progress is what
-  the peer acknowledges (TCP_INFO), so a client that reads, however slowly, keeps its
-  slot. Per-address limits would be useless (loopback, NAT), so there are none.
+  the peer acknowledges (TCP_INFO). Clients that read slowly but steadily do not stall, so
+  waiting requests also take slots from the address holding the most, and, after waiting
+  half the queue timeout, from the transfer holding its slot longest (docs/server.md).
+- Connections and request heads (``connections.py``): at most max_connections, each head
+  at most max_request_line_bytes + max_header_count x max_header_field_bytes.
 - Pipelining: aiohttp queues at most 32 parsed requests per connection and then stops
   reading, but answers without a body (HEAD, 304, 416) never wait for the client to
   read them. Before each request the connection's unsent output must drain below
@@ -171,12 +174,7 @@ async def _write_body(
         await _write_mapped_body(response, served, start + transfer.bytes_sent, end, config, transfer)
     except TimeoutError:
         if transfer.evicted:
-            logger.info(
-                "%s read nothing of %s for over %.1f s while others waited; its slot was reclaimed",
-                request.remote,
-                served.path.name,
-                config.stall_reclaim_s,
-            )
+            logger.info("%s: its slot for %s was given to a waiting request (see slots.py)", request.remote, served.path.name)
         else:
             logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
         _drop_connection(request)
@@ -270,7 +268,7 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
         with contextlib.suppress(OSError):  # caps the bytes a client that stops reading pins in the kernel
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_bytes)
     slots, busy = request.app[SLOTS], request.app[BUSY]
-    transfer = Transfer(config.write_timeout_s, sock)
+    transfer = Transfer(config.write_timeout_s, sock, request.remote)
     busy.add(request.protocol)
     try:
         try:
@@ -299,7 +297,7 @@ def _client_gone(request: web.Request, why: str) -> web.Response:
 async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[FILES] = ModelFiles(config.directory, config.max_indexed_manifest_bytes)
-    app[SLOTS] = SlotPool(config.max_concurrent_requests, config.stall_reclaim_s)
+    app[SLOTS] = SlotPool(config.max_concurrent_requests, config.stall_reclaim_s, share_after_s=config.queue_timeout_s / 2)
     yield
     app[SLOTS].close()
     app[FILES].close()

@@ -8,6 +8,7 @@ import hashlib
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -246,3 +247,80 @@ async def test_the_server_holds_at_most_max_connections_and_a_new_client_is_stil
             sock.close()
     assert closed >= 600 - 512, closed  # before: none closed (each waited for the 15 s idle timeout)
     assert (status, digest) == (200, expected)
+
+
+class SteadySlowReaders:
+    """``count`` clients from ``source`` that each GET the file and read 8 KiB every 0.25 s (32 KiB/s: progress, so
+    never stalled), reconnecting when dropped."""
+
+    def __init__(self, port: int, path: str, count: int, source: str) -> None:
+        self.port, self.count, self.source = port, count, source
+        self.request = f"GET /{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        self.connects = self.reading = self.drops = 0
+        self._stop = asyncio.Event()
+
+    async def _one(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
+                sock.bind((self.source, 0))
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, ("127.0.0.1", self.port))
+                    await loop.sock_sendall(sock, self.request)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                self.connects += 1
+                first = True
+                while not self._stop.is_set():
+                    try:
+                        piece = sock.recv(8 << 10)
+                    except BlockingIOError:
+                        piece = None
+                    except OSError:
+                        break
+                    if piece == b"":
+                        break
+                    if piece and first:
+                        self.reading += 1
+                        first = False
+                    await asyncio.sleep(0.25)
+                self.drops += not self._stop.is_set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SteadySlowReaders]:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.count):
+                group.create_task(self._one())
+            try:
+                yield self
+            finally:
+                self._stop.set()
+
+
+STREAMLOAD = str(Path(sys.executable).parent / "streamload")
+
+
+@pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"])
+async def test_a_fetch_is_served_while_steady_slow_readers_hold_every_slot(served_dir: Path, tmp_path: Path, source: str) -> None:
+    """12 clients reading 8 KiB every 0.25 s hold all 8 slots and never stall. A real ``streamload fetch`` still
+    completes: from another address it takes a slot from the address holding them all; from the same address (as
+    every loopback client is) it takes the slot held longest after waiting half the queue timeout."""
+    options = {"max_concurrent_requests": 8, "queue_timeout_s": 4.0, **PHONE_SERVER_OPTIONS}
+    with serve_directory(served_dir, **options) as server:  # type: ignore[arg-type]
+        async with SteadySlowReaders(server.port, "minilm.slm", 12, source).running() as readers:
+            while readers.reading < 8:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            fetch = await asyncio.create_subprocess_exec(
+                STREAMLOAD, "fetch", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "-q",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            stdout, stderr = await fetch.communicate()
+            share_evictions = getattr(server.app[SLOTS], "share_evictions", 0)  # (absent before this change)
+    # Before: every slot stayed with the slow readers (they make progress): 503 after each 4 s wait, and the fetch
+    # gave up after its retries.
+    assert fetch.returncode == 0, stderr.decode()
+    assert b"ready" in stdout and share_evictions > 0
