@@ -53,6 +53,7 @@ import numpy as np
 import xxhash
 
 from .errors import CacheError
+from .formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
 from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
 from .store_space import StoreSpace
@@ -68,6 +69,7 @@ JOURNAL_NAME = "chunks.log"
 COMPLETE_NAME = "complete"
 LOCK_NAME = "lock"
 NOT_OWN_DIRECTORY = "is a symbolic link or not a directory; streamload never writes through a link it did not make: remove it"
+MAX_HEADER_BYTES = PREAMBLE_SIZE_BYTES + MAX_MANIFEST_SIZE_BYTES  # a larger header.slm is damaged: never read whole
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})  # a write refused by the file system or its permissions
 JOURNAL_RECORD = struct.Struct("<IQ")  # chunk index, xxh3_64 of the chunk's bytes in the store
 JOURNAL_DTYPE = np.dtype([("index", "<u4"), ("digest", "<u8")])  # JOURNAL_RECORD as a numpy record (packed, 12 bytes)
@@ -83,8 +85,10 @@ def default_cache_dir() -> Path:
 
 def cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     """``action`` is a gerund: "writing", "committing"."""
+    if exc.errno in (errno.ELOOP, errno.EMLINK, errno.EINVAL) and exc.filename:
+        return CacheError(f"{exc.filename}: {exc.strerror}")
     if exc.errno == errno.ELOOP:
-        return CacheError(f"{exc.filename or path}: {exc.strerror}")
+        return CacheError(f"{path}: {exc.strerror}")
     if exc.errno == errno.ENOSPC:
         return CacheError(
             f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk"
@@ -120,7 +124,7 @@ class ModelCache:
 
     def read_header(self) -> bytes | None:
         try:
-            return read_own_file(self.header_path)
+            return read_own_file(self.header_path, MAX_HEADER_BYTES)
         except OSError:
             return None
 
@@ -208,7 +212,7 @@ class ModelCache:
                     raise
                 return self._open_store_read_only(size_bytes)
             self._store_fd = fd
-            _check_regular(fd, self.store_path)
+            _check_regular(fd, self.store_path, writing=True)
             size_before = os.fstat(fd).st_size
             if size_before != size_bytes:
                 os.ftruncate(fd, size_bytes)
@@ -216,7 +220,7 @@ class ModelCache:
             if size_bytes:
                 self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwritev
             self._journal_fd = open_own_file(self.directory / JOURNAL_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-            _check_regular(self._journal_fd, self.directory / JOURNAL_NAME)
+            _check_regular(self._journal_fd, self.directory / JOURNAL_NAME, writing=True)
             torn = os.fstat(self._journal_fd).st_size % JOURNAL_RECORD.size
             if torn:  # a record cut short by a crash: drop it, or every later append would be read misaligned
                 os.ftruncate(self._journal_fd, os.fstat(self._journal_fd).st_size - torn)
@@ -501,18 +505,24 @@ def make_own_directory(path: Path) -> None:
         raise OSError(errno.ELOOP, NOT_OWN_DIRECTORY, str(path))
 
 
-def _check_regular(fd: int, path: Path) -> None:
-    """A FIFO or a device in place of a cache file would block or misbehave on every write: refuse it."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+def _check_regular(fd: int, path: Path, writing: bool = False) -> None:
+    """A FIFO or a device in place of a cache file would block or misbehave on every write: refuse it. A file written
+    to must have no other hard link: writing would change that other file too."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         raise OSError(errno.EINVAL, "is not a regular file; remove it", str(path))
+    if writing and info.st_nlink > 1:
+        raise OSError(errno.EMLINK, "has another hard link; streamload never writes into a file it shares: remove it", str(path))
 
 
-def read_own_file(path: Path) -> bytes:
+def read_own_file(path: Path, max_size_bytes: int | None = None) -> bytes:
     """The bytes of one of the cache's files. A link is not followed (ELOOP) and a FIFO or device never waited on: anything
-    but a regular file is an OSError, as a damaged file is."""
+    but a regular file is an OSError, as a damaged file is; so is a file over ``max_size_bytes`` (EFBIG, never read)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         _check_regular(fd, path)
+        if max_size_bytes is not None and os.fstat(fd).st_size > max_size_bytes:
+            raise OSError(errno.EFBIG, f"is over {max_size_bytes} bytes", str(path))
         with open(fd, "rb", closefd=False) as f:
             return f.read()
     finally:

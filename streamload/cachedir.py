@@ -22,6 +22,7 @@ from .cache import (
     JOURNAL_NAME,
     JOURNAL_RECORD,
     LOCK_NAME,
+    MAX_HEADER_BYTES,
     MODELS_DIR,
     REFS_DIR,
     cache_error,
@@ -64,7 +65,7 @@ def list_cached_models(root: Path) -> list[CachedModel]:
             journal_stat = journal.lstat() if journal.exists() else None
             done = journal_stat.st_size // JOURNAL_RECORD.size if journal_stat and stat.S_ISREG(journal_stat.st_mode) else 0
             try:
-                header: bytes | None = read_own_file(directory / HEADER_NAME)
+                header: bytes | None = read_own_file(directory / HEADER_NAME, MAX_HEADER_BYTES)
             except OSError:
                 header = None
             modified = directory.stat().st_mtime

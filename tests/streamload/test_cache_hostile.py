@@ -185,3 +185,49 @@ def test_a_fifo_in_place_of_a_cached_file_hangs_neither_run_nor_list(
             assert_fails_with_one_error(done, "chunks.log", "not a regular file")
         else:  # an unreadable header or ref is a missing one: fetched again
             assert_runs(done)
+
+
+# ---------------------------------------------------------------- found probing: hard links, a huge header
+
+
+def test_a_store_with_another_hard_link_is_never_written_into(server: ServerThread, www: Path, tmp_path: Path) -> None:
+    """A hard link to the store (made by someone else) would be written through as a symbolic link would."""
+    url = server.url("minilm.slm")
+    digest = fill_cache(url, tmp_path / "cache")
+    store = tmp_path / "cache" / "models" / digest / "store.bin"
+    with open(store, "r+b") as f:
+        f.write(bytes(100_000))  # damaged: the run would write the chunk again
+    other = tmp_path / "other-name"
+    os.link(store, other)
+    before = other.read_bytes()
+    done = streamload_cli("run", url, "--cache-dir", str(tmp_path / "cache"), "--text", "hello", "-q")
+    assert other.read_bytes() == before
+    assert_fails_with_one_error(done, "store.bin", "hard link")
+
+
+def test_a_huge_header_file_is_neither_read_whole_by_list_nor_by_run(server: ServerThread, tmp_path: Path) -> None:
+    """A 4 GiB (sparse) header.slm: over any header's size, so damaged; `list` and `run` stay within 3 GiB of address space."""
+    import resource
+
+    url = server.url("minilm.slm")
+    digest = fill_cache(url, tmp_path)
+    header = tmp_path / "models" / digest / "header.slm"
+    header.unlink()
+    with open(header, "wb") as f:
+        f.truncate(4 << 30)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    listed = subprocess.run([STREAMLOAD, "list", "--cache-dir", str(tmp_path)], capture_output=True, text=True, preexec_fn=limited, env=env)
+    assert listed.returncode == 0 and digest[:12] in listed.stdout, listed.stderr
+    ran = subprocess.run(
+        [STREAMLOAD, "run", f"{url}#sha256={digest}", "--cache-dir", str(tmp_path), "--text", "hello", "-q"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        env=env,
+    )
+    assert_runs(ran)
+    assert header.stat().st_size < 1 << 20  # fetched again and replaced
