@@ -13,8 +13,11 @@ Fairness against hostile clients (figures: ``python tools/bench_server_fairness.
   wait for a slot, each takes back the slot of the blocked transfer that has made no
   progress for longest (at least stall_reclaim_s) and resets its connection, so
   clients that send a GET and never read cannot starve the others. Progress is what
-  the peer acknowledges (TCP_INFO), so a client that reads, however slowly, keeps its
-  slot. Per-address limits would be useless (loopback, NAT), so there are none.
+  the peer acknowledges (TCP_INFO). Clients that read slowly but steadily do not stall, so
+  waiting requests also take slots from the address holding the most, and, after waiting
+  half the queue timeout, from the transfer holding its slot longest (docs/server.md).
+- Connections and request heads (``connections.py``): at most max_connections, each head
+  at most max_request_line_bytes + max_header_count x max_header_field_bytes.
 - Pipelining: aiohttp queues at most 32 parsed requests per connection and then stops
   reading, but answers without a body (HEAD, 304, 416) never wait for the client to
   read them. Before each request the connection's unsent output must drain below
@@ -43,6 +46,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .connections import ModelRunner
 from .files import ModelFiles, ServedFile
 from .ranges import RangeOutcome, decide_range
 from .slots import SlotPool, Transfer
@@ -67,6 +71,14 @@ class ServerConfig:
     send_buffer_bytes: int | None = None  # SO_SNDBUF per connection (nginx's listen sndbuf=); None keeps the kernel's autotuning
     max_indexed_manifest_bytes: int = 4 << 20  # larger manifests are not parsed: served as bytes, listed as unreadable
     idle_timeout_s: float = 15.0  # a connection without a complete request (slow headers, idle keep-alive) is closed
+    # What an unfinished request head may cost (connections.py): at most max_connections open (then the oldest idle
+    # one, or the oldest of the busiest address, makes room), each head at most max_request_line_bytes plus
+    # max_header_count fields of max_header_field_bytes (name and value): 8 KiB + 32 x 4 KiB = 136 KiB, 68 MiB in all.
+    # aiohttp's defaults are 128 fields of 8 KiB (2 MiB per connection) with no bound on connections.
+    max_connections: int = 512
+    max_request_line_bytes: int = 8190  # the request line: a signed URL's query fits
+    max_header_field_bytes: int = 4096  # one header's name and value: a bearer token or a cookie fits
+    max_header_count: int = 32
 
 
 class TokenBucket:
@@ -90,6 +102,7 @@ class TokenBucket:
 CONFIG = web.AppKey("config", ServerConfig)
 FILES = web.AppKey("files", ModelFiles)
 SLOTS = web.AppKey("slots", SlotPool)
+BUSY = web.AppKey("busy", set)  # the connections (aiohttp protocols) with a request in progress, for connections.py
 # The current request's hold on its slot: set by the middleware in the request's own task (aiohttp runs each
 # request in a task of its own, with a copy of the context), read by the handler that writes the body.
 TRANSFER: contextvars.ContextVar[Transfer] = contextvars.ContextVar("transfer")
@@ -161,12 +174,7 @@ async def _write_body(
         await _write_mapped_body(response, served, start + transfer.bytes_sent, end, config, transfer)
     except TimeoutError:
         if transfer.evicted:
-            logger.info(
-                "%s read nothing of %s for over %.1f s while others waited; its slot was reclaimed",
-                request.remote,
-                served.path.name,
-                config.stall_reclaim_s,
-            )
+            logger.info("%s: its slot for %s was given to a waiting request (see slots.py)", request.remote, served.path.name)
         else:
             logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
         _drop_connection(request)
@@ -259,21 +267,25 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
     if config.send_buffer_bytes is not None and sock is not None:
         with contextlib.suppress(OSError):  # caps the bytes a client that stops reading pins in the kernel
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_bytes)
-    slots = request.app[SLOTS]
-    transfer = Transfer(config.write_timeout_s, sock)
+    slots, busy = request.app[SLOTS], request.app[BUSY]
+    transfer = Transfer(config.write_timeout_s, sock, request.remote)
+    busy.add(request.protocol)
     try:
-        await slots.acquire(transfer, config.queue_timeout_s)
-    except TimeoutError:
-        raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text="server busy\n") from None
-    TRANSFER.set(transfer)
-    try:
-        if request.transport is None or request.transport.is_closing():
-            raise ConnectionResetError("the client left while waiting for a slot")
-        return await handler(request)
-    except ConnectionError as exc:
-        return _client_gone(request, str(exc))
+        try:
+            await slots.acquire(transfer, config.queue_timeout_s)
+        except TimeoutError:
+            raise web.HTTPServiceUnavailable(headers={"Retry-After": "1"}, text="server busy\n") from None
+        TRANSFER.set(transfer)
+        try:
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client left while waiting for a slot")
+            return await handler(request)
+        except ConnectionError as exc:
+            return _client_gone(request, str(exc))
+        finally:
+            slots.release(transfer)
     finally:
-        slots.release(transfer)
+        busy.discard(request.protocol)
 
 
 def _client_gone(request: web.Request, why: str) -> web.Response:
@@ -285,7 +297,7 @@ def _client_gone(request: web.Request, why: str) -> web.Response:
 async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[FILES] = ModelFiles(config.directory, config.max_indexed_manifest_bytes)
-    app[SLOTS] = SlotPool(config.max_concurrent_requests, config.stall_reclaim_s)
+    app[SLOTS] = SlotPool(config.max_concurrent_requests, config.stall_reclaim_s, share_after_s=config.queue_timeout_s / 2)
     yield
     app[SLOTS].close()
     app[FILES].close()
@@ -300,8 +312,14 @@ def create_app(config: ServerConfig) -> web.Application:
     """
     if not config.directory.is_dir():
         raise NotADirectoryError(f"{config.directory} is not a directory")
-    app = web.Application(middlewares=[limit_concurrency])
+    header_limits = {
+        "max_line_size": config.max_request_line_bytes,
+        "max_field_size": config.max_header_field_bytes,
+        "max_headers": config.max_header_count,
+    }
+    app = web.Application(middlewares=[limit_concurrency], handler_args=header_limits)
     app[CONFIG] = config
+    app[BUSY] = set()
     app.cleanup_ctx.append(_file_lifecycle)
     app.router.add_get("/", handle_index)
     app.router.add_get("/{name}", handle_model)
@@ -323,6 +341,13 @@ class AccessLogger(AbstractAccessLogger):
             time,
             request.headers.get("Range", "-"),
         )
+
+
+def create_runner(app: web.Application, **options: object) -> web.AppRunner:
+    """The runner for an app of ``create_app``: its sites hold at most max_connections (``connections.py``).
+    ``options`` go to ``web.AppRunner`` after ``runner_options``."""
+    config = app[CONFIG]
+    return ModelRunner(app, max_connections=config.max_connections, busy=app[BUSY], **{**runner_options(config), **options})
 
 
 def runner_options(config: ServerConfig) -> dict[str, object]:
@@ -356,12 +381,11 @@ async def _serve_until_signalled(
     config: ServerConfig, host: str, port: int, announce: Callable[[str], None], access_log: bool, sock: socket.socket | None
 ) -> None:
     """``web.run_app`` without its banner: the bound port is read back from the socket, so ``--port 0`` can say which."""
-    runner = web.AppRunner(
+    runner = create_runner(
         create_app(config),
         access_log=logging.getLogger("streamload.server.access") if access_log else None,
         access_log_class=AccessLogger,
         shutdown_timeout=5.0,
-        **runner_options(config),  # type: ignore[arg-type]
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

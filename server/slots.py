@@ -1,11 +1,10 @@
-"""Request slots, and taking them back from clients that stopped reading.
+"""Request slots, and taking them back from clients that stopped reading or hold more than their share.
 
 The server answers at most ``capacity`` requests at once, one slot each. A client that sends a GET and
 then reads nothing keeps its slot while the body's write is blocked (the kernel's buffers are full and
 nothing moves). Three hundred such clients that reconnect whenever they are dropped would hold every slot
-for ``write_timeout_s`` at a time and starve everyone else. Limits per address are no defence (on
-loopback, or behind a NAT, everyone shares one), so the rule is about progress, as nginx's send_timeout
-is, and it tightens only when it matters:
+for ``write_timeout_s`` at a time and starve everyone else. The first rule is about progress, as nginx's
+send_timeout is, and it tightens only when it matters:
 
 - A body is written in pieces; while a piece waits for room in the kernel's send buffer the transfer
   is *blocked*. Piece sizes adapt so that a piece takes about PIECE_TARGET_S at the client's pace.
@@ -21,7 +20,14 @@ is, and it tightens only when it matters:
 - Otherwise (a free slot, or nobody waiting) a blocked client keeps its slot until it has made no
   progress for ``write_timeout_s`` (default 30 s, like nginx's send_timeout): a slow client on a quiet
   server is never hurried.
-- Waiting requests get slots first come, first served; one that waits ``queue_timeout_s`` gets 503.
+- Clients that read slowly but steadily (300 connections reading 8 KiB every 0.25 s) make progress and would
+  keep every slot. So, while requests wait and no transfer is stalled, a waiting request whose peer address
+  holds at least two slots fewer than the address holding the most takes one of that address's slots (the one
+  held longest): one client cannot keep others out. Clients that share an address (loopback, a NAT) are told
+  apart by nothing, so a request that has waited ``share_after_s`` (half the queue timeout) takes the slot held
+  longest (held at least that long), whatever its address: they take turns.
+- A freed slot goes to the waiting request whose address holds the fewest slots, the longest waiting first;
+  one that waits ``queue_timeout_s`` gets 503. An evicted client resumes with a Range request.
 
 What a non-reader still costs: a slot for at least ``stall_reclaim_s`` per connection it opens, and the
 bytes the kernel accepted before its window closed. When non-readers that reconnect at once hold every
@@ -68,16 +74,20 @@ class Transfer:
         "_deadline",
         "_watchdog",
         "_write_timeout_s",
+        "address",
         "blocked_since",
         "bytes_acked",
         "bytes_sent",
         "evicted",
+        "granted_at",
         "piece_bytes",
         "progress_at",
         "sock",
     )
 
-    def __init__(self, write_timeout_s: float, sock: socket.socket | None = None) -> None:
+    def __init__(self, write_timeout_s: float, sock: socket.socket | None = None, address: str | None = None) -> None:
+        self.address = address  # the peer's address: slots are shared fairly between addresses
+        self.granted_at = 0.0  # loop time the slot was granted
         self.piece_bytes = PIECE_START_BYTES
         self.bytes_sent = 0
         self.blocked_since: float | None = None  # loop time the current piece started; None between pieces
@@ -143,24 +153,29 @@ class Transfer:
 
 
 class SlotPool:
-    """At most ``capacity`` transfers at once; waiting requests take back slots from stalled ones."""
+    """At most ``capacity`` transfers at once; waiting requests take back slots from stalled ones, and from
+    addresses holding more than their share (module doc)."""
 
-    def __init__(self, capacity: int, stall_reclaim_s: float) -> None:
+    def __init__(self, capacity: int, stall_reclaim_s: float, share_after_s: float = 5.0) -> None:
         self.capacity = capacity
         self.stall_reclaim_s = stall_reclaim_s
+        self.share_after_s = share_after_s
         self.evictions = 0
+        self.share_evictions = 0  # of which, for a waiting request of another address or one waiting long
         self._holders: set[Transfer] = set()
-        self._waiters: collections.deque[tuple[asyncio.Future[None], Transfer]] = collections.deque()
+        self._held_by: collections.Counter[str | None] = collections.Counter()  # slots per address
+        self._waiters: collections.deque[tuple[asyncio.Future[None], Transfer, float]] = collections.deque()
         self._evicting = 0  # evicted transfers that have not released their slot yet
         self._timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, transfer: Transfer, timeout_s: float) -> None:
         """Hold a slot for ``transfer``; TimeoutError if none comes within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
         if len(self._holders) < self.capacity and not self._waiters:
-            self._holders.add(transfer)
+            self._grant(transfer, loop.time())
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (waiter, transfer)
+        waiter: asyncio.Future[None] = loop.create_future()
+        entry = (waiter, transfer, loop.time())
         self._waiters.append(entry)
         self._reclaim()
         try:
@@ -175,15 +190,22 @@ class SlotPool:
             raise
 
     def release(self, transfer: Transfer) -> None:
-        """Give the slot back; the longest-waiting request gets it."""
-        self._holders.discard(transfer)
-        if transfer.evicted:
-            self._evicting -= 1
+        """Give the slot back; the waiting request whose address holds the fewest slots gets it (the longest waiting
+        first)."""
+        if transfer in self._holders:
+            self._holders.discard(transfer)
+            self._held_by[transfer.address] -= 1
+            if not self._held_by[transfer.address]:
+                del self._held_by[transfer.address]
+            if transfer.evicted:
+                self._evicting -= 1
+        now = asyncio.get_running_loop().time()
         while self._waiters and len(self._holders) < self.capacity:
-            waiter, waiting = self._waiters.popleft()
+            entry = min(self._waiters, key=lambda e: self._held_by[e[1].address])  # min() keeps the first of equals
+            self._waiters.remove(entry)
+            waiter, waiting, _ = entry
             if not waiter.done():
-                waiting.progress_at = asyncio.get_running_loop().time()
-                self._holders.add(waiting)
+                self._grant(waiting, now)
                 waiter.set_result(None)
 
     def close(self) -> None:
@@ -191,8 +213,20 @@ class SlotPool:
             self._timer.cancel()
             self._timer = None
 
+    def _grant(self, transfer: Transfer, now: float) -> None:
+        transfer.progress_at = transfer.granted_at = now
+        self._holders.add(transfer)
+        self._held_by[transfer.address] += 1
+
+    def _evict(self, transfer: Transfer) -> None:
+        transfer.evict()
+        self._evicting += 1
+        self.evictions += 1
+
     def _reclaim(self) -> None:
-        """Evict, for each waiting request not yet provided for, the transfer blocked longest (if past stall_reclaim_s)."""
+        """For each waiting request not yet provided for, evict: the transfer blocked longest (past stall_reclaim_s);
+        else one of the address holding the most slots, for a request of an address holding two fewer; else, for a
+        request waiting share_after_s, the transfer holding its slot longest (at least as long)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -208,9 +242,7 @@ class SlotPool:
                 key=lambda t: t.progress_at,
             )
             for transfer in stalled[:needed]:
-                transfer.evict()
-                self._evicting += 1
-                self.evictions += 1
+                self._evict(transfer)
             if stalled:
                 logger.debug(
                     "%d requests waiting for a slot; reclaimed %d slots from blocked clients without progress for %.1f s",
@@ -218,5 +250,40 @@ class SlotPool:
                     min(needed, len(stalled)),
                     self.stall_reclaim_s,
                 )
+            needed -= min(needed, len(stalled))
+            if needed > 0:
+                self._share(needed, now)
         if self._waiters:
             self._timer = asyncio.get_running_loop().call_later(RECLAIM_CHECK_S, self._reclaim)
+
+    def _share(self, needed: int, now: float) -> None:
+        """Evict up to ``needed`` transfers for waiting requests that hold less than their share (see _reclaim)."""
+        live = [t for t in self._holders if not t.evicted]
+        held = collections.Counter(t.address for t in live)
+        by_address: dict[str | None, list[Transfer]] = collections.defaultdict(list)
+        for transfer in sorted(live, key=lambda t: t.granted_at):
+            by_address[transfer.address].append(transfer)
+        oldest = sorted(live, key=lambda t: t.granted_at)
+        waiting = sorted(self._waiters, key=lambda e: (held[e[1].address], e[2]))
+        for _, transfer, since in waiting:
+            if needed <= 0:
+                break
+            victim = None
+            busiest = max(held, key=held.__getitem__, default=None)
+            if busiest is not None and held[busiest] - held[transfer.address] >= 2:
+                victim = next((t for t in by_address[busiest] if not t.evicted), None)
+            elif now - since >= self.share_after_s:
+                victim = next((t for t in oldest if not t.evicted and now - t.granted_at >= self.share_after_s), None)
+            if victim is None:
+                continue
+            self._evict(victim)
+            self.share_evictions += 1
+            held[victim.address] -= 1
+            held[transfer.address] += 1  # the slot is this request's, as release() hands it out
+            needed -= 1
+            logger.info(
+                "a request from %s waited; took a slot from %s, held for %.1f s",
+                transfer.address,
+                victim.address,
+                now - victim.granted_at,
+            )

@@ -19,7 +19,13 @@ cached run about a millisecond per 40 MB.
 
 Space: the store is a sparse file, reserved in blocks as verified data lands in them and given back when a
 download fails (``store_space.py``). Nothing is ever written through a symbolic
-link: the cache's files are opened with O_NOFOLLOW.
+link the cache did not make: the cache's files are opened with O_NOFOLLOW, and ``models/``, ``refs/`` and a
+model's directory must be directories, not links (``make_own_directory``). Its files are read with O_NOFOLLOW |
+O_NONBLOCK and must be regular files (``read_own_file``): a link or a FIFO in their place is a damaged file.
+
+Read-only: a complete model in a cache on a read-only file system is used as it is. Writes that are only bookkeeping
+(a URL's ref, the ``complete`` marker, the lock file) are skipped with a debug log; a write the run needs (a missing
+or damaged chunk) is a CacheError naming the read-only file system.
 
 Threads: store writes (``write_chunks``, pwritev at distinct offsets) come from the
 pool threads at once; commits from the committer's one thread; everything else
@@ -37,6 +43,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -46,13 +53,24 @@ import numpy as np
 import xxhash
 
 from .errors import CacheError
+from .formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
 from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
 from .store_space import StoreSpace
 
 logger = logging.getLogger(__name__)
 
+# The cache's names, written once (the layout is in the module docstring)
+MODELS_DIR = "models"
+REFS_DIR = "refs"
+HEADER_NAME = "header.slm"
+STORE_NAME = "store.bin"
 JOURNAL_NAME = "chunks.log"
+COMPLETE_NAME = "complete"
+LOCK_NAME = "lock"
+NOT_OWN_DIRECTORY = "is a symbolic link or not a directory; streamload never writes through a link it did not make: remove it"
+MAX_HEADER_BYTES = PREAMBLE_SIZE_BYTES + MAX_MANIFEST_SIZE_BYTES  # a larger header.slm is damaged: never read whole
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})  # a write refused by the file system or its permissions
 JOURNAL_RECORD = struct.Struct("<IQ")  # chunk index, xxh3_64 of the chunk's bytes in the store
 JOURNAL_DTYPE = np.dtype([("index", "<u4"), ("digest", "<u8")])  # JOURNAL_RECORD as a numpy record (packed, 12 bytes)
 IOV_MAX = 1024  # buffers per pwritev (POSIX minimum, Linux's limit)
@@ -67,6 +85,8 @@ def default_cache_dir() -> Path:
 
 def cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     """``action`` is a gerund: "writing", "committing"."""
+    if exc.errno in (errno.ELOOP, errno.EMLINK, errno.EINVAL) and exc.filename:
+        return CacheError(f"{exc.filename}: {exc.strerror}")
     if exc.errno == errno.ELOOP:
         return CacheError(f"{path}: {exc.strerror}")
     if exc.errno == errno.ENOSPC:
@@ -84,7 +104,8 @@ class ModelCache:
             raise CacheError(f"not a sha256 hex digest: {digest!r}")
         self.root = root
         self.digest = digest
-        self.directory = root / "models" / digest
+        self.directory = root / MODELS_DIR / digest
+        self.read_only = False  # set when the store could be opened only for reading (a read-only file system)
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._store_fd: int | None = None
@@ -95,15 +116,15 @@ class ModelCache:
 
     @property
     def header_path(self) -> Path:
-        return self.directory / "header.slm"
+        return self.directory / HEADER_NAME
 
     @property
     def store_path(self) -> Path:
-        return self.directory / "store.bin"
+        return self.directory / STORE_NAME
 
     def read_header(self) -> bytes | None:
         try:
-            return self.header_path.read_bytes()
+            return read_own_file(self.header_path, MAX_HEADER_BYTES)
         except OSError:
             return None
 
@@ -116,7 +137,7 @@ class ModelCache:
             raise cache_error("writing", self.header_path, exc) from None
 
     def is_complete(self) -> bool:
-        return (self.directory / "complete").exists()
+        return (self.directory / COMPLETE_NAME).exists()
 
     # ------------------------------------------------------------ the writer lock
 
@@ -124,9 +145,11 @@ class ModelCache:
         """Take the directory's writer lock, waiting (without blocking the loop) while another process holds it."""
         try:
             self._make_directory()
-            fd = _open_own(self.directory / "lock", os.O_RDWR | os.O_CREAT)
+            fd = self._open_lock()
         except OSError as exc:
             raise cache_error("creating", self.directory, exc) from None
+        if fd is None:
+            return
         waited = False
         while True:
             try:
@@ -139,10 +162,26 @@ class ModelCache:
                 await asyncio.sleep(LOCK_POLL_S)
         self._lock_fd = fd
 
+    def _open_lock(self) -> int | None:
+        """The lock file's descriptor; on a read-only file system the existing lock opened for reading (flock needs no
+        write access), or None when there is none: nobody can write this directory there either."""
+        path = self.directory / LOCK_NAME
+        try:
+            return open_own_file(path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            if exc.errno not in READ_ONLY_ERRNOS:
+                raise
+            logger.debug("cannot create or write %s (%s); locking it for reading", path, exc.strerror)
+        try:
+            return open_own_file(path, os.O_RDONLY)
+        except FileNotFoundError:
+            logger.debug("no lock file in the read-only %s; using it unlocked", self.directory)
+            return None
+
     def _make_directory(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.directory.is_symlink():
-            raise OSError(errno.ELOOP, "is a symbolic link")
+        self.root.mkdir(parents=True, exist_ok=True)  # the cache directory itself is the user's choice, a link or not
+        make_own_directory(self.root / MODELS_DIR)
+        make_own_directory(self.directory)
 
     # ------------------------------------------------------------ store and journal
 
@@ -166,15 +205,22 @@ class ModelCache:
                 "free some space or pass --cache-dir on another disk"
             )
         try:
-            fd = _open_own(self.store_path, os.O_RDWR | os.O_CREAT)
+            try:
+                fd = open_own_file(self.store_path, os.O_RDWR | os.O_CREAT)
+            except OSError as exc:
+                if exc.errno not in READ_ONLY_ERRNOS or not self.store_path.exists():
+                    raise
+                return self._open_store_read_only(size_bytes)
             self._store_fd = fd
+            _check_regular(fd, self.store_path, writing=True)
             size_before = os.fstat(fd).st_size
             if size_before != size_bytes:
                 os.ftruncate(fd, size_bytes)
             self._space = StoreSpace(fd, size_bytes)
             if size_bytes:
                 self.store_map = mmap.mmap(fd, size_bytes, access=mmap.ACCESS_READ)  # readers' views; writes use pwritev
-            self._journal_fd = _open_own(self.directory / JOURNAL_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            self._journal_fd = open_own_file(self.directory / JOURNAL_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            _check_regular(self._journal_fd, self.directory / JOURNAL_NAME, writing=True)
             torn = os.fstat(self._journal_fd).st_size % JOURNAL_RECORD.size
             if torn:  # a record cut short by a crash: drop it, or every later append would be read misaligned
                 os.ftruncate(self._journal_fd, os.fstat(self._journal_fd).st_size - torn)
@@ -183,11 +229,23 @@ class ModelCache:
             raise cache_error("preparing", self.store_path, exc) from None
         return min(size_before, size_bytes)
 
+    def _open_store_read_only(self, size_bytes: int) -> int:
+        """A store that cannot be written (a read-only file system): mapped as it is, for a model that needs nothing new."""
+        logger.debug("%s cannot be written; using it read-only", self.store_path)
+        fd = open_own_file(self.store_path, os.O_RDONLY)
+        self._store_fd = fd
+        self.read_only = True
+        _check_regular(fd, self.store_path)
+        stored = os.fstat(fd).st_size
+        if min(stored, size_bytes):
+            self.store_map = mmap.mmap(fd, min(stored, size_bytes), access=mmap.ACCESS_READ)
+        return min(stored, size_bytes)
+
     def read_journal(self, chunk_count: int) -> dict[int, int]:
         """Chunk index -> xxh3 of its stored bytes, for chunks already verified and stored (a torn last record is ignored)."""
         path = self.directory / JOURNAL_NAME
         try:
-            data = path.read_bytes()
+            data = read_own_file(path)
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -239,7 +297,8 @@ class ModelCache:
         """
         assert self._store_fd is not None
         try:
-            assert self._space is not None
+            if self.read_only or self._space is None:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
             self._space.reserve(raw_offset, raw_offset + sum(len(piece) for piece in pieces))
             while pieces:
                 group = pieces[:IOV_MAX]
@@ -268,8 +327,9 @@ class ModelCache:
         only chunks whose bytes are on disk. One write(2) with O_APPEND per batch. ``records``: (index, xxh3) pairs,
         or an array of JOURNAL_DTYPE (``journal_records``).
         """
-        assert self._journal_fd is not None and self._store_fd is not None
         try:
+            if self._journal_fd is None or self._store_fd is None or self.read_only:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
             os.fdatasync(self._store_fd)
             if isinstance(records, np.ndarray):
                 data = records.astype(JOURNAL_DTYPE, copy=False).tobytes()
@@ -284,8 +344,11 @@ class ModelCache:
         try:
             if self._journal_fd is not None:
                 os.fsync(self._journal_fd)
-            write_atomically(self.directory / "complete", b"")
+            write_atomically(self.directory / COMPLETE_NAME, b"")
         except OSError as exc:
+            if exc.errno in READ_ONLY_ERRNOS:  # bookkeeping: the journal says the same, and is read first
+                logger.debug("cannot mark %s complete (%s)", self.directory, exc.strerror)
+                return
             raise cache_error("finishing", self.directory, exc) from None
 
     def drop_store_pages(self, offset: int = 0, size_bytes: int = 0) -> None:
@@ -454,7 +517,40 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _open_own(path: Path, flags: int) -> int:
+def make_own_directory(path: Path) -> None:
+    """Make one of the cache's directories (its parent exists), refusing a link or anything else in its place (ELOOP):
+    the cache writes nothing through a link it did not make."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o755)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ELOOP, NOT_OWN_DIRECTORY, str(path))
+
+
+def _check_regular(fd: int, path: Path, writing: bool = False) -> None:
+    """A FIFO or a device in place of a cache file would block or misbehave on every write: refuse it. A file written
+    to must have no other hard link: writing would change that other file too."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "is not a regular file; remove it", str(path))
+    if writing and info.st_nlink > 1:
+        raise OSError(errno.EMLINK, "has another hard link; streamload never writes into a file it shares: remove it", str(path))
+
+
+def read_own_file(path: Path, max_size_bytes: int | None = None) -> bytes:
+    """The bytes of one of the cache's files. A link is not followed (ELOOP) and a FIFO or device never waited on: anything
+    but a regular file is an OSError, as a damaged file is; so is a file over ``max_size_bytes`` (EFBIG, never read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _check_regular(fd, path)
+        if max_size_bytes is not None and os.fstat(fd).st_size > max_size_bytes:
+            raise OSError(errno.EFBIG, f"is over {max_size_bytes} bytes", str(path))
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def open_own_file(path: Path, flags: int) -> int:
     """Open one of the cache's own files, refusing a symbolic link (ELOOP) that someone else put there."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW, 0o644)

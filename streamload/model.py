@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -182,8 +181,8 @@ class Model:
         return complete.done() and complete.exception() is None
 
     async def wait_complete(self) -> DownloadStats:
-        """Wait until every chunk is in the cache; returns the run's stats."""
-        await asyncio.shield(self._session.complete)
+        """Wait until every chunk is in the cache, those that were cached checked first; returns the run's stats."""
+        await self._session.wait_complete()
         return self._session.stats
 
 

@@ -5,18 +5,27 @@
 A complete model from a URL is used offline through its ref, and revalidated with one conditional request
 (If-None-Match with the ETag kept here). A local file's ref holds its absolute path in place of the URL: it lets
 ``streamload run NAME`` find the file again (``streamload list`` shows it as the model's source).
+
+A ref is bookkeeping: one that cannot be read, or does not hold a sha256 digest, is treated as absent; one that
+cannot be written on a read-only file system is skipped (a debug log).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from pathlib import Path
 
-from .cache import cache_error, write_atomically
+from .cache import READ_ONLY_ERRNOS, REFS_DIR, cache_error, make_own_directory, read_own_file, write_atomically
+
+logger = logging.getLogger(__name__)
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def ref_path(root: Path, url: str) -> Path:
-    return root / "refs" / hashlib.sha256(url.encode()).hexdigest()
+    return root / REFS_DIR / hashlib.sha256(url.encode()).hexdigest()
 
 
 def read_ref(root: Path, url: str) -> str | None:
@@ -26,26 +35,41 @@ def read_ref(root: Path, url: str) -> str | None:
 
 def read_ref_etag(root: Path, url: str) -> str | None:
     """The ETag the URL's server gave that digest, when it gave one."""
-    try:
-        lines = ref_path(root, url).read_text().split("\n")
-    except OSError:
+    lines = _read_lines(ref_path(root, url))
+    if len(lines) < 3 or not SHA256_HEX.fullmatch(lines[0].strip()):
         return None
-    return (lines[2].strip() or None) if len(lines) > 2 else None
+    return lines[2].strip() or None
 
 
 def write_ref(root: Path, url: str, digest: str, etag: str | None = None) -> None:
     path = ref_path(root, url)
+    data = f"{digest}\n{url}".encode() + (f"\n{etag}".encode() if etag else b"")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, f"{digest}\n{url}".encode() + (f"\n{etag}".encode() if etag else b""))
+        if _read_lines(path) == data.decode().split("\n"):
+            return  # unchanged: nothing to write (a read-only cache stays usable)
+        root.mkdir(parents=True, exist_ok=True)
+        make_own_directory(root / REFS_DIR)
+        write_atomically(path, data)
     except OSError as exc:
+        if exc.errno in READ_ONLY_ERRNOS:
+            logger.debug("cannot write the ref of %s (%s); the cache is read-only", url, exc.strerror)
+            return
         raise cache_error("writing", path, exc) from None
 
 
 def parse_ref(path: Path) -> tuple[str, str]:
-    """(digest, url) of a ref file ("", "" when unreadable)."""
-    try:
-        digest, _, rest = path.read_text().partition("\n")
-    except OSError:
+    """(digest, url) of a ref file ("", "" when unreadable or when its first line is not a sha256 hex digest)."""
+    lines = _read_lines(path)
+    digest = lines[0].strip() if lines else ""
+    if not SHA256_HEX.fullmatch(digest):
+        if lines:
+            logger.debug("%s does not start with a sha256 digest; ignoring it", path)
         return "", ""
-    return digest.strip(), rest.partition("\n")[0].strip()
+    return digest, lines[1].strip() if len(lines) > 1 else ""
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return read_own_file(path).decode(errors="replace").split("\n")
+    except OSError:
+        return []

@@ -100,6 +100,15 @@ class DownloadSession:
         assert self.readiness is not None
         return self.readiness.complete
 
+    async def wait_complete(self) -> None:
+        """Every chunk in the cache, and each one that came from it checked against its journaled digest (damaged ones
+        fetched again; with no source, a CacheError): what is declared complete has been checked."""
+        while True:
+            assert self.readiness is not None
+            await asyncio.shield(self.readiness.complete)
+            if await self._check_cached(np.arange(len(self.all_chunks))):
+                return
+
     @property
     def ready_s(self) -> list[float | None]:
         return self.readiness.ready_s if self.readiness is not None else []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from streamload.server import ServerConfig, create_app, runner_options
+from streamload.server import ServerConfig, create_app, create_runner
 from streamload.server.app import CONFIG
 
 
@@ -24,8 +24,7 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        options = runner_options(self.app[CONFIG]) if CONFIG in self.app else {}
-        self.runner = web.AppRunner(self.app, shutdown_timeout=0.5, **options)
+        self.runner = create_runner(self.app, shutdown_timeout=0.5) if CONFIG in self.app else web.AppRunner(self.app, shutdown_timeout=0.5)
         self._loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         self._loop.run_until_complete(site.start())

@@ -147,12 +147,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _done_percent(directory: Path, manifest: Any) -> int:
     """Percent of the compressed bytes in the cache, the measure the progress bar shows (chunks differ in size)."""
-    from ..cache import JOURNAL_NAME, JOURNAL_RECORD
+    from ..cache import JOURNAL_NAME, JOURNAL_RECORD, read_own_file
 
     if manifest is None:
         return 0
     try:
-        data = (directory / JOURNAL_NAME).read_bytes()
+        data = read_own_file(directory / JOURNAL_NAME)
     except OSError:
         return 0
     sizes = {c.index: c.size_bytes for c in manifest.file_order_chunks()}  # a progressive model's refinements too

@@ -8,6 +8,7 @@ import hashlib
 import select
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -183,3 +184,143 @@ def test_pipelined_heads_without_reading_keep_the_server_rss_bounded(served_dir:
     # Before this change the answers piled up in the server's output buffer (~2 MB/s, without end) once the
     # kernel's socket buffers were full; now the server stops reading the connection instead.
     assert peak - baseline < bound_bytes, f"RSS grew by {(peak - baseline) / 2**20:.1f} MiB"
+
+
+async def send_unfinished_head(port: int, header_count: int, header_bytes: int) -> socket.socket:
+    """Open a connection and send a request head that never ends: ``header_count`` header lines of ``header_bytes``.
+    Stops early, without error, when the server refuses the head and closes the connection."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    line = b"X-Filler-%06d: " + b"a" * (header_bytes - 20) + b"\r\n"
+    try:
+        await loop.sock_sendall(sock, b"GET /minilm.slm HTTP/1.1\r\nHost: x\r\n")
+        for index in range(header_count):
+            await loop.sock_sendall(sock, line % index)
+    except OSError:
+        pass  # the server refused this head
+    return sock
+
+
+def count_closed_by_server(socks: list[socket.socket], at_least: int, timeout_s: float = 10.0) -> int:
+    """How many of ``socks`` the server closed, once that is ``at_least`` or ``timeout_s`` passed (by default
+    shorter than the server's 15 s idle timeout, which closes every unfinished head in the end)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        closed = 0
+        for sock in socks:
+            hangup = select.poll()
+            hangup.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            closed += bool(hangup.poll(0))
+        if closed >= at_least or time.monotonic() > deadline:
+            return closed
+        time.sleep(0.2)
+
+
+async def test_request_heads_of_a_megabyte_are_refused_and_do_not_grow_the_server(served_dir: Path) -> None:
+    """400 connections each sending ~1 MB of header lines (8000 bytes each: under aiohttp's default limits) and never
+    finishing: each is refused and closed at its first over-long line, and the server's RSS stays bounded."""
+    with cli_server(served_dir) as (port, process):
+        baseline = rss_bytes(process.pid)
+        opened = await asyncio.gather(*(send_unfinished_head(port, 120, 8000) for _ in range(400)))
+        closed = count_closed_by_server(opened, len(opened))
+        grown = rss_bytes(process.pid) - baseline
+        for sock in opened:
+            sock.close()
+    # Before: every head was kept whole until the 15 s idle timeout (aiohttp allows 128 fields of 8 KiB): none closed
+    # within 10 s, RSS +340 MiB for 300 such connections (2 GB for 1000); now about +70 MiB for 300.
+    assert closed == len(opened)
+    assert grown < 128 << 20, f"RSS grew by {grown / 2**20:.0f} MiB"
+
+
+async def test_the_server_holds_at_most_max_connections_and_a_new_client_is_still_served(served_dir: Path) -> None:
+    """600 connections with an unfinished head (the limit is 512): the oldest are closed to make room, and a normal
+    client that comes after them all is served."""
+    expected = hashlib.sha256((served_dir / "minilm.slm").read_bytes()).hexdigest()
+    with cli_server(served_dir) as (port, _):
+        opened = [await send_unfinished_head(port, 1, 100) for _ in range(600)]
+        closed = count_closed_by_server(opened, 600 - 512)
+        async with aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=30)) as session:
+            _, status, digest = await timed_fetch(session, f"http://127.0.0.1:{port}/minilm.slm")
+        for sock in opened:
+            sock.close()
+    assert closed >= 600 - 512, closed  # before: none closed (each waited for the 15 s idle timeout)
+    assert (status, digest) == (200, expected)
+
+
+class SteadySlowReaders:
+    """``count`` clients from ``source`` that each GET the file and read 8 KiB every 0.25 s (32 KiB/s: progress, so
+    never stalled), reconnecting when dropped."""
+
+    def __init__(self, port: int, path: str, count: int, source: str) -> None:
+        self.port, self.count, self.source = port, count, source
+        self.request = f"GET /{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        self.connects = self.reading = self.drops = 0
+        self._stop = asyncio.Event()
+
+    async def _one(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
+                sock.bind((self.source, 0))
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, ("127.0.0.1", self.port))
+                    await loop.sock_sendall(sock, self.request)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                self.connects += 1
+                first = True
+                while not self._stop.is_set():
+                    try:
+                        piece = sock.recv(8 << 10)
+                    except BlockingIOError:
+                        piece = None
+                    except OSError:
+                        break
+                    if piece == b"":
+                        break
+                    if piece and first:
+                        self.reading += 1
+                        first = False
+                    await asyncio.sleep(0.25)
+                self.drops += not self._stop.is_set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SteadySlowReaders]:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.count):
+                group.create_task(self._one())
+            try:
+                yield self
+            finally:
+                self._stop.set()
+
+
+STREAMLOAD = str(Path(sys.executable).parent / "streamload")
+
+
+@pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"])
+async def test_a_fetch_is_served_while_steady_slow_readers_hold_every_slot(served_dir: Path, tmp_path: Path, source: str) -> None:
+    """12 clients reading 8 KiB every 0.25 s hold all 8 slots and never stall. A real ``streamload fetch`` still
+    completes: from another address it takes a slot from the address holding them all; from the same address (as
+    every loopback client is) it takes the slot held longest after waiting half the queue timeout."""
+    options = {"max_concurrent_requests": 8, "queue_timeout_s": 4.0, **PHONE_SERVER_OPTIONS}
+    with serve_directory(served_dir, **options) as server:  # type: ignore[arg-type]
+        async with SteadySlowReaders(server.port, "minilm.slm", 12, source).running() as readers:
+            while readers.reading < 8:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            fetch = await asyncio.create_subprocess_exec(
+                STREAMLOAD, "fetch", server.url("minilm.slm"), "--cache-dir", str(tmp_path), "-q",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            stdout, stderr = await fetch.communicate()
+            share_evictions = getattr(server.app[SLOTS], "share_evictions", 0)  # (absent before this change)
+    # Before: every slot stayed with the slow readers (they make progress): 503 after each 4 s wait, and the fetch
+    # gave up after its retries.
+    assert fetch.returncode == 0, stderr.decode()
+    assert b"ready" in stdout and share_evictions > 0
