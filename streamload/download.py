@@ -312,6 +312,11 @@ class Download:
                     backoff.failures = 0
                 except (RetryableError, StalledError) as exc:
                     failure = exc
+                except FetchError as exc:  # an answer no retry mends (a 404, a malformed header): the others go on without it
+                    if len(self.mirrors) == 1:
+                        raise
+                    self._drop(mirror, str(exc))
+                    return
                 finally:
                     if reader is not None:
                         reader.close()

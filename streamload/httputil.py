@@ -143,7 +143,7 @@ def check_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", "Port could not be cast to integer value"
-        raise InvalidURLError(f"{redact_urls(url)!r} is not a usable URL: {_reason(exc, url)}") from None
+        raise InvalidURLError(f"{_shown(redact_urls(url))} is not a usable URL: {_reason(exc, url)}") from None
     problem = None
     if parts.scheme not in ("http", "https"):
         problem = "only http:// and https:// URLs are supported"
@@ -156,7 +156,7 @@ def check_url(url: str) -> str:
     elif _URL_CONTROL.sub("", url.replace(" ", "")) != url.replace(" ", ""):
         problem = "it holds a control character"
     if problem is not None:
-        raise InvalidURLError(f"{redact_urls(url)!r} is not a usable URL: {problem}")
+        raise InvalidURLError(f"{_shown(redact_urls(url))} is not a usable URL: {problem}")
     if url.isascii() and " " not in url:
         return url
     safe = "/%!$&'()*+,;=:@~-._?[]"
@@ -180,9 +180,12 @@ def _reason(exc: ValueError, url: str) -> str:
 def resolve_location(url: str, location: str, status: int) -> str:
     """The URL a redirect from ``url`` points to (``location`` may be relative), checked: MalformedResponseError when it is
     not a usable URL, HTTPStatusError when it is not http(s)."""
+    shown = _shown(redact_urls(location) if "://" in location else location.partition("?")[0] + ("?***" if "?" in location else ""))
+    if _URL_CONTROL.search(location.replace(" ", "")):  # before urljoin, which drops CR, LF and tab without a word
+        raise MalformedResponseError(f"{url} redirected ({status}) to {shown}, which holds a control character")
     scheme = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*):", location)
     if scheme is not None and scheme.group(1).lower() not in ("http", "https"):
-        raise HTTPStatusError(f"{url} redirected to {_shown(location)}, not an http(s) URL", status=status)
+        raise HTTPStatusError(f"{url} redirected to {shown}, not an http(s) URL", status=status)
     try:
         target = urllib.parse.urljoin(url, location)
     except ValueError:  # a malformed absolute URL: check_url says what is wrong with it
@@ -193,9 +196,9 @@ def resolve_location(url: str, location: str, status: int) -> str:
         raise MalformedResponseError(f"{url} redirected ({status}) to {exc}") from None
 
 
-def _shown(value: str) -> str:
-    """A server's header value for a message: quoted, and cut short (a hostile one may be 60 KiB)."""
-    return repr(value[:80] + ("..." if len(value) > 80 else ""))
+def _shown(value: str, limit: int = 120) -> str:
+    """A URL or a server's header value for a message: quoted, and cut short (a hostile one may be 60 KiB)."""
+    return repr(value[:limit] + ("..." if len(value) > limit else ""))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
