@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import aiohttp
 
 from .errors import HTTPStatusError, TransportNotModified, TransportRedirect
-from .httputil import REDIRECT_STATUSES, RetryPolicy, http_status_error, parse_content_range, range_headers
+from .httputil import REDIRECT_STATUSES, RetryPolicy, http_status_error, range_headers, read_response_fields
 from .transport import SpanReader, map_transport_errors
 
 READ_BUFFER_BYTES = 4 << 20
@@ -35,9 +35,16 @@ class AiohttpReader(SpanReader):
     transport_errors = (aiohttp.ClientError, concurrent.futures.CancelledError)
 
     def __init__(
-        self, response: aiohttp.ClientResponse, start: int, *, whole_file: bool, total_size_bytes: int | None, policy: RetryPolicy
+        self,
+        response: aiohttp.ClientResponse,
+        start: int,
+        *,
+        whole_file: bool,
+        total_size_bytes: int | None,
+        etag: str | None,
+        policy: RetryPolicy,
     ) -> None:
-        super().__init__(start, whole_file=whole_file, total_size_bytes=total_size_bytes, etag=response.headers.get("ETag"), policy=policy)
+        super().__init__(start, whole_file=whole_file, total_size_bytes=total_size_bytes, etag=etag, policy=policy)
         self.response = response
         self.url = str(response.url)
         self.loop = asyncio.get_running_loop()
@@ -108,13 +115,17 @@ async def open_aiohttp_span(
     if status not in (200, 206):
         response.release()
         raise http_status_error(url, status, response.reason or "", response.headers.get("Retry-After"))
+    try:
+        fields = read_response_fields(url, status, response.headers.get)  # every value used, checked
+    except BaseException:
+        response.release()
+        raise
     if status == 206:
-        parsed = parse_content_range(response.headers.get("Content-Range"))
+        parsed = fields.content_range
         if parsed is None or parsed[0] != start:
             response.release()
             raise HTTPStatusError(
-                f"{url} sent 206 with Content-Range {response.headers.get('Content-Range')!r} for a request from {start}", status=status
+                f"{url} sent 206 with Content-Range {response.headers.get('Content-Range')!r:.80} for a request from {start}", status=status
             )
-        return AiohttpReader(response, start, whole_file=False, total_size_bytes=parsed[2], policy=policy)
-    length = response.headers.get("Content-Length")
-    return AiohttpReader(response, 0, whole_file=True, total_size_bytes=int(length) if length and length.isdigit() else None, policy=policy)
+        return AiohttpReader(response, start, whole_file=False, total_size_bytes=parsed[2], etag=fields.etag, policy=policy)
+    return AiohttpReader(response, 0, whole_file=True, total_size_bytes=fields.content_length, etag=fields.etag, policy=policy)

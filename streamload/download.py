@@ -18,7 +18,7 @@ import logging
 import time
 
 from .cache import GroupCommitter
-from .errors import ChunkIntegrityError, FetchError, FormatError, RetryableError, StalledError, StreamloadError
+from .errors import ChunkIntegrityError, FetchError, FormatError, RetryableError, StalledError, StreamloadError, redact_urls
 from .formats import ChunkEntry, Manifest
 from .formats.chunk_table import ChunkTable, column_at
 from .httputil import Backoff, RetryPolicy
@@ -188,7 +188,9 @@ class Download:
         mirror.source, mirror.state = source, MirrorState.LIVE
         self.scheduler.notify()  # chunks others served corrupt, left for it, may be taken now
         self._count_bytes(mirror, len(header.raw))
-        logger.info("mirror %s serves the same model %s: it takes a share of the download", mirror.url, self.manifest.digest[:12])
+        logger.info(
+            "mirror %s serves the same model %s: it takes a share of the download", redact_urls(mirror.url), self.manifest.digest[:12]
+        )
         return True
 
     def _ignores_range(self, mirror: Mirror) -> bool:
@@ -214,7 +216,7 @@ class Download:
         if not any(m.usable for m in self.mirrors):
             sources = "; ".join(f"{m.url}: {m.reason}" for m in self.mirrors)
             raise FetchError(f"every source of {self.manifest.digest[:12]} failed ({sources}); connect and run again")
-        logger.warning("%s: %s; the other sources take its share", mirror.url, reason)
+        logger.warning("%s: %s; the other sources take its share", redact_urls(mirror.url), reason)
 
     def _count_bytes(self, mirror: Mirror, size_bytes: int) -> None:
         self.stats.bytes_downloaded += size_bytes
@@ -310,6 +312,11 @@ class Download:
                     backoff.failures = 0
                 except (RetryableError, StalledError) as exc:
                     failure = exc
+                except FetchError as exc:  # an answer no retry mends (a 404, a malformed header): the others go on without it
+                    if len(self.mirrors) == 1:
+                        raise
+                    self._drop(mirror, str(exc))
+                    return
                 finally:
                     if reader is not None:
                         reader.close()
@@ -381,7 +388,8 @@ class Download:
             fatal.__cause__ = exc
             return fatal
         if untried:
-            logger.warning("%s (from %s); fetching it from %s", exc, mirror.url, " or ".join(m.url for m in untried))
+            others = redact_urls(" or ".join(m.url for m in untried))
+            logger.warning("%s (from %s); fetching it from %s", exc, redact_urls(mirror.url), others)
         else:
             logger.warning("%s; fetching it again", exc)
         self.scheduler.give_back([self.scheduler.position_of(chunk)])

@@ -22,7 +22,9 @@
     │   ├── HTTPStatusError                  an unexpected HTTP status
     │   ├── StalledError                     no progress within the read timeout or rate floor
     │   ├── SourceChangedError               the file on the server changed mid-download
+    │   ├── MalformedResponseError           an answer breaks HTTP's syntax (a header, a redirect's Location)
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
+    ├── InvalidURLError (ValueError)         a model or mirror URL that is not a usable http(s) URL
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
@@ -34,13 +36,40 @@ Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
 (this response needs the general client), ``TransportStatus`` (an error status,
 mapped to a FetchError by ``streamload.http_source``) and ``TransportRedirect``
 (a 3xx that ``streamload.http_source`` follows).
+
+A message never shows a credential held in a URL: ``str()`` of any of these errors
+redacts the password (user info) and the query string (a signed URL's token) of
+every http(s) URL in it (``redact_urls``), wherever the message was built.
 """
 
 from __future__ import annotations
 
+import re
+
+# an http(s) URL's user info (user:password@) and its query string (?X-Amz-Signature=...): both may be credentials
+_USERINFO = re.compile(r"(?i)\b(https?://)[^\s/?#@'\"<>]*@")
+_QUERY = re.compile(r"(?i)(\bhttps?://[^\s?#'\"<>]*)\?[^\s#'\"<>]*")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every http(s) URL's user info and query string replaced by ``***``: what logs, errors and the
+    cache's refs show of a URL (a signed query string or a password is a credential)."""
+    text = _USERINFO.sub(r"\1***@", text)
+    return _QUERY.sub(_redact_query, text)
+
+
+def _redact_query(match: re.Match[str]) -> str:
+    """Keep punctuation that ends a sentence after the URL (``URL: reason``, ``(URL)``)."""
+    query = match.group(0)[len(match.group(1)) :]
+    tail = len(query) - len(query.rstrip(".,:;)]"))
+    return f"{match.group(1)}?***{query[len(query) - tail :] if tail else ''}"
+
 
 class StreamloadError(Exception):
     """Base class of every error streamload raises on purpose."""
+
+    def __str__(self) -> str:
+        return redact_urls(super().__str__())
 
 
 # ------------------------------------------------------------------ the container format
@@ -137,6 +166,11 @@ class SourceChangedError(FetchError):
     """The file on the server was replaced while it was being downloaded."""
 
 
+class MalformedResponseError(FetchError):
+    """The server's answer breaks HTTP's syntax: a Content-Length or Content-Range that is not a bounded byte count,
+    a redirect to something that is not a URL. Not retried: the same server answers the same way."""
+
+
 class RetryableError(FetchError):
     """One attempt failed in a way another attempt may not (reset, 5xx, short body)."""
 
@@ -173,6 +207,10 @@ class TransportRedirect(Exception):
 
 
 # ------------------------------------------------------------------ the rest
+
+
+class InvalidURLError(StreamloadError, ValueError):
+    """A model or mirror URL that cannot be used: not http(s), no host, a port out of range, a malformed address."""
 
 
 class DigestMismatchError(StreamloadError, ValueError):
@@ -214,6 +252,8 @@ __all__ = [
     "FetchError",
     "FormatError",
     "HTTPStatusError",
+    "InvalidURLError",
+    "MalformedResponseError",
     "ManifestDecodeError",
     "ManifestSchemaError",
     "ManifestTooLargeError",
@@ -234,4 +274,5 @@ __all__ = [
     "UnsupportedVersionError",
     "UsageError",
     "WriterStageError",
+    "redact_urls",
 ]

@@ -31,14 +31,16 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     HTTPStatusError,
+    MalformedResponseError,
     RetryableError,
     SourceChangedError,
     TransportNotModified,
     TransportRedirect,
     TransportStatus,
     TransportUnsupported,
+    redact_urls,
 )
-from .httputil import RetryPolicy, check_headers, http_status_error, same_origin
+from .httputil import RetryPolicy, check_headers, check_session, check_url, http_status_error, resolve_location, same_origin
 from .rawhttp import open_socket_span
 from .transport import SpanReader, map_transport_errors
 
@@ -59,7 +61,8 @@ class HttpSource:
     def __init__(
         self, url: str, policy: RetryPolicy, session: aiohttp.ClientSession | None = None, headers: Mapping[str, str] | None = None
     ) -> None:
-        self.url = url
+        check_session(session)  # one with default headers or auth would send them to every host
+        self.url = url = check_url(url)
         self.policy = policy
         self.session = session
         self.headers = check_headers(headers)  # sent to the origin of url only
@@ -82,7 +85,7 @@ class HttpSource:
             expired = isinstance(exc, HTTPStatusError) and exc.status in EXPIRED_STATUSES
             if self.resolved_url == self.url or not (expired or getattr(exc, "unreachable", False)):
                 raise
-            logger.info("%s: %s; resolving %s again", _origin(self.resolved_url), exc, _without_query(self.url))
+            logger.info("%s: %s; resolving %s again", redact_urls(_origin(self.resolved_url)), exc, redact_urls(self.url))
             self.resolved_url = self.url
             if not expired:
                 raise  # the retry (after its backoff) resolves again
@@ -106,17 +109,18 @@ class HttpSource:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 reader = await self._open_at(url, start, end, if_none_match)
+            except TransportNotModified:
+                if if_none_match is not None:
+                    raise
+                raise MalformedResponseError(f"{url} answered 304 Not Modified to a request that was not conditional") from None
             except TransportRedirect as redirect:
-                target = urllib.parse.urljoin(url, redirect.location)
-                if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
-                    message = f"{_without_query(url)} redirected to {redirect.location!r}, not an http(s) URL"
-                    raise HTTPStatusError(message, status=redirect.status) from None
-                logger.debug("%s redirected (%d) to %s", _without_query(url), redirect.status, _without_query(target))
+                target = resolve_location(url, redirect.location, redirect.status)
+                logger.debug("%s redirected (%d) to %s", redact_urls(url), redirect.status, redact_urls(target))
                 url, status = target, redirect.status
                 continue
             self.resolved_url = url
             if reader.whole_file and not self.whole_file_only:  # on either receive path
-                logger.info("%s ignores Range requests: downloading the whole file in order", _without_query(url))
+                logger.info("%s ignores Range requests: downloading the whole file in order", redact_urls(url))
                 self.whole_file_only = True
             return reader
         raise HTTPStatusError(f"{self.url} redirected more than {MAX_REDIRECTS} times; check the URL", status=status)
@@ -140,7 +144,7 @@ class HttpSource:
             with map_transport_errors(url, self.policy):
                 return await open_socket_span(url, start, end, etag=etag, policy=self.policy, extra_headers=headers)
         except (TransportUnsupported, ssl.SSLError) as exc:  # TLS the fast path cannot settle: aiohttp decides (and words any error)
-            logger.info("%s: using the general HTTP client (%s)", _without_query(url), exc)
+            logger.info("%s: using the general HTTP client (%s)", redact_urls(url), exc)
             self.fast_path = False
             return None
         except TransportStatus as exc:
@@ -175,9 +179,3 @@ class HttpSource:
 def _origin(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def _without_query(url: str) -> str:
-    """A URL for logs: a signed query string is a credential."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

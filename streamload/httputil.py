@@ -15,9 +15,18 @@ import random
 import re
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from .errors import FetchError, HTTPStatusError, RetryableError, StalledError, UsageError
+from .errors import (
+    FetchError,
+    HTTPStatusError,
+    InvalidURLError,
+    MalformedResponseError,
+    RetryableError,
+    StalledError,
+    UsageError,
+    redact_urls,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +35,12 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # RFC 9110 section 15.
 # headers each request sets itself: a caller's value would break ranges, framing or the fast path's parsing
 OWN_HEADERS = frozenset({"host", "range", "if-range", "accept-encoding", "connection", "content-length", "transfer-encoding", "te"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 section 5.1: a field name
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# numbers a response gives: ASCII digits only (str.isdigit and int() take '²' and other scripts' digits) and at most
+# 19 of them (under 2**63; int() refuses 4300 and more with ValueError)
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 section 8.8.3, without obs-text: it goes back in If-Range
+_URL_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # would end or split the request line; a space is sent as %20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,6 +92,29 @@ def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
+SESSION_HEADERS_ALLOWED = frozenset({"user-agent", "accept", "accept-language"})  # a borrowed session may set these: no credential
+
+
+def check_session(session: object) -> None:
+    """A borrowed ``aiohttp.ClientSession``: UsageError when it carries default headers or auth.
+
+    aiohttp adds a session's default headers and ``auth`` to every request it sends, and they cannot be left out of
+    one request: they would reach a redirect target on another host and mirrors on other origins, where the caller's
+    ``headers=`` never go (credentials to the URL's origin only, RFC 6454). Such a session is refused rather than
+    stripped; give its credentials as ``headers=``. Cookies are the session's jar's, which keeps them to their domains.
+    """
+    if session is None:
+        return
+    names = sorted(name for name in getattr(session, "headers", {}) if name.lower() not in SESSION_HEADERS_ALLOWED)
+    if getattr(session, "auth", None) is not None:
+        names.append("auth")
+    if names:
+        raise UsageError(
+            f"the borrowed aiohttp session sends {', '.join(names)} to every host, redirect targets and mirrors included: "
+            "give credentials as headers=..., which go to the URL's origin only"
+        )
+
+
 def parse_header_option(text: str) -> tuple[str, str]:
     """``'Name: value'`` (as curl's -H takes it) -> (name, value); UsageError when there is no colon."""
     name, sep, value = text.partition(":")
@@ -91,6 +128,124 @@ def same_origin(url: str, other: str) -> bool:
     a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
     defaults = {"http": 80, "https": 443}
     return (a.scheme, a.hostname, a.port or defaults.get(a.scheme)) == (b.scheme, b.hostname, b.port or defaults.get(b.scheme))
+
+
+def check_url(url: str) -> str:
+    """An http(s) URL from a caller or a server's Location, checked where it enters: the URL, non-ASCII characters in its
+    path and query percent-encoded (UTF-8, as browsers send them); InvalidURLError naming it and what is wrong.
+
+    Example:
+        >>> check_url("http://127.0.0.1:99999/m.slm")
+        Traceback (most recent call last):
+        streamload.errors.InvalidURLError: http://127.0.0.1:99999/m.slm is not a usable URL: port 99999 is out of range (1-65535)
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", "Port could not be cast to integer value"
+        raise InvalidURLError(f"{_shown(redact_urls(url))} is not a usable URL: {_reason(exc, url)}") from None
+    problem = None
+    if parts.scheme not in ("http", "https"):
+        problem = "only http:// and https:// URLs are supported"
+    elif not parts.hostname:
+        problem = "it names no host"
+    elif port == 0:
+        problem = "port 0 is out of range (1-65535)"
+    elif _URL_CONTROL.search(parts.netloc) or not parts.netloc.isascii():
+        problem = "its host holds a space, a control character or a non-ASCII character (give it in its xn-- form)"
+    elif _URL_CONTROL.sub("", url.replace(" ", "")) != url.replace(" ", ""):
+        problem = "it holds a control character"
+    if problem is not None:
+        raise InvalidURLError(f"{_shown(redact_urls(url))} is not a usable URL: {problem}")
+    if url.isascii() and " " not in url:
+        return url
+    safe = "/%!$&'()*+,;=:@~-._?[]"
+    path = urllib.parse.quote(parts.path, safe=safe, errors="surrogateescape")  # a server's undecodable bytes: as they came
+    query = urllib.parse.quote(parts.query, safe=safe, errors="surrogateescape")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, parts.fragment))
+
+
+def _reason(exc: ValueError, url: str) -> str:
+    text = str(exc)
+    if text.startswith("Port out of range"):
+        port = urllib.parse.urlsplit(url).netloc.rpartition(":")[2]
+        return f"port {port[:20]} is out of range (1-65535)"
+    if text.startswith("Port could not be cast"):
+        return "its port is not a number"
+    if "IPv6" in text:
+        return "its IPv6 address is not closed by ']'"
+    return text
+
+
+def resolve_location(url: str, location: str, status: int) -> str:
+    """The URL a redirect from ``url`` points to (``location`` may be relative), checked: MalformedResponseError when it is
+    not a usable URL, HTTPStatusError when it is not http(s)."""
+    shown = _shown(redact_urls(location) if "://" in location else location.partition("?")[0] + ("?***" if "?" in location else ""))
+    if _URL_CONTROL.search(location.replace(" ", "")):  # before urljoin, which drops CR, LF and tab without a word
+        raise MalformedResponseError(f"{url} redirected ({status}) to {shown}, which holds a control character")
+    scheme = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*):", location)
+    if scheme is not None and scheme.group(1).lower() not in ("http", "https"):
+        raise HTTPStatusError(f"{url} redirected to {shown}, not an http(s) URL", status=status)
+    try:
+        target = urllib.parse.urljoin(url, location)
+    except ValueError:  # a malformed absolute URL: check_url says what is wrong with it
+        target = location
+    try:
+        return check_url(target)
+    except InvalidURLError as exc:
+        raise MalformedResponseError(f"{url} redirected ({status}) to {exc}") from None
+
+
+def _shown(value: str, limit: int = 120) -> str:
+    """A URL or a server's header value for a message: quoted, and cut short (a hostile one may be 60 KiB)."""
+    return repr(value[:limit] + ("..." if len(value) > limit else ""))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResponseFields:
+    """What a response says that the client relies on or sends back, each checked against its syntax: one place for
+    both HTTP paths. A malformed ETag is treated as absent (never sent back in If-Range or If-None-Match, and never
+    compared), a malformed Retry-After too; a malformed framing number is an error."""
+
+    content_length: int | None
+    content_range: tuple[int, int, int | None] | None  # (first, last, total or None for "*"); None when absent
+    etag: str | None
+
+
+def read_response_fields(url: str, status: int, get: Callable[[str], str | None]) -> ResponseFields:
+    """The checked fields of a response whose header values ``get(name)`` returns (None when absent).
+
+    Raises:
+        MalformedResponseError: a Content-Length that is not a byte count, or on a 206 a Content-Range that is not a
+            byte range (an absent one is the caller's to judge).
+    """
+    length_text = get("Content-Length")
+    length = parse_decimal(length_text)
+    if length_text is not None and length is None:
+        raise MalformedResponseError(f"{url} answered with Content-Length {_shown(length_text)}, not a byte count")
+    range_text = get("Content-Range")
+    content_range = parse_content_range(range_text)
+    if status == 206 and range_text is not None and content_range is None:
+        raise MalformedResponseError(f"{url} sent 206 with Content-Range {_shown(range_text or '')}, not 'bytes FIRST-LAST/SIZE'")
+    etag_text = get("ETag")
+    etag = parse_etag(etag_text)
+    if etag_text is not None and etag is None:
+        logger.info("%s: ignoring a malformed ETag %s", redact_urls(url), _shown(etag_text))
+    return ResponseFields(length, content_range, etag)
+
+
+def parse_decimal(value: str | None) -> int | None:
+    """A byte count or offset a response gives: 1 to 19 ASCII digits (surrounding blanks allowed), else None."""
+    if value is None or not _DECIMAL.fullmatch(value := value.strip(" \t")):
+        return None
+    return int(value)
+
+
+def parse_etag(value: str | None) -> str | None:
+    """An entity-tag (RFC 9110 section 8.8.3: ``"opaque"`` or ``W/"opaque"``, printable ASCII but '"'), else None."""
+    if value is None or not _ETAG.fullmatch(value := value.strip(" \t")):
+        return None
+    return value
 
 
 def range_headers(start: int, end: int | None, etag: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -111,7 +266,7 @@ def range_headers(start: int, end: int | None, etag: str | None, extra: Mapping[
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
     """``bytes first-last/total`` -> (first, last, total or None for ``*``); None when malformed."""
-    match = _CONTENT_RANGE.match(value or "")
+    match = _CONTENT_RANGE.fullmatch((value or "").strip(" \t"))
     if not match:
         return None
     first, last, total = match.groups()
@@ -123,11 +278,12 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = parse_decimal(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0.0, when.timestamp() - time.time())
 

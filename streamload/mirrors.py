@@ -27,14 +27,13 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import StreamloadError, UsageError
 from .fetch import Header, fetch_header_with_retries
 from .formats import ChunkEntry
-from .httputil import RetryPolicy, same_origin
+from .httputil import RetryPolicy, check_url, same_origin
 from .origin import is_url
 from .span import Span
 from .transport import Source
@@ -89,7 +88,8 @@ class Mirror:
 
 
 def check_mirrors(url: str, mirrors: Sequence[str]) -> list[str]:
-    """The mirror URLs to use beside ``url``: http(s) only, each once, the primary left out. UsageError otherwise."""
+    """The mirror URLs to use beside ``url``: http(s) only, each once, the primary left out. UsageError otherwise
+    (InvalidURLError for a URL that is malformed: a port out of range, an unclosed IPv6 address)."""
     if not mirrors:
         return []
     if not is_url(url):
@@ -97,8 +97,9 @@ def check_mirrors(url: str, mirrors: Sequence[str]) -> list[str]:
     checked: list[str] = []
     for mirror in mirrors:
         mirror = mirror.partition("#")[0]
-        if urllib.parse.urlsplit(mirror).scheme not in ("http", "https") or not urllib.parse.urlsplit(mirror).netloc:
+        if not is_url(mirror):
             raise UsageError(f"a mirror is an http(s) URL of the same .slm file, got {mirror!r}")
+        mirror = check_url(mirror)
         if mirror != url.partition("#")[0] and mirror not in checked:
             checked.append(mirror)
     return checked

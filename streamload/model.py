@@ -13,7 +13,7 @@ import numpy as np
 from .cache import default_cache_dir
 from .fetch import fetch_header_with_retries
 from .formats import Manifest
-from .httputil import RetryPolicy, check_headers
+from .httputil import RetryPolicy, check_headers, check_session
 from .layer import Layer
 from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
@@ -224,7 +224,9 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         cache_dir: where verified layers are kept (default ``$STREAMLOAD_CACHE`` or ``~/.cache/streamload``).
         digest: refuse any model whose manifest digest differs (also lets a complete cache work offline).
         connections: parallel ranged requests (1 keeps layers strictly in order: best time to layer 0).
-        session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call, made only when needed).
+        session: an ``aiohttp.ClientSession`` to borrow (default: one owned by this call, made only when needed). One
+            with default headers (other than User-Agent, Accept, Accept-Language) or ``auth`` is refused (UsageError):
+            aiohttp would send them to every host, redirect targets and mirrors included; give them as ``headers``.
         progress: called with a ``Progress`` at most every 0.1 s and at the end.
         retry: retry and timeout policy for the network.
         verify_threads: threads that receive, hash, decompress and store chunks (default:
@@ -237,6 +239,8 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
             take its share. ``connections`` then counts per source, at least 2 each.
 
     Raises:
+        InvalidURLError: ``source`` or a mirror is not a usable http(s) URL (a port out of range, say).
+        UsageError: a header that cannot be sent, or a borrowed session with default headers or auth.
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
         later failures surface from ``layer()`` and ``wait_complete()``.
 
@@ -245,6 +249,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         ...     async for index, layer in model.layers():
         ...         print(index, layer.name, list(layer.tensors)[:2])
     """
+    check_session(session)  # before the cache may answer without a request: refused whatever the cache holds
     download = DownloadSession(
         os.fspath(source),
         cache_root=Path(cache_dir) if cache_dir is not None else default_cache_dir(),

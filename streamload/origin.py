@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import ModelCache
-from .errors import CacheError, DigestMismatchError, FetchError, FormatError
+from .errors import CacheError, DigestMismatchError, FetchError, FormatError, redact_urls
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
-from .httputil import RetryPolicy
+from .httputil import RetryPolicy, check_url
 from .refs import read_ref, read_ref_etag
 from .stats import DownloadStats
 from .transport import FileSource, Source
@@ -34,7 +34,8 @@ def is_url(source: str) -> bool:
 
 
 def split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
-    """``URL#sha256=HEX`` pins the manifest digest, like pip's hash fragments."""
+    """``URL#sha256=HEX`` pins the manifest digest, like pip's hash fragments. A URL is checked here, where it enters
+    (``httputil.check_url``: InvalidURLError saying what is wrong)."""
     if "#sha256=" in source:
         source, _, pinned = source.partition("#sha256=")
         if digest is not None and digest.lower() != pinned.lower():
@@ -44,7 +45,7 @@ def split_pin(source: str, digest: str | None) -> tuple[str, str | None]:
         digest = digest.lower().removeprefix("sha256:")
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise DigestMismatchError(f"pinned digest {digest!r} is not 64 hex digits")
-    return source, digest
+    return (check_url(source) if is_url(source) else source), digest
 
 
 class Origin:
@@ -94,7 +95,7 @@ class Origin:
         cached = await self._complete_copy_of_url()
         etag = read_ref_etag(self.cache_root, self.url) if cached is not None else None
         if cached is not None and etag is not None and await self._unchanged(etag):
-            logger.info("%s is unchanged (ETag %s): using the cached %s", self.url, etag, cached.manifest.digest[:12])
+            logger.info("%s is unchanged (ETag %s): using the cached %s", redact_urls(self.url), etag, cached.manifest.digest[:12])
             self.revalidated_etag = etag
             return cached
         try:
@@ -161,7 +162,7 @@ class Origin:
         try:
             return await unchanged(etag)
         except (FetchError, OSError, TimeoutError) as exc:
-            logger.debug("%s: revalidating the cached copy failed (%s)", self.url, exc)
+            logger.debug("%s: revalidating the cached copy failed (%s)", redact_urls(self.url), exc)
             return False
 
     async def _fetch_with_retries(self, source: Source, *, give_up_unreachable: bool = False, stream: bool = False) -> Header:

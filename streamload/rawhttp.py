@@ -31,7 +31,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from .errors import TransportNotModified, TransportRedirect, TransportStatus, TransportUnsupported
-from .httputil import REDIRECT_STATUSES, RetryPolicy, parse_content_range, range_headers
+from .httputil import REDIRECT_STATUSES, RetryPolicy, range_headers, read_response_fields
 from .transport import SpanReader
 
 HEADER_LIMIT_BYTES = 64 << 10
@@ -139,25 +139,26 @@ async def open_socket_span(
             raise TransportRedirect(status, headers["location"])
         if status == 304:
             raise TransportNotModified()
-        length = headers.get("content-length", "")
+        fields = read_response_fields(url, status, lambda name: headers.get(name.lower()))  # every value used, checked
+        length = fields.content_length
         encoded = "transfer-encoding" in headers or "content-encoding" in headers
         leftover = bytes(head[head_end + 4 : received])
-        if status == 200 and start == 0 and end is None and length.isdigit() and not encoded:
+        if status == 200 and start == 0 and end is None and length is not None and not encoded:
             # the whole file for "bytes=0-": the same bytes, from a server that ignores Range (a whole-file body)
             sock.settimeout(policy.stall_timeout_s)
-            return SocketReader(sock, 0, int(length), headers.get("etag"), leftover, url, policy, whole_file=True)
+            return SocketReader(sock, 0, length, fields.etag, leftover, url, policy, whole_file=True)
         if status != 206 or encoded:
             raise TransportUnsupported(f"status {status} or an encoded body")
-        parsed = parse_content_range(headers.get("content-range"))
-        if parsed is None or parsed[0] != start or not length.isdigit():
+        parsed = fields.content_range
+        if parsed is None or parsed[0] != start or length is None:
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         first, last, total = parsed
         # a range past the end of the file is clamped to it (RFC 9110 section 14.1.2)
         expected_last = min(end if end is not None else 1 << 62, total if total is not None else 1 << 62) - 1
-        if last != expected_last or int(length) != last + 1 - first:
+        if last != expected_last or length != last + 1 - first:
             raise TransportUnsupported("Content-Range or Content-Length do not match the request")
         sock.settimeout(policy.stall_timeout_s)  # from here on a blocking socket, read by threads; a stall raises TimeoutError
-        return SocketReader(sock, start, total, headers.get("etag"), leftover, url, policy)
+        return SocketReader(sock, start, total, fields.etag, leftover, url, policy)
     except BaseException:
         sock.close()
         raise
@@ -264,5 +265,5 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         key = name.strip().decode("latin-1").lower()
         if key in headers:
             raise TransportUnsupported(f"repeated {key} header")
-        headers[key] = value.strip().decode("latin-1")
+        headers[key] = value.strip().decode("utf-8", "surrogateescape")  # as aiohttp decodes them
     return int(match.group(1)), headers

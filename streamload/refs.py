@@ -8,6 +8,11 @@ A complete model from a URL is used offline through its ref, and revalidated wit
 
 A ref is bookkeeping: one that cannot be read, or does not hold a sha256 digest, is treated as absent; one that
 cannot be written on a read-only file system is skipped (a debug log).
+
+The file is named by the hash of the whole URL, but holds the URL with its password and query string redacted
+(``errors.redact_urls``): a signed URL's token or a password is never written to the cache in plain text. A cached
+model found by name from such a ref is used pinned (a complete one needs no network); the rest of a partial one needs
+its URL given again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import re
 from pathlib import Path
 
 from .cache import READ_ONLY_ERRNOS, REFS_DIR, cache_error, make_own_directory, read_own_file, write_atomically
+from .errors import redact_urls
+from .httputil import parse_etag
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +45,12 @@ def read_ref_etag(root: Path, url: str) -> str | None:
     lines = _read_lines(ref_path(root, url))
     if len(lines) < 3 or not SHA256_HEX.fullmatch(lines[0].strip()):
         return None
-    return lines[2].strip() or None
+    return parse_etag(lines[2])  # a damaged ref's is never sent (If-None-Match)
 
 
 def write_ref(root: Path, url: str, digest: str, etag: str | None = None) -> None:
     path = ref_path(root, url)
-    data = f"{digest}\n{url}".encode() + (f"\n{etag}".encode() if etag else b"")
+    data = f"{digest}\n{redact_urls(url)}".encode() + (f"\n{etag}".encode() if etag else b"")
     try:
         if _read_lines(path) == data.decode().split("\n"):
             return  # unchanged: nothing to write (a read-only cache stays usable)
@@ -58,14 +65,15 @@ def write_ref(root: Path, url: str, digest: str, etag: str | None = None) -> Non
 
 
 def parse_ref(path: Path) -> tuple[str, str]:
-    """(digest, url) of a ref file ("", "" when unreadable or when its first line is not a sha256 hex digest)."""
+    """(digest, url) of a ref file ("", "" when unreadable or when its first line is not a sha256 hex digest); the URL
+    redacted, also in a ref written before it was."""
     lines = _read_lines(path)
     digest = lines[0].strip() if lines else ""
     if not SHA256_HEX.fullmatch(digest):
         if lines:
             logger.debug("%s does not start with a sha256 digest; ignoring it", path)
         return "", ""
-    return digest, lines[1].strip() if len(lines) > 1 else ""
+    return digest, redact_urls(lines[1].strip()) if len(lines) > 1 else ""
 
 
 def _read_lines(path: Path) -> list[str]:

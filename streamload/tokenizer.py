@@ -1,7 +1,14 @@
-"""The tokenizer embedded in a model's manifest: one zstd frame of tokenizer.json, checked, then loaded."""
+"""The tokenizer embedded in a model's manifest: one zstd frame of tokenizer.json, checked, then loaded.
+
+The file may be hostile: whatever is wrong with the blob is a one-line ``FormatError`` when it is loaded, including
+settings on which the Rust ``tokenizers`` library panics while encoding (checked before it is loaded), and any other
+panic on a probe text encoded at load. Loading costs a JSON parse of tokenizer.json (~10 ms for a 700 KB one) beside
+the library's own.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import zstandard
@@ -10,6 +17,7 @@ from .errors import FormatError
 from .formats.manifest import TokenizerBlob
 from .formats.reader import frame_size_bytes
 
+PROBE_TEXT = "Streamload checks its tokenizer: 12,345 words, é, 日本語, 🙂."  # encoded once at load: a panic here is a FormatError
 NO_TOKENIZER = "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
 
 
@@ -17,7 +25,9 @@ def load_tokenizer(blob: TokenizerBlob) -> Any:
     """A ``tokenizers.Tokenizer`` from the embedded blob.
 
     Raises:
-        FormatError: the blob is not one zstd frame of the size the manifest says, or not a tokenizer.json.
+        FormatError: the blob is not one zstd frame of the size the manifest says, its blocks are damaged, or it is not
+            a tokenizer.json the ``tokenizers`` library loads (a panic in that Rust library included: pyo3 raises
+            ``PanicException``, a BaseException, which is caught here by name as it cannot be imported).
     """
     from tokenizers import Tokenizer
 
@@ -27,8 +37,63 @@ def load_tokenizer(blob: TokenizerBlob) -> Any:
         whole_frame = False
     if not whole_frame or zstandard.frame_content_size(blob.data) != blob.raw_size_bytes:
         raise FormatError("the embedded tokenizer is not one zstd frame of the size the manifest says")
-    text = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=blob.raw_size_bytes)
     try:
-        return Tokenizer.from_str(text.decode("utf-8"))
+        text = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=blob.raw_size_bytes).decode("utf-8")
+    except (zstandard.ZstdError, UnicodeDecodeError) as exc:
+        raise FormatError(f"the embedded tokenizer is damaged ({_first_line(exc)}); convert the model again") from None
+    problem = _panicking_setting(text)
+    if problem is not None:
+        raise FormatError(f"the embedded tokenizer.json cannot be used: {problem}")
+    try:
+        tokenizer = Tokenizer.from_str(text)
+        tokenizer.encode(PROBE_TEXT)
+        return tokenizer
     except Exception as exc:  # tokenizers raises plain Exception on bad JSON
-        raise FormatError(f"the embedded tokenizer.json cannot be loaded: {exc}") from None
+        raise FormatError(f"the embedded tokenizer.json cannot be loaded: {_first_line(exc)}") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise FormatError(f"the embedded tokenizer.json made the tokenizers library fail: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's message as one line (a Rust panic's may span several)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _panicking_setting(text: str) -> str | None:
+    """A setting on which ``tokenizers`` panics when encoding rather than refusing the file, or None.
+
+    Truncation with a stride not under its max length (encoding.rs asserts it on the first long input), and a
+    template post-processor naming a special token it does not define (template.rs indexes its map).
+    """
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    truncation = config.get("truncation")
+    if isinstance(truncation, dict):
+        stride, max_length = truncation.get("stride", 0), truncation.get("max_length")
+        if isinstance(stride, int) and isinstance(max_length, int) and stride >= max_length:
+            return f"its truncation stride ({stride}) is not under its max_length ({max_length})"
+    for processor in _post_processors(config.get("post_processor")):
+        if processor.get("type") != "TemplateProcessing":
+            continue
+        defined = processor.get("special_tokens") if isinstance(processor.get("special_tokens"), dict) else {}
+        for piece in [*(processor.get("single") or []), *(processor.get("pair") or [])]:
+            special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+            if isinstance(special, dict) and special.get("id") not in defined:
+                return f"its template names the special token {str(special.get('id'))[:40]!r}, which it does not define"
+    return None
+
+
+def _post_processors(processor: object) -> list[dict[str, Any]]:
+    """A post-processor and those of a Sequence of them."""
+    if not isinstance(processor, dict):
+        return []
+    if processor.get("type") == "Sequence" and isinstance(processor.get("processors"), list):
+        return [p for inner in processor["processors"] for p in _post_processors(inner)]
+    return [processor]

@@ -83,7 +83,13 @@ def _reason(exc: BaseException) -> str:
         return os.strerror(os_error.errno)
     if isinstance(os_error, OSError) and os_error.strerror:
         return os_error.strerror
-    return str(exc) or type(exc).__name__
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """A transport's own words as one bounded line: aiohttp's parser errors quote the server's bytes over lines."""
+    line = " ".join(text.split())
+    return line[:limit] + ("..." if len(line) > limit else "")
 
 
 class SpanReader:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StreamloadError, UsageError
+from ..errors import StreamloadError, UsageError, redact_urls
 from .output import EXIT_FAILURE, EXIT_USAGE
 from .parser import build_parser, check_text
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     verbose = min(args.verbose, 2)  # -v: which module says what, as a developer reads it; by default a user's "warning: ..."
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _UserFormatter())
+    handler.setFormatter(_UserFormatter("%(levelname)s %(name)s: %(message)s" if verbose else None))
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[verbose], handlers=[handler])
     try:
         return args.func(args)
@@ -59,10 +59,12 @@ def _discard(stream: Any) -> None:
 
 
 class _UserFormatter(logging.Formatter):
-    """``warning: message``, as the CLI's own errors read (``error: ...``)."""
+    """``warning: message``, as the CLI's own errors read (``error: ...``); with a format (-v), that format. A URL's
+    password and query string (a signed URL's token) are redacted in either."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {super().format(record)}"
+        text = super().format(record)
+        return redact_urls(text if self._fmt != "%(message)s" else f"{record.levelname.lower()}: {text}")
 
 
 def _more_texts(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:

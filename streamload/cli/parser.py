@@ -132,6 +132,21 @@ def _output_file(text: str) -> str:
     return text
 
 
+def _file_to_write(kind: str, example: str) -> Callable[[str], str]:
+    """An argparse type for a file ``run`` writes: not a directory, in a directory that exists (checked before the run)."""
+
+    def check(text: str) -> str:
+        if text.endswith(("/", os.sep)) or Path(text).is_dir():
+            name = text.rstrip("/" + os.sep) or "."
+            raise argparse.ArgumentTypeError(f"{name} is a directory: give the {kind} file to write, e.g. {name}/{example}")
+        directory = Path(text).parent
+        if not directory.is_dir():
+            raise argparse.ArgumentTypeError(f"the directory {directory} does not exist: create it first (mkdir -p {directory})")
+        return text
+
+    return check
+
+
 def _model_file_or_url(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory: give a .slm file in it")
@@ -227,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_temperature, help="decoder: 0 is greedy (default)")
     p.add_argument("--top-p", type=_top_p, help="decoder: nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=_seed, help="decoder: sampling seed (default 0)")
-    p.add_argument("--save-logits", metavar="FILE.npy", help="decoder: save the prompt's logits, float32 [prompt length, vocab]")
+    p.add_argument(
+        "--save-logits",
+        type=_file_to_write(".npy", "logits.npy"),
+        metavar="FILE.npy",
+        help="decoder: save the prompt's logits, float32 [prompt length, vocab] (numpy adds .npy to a name without it)",
+    )
     p.add_argument(
         "--memory-budget",
         type=_memory_budget,
@@ -246,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a model converted with --progressive: print a preview from the coarse weights first, then the exact result",
     )
-    p.add_argument("--timeline-png", metavar="FILE.png", help="draw download, decompress and compute per layer (needs matplotlib)")
+    p.add_argument(
+        "--timeline-png",
+        type=_file_to_write(".png", "timeline.png"),
+        metavar="FILE.png",
+        help="draw download, decompress and compute per layer (needs matplotlib)",
+    )
     p.add_argument(
         "--link-rate", type=_positive_rate, metavar="BYTES_PER_S", help="mark the link floor (bytes downloaded / rate) on the picture"
     )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, redact_urls
 from .cached import is_url, open_model, resolve_source
 from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ProgressBar, format_bytes, print_result
 
@@ -64,7 +64,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         )
         if len(args.mirror or ()) > 0:  # each source's share; a refused or dead mirror sent nothing
             for url in dict.fromkeys(u.split("#")[0] for u in [args.source, *args.mirror]):
-                print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {url}")
+                print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {redact_urls(url)}")
     return EXIT_OK
 
 
@@ -113,7 +113,8 @@ async def _run(args: argparse.Namespace) -> None:
         async with open_model(args, bar) as model:
             check_run_options(args, model.config)
             if args.progressive and not model.progressive:
-                print(f"warning: {args.source} was not converted with --progressive: no preview, only the exact result", file=sys.stderr)
+                shown = redact_urls(args.source)
+                print(f"warning: {shown} was not converted with --progressive: no preview, only the exact result", file=sys.stderr)
             options = {
                 "texts": args.text,
                 "ids": args.ids,
@@ -246,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {what}, not both" if args.text else f"error: {what}", file=sys.stderr)
         return EXIT_USAGE
     if args.timeline_png and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
-        print("error: --timeline-png needs matplotlib: pip install 'streamload[plot]'", file=sys.stderr)
+        print("error: --timeline-png needs matplotlib: pip install -e '.[plot]' (from a source checkout)", file=sys.stderr)
         return EXIT_USAGE
     if not resolve_source(args, "running"):
         return EXIT_FAILURE
