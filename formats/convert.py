@@ -170,13 +170,13 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
             continue
         canonical[name] = source_name
     expected = arch.expected_shapes(config)
-    if arch.name == "llama" and "lm_head.weight" not in expected:
-        canonical.pop("lm_head.weight", None)  # tied: the head reads the embedding table
+    if arch.decoder is not None and arch.decoder.lm_head not in expected:
+        canonical.pop(arch.decoder.lm_head, None)  # tied: the head reads the embedding table
     for name, shape in expected.items():
         if name not in canonical:
             raise SourceError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
-        actual = tensors.shape_of(canonical[name])
-        if tuple(actual) != shape:
+        actual = tuple(tensors.shape_of(canonical[name]))[:: -1 if arch.source_transposed(name) else 1]
+        if actual != shape:
             raise SourceError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
     for name in sorted(canonical):
         plan[arch.layer_of(name, blocks)].append(name)
@@ -311,6 +311,8 @@ def convert(
                     progress(source_bytes_done, tensors.size_bytes)
                 values = tensors.array(source_name)
                 source_bytes_done += values.nbytes
+                if arch.source_transposed(name):  # GPT-2's Conv1D (in, out): stored (out, in) like every other matrix
+                    values = np.ascontiguousarray(values.T)
                 forms[name] = _store_form(values, quant)
             return forms
 
