@@ -25,6 +25,7 @@ from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, LayerKind, 
 from .manifest import Manifest
 from .quantize import QuantizationError, quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
+from .tokenizer_import import read_tokenizer
 from .writer import ModelWriter
 
 logger = logging.getLogger(__name__)
@@ -147,11 +148,10 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
                 raise SourceError(f"{weights[0]}: __metadata__.config is not JSON") from None
     if not isinstance(hf_config, dict):
         raise SourceError(f"no config.json for {path}: put it beside the weights or pass --config PATH")
-    tokenizer_file = folder / "tokenizer.json"
     return ModelSource(
         weights=weights,
         hf_config=hf_config,
-        tokenizer_json=tokenizer_file.read_bytes() if tokenizer_file.is_file() else None,
+        tokenizer_json=read_tokenizer(folder),  # tokenizer.json, or converted from vocab.json + merges.txt / tokenizer.model
         extras=_sentence_transformers_extras(folder),
     )
 
