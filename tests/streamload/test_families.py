@@ -13,7 +13,7 @@ import pytest
 
 import streamload
 from streamload.formats import ModelReader, convert
-from streamload.runtime import run
+from streamload.runtime import run, run_progressive
 from tests.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -92,3 +92,25 @@ def test_gpt2_position_table_is_in_layer_0_and_conv1d_weights_are_stored_out_by_
     assert manifest.tensor("transformer.h.0.attn.c_attn.weight").shape == (3 * 64, 64)
     assert manifest.tensor("transformer.h.1.mlp.c_fc.weight").layer_index == 2
     assert "lm_head.weight" not in manifest.tensor_by_name  # tied
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "phi3"])
+async def test_progressive_preview_then_exact(family: str, served: ServerThread, tmp_path: Path) -> None:
+    """The converter's calibration runs each family's steps; the exact pass equals the plain file's result."""
+    progressive = tmp_path / "www" / f"{family}-p.slm"
+    progressive.parent.mkdir()
+    convert(FIXTURES / f"{family}-tiny", progressive, chunk_size_bytes=16 << 10, progressive=True)
+    meta, _ = references(family)
+    prompt = meta["prompts"][1]
+    with serve_directory(progressive.parent, rate_bytes_per_s=progressive.stat().st_size / 1.5) as server:  # refinements still due
+        async with streamload.open(server.url(progressive.name), cache_dir=tmp_path / "p") as model:
+            assert model.progressive
+            results = [r async for r in run_progressive(model, ids=prompt, max_new_tokens=4)]
+    async with streamload.open(served.url(f"{family}.slm"), cache_dir=tmp_path / "plain") as model:
+        plain = await run(model, ids=prompt, max_new_tokens=4)
+    preview, exact = results
+    assert (preview.precision, exact.precision) == ("coarse", "exact")
+    assert exact.generated_ids == plain.generated_ids
+    np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
+    a, b = preview.first_token_logits, exact.first_token_logits
+    assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
