@@ -114,3 +114,23 @@ async def test_progressive_preview_then_exact(family: str, served: ServerThread,
     np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
     a, b = preview.first_token_logits, exact.first_token_logits
     assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
+
+
+def test_gpt2_hub_names_without_prefix_and_mask_buffers_convert_the_same(tmp_path: Path) -> None:
+    """The original gpt2 checkpoints name tensors "h.0.attn.c_attn.weight" and store float causal-mask buffers."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "gpt2-hub"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((FIXTURES / "gpt2-tiny" / "config.json").read_bytes())
+    tensors = {
+        name.removeprefix("transformer."): values for name, values in load_file(FIXTURES / "gpt2-tiny" / "model.safetensors").items()
+    }
+    tensors |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    convert(folder, tmp_path / "hub.slm")
+    convert(FIXTURES / "gpt2-tiny", tmp_path / "saved.slm")
+    with ModelReader(tmp_path / "hub.slm") as hub, ModelReader(tmp_path / "saved.slm") as saved:
+        assert [(t.name, t.shape, t.layer_index) for t in hub.manifest.tensors] == [
+            (t.name, t.shape, t.layer_index) for t in saved.manifest.tensors
+        ]
