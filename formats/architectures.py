@@ -50,8 +50,10 @@ __all__ = [
     "BERT",
     "GEMMA2",
     "GPT2",
+    "GRANITE",
     "LLAMA",
     "MISTRAL",
+    "OLMO2",
     "PHI3",
     "QWEN2",
     "QWEN3",
@@ -558,17 +560,19 @@ def _decoder_dims(layout: DecoderLayout, biases: Callable[[Mapping[str, Any]], s
 
         for i in range(config["num_hidden_layers"]):
             prefix = layout.block.format(i=i)
-            norm(prefix + layout.attention_norm)
+            if layout.attention_norm is not None:
+                norm(prefix + layout.attention_norm)
             qkv_rows = (q, kv, kv) if len(layout.qkv) == 3 else (("qkv_width",),)
             for name, rows in zip(layout.qkv, qkv_rows, strict=True):
                 projection(prefix + name, rows, h, "qkv")
-            for name in (layout.q_norm, layout.k_norm):
+            for name, width in ((layout.q_norm, q), (layout.k_norm, kv)):
                 if name is not None:
-                    out[prefix + name + ".weight"] = ((d,), True)
+                    out[prefix + name + ".weight"] = ((d if layout.qk_norm_per_head else width,), True)
             projection(prefix + layout.output, h, q, "output")
             if layout.post_attention_norm is not None:
                 norm(prefix + layout.post_attention_norm)
-            norm(prefix + layout.mlp_norm)
+            if layout.mlp_norm is not None:
+                norm(prefix + layout.mlp_norm)
             for name in layout.up:
                 projection(prefix + name, ("gate_up_width",) if layout.gated and len(layout.up) == 1 else f, h, "up")
             projection(prefix + layout.down, h, f, "down")
@@ -669,6 +673,46 @@ GEMMA2 = _rotary_family(
     ),
 )
 
+
+def _olmo2_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, Any]:
+    return _decoder_config("olmo2", hf, rope_kinds=("llama3",))
+
+
+def _granite_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, Any]:
+    config = _decoder_config("granite", hf, rope_kinds=("llama3",))
+    config["mlp_bias"] = bool(hf.get("mlp_bias", False))
+    for key in ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"):
+        config[key] = float(hf.get(key) if hf.get(key) is not None else GRANITE.default(key))
+    return config
+
+
+OLMO2 = _rotary_family(
+    "olmo2",
+    _olmo2_config,
+    _llama_like(
+        attention_norm=None,  # norms of the attention's and the MLP's outputs only
+        mlp_norm=None,
+        post_attention_norm="post_attention_layernorm",
+        post_mlp_norm="post_feedforward_layernorm",
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+        qk_norm_per_head=False,
+    ),
+)
+GRANITE = _rotary_family(
+    "granite",
+    _granite_config,
+    LLAMA_LAYOUT,
+    biases=lambda config: _attention_bias(config) | ({"up", "down"} if config.get("mlp_bias") else set()),
+    extra=(
+        Field("mlp_bias", flag, False),
+        Field("embedding_multiplier", real(1e-6, 1e6), 1.0),  # embeddings times this
+        Field("attention_multiplier", real(1e-6, 1e6), 1.0),  # scores times this instead of 1/sqrt(head_dim)
+        Field("residual_multiplier", real(1e-6, 1e6), 1.0),  # each block's attention and MLP outputs times this
+        Field("logits_scaling", real(1e-6, 1e6), 1.0),  # logits divided by this
+    ),
+)
+
 GPT2_LAYOUT = DecoderLayout(
     embed_tokens="transformer.wte.weight",
     positions="transformer.wpe.weight",
@@ -700,7 +744,7 @@ GPT2 = Architecture(
 )
 
 
-ARCHITECTURES = (BERT, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA2, GPT2)
+ARCHITECTURES = (BERT, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA2, GPT2, OLMO2, GRANITE)
 
 
 def find_architecture(hf_config: Mapping[str, Any]) -> Architecture:

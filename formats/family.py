@@ -102,17 +102,18 @@ class DecoderLayout:
 
     embed_tokens: str  # the token table (the row table)
     block: str  # e.g. "model.layers.{i}."
-    attention_norm: str
+    attention_norm: str | None  # None: the block's input goes to attention unnormalised (OLMo 2 norms outputs only)
     qkv: tuple[str, ...]  # q, k and v projections, or one fused projection whose rows are q, k, v in that order
     output: str
-    mlp_norm: str
+    mlp_norm: str | None
     up: tuple[str, ...]  # gate and up (two, or one fused as [gate; up]) for a gated MLP, else the one input projection
     down: str
     final_norm: str
     lm_head: str = "lm_head.weight"  # absent when tied: the head reads the token table
     positions: str | None = None  # a learned position table in layer 0 (GPT-2) instead of rotary embeddings
-    q_norm: str | None = None  # per-head RMSNorm of queries and keys before rotation (Qwen3)
+    q_norm: str | None = None  # RMSNorm of queries and keys before rotation: per head (Qwen3), or across heads
     k_norm: str | None = None
+    qk_norm_per_head: bool = True  # False: over the whole projection, every head at once (OLMo 2)
     post_attention_norm: str | None = None  # a norm of the attention's output before the residual add (Gemma 2)
     post_mlp_norm: str | None = None
     norm: str = "rms"  # "rms"; "rms_plus_one": RMSNorm scaled by (1 + weight) (Gemma); "layer": LayerNorm with bias

@@ -19,7 +19,7 @@ from streamload.formats import convert
 from streamload.runtime import run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2")
+FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite")
 
 
 async def measure(family: str, quant: str, workdir: Path) -> str:
@@ -27,7 +27,7 @@ async def measure(family: str, quant: str, workdir: Path) -> str:
     arrays = np.load(FIXTURES / f"{family}_reference.npz")
     path = workdir / f"{family}-{quant}.slm"
     convert(FIXTURES / f"{family}-tiny", path, quant=quant)
-    cosines, agreements, greedy = [], [], []
+    cosines, agreements, greedy, positions = [], [], [], []
     async with streamload.open(str(path), cache_dir=workdir / "cache") as model:
         for i, (prompt, expected) in enumerate(zip(meta["prompts"], meta["greedy"], strict=True)):
             result = await run(model, ids=prompt, max_new_tokens=len(expected), keep_prompt_logits=True)
@@ -35,11 +35,13 @@ async def measure(family: str, quant: str, workdir: Path) -> str:
             cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
             cosines.append(float(cos.min()))
             agreements.append(float((ours.argmax(1) == theirs.argmax(1)).mean()))
+            positions.append(len(prompt))
             same = next((k for k, (a, b) in enumerate(zip(result.generated_ids, expected, strict=True)) if a != b), len(expected))
             greedy.append(f"{same}/{len(expected)}")
     return (
         f"{family:8s} {quant:5s} prompts {[len(p) for p in meta['prompts']]}: min cosine {min(cosines):.6f}, "
-        f"argmax agreement {' '.join(f'{a:.2f}' for a in agreements)}, greedy tokens identical {' '.join(greedy)}"
+        f"argmax agreement {' '.join(f'{a:.2f}' for a in agreements)} "
+        f"(all {np.average(agreements, weights=positions):.2f}), greedy tokens identical {' '.join(greedy)}"
     )
 
 

@@ -1,7 +1,7 @@
 """Make the decoder families' fixtures: tiny random models saved by transformers, and their fp32 references.
 
 Usage (needs torch + transformers; the tests never import either):
-    python tools/make_family_references.py [qwen2] [qwen3] [mistral] [phi3] [gemma2] [gpt2]     (default: all)
+    python tools/make_family_references.py [qwen2] [qwen3] [mistral] [phi3] [gemma2] [gpt2] [olmo2] [granite]  (default: all)
 
 For each family, writes to tests/fixtures/:
   <family>-tiny/                 a randomly initialised *ForCausalLM (2 blocks, hidden 64, vocab 512) with the
@@ -69,6 +69,16 @@ def configs() -> dict[str, Any]:
             final_logit_softcapping=8.0,
             hidden_activation="gelu_pytorch_tanh",
             pad_token_id=0,
+        ),
+        "olmo2": transformers.Olmo2Config(**rotary, num_key_value_heads=2, tie_word_embeddings=False),  # q/k norms across heads
+        "granite": transformers.GraniteConfig(
+            **rotary,
+            num_key_value_heads=2,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.2,
+            residual_multiplier=0.5,
+            logits_scaling=2.0,
+            tie_word_embeddings=False,
         ),
         "gpt2": transformers.GPT2Config(
             vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, activation_function="gelu_new"

@@ -48,6 +48,10 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # scores are divided by its square root (None: head_dim's)
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None
+    embedding_multiplier: float | None = None  # Granite: embeddings times this
+    attention_multiplier: float | None = None  # Granite: scores times this instead of divided by sqrt(head_dim)
+    residual_multiplier: float | None = None  # Granite: attention and MLP outputs times this before the residual add
+    logits_scaling: float | None = None  # Granite: logits divided by this
 
     @classmethod
     def from_manifest(cls, config: Mapping[str, Any]) -> DecoderConfig:
@@ -170,6 +174,8 @@ class DecoderRunner:
         layout = self.config.layout
         if layout.embedding_scale:
             x *= np.float32(math.sqrt(self.config.hidden_size))
+        if self.config.embedding_multiplier is not None:
+            x *= np.float32(self.config.embedding_multiplier)
         if layout.positions is not None:
             self.embeddings = layer if layer is not None else self.embeddings
             if self.embeddings is None:
@@ -209,13 +215,19 @@ class DecoderRunner:
         # one matmul per input (q, k, v stacked; gate and up stacked) on int8 tiles: float32 copies under the budget
         # made decode slower (4.25 against 5.20 tokens/s for 0.74 G weights, of which 512 MiB of copies hold a sixth:
         # `python tools/bench_runtime.py --only-large`) and cost that memory
-        h = self.norm(layer, p + lay.attention_norm, x)
+        h = x if lay.attention_norm is None else self.norm(layer, p + lay.attention_norm, x)
         qkv = ops.dense(h, projections(*lay.qkv), float_copies=False)  # (T, (heads + 2 kv) d)
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        if lay.q_norm is not None and lay.k_norm is not None and not lay.qk_norm_per_head:  # across heads (OLMo 2)
+            qkv = qkv.copy()
+            qkv[:, :q_width] = ops.rms_norm(qkv[:, :q_width], layer[p + lay.q_norm + ".weight"], c.rms_norm_eps)
+            qkv[:, q_width : q_width + kv_width] = ops.rms_norm(
+                qkv[:, q_width : q_width + kv_width], layer[p + lay.k_norm + ".weight"], c.rms_norm_eps
+            )
         q = qkv[:, :q_width].reshape(tokens, c.num_attention_heads, c.head_dim).transpose(1, 0, 2)  # (heads, T, d)
         k = qkv[:, q_width : q_width + kv_width].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)  # (kv, T, d)
         v = qkv[:, q_width + kv_width :].reshape(tokens, c.num_key_value_heads, c.head_dim).transpose(1, 0, 2)
-        if lay.q_norm is not None and lay.k_norm is not None:  # per head, before rotation (Qwen3)
+        if lay.q_norm is not None and lay.k_norm is not None and lay.qk_norm_per_head:  # per head, before rotation (Qwen3)
             q = ops.rms_norm(q, layer[p + lay.q_norm + ".weight"], c.rms_norm_eps)
             k = ops.rms_norm(k, layer[p + lay.k_norm + ".weight"], c.rms_norm_eps)
         if self.rotary:
@@ -229,7 +241,10 @@ class DecoderRunner:
         group = c.num_attention_heads // c.num_key_value_heads
         q = q.reshape(c.num_key_value_heads, group * tokens, c.head_dim)  # heads sharing a kv head, stacked
         scale = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
-        scores = q @ keys[:, :total].transpose(0, 2, 1) / np.float32(math.sqrt(scale))  # (kv, group*T, total)
+        if c.attention_multiplier is None:
+            scores = q @ keys[:, :total].transpose(0, 2, 1) / np.float32(math.sqrt(scale))  # (kv, group*T, total)
+        else:
+            scores = q @ keys[:, :total].transpose(0, 2, 1) * np.float32(c.attention_multiplier)
         if c.attn_logit_softcapping is not None:
             cap = np.float32(c.attn_logit_softcapping)
             scores = np.tanh(scores / cap) * cap
@@ -246,8 +261,10 @@ class DecoderRunner:
         attended = ops.dense(context, projections(lay.output), float_copies=False)
         if lay.post_attention_norm is not None:
             attended = self.norm(layer, p + lay.post_attention_norm, attended)
+        if c.residual_multiplier is not None:
+            attended = attended * np.float32(c.residual_multiplier)
         x = x + attended
-        h = self.norm(layer, p + lay.mlp_norm, x)
+        h = x if lay.mlp_norm is None else self.norm(layer, p + lay.mlp_norm, x)
         up = ops.dense(h, projections(*lay.up), float_copies=False)  # (T, 2 I) gate and up, or (T, I)
         act = ops.silu if lay.activation == "silu" else ops.gelu_tanh
         if lay.gated:
@@ -258,6 +275,8 @@ class DecoderRunner:
         mlp = ops.dense(up, projections(lay.down), float_copies=False)
         if lay.post_mlp_norm is not None:
             mlp = self.norm(layer, p + lay.post_mlp_norm, mlp)
+        if c.residual_multiplier is not None:
+            mlp = mlp * np.float32(c.residual_multiplier)
         x = x + mlp
         if index == c.num_hidden_layers - 1:
             self.cache.length = total
@@ -271,6 +290,8 @@ class DecoderRunner:
             logits = ops.linear(h, *table_layer.weight(lay.embed_tokens))
         else:
             logits = ops.linear(h, *head_layer.weight(lay.lm_head))
+        if self.config.logits_scaling is not None:
+            logits = logits / np.float32(self.config.logits_scaling)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)
