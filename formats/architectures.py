@@ -58,6 +58,7 @@ __all__ = [
     "QWEN2",
     "QWEN3",
     "ROW_TABLE_LAYER_NAME",
+    "STABLELM",
     "Architecture",
     "DecoderLayout",
     "architecture_named",
@@ -713,6 +714,24 @@ GRANITE = _rotary_family(
     ),
 )
 
+
+def _stablelm_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, Any]:
+    if hf.get("qk_layernorm") or hf.get("use_parallel_residual"):
+        raise UnsupportedArchitectureError("stablelm with qk_layernorm or use_parallel_residual is not supported")
+    config = _decoder_config("stablelm", hf, rope_kinds=("llama3",))
+    config["rms_norm_eps"] = float(hf.get("layer_norm_eps", 1e-5))  # the field is every norm's eps; StableLM's are LayerNorms
+    config["qkv_bias"] = bool(hf.get("use_qkv_bias", False))
+    return config
+
+
+STABLELM = _rotary_family(
+    "stablelm",
+    _stablelm_config,
+    _llama_like(norm="layer"),
+    biases=lambda config: {"qkv"} if config.get("qkv_bias") else set(),
+    extra=(Field("qkv_bias", flag, False),),
+)
+
 GPT2_LAYOUT = DecoderLayout(
     embed_tokens="transformer.wte.weight",
     positions="transformer.wpe.weight",
@@ -744,7 +763,7 @@ GPT2 = Architecture(
 )
 
 
-ARCHITECTURES = (BERT, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA2, GPT2, OLMO2, GRANITE)
+ARCHITECTURES = (BERT, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA2, GPT2, OLMO2, GRANITE, STABLELM)
 
 
 def find_architecture(hf_config: Mapping[str, Any]) -> Architecture:

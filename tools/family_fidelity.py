@@ -19,7 +19,7 @@ from streamload.formats import convert
 from streamload.runtime import run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite")
+FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 
 
 async def measure(family: str, quant: str, workdir: Path) -> str:

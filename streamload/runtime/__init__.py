@@ -24,7 +24,7 @@ from .timeline import LayerTiming, RowsTiming, Timeline
 if TYPE_CHECKING:
     from ..model import Model
 
-SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite")
+SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``llama.generate``, each as its family description says
 VALIDATED_DIGESTS_KEPT = 64  # manifests whose config already passed ``validate`` (1 ms a call on MiniLM, a tenth of a sentence)
 

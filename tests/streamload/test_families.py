@@ -17,7 +17,7 @@ from streamload.runtime import run, run_progressive
 from tests.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite")
+FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
