@@ -345,7 +345,7 @@ async def generate(
         raise RuntimeModelError(f"prompt + new tokens exceed the model's {config.max_position_embeddings} positions")
     runner = DecoderRunner(config, capacity)
     prompt_rows = await timeline.rows(table, ids)  # the prompt's rows of the table, fetched first
-    _, x = await timeline.compute(0, lambda _layer, rows: runner.embed(rows, _layer), prompt_rows)
+    _, x = await timeline.compute(0, lambda layer, rows: runner.embed(rows, layer), prompt_rows)  # layer 0: positions (GPT-2)
     blocks: list[Layer] = []
     for index in range(config.num_hidden_layers):
         layer, x = await timeline.compute(index + 1, runner.block, x, index)

@@ -136,3 +136,29 @@ def test_gpt2_hub_names_without_prefix_and_mask_buffers_convert_the_same(tmp_pat
         assert [(t.name, t.shape, t.layer_index) for t in hub.manifest.tensors] == [
             (t.name, t.shape, t.layer_index) for t in saved.manifest.tensors
         ]
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "message"),
+    [
+        ("gemma2", {"layer_types": ["sliding_attention"]}, r"layer_types has 1 entries for num_hidden_layers=2"),
+        (
+            "gemma2",
+            {"layer_types": ["local", "global"]},
+            r"layer_types='local' is invalid: expected one of full_attention, sliding_attention",
+        ),
+        ("phi3", {"partial_rotary_factor": 1.0}, r"rope_scaling.short_factor has 4 factors, the rotated half-dimension is 8"),
+        ("mistral", {"sliding_window": 0}, r"sliding_window=0 is invalid"),
+    ],
+)
+def test_a_family_config_that_contradicts_itself_is_refused_naming_the_field(family: str, change: dict, message: str) -> None:
+    from streamload.errors import ManifestSchemaError
+    from streamload.formats.architectures import architecture_named
+
+    path = FIXTURES / f"{family}-tiny"
+    arch = architecture_named(family)
+    assert arch is not None
+    config = arch.normalize_config(json.loads((path / "config.json").read_text()), {})
+    arch.read_config(config)  # as converted: valid
+    with pytest.raises(ManifestSchemaError, match=message):
+        arch.read_config(config | change)
