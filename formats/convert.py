@@ -44,6 +44,7 @@ from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, DType, Laye
 from .manifest import Manifest
 from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
+from .tokenizer_import import read_tokenizer
 from .writer import ModelWriter, PageReleasingFile, drop_cached
 
 logger = logging.getLogger(__name__)
@@ -170,11 +171,10 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
                 raise SourceError(f"{weights[0]}: __metadata__.config is not JSON") from None
     if not isinstance(hf_config, dict):
         raise SourceError(f"no config.json for {path}: put it beside the weights or pass --config PATH")
-    tokenizer_file = folder / "tokenizer.json"
     return ModelSource(
         weights=weights,
         hf_config=hf_config,
-        tokenizer_json=tokenizer_file.read_bytes() if tokenizer_file.is_file() else None,
+        tokenizer_json=read_tokenizer(folder),  # tokenizer.json, or converted from vocab.json + merges.txt / tokenizer.model
         extras=_sentence_transformers_extras(folder),
     )
 
@@ -197,13 +197,13 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
             continue
         canonical[name] = source_name
     expected = arch.expected_shapes(config)
-    if arch.name == "llama" and "lm_head.weight" not in expected:
-        canonical.pop("lm_head.weight", None)  # tied: the head reads the embedding table
+    if arch.decoder is not None and arch.decoder.lm_head not in expected:
+        canonical.pop(arch.decoder.lm_head, None)  # tied: the head reads the embedding table
     for name, shape in expected.items():
         if name not in canonical:
             raise SourceError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
-        actual = tensors.shape_of(canonical[name])
-        if tuple(actual) != shape:
+        actual = tuple(tensors.shape_of(canonical[name]))[:: -1 if arch.source_transposed(name) else 1]
+        if actual != shape:
             raise SourceError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
     for name in sorted(canonical):
         plan[arch.layer_of(name, blocks)].append((canonical[name], name))
@@ -254,9 +254,16 @@ class TensorStreamer:
     or replaces it.
     """
 
-    def __init__(self, tensors: SafetensorsCollection, quant: str, progress: Callable[[int, int], None] | None) -> None:
+    def __init__(
+        self,
+        tensors: SafetensorsCollection,
+        quant: str,
+        progress: Callable[[int, int], None] | None,
+        transposed: frozenset[str] = frozenset(),
+    ) -> None:
         self.tensors = tensors
         self.quant = quant
+        self.transposed = transposed  # source names held (in, out), as GPT-2's Conv1D: stored (out, in) like every matrix
         self._progress = progress
         self.source_bytes_done = 0
         self.source_bytes_to_read = tensors.size_bytes  # grows with each extra pass the conversion plans
@@ -270,8 +277,24 @@ class TensorStreamer:
         keep_f16 = len(self.tensors.shape_of(source_name)) == 2 and self.tensors.dtype_of(source_name) == "F16"
         return DType.F16 if keep_f16 else DType.F32
 
+    def shape_of(self, source_name: str) -> tuple[int, ...]:
+        """The tensor's shape as stored: a transposed source's reversed."""
+        shape = tuple(self.tensors.shape_of(source_name))
+        return shape[::-1] if source_name in self.transposed else shape
+
     def row_blocks(self, source_name: str) -> Iterator[np.ndarray]:
-        """The tensor's values, ROW_BLOCK_BYTES of float32 at a time (counted in ``source_bytes_done`` as read)."""
+        """The tensor's values, ROW_BLOCK_BYTES of float32 at a time (counted in ``source_bytes_done`` as read).
+
+        A transposed source is read whole and transposed (GPT-2's matrices: the largest, 1600 x 6400 in gpt2-xl,
+        is 41 MB of float32), then handed out in the same blocks."""
+        if source_name in self.transposed:
+            whole = np.ascontiguousarray(self.tensors.array(source_name).T)
+            per_block = max(1, ROW_BLOCK_BYTES // max(1, 4 * math.prod(whole.shape[1:])))
+            for start in range(0, whole.shape[0], per_block):
+                stop = min(whole.shape[0], start + per_block)
+                yield whole[start:stop]
+                self.source_bytes_done += (stop - start) * whole[0].nbytes if whole.ndim > 1 else whole.nbytes
+            return
         shape = self.tensors.shape_of(source_name)
         rows = shape[0] if shape else 1
         per_block = max(1, ROW_BLOCK_BYTES // max(1, 4 * math.prod(shape[1:])))
@@ -306,7 +329,7 @@ class TensorStreamer:
     def write_tensor(self, writer: ModelWriter, source_name: str, name: str, *, coarse_shift: int | None = None) -> Int8Matrix | None:
         """Write one tensor's values into the writer's open layer: int8 (returns its scales, for the caller to write
         after the layer's int8 matrices) or float (returns None)."""
-        shape = self.tensors.shape_of(source_name)
+        shape = self.shape_of(source_name)
         if not self.is_int8(source_name):
             writer.begin_tensor(name, shape, self.float_dtype(source_name))
             for block in self.row_blocks(source_name):
@@ -554,7 +577,8 @@ def convert(
     started = time.perf_counter()
     model, arch, config, tensors = _read_source(source, config_path, quant)
     plan = _plan_layers(arch, config, tensors)
-    streamer = TensorStreamer(tensors, quant, progress)
+    transposed = frozenset(source_name for group in plan for source_name, name in group if arch.source_transposed(name))
+    streamer = TensorStreamer(tensors, quant, progress, transposed)
     choose_shifts = calibrator(arch.name, config, model.tokenizer_json) if progressive and quant == "int8" and calibrator else None
     with ModelWriter(
         output,

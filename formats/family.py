@@ -94,16 +94,54 @@ class Field:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DecoderLayout:
+    """A decoder family's tensor roles and the runtime pieces it selects; the runtime reads names only from here.
+
+    Names inside a block are relative to ``block`` (``{i}`` is the block index) and leave off ``.weight``/``.bias``.
+    """
+
+    embed_tokens: str  # the token table (the row table)
+    block: str  # e.g. "model.layers.{i}."
+    attention_norm: str | None  # None: the block's input goes to attention unnormalised (OLMo 2 norms outputs only)
+    qkv: tuple[str, ...]  # q, k and v projections, or one fused projection whose rows are q, k, v in that order
+    output: str
+    mlp_norm: str | None
+    up: tuple[str, ...]  # gate and up (two, or one fused as [gate; up]) for a gated MLP, else the one input projection
+    down: str
+    final_norm: str
+    lm_head: str = "lm_head.weight"  # absent when tied: the head reads the token table
+    positions: str | None = None  # a learned position table in layer 0 (GPT-2) instead of rotary embeddings
+    q_norm: str | None = None  # RMSNorm of queries and keys before rotation: per head (Qwen3), or across heads
+    k_norm: str | None = None
+    qk_norm_per_head: bool = True  # False: over the whole projection, every head at once (OLMo 2)
+    post_attention_norm: str | None = None  # a norm of the attention's output before the residual add (Gemma 2)
+    post_mlp_norm: str | None = None
+    norm: str = "rms"  # "rms"; "rms_plus_one": RMSNorm scaled by (1 + weight) (Gemma); "layer": LayerNorm with bias
+    activation: str = "silu"  # "silu" or "gelu_tanh" (gelu_new, gelu_pytorch_tanh)
+    gated: bool = True  # down(act(gate) * up); else down(act(up))
+    embedding_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+
+    def name(self, index: int, role: str, suffix: str = ".weight") -> str:
+        """A block tensor's stored name: ``name(0, layout.output)`` -> "model.layers.0.self_attn.o_proj.weight"."""
+        return self.block.format(i=index) + role + suffix
+
+
+# ---------------------------------------------------------------- the description
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]  # HF config "model_type" values handled
     fields: tuple[Field, ...]
     normalize_config: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # HF config, extras -> manifest config
     canonical_name: Callable[[str], str | None]  # HF tensor name -> stored name, or None to drop
-    first_prefix: str  # names starting with this are layer 0 (the embeddings)
+    first_prefix: str | tuple[str, ...]  # names starting with this (or one of these) are layer 0 (the embeddings)
     row_table: str  # the token-embedding table: stored as a row table after the steps, read a few rows at a time
     tensor_dims: Callable[[Mapping[str, Any]], dict[str, tuple[tuple[Dim, ...], bool]]]  # name -> (dims, required)
     check_config: Callable[[dict[str, Any]], None]  # relations between fields; fills derived defaults
+    decoder: DecoderLayout | None = None  # a decoder's tensor roles and the runtime pieces it selects (None: an encoder)
+    source_transposed: Callable[[str], bool] = lambda name: False  # stored name -> the source holds it as (in, out)
 
     def default(self, key: str) -> Any:
         """A field's default (the one place it is written)."""
@@ -128,7 +166,7 @@ class Architecture:
         return values
 
     def layer_of(self, name: str, block_count: int) -> int:
-        """Stored tensor name -> layer index."""
+        """Stored tensor name -> layer index (the first prefix's tensors, e.g. token and position tables, are layer 0)."""
         if name.startswith(self.first_prefix):
             return 0
         match = BLOCK_NAME.match(name)
@@ -141,7 +179,9 @@ class Architecture:
 
     def expected_shapes(self, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Every tensor the runtime needs, with its shape, for a config."""
-        return {name: _shape(dims, config) for name, (dims, required) in self.tensor_dims(config).items() if required}
+        values = dict(config)
+        self.check_config(values)  # fills in derived sizes (a fused projection's rows)
+        return {name: _shape(dims, values) for name, (dims, required) in self.tensor_dims(values).items() if required}
 
     def validate(self, config: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
         """Check the config against the manifest's layers and tensors, before anything is allocated.
@@ -198,7 +238,7 @@ def _describe(dims: tuple[Dim, ...], config: Mapping[str, Any]) -> str:
     return ", ".join(" x ".join(f"{f}={config[f]}" for f in dim) for dim in dims)
 
 
-BLOCK_NAME = re.compile(r"^(?:encoder\.layer|model\.layers)\.(\d+)\.")
+BLOCK_NAME = re.compile(r"^(?:encoder\.layer|model\.layers|transformer\.h)\.(\d+)\.")
 
 
 def require(config: Mapping[str, Any], key: str, kind: type = int) -> Any:

@@ -140,7 +140,7 @@ class CalibratedShifts:
         tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        if self.architecture == "llama":  # one prompt of every sentence: a decoder's input is a running text
+        if self.architecture != "bert":  # one prompt of every sentence: a decoder's input is a running text
             return [tokenizer.encode(" ".join(CALIBRATION_TEXT)).ids[: int(self.config.get("max_position_embeddings", 512))]]
         return [e.ids for e in tokenizer.encode_batch(list(CALIBRATION_TEXT))]
 
@@ -237,9 +237,7 @@ class CalibratedShifts:
         """(the state after step ``index``, its output) from the state before it; None for a step not computed."""
         if self.architecture == "bert":
             return self._step_bert(index, layer, state)
-        if self.architecture == "llama":
-            return self._step_llama(index, layer, state)
-        return state, None
+        return self._step_llama(index, layer, state)  # a decoder: Llama or a family described like it
 
     def _with_output(self, index: int, before: Any, output: np.ndarray) -> Any:
         """The state step ``index`` leaves when its output is ``output``."""
@@ -284,15 +282,15 @@ class CalibratedShifts:
             assert self.table is not None
             values, scales = self.table
             runner = llama.LlamaRunner(config, len(ids))
-            x = runner.embed((values[ids], None if scales is None else scales[ids]))
+            x = runner.embed((values[ids], None if scales is None else scales[ids]), layer)
             return (runner, x, None), x
         runner, x, _ = state
         if index <= config.num_hidden_layers:
             runner.cache.length = 0  # every call is the same prefill: it rewrites its own block's KV cache
             out = runner.block(layer, x, index - 1)
             return (runner, out, None), out
-        tied = "lm_head.weight" not in layer
-        table = _pair_layer(index, {llama.EMBED_TOKENS: self.table}) if tied and self.table is not None else None
+        tied = config.layout.lm_head not in layer
+        table = _pair_layer(index, {config.layout.embed_tokens: self.table}) if tied and self.table is not None else None
         logits = runner.head(layer, table, x)
         return (runner, x, logits), logits
 

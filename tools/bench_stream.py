@@ -6,6 +6,7 @@ Usage:
     python tools/bench_stream.py --png timeline.png   # also draw C's (and P's) timeline on the 20 Mbit/s link
     python tools/bench_stream.py --models minilm --links 5,20,100 --repeats 3   # medians of 3 side-by-side runs
     python tools/bench_stream.py --models llama --variants B,C --links 20,100
+    python tools/bench_stream.py --models llama,qwen2 --variants C --links 100   # a Qwen2 of the same shape (q/k/v biases)
     python tools/bench_stream.py --models minilm --variants B,C,P --links 5,20 --repeats 3   # the progressive preview
 
 Every variant runs in its own process (peak RSS and CPU seconds from wait4), through the same
@@ -237,6 +238,7 @@ def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[st
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
     from streamload.calibrate import CalibratedShifts
     from streamload.formats import convert
+    from streamload.formats.architectures import find_architecture
     from tests.support.synthetic import llama_config, write_synthetic_llama
 
     served = work / "www"
@@ -252,7 +254,7 @@ def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[st
         if "P" in variants:
             convert(minilm, served / "minilm-p.slm", progressive=True, calibrator=CalibratedShifts)
         kinds.append(("minilm", served / "minilm-fp32"))
-    if "llama" in models:
+    for kind in [m for m in models if m not in ("minilm",)]:  # llama, or a family described with Llama's config fields
         config = llama_config(
             vocab_size=32000,
             hidden_size=1024,
@@ -262,11 +264,12 @@ def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[st
             num_key_value_heads=4,
             max_position_embeddings=512,
         )
-        write_synthetic_llama(served / "llama-fp32", config)
-        convert(served / "llama-fp32", served / "llama.slm")
+        family = find_architecture(config | {"model_type": kind})
+        write_synthetic_llama(served / f"{kind}-fp32", config | {"model_type": kind}, family=family)
+        convert(served / f"{kind}-fp32", served / f"{kind}.slm")
         if "P" in variants:
-            convert(served / "llama-fp32", served / "llama-p.slm", progressive=True, calibrator=CalibratedShifts)
-        kinds.append(("llama", served / "llama-fp32"))
+            convert(served / f"{kind}-fp32", served / f"{kind}-p.slm", progressive=True, calibrator=CalibratedShifts)
+        kinds.append((kind, served / f"{kind}-fp32"))
     return kinds
 
 
@@ -277,15 +280,20 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--png", help="draw C's timeline on the 20 Mbit/s link (MiniLM) to this file")
     parser.add_argument("--json", help="also write all results as JSON here")
-    parser.add_argument("--models", help="comma-separated: minilm, llama (default both; quick: minilm)")
+    parser.add_argument("--models", help="comma-separated: minilm, llama, qwen2, mistral (default minilm,llama; quick: minilm)")
     parser.add_argument("--variants", default="A,B,C,P", help="comma-separated subset of A,B,C,P (default all)")
     parser.add_argument("--repeats", type=int, default=1, help="side-by-side runs per link; figures are medians")
     args = parser.parse_args()
     links = [float(x) for x in (args.links or ("20,100" if args.quick else "5,20,100")).split(",")]
     models = (args.models or ("minilm" if args.quick else "minilm,llama")).split(",")
     variants = args.variants.split(",")
-    if not set(models) <= {"minilm", "llama"} or not set(variants) <= {"A", "B", "C", "P"} or "C" not in variants or args.repeats < 1:
-        parser.error("--models takes minilm,llama; --variants a subset of A,B,C,P that includes C; --repeats at least 1")
+    if (
+        not set(models) <= {"minilm", "llama", "qwen2", "mistral"}
+        or not set(variants) <= {"A", "B", "C", "P"}
+        or "C" not in variants
+        or args.repeats < 1
+    ):
+        parser.error("--models takes minilm, llama, qwen2, mistral; --variants a subset of A,B,C,P that includes C; --repeats at least 1")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
         kinds = prepare(work, models, variants)

@@ -78,7 +78,8 @@ def check_run_options(args: argparse.Namespace, config: Any) -> None:
         UsageError: an option does not fit this model (exit status 2, as argparse's own errors).
     """
     architecture = config.get("architecture", "?")
-    if architecture != "llama":
+    decoder = architecture != "bert"  # every other family the runtime runs generates text
+    if not decoder:
         given = [f"--{name.replace('_', '-')}" for name in (*DECODER_DEFAULTS, "save_logits") if getattr(args, name) is not None]
         if given:
             raise UsageError(
@@ -87,7 +88,7 @@ def check_run_options(args: argparse.Namespace, config: Any) -> None:
     for name, default in DECODER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if architecture == "llama" and args.text is not None and len(args.text) > 1:
+    if decoder and args.text is not None and len(args.text) > 1:
         if not args.words:
             raise UsageError("a decoder takes one prompt: give one --text, or the prompt's words as arguments")
         args.text = [" ".join(args.text)]  # `streamload run llama why is the sky blue`, as ollama run reads it

@@ -1,7 +1,7 @@
 """The numpy int8 runtime: run a model while it streams in.
 
 ``run`` picks the architecture from the manifest: BERT encoders return a sentence
-embedding, Llama decoders generate tokens. Each layer's compute starts as soon
+embedding, decoders (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2, GPT-2) generate tokens. Each layer's compute starts as soon
 as that layer has arrived and runs on a worker thread, so the download goes on.
 ``run_progressive`` yields a preview first, computed on a progressive model's
 coarse layers while their refinements stream in, then the exact result.
@@ -26,7 +26,8 @@ from .timeline import LayerTiming, RowsTiming, Timeline
 if TYPE_CHECKING:
     from ..model import Model
 
-SUPPORTED_ARCHITECTURES = ("bert", "llama")
+SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
+DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``llama.generate``, each as its family description says
 
 
 @dataclasses.dataclass(slots=True)
@@ -183,7 +184,7 @@ async def run(
             timeline.row_records,
             model.bytes_needed,
         )
-    if architecture == "llama":
+    if architecture in DECODERS:
         from . import llama
 
         if texts is not None:
@@ -208,7 +209,7 @@ async def run(
         tokenizer = model.tokenizer
         text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
         return RunResult(
-            "llama",
+            architecture,
             None,
             generation.generated_ids,
             text,

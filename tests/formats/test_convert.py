@@ -129,8 +129,9 @@ def test_single_safetensors_file_with_config(tmp_path: Path) -> None:
 
 
 def test_unknown_architecture_lists_supported(tmp_path: Path) -> None:
-    source = write_synthetic_llama(tmp_path / "src", llama_config(num_hidden_layers=1) | {"model_type": "gpt2"})
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported; streamload converts: bert, llama"):
+    source = write_synthetic_llama(tmp_path / "src", llama_config(num_hidden_layers=1) | {"model_type": "falcon"})
+    supported = "bert, llama, qwen2, qwen3, mistral, phi3, gemma2, gpt2, olmo2, granite, stablelm"
+    with pytest.raises(UnsupportedArchitectureError, match=f"'falcon' is not supported; streamload converts: {supported}$"):
         convert(source, tmp_path / "m.slm")
     assert not (tmp_path / "m.slm").exists()
 

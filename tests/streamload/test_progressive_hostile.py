@@ -13,6 +13,7 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+from streamload.calibrate import CalibratedShifts
 from streamload.errors import FormatError, ManifestSchemaError
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
@@ -30,7 +31,7 @@ async def test_a_small_progressive_file_without_range_completes(tmp_path: Path, 
     www = tmp_path / "www"
     www.mkdir()
     path = www / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=chunk_size_bytes, progressive=True)
+    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=chunk_size_bytes, progressive=True, calibrator=CalibratedShifts)
     with serve_directory(www, ranges_enabled=False) as server:
         async with streamload.open(server.url("tiny-p.slm"), cache_dir=tmp_path / "cache") as model:
             await asyncio.wait_for(model.wait_complete(), 60)
@@ -81,7 +82,7 @@ async def test_a_refinement_before_its_coarse_chunk_is_refused_without_range(ref
 
 def test_the_converter_writes_every_refinement_after_its_coarse_chunks(tmp_path: Path) -> None:
     path = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True)
+    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     with ModelReader(path) as reader:  # the reader's check passes on the converter's own file
         assert reader.manifest.refinement_chunks and not reader.verify()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from streamload.formats.architectures import LLAMA
+from streamload.formats.architectures import LLAMA, Architecture
 from streamload.formats.constants import DEFAULT_CHUNK_SIZE_BYTES, QuantScheme
 from streamload.formats.writer import ModelWriter
 
@@ -50,12 +50,15 @@ def llama_config(
     }
 
 
-def llama_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF LlamaForCausalLM tensor names and shapes for a config.json (the family description's, in transformers' order)."""
-    return LLAMA.expected_shapes(LLAMA.normalize_config(config, {}))
+def llama_tensor_shapes(config: dict[str, Any], family: Architecture = LLAMA) -> dict[str, tuple[int, ...]]:
+    """HF LlamaForCausalLM tensor names and shapes for a config.json (the family description's, in transformers' order);
+    ``family``: another decoder described with the same config fields (Qwen2, Mistral...)."""
+    return family.expected_shapes(family.normalize_config(config, {}))
 
 
-def write_synthetic_llama(folder: str | os.PathLike[str], config: dict[str, Any], *, seed: int = 0, dtype: str = "float32") -> Path:
+def write_synthetic_llama(
+    folder: str | os.PathLike[str], config: dict[str, Any], *, seed: int = 0, dtype: str = "float32", family: Architecture = LLAMA
+) -> Path:
     """Write config.json and model.safetensors with N(0, 0.02) weights and near-1 norms; returns the folder."""
     from safetensors.numpy import save_file
 
@@ -63,7 +66,7 @@ def write_synthetic_llama(folder: str | os.PathLike[str], config: dict[str, Any]
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in llama_tensor_shapes(config).items():
+    for name, shape in llama_tensor_shapes(config, family).items():
         if len(shape) == 1:
             values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
