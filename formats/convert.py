@@ -372,7 +372,7 @@ def _write_step(
         deferred_scales.append((table.name + ".scales", table.scales))
     for source_name, name in group:
         streamer.report_progress()
-        shape = tuple(streamer.tensors.shape_of(source_name))
+        shape = streamer.shape_of(source_name)
         if not streamer.is_int8(source_name):
             for scale_name, scales in deferred_scales:  # floats go after every int8 matrix of the layer
                 writer.add_tensor(scale_name, scales)
@@ -422,7 +422,7 @@ class _QuantizedSteps:
         self._pending.append(step)
 
     def _add(self, streamer: TensorStreamer, source_name: str) -> tuple[int, tuple[int, ...], Any]:
-        shape = tuple(streamer.tensors.shape_of(source_name))
+        shape = streamer.shape_of(source_name)
         if not streamer.is_int8(source_name):
             dtype = streamer.float_dtype(source_name).numpy_name
             values = [np.asarray(block, dtype=dtype).reshape(-1) for block in streamer.row_blocks(source_name)]
