@@ -36,6 +36,7 @@ from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .refinements import RefinementPlan
 from .refs import write_ref
+from .reuse import copy_shared_chunks
 from .schedule import ChunkScheduler
 from .stats import DownloadStats, Progress
 from .tokenizer import load_tokenizer
@@ -161,6 +162,14 @@ class DownloadSession:
         pending[positions[usable]] = False
         self.stats.chunks_total = len(table)
         self.stats.chunks_cached = len(table) - int(pending.sum())
+        if remote and pending.any():  # an update: chunks other cached models hold are copied, not downloaded (reuse.py)
+            copied = await asyncio.to_thread(copy_shared_chunks, self.cache_root, cache, table, np.flatnonzero(pending))
+            self.journaled.update(copied.journaled)
+            pending[self._position_of[np.fromiter(copied.journaled, np.int64, len(copied.journaled))]] = False
+            self.stats.chunks_local, self.stats.bytes_local = len(copied.journaled), copied.compressed_bytes
+            if self._header_stream is not None and len(table) and not pending[0]:  # its body would bring what is here
+                self._header_stream.close()
+                self._header_stream = None
         # per layer: the positions of its pass-0 chunks (in file order)
         base = np.flatnonzero(table.pass_index == 0)
         by_layer = base[np.argsort(table.layer[base], kind="stable")]
