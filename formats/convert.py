@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import FormatError, SourceError
 from .architectures import ROW_TABLE_LAYER_NAME, Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, LayerKind, QuantScheme, rows_per_chunk
+from .delta import BaseScales, DeltaReport, write_delta
 from .manifest import Manifest
 from .quantize import QuantizationError, quantize_int8_rows
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
@@ -62,6 +63,8 @@ class ConversionReport:
     output_size_bytes: int
     seconds: float
     tensors: tuple[TensorReport, ...]
+    rebase: dict[str, Any] | None = None  # with a base: rows that kept its scales, the error against independent quantization
+    delta: DeltaReport | None = None  # with a base: the delta file written beside the output (docs/updates.md)
 
     @property
     def max_abs_error(self) -> float:
@@ -204,9 +207,10 @@ ShiftChooser = Callable[[Sequence[Mapping[str, StoredPair]], StoredPair], Sequen
 coarse_shift}`` for the int8 matrices that should be progressive; called once, with every step quantized."""
 
 
-def _store_form(values: np.ndarray, quant: str) -> _Stored:
+def _store_form(values: np.ndarray, quant: str, base: BaseScales | None = None, name: str = "") -> _Stored:
     if quant == "int8" and values.ndim == 2:
-        q, scales, error = quantize_int8_rows(values)
+        rebased = base.quantize(name, values) if base is not None else None  # the base's scales where the bound allows
+        q, scales, error = rebased if rebased is not None else quantize_int8_rows(values)
         return _Stored(q, scales, error)
     # norms and biases become f32 for the runtime; unquantized matrices keep f16 when the source has it
     keep_f16 = values.ndim == 2 and values.dtype == np.float16
@@ -243,6 +247,7 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     progressive: bool = False,
     choose_shifts: ShiftChooser | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> ConversionReport:
     """Convert a model folder or .safetensors file into a .slm file.
 
@@ -258,6 +263,8 @@ def convert(
             (FORMAT.md, "Progressive tensors"), so a client can run a preview before the exact weights are in.
         choose_shifts: picks each matrix's coarse_shift, layer by layer (default: ``streamload.calibrate``'s,
             which runs the layers so far on a bundled calibration text).
+        base: the .slm file of the previous version: its per-row scales are kept where the error bound allows, and a
+            delta file against it is written beside ``output`` and listed in its manifest (``formats/delta.py``).
 
     Returns:
         A ``ConversionReport`` with per-tensor quantization errors.
@@ -283,6 +290,7 @@ def convert(
         raise SourceError(f"config.json: {exc}") from None
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
+    base_scales = BaseScales(base) if base is not None and quant == "int8" else None
     reports: list[TensorReport] = []
     source_bytes_done = 0
     with ModelWriter(
@@ -299,7 +307,7 @@ def convert(
             choose_shifts = CalibratedShifts(arch.name, config, model.tokenizer_json)
         table_source, table_name = _take_row_table(arch, plan)
         table_values = tensors.array(table_source)
-        table = _store_form(table_values, quant)  # its scales go to layer 0, its rows after every step
+        table = _store_form(table_values, quant, base_scales, table_name)  # its scales go to layer 0, its rows after every step
         source_bytes_done += table_values.nbytes
 
         def quantized(group: list[str]) -> dict[str, _Stored]:
@@ -311,7 +319,7 @@ def convert(
                     progress(source_bytes_done, tensors.size_bytes)
                 values = tensors.array(source_name)
                 source_bytes_done += values.nbytes
-                forms[name] = _store_form(values, quant)
+                forms[name] = _store_form(values, quant, base_scales, name)
             return forms
 
         steps: Iterable[tuple[dict[str, _Stored], Mapping[str, int]]]
@@ -364,6 +372,12 @@ def convert(
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
     if progress is not None:
         progress(tensors.size_bytes, tensors.size_bytes)
+    delta = write_delta(output, base) if base is not None else None
+    if delta is not None and delta.path is not None:
+        from .reader import ModelReader
+
+        with ModelReader(output) as written:
+            manifest = written.manifest  # it lists the delta now
     output_size = Path(output).stat().st_size
     report = ConversionReport(
         path=Path(output),
@@ -372,6 +386,8 @@ def convert(
         output_size_bytes=output_size,
         seconds=time.perf_counter() - started,
         tensors=tuple(reports),
+        rebase=base_scales.summary() if base_scales is not None else None,
+        delta=delta,
     )
     logger.info("converted %s -> %s: %d -> %d bytes in %.2f s", source, output, report.source_size_bytes, output_size, report.seconds)
     return report

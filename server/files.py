@@ -17,7 +17,7 @@ from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_heade
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slmd?$")  # models, and delta files (.slmd: docs/updates.md)
 
 
 @dataclasses.dataclass(slots=True)
@@ -93,6 +93,8 @@ class ModelFiles:
         architecture = digest = error = None
         logger.debug("reading the manifest of %s", path.name)
         try:
+            if path.suffix == ".slmd":  # a delta file: served as bytes, no manifest to read
+                raise _NoManifest
             if file_map is None or stat.st_size < PREAMBLE_SIZE_BYTES:
                 raise FormatError(f"{stat.st_size} bytes is shorter than a .slm preamble")
             manifest_size = read_preamble(file_map[:PREAMBLE_SIZE_BYTES]).manifest_size_bytes
@@ -103,6 +105,8 @@ class ModelFiles:
             needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
             _, manifest = read_header(file_map[: min(needed, stat.st_size)], stat.st_size)
             architecture, digest = manifest.architecture, manifest.digest
+        except _NoManifest:
+            pass
         except FormatError as exc:
             error = str(exc)
             logger.warning("%s is not a readable model file (%s); serving its bytes anyway", path.name, exc)
@@ -120,6 +124,10 @@ class ModelFiles:
             digest=digest,
             error=error,
         )
+
+
+class _NoManifest(Exception):
+    """A delta file: nothing to read for the index or the ETag."""
 
 
 def _close_quietly(file_map: mmap.mmap) -> None:

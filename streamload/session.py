@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import GroupCommitter, ModelCache
+from .delta import fetch_delta, find_delta_base
 from .download import ROW_REQUESTS, Download, workers_per_source
 from .errors import CacheError, DigestMismatchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
-from .formats.constants import LayerKind
+from .formats.constants import PREAMBLE_SIZE_BYTES, LayerKind
 from .httputil import RetryPolicy
 from .layer import Layer, distinct_rows, map_layer
 from .mirrors import HeaderProbes, check_mirrors
@@ -167,9 +168,25 @@ class DownloadSession:
             self.journaled.update(copied.journaled)
             pending[self._position_of[np.fromiter(copied.journaled, np.int64, len(copied.journaled))]] = False
             self.stats.chunks_local, self.stats.bytes_local = len(copied.journaled), copied.compressed_bytes
-            if self._header_stream is not None and len(table) and not pending[0]:  # its body would bring what is here
+            # the rest from a delta file against a cached version, where the manifest lists one (delta.py)
+            found = await find_delta_base(self.cache_root, header.raw[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + self.manifest.size_bytes])
+            if self._header_stream is not None and len(table) and (not pending[0] or found is not None):  # it would bring what is here
                 self._header_stream.close()
                 self._header_stream = None
+            rebuilt = await fetch_delta(
+                found,
+                url=self.url,
+                manifest=self.manifest,
+                cache=cache,
+                table=table,
+                pending=np.flatnonzero(pending),
+                retry=self.retry,
+                session=self.origin.borrowed_session,
+                headers=self.origin.headers,
+                stats=self.stats,
+            )
+            self.journaled.update(rebuilt.journaled)
+            pending[self._position_of[np.fromiter(rebuilt.journaled, np.int64, len(rebuilt.journaled))]] = False
         # per layer: the positions of its pass-0 chunks (in file order)
         base = np.flatnonzero(table.pass_index == 0)
         by_layer = base[np.argsort(table.layer[base], kind="stable")]

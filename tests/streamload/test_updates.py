@@ -103,3 +103,127 @@ def test_a_client_with_nothing_cached_fetches_as_before(versions: dict[str, Path
     with ModelReader(versions["block"]) as reader:
         padding = reader.preamble.data_offset - header_bytes(versions["block"])
     assert report["chunks_local"] == 0 and report["bytes_downloaded"] == versions["block"].stat().st_size - padding
+
+
+# ---------------------------------------------------------------- deltas
+
+
+@pytest.fixture(scope="module")
+def delta_www(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Served: v1, a synthetic fine-tune of it (every weight moved by 2% of its tensor's spread) converted with
+    --base v1 (so its delta file lies beside it), and the same fine-tune converted without a base."""
+    work = tmp_path_factory.mktemp("delta")
+    www = work / "www"
+    www.mkdir()
+    finetune = write_version(TINY_LLAMA, work / "ft", move=0.02)
+    convert(TINY_LLAMA, www / "v1.slm", chunk_size_bytes=CHUNK_BYTES)
+    report = convert(finetune, www / "ft.slm", chunk_size_bytes=CHUNK_BYTES, base=www / "v1.slm")
+    assert report.delta is not None and report.delta.path is not None and report.delta.chunks_difference > 0
+    other = tmp_path_factory.mktemp("other")
+    convert(write_version(TINY_LLAMA, work / "other", move=1.0, seed=7), other / "other.slm", chunk_size_bytes=CHUNK_BYTES)
+    return {"v1": www / "v1.slm", "ft": www / "ft.slm", "delta": report.delta.path, "other": other / "other.slm"}
+
+
+def served_copy(files: list[Path], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_fine_tune_moves_its_delta_and_is_exact(delta_www: dict[str, Path], tmp_path: Path, ranges: bool) -> None:
+    cache = tmp_path / "cache"
+    delta_size = delta_www["delta"].stat().st_size
+    with serve_directory(delta_www["v1"].parent, ranges_enabled=ranges) as server:
+        fetch_json(server.url("v1.slm"), cache)
+        report = fetch_json(server.url("ft.slm"), cache)
+    assert report["chunks_delta"] == report["chunks_total"] and report["chunks_whole"] == 0
+    assert report["bytes_delta"] == delta_size  # the index and every frame, on one request either way
+    assert report["bytes_whole"] == header_bytes(delta_www["ft"])
+    assert report["bytes_downloaded"] < 0.5 * delta_www["ft"].stat().st_size
+    assert_cache_exact(cache, delta_www["ft"])
+    assert_cache_exact(cache, delta_www["v1"])
+
+
+def test_a_missing_delta_file_falls_back_to_whole_chunks(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    www = served_copy([delta_www["v1"], delta_www["ft"]], tmp_path / "www")  # no .slmd: a 404
+    cache = tmp_path / "cache"
+    with serve_directory(www) as server:
+        fetch_json(server.url("v1.slm"), cache)
+        report = fetch_json(server.url("ft.slm"), cache)
+    assert report["chunks_delta"] == 0 and report["chunks_whole"] == report["chunks_total"]
+    assert_cache_exact(cache, delta_www["ft"])
+
+
+def test_a_damaged_delta_frame_falls_back_for_its_chunk(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    www = served_copy([delta_www["v1"], delta_www["ft"], delta_www["delta"]], tmp_path / "www")
+    damaged = bytearray((www / delta_www["delta"].name).read_bytes())
+    damaged[-3] ^= 0x55  # inside the last frame: its chunk rebuilds wrong (or does not decode), so it is fetched whole
+    (www / delta_www["delta"].name).write_bytes(bytes(damaged))
+    cache = tmp_path / "cache"
+    with serve_directory(www) as server:
+        fetch_json(server.url("v1.slm"), cache)
+        report = fetch_json(server.url("ft.slm"), cache)
+    assert report["chunks_whole"] == 1 and report["chunks_delta"] == report["chunks_total"] - 1
+    assert_cache_exact(cache, delta_www["ft"])
+
+
+def test_a_damaged_delta_index_is_refused_whole(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    www = served_copy([delta_www["v1"], delta_www["ft"], delta_www["delta"]], tmp_path / "www")
+    damaged = bytearray((www / delta_www["delta"].name).read_bytes())
+    damaged[100] ^= 0x01  # in the first entry: the index's sha256 no longer matches the manifest's
+    (www / delta_www["delta"].name).write_bytes(bytes(damaged))
+    cache = tmp_path / "cache"
+    with serve_directory(www) as server:
+        fetch_json(server.url("v1.slm"), cache)
+        report = fetch_json(server.url("ft.slm"), cache)
+    assert report["chunks_delta"] == 0 and report["chunks_whole"] == report["chunks_total"]
+    assert_cache_exact(cache, delta_www["ft"])
+
+
+def test_a_client_holding_another_version_fetches_as_before(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    """The delta is against v1; the cache holds another model: no delta request, the file comes whole."""
+    www = served_copy([delta_www["ft"], delta_www["delta"], delta_www["other"]], tmp_path / "www")
+    cache = tmp_path / "cache"
+    with serve_directory(www) as server:
+        fetch_json(server.url("other.slm"), cache)
+        report = fetch_json(server.url("ft.slm"), cache)
+    with ModelReader(delta_www["ft"]) as reader:
+        padding = reader.preamble.data_offset - header_bytes(delta_www["ft"])
+    assert report["chunks_delta"] == 0 and report["bytes_delta"] == 0
+    assert report["bytes_downloaded"] == delta_www["ft"].stat().st_size - padding
+    assert_cache_exact(cache, delta_www["ft"])
+
+
+def test_a_fetch_killed_during_its_delta_resumes(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    """``streamload fetch`` of the fine-tune through a link slow enough that its delta takes ~4 s, killed (SIGKILL)
+    once it has journaled rebuilt chunks; the next fetch rebuilds only the rest, and the cache is exact."""
+    import signal
+    import time
+
+    from tests.checks import start_link
+
+    cache = tmp_path / "cache"
+    with ModelReader(delta_www["ft"]) as reader:
+        digest, total = reader.manifest.digest, len(reader.manifest.chunks)
+    with serve_directory(delta_www["v1"].parent) as server:
+        fetch_json(server.url("v1.slm"), cache)
+        link, port = start_link(server.port, rate_mbit=delta_www["delta"].stat().st_size * 8 / 1e6 / 4.0, rtt_ms=20)
+        try:
+            argv = [sys.executable, "-m", "streamload.cli", "fetch", f"http://127.0.0.1:{port}/ft.slm", "--cache-dir", str(cache), "-q"]
+            process = subprocess.Popen(argv)
+            deadline = time.monotonic() + 30
+            while not ModelCache(cache, digest).read_journal(total) and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        finally:
+            link.terminate()
+            link.wait()
+        done = ModelCache(cache, digest).read_journal(total)
+        assert 0 < len(done) < total, f"the kill must land while the delta is read ({len(done)} of {total} journaled)"
+        report = fetch_json(server.url("ft.slm"), cache)
+    assert report["chunks_cached"] == len(done) and report["chunks_delta"] == total - len(done) and report["chunks_whole"] == 0
+    assert report["bytes_delta"] < delta_www["delta"].stat().st_size
+    assert_cache_exact(cache, delta_www["ft"])
