@@ -96,6 +96,14 @@ def held_models(cache_root: Path, exclude: str) -> Iterator[HeldModel]:
             yield held
 
 
+def holds_complete_model(cache_root: Path) -> bool:
+    """Whether the cache holds a complete model (a probe of its directory: no header is read)."""
+    try:
+        return any((directory / "complete").exists() for directory in (cache_root / "models").iterdir())
+    except OSError:
+        return False
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import GroupCommitter, ModelCache
-from .delta import fetch_delta, find_delta_base
+from .delta import DeltaStream, find_delta_base, open_delta
 from .download import ROW_REQUESTS, Download, workers_per_source
 from .errors import CacheError, DigestMismatchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
@@ -91,6 +91,7 @@ class DownloadSession:
         self.needed_chunks: dict[int, int] = {}  # index -> size of the chunks the layers and rows handed out depended on
         self._layers: dict[int, Layer] = {}
         self._tokenizer: Any = None
+        self.delta: DeltaStream | None = None  # chunks rebuilt from a delta file against a cached version (delta.py)
 
     @property
     def source(self) -> Source | None:
@@ -173,20 +174,19 @@ class DownloadSession:
             if self._header_stream is not None and len(table) and (not pending[0] or found is not None):  # it would bring what is here
                 self._header_stream.close()
                 self._header_stream = None
-            rebuilt = await fetch_delta(
-                found,
-                url=self.url,
-                manifest=self.manifest,
-                cache=cache,
-                table=table,
-                pending=np.flatnonzero(pending),
-                retry=self.retry,
-                session=self.origin.borrowed_session,
-                headers=self.origin.headers,
-                stats=self.stats,
-            )
-            self.journaled.update(rebuilt.journaled)
-            pending[self._position_of[np.fromiter(rebuilt.journaled, np.int64, len(rebuilt.journaled))]] = False
+            if found is not None:
+                self.delta = await open_delta(
+                    found,
+                    url=self.url,
+                    manifest=self.manifest,
+                    cache=cache,
+                    table=table,
+                    pending=np.flatnonzero(pending),
+                    retry=self.retry,
+                    session=self.origin.borrowed_session,
+                    headers=self.origin.headers,
+                    stats=self.stats,
+                )
         # per layer: the positions of its pass-0 chunks (in file order)
         base = np.flatnonzero(table.pass_index == 0)
         by_layer = base[np.argsort(table.layer[base], kind="stable")]
@@ -204,6 +204,8 @@ class DownloadSession:
         rows = np.flatnonzero((table.layer >= self.manifest.step_count) & (table.pass_index == 0))
         rows_from = int(rows[0]) if len(rows) else len(table)
         self.scheduler = ChunkScheduler(table, self.journaled, rows_from=rows_from, requires=self.plan.requires)
+        if self.delta is not None:  # its chunks come from the delta file, beside the download (given back if they fail)
+            self.scheduler.take_positions(self.delta.positions.tolist())
         # chunks of each layer not yet stored, refinements included; pass-0 chunks only
         self.readiness = Readiness(
             self.loop,
@@ -226,6 +228,8 @@ class DownloadSession:
             self.readiness.finish()
         else:
             await self._start_download()
+            if self.delta is not None:
+                self.delta.start(self._delta_landed, self._delta_failed)
         logger.info(
             "%s: %d of %d chunks cached, %d bytes to fetch",
             self.url,
@@ -233,6 +237,24 @@ class DownloadSession:
             len(table),
             self.readiness.bytes_to_download,
         )
+
+    def _delta_landed(self, positions: np.ndarray, digests: list[int]) -> None:
+        """Chunks rebuilt from the delta file are stored: the completion route of the download's chunks."""
+        assert self.readiness is not None and self.committer is not None
+        table = self.all_chunks
+        self.scheduler.done(positions.tolist())
+        indices = table.index[positions]
+        self.readiness.landed(table.layer[positions], table.pass_index[positions], indices)
+        self.stats.chunks_delta += len(positions)
+        self.committer.add_columns(indices, digests)
+        if self.scheduler.finished:
+            self.readiness.finish()
+        else:
+            self.readiness.report_progress()
+
+    def _delta_failed(self, positions: np.ndarray) -> None:
+        """Chunks the delta file could not give: the download fetches them whole."""
+        self.scheduler.give_back(positions.tolist())
 
     def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
         """A verified refinement, folded into the coarse levels in the store (a pool thread)."""
@@ -381,6 +403,8 @@ class DownloadSession:
         if len(missing):
             waiters = self.readiness.wait_for_chunks(self.all_chunks.index[missing].tolist())
             self.scheduler.demand(missing.tolist(), cut=False)
+            if self.delta is not None:  # rows the delta file holds: on an extra request to it
+                self.delta.demand(self.all_chunks.index[missing].tolist())
             if self.download is not None:
                 self.download.start_row_requests()
             await asyncio.gather(*(asyncio.shield(w) for w in waiters))
@@ -440,6 +464,8 @@ class DownloadSession:
     # ------------------------------------------------------------ shutdown
 
     async def close(self) -> None:
+        if self.delta is not None:
+            await self.delta.stop()
         if self.download is not None:
             await self.download.stop()
         if self._header_stream is not None:  # no download took it (nothing was pending, or starting one failed)
