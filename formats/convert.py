@@ -290,6 +290,8 @@ def convert(
         raise SourceError(f"config.json: {exc}") from None
     tensors = SafetensorsCollection(model.weights)
     plan = _plan_layers(arch, config, tensors)
+    if base is not None and Path(base).resolve() == Path(output).resolve():
+        raise SourceError(f"{output} is the base too: write the new version to another file, the old one stays for its clients")
     base_scales = BaseScales(base) if base is not None and quant == "int8" else None
     reports: list[TensorReport] = []
     source_bytes_done = 0

@@ -284,3 +284,42 @@ def test_a_progressive_update_leaves_its_progressive_chunks_to_the_model_file(tm
     assert result["chunks_delta"] > 0 and result["chunks_whole"] > 0
     assert result["chunks_delta"] + result["chunks_whole"] + result["chunks_local"] == result["chunks_total"]
     assert_cache_exact(cache, www / "ft.slm")
+
+
+def test_the_cli_converts_against_a_base_and_inspects_the_delta(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "streamload.cli", *args], capture_output=True, text=True, timeout=120)
+
+    finetune = write_version(TINY_LLAMA, tmp_path / "ft", move=0.02)
+    assert cli("convert", str(TINY_LLAMA), "-o", str(tmp_path / "v1.slm"), "--chunk-size", str(CHUNK_BYTES)).returncode == 0
+    done = cli(
+        "convert", str(finetune), "-o", str(tmp_path / "ft.slm"), "--chunk-size", str(CHUNK_BYTES), "--base", str(tmp_path / "v1.slm")
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kept the base's scales" in done.stdout and "quantized independently" in done.stdout and ".slmd" in done.stdout
+    delta = next(tmp_path.glob("ft.*.slmd"))
+    shown = cli("inspect", str(delta))
+    assert shown.returncode == 0 and "delta file" in shown.stdout and "differences" in shown.stdout
+    listed = cli("inspect", str(tmp_path / "ft.slm"))
+    assert delta.name in listed.stdout
+    report = json.loads(
+        cli(
+            "convert",
+            str(finetune),
+            "-o",
+            str(tmp_path / "ft2.slm"),
+            "--chunk-size",
+            str(CHUNK_BYTES),
+            "--base",
+            str(tmp_path / "v1.slm"),
+            "--json",
+        ).stdout
+    )
+    assert report["rebase"]["rows_rebased"] > 0 and report["rebase"]["max_abs_error_ratio"] <= 1.25
+    assert report["delta"]["bytes"] == next(tmp_path.glob("ft2.*.slmd")).stat().st_size
+    same = cli("convert", str(finetune), "-o", str(tmp_path / "v1.slm"), "--base", str(tmp_path / "v1.slm"))
+    assert same.returncode == 1 and "is the base too" in same.stderr and "Traceback" not in same.stderr
+    with serve_directory(tmp_path) as server:
+        fetch_json(server.url("v1.slm"), tmp_path / "cache")
+        text = cli("fetch", server.url("ft.slm"), "--cache-dir", str(tmp_path / "cache"))
+    assert text.returncode == 0 and "update:" in text.stdout and "chunks rebuilt" in text.stdout
