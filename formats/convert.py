@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import ConversionError, FormatError, SourceError, UsageError
 from .architectures import ROW_TABLE_LAYER_NAME, Architecture, find_architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, DType, LayerKind, QuantScheme, rows_per_chunk
+from .delta import BaseScales, DeltaReport, write_delta
 from .manifest import Manifest
 from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
@@ -86,6 +87,8 @@ class ConversionReport:
     output_size_bytes: int
     seconds: float
     tensors: tuple[TensorReport, ...]
+    rebase: dict[str, Any] | None = None  # with a base: rows that kept its scales, the error against independent quantization
+    delta: DeltaReport | None = None  # with a base: the delta file written beside the output (docs/updates.md)
 
     @property
     def max_abs_error(self) -> float:
@@ -260,9 +263,11 @@ class TensorStreamer:
         quant: str,
         progress: Callable[[int, int], None] | None,
         transposed: frozenset[str] = frozenset(),
+        base: BaseScales | None = None,
     ) -> None:
         self.tensors = tensors
         self.quant = quant
+        self.base = base  # a previous version's per-row scales, kept where the error bound allows (``convert(base=...)``)
         self.transposed = transposed  # source names held (in, out), as GPT-2's Conv1D: stored (out, in) like every matrix
         self._progress = progress
         self.source_bytes_done = 0
@@ -308,16 +313,29 @@ class TensorStreamer:
         if self._progress is not None:
             self._progress(self.source_bytes_done, self.source_bytes_to_read)
 
-    def quantized_blocks(self, source_name: str) -> Iterator[tuple[np.ndarray, np.ndarray, QuantizationReport]]:
-        """(int8 rows, their scales, their error) per block of the matrix."""
+    def quantized_blocks(
+        self, source_name: str, name: str = "", *, record: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, QuantizationReport]]:
+        """(int8 rows, their scales, their error) per block of the matrix: with the base's scales where it has the matrix
+        ``name`` (``record``: its rebase report is kept for the conversion's summary)."""
+        if self.base is not None and name:
+            rebased = self.base.quantize_blocks(name, self.shape_of(source_name)[0], self.row_blocks(source_name), record=record)
+            if rebased is not None:
+                yield from rebased
+                return
         for block in self.row_blocks(source_name):
             try:
                 yield quantize_row_block(block)
             except ConversionError as exc:
                 raise SourceError(f"tensor {source_name!r}: {exc}") from None
 
-    def scales_of(self, source_name: str) -> np.ndarray:
-        """A matrix's int8 scales without quantizing it: the row table's scales go to layer 0, its rows last."""
+    def scales_of(self, source_name: str, name: str = "") -> np.ndarray:
+        """A matrix's int8 scales without quantizing it: the row table's scales go to layer 0, its rows last (with a
+        base, the scales its rows will be quantized with)."""
+        if self.base is not None and name:
+            rebased = [block_scales for _, block_scales, _ in self.quantized_blocks(source_name, name, record=False)]
+            if rebased:
+                return np.concatenate(rebased)
         scales = []
         for block in self.row_blocks(source_name):
             try:
@@ -338,7 +356,7 @@ class TensorStreamer:
             return None
         writer.begin_tensor(name, shape, DType.I8, quant=QuantScheme.INT8_ROW, scales=name + ".scales", coarse_shift=coarse_shift)
         scales, report = [], NO_ERROR
-        for q, block_scales, block_report in self.quantized_blocks(source_name):
+        for q, block_scales, block_report in self.quantized_blocks(source_name, name):
             writer.add_rows(q)
             scales.append(block_scales)
             report = report.merged(block_report)
@@ -418,10 +436,10 @@ class _QuantizedSteps:
         step = {}
         for source_name, name in group:
             streamer.report_progress()
-            step[name] = self._add(streamer, source_name)
+            step[name] = self._add(streamer, source_name, name)
         self._pending.append(step)
 
-    def _add(self, streamer: TensorStreamer, source_name: str) -> tuple[int, tuple[int, ...], Any]:
+    def _add(self, streamer: TensorStreamer, source_name: str, name: str) -> tuple[int, tuple[int, ...], Any]:
         shape = streamer.shape_of(source_name)
         if not streamer.is_int8(source_name):
             dtype = streamer.float_dtype(source_name).numpy_name
@@ -429,7 +447,7 @@ class _QuantizedSteps:
             return -1, shape, (np.concatenate(values) if values else np.zeros(0, dtype)).reshape(shape)
         offset = self._spill.file.tell()
         scales = []
-        for q, block_scales, _ in streamer.quantized_blocks(source_name):
+        for q, block_scales, _ in streamer.quantized_blocks(source_name, name, record=False):
             self._spill.write(memoryview(q).cast("B"))
             scales.append(block_scales)
         return offset, shape, np.concatenate(scales) if scales else np.zeros(0, np.float32)
@@ -501,7 +519,7 @@ def _write_layers(
         streamer.source_bytes_to_read += streamer.tensors.size_bytes_of(table_source)  # read once more, for its scales
     if choose_shifts is not None:
         streamer.source_bytes_to_read += streamer.tensors.size_bytes  # read once more, for calibration
-    table = _RowTable(table_source, table_name, streamer.scales_of(table_source) if int8_table else None)
+    table = _RowTable(table_source, table_name, streamer.scales_of(table_source, table_name) if int8_table else None)
     if choose_shifts is not None:
         _write_progressive_steps(writer, streamer, plan, table, choose_shifts, reports)
     else:
@@ -545,6 +563,7 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     progressive: bool = False,
     calibrator: Calibrator | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> ConversionReport:
     """Convert a model folder or .safetensors file into a .slm file, in memory bounded by its widest tensor's rows.
 
@@ -560,6 +579,8 @@ def convert(
             (FORMAT.md, "Progressive tensors"), so a client can run a preview before the exact weights are in.
         calibrator: makes the ``ShiftChooser`` that picks each matrix's coarse_shift (required when
             ``progressive``): ``streamload.calibrate.CalibratedShifts`` runs the layers on a bundled text.
+        base: the .slm file of the previous version: its per-row scales are kept where the error bound allows, and a
+            delta file against it is written beside ``output`` and listed in its manifest (``formats/delta.py``).
 
     Returns:
         A ``ConversionReport`` with per-tensor quantization errors.
@@ -577,8 +598,11 @@ def convert(
     started = time.perf_counter()
     model, arch, config, tensors = _read_source(source, config_path, quant)
     plan = _plan_layers(arch, config, tensors)
+    if base is not None and Path(base).resolve() == Path(output).resolve():
+        raise SourceError(f"{output} is the base too: write the new version to another file, the old one stays for its clients")
+    base_scales = BaseScales(base) if base is not None and quant == "int8" else None
     transposed = frozenset(source_name for group in plan for source_name, name in group if arch.source_transposed(name))
-    streamer = TensorStreamer(tensors, quant, progress, transposed)
+    streamer = TensorStreamer(tensors, quant, progress, transposed, base_scales)
     choose_shifts = calibrator(arch.name, config, model.tokenizer_json) if progressive and quant == "int8" and calibrator else None
     with ModelWriter(
         output,
@@ -592,6 +616,12 @@ def convert(
         manifest = writer.finish(check=lambda written: _check_runnable(arch, written))
     if progress is not None:
         progress(streamer.source_bytes_to_read, streamer.source_bytes_to_read)
+    delta = write_delta(output, base) if base is not None else None
+    if delta is not None and delta.path is not None:
+        from .reader import ModelReader
+
+        with ModelReader(output) as written:
+            manifest = written.manifest  # it lists the delta now
     report = ConversionReport(
         path=Path(output),
         manifest=manifest,
@@ -599,6 +629,8 @@ def convert(
         output_size_bytes=Path(output).stat().st_size,
         seconds=time.perf_counter() - started,
         tensors=tuple(reports),
+        rebase=base_scales.summary() if base_scales is not None else None,
+        delta=delta,
     )
     logger.info(
         "converted %s -> %s: %d -> %d bytes in %.2f s", source, output, report.source_size_bytes, report.output_size_bytes, report.seconds

@@ -19,11 +19,12 @@ import stat as stat_module
 from pathlib import Path
 
 from ..formats import FormatError
+from ..formats.delta import DELTA_PREAMBLE, index_size_needed, parse_delta_index
 from ..formats.reader import PREAMBLE_SIZE_BYTES, header_size_needed, read_header, read_preamble
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slm$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.slmd?$")  # models, and delta files (.slmd: docs/updates.md)
 
 
 @dataclasses.dataclass(slots=True)
@@ -109,6 +110,12 @@ class ModelFiles:
         servable = True
         logger.debug("reading the manifest of %s", path.name)
         try:
+            if path.suffix == ".slmd":  # a delta file (docs/updates.md): no manifest, but its index must parse
+                if file_map is None or len(file_map) < DELTA_PREAMBLE.size:
+                    raise FormatError(f"{stat.st_size} bytes is shorter than a delta file's preamble")
+                needed = index_size_needed(file_map[: DELTA_PREAMBLE.size])
+                parse_delta_index(file_map[: min(needed, len(file_map))], file_size_bytes=len(file_map))
+                raise _NoManifest
             if file_map is None or stat.st_size < PREAMBLE_SIZE_BYTES or len(file_map) < PREAMBLE_SIZE_BYTES:
                 raise FormatError(f"{stat.st_size} bytes is shorter than a .slm preamble")
             manifest_size = read_preamble(file_map[:PREAMBLE_SIZE_BYTES]).manifest_size_bytes
@@ -122,6 +129,8 @@ class ModelFiles:
                 needed = header_size_needed(file_map[:PREAMBLE_SIZE_BYTES])
                 _, manifest = read_header(file_map[: min(needed, len(file_map))], len(file_map))
                 architecture, digest = manifest.architecture, manifest.digest
+        except _NoManifest:
+            pass
         except FormatError as exc:
             servable, error = False, str(exc)
             logger.warning("%s is not a model file (%s); it is neither served nor listed", path.name, exc)
@@ -143,6 +152,10 @@ class ModelFiles:
             error=error,
             servable=servable,
         )
+
+
+class _NoManifest(Exception):
+    """A delta file: nothing to read for the index or the ETag."""
 
 
 def _close_quietly(file_map: mmap.mmap) -> None:

@@ -9,6 +9,7 @@ when the header came from the cache and chunks turn out to be missing or damaged
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from .errors import CacheError, DigestMismatchError, FetchError, FormatError, re
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .httputil import RetryPolicy, check_url
 from .refs import read_ref, read_ref_etag
+from .reuse import holds_complete_model
 from .stats import DownloadStats
 from .transport import FileSource, Source
 
@@ -98,9 +100,13 @@ class Origin:
             logger.info("%s is unchanged (ETag %s): using the cached %s", redact_urls(self.url), etag, cached.manifest.digest[:12])
             self.revalidated_etag = etag
             return cached
+        # no open-ended request either when the cache holds another complete model: the new one may be its update, whose
+        # chunks come from the cache or a delta file, and bytes the open body brings meanwhile would be wasted (one
+        # round trip more for an unrelated model: docs/updates.md)
+        stream = cached is None and not await asyncio.to_thread(holds_complete_model, self.cache_root)
         try:
             # nobody answering ends the retries at once when the cache holds a complete copy to fall back to
-            header = await self._fetch_with_retries(self.source, give_up_unreachable=cached is not None, stream=cached is None)
+            header = await self._fetch_with_retries(self.source, give_up_unreachable=cached is not None, stream=stream)
         except FetchError as exc:
             return await self._offline_header(exc, cached)
         self.stats.bytes_downloaded += len(header.raw)

@@ -346,6 +346,11 @@ class ChunkScheduler:
         self._urgent_pending -= end - start - self._urgent.count(0, start, end)
         return range(start, end)
 
+    def take_positions(self, positions: Iterable[int]) -> list[int]:
+        """Take these positions (those pending) for a fetcher outside the spans (a delta file: ``delta.py``); it reports
+        them with ``done`` and ``give_back`` as a span's reader does."""
+        return [self._take(p) for p in positions if self._state[p] == PENDING]
+
     def take_all(self) -> Span | None:
         """Every pending chunk in file order, as one span that cannot be cut (a server that sends only the whole file)."""
         positions = [self._take(p) for p in range(len(self._state)) if self._state[p] == PENDING]

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import GroupCommitter, ModelCache
+from .delta import DeltaStream, find_delta_base, open_delta
 from .download import ROW_REQUESTS, Download, workers_per_source
 from .errors import CacheError, DigestMismatchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
-from .formats.constants import LayerKind
+from .formats.constants import PREAMBLE_SIZE_BYTES, LayerKind
 from .httputil import RetryPolicy
 from .layer import Layer, distinct_rows, map_layer
 from .mirrors import HeaderProbes, check_mirrors
@@ -36,6 +37,7 @@ from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .refinements import RefinementPlan
 from .refs import write_ref
+from .reuse import copy_shared_chunks
 from .schedule import ChunkScheduler
 from .stats import DownloadStats, Progress
 from .tokenizer import load_tokenizer
@@ -89,6 +91,7 @@ class DownloadSession:
         self.needed_chunks: dict[int, int] = {}  # index -> size of the chunks the layers and rows handed out depended on
         self._layers: dict[int, Layer] = {}
         self._tokenizer: Any = None
+        self.delta: DeltaStream | None = None  # chunks rebuilt from a delta file against a cached version (delta.py)
 
     @property
     def source(self) -> Source | None:
@@ -179,6 +182,29 @@ class DownloadSession:
         pending[self._position_of[np.fromiter(self.journaled, np.int64, len(self.journaled))]] = False
         self.stats.chunks_total = len(table)
         self.stats.chunks_cached = len(table) - int(pending.sum())
+        if remote and pending.any():  # an update: chunks other cached models hold are copied, not downloaded (reuse.py)
+            copied = await asyncio.to_thread(copy_shared_chunks, self.cache_root, cache, table, np.flatnonzero(pending))
+            self.journaled.update(copied.journaled)
+            pending[self._position_of[np.fromiter(copied.journaled, np.int64, len(copied.journaled))]] = False
+            self.stats.chunks_local, self.stats.bytes_local = len(copied.journaled), copied.compressed_bytes
+            # the rest from a delta file against a cached version, where the manifest lists one (delta.py)
+            found = await find_delta_base(self.cache_root, header.raw[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + self.manifest.size_bytes])
+            if self._header_stream is not None and len(table) and (not pending[0] or found is not None):  # it would bring what is here
+                self._header_stream.close()
+                self._header_stream = None
+            if found is not None:
+                self.delta = await open_delta(
+                    found,
+                    url=self.url,
+                    manifest=self.manifest,
+                    cache=cache,
+                    table=table,
+                    pending=np.flatnonzero(pending),
+                    retry=self.retry,
+                    session=self.origin.borrowed_session,
+                    headers=self.origin.headers,
+                    stats=self.stats,
+                )
         # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
         # scales of its int8 tensors (a row table's live in an execution step)
         self._chunk_starts = [table.raw_offset[positions] for positions in self._layer_positions]
@@ -191,6 +217,8 @@ class DownloadSession:
         rows = np.flatnonzero((table.layer >= self.manifest.step_count) & (table.pass_index == 0))
         rows_from = int(rows[0]) if len(rows) else len(table)
         self.scheduler = ChunkScheduler(table, self.journaled, rows_from=rows_from, requires=self.plan.requires)
+        if self.delta is not None:  # its chunks come from the delta file, beside the download (given back if they fail)
+            self.scheduler.take_positions(self.delta.positions.tolist())
         # chunks of each layer not yet stored, refinements included; pass-0 chunks only
         self.readiness = Readiness(
             self.loop,
@@ -211,6 +239,8 @@ class DownloadSession:
             self.readiness.finish()
         else:
             await self._start_download()
+            if self.delta is not None:
+                self.delta.start(self._delta_landed, self._delta_failed)
         logger.info(
             "%s: %d of %d chunks cached, %d bytes to fetch",
             self.url,
@@ -244,6 +274,24 @@ class DownloadSession:
                 journaled.pop(refinement.index, None)
         if damaged:
             logger.warning("%d cached chunks under refinements still to fetch differ from what was verified; fetching them", len(damaged))
+
+    def _delta_landed(self, positions: np.ndarray, digests: list[int]) -> None:
+        """Chunks rebuilt from the delta file are stored: the completion route of the download's chunks."""
+        assert self.readiness is not None and self.committer is not None
+        table = self.all_chunks
+        self.scheduler.done(positions.tolist())
+        indices = table.index[positions]
+        self.readiness.landed(table.layer[positions], table.pass_index[positions], indices)
+        self.stats.chunks_delta += len(positions)
+        self.committer.add_columns(indices, digests)
+        if self.scheduler.finished:
+            self.readiness.finish()
+        else:
+            self.readiness.report_progress()
+
+    def _delta_failed(self, positions: np.ndarray) -> None:
+        """Chunks the delta file could not give: the download fetches them whole."""
+        self.scheduler.give_back(positions.tolist())
 
     def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
         """A verified refinement, folded into the coarse levels in the store (a pool thread)."""
@@ -392,6 +440,8 @@ class DownloadSession:
         if len(missing):
             waiters = self.readiness.wait_for_chunks(self.all_chunks.index[missing].tolist())
             self.scheduler.demand(missing.tolist(), cut=False)
+            if self.delta is not None:  # rows the delta file holds: on an extra request to it
+                self.delta.demand(self.all_chunks.index[missing].tolist())
             if self.download is not None:
                 self.download.start_row_requests()
             await asyncio.gather(*(asyncio.shield(w) for w in waiters))
@@ -451,6 +501,8 @@ class DownloadSession:
     # ------------------------------------------------------------ shutdown
 
     async def close(self) -> None:
+        if self.delta is not None:
+            await self.delta.stop()
         if self.download is not None:
             await self.download.stop()
         if self._header_stream is not None:  # no download took it (nothing was pending, or starting one failed)

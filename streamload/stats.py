@@ -44,6 +44,11 @@ class DownloadStats:
     store_s: float = 0.0  # pwrite into the store, summed over pool threads
     commit_s: float = 0.0  # fdatasync + journal on the commit thread (off the data path)
     bytes_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # URL -> bytes it sent (with mirrors: each one's share)
+    # an update (docs/updates.md): chunks copied from other cached models, and chunks rebuilt from a delta file
+    chunks_local: int = 0  # copied from another cached model (same sha256), checked against its journal
+    bytes_local: int = 0  # their compressed size in the file: bytes not downloaded
+    chunks_delta: int = 0  # rebuilt from a cached version and a delta file, checked against the raw digest
+    bytes_delta: int = 0  # moved over the network from delta files (their index and pieces; in bytes_downloaded too)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 Usage:
     python tools/linkproxy.py --target 127.0.0.1:8800 --listen-port 9000 --rate-mbit 20 --rtt-ms 50 [--max-seconds 3600]
+        [--count-file FILE]   # FILE holds the bytes delivered downstream so far, rewritten as each connection ends
 
 All connections share one downstream link of --rate-mbit (a token bucket, as a real
 bottleneck link is shared); each direction adds RTT/2 of delay, so a request costs one
@@ -17,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import os
 import time
 
 PIECE_BYTES = 16 << 10
@@ -40,7 +42,9 @@ class TokenBucket:
         return self.next_free
 
 
-async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: TokenBucket, delay_s: float) -> None:
+async def pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: TokenBucket, delay_s: float, counter: list[int] | None = None
+) -> None:
     """Copy one direction: serialise at the link rate, deliver delay_s later, bounded queue."""
     queue: collections.deque[tuple[float, bytes]] = collections.deque()
     queued = 0
@@ -61,6 +65,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
                 await asyncio.sleep(wait)
             queue.popleft()
             queued -= len(data)
+            if counter is not None:
+                counter[0] += len(data)
             writer.write(data)
             await writer.drain()
             arrived.set()
@@ -92,13 +98,17 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
 class Link:
     """The proxy: one shared downstream bucket, per-connection pumps."""
 
-    def __init__(self, target_host: str, target_port: int, rate_bytes_per_s: float | None, rtt_s: float) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, rate_bytes_per_s: float | None, rtt_s: float, count_file: str | None = None
+    ) -> None:
         if not ipaddress.ip_address(target_host).is_loopback:
             raise SystemExit(f"refusing to forward to {target_host}: loopback targets only")
         self.target = (target_host, target_port)
         self.down = TokenBucket(rate_bytes_per_s)
         self.up = TokenBucket(None)
         self.one_way_s = rtt_s / 2
+        self.delivered = [0]  # bytes delivered downstream, all connections
+        self.count_file = count_file
 
     async def handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
@@ -109,11 +119,15 @@ class Link:
         try:
             await asyncio.gather(
                 pump(client_reader, server_writer, self.up, self.one_way_s),
-                pump(server_reader, client_writer, self.down, self.one_way_s),
+                pump(server_reader, client_writer, self.down, self.one_way_s, self.delivered),
             )
         finally:
             for w in (server_writer, client_writer):
                 w.close()
+            if self.count_file:
+                with open(self.count_file + ".tmp", "w") as f:
+                    f.write(str(self.delivered[0]))
+                os.replace(self.count_file + ".tmp", self.count_file)
 
 
 async def serve(link: Link, port: int, max_seconds: float, ready: asyncio.Event | None = None) -> None:
@@ -133,9 +147,10 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, help="downstream link rate in Mbit/s (default: unlimited)")
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="exit after this long, whatever happens")
+    parser.add_argument("--count-file", help="write the bytes delivered downstream so far to this file as each connection ends")
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
-    link = Link(host, int(port), args.rate_mbit * 1e6 / 8 if args.rate_mbit else None, args.rtt_ms / 1000)
+    link = Link(host, int(port), args.rate_mbit * 1e6 / 8 if args.rate_mbit else None, args.rtt_ms / 1000, args.count_file)
     print(
         f"link on 127.0.0.1:{args.listen_port} -> {args.target}: {args.rate_mbit or 'unlimited'} Mbit/s, RTT {args.rtt_ms} ms", flush=True
     )

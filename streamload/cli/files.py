@@ -14,6 +14,7 @@ from ..formats import ModelReader, summarize_manifest
 from ..formats.constants import DEFAULT_ZSTD_LEVEL
 from .cached import cache_dir_of, is_url, request_headers
 from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
+from .updates import conversion_update_fields, delta_bases_of, describe_conversion_update, inspect_delta, is_delta_file, print_delta_bases
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -41,6 +42,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             progress=bar,
             progressive=args.progressive,
             calibrator=calibrator,
+            base=args.base,
         )
     finally:
         bar.close()
@@ -52,6 +54,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "output_bytes": report.output_size_bytes,
             "seconds": report.seconds,
         }
+        summary |= conversion_update_fields(report)
         summary["tensors"] = [
             {
                 "name": t.name,
@@ -80,10 +83,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{manifest.architecture}, {len(manifest.layers)} layers, {len(report.tensors)} tensors, {chunks} chunks, "
         f"digest sha256:{manifest.digest[:12]} (per tensor: convert --verbose; per layer: streamload inspect {report.path})"
     )
+    if report.rebase is not None:
+        print(describe_conversion_update(report))
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if not is_url(args.source) and is_delta_file(args.source):
+        return inspect_delta(args)
     if is_url(args.source):
         manifest, size = asyncio.run(_read_url_or_cached_header(args))
         summary = summarize_manifest(manifest)
@@ -92,10 +99,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         with ModelReader(args.source) as reader:
             summary = summarize_manifest(reader.manifest, format_version=reader.preamble.format_version)
             summary["file_bytes"] = reader.size_bytes
+    summary["deltas"] = delta_bases_of(args.source) if not is_url(args.source) else []
     if args.json:
         print_json(summary)
     else:
         print_summary(summary, args.source)
+        print_delta_bases(summary["deltas"])
     return EXIT_OK
 
 

@@ -159,6 +159,12 @@ def _mirror_url(text: str) -> str:
     return text
 
 
+def _base_model_file(text: str) -> str:
+    if is_url(text) or not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a local .slm file: --base takes the previous version's file")
+    return text
+
+
 def _model_file(text: str) -> str:
     if is_url(text):
         raise argparse.ArgumentTypeError(
@@ -194,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "before the exact result (calibrated on a bundled text; about 1.3%% larger)",
     )
     p.add_argument("--config", help="config.json to use when the source has none beside it")
+    p.add_argument(
+        "--base",
+        type=_base_model_file,
+        metavar="OLD.slm",
+        help="the previous version's .slm: keep its per-row scales where the error bound allows, and write beside the output "
+        "a delta file that a client holding OLD fetches instead of the changed chunks (docs/updates.md)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--verbose", dest="tensor_table", action="store_true", help="also print every tensor's shape, dtype and error")
     p.set_defaults(func=cmd_convert)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import UsageError, redact_urls
 from .cached import is_url, open_model, resolve_source
 from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ProgressBar, format_bytes, print_result
+from .updates import describe_update, update_fields
 
 
 async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +36,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
                 "retries": stats.retries,
                 "integrity_failures": stats.integrity_failures,
                 "bytes_by_source": dict(stats.bytes_by_source),
-            }
+            } | update_fields(stats)
     finally:
         bar.close()
 
@@ -62,6 +63,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )
+        if result["chunks_local"] or result["chunks_delta"]:
+            print(describe_update(result))
         if len(args.mirror or ()) > 0:  # each source's share; a refused or dead mirror sent nothing
             for url in dict.fromkeys(u.split("#")[0] for u in [args.source, *args.mirror]):
                 print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {redact_urls(url)}")
@@ -147,6 +150,8 @@ async def _run(args: argparse.Namespace) -> None:
             if args.progressive and model.progressive and preview is None:  # on stderr, so with --json too
                 print("no preview: the exact weights were already here", file=sys.stderr)
             print_result(args, out, label="exact" if preview is not None else "")
+            if (out["chunks_local"] or out["chunks_delta"]) and not args.json and not args.quiet:
+                print(describe_update(out), file=sys.stderr)
             if not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
                     print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
@@ -221,6 +226,7 @@ def _result_fields(result: Any, model: Any) -> dict[str, Any]:
         "rows": [r.as_dict() for r in result.row_fetches],
         "first_layer_done_s": result.first_layer_done_s,
         "total_s": result.total_s,
+        **update_fields(model.stats),  # when the result was there, as bytes_downloaded
         "bytes_downloaded": model.stats.bytes_downloaded,  # when the result was there
         "bytes_needed": result.bytes_needed,  # what the result depended on
         "file_bytes": model.stats.bytes_total,
