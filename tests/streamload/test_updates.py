@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamload.cache import ModelCache
+from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
 from tests.checks import assert_cache_exact
 from tests.serving import serve_directory
@@ -273,9 +274,11 @@ def test_a_progressive_update_leaves_its_progressive_chunks_to_the_model_file(tm
     the delta; the result is exact."""
     www = tmp_path / "www"
     www.mkdir()
-    convert(TINY_LLAMA, www / "v1.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True)
+    convert(TINY_LLAMA, www / "v1.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True, calibrator=CalibratedShifts)
     finetune = write_version(TINY_LLAMA, tmp_path / "ft", move=0.02)
-    report = convert(finetune, www / "ft.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True, base=www / "v1.slm")
+    report = convert(
+        finetune, www / "ft.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True, calibrator=CalibratedShifts, base=www / "v1.slm"
+    )
     assert report.delta is not None and report.delta.path is not None
     cache = tmp_path / "cache"
     with serve_directory(www) as server:
