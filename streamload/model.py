@@ -151,6 +151,47 @@ class Model:
         """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
         return self.header_bytes + sum(self._session.needed_chunks.values())
 
+    async def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """An encoder's embeddings: (B, H) float32 for a list of B texts, (H,) for one string.
+
+        Waits only for what the texts need (the header, the blocks, their rows of the token table).
+
+        Raises:
+            UsageError: ``texts`` is not a string or a non-empty list of non-empty strings.
+            RuntimeModelError: the model is a decoder, or has no tokenizer.
+
+        Example:
+            >>> async with streamload.open("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
+            ...     vectors = await model.embed(["hello world", "streaming"])
+            >>> vectors.shape
+            (2, 384)
+        """
+        from . import api
+
+        return await api.embed(self, texts)
+
+    async def generate(
+        self, prompt: str | Sequence[int], *, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> AsyncIterator[str]:
+        """A decoder's continuation of ``prompt`` (text, or token ids), yielded as text pieces as each token is sampled.
+
+        Args:
+            prompt: the text to continue (as given: no chat template; ``streamload.api.apply_chat_template`` renders one).
+            max_new_tokens: 0 or more. temperature: 0 (greedy) or more. top_p: in (0, 1]. seed: 0 or more.
+
+        Raises:
+            UsageError: an argument out of its range. RuntimeModelError: an encoder, or no tokenizer.
+
+        Example:
+            >>> async with streamload.open("http://127.0.0.1:8800/llama.slm") as model:    # doctest: +SKIP
+            ...     async for piece in model.generate("The sky is", max_new_tokens=8):
+            ...         print(piece, end="", flush=True)
+        """
+        from . import api
+
+        async for piece in api.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            yield piece
+
     async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
         """Yield (index, layer) in execution order, each as soon as it is ready."""
         for index in range(len(self.manifest.layers)):

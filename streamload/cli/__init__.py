@@ -68,7 +68,7 @@ class _UserFormatter(logging.Formatter):
 def _more_texts(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     """``run``'s texts that argparse left over: every word before a ``--`` that is not an option, and all after it."""
     end = words.index("--") if "--" in words else len(words)
-    options = [word for word in words[:end] if word.startswith("-")]
+    options = [word for word in words[:end] if word.startswith("-") and word != "-"]  # "-": the prompt is stdin
     if options:
         parser.error(f"unrecognized arguments: {' '.join(options)} (a text that starts with '-': after --, or --text=TEXT)")
     texts = words[:end] + words[end + 1 :]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -191,8 +191,12 @@ async def generate(
     top_p: float = 1.0,
     seed: int = 0,
     keep_prompt_logits: bool = False,
+    on_token: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Prefill the prompt layer by layer as layers arrive, then decode from the memory map at full speed."""
+    """Prefill the prompt layer by layer as layers arrive, then decode from the memory map at full speed.
+
+    ``on_token``: called on the decode thread with each generated token id as soon as it is sampled (the first too).
+    """
     config = LlamaConfig.from_manifest(model.config)
     ids = np.asarray(prompt_ids, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
@@ -225,12 +229,16 @@ async def generate(
 
     def decode(first_id: int) -> list[int]:  # every step layer is here now: plain loop, off the event loop
         out = [first_id]
+        if on_token is not None:
+            on_token(first_id)
         with ops.decoding():  # large matrices cast on two threads, BLAS on one
             while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
                 h = runner.embed(rows_of(out[-1]))
                 for index, layer in enumerate(blocks):
                     h = runner.block(layer, h, index)
                 out.append(sample(runner.head(head_layer, table_layer, h)[-1], temperature, top_p, rng))
+                if on_token is not None:
+                    on_token(out[-1])
         return out
 
     generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []

@@ -138,7 +138,8 @@ def test_text_comes_as_arguments_as_with_ollama_run(minilm_slm: Path, tmp_path: 
     assert embeddings("first one", "-q", "second") == by_option
     assert embeddings("-q", "--", "-5 degrees") == embeddings("--text=-5 degrees")
     common = (str(minilm_slm), "-q", "--cache-dir", str(tmp_path))
-    assert_one_line_error(streamload_cli("run", *common), 2, "give the text (streamload run MODEL 'TEXT', or --text TEXT)")
+    no_text = subprocess.run([STREAMLOAD, "run", *common, "--json"], input="first one\n", capture_output=True, text=True, timeout=120)
+    assert no_text.returncode == 0 and json.loads(no_text.stdout)["embedding"] == embeddings("first one")  # interactive: a line a text
     assert_one_line_error(streamload_cli("run", *common, "hi", "--ids", "101"), 2, "not both")
     assert_one_line_error(streamload_cli("run", *common, "a", "--text", "b"), 2, "as arguments or with --text, not both")
     assert_one_line_error(streamload_cli("run", *common, "   "), 2, "the text is empty")
