@@ -16,6 +16,7 @@ from .fetch import fetch_header_with_retries
 from .formats import Manifest
 from .httputil import RetryPolicy, check_headers
 from .layer import Layer
+from .origin import is_url
 from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
 
@@ -243,7 +244,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
 
     Args:
-        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file.
+        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file, or a cached model's name or digest prefix.
         cache_dir: where verified layers are kept (default ``$STREAMLOAD_CACHE`` or ``~/.cache/streamload``).
         digest: refuse any model whose manifest digest differs (also lets a complete cache work offline).
         connections: parallel ranged requests (1 keeps layers strictly in order: best time to layer 0).
@@ -268,9 +269,16 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         ...     async for index, layer in model.layers():
         ...         print(index, layer.name, list(layer.tensors)[:2])
     """
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = os.fspath(source)
+    if not is_url(source) and not Path(source).exists():  # a cached model's name or digest prefix, as `streamload list` shows
+        from .api import resolve_cached_source
+
+        source, cached_digest = resolve_cached_source(cache_root, source)
+        digest = digest or cached_digest
     download = DownloadSession(
-        os.fspath(source),
-        cache_root=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        source,
+        cache_root=cache_root,
         digest=digest,
         connections=connections,
         session=session,

@@ -125,14 +125,6 @@ def _mirror_url(text: str) -> str:
     return text
 
 
-def _model_file(text: str) -> str:
-    if is_url(text):
-        raise argparse.ArgumentTypeError(
-            f"verify checks a local file; to check {text}, `streamload fetch` it (every chunk is verified) or download it first"
-        )
-    return _model_file_or_url(text)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the message and where to read more, without the usage block."""
 
@@ -167,15 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
-    p.add_argument("source", type=_model_file_or_url, help="a .slm file or its URL (only the manifest is fetched)")
+    p.add_argument(
+        "source",
+        type=_model_file_or_url,
+        help="a .slm file, its URL (only the manifest is fetched), or a cached model's name or digest prefix",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
     p.add_argument("--cache-dir", help="where a URL's cached header is read when its server cannot be reached (" + cache_help + ")")
     p.set_defaults(func=cmd_inspect)
 
     p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")
-    p.add_argument("file", type=_model_file, help="a local .slm file")
+    p.add_argument(
+        "file", type=_model_file_or_url, help="a local .slm file, or the name, digest prefix or URL of a cached model read from a file"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--cache-dir", help=cache_help)
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("serve", help="serve the .slm files of a directory over HTTP (ranges, ETags, optional link emulation)")
@@ -233,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("rm", help="delete a model from the cache")
-    p.add_argument("digest", help="the model's digest or a unique prefix of it (see `streamload list`)")
+    p.add_argument("digest", metavar="MODEL", help="the model's name, digest prefix, URL or file (see `streamload list`)")
     p.add_argument("--cache-dir", help=cache_help)
     p.set_defaults(func=cmd_rm)
     return parser

@@ -162,3 +162,14 @@ def test_a_decoder_refuses_a_second_prompt_and_generate_checks_its_range(llama_s
             next(model.generate("hi", temperature=-1))
         with pytest.raises(UsageError, match="max_new_tokens"):
             next(model.generate("hi", max_new_tokens=-2))
+
+
+def test_load_takes_a_cached_models_name(deep_slm: Path, tmp_path: Path) -> None:
+    with streamload.load(deep_slm, cache_dir=tmp_path) as model:
+        digest = model.digest
+        model.wait_complete()
+    for name in ("deep", digest[:8]):
+        with streamload.load(name, cache_dir=tmp_path) as model:
+            assert model.digest == digest
+    with pytest.raises(streamload.CacheError, match="no cached model"):
+        streamload.load("nosuch", cache_dir=tmp_path)
