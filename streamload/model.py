@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -240,6 +241,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     verify_threads: int | None = None,
     headers: Mapping[str, str] | None = None,
     mirrors: Sequence[str] = (),
+    limit_rate_bytes_per_s: float | None = None,
 ) -> AsyncIterator[Model]:
     """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
 
@@ -259,6 +261,8 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
             digest (another model is refused and logged); spans are spread over all of them by their
             measured rates, and one that fails or serves corrupt chunks is dropped while the others
             take its share. ``connections`` then counts per source, at least 2 each.
+        limit_rate_bytes_per_s: a cap on the download's bandwidth, over every connection and mirror together
+            (one token bucket; ``RetryPolicy.limit_rate_bytes_per_s`` is the same setting).
 
     Raises:
         FetchError, DigestMismatchError, FormatError, CacheError: before the model is returned;
@@ -283,7 +287,9 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         connections=connections,
         session=session,
         progress=progress,
-        retry=retry or RetryPolicy(),
+        retry=dataclasses.replace(retry or RetryPolicy(), limit_rate_bytes_per_s=limit_rate_bytes_per_s)
+        if limit_rate_bytes_per_s is not None
+        else retry or RetryPolicy(),
         verify_threads=verify_threads or default_verify_threads(),
         headers=check_headers(headers),
         mirrors=mirrors,

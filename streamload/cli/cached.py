@@ -16,6 +16,9 @@ from ..origin import is_url
 from .output import EXIT_FAILURE, EXIT_OK, format_bytes
 
 TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN is for huggingface_hub
+LIMIT_RATE_ENV = "STREAMLOAD_LIMIT_RATE"  # --limit-rate's default
+TIMEOUT_ENV = "STREAMLOAD_TIMEOUT"  # --timeout's default, seconds
+RETRIES_ENV = "STREAMLOAD_RETRIES"  # --retries' default
 
 
 def cache_dir_of(args: argparse.Namespace) -> Path:
@@ -79,7 +82,36 @@ def open_model(args: argparse.Namespace, progress: Any) -> Any:
         progress=progress,
         headers=request_headers(args),
         mirrors=args.mirror or (),
+        retry=retry_policy(args),
     )
+
+
+def retry_policy(args: argparse.Namespace) -> Any:
+    """The network policy from --limit-rate, --timeout and --retries, or their environment variables (read here, at the
+    command line's edge). Raises UsageError for a bad environment value (exit status 2, as a bad flag)."""
+    from ..errors import UsageError
+    from ..httputil import RetryPolicy
+    from .parser import _limit_rate, _retries, _timeout
+
+    def option(name: str, env: str, parse: Any) -> Any:
+        value = getattr(args, name, None)
+        if value is None and os.environ.get(env, "").strip():
+            try:
+                value = parse(os.environ[env].strip())
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"${env}: {exc}") from None
+        return value
+
+    fields: dict[str, Any] = {}
+    rate, timeout_s, retries = option("limit_rate", LIMIT_RATE_ENV, _limit_rate), option("timeout", TIMEOUT_ENV, _timeout), None
+    retries = option("retries", RETRIES_ENV, _retries)
+    if rate is not None:
+        fields["limit_rate_bytes_per_s"] = rate
+    if timeout_s is not None:
+        fields |= {"stall_timeout_s": timeout_s, "header_timeout_s": timeout_s, "connect_timeout_s": timeout_s}
+    if retries is not None:
+        fields["max_attempts"] = retries + 1
+    return RetryPolicy(**fields)
 
 
 def request_headers(args: argparse.Namespace) -> dict[str, str]:
