@@ -166,5 +166,6 @@ class Backoff:
             hint = "; is the server running, and is the address right?" if getattr(exc, "unreachable", False) else ""
             raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
         delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
-        logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)
+        count = f"failure {self.failures} of {self.policy.max_attempts}" if self.failures else "after progress: the count starts again"
+        logger.warning("%s (%s); retrying in %.1f s", exc, count, delay)
         await asyncio.sleep(delay)

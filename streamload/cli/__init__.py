@@ -46,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.filename or exc}: is a directory, not a .slm file", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resumes = getattr(args, "command", None) in ("fetch", "run")
+        print(
+            "interrupted" + ("; what was verified is kept in the cache: the same command resumes from there" if resumes else ""),
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
         _discard(sys.stdout)

@@ -110,3 +110,30 @@ def test_tls_to_a_plain_http_server_and_a_name_that_does_not_resolve_are_said(se
     assert "after" not in done.stderr  # not retried: it would fail the same way
     done = streamload_cli("fetch", "http://nosuchhost.invalid/m.slm", "--cache-dir", str(tmp_path), "--retries", "0")
     assert done.returncode == 1 and "cannot resolve the host name nosuchhost.invalid" in done.stderr, done.stderr
+
+
+async def test_a_retry_after_progress_is_not_counted_as_failure_zero(caplog: pytest.LogCaptureFixture) -> None:
+    from streamload.errors import RetryableError
+    from streamload.httputil import Backoff, RetryPolicy
+
+    backoff = Backoff(RetryPolicy(base_delay_s=0.0), "fetching")
+    with caplog.at_level("WARNING"):
+        await backoff.wait(RetryableError("reset"))
+        await backoff.wait(RetryableError("reset"), progressed=True)
+    assert "(failure 1 of 6)" in caplog.messages[0] and "failure 0" not in caplog.messages[1]
+    assert "the count starts again" in caplog.messages[1]
+
+
+def test_ctrl_c_during_a_fetch_says_the_next_run_resumes(www: Path, tmp_path: Path) -> None:
+    import signal
+
+    from tests.serving import serve_directory
+
+    with serve_directory(www, rate_bytes_per_s=200_000) as slow:
+        process = subprocess.Popen(
+            [STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"], stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "the same command resumes" in stderr, stderr
