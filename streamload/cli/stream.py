@@ -153,7 +153,10 @@ async def _run(args: argparse.Namespace) -> None:
             if printer is not None:
                 printer.finish()
             print_result(args, out, label="exact" if preview is not None else "", streamed=printer is not None)
-            if not args.no_finish and not model.is_complete:
+            offline = model._session.origin.offline
+            if not args.no_finish and not model.is_complete and offline is not None:  # the result came from a partial cache
+                print(f"warning: the cache stays partial: {offline}; a run with a connection completes it", file=sys.stderr)
+            elif not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
                     print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
                 stats = await model.wait_complete()
