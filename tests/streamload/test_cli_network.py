@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,3 +138,30 @@ def test_ctrl_c_during_a_fetch_says_the_next_run_resumes(www: Path, tmp_path: Pa
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "the same command resumes" in stderr, stderr
+
+
+def test_serve_stops_within_a_second_of_sigterm_during_a_throttled_transfer(www: Path) -> None:
+    import signal
+
+    def stop_seconds(transfer: bool) -> float:
+        process = subprocess.Popen(
+            [STREAMLOAD, "serve", str(www), "--port", "0", "--rate", "100000", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", process.stdout.readline()).group(1))  # type: ignore[union-attr]
+        client = socket.create_connection(("127.0.0.1", port))
+        if transfer:
+            client.sendall(b"GET /minilm.slm HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")  # the body is on its way, 100 kB/s
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        elapsed = time.monotonic() - started
+        client.close()
+        return elapsed
+
+    idle_s = stop_seconds(transfer=False)
+    busy_s = stop_seconds(transfer=True)
+    assert busy_s < idle_s + 1.5, (busy_s, idle_s)
