@@ -71,7 +71,9 @@ class ProgressBar:
 
             self.bar = tqdm(
                 total=progress.bytes_total or progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
-                initial=progress.bytes_cached,  # what the cache held is not counted in the rate
+                # what the cache held, and what arrived before this first report, are not counted in the rate: counted
+                # over the instant since the bar was made, the header's bytes read as a rate of gigabytes per second
+                initial=progress.bytes_cached + progress.bytes_downloaded,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,

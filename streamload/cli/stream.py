@@ -56,8 +56,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         )
     else:
         rate = result["bytes_downloaded"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        # more than the file when some bytes came twice (the mirrors' header probes, spans retried or raced)
+        of = "for a file of" if result["bytes_downloaded"] > result["bytes_total"] else "of"
         print(
-            f"downloaded {format_bytes(result['bytes_downloaded'])} of {format_bytes(result['bytes_total'])} "
+            f"downloaded {format_bytes(result['bytes_downloaded'])} {of} {format_bytes(result['bytes_total'])} "
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )

@@ -165,3 +165,48 @@ def test_serve_stops_within_a_second_of_sigterm_during_a_throttled_transfer(www:
     idle_s = stop_seconds(transfer=False)
     busy_s = stop_seconds(transfer=True)
     assert busy_s < idle_s + 1.5, (busy_s, idle_s)
+
+
+def test_the_servers_root_lists_the_models_it_serves(server: ServerThread, tmp_path: Path) -> None:
+    root = server.url("")
+    for command in (["run", root, "hi"], ["fetch", root], ["inspect", root]):
+        done = streamload_cli(*command, "--cache-dir", str(tmp_path))
+        assert done.returncode == 1 and "is a streamload server's index, not a model" in done.stderr, done.stderr
+        assert server.url("deep.slm") in done.stderr and server.url("minilm.slm") in done.stderr
+        assert "not a streamload .slm file" not in done.stderr
+
+
+def test_the_progress_bar_starts_at_the_links_rate_not_gigabytes_per_second(www: Path, tmp_path: Path) -> None:
+    """A terminal's bar over a 1 MB/s link: no frame shows a rate above a few times the link's."""
+    import pty
+    import select
+
+    from tests.serving import serve_directory
+
+    with serve_directory(www, rate_bytes_per_s=1_000_000) as slow:
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=terminal
+        )
+        os.close(terminal)
+        output = b""
+        while True:
+            readable, _, _ = select.select([controller], [], [], 0.1)
+            if readable:
+                try:
+                    data = os.read(controller, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                output += data
+            elif process.poll() is not None:
+                break
+        process.wait(timeout=60)
+        os.close(controller)
+    units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    rates = [
+        float(value) * units[unit] for value, unit in re.findall(rb"([\d.]+)(B|kB|MB|GB|TB)/s".decode(), output.decode("utf-8", "replace"))
+    ]
+    assert rates, output
+    assert max(rates) < 5_000_000, sorted(rates)[-3:]
