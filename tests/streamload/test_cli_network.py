@@ -210,3 +210,18 @@ def test_the_progress_bar_starts_at_the_links_rate_not_gigabytes_per_second(www:
     ]
     assert rates, output
     assert max(rates) < 5_000_000, sorted(rates)[-3:]
+
+
+def test_a_second_fetch_of_a_model_being_downloaded_says_it_waits(www: Path, tmp_path: Path) -> None:
+    from tests.serving import serve_directory
+
+    with serve_directory(www, rate_bytes_per_s=300_000) as slow:
+        command = [STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"]
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
+        second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = second.stderr.readline()  # type: ignore[union-attr]
+        first.wait(timeout=60)
+        second.wait(timeout=60)
+    assert "another process is downloading" in line and "waiting for it" in line, line
+    assert first.returncode == 0 and second.returncode == 0
