@@ -127,6 +127,27 @@ def _sentence_transformers_extras(folder: Path) -> dict[str, Any]:
     return extras
 
 
+def _chat_template_extras(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json's chat template and the special tokens it names, for the manifest's config (a chat client
+    renders it); a template that is a list of named templates keeps the one named "default"."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    tokenizer_config = _read_json(path)
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template:
+        return {}
+    tokens = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = tokenizer_config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value  # an AddedToken as transformers saves it
+        if isinstance(value, str):
+            tokens[key] = value
+    return {"chat_template": template, "chat_special_tokens": tokens}
+
+
 def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[str] | None = None) -> ModelSource:
     """Locate weights, config and tokenizer for a folder or a single .safetensors file.
 
@@ -178,7 +199,7 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
         weights=weights,
         hf_config=hf_config,
         tokenizer_json=read_tokenizer(folder),  # tokenizer.json, or converted from vocab.json + merges.txt / tokenizer.model
-        extras=_sentence_transformers_extras(folder),
+        extras=_sentence_transformers_extras(folder) | _chat_template_extras(folder),
     )
 
 
@@ -544,6 +565,7 @@ def _read_source(
     arch = find_architecture(model.hf_config)
     config = arch.normalize_config(model.hf_config, model.extras)
     config["quantization"] = quant
+    config.update({key: model.extras[key] for key in ("chat_template", "chat_special_tokens") if key in model.extras})
     try:
         arch.read_config(config)  # the runtime's bounds, before any work
     except FormatError as exc:

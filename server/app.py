@@ -385,7 +385,7 @@ async def _serve_until_signalled(
         create_app(config),
         access_log=logging.getLogger("streamload.server.access") if access_log else None,
         access_log_class=AccessLogger,
-        shutdown_timeout=5.0,
+        shutdown_timeout=0.5,  # Ctrl-C or SIGTERM: transfers in flight (a throttled one sleeps) get this long, then are closed
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -157,7 +157,7 @@ class ModelCache:
                 break
             except BlockingIOError:
                 if not waited:
-                    logger.info("another process is writing %s; waiting for it", self.directory)
+                    logger.warning("another process is downloading %s into the cache; waiting for it to finish", self.directory.name[:12])
                     waited = True
                 await asyncio.sleep(LOCK_POLL_S)
         self._lock_fd = fd

@@ -105,5 +105,7 @@ async def fetch_header_with_retries(
             return await fetch_header(source, stream=stream)
         except (RetryableError, StalledError) as exc:
             if give_up_unreachable and getattr(exc, "unreachable", False):
-                raise FetchError(str(exc)) from None
+                failure = FetchError(str(exc))
+                failure.unreachable = True  # type: ignore[attr-defined]  # the caller may stand in a cached copy
+                raise failure from None
             await backoff.wait(exc)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import email.utils
 import logging
+import math
 import random
 import re
 import time
@@ -27,6 +28,7 @@ from .errors import (
     UsageError,
     redact_urls,
 )
+from .ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class RetryPolicy:
     header_timeout_s: float = 30.0  # deadline for a whole response head, however slowly it trickles in
     min_rate_bytes_per_s: float = 1024.0  # a body slower than this over rate_window_s is stalled
     rate_window_s: float = 30.0
+    limit_rate_bytes_per_s: float | None = None  # a cap on the whole download (every connection and mirror together)
+    limiter: RateLimiter | None = dataclasses.field(default=None, init=False, repr=False, compare=False)  # its one bucket
 
     def __post_init__(self) -> None:
+        if self.limit_rate_bytes_per_s is not None:
+            if not self.limit_rate_bytes_per_s > 0 or not math.isfinite(self.limit_rate_bytes_per_s):
+                raise UsageError(f"RetryPolicy.limit_rate_bytes_per_s must be more than 0, got {self.limit_rate_bytes_per_s}")
+            object.__setattr__(self, "limiter", RateLimiter(self.limit_rate_bytes_per_s))
         if self.max_attempts < 1:
             raise UsageError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}")
         for name in ("base_delay_s", "max_delay_s", "max_retry_after_s", "min_rate_bytes_per_s"):
@@ -314,5 +322,6 @@ class Backoff:
             hint = "; is the server running, and is the address right?" if getattr(exc, "unreachable", False) else ""
             raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
         delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
-        logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)
+        count = f"failure {self.failures} of {self.policy.max_attempts}" if self.failures else "after progress: the count starts again"
+        logger.warning("%s (%s); retrying in %.1f s", exc, count, delay)
         await asyncio.sleep(delay)

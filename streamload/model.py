@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from .fetch import fetch_header_with_retries
 from .formats import Manifest
 from .httputil import RetryPolicy, check_headers, check_session
 from .layer import Layer
+from .origin import is_url
 from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
 
@@ -169,6 +171,47 @@ class Model:
         """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
         return self.header_bytes + sum(self._session.needed_chunks.values())
 
+    async def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """An encoder's embeddings: (B, H) float32 for a list of B texts, (H,) for one string.
+
+        Waits only for what the texts need (the header, the blocks, their rows of the token table).
+
+        Raises:
+            UsageError: ``texts`` is not a string or a non-empty list of non-empty strings.
+            RuntimeModelError: the model is a decoder, or has no tokenizer.
+
+        Example:
+            >>> async with streamload.open("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
+            ...     vectors = await model.embed(["hello world", "streaming"])
+            >>> vectors.shape
+            (2, 384)
+        """
+        from . import api
+
+        return await api.embed(self, texts)
+
+    async def generate(
+        self, prompt: str | Sequence[int], *, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> AsyncIterator[str]:
+        """A decoder's continuation of ``prompt`` (text, or token ids), yielded as text pieces as each token is sampled.
+
+        Args:
+            prompt: the text to continue (as given: no chat template; ``streamload.api.apply_chat_template`` renders one).
+            max_new_tokens: 0 or more. temperature: 0 (greedy) or more. top_p: in (0, 1]. seed: 0 or more.
+
+        Raises:
+            UsageError: an argument out of its range. RuntimeModelError: an encoder, or no tokenizer.
+
+        Example:
+            >>> async with streamload.open("http://127.0.0.1:8800/llama.slm") as model:    # doctest: +SKIP
+            ...     async for piece in model.generate("The sky is", max_new_tokens=8):
+            ...         print(piece, end="", flush=True)
+        """
+        from . import api
+
+        async for piece in api.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            yield piece
+
     async def layers(self) -> AsyncIterator[tuple[int, Layer]]:
         """Yield (index, layer) in execution order, each as soon as it is ready."""
         for index in range(len(self.manifest.layers)):
@@ -216,11 +259,12 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     verify_threads: int | None = None,
     headers: Mapping[str, str] | None = None,
     mirrors: Sequence[str] = (),
+    limit_rate_bytes_per_s: float | None = None,
 ) -> AsyncIterator[Model]:
     """Open a model from an http(s) URL or a local .slm path; layers stream in while you use it.
 
     Args:
-        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file.
+        source: URL (optionally ``#sha256=DIGEST``) or path of a .slm file, or a cached model's name or digest prefix.
         cache_dir: where verified layers are kept (default ``$STREAMLOAD_CACHE`` or ``~/.cache/streamload``).
         digest: refuse any model whose manifest digest differs (also lets a complete cache work offline).
         connections: parallel ranged requests (1 keeps layers strictly in order: best time to layer 0).
@@ -237,6 +281,8 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
             digest (another model is refused and logged); spans are spread over all of them by their
             measured rates, and one that fails or serves corrupt chunks is dropped while the others
             take its share. ``connections`` then counts per source, at least 2 each.
+        limit_rate_bytes_per_s: a cap on the download's bandwidth, over every connection and mirror together
+            (one token bucket; ``RetryPolicy.limit_rate_bytes_per_s`` is the same setting).
 
     Raises:
         InvalidURLError: ``source`` or a mirror is not a usable http(s) URL (a port out of range, say).
@@ -250,14 +296,23 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         ...         print(index, layer.name, list(layer.tensors)[:2])
     """
     check_session(session)  # before the cache may answer without a request: refused whatever the cache holds
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = os.fspath(source)
+    if not is_url(source) and not Path(source).exists():  # a cached model's name or digest prefix, as `streamload list` shows
+        from .api import resolve_cached_source
+
+        source, cached_digest = resolve_cached_source(cache_root, source)
+        digest = digest or cached_digest
     download = DownloadSession(
-        os.fspath(source),
-        cache_root=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        source,
+        cache_root=cache_root,
         digest=digest,
         connections=connections,
         session=session,
         progress=progress,
-        retry=retry or RetryPolicy(),
+        retry=dataclasses.replace(retry or RetryPolicy(), limit_rate_bytes_per_s=limit_rate_bytes_per_s)
+        if limit_rate_bytes_per_s is not None
+        else retry or RetryPolicy(),
         verify_threads=verify_threads or default_verify_threads(),
         headers=check_headers(headers),
         mirrors=mirrors,

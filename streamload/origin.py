@@ -73,6 +73,7 @@ class Origin:
         self.stats = stats
         self.source: Source | None = None  # None while the header came from the cache and nothing is missing
         self.revalidated_etag: str | None = None  # the cached copy's ETag, when the server said (304) it is still the file
+        self.offline: FetchError | None = None  # why the server could not be reached, when the header came from the cache
 
     async def cached_pinned_header(self) -> Header | None:
         """The header of the pinned model when the cache holds it complete: then no network is needed."""
@@ -95,6 +96,7 @@ class Origin:
         # (an open body would bring data nobody reads, on a metered link too), and before it, when the server gave
         # that copy an ETag, one conditional request: a 304 means the cached copy is the file, and nothing is read
         cached = await self._complete_copy_of_url()
+        partial = await self._partial_copy() if cached is None else None  # offline, what it holds may be enough
         etag = read_ref_etag(self.cache_root, self.url) if cached is not None else None
         if cached is not None and etag is not None and await self._unchanged(etag):
             logger.info("%s is unchanged (ETag %s): using the cached %s", redact_urls(self.url), etag, cached.manifest.digest[:12])
@@ -106,8 +108,12 @@ class Origin:
         stream = cached is None and not await asyncio.to_thread(holds_complete_model, self.cache_root)
         try:
             # nobody answering ends the retries at once when the cache holds a complete copy to fall back to
-            header = await self._fetch_with_retries(self.source, give_up_unreachable=cached is not None, stream=stream)
+            header = await self._fetch_with_retries(
+                self.source, give_up_unreachable=cached is not None or partial is not None, stream=stream
+            )
         except FetchError as exc:
+            if cached is None and partial is not None and getattr(exc, "unreachable", False):
+                return await self._offline_header(exc, partial, complete=False)
             return await self._offline_header(exc, cached)
         self.stats.bytes_downloaded += len(header.raw)
         return header
@@ -180,11 +186,25 @@ class Origin:
         digest = read_ref(self.cache_root, self.url)
         return await self.cached_header(digest) if digest else None
 
-    async def _offline_header(self, failure: FetchError, cached: Header | None) -> Header:
-        """The server cannot be reached: the complete cached copy this URL last had, or the failure."""
+    async def _partial_copy(self) -> Header | None:
+        """The cached header of the pinned model or of the URL's last one, when its copy is partial (None otherwise)."""
+        digest = self.pinned or read_ref(self.cache_root, self.url)
+        if digest is None:
+            return None
+        try:
+            raw = ModelCache(self.cache_root, digest).read_header()
+            return await parse_header(raw, None) if raw is not None else None
+        except (CacheError, FormatError, OSError):
+            return None
+
+    async def _offline_header(self, failure: FetchError, cached: Header | None, *, complete: bool = True) -> Header:
+        """The server cannot be reached: the cached copy this URL last had (a partial one is used for what it holds),
+        or the failure."""
         if cached is None:
             raise failure
-        logger.warning("%s; using the cached copy %s", failure, cached.manifest.digest[:12])
+        self.offline = failure
+        what = "cached copy" if complete else "partial cached copy (for what it holds)"
+        logger.warning("%s; using the %s %s", failure, what, cached.manifest.digest[:12])
         if self.source is not None:
             await self.source.close()
         self.source = None

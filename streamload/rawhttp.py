@@ -169,13 +169,17 @@ async def _exchange(sock: socket.socket, request: bytes, timeout_s: float) -> tu
     loop = asyncio.get_running_loop()
     head = bytearray(HEADER_LIMIT_BYTES)
     received = 0
-    async with asyncio.timeout(timeout_s):
-        await loop.sock_sendall(sock, request)
-        while not _head_complete(head, received):
-            count = await loop.sock_recv_into(sock, memoryview(head)[received:])
-            if count == 0:
-                raise ConnectionResetError("the server closed the connection before answering")
-            received += count
+    try:
+        async with asyncio.timeout(timeout_s):
+            await loop.sock_sendall(sock, request)
+            while not _head_complete(head, received):
+                count = await loop.sock_recv_into(sock, memoryview(head)[received:])
+                if count == 0:
+                    raise ConnectionResetError("the server closed the connection before answering")
+                received += count
+    except TimeoutError:
+        what = "sent no answer" if received == 0 else f"sent {received} bytes but no complete response head"
+        raise TimeoutError(f"the server accepted the connection but {what} within {timeout_s:g} s") from None
     return head, received
 
 
@@ -195,7 +199,7 @@ def _open_tls(
         deadline = time.monotonic() + header_timeout_s
         while not _head_complete(head, received):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no complete response head within {header_timeout_s:.0f} s")
+                raise TimeoutError(f"the server accepted the connection but sent no complete response head within {header_timeout_s:g} s")
             count = sock.recv_into(memoryview(head)[received:])
             if count == 0:
                 raise ConnectionResetError("the server closed the connection before answering")

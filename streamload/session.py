@@ -26,7 +26,7 @@ import numpy as np
 from .cache import GroupCommitter, ModelCache
 from .delta import DeltaStream, find_delta_base, open_delta
 from .download import ROW_REQUESTS, Download, workers_per_source
-from .errors import CacheError, DigestMismatchError, StreamloadError
+from .errors import CacheError, DigestMismatchError, FetchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
 from .formats.constants import PREAMBLE_SIZE_BYTES, LayerKind
 from .httputil import RetryPolicy
@@ -304,6 +304,9 @@ class DownloadSession:
         if self.download is not None and self.download.running:
             self.readiness.restart()  # the running download fetches what was reopened, even while its last commits run
             return
+        if self.origin.source is None and self.origin.offline is not None:  # offline from a partial copy: use what it holds
+            self._fail_missing(self.origin.offline)
+            return
         source = self.origin.source or await self.origin.reconnect(self.manifest.digest, self._what_is_missing())
         if self.download is None:
             self.pipeline = ChunkPipeline(
@@ -340,6 +343,27 @@ class DownloadSession:
             self._header_stream = None
         self.readiness.restart()
         self.download.start()
+
+    def _fail_missing(self, offline: FetchError) -> None:
+        """No server: each layer the cache lacks fails with what it lacks and how much; rows fail as they are asked for
+        (``rows``); the layers and rows the cache holds are used."""
+        table = self.all_chunks
+        pending = ~self.scheduler.done_mask()
+        lacking = np.bincount(table.layer[pending], weights=table.size[pending], minlength=len(self.manifest.layers))
+        why = f"{self.url} cannot be reached ({offline}); a connection would fetch them"
+        for index in np.flatnonzero(lacking).tolist():
+            name = self.manifest.layers[index].name
+            failure = FetchError(f"layer {index} ({name}) is not in the cache: {int(lacking[index])} bytes missing, and {why}")
+            self.readiness.fail_layers([index], failure)
+            if not self.readiness.coarse_ready[index].done():
+                self.readiness.coarse_ready[index].set_exception(failure)
+                self.readiness.coarse_ready[index].exception()
+        self._offline_failure = FetchError(
+            f"the cache of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes of {self.stats.bytes_total}, and {why}"
+        )
+        if not self.readiness.complete.done():
+            self.readiness.complete.set_exception(self._offline_failure)
+            self.readiness.complete.exception()
 
     def _what_is_missing(self) -> str:
         """Which bytes the cache lacks, in words, for an error when no source can be had for them."""
@@ -437,6 +461,13 @@ class DownloadSession:
         """Demand these chunks (positions, ascending; no cut: extra requests fetch them) and wait; True once all are
         here and checked."""
         missing = positions[~self.scheduler.done_mask()[positions]]
+        if len(missing) and getattr(self, "_offline_failure", None) is not None:
+            table = self.all_chunks
+            raise FetchError(
+                f"the input's rows need {len(missing)} chunks ({int(table.size[missing].sum())} bytes) of layer "
+                f"{int(table.layer[missing[0]])} that are not in the cache, and {self.url} cannot be reached "
+                f"({self.origin.offline}); a connection would fetch them"
+            )
         if len(missing):
             waiters = self.readiness.wait_for_chunks(self.all_chunks.index[missing].tolist())
             self.scheduler.demand(missing.tolist(), cut=False)

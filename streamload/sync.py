@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .layer import Layer
 from .model import Model, open
 from .stats import DownloadStats
+
+if TYPE_CHECKING:
+    from .runtime import RunResult
 
 
 class SyncModel(Model):
@@ -36,6 +39,7 @@ class SyncModel(Model):
             self._stop()
             raise
         super().__init__(model._session)
+        self._model = model  # the async face, for what runs on the private loop (the runtime awaits its layers)
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -51,6 +55,47 @@ class SyncModel(Model):
     def rows(self, name: str, ids: Any) -> tuple[np.ndarray, np.ndarray | None]:  # type: ignore[override]
         """Block until rows ``ids`` of ``name`` are here (fetched first); see ``Model.rows``."""
         return self._run(Model.rows(self, name, ids))
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:  # type: ignore[override]
+        """Block until the embeddings are computed; see ``Model.embed``.
+
+        Example:
+            >>> streamload.load("http://127.0.0.1:8800/minilm.slm").embed(["hello world"]).shape   # doctest: +SKIP
+            (1, 384)
+        """
+        return self._run(self._model.embed(texts))
+
+    def generate(  # type: ignore[override]
+        self, prompt: str | Sequence[int], *, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> Iterator[str]:
+        """Text pieces as each token is sampled; see ``Model.generate`` (leaving the loop early stops the decoding).
+
+        Example:
+            >>> with streamload.load("http://127.0.0.1:8800/llama.slm") as model:          # doctest: +SKIP
+            ...     for piece in model.generate("The sky is", max_new_tokens=8):
+            ...         print(piece, end="", flush=True)
+        """
+        pieces = self._model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        try:
+            while True:
+                try:
+                    yield self._run(pieces.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(pieces.aclose())
+
+    def run(self, **options: Any) -> RunResult:
+        """Block until ``streamload.runtime.run(model, **options)`` has the result (the timeline, bytes needed, ids).
+
+        Example:
+            >>> with streamload.load("http://127.0.0.1:8800/minilm.slm") as model:       # doctest: +SKIP
+            ...     model.run(texts=["hello world"]).embedding.shape
+            (1, 384)
+        """
+        from .runtime import run
+
+        return self._run(run(self._model, **options))
 
     def layers(self) -> Iterator[tuple[int, Layer]]:  # type: ignore[override]
         for index in range(len(self.manifest.layers)):
@@ -79,5 +124,16 @@ class SyncModel(Model):
 
 
 def load(source: str | os.PathLike[str], **options: Any) -> SyncModel:
-    """Open a model without async; takes the same keyword options as ``streamload.open``."""
+    """Open a model without async; takes the same keyword options as ``streamload.open``.
+
+    ``source`` is a URL, a local .slm path, or a cached model's name or digest prefix (as ``streamload list`` shows).
+    Close it (``with``, or ``close()``) to stop its download; the blocking calls are ``layer``, ``rows``, ``embed``,
+    ``generate``, ``wait_complete``; ``streamload.open`` is the async twin.
+
+    Example:
+        >>> streamload.load("http://127.0.0.1:8800/minilm.slm").embed(["hello world"]).shape   # doctest: +SKIP
+        (1, 384)
+        >>> with streamload.load("llama") as model:                                     # doctest: +SKIP
+        ...     print("".join(model.generate("The sky is", max_new_tokens=8)))
+    """
     return SyncModel(source, **options)

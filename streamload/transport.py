@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -47,12 +48,20 @@ def map_transport_error(url: str, policy: RetryPolicy, exc: BaseException, also:
     if isinstance(exc, asyncio.IncompleteReadError):
         return RetryableError(f"{url}: body ended {exc.expected - len(exc.partial)} bytes early")
     if isinstance(exc, TimeoutError):  # before OSError and the transports' own errors: some timeouts are both
-        return StalledError(f"{url}: no data for {policy.stall_timeout_s:.0f} s; the connection stalled")
+        return StalledError(
+            f"{url}: {exc}" if str(exc) else f"{url}: the server sent nothing for {policy.stall_timeout_s:g} s; the connection stalled"
+        )
+    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc).upper().replace(" ", "_"):  # TLS to a plain-HTTP port
+        plain = urllib.parse.urlsplit(url)._replace(scheme="http").geturl()
+        return FetchError(f"{url}: TLS handshake failed (wrong version number): the server there speaks plain HTTP? try {plain}")
     if isinstance(exc, (OSError, *also)):
         if isinstance(exc, ConnectionRefusedError | socket.gaierror) or getattr(exc, "errno", None) in UNREACHABLE_ERRNOS:
             parts = urllib.parse.urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            failure = RetryableError(f"cannot connect to {parts.hostname}:{port} ({_reason(exc)})")
+            if isinstance(exc, socket.gaierror) or isinstance(getattr(exc, "os_error", None), socket.gaierror):
+                failure = RetryableError(f"cannot resolve the host name {parts.hostname} ({_reason(exc)}): check the URL and the network")
+            else:
+                failure = RetryableError(f"cannot connect to {parts.hostname}:{port} ({_reason(exc)})")
             failure.unreachable = True  # nobody answers there: a complete cached copy may be used at once
             return failure
         return RetryableError(f"{url}: the connection failed ({_reason(exc)})")
@@ -131,8 +140,12 @@ class SpanReader:
 
     def _fill(self, target: memoryview) -> None:
         filled = 0
+        limiter = self.policy.limiter  # --limit-rate: one bucket for the whole download
         while filled < target.nbytes:
-            count = self._recv_into(target[filled:])
+            end = target.nbytes if limiter is None else min(target.nbytes, filled + limiter.receive_bytes)
+            count = self._recv_into(target[filled:end])
+            if limiter is not None:
+                limiter.consume(count)
             if count == 0:
                 raise RetryableError(f"{self.url}: the body ended {target.nbytes - filled} bytes early")
             filled += count
@@ -145,7 +158,10 @@ class SpanReader:
         now = time.monotonic()
         elapsed = now - self._window_start
         if elapsed >= self.policy.rate_window_s:
-            if self._window_bytes < self.policy.min_rate_bytes_per_s * elapsed:
+            floor = self.policy.min_rate_bytes_per_s
+            if self.policy.limit_rate_bytes_per_s is not None:  # a cap shared by many connections: each may get little
+                floor = min(floor, self.policy.limit_rate_bytes_per_s / 64)
+            if self._window_bytes < floor * elapsed:
                 raise StalledError(
                     f"{self.url}: {self._window_bytes} bytes in {elapsed:.0f} s, under the minimum rate of "
                     f"{self.policy.min_rate_bytes_per_s:.0f} bytes/s; the connection stalled"

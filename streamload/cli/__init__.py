@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StreamloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        index = _served_models(args, exc)
+        print(f"error: {index or exc}", file=sys.stderr)
         return EXIT_FAILURE
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: no such file", file=sys.stderr)
@@ -46,11 +47,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.filename or exc}: is a directory, not a .slm file", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resumes = getattr(args, "command", None) in ("fetch", "run")
+        print(
+            "interrupted" + ("; what was verified is kept in the cache: the same command resumes from there" if resumes else ""),
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
         _discard(sys.stdout)
         return EXIT_FAILURE
+
+
+def _served_models(args: argparse.Namespace, exc: StreamloadError) -> str | None:
+    """When a URL that is not a model answers with a streamload server's JSON index (``GET /``), the models it offers."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from ..errors import BadMagicError
+
+    source = getattr(args, "source", None)
+    if not isinstance(exc, BadMagicError) or not isinstance(source, str) or not source.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(source.split("#")[0], timeout=5) as response:  # noqa: S310 - an http(s) URL, checked above
+            index = json.loads(response.read(1 << 20))
+        names = [m["name"] for m in index["models"] if isinstance(m.get("name"), str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    base = source.split("#")[0].rstrip("/") + "/"
+    offered = ", ".join(urllib.parse.urljoin(base, urllib.parse.quote(name)) for name in names) or "no models"
+    return f"{source} is a streamload server's index, not a model; it serves: {offered}"
 
 
 def _discard(stream: Any) -> None:
@@ -70,7 +97,7 @@ class _UserFormatter(logging.Formatter):
 def _more_texts(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     """``run``'s texts that argparse left over: every word before a ``--`` that is not an option, and all after it."""
     end = words.index("--") if "--" in words else len(words)
-    options = [word for word in words[:end] if word.startswith("-")]
+    options = [word for word in words[:end] if word.startswith("-") and word != "-"]  # "-": the prompt is stdin
     if options:
         parser.error(f"unrecognized arguments: {' '.join(options)} (a text that starts with '-': after --, or --text=TEXT)")
     texts = words[:end] + words[end + 1 :]

@@ -16,6 +16,9 @@ from ..origin import is_url
 from .output import EXIT_FAILURE, EXIT_OK, format_bytes
 
 TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN is for huggingface_hub
+LIMIT_RATE_ENV = "STREAMLOAD_LIMIT_RATE"  # --limit-rate's default
+TIMEOUT_ENV = "STREAMLOAD_TIMEOUT"  # --timeout's default, seconds
+RETRIES_ENV = "STREAMLOAD_RETRIES"  # --retries' default
 
 
 def cache_dir_of(args: argparse.Namespace) -> Path:
@@ -33,8 +36,6 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
     URL pinned to its digest (a complete copy then needs no network) and stderr says which model it is.
     False (after a one-line error) when nothing fits.
     """
-    from ..cachedir import list_cached_models
-
     source = args.source
     if Path(source).is_dir():
         hint = f"; a Hugging Face model folder? convert it first: streamload convert {source} -o model.slm"
@@ -46,34 +47,22 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
         print(f"error: {source}: only http:// and https:// URLs are supported", file=sys.stderr)
         return False
+    from ..api import find_cached_models, resolve_cached_source
+
     root = cache_dir_of(args)
-    cached = list_cached_models(root)
-    by_name = [m for m in cached if {source, source + ".slm"} & {_file_name(url) for url in m.sources}]
-    prefix = source.lower().removeprefix("sha256:")
-    by_digest = [m for m in cached if m.digest.startswith(prefix)] if re.fullmatch(r"[0-9a-f]{4,64}", prefix) else []
-    matches = by_name or by_digest
-    if len(matches) > 1:
-        names = ", ".join(m.digest[:12] for m in matches)
-        print(f"error: {source!r} matches {len(matches)} cached models ({names}); give more of the digest", file=sys.stderr)
-        return False
-    if not matches:
+    try:
+        origin, digest = resolve_cached_source(root, source)
+    except StreamloadError as exc:
         hint = f"; did you mean http://{source} ?" if _SCHEMELESS_URL.match(source) and not source.startswith("/") else ""
-        print(f"error: {source}: no such file, and no cached model of that name or digest in {root}{hint}", file=sys.stderr)
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return False
-    model = matches[0]
-    urls = [s for s in model.sources if is_url(s)]
-    files = [s for s in model.sources if not is_url(s) and Path(s).is_file()]
-    if not urls and not files:
-        gone = f" ({' and '.join(model.sources)} {'is' if len(model.sources) == 1 else 'are'} gone)" if model.sources else ""
-        print(f"error: cached model {model.digest[:12]} came from a local file{gone}: give the file's path or a URL", file=sys.stderr)
+    if args.digest is not None and args.digest.lower().removeprefix("sha256:") != digest:
+        print(f"error: {source!r} is the cached model {digest[:12]}, not --digest {args.digest}", file=sys.stderr)
         return False
-    if args.digest is not None and args.digest.lower().removeprefix("sha256:") != model.digest:
-        print(f"error: {source!r} is the cached model {model.digest[:12]}, not --digest {args.digest}", file=sys.stderr)
-        return False
-    origin = (urls or files)[0]  # a URL pinned to the digest needs no network when the copy is complete
-    status = "complete" if model.complete else f"partial: the rest comes from {'its URL' if urls else 'the file'}"
-    print(f"{verb} cached {_file_name(origin)} sha256:{model.digest[:12]} ({status}) from {origin}", file=sys.stderr)
-    args.source, args.digest = origin, model.digest
+    model = find_cached_models(root, digest)[0]
+    status = "complete" if model.complete else f"partial: the rest comes from {'its URL' if is_url(origin) else 'the file'}"
+    print(f"{verb} cached {_file_name(origin)} sha256:{digest[:12]} ({status}) from {origin}", file=sys.stderr)
+    args.source, args.digest = origin, digest
     return True
 
 
@@ -93,7 +82,36 @@ def open_model(args: argparse.Namespace, progress: Any) -> Any:
         progress=progress,
         headers=request_headers(args),
         mirrors=args.mirror or (),
+        retry=retry_policy(args),
     )
+
+
+def retry_policy(args: argparse.Namespace) -> Any:
+    """The network policy from --limit-rate, --timeout and --retries, or their environment variables (read here, at the
+    command line's edge). Raises UsageError for a bad environment value (exit status 2, as a bad flag)."""
+    from ..errors import UsageError
+    from ..httputil import RetryPolicy
+    from .parser import _limit_rate, _retries, _timeout
+
+    def option(name: str, env: str, parse: Any) -> Any:
+        value = getattr(args, name, None)
+        if value is None and os.environ.get(env, "").strip():
+            try:
+                value = parse(os.environ[env].strip())
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"${env}: {exc}") from None
+        return value
+
+    fields: dict[str, Any] = {}
+    rate, timeout_s, retries = option("limit_rate", LIMIT_RATE_ENV, _limit_rate), option("timeout", TIMEOUT_ENV, _timeout), None
+    retries = option("retries", RETRIES_ENV, _retries)
+    if rate is not None:
+        fields["limit_rate_bytes_per_s"] = rate
+    if timeout_s is not None:
+        fields |= {"stall_timeout_s": timeout_s, "header_timeout_s": timeout_s, "connect_timeout_s": timeout_s}
+    if retries is not None:
+        fields["max_attempts"] = retries + 1
+    return RetryPolicy(**fields)
 
 
 def request_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -106,6 +124,7 @@ def request_headers(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from ..api import model_name
     from ..cachedir import list_cached_models
     from ..formats.reader import read_header
 
@@ -121,6 +140,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         status = "complete" if cached.complete else f"partial {_done_percent(cached.directory, manifest)}%"
         rows.append(
             {
+                "name": model_name(cached.sources),
                 "digest": cached.digest,
                 "architecture": architecture,
                 "size_bytes": cached.size_bytes,
@@ -136,10 +156,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no models in {cache_dir_of(args)}")
         return EXIT_OK
     print(f"{len(rows)} model{'s' if len(rows) != 1 else ''} in {cache_dir_of(args)}")
-    print(f"{'DIGEST':<14} {'ARCH':<8} {'ON DISK':>10} {'STATUS':<13} SOURCE")  # decompressed: more than the .slm
+    width = max(4, *(len(row["name"]) for row in rows))
+    print(f"{'NAME':<{width}}  {'DIGEST':<14} {'ARCH':<8} {'ON DISK':>10} {'STATUS':<13} SOURCE")  # decompressed: more than the .slm
     for row in rows:
         print(
-            f"{row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} "
+            f"{row['name']:<{width}}  {row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} "
             f"{row['status']:<13} {', '.join(row['sources']) or '-'}"
         )
     return EXIT_OK
@@ -161,17 +182,21 @@ def _done_percent(directory: Path, manifest: Any) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from ..cachedir import list_cached_models, remove_cached_model
+    from ..api import find_cached_models, model_name
+    from ..cachedir import remove_cached_model
 
     root = cache_dir_of(args)
-    prefix = args.digest.lower().removeprefix("sha256:")
-    matches = [m for m in list_cached_models(root) if m.digest.startswith(prefix)] if len(prefix) >= 4 else []
+    source = args.digest
+    if not is_url(source) and Path(source).is_file():  # a file: the cached model of its manifest
+        from ..formats import ModelReader
+
+        with ModelReader(source) as reader:
+            source = reader.manifest.digest
+    matches = find_cached_models(root, source)
     if len(matches) != 1:
-        print(
-            f"error: {'no' if not matches else 'more than one'} cached model matches {args.digest!r} "
-            "(give at least 4 hex digits; see `streamload list`)",
-            file=sys.stderr,
-        )
+        listed = "; ".join(f"{model_name(m.sources)} sha256:{m.digest[:12]}" for m in matches)
+        what = f"names {len(matches)} cached models ({listed}): give a digest prefix" if matches else "names no cached model"
+        print(f"error: {args.digest!r} {what} (see `streamload list`)", file=sys.stderr)
         return EXIT_FAILURE
     remove_cached_model(root, matches[0].digest)
     print(f"deleted {matches[0].digest[:12]} ({format_bytes(matches[0].size_bytes)})")

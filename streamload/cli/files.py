@@ -13,7 +13,7 @@ from typing import Any
 from ..formats import ModelReader, summarize_manifest
 from ..formats.constants import DEFAULT_ZSTD_LEVEL
 from .cached import cache_dir_of, is_url, request_headers
-from .output import EXIT_FAILURE, EXIT_OK, ConvertProgress, format_bytes, print_json, print_summary
+from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConvertProgress, format_bytes, print_json, print_summary
 from .updates import conversion_update_fields, delta_bases_of, describe_conversion_update, inspect_delta, is_delta_file, print_delta_bases
 
 
@@ -91,7 +91,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if not is_url(args.source) and is_delta_file(args.source):
         return inspect_delta(args)
-    if is_url(args.source):
+    if not is_url(args.source) and not Path(args.source).exists():  # a cached model's name or digest: its cached header
+        from ..api import one_cached_model
+        from ..formats.reader import read_header
+
+        cached = one_cached_model(cache_dir_of(args), args.source)
+        if cached.header is None:
+            print(f"error: cached model {cached.digest[:12]} has no header yet: fetch it again", file=sys.stderr)
+            return EXIT_FAILURE
+        preamble, manifest = read_header(cached.header, None)
+        summary = summarize_manifest(manifest, format_version=preamble.format_version)
+        summary["file_bytes"] = preamble.data_offset + manifest.data_size_bytes
+    elif is_url(args.source):
         manifest, size = asyncio.run(_read_url_or_cached_header(args))
         summary = summarize_manifest(manifest)
         summary["file_bytes"] = size
@@ -137,6 +148,26 @@ async def _read_url_or_cached_header(args: argparse.Namespace) -> tuple[Any, int
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if is_url(args.file) or not Path(args.file).exists():  # a URL or a cached model's name: the file it came from
+        from ..api import find_cached_models, one_cached_model
+
+        if is_url(args.file) and not find_cached_models(cache_dir_of(args), args.file):
+            print(
+                f"error: verify checks a local file; to check {args.file}, `streamload fetch` it (every chunk is verified)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        cached = one_cached_model(cache_dir_of(args), args.file)
+        files = [s for s in cached.sources if not is_url(s) and Path(s).is_file()]
+        if not files:
+            print(
+                f"error: {args.file} is the cached model {cached.digest[:12]}, downloaded from a URL: verify checks a file; "
+                f"`streamload fetch {args.file}` checks every chunk's sha256 as it lands",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        print(f"verifying {files[0]} (the file cached model {cached.digest[:12]} came from)", file=sys.stderr)
+        args.file = files[0]
     with ModelReader(args.file) as reader:
         problems = reader.verify()
         checked = len(reader.manifest.chunks) + len(reader.manifest.refinement_chunks)

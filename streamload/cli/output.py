@@ -71,7 +71,9 @@ class ProgressBar:
 
             self.bar = tqdm(
                 total=progress.bytes_total or progress.bytes_cached + progress.bytes_to_download,  # a resumed bar goes on out of the whole
-                initial=progress.bytes_cached,  # what the cache held is not counted in the rate
+                # what the cache held, and what arrived before this first report, are not counted in the rate: counted
+                # over the instant since the bar was made, the header's bytes read as a rate of gigabytes per second
+                initial=progress.bytes_cached + progress.bytes_downloaded,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
@@ -150,17 +152,25 @@ def print_summary(summary: dict[str, Any], source: str) -> None:
         )
 
 
-def print_result(args: argparse.Namespace, result: dict[str, Any], label: str = "") -> None:
+def print_result(
+    args: argparse.Namespace, result: dict[str, Any], label: str = "", *, streamed: bool = False, timings: bool = True
+) -> None:
+    """The result on stdout (its text unless ``streamed``: printed token by token already), then when and after how many
+    bytes it came on stderr (unless not ``timings``)."""
     if args.json:
         print(json.dumps(result), flush=True)
         return
-    if "embedding" in result:
+    if streamed:
+        pass
+    elif "embedding" in result:
         vectors = result["embedding"] if isinstance(result["embedding"][0], list) else [result["embedding"]]
         for vector in vectors:
             print("[" + ", ".join(f"{v:.6f}" for v in vector) + "]")
     else:
         print(result["text"] if result["text"] is not None else ",".join(map(str, result["generated_ids"])))
     sys.stdout.flush()
+    if not timings:
+        return
     first = result["first_layer_done_s"]
     needed = f"{format_bytes(result['bytes_needed'])} of {format_bytes(result['file_bytes'])} needed"
     what = f"{label} result" if label else "result"

@@ -15,7 +15,7 @@ from ..cache import default_cache_dir
 from ..errors import StreamloadError, UsageError
 from ..formats.constants import MAX_CHUNK_RAW_SIZE_BYTES
 from ..httputil import parse_header_option
-from .cached import TOKEN_ENV, cmd_list, cmd_rm, is_url
+from .cached import LIMIT_RATE_ENV, RETRIES_ENV, TIMEOUT_ENV, TOKEN_ENV, cmd_list, cmd_rm, is_url
 from .files import cmd_convert, cmd_inspect, cmd_serve, cmd_verify
 from .output import EXIT_USAGE
 from .stream import cmd_fetch, cmd_run
@@ -100,6 +100,20 @@ _zstd_level = _number(int, "a zstd level from 1 to 22", low=1, high=22)
 _chunk_size = _number(int, f"a chunk size from 1 to {MAX_CHUNK_RAW_SIZE_BYTES} bytes", low=1, high=MAX_CHUNK_RAW_SIZE_BYTES)
 
 
+def parse_rate(text: str) -> float:
+    """Bytes per second as curl's --limit-rate takes them: a number with an optional k, M or G (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgG]?)[bB]?\s*", text)
+    value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()] if match else 0.0
+    if not match or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in bytes per second above 0 (e.g. 500k, 2M, 1G: powers of 1024)")
+    return value
+
+
+_limit_rate = parse_rate
+_timeout = _number(float, "a timeout in seconds above 0", above=0)
+_retries = _number(int, "a number of retries, 0 or more", low=0, high=1000)
+
+
 def _parse_ids(text: str) -> list[int]:
     parts = [part for part in text.replace(" ", "").split(",") if part]
     if not parts or not all(re.fullmatch(r"\d+", part) for part in parts):
@@ -165,14 +179,6 @@ def _base_model_file(text: str) -> str:
     return text
 
 
-def _model_file(text: str) -> str:
-    if is_url(text):
-        raise argparse.ArgumentTypeError(
-            f"verify checks a local file; to check {text}, `streamload fetch` it (every chunk is verified) or download it first"
-        )
-    return _model_file_or_url(text)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: the message and where to read more, without the usage block."""
 
@@ -212,15 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
-    p.add_argument("source", type=_model_file_or_url, help="a .slm file or its URL (only the manifest is fetched)")
+    p.add_argument(
+        "source",
+        type=_model_file_or_url,
+        help="a .slm file, its URL (only the manifest is fetched), or a cached model's name or digest prefix",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
     p.add_argument("--cache-dir", help="where a URL's cached header is read when its server cannot be reached (" + cache_help + ")")
     p.set_defaults(func=cmd_inspect)
 
     p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")
-    p.add_argument("file", type=_model_file, help="a local .slm file")
+    p.add_argument(
+        "file", type=_model_file_or_url, help="a local .slm file, or the name, digest prefix or URL of a cached model read from a file"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--cache-dir", help=cache_help)
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("serve", help="serve the .slm files of a directory over HTTP (ranges, ETags, optional link emulation)")
@@ -297,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = commands.add_parser("rm", help="delete a model from the cache")
-    p.add_argument("digest", help="the model's digest or a unique prefix of it (see `streamload list`)")
+    p.add_argument("digest", metavar="MODEL", help="the model's name, digest prefix, URL or file (see `streamload list`)")
     p.add_argument("--cache-dir", help=cache_help)
     p.set_defaults(func=cmd_rm)
     return parser
@@ -313,6 +326,25 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--digest", type=_digest, help="refuse a model whose manifest sha256 differs")
     p.add_argument("--connections", type=_connections, default=1, help="parallel ranged requests (default 1: strict layer order)")
     p.add_argument("--header", action="append", type=_header_option, metavar="'NAME: VALUE'", help=HEADER_HELP)
+    p.add_argument(
+        "--limit-rate",
+        type=_limit_rate,
+        metavar="RATE",
+        help=f"cap the download at RATE bytes/s (k, M, G: powers of 1024, as curl), over every connection and mirror "
+        f"together (default ${LIMIT_RATE_ENV})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        metavar="SECONDS",
+        help=f"give up on an attempt that connects, answers or sends nothing for this long (default ${TIMEOUT_ENV} or 30)",
+    )
+    p.add_argument(
+        "--retries",
+        type=_retries,
+        metavar="N",
+        help=f"attempts after the first failure before giving up (default ${RETRIES_ENV} or 5)",
+    )
     p.add_argument(
         "--mirror",
         action="append",

@@ -58,8 +58,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         )
     else:
         rate = result["bytes_downloaded"] / result["seconds"] if result["seconds"] > 0 else 0.0
+        # more than the file when some bytes came twice (the mirrors' header probes, spans retried or raced)
+        of = "for a file of" if result["bytes_downloaded"] > result["bytes_total"] else "of"
         print(
-            f"downloaded {format_bytes(result['bytes_downloaded'])} of {format_bytes(result['bytes_total'])} "
+            f"downloaded {format_bytes(result['bytes_downloaded'])} {of} {format_bytes(result['bytes_total'])} "
             f"({result['chunks_cached']} of {result['chunks_total']} chunks were cached) "
             f"in {result['seconds']:.2f} s ({format_bytes(rate)}/s)"
         )
@@ -91,6 +93,8 @@ def check_run_options(args: argparse.Namespace, config: Any) -> None:
     for name, default in DECODER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if getattr(args, "from_stdin", False) and not decoder and args.text is not None:
+        args.text = [line for line in args.text[0].splitlines() if line.strip()]  # an encoder: one text a line
     if decoder and args.text is not None and len(args.text) > 1:
         if not args.words:
             raise UsageError("a decoder takes one prompt: give one --text, or the prompt's words as arguments")
@@ -116,6 +120,9 @@ async def _run(args: argparse.Namespace) -> None:
     try:
         async with open_model(args, bar) as model:
             check_run_options(args, model.config)
+            if args.text is None and args.ids is None:
+                await _interactive(args, model, bar)
+                return
             if args.progressive and not model.progressive:
                 shown = redact_urls(args.source)
                 print(f"warning: {shown} was not converted with --progressive: no preview, only the exact result", file=sys.stderr)
@@ -130,6 +137,9 @@ async def _run(args: argparse.Namespace) -> None:
                 "started": started,
                 "memory_budget_bytes": memory_budget_setting(args.memory_budget),
             }
+            printer = TokenPrinter(model, bar) if model.manifest.architecture != "bert" and not args.json else None
+            if printer is not None:
+                options["on_token"] = printer
             preview: dict[str, Any] | None = None
             results = run_progressive(model, **options) if args.progressive else _exact_only(model, options)
             async for result in results:
@@ -149,10 +159,15 @@ async def _run(args: argparse.Namespace) -> None:
             bar.close()  # the result starts on a line of its own
             if args.progressive and model.progressive and preview is None:  # on stderr, so with --json too
                 print("no preview: the exact weights were already here", file=sys.stderr)
-            print_result(args, out, label="exact" if preview is not None else "")
+            if printer is not None:
+                printer.finish()
+            print_result(args, out, label="exact" if preview is not None else "", streamed=printer is not None)
             if (out["chunks_local"] or out["chunks_delta"]) and not args.json and not args.quiet:
                 print(describe_update(out), file=sys.stderr)
-            if not args.no_finish and not model.is_complete:
+            offline = model._session.origin.offline
+            if not args.no_finish and not model.is_complete and offline is not None:  # the result came from a partial cache
+                print(f"warning: the cache stays partial: {offline}; a run with a connection completes it", file=sys.stderr)
+            elif not args.no_finish and not model.is_complete:
                 if not args.quiet and not args.json:
                     print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
                 stats = await model.wait_complete()
@@ -179,6 +194,112 @@ async def _run(args: argparse.Namespace) -> None:
                 )
     finally:
         bar.close()
+
+
+class TokenPrinter:
+    """``on_token`` for a decoder's run: each token's text on stdout as soon as it is sampled, flushed.
+
+    Called on the decode thread; the text is decoded and written on the event loop (``call_soon_threadsafe``), which
+    also closes the progress bar before the first piece, so stdout and the bar never share a line. Multi-byte
+    characters split over byte tokens are held until complete (``StreamingDetokenizer``); a model without a
+    tokenizer shows the ids, comma-separated, as the final result would.
+    """
+
+    def __init__(self, model: Any, bar: ProgressBar) -> None:
+        from ..api import StreamingDetokenizer
+
+        tokenizer = model.tokenizer
+        self._stream = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+        self._bar = bar
+        self._loop = asyncio.get_running_loop()
+        self._count = 0
+        self.text = ""  # what was printed
+
+    def __call__(self, token_id: int) -> None:
+        self._loop.call_soon_threadsafe(self._show, token_id)
+
+    def _show(self, token_id: int) -> None:
+        if self._count == 0:
+            self._bar.close()
+        piece = self._stream.add(token_id) if self._stream is not None else f"{',' if self._count else ''}{token_id}"
+        self._count += 1
+        self._write(piece)
+
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        """The rest of the text (an incomplete character at the end), and the end of the line."""
+        self._write(self._stream.finish() if self._stream is not None else "")
+        self._bar.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+async def _interactive(args: argparse.Namespace, model: Any, bar: ProgressBar) -> None:
+    """A prompt loop on the loaded model: each line of stdin a prompt (a decoder's reply streamed token by token, an
+    encoder's embedding); ``/bye`` or end of input ends it. A decoder whose config has a chat template gets the
+    conversation so far rendered through it (needs jinja2); without one each prompt is continued on its own."""
+    from ..api import apply_chat_template, chat_template_of
+    from ..errors import StreamloadError
+    from ..runtime import run
+
+    decoder = model.manifest.architecture != "bert"
+    template = chat_template_of(model.config) if decoder else None
+    if template is not None and importlib.util.find_spec("jinja2") is None:
+        print("warning: this model's chat template needs jinja2 (pip install jinja2): prompts go to the model as typed", file=sys.stderr)
+        template = None
+    tty = sys.stdin.isatty()
+    if tty and not args.json:
+        what = "chat (the model's template)" if template else ("prompt" if decoder else "text to embed")
+        print(f"{what}: one per line; /bye or Ctrl-D to end", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        line = await asyncio.to_thread(_read_line, ">>> " if tty and not args.json else "")
+        if line is None or line.strip() == "/bye":
+            return
+        if not line.strip():
+            continue
+        options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+        options["seed"] = args.seed
+        messages = [*history, {"role": "user", "content": line}]
+        if template is not None:
+            options["ids"] = model.tokenizer.encode(apply_chat_template(model.config, messages), add_special_tokens=False).ids
+        else:
+            options["texts"] = [line]
+        printer = TokenPrinter(model, bar) if decoder and not args.json else None
+        try:
+            result = await run(model, on_token=printer, **options)
+        except StreamloadError as exc:
+            if printer is not None and printer.text:
+                printer.finish()
+            print(f"error: {exc}" + ("; the conversation starts over" if history else ""), file=sys.stderr)
+            history = []
+            continue
+        bar.close()
+        if printer is not None:
+            printer.finish()
+        print_result(args, _result_fields(result, model), streamed=printer is not None, timings=False)
+        if template is not None:
+            history = [*messages, {"role": "assistant", "content": result.text or ""}]
+
+
+def _read_line(prompt: str) -> str | None:
+    """One line of stdin (``input``, with line editing on a terminal); None at end of input."""
+    try:
+        return input(prompt) if prompt else _stdin_line()
+    except EOFError:
+        if prompt:
+            print(file=sys.stderr)
+        return None
+
+
+def _stdin_line() -> str | None:
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
 
 
 def _left(bar: ProgressBar, model: Any) -> str:
@@ -247,12 +368,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.texts and args.text:
         print("error: give the texts as arguments or with --text, not both", file=sys.stderr)
         return EXIT_USAGE
-    args.words = bool(args.texts)  # a decoder's prompt may come as words: they are joined
+    args.from_stdin = args.texts == ["-"]  # `streamload run MODEL -`: the prompt is stdin (an encoder's texts: its lines)
+    if args.from_stdin:
+        text = sys.stdin.read().strip("\n")
+        if not text.strip():
+            print("error: run MODEL -: stdin held no text", file=sys.stderr)
+            return EXIT_USAGE
+        args.texts = [text]
+    args.words = bool(args.texts) and not args.from_stdin  # a decoder's prompt may come as words: they are joined
     args.text = args.texts or args.text
-    if (args.text is None) == (args.ids is None):
-        what = "give the text (streamload run MODEL 'TEXT', or --text TEXT) or --ids 1,2,3"
-        print(f"error: {what}, not both" if args.text else f"error: {what}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.text is not None and args.ids is not None:
+        print("error: give the text (streamload run MODEL 'TEXT', or --text TEXT) or --ids 1,2,3, not both", file=sys.stderr)
+        return EXIT_USAGE  # neither: an interactive session
     if args.timeline_png and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
         print("error: --timeline-png needs matplotlib: pip install -e '.[plot]' (from a source checkout)", file=sys.stderr)
         return EXIT_USAGE

@@ -10,8 +10,9 @@ coarse layers while their refinements stream in, then the exact result.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -81,7 +82,7 @@ async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResu
     options.setdefault("started", time.perf_counter())
     refined = all(ready is not None for ready in model.layer_ready_s[: model.manifest.step_count])
     if model.progressive and not refined:
-        preview = await run(model.coarse(), **options)  # type: ignore[arg-type]
+        preview = await run(model.coarse(), **{k: v for k, v in options.items() if k != "on_token"})  # type: ignore[arg-type]
         yield dataclasses.replace(preview, precision="coarse")
     yield await run(model, **options)
 
@@ -106,6 +107,38 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise RuntimeModelError(f"token ids must be in [0, {vocab_size}); got {bad[0]}")
 
 
+def check_options(
+    *,
+    texts: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
+    max_new_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> None:
+    """The checks the CLI's argument types make, for callers of the library: ``UsageError`` naming the argument."""
+    if (texts is None) == (ids is None):
+        raise UsageError("give either texts (a list of strings) or ids (a list of token ids), not both")
+    if texts is not None:
+        if isinstance(texts, (str, bytes)):
+            raise UsageError(f"texts must be a list of strings, not one string: texts=[{texts!r}]")
+        if not isinstance(texts, Sequence) or not texts:
+            raise UsageError("texts must be a non-empty list of strings")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise UsageError(f"texts must hold non-empty strings; got {text!r}")
+    if ids is not None and (isinstance(ids, (str, bytes)) or not all(isinstance(i, (int, np.integer)) for i in ids)):
+        raise UsageError("ids must be a list of integer token ids")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be an integer 0 or more; got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"temperature must be 0 (greedy) or more; got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1]; got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be an integer 0 or more; got {seed!r}")
+
+
 async def run(
     model: Model,
     *,
@@ -120,13 +153,16 @@ async def run(
     memory_budget_bytes: int | Literal["auto"] | None = "auto",
     float_weights_bytes: int | None = None,
     decode_threads: int = DEFAULT_DECODE_THREADS,
+    on_token: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run a streamed model on text or token ids.
 
     Args:
         model: an open ``streamload.Model`` (layers may still be arriving).
-        texts: sentences (encoder: one embedding each; decoder: the first is the prompt).
+        texts: a list of non-empty strings (encoder: one embedding each; decoder: exactly one, the prompt).
+            A bare string is refused (it is not a list of texts); ``Model.embed`` takes one.
         ids: token ids instead of text.
+        max_new_tokens, temperature, top_p, seed: a decoder's generation: >= 0, >= 0 (0: greedy), in (0, 1], >= 0.
         started: ``time.perf_counter()`` the timeline counts from (default: now).
         memory_budget_bytes: bytes the run may use, page cache included; "auto" (default): the memory limit of the
             process's cgroup, if any; None: no budget. Under a budget below the model's size a decoder keeps what fits
@@ -135,8 +171,11 @@ async def run(
         float_weights_bytes: bytes of float32 copies of int8 weights an encoder may keep for the next batches (None:
             an eighth of physical memory, at most 512 MiB, less under a memory budget; 0: int8 only).
         decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.decoding``).
+        on_token: a decoder calls it with each generated token id as soon as it is sampled, on the decode
+            thread (``Model.generate`` yields them instead).
 
     Raises:
+        UsageError: an argument out of its range (texts not a list of non-empty strings, temperature < 0, ...).
         RuntimeModelError: unknown architecture, missing tokenizer, bad input.
         MemoryBudgetError: the budget cannot hold one step of the model (the message names the minimum).
         ManifestSchemaError: the model's config contradicts its tensors, or a field is out of range.
@@ -147,8 +186,9 @@ async def run(
         ...     result.embedding.shape
         (1, 384)
     """
-    if (texts is None) == (ids is None):
-        raise RuntimeModelError("give either text or token ids")
+    check_options(texts=texts, ids=ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if getattr(model, "_loop", None) is not None:  # a SyncModel: its layers are awaited on its own loop, not this one
+        raise UsageError("runtime.run takes a model from streamload.open; for one from streamload.load call model.run(...)")
     timeline = Timeline(model, started)
     budget = memory_budget(memory_budget_bytes)
     architecture = model.manifest.architecture
@@ -188,6 +228,8 @@ async def run(
         from . import llama
 
         if texts is not None:
+            if len(texts) != 1:
+                raise UsageError(f"a decoder takes one prompt; got {len(texts)} texts (join them, or run them one by one)")
             tokenizer = model.tokenizer
             if tokenizer is None:
                 raise RuntimeModelError(NO_TOKENIZER)
@@ -205,6 +247,7 @@ async def run(
             keep_prompt_logits=keep_prompt_logits,
             memory_budget=budget,
             decode_threads=decode_threads,
+            on_token=on_token,
         )
         tokenizer = model.tokenizer
         text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
@@ -226,4 +269,14 @@ async def run(
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelState", "LayerTiming", "RowsTiming", "RunResult", "Timeline", "run", "run_progressive"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "LayerTiming",
+    "ModelState",
+    "RowsTiming",
+    "RunResult",
+    "Timeline",
+    "check_options",
+    "run",
+    "run_progressive",
+]

@@ -421,9 +421,13 @@ async def generate(
     keep_prompt_logits: bool = False,
     memory_budget: MemoryBudget | None = None,
     decode_threads: int = ops.DEFAULT_DECODE_THREADS,
+    on_token: Callable[[int], None] | None = None,
 ) -> Generation:
     """Prefill the prompt layer by layer as layers arrive, then decode: from the memory map at full speed, or under
-    ``memory_budget`` from resident copies and segments read from the store on every token (``residency``)."""
+    ``memory_budget`` from resident copies and segments read from the store on every token (``residency``).
+
+    ``on_token``: called on the decode thread with each generated token id as soon as it is sampled (the first too).
+    """
     config = DecoderConfig.from_manifest(model.config)
     table = config.layout.embed_tokens  # the token table: its rows are fetched first
     ids = np.asarray(prompt_ids, dtype=np.int64)
@@ -460,6 +464,8 @@ async def generate(
         small_head = weights.small_head
         scales = weights.head_scales
         try:
+            if on_token is not None:
+                on_token(first_id)
             with ops.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
                 while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
                     h = runner.embed(rows_of(out[-1]))
@@ -474,6 +480,8 @@ async def generate(
                     logits = runner.finish_logits(weights.head_logits(project))
                     out.append(sample(logits[-1], temperature, top_p, rng))
                     token_times_s.append(timeline.now_s())
+                    if on_token is not None:
+                        on_token(out[-1])
         finally:
             weights.close()
         return out

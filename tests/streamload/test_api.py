@@ -33,9 +33,11 @@ def test_streamload_public_names() -> None:
             "StalledError",
             "StreamloadError",
             "SyncModel",
+            "UsageError",
             "load",
             "open",
             "read_remote_header",
+            "runtime",
         ]
     )
 
@@ -90,3 +92,84 @@ def test_a_local_model_needs_no_http_client(deep_slm: Path, tmp_path: Path) -> N
 def test_a_retry_policy_out_of_range_is_refused_with_the_field_named(field: str, value: float) -> None:
     with pytest.raises(UsageError, match=f"RetryPolicy.{field} must be"):
         streamload.RetryPolicy(**{field: value})
+
+
+def test_runtime_is_reachable_and_documented() -> None:
+    import pydoc
+
+    assert streamload.runtime.run is not None and "runtime" in streamload.__all__
+    assert "runtime.run" in pydoc.render_doc(streamload) and "embed" in pydoc.render_doc(streamload)
+
+
+def test_one_call_embed_and_its_async_twin_agree(minilm_slm: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    vectors = streamload.load(minilm_slm, cache_dir=tmp_path).embed(["hello world", "streaming"])
+    assert vectors.shape == (2, 384)
+    with streamload.load(minilm_slm, cache_dir=tmp_path) as model:
+        one = model.embed("hello world")  # one string: one text, one vector
+    assert one.shape == (384,) and abs(one - vectors[0]).max() < 1e-5
+
+    async def twin() -> object:
+        async with streamload.open(minilm_slm, cache_dir=tmp_path) as model:
+            return await model.embed(["hello world", "streaming"])
+
+    assert (asyncio.run(twin()) == vectors).all()
+
+
+def test_generate_yields_text_pieces_and_stops_when_the_reader_leaves(llama_slm: Path, tmp_path: Path) -> None:
+    """The synthetic Llama has no tokenizer: generate says so; with token ids ``runtime.run`` gives the tokens and
+    ``on_token`` sees each as it comes, in order."""
+    import asyncio
+
+    with streamload.load(llama_slm, cache_dir=tmp_path) as model:
+        with pytest.raises(streamload.RuntimeModelError, match="no tokenizer"):
+            next(model.generate([1, 2, 3]))
+        seen: list[int] = []
+        result = model.run(ids=[5, 6, 7], max_new_tokens=6, on_token=seen.append)
+        assert seen == result.generated_ids and len(seen) >= 1
+        with pytest.raises(UsageError, match="model.run"):  # the async runtime on the blocking model: said, not a hang
+            asyncio.run(streamload.runtime.run(model, ids=[5]))
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        ({"texts": "hello"}, "not one string"),
+        ({"texts": []}, "non-empty list"),
+        ({"texts": ["ok", ""]}, "non-empty strings"),
+        ({"texts": ["ok"], "temperature": -1}, "temperature"),
+        ({"texts": ["ok"], "temperature": float("nan")}, "temperature"),
+        ({"texts": ["ok"], "top_p": 0}, "top_p"),
+        ({"texts": ["ok"], "top_p": 1.5}, "top_p"),
+        ({"texts": ["ok"], "max_new_tokens": -1}, "max_new_tokens"),
+        ({"texts": ["ok"], "seed": -1}, "seed"),
+        ({"texts": ["ok"], "ids": [1]}, "not both"),
+        ({}, "not both"),
+    ],
+)
+def test_the_api_checks_its_arguments_as_the_cli_does(minilm_slm: Path, tmp_path: Path, options: dict, phrase: str) -> None:
+    with streamload.load(minilm_slm, cache_dir=tmp_path) as model:
+        with pytest.raises(UsageError, match=phrase):
+            model.run(**options)
+
+
+def test_a_decoder_refuses_a_second_prompt_and_generate_checks_its_range(llama_slm: Path, tmp_path: Path) -> None:
+    with streamload.load(llama_slm, cache_dir=tmp_path) as model:
+        with pytest.raises(UsageError, match="one prompt"):
+            model.run(texts=["one", "two"])
+        with pytest.raises(UsageError, match="temperature"):
+            next(model.generate("hi", temperature=-1))
+        with pytest.raises(UsageError, match="max_new_tokens"):
+            next(model.generate("hi", max_new_tokens=-2))
+
+
+def test_load_takes_a_cached_models_name(deep_slm: Path, tmp_path: Path) -> None:
+    with streamload.load(deep_slm, cache_dir=tmp_path) as model:
+        digest = model.digest
+        model.wait_complete()
+    for name in ("deep", digest[:8]):
+        with streamload.load(name, cache_dir=tmp_path) as model:
+            assert model.digest == digest
+    with pytest.raises(streamload.CacheError, match="no cached model"):
+        streamload.load("nosuch", cache_dir=tmp_path)

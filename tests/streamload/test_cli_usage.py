@@ -138,7 +138,8 @@ def test_text_comes_as_arguments_as_with_ollama_run(minilm_slm: Path, tmp_path: 
     assert embeddings("first one", "-q", "second") == by_option
     assert embeddings("-q", "--", "-5 degrees") == embeddings("--text=-5 degrees")
     common = (str(minilm_slm), "-q", "--cache-dir", str(tmp_path))
-    assert_one_line_error(streamload_cli("run", *common), 2, "give the text (streamload run MODEL 'TEXT', or --text TEXT)")
+    no_text = subprocess.run([STREAMLOAD, "run", *common, "--json"], input="first one\n", capture_output=True, text=True, timeout=120)
+    assert no_text.returncode == 0 and json.loads(no_text.stdout)["embedding"] == embeddings("first one")  # interactive: a line a text
     assert_one_line_error(streamload_cli("run", *common, "hi", "--ids", "101"), 2, "not both")
     assert_one_line_error(streamload_cli("run", *common, "a", "--text", "b"), 2, "as arguments or with --text, not both")
     assert_one_line_error(streamload_cli("run", *common, "   "), 2, "the text is empty")
@@ -376,3 +377,35 @@ def test_a_local_file_runs_where_the_cache_cannot_be_written(minilm_slm: Path, t
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["embedding"]) == 384
     assert "is not writable; running" in done.stderr and "temporary copy" in done.stderr
+
+
+def test_every_command_takes_a_name_a_digest_prefix_a_file_or_a_url(
+    server: ServerThread, tmp_path: Path, deep_slm: Path, minilm_slm: Path
+) -> None:
+    """fetch, run, inspect, verify and rm take a model alike; list shows the name first; a name two models share is an
+    error that lists both."""
+    digest = ModelReader(deep_slm).manifest.digest
+    url = server.url("deep.slm")
+    assert streamload_cli("fetch", url, "-q", cache=tmp_path).returncode == 0
+    listed = streamload_cli("list", cache=tmp_path).stdout.splitlines()
+    assert listed[1].split()[:2] == ["NAME", "DIGEST"] and listed[2].split()[:2] == ["deep", digest[:12]]
+    for name in ("deep", "deep.slm", digest[:6], url):
+        done = streamload_cli("inspect", name, "--json", "--cache-dir", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["manifest_digest"] == digest
+    assert_one_line_error(
+        streamload_cli("verify", "deep", "--cache-dir", str(tmp_path)), 1, "downloaded from a URL", "streamload fetch deep"
+    )
+    other = tmp_path / "elsewhere" / "deep.slm"  # another model by the same name, cached from a file
+    other.parent.mkdir()
+    other.write_bytes(minilm_slm.read_bytes())
+    other_digest = ModelReader(minilm_slm).manifest.digest
+    assert streamload_cli("fetch", str(other), "-q", cache=tmp_path).returncode == 0
+    verified = streamload_cli("verify", other_digest[:8], "--cache-dir", str(tmp_path))  # by digest: the file it came from
+    assert verified.returncode == 0 and "intact" in verified.stdout, verified.stderr
+    for command in (["rm", "deep"], ["inspect", "deep"], ["run", "deep", "hi"]):
+        done = streamload_cli(*command, cache=tmp_path) if command[0] == "rm" else streamload_cli(*command, "--cache-dir", str(tmp_path))
+        assert_one_line_error(done, 1, "names 2 cached models", digest[:12], other_digest[:12])
+    assert streamload_cli("rm", url, cache=tmp_path).returncode == 0
+    assert streamload_cli("rm", str(other), cache=tmp_path).returncode == 0  # a file: the model of its manifest
+    assert json.loads(streamload_cli("list", "--json", cache=tmp_path).stdout) == []
