@@ -16,12 +16,12 @@ import numpy as np
 
 from ..errors import (
     BadMagicError,
-    ChunkIntegrityError,
     FormatError,
     ManifestSchemaError,
     ManifestTooLargeError,
     OutOfBoundsError,
     UnsupportedVersionError,
+    located,
 )
 from .chunks import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
 from .constants import (
@@ -76,7 +76,7 @@ def read_preamble(data: bytes | memoryview) -> Preamble:
         raise BadMagicError(f"file is {len(data)} bytes, shorter than the {PREAMBLE_SIZE_BYTES}-byte .slm preamble")
     magic, version, flags, manifest_size, data_offset = PREAMBLE.unpack_from(data, 0)
     if magic != MAGIC:
-        raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model with `streamload convert`")
+        raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model to .slm first")
     if version not in READABLE_FORMAT_VERSIONS:
         readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise UnsupportedVersionError(f"file has format version {version}; this streamload reads versions {readable}: upgrade streamload")
@@ -135,12 +135,6 @@ def dequantize(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return weight.astype(np.float32) * scales[:, None]
 
 
-def _error_fields(exc: FormatError) -> dict[str, int]:
-    if isinstance(exc, ChunkIntegrityError):
-        return {"layer_index": exc.layer_index, "chunk_index": exc.chunk_index}
-    return {}
-
-
 class ModelReader:
     """A local .slm file, memory-mapped read-only.
 
@@ -162,7 +156,7 @@ class ModelReader:
             self.preamble, self.manifest = read_header(self._view, size)
         except FormatError as exc:
             self.close()
-            raise type(exc)(f"{self.path}: {exc}", **_error_fields(exc)) from None
+            raise located(exc, str(self.path)) from None
         except BaseException:
             self.close()
             raise

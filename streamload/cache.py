@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .errors import CacheError
+from .errors import CacheError, CacheWriteError
 from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
 from .store_space import StoreSpace
@@ -70,10 +70,12 @@ def cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     if exc.errno == errno.ELOOP:
         return CacheError(f"{path}: {exc.strerror}")
     if exc.errno == errno.ENOSPC:
-        return CacheError(
-            f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk"
+        return CacheWriteError(
+            f"no space left on the device holding {path} while {action} it; free some space or use a cache directory on another disk"
         )
-    return CacheError(f"{action} {path} failed: {exc.strerror or exc}; check the cache directory's permissions, or pass --cache-dir")
+    return CacheWriteError(
+        f"{action} {path} failed: {exc.strerror or exc}; check the cache directory's permissions, or use another cache directory"
+    )
 
 
 class ModelCache:
@@ -161,9 +163,9 @@ class ModelCache:
             free, allocated = None, 0
         needed = max(0, size_bytes - allocated)
         if free is not None and needed > free:
-            raise CacheError(
+            raise CacheWriteError(
                 f"the model needs {_human(needed)} more in {self.directory}, but only {_human(free)} are free; "
-                "free some space or pass --cache-dir on another disk"
+                "free some space or use a cache directory on another disk"
             )
         try:
             fd = _open_own(self.store_path, os.O_RDWR | os.O_CREAT)

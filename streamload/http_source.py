@@ -29,16 +29,17 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import (
-    HTTPStatusError,
-    RetryableError,
-    SourceChangedError,
+from .errors import HTTPStatusError, RetryableError, SourceChangedError, UnreachableError
+from .httputil import (
+    RetryPolicy,
     TransportNotModified,
     TransportRedirect,
     TransportStatus,
     TransportUnsupported,
+    check_headers,
+    http_status_error,
+    same_origin,
 )
-from .httputil import RetryPolicy, check_headers, http_status_error, same_origin
 from .rawhttp import open_socket_span
 from .transport import SpanReader, map_transport_errors
 
@@ -80,7 +81,7 @@ class HttpSource:
             reader = await self._follow(self.resolved_url, start, end)
         except (HTTPStatusError, RetryableError) as exc:
             expired = isinstance(exc, HTTPStatusError) and exc.status in EXPIRED_STATUSES
-            if self.resolved_url == self.url or not (expired or getattr(exc, "unreachable", False)):
+            if self.resolved_url == self.url or not (expired or isinstance(exc, UnreachableError)):
                 raise
             logger.info("%s: %s; resolving %s again", _origin(self.resolved_url), exc, _without_query(self.url))
             self.resolved_url = self.url

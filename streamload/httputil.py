@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 
-from .errors import FetchError, HTTPStatusError, RetryableError, StalledError, UsageError
+from .errors import FetchError, HTTPStatusError, RetryableError, StalledError, UnreachableError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,36 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # RFC 9110 section 15.
 OWN_HEADERS = frozenset({"host", "range", "if-range", "accept-encoding", "connection", "content-length", "transfer-encoding", "te"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 section 5.1: a field name
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+# The HTTP paths' internal signals: outcomes one transport hands another, never errors a caller sees (not in the
+# error tree, not exported). Each is caught in ``http_source`` or ``aiohttp_source``.
+
+
+class TransportUnsupported(Exception):
+    """This server or response needs the general HTTP client (aiohttp)."""
+
+
+class TransportStatus(Exception):
+    """The threaded path got an error status (mapped to a FetchError by the caller)."""
+
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransportNotModified(Exception):
+    """Either HTTP path got a 304 to a conditional request (``If-None-Match``)."""
+
+
+class TransportRedirect(Exception):
+    """Either HTTP path got a redirect (RFC 9110 section 15.4); ``HttpSource`` follows it."""
+
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__(f"status {status} to {location}")
+        self.status = status
+        self.location = location
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,7 +185,7 @@ class Backoff:
         """After a failed attempt: progress since the last failure starts the count again."""
         self.failures = 0 if progressed else self.failures + 1
         if self.failures >= self.policy.max_attempts:
-            hint = "; is the server running, and is the address right?" if getattr(exc, "unreachable", False) else ""
+            hint = "; is the server running, and is the address right?" if isinstance(exc, UnreachableError) else ""
             raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
         delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
         logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)

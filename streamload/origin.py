@@ -124,7 +124,8 @@ class Origin:
             await source.close()
             raise DigestMismatchError(
                 f"{missing}, and {self.url} now serves another model ({header.manifest.digest[:12]}); "
-                f"run without the pin to use it, or `streamload rm {digest[:12]}`"
+                f"run without the pin to use it, or remove the cached copy of {digest[:12]}",
+                cached_digest=digest,
             )
         self.source = source
         self.stats.bytes_downloaded += len(header.raw)

@@ -10,7 +10,7 @@ from .errors import FormatError
 from .formats.manifest import TokenizerBlob
 from .formats.reader import frame_size_bytes
 
-NO_TOKENIZER = "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
+NO_TOKENIZER = "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids instead of text"
 
 
 def load_tokenizer(blob: TokenizerBlob) -> Any:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StreamloadError, UsageError
+from ..errors import BadMagicError, CacheWriteError, DigestMismatchError, NoTokenizerError, StreamloadError, UsageError
 from .output import EXIT_FAILURE, EXIT_USAGE
 from .parser import build_parser, check_text
 
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StreamloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{command_hint(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: no such file", file=sys.stderr)
@@ -51,6 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `streamload inspect m.slm | head`: the reader left; no traceback (Python's documented recipe)
         _discard(sys.stdout)
         return EXIT_FAILURE
+
+
+def command_hint(exc: StreamloadError) -> str:
+    """The option or command that does what the library's message asks (the library names none of the CLI's)."""
+    if isinstance(exc, CacheWriteError):
+        return " (--cache-dir DIR)"
+    if isinstance(exc, NoTokenizerError):
+        return " (--ids 1,2,3)"
+    if isinstance(exc, DigestMismatchError) and exc.cached_digest is not None:
+        return f" (`streamload rm {exc.cached_digest[:12]}`)"
+    if isinstance(exc, BadMagicError):
+        return " (`streamload convert`)"
+    return ""
 
 
 def _discard(stream: Any) -> None:

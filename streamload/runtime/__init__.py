@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import RuntimeModelError
+from ..errors import NoTokenizerError, RuntimeModelError
 from ..formats.architectures import architecture_named
 from ..tokenizer import NO_TOKENIZER
 from .timeline import LayerTiming, RowsTiming, Timeline
@@ -147,7 +147,7 @@ async def run(
         if texts is not None:
             tokenizer = model.tokenizer
             if tokenizer is None:
-                raise RuntimeModelError(NO_TOKENIZER)
+                raise NoTokenizerError(NO_TOKENIZER)
             prompt = tokenizer.encode(texts[0]).ids
         else:
             prompt = list(ids or [])

@@ -194,7 +194,7 @@ async def test_a_full_disk_is_a_clear_error_and_the_cache_stays_consistent(
     filler = small_disk / "filler"
     filler.write_bytes(bytes((3 << 20) - store_bytes // 2 - 65536))  # room for about half the model
     with serve_directory(www) as server:
-        with pytest.raises(streamload.CacheError, match="free some space or pass --cache-dir"):
+        with pytest.raises(streamload.CacheError, match="free some space or use a cache directory on another disk"):
             async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
                 await model.wait_complete()
         filler.unlink()  # space again: the same cache completes

@@ -1,0 +1,97 @@
+"""Every error a caller meets is in the one tree: declared classes and fields, no errno or args written by hand,
+the transports' internal signals kept out of it, and no CLI flag in a library message (the CLI adds its own hints)."""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+
+import pytest
+
+import streamload
+import streamload.errors
+from streamload.cli import command_hint
+from streamload.errors import (
+    BadMagicError,
+    CacheWriteError,
+    ChunkIntegrityError,
+    DigestMismatchError,
+    ModelFileError,
+    NoTokenizerError,
+    RetryableError,
+    StreamloadError,
+    UnreachableError,
+    located,
+)
+from streamload.fetch import fetch_header
+from streamload.httputil import RetryPolicy
+from streamload.transport import FileSource, map_transport_error
+
+
+def test_the_error_module_exports_only_the_tree() -> None:
+    for name in streamload.errors.__all__:
+        value = getattr(streamload.errors, name)
+        assert isinstance(value, type) and issubclass(value, StreamloadError), name
+    assert not [name for name in vars(streamload.errors) if name.startswith("Transport")]
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing"])
+def test_a_local_model_that_cannot_be_opened_is_a_model_file_error(kind: str, tmp_path: Path) -> None:
+    path = tmp_path if kind == "directory" else tmp_path / "nosuch.slm"
+    with pytest.raises(ModelFileError) as caught:
+        FileSource(path)
+    assert isinstance(caught.value, OSError) and caught.value.errno is None  # no errno made up by hand
+    assert str(caught.value).startswith(f"{path}: ")
+    assert ("is a directory" if kind == "directory" else "No such file") in str(caught.value)
+
+
+async def test_a_header_that_is_not_a_model_is_named_after_its_source_once(tmp_path: Path) -> None:
+    page = tmp_path / "index.html"
+    page.write_bytes(b"<!doctype html><html>" + b" " * 64)
+    with pytest.raises(BadMagicError) as caught:
+        await fetch_header(FileSource(page))
+    message = str(caught.value)
+    assert message.startswith(f"{page}: not a streamload .slm file") and message.count(str(page)) == 1
+    assert caught.value.args == (message,)
+
+
+def test_located_keeps_the_class_and_its_fields() -> None:
+    moved = located(ChunkIntegrityError("sha256 differs", layer_index=3, chunk_index=7), "http://host/m.slm")
+    assert type(moved) is ChunkIntegrityError and (moved.layer_index, moved.chunk_index) == (3, 7)
+    assert str(moved) == "http://host/m.slm: sha256 differs"
+
+
+@pytest.mark.parametrize(
+    ("failure", "unreachable"),
+    [(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), True), (ConnectionResetError(errno.ECONNRESET, "reset"), False)],
+)
+def test_nobody_answering_is_its_own_class(failure: OSError, unreachable: bool) -> None:
+    mapped = map_transport_error("http://127.0.0.1:9/m.slm", RetryPolicy(), failure)
+    assert isinstance(mapped, RetryableError) and isinstance(mapped, UnreachableError) is unreachable
+    assert not hasattr(mapped, "unreachable")
+
+
+@pytest.mark.parametrize(
+    ("error", "hint"),
+    [
+        (CacheWriteError("no space left; free some space or use a cache directory on another disk"), " (--cache-dir DIR)"),
+        (NoTokenizerError("this model has no tokenizer: give token ids instead of text"), " (--ids 1,2,3)"),
+        (DigestMismatchError("another model", cached_digest="ab" * 32), " (`streamload rm abababababab`)"),
+        (DigestMismatchError("not the pinned one"), ""),
+        (BadMagicError("not a streamload .slm file"), " (`streamload convert`)"),
+        (StreamloadError("anything else"), ""),
+    ],
+)
+def test_the_cli_adds_the_flag_the_library_does_not_name(error: StreamloadError, hint: str) -> None:
+    assert "--" not in str(error) and not re.search(r"streamload (rm|convert|run|fetch)", str(error))
+    assert command_hint(error) == hint
+
+
+def test_a_full_cache_is_a_cache_write_error(tmp_path: Path) -> None:
+    from streamload.cache import cache_error
+
+    full = cache_error("writing", tmp_path / "store.bin", OSError(errno.ENOSPC, "No space left on device"))
+    denied = cache_error("writing", tmp_path / "store.bin", OSError(errno.EACCES, "Permission denied"))
+    assert isinstance(full, CacheWriteError) and isinstance(denied, CacheWriteError) and isinstance(full, streamload.CacheError)
+    assert "--" not in str(full) + str(denied)
