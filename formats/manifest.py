@@ -1,4 +1,4 @@
-"""The manifest: what a .slm file holds and where, parsed from untrusted msgpack bytes and encoded again.
+"""The manifest's bytes to and from its types (``entries.py``): parsed from untrusted msgpack, checked, encoded again.
 
 ``parse_manifest`` turns untrusted msgpack bytes into a ``Manifest`` (``entries.py``) and checks
 every invariant FORMAT.md states while it parses, so a ``Manifest`` that exists is valid;

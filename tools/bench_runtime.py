@@ -117,7 +117,7 @@ async def streamed_run(url: str, cache: Path) -> tuple[float, float, float]:
     async with streamload.open(url, cache_dir=cache) as model:
         result = await run(model, ids=[1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=1, started=started)
     last_block = max((t for t in result.timeline if t.index == len(result.timeline) - 2), key=lambda t: t.index)
-    return result.first_layer_done_s or 0.0, result.total_s, last_block.compute_done_s - last_block.compute_start_s
+    return result.first_block_done_s or 0.0, result.total_s, last_block.compute_done_s - last_block.compute_start_s
 
 
 def bench_streaming(workdir: Path, rate: float, repeats: int) -> None:

@@ -192,7 +192,7 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
     layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     result_s = result.total_s if kind == "minilm" or result.first_token_s is None else result.first_token_s
-    out = {"layer0_s": layer0, "block0_s": result.first_layer_done_s, "result_s": result_s, "wire_bytes": wire}
+    out = {"layer0_s": layer0, "block0_s": result.first_block_done_s, "result_s": result_s, "wire_bytes": wire}
     out |= {"peak_rss_mb": peak_kb / 1024}
     if variant == "C":
         out |= {"needed_bytes": needed, "block0_floor_bytes": block0_bytes}

@@ -38,13 +38,18 @@ class RunResult:
     text: str | None  # decoder, when the model has a tokenizer
     prompt_logits: np.ndarray | None  # decoder, (T, vocab) float32, when asked for
     timeline: list[LayerTiming]
-    first_layer_done_s: float | None  # block 0's compute finished
+    first_block_done_s: float | None  # block 0's compute finished (layer 1: layer 0 is the embeddings)
     total_s: float
     row_fetches: list[RowsTiming] = dataclasses.field(default_factory=list)  # the rows of the token table the input needed
     bytes_needed: int = 0  # bytes of the file the result depended on (header, the layers used, the rows' chunks)
     precision: str = "exact"  # "coarse": a preview on a progressive model's coarse layers (``run_progressive``)
     first_token_logits: np.ndarray | None = None  # decoder, (vocab,): what the first generated token was sampled from
     first_token_s: float | None = None  # decoder: when the first token was there
+
+    @property
+    def first_layer_done_s(self) -> float | None:
+        """Deprecated: the old name of ``first_block_done_s`` (block 0, which is layer 1), kept for one release."""
+        return self.first_block_done_s
 
 
 async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResult]:

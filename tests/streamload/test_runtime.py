@@ -87,7 +87,8 @@ async def test_compute_starts_while_later_layers_are_on_the_wire(served: tuple[S
         async with streamload.open(slow.url("minilm.slm"), cache_dir=tmp_path) as model:
             result = await run(model, texts=["streaming while downloading"])
     last_ready = max(t.ready_s for t in result.timeline)
-    assert result.first_layer_done_s is not None and result.first_layer_done_s < last_ready
+    assert result.first_block_done_s is not None and result.first_block_done_s < last_ready
+    assert result.first_layer_done_s == result.first_block_done_s  # the old name, kept for one release
     for timing in result.timeline:
         assert timing.ready_s <= timing.compute_start_s <= timing.compute_done_s
 
@@ -113,7 +114,8 @@ def test_cli_run_json_and_saved_logits(served: tuple[ServerThread, Path], tmp_pa
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["generated_ids"]) == 3 and out["text"] is None
-    assert out["bytes_downloaded"] > 0 and 0 < out["first_layer_done_s"] <= out["total_s"]
+    assert out["bytes_downloaded"] > 0 and 0 < out["first_block_done_s"] <= out["total_s"]
+    assert out["first_layer_done_s"] == out["first_block_done_s"]  # the old --json key, kept for one release (docs/cli.md)
     assert [t["index"] for t in out["timeline"]] == [0, 1, 2, 3]
     logits = np.load(logits_path)
     assert logits.shape == (4, 512) and logits.dtype == np.float32
