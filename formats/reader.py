@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ from .constants import (
     PREAMBLE,
     PREAMBLE_SIZE_BYTES,
     READABLE_FORMAT_VERSIONS,
-    QuantScheme,
     align_up,
 )
 from .manifest import ChunkEntry, Manifest, TensorEntry, parse_manifest
@@ -217,23 +215,6 @@ class ModelReader:
         layer = self.manifest.layers[layer_index]
         buffer = self.read_layer(layer_index, coarse=coarse)
         return {t.name: view_tensor(buffer, t, layer.raw_offset) for t in self.manifest.tensors_of_layer(layer_index)}
-
-    def read_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, float32 values) for every tensor but scales, layer by layer."""
-        scale_names = {t.scales for t in self.manifest.tensors if t.scales}
-        scales_seen: dict[str, np.ndarray] = {}  # a row table's scales live in an earlier layer
-        for layer in self.manifest.layers:
-            tensors = self.read_tensors(layer.index)
-            for entry in self.manifest.tensors_of_layer(layer.index):
-                if entry.name in scale_names:
-                    scales_seen[entry.name] = tensors[entry.name]
-            for entry in self.manifest.tensors_of_layer(layer.index):
-                if entry.name in scale_names:
-                    continue
-                values = tensors[entry.name]
-                if entry.quant is QuantScheme.INT8_ROW:
-                    values = dequantize(values, scales_seen[entry.scales or ""])
-                yield entry.name, values.astype(np.float32, copy=False)
 
     def verify(self) -> list[FormatError]:
         """Check every chunk's hash and decoded size; returns the problems found (empty when intact)."""

@@ -337,17 +337,9 @@ class GroupCommitter:
         self._last_commit = time.perf_counter()
         self._wait_at_commit = stats.receive_wait_s
 
-    @property
-    def uncommitted(self) -> list[tuple[int, int]]:
-        """(index, xxh3) of the chunks written to the store, not yet durable and journaled."""
-        return [(index, digest) for part in self._pending for index, digest in part.tolist()]
-
-    def add(self, records: Sequence[tuple[int, int]]) -> None:
-        """Chunks are verified and written: journal (index, xxh3 of the stored bytes) with the next group."""
-        self.add_columns([index for index, _ in records], [digest for _, digest in records])
-
     def add_columns(self, indices: Sequence[int], digests: Sequence[int]) -> None:
-        """``add`` for a batch given as two columns (no Python object per chunk)."""
+        """Chunks are verified and written: journal them (index, xxh3 of the stored bytes) with the next group.
+        A batch comes as two columns (no Python object per chunk)."""
         records = np.empty(len(indices), JOURNAL_DTYPE)
         records["index"] = indices
         records["digest"] = np.array(digests, np.uint64)

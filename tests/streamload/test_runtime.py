@@ -304,25 +304,17 @@ async def test_a_model_is_validated_once_not_per_call(
     assert calls == [1]
 
 
-def test_gelu_forms() -> None:
+def test_the_tanh_gelu_is_within_5e_4_of_the_exact_one() -> None:
     x = np.linspace(-8, 8, 4001).astype(np.float32)
-    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
-    assert np.abs(ops.gelu(x) - exact).max() < 1e-6
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])  # x * Phi(x), BERT's "gelu"
     assert np.abs(ops.gelu_tanh(x) - exact).max() < 5e-4
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exp overflows far left of zero: GELU's limit, -0.0, and no warning
         far = ops.gelu_tanh(np.array([-1e4, -60.0, -12.0, 0.0, 12.0, 60.0], np.float32))
     np.testing.assert_array_equal(far, [0.0, 0.0, 0.0, 0.0, 12.0, 60.0])
-    big = np.tile(x, 20)  # more than one block of the blockwise kernel, in place
-    ops.gelu(big, out=big)
-    assert np.abs(big - np.tile(exact, 20)).max() < 1e-6
-
-
-def test_erf_is_accurate() -> None:
-    x = np.linspace(-6, 6, 2001)
-    exact = np.array([math.erf(v) for v in x])
-    assert np.abs(ops.erf(x) - exact).max() < 2e-7  # the formula's own bound (float64 evaluation)
-    assert np.abs(ops.erf(x.astype(np.float32)) - exact).max() < 5e-7  # float32 evaluation adds rounding
+    in_place = x.copy()
+    ops.gelu_tanh(in_place, out=in_place)
+    np.testing.assert_array_equal(in_place, ops.gelu_tanh(x))
 
 
 def test_sampling() -> None:
