@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import ServerThread
+from tests.support.serving import ServerThread
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 QUICK_START_PORT = 8800

@@ -14,8 +14,7 @@ Usage:
    are read at, and this machine's read bandwidth measured two ways (numpy sum, BLAS sgemv of 1 GiB).
 Medians of --repeats runs. MiniLM against its peers: tools/bench_embed.py.
 
-Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -34,14 +33,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 
 from bench_fetch import Server  # noqa: E402
 
 import streamload  # noqa: E402
+from _support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
 from streamload.formats import convert  # noqa: E402
 from streamload.runtime import ops, run  # noqa: E402
-from tests.support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
 
 SENTENCES = [f"Sentence number {i} talks about streaming models to phones over slow links." for i in range(16)]
 

@@ -17,9 +17,10 @@ from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD, ModelCache
 from streamload.cli import main
 from streamload.formats import ModelReader
 from streamload.formats.constants import PREAMBLE_SIZE_BYTES
-from tests.checks import RECEIVE_PATHS, assert_cache_exact, free_port, journal_count, open_via, start_cli_server
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import RECEIVE_PATHS, assert_cache_exact, journal_count, open_via, start_cli_server
+from tests.support.faulty import Faults, faulty_app
+from tests.support.ports import free_port
+from tests.support.serving import ServerThread, serve_directory
 
 FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=0.5)
 

@@ -24,7 +24,7 @@ from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import bert, llama, ops, run
 from streamload.runtime import timeline as timeline_module
-from tests.serving import ServerThread, serve_directory
+from tests.support.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
