@@ -62,7 +62,7 @@ LAYER_ALIGNMENT = 4096
 """Every layer's offset in the layer store is page aligned, so a layer can be mapped and advised alone."""
 
 DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
-"""Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (see README)."""
+"""Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (docs/benchmarks.md, "The file")."""
 
 ROW_CHUNK_ENTRY_BYTES = 100
 """What one chunk adds to the manifest (its msgpack map with a sha256): the cost of a finer row table."""
