@@ -3,6 +3,7 @@ the transports' internal signals kept out of it, and no CLI flag in a library me
 
 from __future__ import annotations
 
+import ast
 import errno
 import re
 from pathlib import Path
@@ -95,3 +96,26 @@ def test_a_full_cache_is_a_cache_write_error(tmp_path: Path) -> None:
     denied = cache_error("writing", tmp_path / "store.bin", OSError(errno.EACCES, "Permission denied"))
     assert isinstance(full, CacheWriteError) and isinstance(denied, CacheWriteError) and isinstance(full, streamload.CacheError)
     assert "--" not in str(full) + str(denied)
+
+
+# Known exception, for the integrator to remove when r24c's branch (the converter's errors, issue 22) is merged:
+# formats/convert.py's "pass --config PATH".
+FLAG_IN_MESSAGE_KNOWN = {("formats/convert.py", "--config")}
+
+
+def test_no_library_message_names_a_cli_flag_or_command() -> None:
+    """String values outside the CLI (docstrings aside) name no ``--option`` and no ``streamload COMMAND``."""
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for folder in ("streamload", "formats", "server"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if "cli" in path.relative_to(root).parts:
+                continue
+            tree = ast.parse(path.read_text())
+            docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}  # of modules, functions, attributes
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                    for hit in re.findall(r"(?<![\w-])--[a-z][a-z-]*|streamload (?:rm|convert|run|fetch|list|serve)\b", node.value):
+                        if (str(path.relative_to(root)), hit) not in FLAG_IN_MESSAGE_KNOWN:
+                            found.append(f"{path.relative_to(root)}:{node.lineno}: {hit}")
+    assert found == []
