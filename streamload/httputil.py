@@ -187,6 +187,6 @@ class Backoff:
         if self.failures >= self.policy.max_attempts:
             hint = "; is the server running, and is the address right?" if isinstance(exc, UnreachableError) else ""
             raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
-        delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
+        delay = self.policy.delay_s(max(1, self.failures), exc.retry_after_s if isinstance(exc, RetryableError) else None)
         logger.warning("%s (failure %d of %d); retrying in %.1f s", exc, self.failures, self.policy.max_attempts, delay)
         await asyncio.sleep(delay)
