@@ -4,7 +4,7 @@ Usage:
     python tools/bench_hosts.py                      # nginx, caddy, apache, lighttpd, python, varnish cold and warm; 3 runs each
     python tools/bench_hosts.py --hosts nginx,caddy --runs 5 --rate-mbit 20 --rtt-ms 50
 
-Each host serves all-MiniLM-L6-v2's .slm from a fresh directory (started as in the tests: tests/support/hosts.py);
+Each host serves all-MiniLM-L6-v2's .slm from a fresh directory (started as in the tests: tools/_support/hosts.py);
 tools/linkproxy.py (RATE, RTT) sits between the client and the host, or between the client and Varnish, whose
 origin (nginx) is on loopback. Per host, a table row:
   ranges     whether the host honoured Range (206 in its access log; for Varnish, whether the client got ranges)
