@@ -62,7 +62,7 @@ def command_hint(exc: StreamloadError) -> str:
     if isinstance(exc, DigestMismatchError) and exc.cached_digest is not None:
         return f" (`streamload rm {exc.cached_digest[:12]}`)"
     if isinstance(exc, BadMagicError):
-        return " (`streamload convert`)"
+        return " (`streamload convert` makes .slm files)"
     return ""
 
 

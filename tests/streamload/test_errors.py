@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import errno
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,7 +82,7 @@ def test_nobody_answering_is_its_own_class(failure: OSError, unreachable: bool) 
         (NoTokenizerError("this model has no tokenizer: give token ids instead of text"), " (--ids 1,2,3)"),
         (DigestMismatchError("another model", cached_digest="ab" * 32), " (`streamload rm abababababab`)"),
         (DigestMismatchError("not the pinned one"), ""),
-        (BadMagicError("not a streamload .slm file"), " (`streamload convert`)"),
+        (BadMagicError("not a streamload .slm file"), " (`streamload convert` makes .slm files)"),
         (StreamloadError("anything else"), ""),
     ],
 )
@@ -119,3 +121,14 @@ def test_no_library_message_names_a_cli_flag_or_command() -> None:
                         if (str(path.relative_to(root)), hit) not in FLAG_IN_MESSAGE_KNOWN:
                             found.append(f"{path.relative_to(root)}:{node.lineno}: {hit}")
     assert found == []
+
+
+def test_the_cli_names_the_option_for_a_model_without_a_tokenizer(deep_slm: Path, tmp_path: Path) -> None:
+    streamload_script = Path(sys.executable).parent / "streamload"
+    done = subprocess.run(
+        [str(streamload_script), "run", str(deep_slm), "--text", "hello", "--cache-dir", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids instead of text (--ids 1,2,3)"
+    ]
