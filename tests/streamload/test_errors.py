@@ -14,6 +14,7 @@ import pytest
 
 import streamload
 import streamload.errors
+from streamload.cache import JOURNAL_NAME
 from streamload.cli import command_hint
 from streamload.errors import (
     BadMagicError,
@@ -30,6 +31,7 @@ from streamload.errors import (
 from streamload.fetch import fetch_header
 from streamload.httputil import RetryPolicy
 from streamload.transport import FileSource, map_transport_error
+from tests.support.serving import serve_directory
 
 
 def test_the_error_module_exports_only_the_tree() -> None:
@@ -132,3 +134,22 @@ def test_the_cli_names_the_option_for_a_model_without_a_tokenizer(deep_slm: Path
     assert done.stderr.strip().splitlines() == [
         "error: this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids instead of text (--ids 1,2,3)"
     ]
+
+
+async def test_a_pinned_partial_copy_whose_url_serves_another_model_names_the_copy(deep_slm: Path, llama_slm: Path, tmp_path: Path) -> None:
+    served, cache = tmp_path / "www", tmp_path / "cache"
+    served.mkdir()
+    (served / "deep.slm").write_bytes(deep_slm.read_bytes())
+    with serve_directory(served) as server:
+        url = server.url("deep.slm")
+        async with streamload.open(url, cache_dir=cache) as model:
+            await model.wait_complete()
+            digest = model.digest
+        next(cache.glob(f"models/*/{JOURNAL_NAME}")).unlink()  # the cached copy now lacks every chunk
+        (served / "deep.slm").write_bytes(llama_slm.read_bytes())  # and the URL serves another model
+        with pytest.raises(DigestMismatchError) as caught:
+            async with streamload.open(f"{url}#sha256={digest}", cache_dir=cache) as model:
+                await model.wait_complete()
+    assert caught.value.cached_digest == digest
+    assert f"remove the cached copy of {digest[:12]}" in str(caught.value) and "streamload rm" not in str(caught.value)
+    assert command_hint(caught.value) == f" (`streamload rm {digest[:12]}`)"
