@@ -1,4 +1,4 @@
-"""One description per model family: config fields and defaults, tensor names and shapes, layers.
+"""The model families themselves, BERT and Llama, each built from ``family.py``'s parts: fields, tensors, layers.
 
 For every family: the manifest ``config`` fields with their types, bounds and
 defaults; how to normalise a Hugging Face config into them; every tensor's name

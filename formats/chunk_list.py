@@ -1,10 +1,13 @@
-"""The manifest's chunk list: read as numpy columns when it is in the writer's own encoding (no object per chunk),
+"""Parsing the manifest's chunk entries (into ``chunk_table.py``'s columns; ``chunks.py`` handles a chunk's bytes).
+
+Read as numpy columns when it is in the writer's own encoding (no object per chunk),
 else entry by entry, each entry checked (file order, no overlap, inside the data region, a known layer and pass);
 refinement chunks checked against the progressive tensors they refine."""
 
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +22,12 @@ from ..errors import (
 )
 from .chunk_table import ChunkTable
 from .constants import (
+    CHUNK_CODEC_FIELD,
+    CHUNK_FIELDS,
+    CHUNK_PASS_FIELD,
     MAX_CHUNK_RAW_SIZE_BYTES,
+    MAX_CHUNK_SIZE_BYTES,
+    MAX_PASS,
     MAX_STORE_SIZE_BYTES,
     REFINEMENT_PASS,
     SHA256_SIZE_BYTES,
@@ -37,51 +45,40 @@ from .msgpack_bounded import (
 def _parse_chunk(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
     """The fast path: one dict lookup and one type test per field; anything unusual goes to the checked path."""
     try:
-        layer, offset, size, raw_offset, raw_size, sha = (
-            item["layer"],
-            item["offset"],
-            item["size"],
-            item["raw_offset"],
-            item["raw_size"],
-            item["sha256"],
-        )
-        pass_index = item.get("pass", BASE_PASS)
-        codec = item.get("codec", _ZSTD)
+        layer, offset, size, raw_offset, raw_size, sha = _CHUNK_VALUES(item)
+        pass_index = item.get(CHUNK_PASS_FIELD, BASE_PASS)
+        codec = item.get(CHUNK_CODEC_FIELD, _ZSTD)
     except (KeyError, TypeError, AttributeError):
         return _parse_chunk_checked(index, item, chunk_size_bytes)
     if (
         type(layer) is int and type(offset) is int and type(size) is int and type(raw_offset) is int and type(raw_size) is int
         and type(pass_index) is int and type(sha) is bytes and len(sha) == SHA256_SIZE_BYTES and codec == _ZSTD
-        and 0 <= layer <= MAX_STORE_SIZE_BYTES and 0 <= offset <= MAX_STORE_SIZE_BYTES and 0 < size <= MAX_CHUNK_RAW_SIZE_BYTES * 2
-        and 0 <= raw_offset <= MAX_STORE_SIZE_BYTES and 0 < raw_size <= chunk_size_bytes and 0 <= pass_index <= 255
+        and 0 <= layer <= MAX_STORE_SIZE_BYTES and 0 <= offset <= MAX_STORE_SIZE_BYTES and 0 < size <= MAX_CHUNK_SIZE_BYTES
+        and 0 <= raw_offset <= MAX_STORE_SIZE_BYTES and 0 < raw_size <= chunk_size_bytes and 0 <= pass_index <= MAX_PASS
     ):  # fmt: skip
         return ChunkEntry(index, layer, offset, size, raw_offset, raw_size, sha, pass_index)
     return _parse_chunk_checked(index, item, chunk_size_bytes)
 
 
 _ZSTD = Codec.ZSTD.value
+_CHUNK_VALUES = operator.itemgetter(*CHUNK_FIELDS)  # a mapping's values of CHUNK_FIELDS, in their order
+*_SIZE_FIELDS, _SHA256_FIELD = CHUNK_FIELDS
+# the largest value of each size field (the raw size is then checked against the manifest's chunk_size)
+_SIZE_LIMITS = (MAX_STORE_SIZE_BYTES, MAX_STORE_SIZE_BYTES, MAX_CHUNK_SIZE_BYTES, MAX_STORE_SIZE_BYTES, MAX_CHUNK_RAW_SIZE_BYTES)
 
 
 def _parse_chunk_checked(index: int, item: Any, chunk_size_bytes: int) -> ChunkEntry:
     """Field by field, raising the error that names what is wrong."""
     where = f"chunks[{index}]"
     item = get_map(item, where)
-    sha = get(item, "sha256", bytes, where)
+    sha = get(item, _SHA256_FIELD, bytes, where)
     if len(sha) != SHA256_SIZE_BYTES:
         raise ManifestSchemaError(f"manifest {where}: sha256 must be {SHA256_SIZE_BYTES} bytes, got {len(sha)}")
-    codec = get(item, "codec", str, where, default=_ZSTD)
+    codec = get(item, CHUNK_CODEC_FIELD, str, where, default=_ZSTD)
     if codec != _ZSTD:
         raise ManifestSchemaError(f"manifest {where}: unknown chunk codec {codec!r}; upgrade streamload")
-    chunk = ChunkEntry(
-        index=index,
-        layer_index=get_size(item, "layer", where, limit=MAX_STORE_SIZE_BYTES),
-        offset=get_size(item, "offset", where, limit=MAX_STORE_SIZE_BYTES),
-        size_bytes=get_size(item, "size", where, limit=MAX_CHUNK_RAW_SIZE_BYTES * 2),
-        raw_offset=get_size(item, "raw_offset", where, limit=MAX_STORE_SIZE_BYTES),
-        raw_size_bytes=get_size(item, "raw_size", where, limit=MAX_CHUNK_RAW_SIZE_BYTES),
-        sha256=sha,
-        pass_index=get_size(item, "pass", where, limit=255, default=BASE_PASS),
-    )
+    sizes = [get_size(item, key, where, limit=limit) for key, limit in zip(_SIZE_FIELDS, _SIZE_LIMITS, strict=True)]
+    chunk = ChunkEntry(index, *sizes, sha256=sha, pass_index=get_size(item, CHUNK_PASS_FIELD, where, limit=MAX_PASS, default=BASE_PASS))
     if chunk.size_bytes == 0 or chunk.raw_size_bytes == 0:
         raise ManifestSchemaError(f"manifest {where}: empty chunks are not allowed")
     if chunk.raw_size_bytes > chunk_size_bytes:
@@ -180,7 +177,7 @@ def check_refinements(tensors: tuple[TensorEntry, ...], refinements: tuple[Chunk
 # non-negative msgpack int but the sha256, a 32-byte bin. A list of such entries is read for the whole list at
 # once with numpy (~0.15 us per entry instead of ~5); anything else (other keys, another order, a `pass`) is
 # parsed entry by entry, and so is a list this reading finds anything wrong with, to raise the precise error.
-_CHUNK_KEYS = [msgpack.packb(key) for key in ("layer", "offset", "size", "raw_offset", "raw_size", "sha256")]
+_CHUNK_KEYS = [msgpack.packb(key) for key in CHUNK_FIELDS]
 _SHA256_BIN_HEADER = bytes([0xC4, SHA256_SIZE_BYTES])
 _CHUNK_OPENING = np.frombuffer(b"\x86" + _CHUNK_KEYS[0], np.uint8)  # a map of 6 whose first key is "layer"
 _SCAN_BLOCK_BYTES = 1 << 20
@@ -292,7 +289,7 @@ def _chunk_columns(
     sha_at = expect(at, _SHA256_BIN_HEADER)
     if not ok.all() or sha_at[-1] + SHA256_SIZE_BYTES != list_bytes or (sha_at[:-1] + SHA256_SIZE_BYTES != starts[1:]).any():
         return None
-    limits = [MAX_STORE_SIZE_BYTES, MAX_STORE_SIZE_BYTES, MAX_CHUNK_RAW_SIZE_BYTES * 2, MAX_STORE_SIZE_BYTES, chunk_size_bytes]
+    limits = [*_SIZE_LIMITS[:-1], chunk_size_bytes]
     if any((field > np.uint64(limit)).any() for field, limit in zip(fields, limits, strict=True)):
         return None
     layer, offset, size, raw_offset, raw_size = (field.astype(np.int64) for field in fields)

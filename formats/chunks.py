@@ -1,5 +1,7 @@
-"""A chunk's bytes, from anywhere (a file, an HTTP body): checked against its sha256, its zstd frame checked against
-the manifest's sizes, then decompressed; one chunk at a time, or a batch of small ones with numpy (no Python object
+"""A chunk's bytes (not its manifest entry: ``chunk_list.py`` parses those, ``chunk_table.py`` holds them): verified, decoded.
+
+From anywhere (a file, an HTTP body): checked against its sha256, its zstd frame checked against the manifest's
+sizes, then decompressed; one chunk at a time, or a batch of small ones with numpy (no Python object
 per chunk). A chunk that fails any check raises before a byte of it is used."""
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ PREAMBLE = struct.Struct(
     "<"
     "8s"  # magic: MAGIC
     "I"  # format_version: FORMAT_VERSION
-    "I"  # flags: reserved, must be 0 in version 1
+    "I"  # flags: reserved; a reader of any version refuses a file with a flag set (none is defined)
     "Q"  # manifest_size_bytes: length of the msgpack manifest that follows
     "Q"  # data_offset: start of the data region, align_up(32 + manifest_size_bytes, DATA_ALIGNMENT)
 )
@@ -62,7 +62,7 @@ LAYER_ALIGNMENT = 4096
 """Every layer's offset in the layer store is page aligned, so a layer can be mapped and advised alone."""
 
 DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
-"""Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (see README)."""
+"""Raw (decompressed) bytes per chunk; chosen with tools/bench_format.py (docs/benchmarks.md, "The file")."""
 
 ROW_CHUNK_ENTRY_BYTES = 100
 """What one chunk adds to the manifest (its msgpack map with a sha256): the cost of a finer row table."""
@@ -74,12 +74,25 @@ DEFAULT_ZSTD_LEVEL = 3
 """Levels 1-19 give the same ratio on int8 weights (all-MiniLM-L6-v2: 21.20-21.22 MB at every level), and 3 converts
 ~10x faster than 19: ``python tools/bench_format.py --levels 1,3,9,19 --source <MiniLM folder>``."""
 
-# Limits a reader enforces on untrusted input.
+CHUNK_FIELDS = ("layer", "offset", "size", "raw_offset", "raw_size", "sha256")
+"""A chunk entry's required fields (FORMAT.md, "Manifest"), in the order the writer encodes them; the optional
+CHUNK_PASS_FIELD and CHUNK_CODEC_FIELD follow only when not their defaults. The reader's column path
+(``chunk_list``) reads exactly this encoding; any other goes entry by entry."""
+CHUNK_PASS_FIELD = "pass"
+CHUNK_CODEC_FIELD = "codec"
+
+# Limits a reader enforces on untrusted input (FORMAT.md, "Bounds").
 MAX_MANIFEST_SIZE_BYTES = 64 << 20
 MAX_CHUNK_RAW_SIZE_BYTES = 64 << 20
+MAX_CHUNK_SIZE_BYTES = 2 * MAX_CHUNK_RAW_SIZE_BYTES
+"""A chunk's compressed ``size``: zstd's worst case on incompressible data is a few bytes per 128 KiB block over raw."""
 MAX_STORE_SIZE_BYTES = 1 << 40
+"""The layer store: every layer's end, every offset and every tensor dimension is at most this."""
 MAX_TENSOR_NDIM = 8
 MAX_NAME_LENGTH = 1024
+"""Characters of a layer's or tensor's name (and of a scales reference)."""
+MAX_PASS = 255
+"""A chunk's ``pass``: 0 and REFINEMENT_PASS are read, higher ones bounds-checked and skipped."""
 MAX_TOKENIZER_SIZE_BYTES = 64 << 20
 SHA256_SIZE_BYTES = 32
 

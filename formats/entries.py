@@ -1,6 +1,7 @@
-"""The manifest as frozen dataclasses: layers, tensors, chunks, the embedded tokenizer, and the ``Manifest`` that
-holds them. They are made by ``manifest.parse_manifest``, which checks every invariant while it parses: one that
-exists is valid."""
+"""The manifest's types (frozen dataclasses: layers, tensors, chunks, tokenizer, ``Manifest``); no parsing here.
+
+They are made by ``manifest.parse_manifest``, the bytes-to-types code, which checks every invariant while it parses:
+an object that exists is valid."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""What describes a model family: its config fields (type, bounds, default), tensor dimensions as products of
-config fields, and the check of a model's config against the tensors its manifest holds.
+"""The toolkit a model family is described with (no family here; ``architectures.py`` holds BERT and Llama).
 
-The families themselves (BERT, Llama) are in ``architectures.py``; these are the parts they are built from.
+A family's config fields (type, bounds, default), tensor dimensions as products of config fields, and the check of
+a model's config against the tensors its manifest holds.
 """
 
 from __future__ import annotations

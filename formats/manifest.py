@@ -1,4 +1,4 @@
-"""The manifest: what a .slm file holds and where, parsed from untrusted msgpack bytes and encoded again.
+"""The manifest's bytes to and from its types (``entries.py``): parsed from untrusted msgpack, checked, encoded again.
 
 ``parse_manifest`` turns untrusted msgpack bytes into a ``Manifest`` (``entries.py``) and checks
 every invariant FORMAT.md states while it parses, so a ``Manifest`` that exists is valid;
@@ -25,6 +25,8 @@ from ..errors import (
 from .chunk_list import check_refinements, parse_chunks, parse_chunks_canonical
 from .chunk_table import ChunkTable
 from .constants import (
+    CHUNK_FIELDS,
+    CHUNK_PASS_FIELD,
     COARSE_SHIFTS,
     LAYER_ALIGNMENT,
     MAX_CHUNK_RAW_SIZE_BYTES,
@@ -347,15 +349,8 @@ def encode_manifest(
         ],
         "tensors": [_encode_tensor(t) for t in tensors],
         "chunks": [
-            {
-                "layer": c.layer_index,
-                "offset": c.offset,
-                "size": c.size_bytes,
-                "raw_offset": c.raw_offset,
-                "raw_size": c.raw_size_bytes,
-                "sha256": c.sha256,
-            }
-            | ({"pass": c.pass_index} if c.pass_index != BASE_PASS else {})
+            dict(zip(CHUNK_FIELDS, (c.layer_index, c.offset, c.size_bytes, c.raw_offset, c.raw_size_bytes, c.sha256), strict=True))
+            | ({CHUNK_PASS_FIELD: c.pass_index} if c.pass_index != BASE_PASS else {})
             for c in chunks
         ],
         "tokenizer": None

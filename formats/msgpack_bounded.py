@@ -41,10 +41,6 @@ def get_size(mapping: Mapping[str, Any], key: str, where: str, *, limit: int, de
     return value
 
 
-def get_list(mapping: Mapping[str, Any], key: str, where: str) -> list[Any]:
-    return get(mapping, key, list, where)
-
-
 def get_map(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ManifestSchemaError(f"manifest {where}: expected a map, got {type(value).__name__}")

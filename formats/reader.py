@@ -9,19 +9,18 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import (
     BadMagicError,
-    ChunkIntegrityError,
     FormatError,
     ManifestSchemaError,
     ManifestTooLargeError,
     OutOfBoundsError,
     UnsupportedVersionError,
+    located,
 )
 from .chunks import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
 from .constants import (
@@ -32,7 +31,6 @@ from .constants import (
     PREAMBLE,
     PREAMBLE_SIZE_BYTES,
     READABLE_FORMAT_VERSIONS,
-    QuantScheme,
     align_up,
 )
 from .manifest import ChunkEntry, Manifest, TensorEntry, parse_manifest
@@ -76,7 +74,7 @@ def read_preamble(data: bytes | memoryview) -> Preamble:
         raise BadMagicError(f"file is {len(data)} bytes, shorter than the {PREAMBLE_SIZE_BYTES}-byte .slm preamble")
     magic, version, flags, manifest_size, data_offset = PREAMBLE.unpack_from(data, 0)
     if magic != MAGIC:
-        raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model with `streamload convert`")
+        raise BadMagicError(f"not a streamload .slm file (magic {bytes(magic)!r}); convert the model to .slm first")
     if version not in READABLE_FORMAT_VERSIONS:
         readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise UnsupportedVersionError(f"file has format version {version}; this streamload reads versions {readable}: upgrade streamload")
@@ -135,12 +133,6 @@ def dequantize(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return weight.astype(np.float32) * scales[:, None]
 
 
-def _error_fields(exc: FormatError) -> dict[str, int]:
-    if isinstance(exc, ChunkIntegrityError):
-        return {"layer_index": exc.layer_index, "chunk_index": exc.chunk_index}
-    return {}
-
-
 class ModelReader:
     """A local .slm file, memory-mapped read-only.
 
@@ -162,7 +154,7 @@ class ModelReader:
             self.preamble, self.manifest = read_header(self._view, size)
         except FormatError as exc:
             self.close()
-            raise type(exc)(f"{self.path}: {exc}", **_error_fields(exc)) from None
+            raise located(exc, str(self.path)) from None
         except BaseException:
             self.close()
             raise
@@ -223,23 +215,6 @@ class ModelReader:
         layer = self.manifest.layers[layer_index]
         buffer = self.read_layer(layer_index, coarse=coarse)
         return {t.name: view_tensor(buffer, t, layer.raw_offset) for t in self.manifest.tensors_of_layer(layer_index)}
-
-    def read_dequantized(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, float32 values) for every tensor but scales, layer by layer."""
-        scale_names = {t.scales for t in self.manifest.tensors if t.scales}
-        scales_seen: dict[str, np.ndarray] = {}  # a row table's scales live in an earlier layer
-        for layer in self.manifest.layers:
-            tensors = self.read_tensors(layer.index)
-            for entry in self.manifest.tensors_of_layer(layer.index):
-                if entry.name in scale_names:
-                    scales_seen[entry.name] = tensors[entry.name]
-            for entry in self.manifest.tensors_of_layer(layer.index):
-                if entry.name in scale_names:
-                    continue
-                values = tensors[entry.name]
-                if entry.quant is QuantScheme.INT8_ROW:
-                    values = dequantize(values, scales_seen[entry.scales or ""])
-                yield entry.name, values.astype(np.float32, copy=False)
 
     def verify(self) -> list[FormatError]:
         """Check every chunk's hash and decoded size; returns the problems found (empty when intact)."""

@@ -16,8 +16,16 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from .errors import HTTPStatusError, TransportNotModified, TransportRedirect
-from .httputil import REDIRECT_STATUSES, RetryPolicy, http_status_error, range_headers, read_response_fields
+from .errors import HTTPStatusError
+from .httputil import (
+    REDIRECT_STATUSES,
+    RetryPolicy,
+    TransportNotModified,
+    TransportRedirect,
+    http_status_error,
+    range_headers,
+    read_response_fields,
+)
 from .transport import SpanReader, map_transport_errors
 
 READ_BUFFER_BYTES = 4 << 20

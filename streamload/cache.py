@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .errors import CacheError
+from .errors import CacheError, CacheWriteError
 from .formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
 from .formats.quantize import coarse_levels, fold_refinement
 from .stats import DownloadStats
@@ -90,10 +90,12 @@ def cache_error(action: str, path: Path, exc: OSError) -> CacheError:
     if exc.errno == errno.ELOOP:
         return CacheError(f"{path}: {exc.strerror}")
     if exc.errno == errno.ENOSPC:
-        return CacheError(
-            f"no space left on the device holding {path} while {action} it; free some space or pass --cache-dir on another disk"
+        return CacheWriteError(
+            f"no space left on the device holding {path} while {action} it; free some space or use a cache directory on another disk"
         )
-    return CacheError(f"{action} {path} failed: {exc.strerror or exc}; check the cache directory's permissions, or pass --cache-dir")
+    return CacheWriteError(
+        f"{action} {path} failed: {exc.strerror or exc}; check the cache directory's permissions, or use another cache directory"
+    )
 
 
 class ModelCache:
@@ -200,9 +202,9 @@ class ModelCache:
             free, allocated = None, 0
         needed = max(0, size_bytes - allocated)
         if free is not None and needed > free:
-            raise CacheError(
+            raise CacheWriteError(
                 f"the model needs {_human(needed)} more in {self.directory}, but only {_human(free)} are free; "
-                "free some space or pass --cache-dir on another disk"
+                "free some space or use a cache directory on another disk"
             )
         try:
             try:
@@ -419,17 +421,9 @@ class GroupCommitter:
         self._last_commit = time.perf_counter()
         self._wait_at_commit = stats.receive_wait_s
 
-    @property
-    def uncommitted(self) -> list[tuple[int, int]]:
-        """(index, xxh3) of the chunks written to the store, not yet durable and journaled."""
-        return [(index, digest) for part in self._pending for index, digest in part.tolist()]
-
-    def add(self, records: Sequence[tuple[int, int]]) -> None:
-        """Chunks are verified and written: journal (index, xxh3 of the stored bytes) with the next group."""
-        self.add_columns([index for index, _ in records], [digest for _, digest in records])
-
     def add_columns(self, indices: Sequence[int], digests: Sequence[int]) -> None:
-        """``add`` for a batch given as two columns (no Python object per chunk)."""
+        """Chunks are verified and written: journal them (index, xxh3 of the stored bytes) with the next group.
+        A batch comes as two columns (no Python object per chunk)."""
         records = np.empty(len(indices), JOURNAL_DTYPE)
         records["index"] = indices
         records["digest"] = np.array(digests, np.uint64)

@@ -24,18 +24,22 @@
     │   ├── SourceChangedError               the file on the server changed mid-download
     │   ├── MalformedResponseError           an answer breaks HTTP's syntax (a header, a redirect's Location)
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
+    │       └── UnreachableError             nobody answers at the address (refused, no route, no such host)
+    ├── ModelFileError (OSError)             a local model file cannot be opened (missing, a directory, unreadable)
     ├── InvalidURLError (ValueError)         a model or mirror URL that is not a usable http(s) URL
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
-    ├── CacheError (OSError)                 the cache is unusable (full disk, permissions, damage offline)
+    ├── CacheError (OSError)                 the cache is unusable (damage offline, a symbolic link)
+    │   └── CacheWriteError                  the cache's disk is full or its directory not writable
     ├── RuntimeModelError (ValueError)       the model or its input cannot be run
-    │   └── MemoryBudgetError                a memory budget too small to run the model at all
+    │   ├── MemoryBudgetError                a memory budget too small to run the model at all
+    │   └── NoTokenizerError                 text given to a model without a tokenizer
     ├── UsageError (ValueError)              an argument to the library is out of its range
     └── WriterStageError (RuntimeError)      a ModelWriter call out of order (a tensor outside a layer, ...)
 
-Three signals of the HTTP paths never reach a caller: ``TransportUnsupported``
-(this response needs the general client), ``TransportStatus`` (an error status,
-mapped to a FetchError by ``streamload.http_source``) and ``TransportRedirect``
-(a 3xx that ``streamload.http_source`` follows).
+Messages say what happened and what to do in the library's own terms (``cache_dir=``, token ids); the CLI adds
+the flag or command that does it (``--cache-dir``, ``--ids``, ``streamload rm``), from the class and fields here.
+The HTTP paths' internal signals (a 304, a redirect, an error status, a response only aiohttp can read) are
+not errors and never reach a caller: they live with the transports, in ``streamload.httputil``.
 
 A message never shows a credential held in a URL: ``str()`` of any of these errors
 redacts the password (user info) and the query string (a signed URL's token) of
@@ -128,6 +132,12 @@ class ChunkIntegrityError(FormatError):
         self.chunk_index = chunk_index
 
 
+def located(exc: FormatError, where: str) -> FormatError:
+    """A new error of ``exc``'s class, its fields kept, whose message starts with ``where`` (a path or a URL)."""
+    fields = {"layer_index": exc.layer_index, "chunk_index": exc.chunk_index} if isinstance(exc, ChunkIntegrityError) else {}
+    return type(exc)(f"{where}: {exc}", **fields)
+
+
 # ------------------------------------------------------------------ conversion
 
 
@@ -177,36 +187,18 @@ class RetryableError(FetchError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-        self.unreachable = False  # no server answers at that address (connection refused, no route, no such host)
 
 
-class TransportUnsupported(Exception):
-    """Internal: this server or response needs the general HTTP client."""
-
-
-class TransportStatus(Exception):
-    """Internal: the threaded path got an error status (mapped to a FetchError by the caller)."""
-
-    def __init__(self, status: int, retry_after: str | None) -> None:
-        super().__init__(f"status {status}")
-        self.status = status
-        self.retry_after = retry_after
-
-
-class TransportNotModified(Exception):
-    """Internal: either HTTP path got a 304 to a conditional request (``If-None-Match``)."""
-
-
-class TransportRedirect(Exception):
-    """Internal: either HTTP path got a redirect (RFC 9110 section 15.4); ``HttpSource`` follows it."""
-
-    def __init__(self, status: int, location: str) -> None:
-        super().__init__(f"status {status} to {location}")
-        self.status = status
-        self.location = location
+class UnreachableError(RetryableError):
+    """Nobody answers at the address (connection refused, no route, no such host): a complete cached copy may be used
+    at once, and a redirect target that went away is resolved again from the original URL."""
 
 
 # ------------------------------------------------------------------ the rest
+
+
+class ModelFileError(StreamloadError, OSError):
+    """A local model file cannot be opened: missing, a directory, or unreadable."""
 
 
 class InvalidURLError(StreamloadError, ValueError):
@@ -214,11 +206,22 @@ class InvalidURLError(StreamloadError, ValueError):
 
 
 class DigestMismatchError(StreamloadError, ValueError):
-    """The manifest's digest differs from the one the caller pinned."""
+    """The manifest's digest differs from the one the caller pinned.
+
+    ``cached_digest``: the pinned model's digest when a partial copy of it is in the cache and cannot be completed
+    from this source (removing it is one way out; the CLI names the command)."""
+
+    def __init__(self, message: str, *, cached_digest: str | None = None) -> None:
+        super().__init__(message)
+        self.cached_digest = cached_digest
 
 
 class CacheError(StreamloadError, OSError):
     """The cache directory cannot be used."""
+
+
+class CacheWriteError(CacheError):
+    """The cache's disk is full or its directory is not writable: free space, fix permissions or use another directory."""
 
 
 class RuntimeModelError(StreamloadError, ValueError):
@@ -233,6 +236,10 @@ class MemoryBudgetError(RuntimeModelError):
         self.minimum_bytes = minimum_bytes
 
 
+class NoTokenizerError(RuntimeModelError):
+    """Text was given to a model that has no tokenizer: give token ids instead."""
+
+
 class UsageError(StreamloadError, ValueError):
     """An argument to the library is out of its range."""
 
@@ -244,6 +251,7 @@ class WriterStageError(StreamloadError, RuntimeError):
 __all__ = [
     "BadMagicError",
     "CacheError",
+    "CacheWriteError",
     "ChunkDecodeError",
     "ChunkIntegrityError",
     "ChunkSizeError",
@@ -258,6 +266,8 @@ __all__ = [
     "ManifestSchemaError",
     "ManifestTooLargeError",
     "MemoryBudgetError",
+    "ModelFileError",
+    "NoTokenizerError",
     "OutOfBoundsError",
     "OverlapError",
     "RetryableError",
@@ -266,9 +276,7 @@ __all__ = [
     "SourceError",
     "StalledError",
     "StreamloadError",
-    "TransportRedirect",
-    "TransportStatus",
-    "TransportUnsupported",
+    "UnreachableError",
     "UnknownDTypeError",
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from .errors import FetchError, FormatError, RetryableError, StalledError
+from .errors import FetchError, FormatError, RetryableError, StalledError, UnreachableError, located
 from .formats import Manifest
 from .formats.constants import PREAMBLE_SIZE_BYTES
 from .formats.reader import header_size_needed, read_header
@@ -41,9 +41,9 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
     try:
         return await _fetch_header(source, stream)
     except FormatError as exc:  # named after the source: a URL that serves a web page, say, rather than a model
-        if exc.args and isinstance(exc.args[0], str) and not exc.args[0].startswith(source.url):
-            exc.args = (f"{source.url}: {exc.args[0]}", *exc.args[1:])
-        raise
+        if str(exc).startswith(source.url):
+            raise
+        raise located(exc, source.url) from None
 
 
 async def _fetch_header(source: Source, stream: bool) -> Header:
@@ -104,8 +104,6 @@ async def fetch_header_with_retries(
         try:
             return await fetch_header(source, stream=stream)
         except (RetryableError, StalledError) as exc:
-            if give_up_unreachable and getattr(exc, "unreachable", False):
-                failure = FetchError(str(exc))
-                failure.unreachable = True  # type: ignore[attr-defined]  # the caller may stand in a cached copy
-                raise failure from None
+            if give_up_unreachable and isinstance(exc, UnreachableError):
+                raise  # nobody answers there: the caller may stand in a cached copy (an UnreachableError is a FetchError)
             await backoff.wait(exc)

@@ -34,13 +34,22 @@ from .errors import (
     MalformedResponseError,
     RetryableError,
     SourceChangedError,
+    UnreachableError,
+    redact_urls,
+)
+from .httputil import (
+    RetryPolicy,
     TransportNotModified,
     TransportRedirect,
     TransportStatus,
     TransportUnsupported,
-    redact_urls,
+    check_headers,
+    check_session,
+    check_url,
+    http_status_error,
+    resolve_location,
+    same_origin,
 )
-from .httputil import RetryPolicy, check_headers, check_session, check_url, http_status_error, resolve_location, same_origin
 from .rawhttp import open_socket_span
 from .transport import SpanReader, map_transport_errors
 
@@ -83,7 +92,7 @@ class HttpSource:
             reader = await self._follow(self.resolved_url, start, end)
         except (HTTPStatusError, RetryableError) as exc:
             expired = isinstance(exc, HTTPStatusError) and exc.status in EXPIRED_STATUSES
-            if self.resolved_url == self.url or not (expired or getattr(exc, "unreachable", False)):
+            if self.resolved_url == self.url or not (expired or isinstance(exc, UnreachableError)):
                 raise
             logger.info("%s: %s; resolving %s again", redact_urls(_origin(self.resolved_url)), exc, redact_urls(self.url))
             self.resolved_url = self.url

@@ -25,6 +25,7 @@ from .errors import (
     MalformedResponseError,
     RetryableError,
     StalledError,
+    UnreachableError,
     UsageError,
     redact_urls,
 )
@@ -43,6 +44,36 @@ _DECIMAL = re.compile(r"[0-9]{1,19}")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 section 8.8.3, without obs-text: it goes back in If-Range
 _URL_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # would end or split the request line; a space is sent as %20
+
+
+# The HTTP paths' internal signals: outcomes one transport hands another, never errors a caller sees (not in the
+# error tree, not exported). Each is caught in ``http_source`` or ``aiohttp_source``.
+
+
+class TransportUnsupported(Exception):
+    """This server or response needs the general HTTP client (aiohttp)."""
+
+
+class TransportStatus(Exception):
+    """The threaded path got an error status (mapped to a FetchError by the caller)."""
+
+    def __init__(self, status: int, retry_after: str | None) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransportNotModified(Exception):
+    """Either HTTP path got a 304 to a conditional request (``If-None-Match``)."""
+
+
+class TransportRedirect(Exception):
+    """Either HTTP path got a redirect (RFC 9110 section 15.4); ``HttpSource`` follows it."""
+
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__(f"status {status} to {location}")
+        self.status = status
+        self.location = location
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -319,9 +350,9 @@ class Backoff:
         """After a failed attempt: progress since the last failure starts the count again."""
         self.failures = 0 if progressed else self.failures + 1
         if self.failures >= self.policy.max_attempts:
-            hint = "; is the server running, and is the address right?" if getattr(exc, "unreachable", False) else ""
+            hint = "; is the server running, and is the address right?" if isinstance(exc, UnreachableError) else ""
             raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
-        delay = self.policy.delay_s(max(1, self.failures), getattr(exc, "retry_after_s", None))
+        delay = self.policy.delay_s(max(1, self.failures), exc.retry_after_s if isinstance(exc, RetryableError) else None)
         count = f"failure {self.failures} of {self.policy.max_attempts}" if self.failures else "after progress: the count starts again"
         logger.warning("%s (%s); retrying in %.1f s", exc, count, delay)
         await asyncio.sleep(delay)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import ModelCache
-from .errors import CacheError, DigestMismatchError, FetchError, FormatError, redact_urls
+from .errors import CacheError, DigestMismatchError, FetchError, FormatError, UnreachableError, redact_urls
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .httputil import RetryPolicy, check_url
 from .refs import read_ref, read_ref_etag
@@ -112,7 +112,7 @@ class Origin:
                 self.source, give_up_unreachable=cached is not None or partial is not None, stream=stream
             )
         except FetchError as exc:
-            if cached is None and partial is not None and getattr(exc, "unreachable", False):
+            if cached is None and partial is not None and isinstance(exc, UnreachableError):
                 return await self._offline_header(exc, partial, complete=False)
             return await self._offline_header(exc, cached)
         self.stats.bytes_downloaded += len(header.raw)
@@ -137,7 +137,8 @@ class Origin:
             await source.close()
             raise DigestMismatchError(
                 f"{missing}, and {self.url} now serves another model ({header.manifest.digest[:12]}); "
-                f"run without the pin to use it, or `streamload rm {digest[:12]}`"
+                f"run without the pin to use it, or remove the cached copy of {digest[:12]}",
+                cached_digest=digest,
             )
         self.source = source
         self.stats.bytes_downloaded += len(header.raw)

@@ -30,8 +30,16 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 
-from .errors import TransportNotModified, TransportRedirect, TransportStatus, TransportUnsupported
-from .httputil import REDIRECT_STATUSES, RetryPolicy, range_headers, read_response_fields
+from .httputil import (
+    REDIRECT_STATUSES,
+    RetryPolicy,
+    TransportNotModified,
+    TransportRedirect,
+    TransportStatus,
+    TransportUnsupported,
+    range_headers,
+    read_response_fields,
+)
 from .transport import SpanReader
 
 HEADER_LIMIT_BYTES = 64 << 10

@@ -38,7 +38,7 @@ def draw_timeline(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise StreamloadError("--timeline-png needs matplotlib: pip install 'streamload[plot]'") from None
+        raise StreamloadError("drawing a timeline needs matplotlib: pip install 'streamload[plot]'") from None
     compute = {t.index: t for t in timings}
     rows_count = len(spans)
     ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]

@@ -18,7 +18,7 @@ from .formats.manifest import TokenizerBlob
 from .formats.reader import frame_size_bytes
 
 PROBE_TEXT = "Streamload checks its tokenizer: 12,345 words, é, 日本語, 🙂."  # encoded once at load: a panic here is a FormatError
-NO_TOKENIZER = "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids (--ids)"
+NO_TOKENIZER = "this model has no tokenizer (it was converted from a folder without tokenizer.json): give token ids instead of text"
 
 
 def load_tokenizer(blob: TokenizerBlob) -> Any:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from .errors import FetchError, RetryableError, StalledError
+from .errors import FetchError, ModelFileError, RetryableError, StalledError, UnreachableError
 from .httputil import RetryPolicy
 
 SKIP_BUFFER_BYTES = 1 << 20
@@ -40,7 +40,7 @@ def map_transport_error(url: str, policy: RetryPolicy, exc: BaseException, also:
 
     A timeout is a ``StalledError``; a reset, a short body or any other transport
     failure (``OSError``, and the transport's own errors in ``also``) is a
-    ``RetryableError`` (marked ``unreachable`` when nobody answers at that address).
+    ``RetryableError`` (an ``UnreachableError`` when nobody answers at that address).
     Errors that are already ours, and anything else, are returned unchanged.
     """
     if isinstance(exc, FetchError | asyncio.CancelledError):
@@ -59,11 +59,8 @@ def map_transport_error(url: str, policy: RetryPolicy, exc: BaseException, also:
             parts = urllib.parse.urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             if isinstance(exc, socket.gaierror) or isinstance(getattr(exc, "os_error", None), socket.gaierror):
-                failure = RetryableError(f"cannot resolve the host name {parts.hostname} ({_reason(exc)}): check the URL and the network")
-            else:
-                failure = RetryableError(f"cannot connect to {parts.hostname}:{port} ({_reason(exc)})")
-            failure.unreachable = True  # nobody answers there: a complete cached copy may be used at once
-            return failure
+                return UnreachableError(f"cannot resolve the host name {parts.hostname} ({_reason(exc)}): check the URL and the network")
+            return UnreachableError(f"cannot connect to {parts.hostname}:{port} ({_reason(exc)})")
         return RetryableError(f"{url}: the connection failed ({_reason(exc)})")
     return exc
 
@@ -220,9 +217,9 @@ class FileSource:
                 size = os.fstat(f.fileno()).st_size
                 self.data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
         except IsADirectoryError:
-            raise FileNotFoundError(21, "is a directory, not a .slm file", str(path)) from None
+            raise ModelFileError(f"{path}: is a directory, not a .slm file") from None
         except OSError as exc:
-            raise FileNotFoundError(exc.errno, f"cannot open model file: {exc.strerror}", str(path)) from None
+            raise ModelFileError(f"{path}: cannot open the model file ({exc.strerror or exc})") from None
 
     @property
     def size_bytes(self) -> int:

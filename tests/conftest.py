@@ -10,7 +10,7 @@ import pytest
 
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import convert
-from tests.serving import ServerThread, serve_directory
+from tests.support.serving import ServerThread, serve_directory
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
@@ -65,10 +65,19 @@ def deep_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def www(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path, minilm_progressive_slm: Path) -> Path:
-    """A directory to serve, holding deep.slm, minilm.slm and minilm-p.slm (read-only for every server started on it)."""
+def www(tmp_path_factory: pytest.TempPathFactory, deep_slm: Path, minilm_slm: Path) -> Path:
+    """A directory to serve, holding deep.slm and minilm.slm (read-only for every server started on it). Cheap: no
+    calibrated conversion; the tests that need the progressive file take ``progressive_www``."""
     directory = tmp_path_factory.mktemp("www")
     (directory / "deep.slm").write_bytes(deep_slm.read_bytes())
+    (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def progressive_www(tmp_path_factory: pytest.TempPathFactory, minilm_slm: Path, minilm_progressive_slm: Path) -> Path:
+    """A directory to serve, holding minilm.slm and minilm-p.slm, the same model converted with --progressive."""
+    directory = tmp_path_factory.mktemp("www-progressive")
     (directory / "minilm.slm").write_bytes(minilm_slm.read_bytes())
     (directory / "minilm-p.slm").write_bytes(minilm_progressive_slm.read_bytes())
     return directory

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 import streamload
-from tests.checks import start_link
-from tests.serving import serve_directory
-from tests.streamload.test_nginx import start_nginx
+from tests.support.checks import start_link, start_nginx
+from tests.support.serving import serve_directory
 
 
 @pytest.mark.parametrize("server_kind", ["bundled", "nginx"])

@@ -30,7 +30,7 @@ import streamload
 from streamload.formats import convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loopback import free_port, wait_for_port  # noqa: E402
+from _support.ports import free_port, wait_for_port  # noqa: E402
 
 
 async def fetch_s(url: str, cache: Path, connections: int, borrowed: bool) -> tuple[float, int]:

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_embed import export_revision, loadavg, minilm_folder  # noqa: E402
-from loopback import free_port, wait_for_port  # noqa: E402
+
+from _support.ports import free_port, wait_for_port  # noqa: E402
 
 TEXT = "a cold start"
 

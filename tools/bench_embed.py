@@ -32,7 +32,6 @@ import importlib.util
 import inspect
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from _support.memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -237,15 +238,6 @@ def sentence_transformers_embedder(threads: int) -> tuple[Callable[[list[str]], 
             return model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
 
     return embed, (minilm_folder() / "model.safetensors").stat().st_size
-
-
-def peak_rss_bytes() -> int:
-    """This process image's high-water mark (VmHWM); ru_maxrss would include the parent's, kept across exec."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def blas_description() -> str:

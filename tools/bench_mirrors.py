@@ -18,7 +18,7 @@ Columns: median seconds from open to complete, the floor (file bytes / summed li
 killed host's proxy still delivers what it had buffered, so the kill lands a little after half), their
 ratio (median over runs), each host's share of the bytes (median), and whether every run's cache was byte-exact.
 
-Run from a checkout: the exactness check lives in tests/checks (not installed); this script puts the repo root on sys.path.
+Run from a checkout: the exactness check lives in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopback import free_port, wait_for_port
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.checks
+from _support.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent
 ROWS = ("one link", "two mirrors", "uneven", "one killed")
@@ -83,7 +81,7 @@ async def fetch(urls: list[str], cache: Path, kill: subprocess.Popen[bytes] | No
 
 
 def bench_row(row: str, www: Path, work: Path, args: argparse.Namespace, file_size: int, slm: Path) -> dict[str, Any]:
-    from tests.checks import assert_cache_exact
+    from _support.caches import assert_cache_exact
 
     rates = {"one link": [2 * args.rate_mbit], "uneven": [args.rate_mbit, args.rate_mbit / 2]}.get(row, [args.rate_mbit] * 2)
     rtt_s = args.rtt_ms / 1000

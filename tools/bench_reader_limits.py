@@ -11,8 +11,7 @@ Usage:
 2. The one-frame check on chunks: decompress_chunk on 1 MiB int8-like chunks with and without the
    walk over the frame's block headers, alternately; medians of --repeats rounds of 200 chunks.
 
-Run from a checkout: the legal manifest is built by tests/formats/test_manifest_bounds.py, imported with the repo root
-put on sys.path.
+Run from a checkout: the legal manifest is built by tools/_support/synthetic.py (not installed).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from _support.synthetic import large_manifest
 from streamload.formats import reader
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.manifest import ChunkEntry
@@ -50,8 +50,8 @@ if root != "-":  # load streamload.formats from another tree, without its packag
 from streamload.errors import FormatError
 from streamload.formats.manifest import parse_manifest
 
-def peak_rss_bytes():
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+sys.path.insert(0, sys.argv[4])  # tools/: the one peak-RSS reader
+from _support.memory import peak_rss_bytes
 
 data = open(path, "rb").read()
 before = peak_rss_bytes()
@@ -82,13 +82,6 @@ def bomb_manifest() -> bytes:
     return bytes([head[0] + 1]) + head[1:] + key + b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
 
 
-def large_manifest(chunk_count: int) -> tuple[bytes, int]:
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.formats.test_manifest_bounds import large_manifest as build
-
-    return build(chunk_count)
-
-
 def bench_manifests(repeats: int, chunk_count: int, baseline_rev: str | None, workdir: Path) -> None:
     bomb = workdir / "bomb.msgpack"
     bomb.write_bytes(bomb_manifest())
@@ -114,7 +107,12 @@ def bench_manifests(repeats: int, chunk_count: int, baseline_rev: str | None, wo
             for name, root in trees.items():  # alternate: the machine's load hits both alike
                 if label == "bomb" and root != "-" and attempt > 0:
                     continue
-                done = subprocess.run([sys.executable, "-c", CHILD, root, str(path), size], capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, "-c", CHILD, root, str(path), size, str(REPO_ROOT / "tools")],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs[name].append(tuple(json.loads(done.stdout)))
         for name, results in runs.items():
             seconds = statistics.median(r[1] for r in results)

@@ -14,8 +14,7 @@ Usage:
    are read at, and this machine's read bandwidth measured two ways (numpy sum, BLAS sgemv of 1 GiB).
 Medians of --repeats runs. MiniLM against its peers: tools/bench_embed.py.
 
-Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -34,14 +33,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
 
 from bench_fetch import Server  # noqa: E402
 
 import streamload  # noqa: E402
+from _support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
 from streamload.formats import convert  # noqa: E402
 from streamload.runtime import ops, run  # noqa: E402
-from tests.support.synthetic import llama_config, llama_tensor_shapes, write_synthetic_llama  # noqa: E402
 
 SENTENCES = [f"Sentence number {i} talks about streaming models to phones over slow links." for i in range(16)]
 
@@ -117,7 +115,7 @@ async def streamed_run(url: str, cache: Path) -> tuple[float, float, float]:
     async with streamload.open(url, cache_dir=cache) as model:
         result = await run(model, ids=[1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=1, started=started)
     last_block = max((t for t in result.timeline if t.index == len(result.timeline) - 2), key=lambda t: t.index)
-    return result.first_layer_done_s or 0.0, result.total_s, last_block.compute_done_s - last_block.compute_start_s
+    return result.first_block_done_s or 0.0, result.total_s, last_block.compute_done_s - last_block.compute_start_s
 
 
 def bench_streaming(workdir: Path, rate: float, repeats: int) -> None:

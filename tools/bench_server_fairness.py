@@ -33,8 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-from loopback import free_port, wait_for_port
 
+from _support.memory import rss_bytes
+from _support.ports import free_port, wait_for_port
 from streamload.formats import convert
 
 
@@ -55,8 +56,7 @@ def serve(directory: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+    return rss_bytes(pid) / (1 << 20)
 
 
 async def hold_without_reading(port: int, request: bytes, stop: asyncio.Event, counts: dict[str, int]) -> None:

@@ -22,8 +22,7 @@ chunks holding the input's rows of the token table). Floors: needed / rate + RTT
 (header + embeddings + the input's rows + block 0) / rate + RTT for block 0. With --repeats, every
 figure is the median over the repeats, each repeat running A, B and C back to back.
 
-Run from a checkout: the synthetic-model helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -43,9 +42,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from loopback import free_port, wait_for_port
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
+from _support.memory import peak_rss_bytes
+from _support.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent
 SENTENCE = "Streaming lets a phone start computing before the download ends."
@@ -191,10 +189,9 @@ async def run_variant(variant: str, base: str, kind: str, work: Path) -> dict[st
             needed = result.bytes_needed
             await model.wait_complete()  # the rest follows in the background, as `streamload run` does
     layer0 = next(t.compute_done_s for t in result.timeline if t.index == 0)
-    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     result_s = result.total_s if kind == "minilm" or result.first_token_s is None else result.first_token_s
-    out = {"layer0_s": layer0, "block0_s": result.first_layer_done_s, "result_s": result_s, "wire_bytes": wire}
-    out |= {"peak_rss_mb": peak_kb / 1024}
+    out = {"layer0_s": layer0, "block0_s": result.first_block_done_s, "result_s": result_s, "wire_bytes": wire}
+    out |= {"peak_rss_mb": peak_rss_bytes() / (1 << 20)}
     if variant == "C":
         out |= {"needed_bytes": needed, "block0_floor_bytes": block0_bytes}
     if variant == "P":
@@ -236,10 +233,10 @@ def run_child(variant: str, base: str, kind: str) -> dict[str, Any]:
 
 def prepare(work: Path, models: list[str], variants: list[str]) -> list[tuple[str, Path]]:
     """Serve directory with <kind>.slm and <kind>-fp32/ for each model; returns (kind, fp32 folder)."""
+    from _support.synthetic import llama_config, write_synthetic_llama
     from streamload.calibrate import CalibratedShifts
     from streamload.formats import convert
     from streamload.formats.architectures import find_architecture
-    from tests.support.synthetic import llama_config, write_synthetic_llama
 
     served = work / "www"
     served.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,7 @@ verified and decompressed, as a client would. Reports inputs per outcome, any ex
 is not a FormatError (a bug), the slowest input (a SIGALRM per input catches hangs) and peak
 memory (tracemalloc peak of Python allocations, and the process's max RSS).
 
-Run from a checkout: the synthetic-model and mutation helpers live in tests/support (not installed); this script puts the repo
-root on sys.path to import them.
+Run from a checkout: the synthetic-model and mutation helpers live in tools/_support (not installed).
 """
 
 from __future__ import annotations
@@ -22,17 +21,14 @@ import copy
 import random
 import resource
 import signal
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
+from _support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
+from _support.synthetic import llama_config, write_synthetic_llama
 from streamload.formats import FormatError, convert
-
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo root, for tests.support (helpers that are not installed)
-from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
-from tests.support.synthetic import llama_config, write_synthetic_llama
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "formats" / "golden" / "tiny.slm"
 

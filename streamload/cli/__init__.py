@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StreamloadError, UsageError, redact_urls
+from ..errors import BadMagicError, CacheWriteError, DigestMismatchError, NoTokenizerError, StreamloadError, UsageError, redact_urls
 from .output import EXIT_FAILURE, EXIT_USAGE
 from .parser import build_parser, check_text
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StreamloadError as exc:
         index = _served_models(args, exc)
-        print(f"error: {index or exc}", file=sys.stderr)
+        print(f"error: {index or f'{exc}{command_hint(exc)}'}", file=sys.stderr)
         return EXIT_FAILURE
     except FileNotFoundError as exc:
         print(f"error: {exc.filename or exc}: no such file", file=sys.stderr)
@@ -64,8 +64,6 @@ def _served_models(args: argparse.Namespace, exc: StreamloadError) -> str | None
     import urllib.parse
     import urllib.request
 
-    from ..errors import BadMagicError
-
     source = getattr(args, "source", None)
     if not isinstance(exc, BadMagicError) or not isinstance(source, str) or not source.startswith(("http://", "https://")):
         return None
@@ -78,6 +76,19 @@ def _served_models(args: argparse.Namespace, exc: StreamloadError) -> str | None
     base = source.split("#")[0].rstrip("/") + "/"
     offered = ", ".join(urllib.parse.urljoin(base, urllib.parse.quote(name)) for name in names) or "no models"
     return f"{source} is a streamload server's index, not a model; it serves: {offered}"
+
+
+def command_hint(exc: StreamloadError) -> str:
+    """The option or command that does what the library's message asks (the library names none of the CLI's)."""
+    if isinstance(exc, CacheWriteError):
+        return " (--cache-dir DIR)"
+    if isinstance(exc, NoTokenizerError):
+        return " (--ids 1,2,3)"
+    if isinstance(exc, DigestMismatchError) and exc.cached_digest is not None:
+        return f" (`streamload rm {exc.cached_digest[:12]}`)"
+    if isinstance(exc, BadMagicError):
+        return " (`streamload convert` makes .slm files)"
+    return ""
 
 
 def _discard(stream: Any) -> None:

@@ -171,7 +171,7 @@ def print_result(
     sys.stdout.flush()
     if not timings:
         return
-    first = result["first_layer_done_s"]
+    first = result["first_block_done_s"]
     needed = f"{format_bytes(result['bytes_needed'])} of {format_bytes(result['file_bytes'])} needed"
     what = f"{label} result" if label else "result"
     similar = f", cosine to the exact result {format_cosine(result['preview']['cosine_to_exact'])}" if "preview" in result else ""

@@ -345,7 +345,8 @@ def _result_fields(result: Any, model: Any) -> dict[str, Any]:
     return out | {
         "timeline": [t.as_dict() for t in result.timeline],
         "rows": [r.as_dict() for r in result.row_fetches],
-        "first_layer_done_s": result.first_layer_done_s,
+        "first_block_done_s": result.first_block_done_s,
+        "first_layer_done_s": result.first_block_done_s,  # the old name of first_block_done_s, kept for one release (docs/cli.md)
         "total_s": result.total_s,
         **update_fields(model.stats),  # when the result was there, as bytes_downloaded
         "bytes_downloaded": model.stats.bytes_downloaded,  # when the result was there

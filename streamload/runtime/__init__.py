@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..errors import RuntimeModelError, UsageError
+from ..errors import NoTokenizerError, RuntimeModelError, UsageError
 from ..formats.architectures import architecture_named
 from ..tokenizer import NO_TOKENIZER
 from .memory import MemoryBudget, read_cgroup_memory_limit
@@ -55,7 +55,7 @@ class RunResult:
     text: str | None  # decoder, when the model has a tokenizer
     prompt_logits: np.ndarray | None  # decoder, (T, vocab) float32, when asked for
     timeline: list[LayerTiming]
-    first_layer_done_s: float | None  # block 0's compute finished
+    first_block_done_s: float | None  # block 0's compute finished (layer 1: layer 0 is the embeddings)
     total_s: float
     row_fetches: list[RowsTiming] = dataclasses.field(default_factory=list)  # the rows of the token table the input needed
     bytes_needed: int = 0  # bytes of the file the result depended on (header, the layers used, the rows' chunks)
@@ -63,6 +63,11 @@ class RunResult:
     first_token_logits: np.ndarray | None = None  # decoder, (vocab,): what the first generated token was sampled from
     first_token_s: float | None = None  # decoder: when the first token was there
     token_times_s: list[float] | None = None  # decoder: when each generated token was there
+
+    @property
+    def first_layer_done_s(self) -> float | None:
+        """Deprecated: the old name of ``first_block_done_s`` (block 0, which is layer 1), kept for one release."""
+        return self.first_block_done_s
 
 
 async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResult]:
@@ -232,7 +237,7 @@ async def run(
                 raise UsageError(f"a decoder takes one prompt; got {len(texts)} texts (join them, or run them one by one)")
             tokenizer = model.tokenizer
             if tokenizer is None:
-                raise RuntimeModelError(NO_TOKENIZER)
+                raise NoTokenizerError(NO_TOKENIZER)
             prompt = tokenizer.encode(texts[0]).ids
         else:
             prompt = list(ids or [])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import RuntimeModelError
+from ..errors import NoTokenizerError, RuntimeModelError
 from ..formats.architectures import BERT
 from ..layer import Layer
 from ..tokenizer import NO_TOKENIZER
@@ -59,7 +59,7 @@ class EncodedBatch:
 def tokenize(model: Model, texts: Sequence[str], config: BertConfig) -> EncodedBatch:
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise RuntimeModelError(NO_TOKENIZER)
+        raise NoTokenizerError(NO_TOKENIZER)
     tokenizer.no_padding()
     limit = min(config.max_seq_length, config.max_position_embeddings)
     tokenizer.enable_truncation(limit)

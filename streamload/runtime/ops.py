@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 DECODE_TOKENS = 16  # at or below this many rows of x, casting the weights is the cost: 1 MiB tiles
 TILE_ELEMENTS = 1 << 18  # 1 MiB of float32 per cast tile: on 2048-wide decode calls 4.3 G int8 weights/s, vs 3.2 at 128 KiB
 PREFILL_TILE_ELEMENTS = 1 << 20  # 4 MiB for longer inputs (4096x4096, 64 tokens: 20 ms, vs 30 ms with 1 MiB tiles)
-ELEMENTWISE_BLOCK = 1 << 15  # elements per block of the exact GELU: its temporaries are reused, not allocated per call
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
 PARALLEL_MIN_WEIGHTS = 1 << 22  # an int8 matrix this large is cast on two threads at decode (smaller: the hand-off costs more)
@@ -151,13 +150,6 @@ def _tile_buffer(elements: int) -> np.ndarray:
     if buffer is None or buffer.size < elements:
         buffer = _scratch.buffer = np.empty(elements, dtype=np.float32)
     return buffer
-
-
-def _block_buffers(elements: int) -> tuple[np.ndarray, np.ndarray]:
-    buffers = getattr(_scratch, "blocks", None)
-    if buffers is None or buffers[0].size < elements:
-        buffers = _scratch.blocks = (np.empty(elements, dtype=np.float32), np.empty(elements, dtype=np.float32))
-    return buffers
 
 
 def linear(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
@@ -434,58 +426,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_ERF_P = 0.3275911
-_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def _erfc_abs(z: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """out = 1 - erf(|z|), Abramowitz & Stegun 7.1.26, in the caller's buffers (no temporaries)."""
-    np.abs(z, out=scratch)
-    np.multiply(scratch, _ERF_P, out=out)
-    out += 1.0
-    np.reciprocal(out, out=out)  # t
-    poly = _ERF_A[4] * out  # one block-sized temporary
-    for coefficient in reversed(_ERF_A[:4]):
-        poly += coefficient
-        poly *= out
-    np.square(scratch, out=scratch)
-    np.negative(scratch, out=scratch)
-    np.exp(scratch, out=scratch)
-    np.multiply(poly, scratch, out=out)
-    return out
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Error function, Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, ~4e-7 evaluated in float32; numpy has none)."""
-    x = np.asarray(x)
-    out = np.empty_like(x)
-    _erfc_abs(x, out, np.empty_like(x))
-    np.subtract(1.0, out, out=out)
-    np.copysign(out, x, out=out)
-    return out
-
-
-def gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The exact GELU BERT uses, x * Phi(x), blockwise so its temporaries stay in cache; ``out`` may be ``x``.
-
-    Phi(x) = 0.5 + copysign(0.5 - 0.5 * erfc(|x| / sqrt 2), x): no masks, no branches.
-    """
-    if out is None:
-        out = np.empty_like(x)
-    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
-    block = min(ELEMENTWISE_BLOCK, flat_in.size)
-    phi, scratch = _block_buffers(block)
-    for start in range(0, flat_in.size, block):
-        stop = min(flat_in.size, start + block)
-        xb, p, s = flat_in[start:stop], phi[: stop - start], scratch[: stop - start]
-        np.multiply(xb, 1.0 / math.sqrt(2.0), out=p)
-        _erfc_abs(p, p, s)
-        p *= -0.5
-        p += 0.5
-        np.copysign(p, xb, out=p)
-        p += 0.5
-        np.multiply(xb, p, out=flat_out[start:stop])
-    return out
 
 
 def gelu_tanh(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

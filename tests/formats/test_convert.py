@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 from streamload.formats import ModelReader, SourceError, UnsupportedArchitectureError, convert, summarize_compression
 from streamload.formats.safetensors_source import SafetensorsCollection
 from tests.support.synthetic import llama_config, write_synthetic_llama
+from tests.support.tensors import read_dequantized
 
 
 def test_minilm_meets_size_and_entropy_targets(minilm_dir: Path, minilm_slm: Path) -> None:
@@ -31,7 +32,7 @@ def test_minilm_meets_size_and_entropy_targets(minilm_dir: Path, minilm_slm: Pat
 def test_dequantized_weights_match_source_within_reported_error(minilm_dir: Path, minilm_slm: Path) -> None:
     source = SafetensorsCollection([minilm_dir / "model.safetensors"])
     with ModelReader(minilm_slm) as reader:
-        restored = dict(reader.read_dequantized())
+        restored = dict(read_dequantized(reader))
         for name, values in restored.items():
             original = source.array(name)
             entry = reader.manifest.tensor(name)
@@ -93,7 +94,7 @@ def test_bf16_source_converts_like_its_f32_values(tmp_path: Path) -> None:
     (bf16_dir / "config.json").write_text(json.dumps(config))
     convert(bf16_dir, tmp_path / "m.slm")
     with ModelReader(tmp_path / "m.slm") as reader:
-        norm = dict(reader.read_dequantized())["model.norm.weight"]
+        norm = dict(read_dequantized(reader))["model.norm.weight"]
     expected = (arrays.array("model.norm.weight").view(np.uint32) & 0xFFFF0000).view(np.float32)
     np.testing.assert_array_equal(norm, expected)
 
@@ -151,7 +152,7 @@ def test_quant_none_keeps_float_weights(tmp_path: Path, llama_dir: Path) -> None
     source = SafetensorsCollection([llama_dir / "model.safetensors"])
     with ModelReader(tmp_path / "m.slm") as reader:
         assert reader.manifest.int8_histogram is None
-        for name, values in reader.read_dequantized():
+        for name, values in read_dequantized(reader):
             np.testing.assert_array_equal(values, source.array(name))
 
 

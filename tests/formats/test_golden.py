@@ -10,6 +10,7 @@ import numpy as np
 from streamload.formats import ModelReader, ModelWriter, QuantScheme
 from streamload.formats.constants import MAGIC, PREAMBLE, LayerKind
 from streamload.formats.quantize import quantize_int8_rows
+from tests.support.tensors import read_dequantized
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.slm"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "tiny-v1.slm"
@@ -83,7 +84,7 @@ def test_golden_file_reads_back_exact_values() -> None:
         np.testing.assert_array_equal(reader.read_tensors(0)["w"][0], [-127, -116, -105, -94, -83, -72])  # round(127 * row / max |row|)
         np.testing.assert_array_equal(reader.read_tensors(2)["table"][4], [87, 100, 114, 127])
         np.testing.assert_allclose(reader.read_tensors(0)["table.scales"], np.array([9.5, 5.5, 1.5, 5.5, 9.5]) / 4 / 127, rtol=1e-6)
-        dequantized = dict(reader.read_dequantized())
+        dequantized = dict(read_dequantized(reader))
         np.testing.assert_allclose(dequantized["table"], (np.arange(20).reshape(5, 4) - 9.5) / 4, atol=10.5 / 4 / 254)
         assert reader.verify() == []
         assert m.digest == hashlib.sha256(GOLDEN.read_bytes()[32 : 32 + m.size_bytes]).hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -18,8 +17,10 @@ from streamload import errors
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES, PREAMBLE_SIZE_BYTES
 from streamload.formats.manifest import parse_manifest
 from tests.support.mutate import split_file
+from tests.support.synthetic import large_manifest
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny.slm").read_bytes()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def empty_maps(count: int) -> bytes:
@@ -43,8 +44,8 @@ import json, sys, time
 from streamload.errors import FormatError
 from streamload.formats.manifest import parse_manifest
 
-def peak_rss_bytes():  # VmHWM: this process image's high-water mark (ru_maxrss would include the parent's, across exec)
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+sys.path.insert(0, sys.argv[3])  # the repo root: one reader of the peak RSS for tests and tools
+from tools._support.memory import peak_rss_bytes
 
 data = open(sys.argv[1], "rb").read()
 size = None if sys.argv[2] == "none" else int(sys.argv[2])
@@ -61,7 +62,11 @@ print(json.dumps([outcome, time.perf_counter() - started, peak_rss_bytes() - bef
 def measure_parse(path: Path, data_size_bytes: int | None) -> tuple[str, float, int]:
     """(outcome, seconds, peak RSS growth in bytes) of parse_manifest on a file's bytes, in a fresh process."""
     done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), str(data_size_bytes or "none")], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", MEASURE, str(path), str(data_size_bytes or "none"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     outcome, seconds, growth_bytes = json.loads(done.stdout)
     return outcome, seconds, growth_bytes
@@ -107,42 +112,6 @@ def test_bombs_inside_known_values_cost_a_small_multiple_of_their_bytes(path: li
         tracemalloc.stop()
     assert outcome == "accepted" if message is None else re.search(message, outcome), outcome
     assert peak_bytes < 2 * len(bomb), peak_bytes
-
-
-def large_manifest(chunk_count: int) -> tuple[bytes, int]:
-    """A legal manifest of ``chunk_count`` 1 MiB chunks in layers of 1000, and its data region's size."""
-    raw_size, per_layer = 1 << 20, 1000
-    layers, tensors, chunks, offset = [], [], [], 0
-    for layer in range(chunk_count // per_layer):
-        start = layer * per_layer * raw_size
-        layers.append({"name": f"block.{layer}", "raw_offset": start, "raw_size": per_layer * raw_size})
-        tensors.append(
-            {
-                "name": f"block.{layer}.weight",
-                "layer": layer,
-                "dtype": "f32",
-                "shape": [per_layer * raw_size // 4],
-                "raw_offset": start,
-                "quant": "none",
-            }
-        )
-        for c in range(per_layer):
-            size = 300_000 + c
-            sha = hashlib.sha256(offset.to_bytes(8, "little")).digest()
-            chunks.append(
-                {"layer": layer, "offset": offset, "size": size, "raw_offset": start + c * raw_size, "raw_size": raw_size, "sha256": sha}
-            )
-            offset += size
-    root = {
-        "config": {"architecture": "synthetic"},
-        "chunk_size": raw_size,
-        "layers": layers,
-        "tensors": tensors,
-        "chunks": chunks,
-        "tokenizer": None,
-        "stats": {},
-    }
-    return msgpack.packb(root, use_bin_type=True), offset
 
 
 def test_large_legal_manifest_costs_a_small_multiple_of_its_bytes(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from streamload.formats import ModelReader
 from streamload.formats.reader import encode_preamble
-from tests.serving import ServerThread, serve_directory
+from tests.support.serving import ServerThread, serve_directory
 
 
 @pytest.fixture

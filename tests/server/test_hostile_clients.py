@@ -17,8 +17,10 @@ import aiohttp
 import pytest
 
 from streamload.server.app import SLOTS
-from tests.checks import free_port, start_cli_server
-from tests.serving import serve_directory
+from tests.support.checks import start_cli_server
+from tests.support.memory import rss_bytes
+from tests.support.ports import free_port
+from tests.support.serving import serve_directory
 
 
 @pytest.fixture
@@ -39,14 +41,6 @@ def cli_server(directory: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]
     finally:
         process.kill()
         process.wait()
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 class NonReaders:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.serving import serve_directory
+from tests.support.serving import serve_directory
 
 
 async def get(url: str) -> tuple[int, bytes]:

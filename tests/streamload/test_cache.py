@@ -50,9 +50,9 @@ async def test_the_journal_names_only_committed_chunks_and_drops_a_torn_record(t
 async def test_the_committer_groups_chunks_and_flush_makes_them_all_durable(tmp_path: Path) -> None:
     cache = await open_cache(tmp_path)
     committer = GroupCommitter(cache, asyncio.get_running_loop(), DownloadStats())
-    committer.add([(0, 0), (1, 1)])
-    committer.add([(2, 2), (3, 3), (4, 4)])
-    assert committer.running is None and committer.uncommitted == [(i, i) for i in range(5)]  # not due yet: grouped
+    committer.add_columns([0, 1], [0, 1])
+    committer.add_columns([2, 3, 4], [2, 3, 4])
+    assert committer.running is None and cache.read_journal(10) == {}  # not due yet: grouped, nothing journaled
     await committer.flush()
     assert cache.read_journal(10) == {i: i for i in range(5)} and committer.commit_s > 0
     await committer.mark_complete()
@@ -67,7 +67,7 @@ async def test_a_failing_commit_is_reported_through_watch(tmp_path: Path) -> Non
     assert cache._journal_fd is not None
     os.close(cache._journal_fd)  # the journal can no longer be written: as a vanished disk would
     cache._journal_fd = os.open(os.devnull, os.O_RDONLY)
-    committer.add([(1, 1)])
+    committer.add_columns([1], [1])
     watcher = asyncio.create_task(committer.watch())
     with pytest.raises(CacheError, match="committing .* failed"):
         await committer.flush()

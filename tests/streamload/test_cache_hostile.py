@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from streamload.formats import ModelReader
-from tests.checks import free_port
-from tests.serving import ServerThread
+from tests.support.checks import free_port
+from tests.support.serving import ServerThread
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")  # the console script pip installed
 

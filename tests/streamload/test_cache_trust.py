@@ -19,9 +19,10 @@ import streamload
 from streamload.cache import JOURNAL_NAME
 from streamload.formats import ModelReader, ModelWriter
 from streamload.store_space import RESERVE_BLOCK_BYTES
-from tests.checks import assert_cache_exact, assert_layers_equal_file, free_port
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import assert_cache_exact, assert_layers_equal_file
+from tests.support.faulty import Faults, faulty_app
+from tests.support.ports import free_port
+from tests.support.serving import ServerThread, serve_directory
 
 QUICK = streamload.RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, connect_timeout_s=2)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import ServerThread
+from tests.support.serving import ServerThread
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")
 RATE_BYTES_PER_S = 400 * 1024
@@ -128,7 +128,7 @@ async def test_a_retry_after_progress_is_not_counted_as_failure_zero(caplog: pyt
 def test_ctrl_c_during_a_fetch_says_the_next_run_resumes(www: Path, tmp_path: Path) -> None:
     import signal
 
-    from tests.serving import serve_directory
+    from tests.support.serving import serve_directory
 
     with serve_directory(www, rate_bytes_per_s=200_000) as slow:
         process = subprocess.Popen(
@@ -181,7 +181,7 @@ def test_the_progress_bar_starts_at_the_links_rate_not_gigabytes_per_second(www:
     import pty
     import select
 
-    from tests.serving import serve_directory
+    from tests.support.serving import serve_directory
 
     with serve_directory(www, rate_bytes_per_s=1_000_000) as slow:
         controller, terminal = pty.openpty()
@@ -213,7 +213,7 @@ def test_the_progress_bar_starts_at_the_links_rate_not_gigabytes_per_second(www:
 
 
 def test_a_second_fetch_of_a_model_being_downloaded_says_it_waits(www: Path, tmp_path: Path) -> None:
-    from tests.serving import serve_directory
+    from tests.support.serving import serve_directory
 
     with serve_directory(www, rate_bytes_per_s=300_000) as slow:
         command = [STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"]

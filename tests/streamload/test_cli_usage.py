@@ -20,8 +20,8 @@ import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
-from tests.checks import wait_for_port
-from tests.serving import ServerThread, serve_directory
+from tests.support.ports import wait_for_port
+from tests.support.serving import ServerThread, serve_directory
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")  # the console script pip installed
 
@@ -305,7 +305,8 @@ def test_serve_on_port_zero_says_which_port_and_warns_on_an_empty_directory(tmp_
         assert process.stdout is not None and process.stderr is not None
         line = process.stdout.readline()
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))  # type: ignore[union-attr]
-        assert port != 0 and wait_for_port(port)
+        assert port != 0
+        wait_for_port(port)
         assert "holds no .slm files" in process.stderr.readline()
     finally:
         process.terminate()
@@ -370,7 +371,7 @@ def test_a_local_file_runs_where_the_cache_cannot_be_written(minilm_slm: Path, t
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     done = subprocess.run(
-        ["streamload", "run", str(minilm_slm), "--text", "hello", "--cache-dir", str(blocker / "cache"), "--json"],
+        [STREAMLOAD, "run", str(minilm_slm), "--text", "hello", "--cache-dir", str(blocker / "cache"), "--json"],
         capture_output=True,
         text=True,
     )

@@ -17,9 +17,10 @@ from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD, ModelCache
 from streamload.cli import main
 from streamload.formats import ModelReader
 from streamload.formats.constants import PREAMBLE_SIZE_BYTES
-from tests.checks import RECEIVE_PATHS, assert_cache_exact, free_port, journal_count, open_via, start_cli_server
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import RECEIVE_PATHS, assert_cache_exact, journal_count, open_via, start_cli_server
+from tests.support.faulty import Faults, faulty_app
+from tests.support.ports import free_port
+from tests.support.serving import ServerThread, serve_directory
 
 FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=0.5)
 
@@ -194,7 +195,7 @@ async def test_a_full_disk_is_a_clear_error_and_the_cache_stays_consistent(
     filler = small_disk / "filler"
     filler.write_bytes(bytes((3 << 20) - store_bytes // 2 - 65536))  # room for about half the model
     with serve_directory(www) as server:
-        with pytest.raises(streamload.CacheError, match="free some space or pass --cache-dir"):
+        with pytest.raises(streamload.CacheError, match="free some space or use a cache directory on another disk"):
             async with streamload.open(server.url("deep.slm"), cache_dir=small_disk, retry=FAST_RETRY) as model:
                 await model.wait_complete()
         filler.unlink()  # space again: the same cache completes

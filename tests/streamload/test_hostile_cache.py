@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamload
-from tests.checks import assert_cache_exact
-from tests.serving import ServerThread
+from tests.support.checks import assert_cache_exact
+from tests.support.serving import ServerThread
 
 
 async def fill_cache(url: str, cache: Path) -> str:

@@ -17,8 +17,8 @@ from streamload.formats import ModelReader
 from streamload.formats.constants import MAX_STORE_PER_COMPRESSED_BYTE, STORE_ALLOWANCE_BYTES, DType, QuantScheme
 from streamload.formats.manifest import ChunkEntry, LayerEntry, TensorEntry, encode_manifest
 from streamload.pipeline import BATCH_RAW_BYTES
-from tests.serving import serve_directory
 from tests.support.mutate import join_file, split_file
+from tests.support.serving import serve_directory
 
 
 def write_zeros_model(path: Path, layers: int, layer_bytes: int, chunk_bytes: int) -> None:

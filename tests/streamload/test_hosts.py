@@ -24,7 +24,7 @@ import streamload
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
 from streamload.runtime import run
-from tests.checks import assert_cache_exact, journal_count, start_host_or_skip, start_link
+from tests.support.checks import assert_cache_exact, journal_count, start_host_or_skip, start_link
 from tests.support.hosts import HOSTS, RANGES, Host, HostMissing, public_directory, start_edge
 from tests.support.relay import CountingRelay
 

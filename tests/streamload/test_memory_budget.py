@@ -25,7 +25,7 @@ from streamload.runtime.memory import (
     read_cgroup_memory_limit,
     resolve_memory_budget,
 )
-from tests.serving import ServerThread
+from tests.support.serving import ServerThread
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")
 PROMPT = [1, 2, 3, 4, 5]

@@ -19,10 +19,11 @@ from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import ModelReader
 from streamload.mirrors import MIN_SPAN_S, RateMeter, check_mirrors, span_limit_bytes
-from tests.checks import assert_cache_exact, free_port, start_cli_server
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import assert_cache_exact, start_cli_server
+from tests.support.faulty import Faults, faulty_app
+from tests.support.ports import free_port
 from tests.support.relay import CountingRelay
+from tests.support.serving import ServerThread, serve_directory
 
 FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=1.0)
 

@@ -12,10 +12,10 @@ import pytest
 import streamload
 from streamload.cache import ModelCache
 from streamload.formats import ModelReader
-from tests.checks import RECEIVE_PATHS, assert_layers_equal_file, open_via
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import RECEIVE_PATHS, assert_layers_equal_file, open_via
+from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
+from tests.support.serving import ServerThread, serve_directory
 
 
 @RECEIVE_PATHS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +12,7 @@ import pytest
 import streamload
 from streamload.formats import ModelReader
 from streamload.runtime import run
-from tests.checks import start_host_or_skip
-
-
-def start_nginx(work: Path, root: Path, ranges: bool) -> tuple[subprocess.Popen[bytes], int]:
-    host = start_host_or_skip("nginx", work, root, ranges=ranges)
-    return host.process, host.port
+from tests.support.checks import start_nginx
 
 
 @pytest.fixture(params=[True, False], ids=["ranges", "max_ranges_0"])

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from streamload.formats import ModelReader
-from tests.serving import serve_directory
+from tests.support.serving import serve_directory
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
@@ -18,18 +17,12 @@ from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from streamload.formats.quantize import coarse_levels
 from streamload.runtime import run, run_progressive
-from tests.checks import assert_cache_exact
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import assert_cache_exact
+from tests.support.faulty import Faults, faulty_app
+from tests.support.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
-
-
-@pytest.fixture
-def progressive_www(www: Path) -> Path:
-    """minilm.slm, and minilm-p.slm: the same model converted with --progressive."""
-    return www
 
 
 INT8_ONLY = {"float_weights_bytes": 0}  # the same compute path on every run (no float32 copies), so results compare bit for bit

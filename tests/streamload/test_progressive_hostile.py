@@ -17,9 +17,9 @@ from streamload.calibrate import CalibratedShifts
 from streamload.errors import FormatError, ManifestSchemaError
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
-from tests.checks import assert_cache_exact
-from tests.serving import serve_directory
+from tests.support.checks import assert_cache_exact
 from tests.support.mutate import join_file, split_file
+from tests.support.serving import serve_directory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streamload.errors import RetryableError, StalledError, TransportStatus, TransportUnsupported
-from streamload.httputil import RetryPolicy
+from streamload.errors import RetryableError, StalledError
+from streamload.httputil import RetryPolicy, TransportStatus, TransportUnsupported
 from streamload.rawhttp import SocketReader, open_socket_span
 
 BODY = bytes(range(256)) * 64  # 16 KiB

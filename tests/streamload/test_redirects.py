@@ -16,9 +16,9 @@ import streamload
 from streamload.cli import main
 from streamload.httputil import check_headers, same_origin
 from streamload.runtime import run
-from tests.checks import RECEIVE_PATHS, assert_cache_exact, open_via
-from tests.serving import ServerThread
+from tests.support.checks import RECEIVE_PATHS, assert_cache_exact, open_via
 from tests.support.hub import Hub, Store
+from tests.support.serving import ServerThread
 
 FAST_RETRY = streamload.RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, stall_timeout_s=2.0)
 TOKEN = "hf_s3cret"

@@ -18,9 +18,9 @@ import streamload
 from streamload.formats import ModelReader, convert
 from streamload.layer import distinct_rows
 from streamload.runtime import run
-from tests.checks import assert_cache_exact, journal_count
-from tests.faulty import Faults, faulty_app
-from tests.serving import ServerThread, serve_directory
+from tests.support.checks import assert_cache_exact, journal_count
+from tests.support.faulty import Faults, faulty_app
+from tests.support.serving import ServerThread, serve_directory
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 TABLE = "embeddings.word_embeddings.weight"

@@ -19,8 +19,8 @@ from streamload.formats import ModelReader
 from streamload.httputil import RetryPolicy
 from streamload.rawhttp import open_socket_span
 from streamload.server import ServerConfig, create_app
-from tests.checks import assert_cache_exact
-from tests.serving import ServerThread
+from tests.support.checks import assert_cache_exact
+from tests.support.serving import ServerThread
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from streamload.cache import ModelCache
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
-from tests.checks import assert_cache_exact
-from tests.serving import serve_directory
+from tests.support.checks import assert_cache_exact
 from tests.support.finetune import TINY_LLAMA, write_version
+from tests.support.serving import serve_directory
 
 CHUNK_BYTES = 16 << 10  # several chunks per layer
 
@@ -203,7 +203,7 @@ def test_a_fetch_killed_during_its_delta_resumes(delta_www: dict[str, Path], tmp
     import signal
     import time
 
-    from tests.checks import start_link
+    from tests.support.checks import start_link
 
     cache = tmp_path / "cache"
     with ModelReader(delta_www["ft"]) as reader:
@@ -239,7 +239,7 @@ async def test_layers_become_ready_in_order_while_the_delta_streams(delta_www: d
     import numpy as np
 
     import streamload
-    from tests.checks import start_link
+    from tests.support.checks import start_link
 
     cache = tmp_path / "cache"
     with ModelReader(delta_www["ft"]) as reader:

@@ -1,1 +1,7 @@
-"""Test and benchmark helpers (synthetic models, file mutations): not part of the installed package."""
+"""Every helper the tests use, and nothing a test module defines for another.
+
+Test-only: ``serving`` (the bundled server on a thread), ``faulty`` (a server that injects faults), ``checks``
+(assertions and process starters), ``hub`` (a redirecting hub), ``relay`` (a counting TCP relay), ``tensors``.
+Shared with the tools, which never import tests, and re-exported here from ``tools/_support``: ``ports``, ``memory``,
+``synthetic``, ``mutate``, ``hosts`` (and, through ``checks``, the cache checks).
+"""

@@ -1,24 +1,11 @@
-"""Loopback ports for test servers: a free one, and waiting until one accepts."""
+"""Loopback ports for test servers: ``tools/_support/ports.py``, shared with the tools (which never import tests)."""
 
-from __future__ import annotations
+from tools._support.ports import (
+    free_port,
+    wait_for_port,
+)
 
-import socket
-import time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> bool:
-    """True once something accepts connections on the loopback port."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+__all__ = [
+    "free_port",
+    "wait_for_port",
+]

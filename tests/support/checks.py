@@ -6,50 +6,40 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 
 import streamload
-from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
-from streamload.formats import ModelReader
 from tests.support.hosts import Host, HostMissing, start_host
 from tests.support.ports import free_port, wait_for_port
+from tools._support.caches import assert_cache_exact, assert_layers_equal_file, journal_count
 
-
-def assert_layers_equal_file(layers: Mapping[int, streamload.Layer], path: Path) -> None:
-    """Each given layer equals the file's own verified, decompressed layer, tensor by tensor."""
-    with ModelReader(path) as reader:
-        for index, layer in layers.items():
-            expected = reader.read_tensors(index)
-            assert layer.tensors.keys() == expected.keys()
-            for name, values in expected.items():
-                np.testing.assert_array_equal(layer[name], values)
-
-
-def assert_cache_exact(cache: Path, path: Path) -> None:
-    """The cache holds the whole model, byte-exact, with nothing left to fetch."""
-    with streamload.load(path, cache_dir=cache) as model:
-        assert model.stats.chunks_fetched == 0, "the cache should be complete"
-        assert_layers_equal_file(dict(model.layers()), path)
-
-
-def journal_count(cache: Path) -> int:
-    journals = list(cache.glob(f"models/*/{JOURNAL_NAME}"))
-    return journals[0].stat().st_size // JOURNAL_RECORD.size if journals else 0
+__all__ = [
+    "RECEIVE_PATHS",
+    "assert_cache_exact",
+    "assert_layers_equal_file",
+    "journal_count",
+    "open_via",
+    "start_cli_server",
+    "start_host_or_skip",
+    "start_link",
+    "start_nginx",
+]
 
 
 def start_cli_server(directory: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
     """``streamload serve DIR --port PORT [options]`` in its own process, once it accepts connections."""
     command = [sys.executable, "-m", "streamload.cli", "serve", str(directory), "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not wait_for_port(port, timeout_s=15):
+    try:
+        wait_for_port(port, timeout_s=15)
+    except TimeoutError:
         process.kill()
         process.wait()
-        raise RuntimeError("streamload serve did not start")
+        raise
     return process
 
 
@@ -66,7 +56,7 @@ async def open_via(receive_path: str, url: str, *, check_path: bool = True, **kw
             assert model._session.source.fast_path is (receive_path == "threads")  # type: ignore[attr-defined]
 
 
-LINKPROXY = Path(__file__).resolve().parent.parent / "tools" / "linkproxy.py"
+LINKPROXY = Path(__file__).resolve().parents[2] / "tools" / "linkproxy.py"
 
 
 def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subprocess.Popen[bytes], int]:
@@ -89,8 +79,12 @@ def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subpr
         ],
         stdout=subprocess.DEVNULL,
     )
-    if not wait_for_port(port):
-        raise RuntimeError("link proxy did not start")
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        process.kill()
+        process.wait()
+        raise
     return process, port
 
 
@@ -102,6 +96,12 @@ def start_host_or_skip(kind: str, work: Path, root: Path, **options: bool) -> Ho
         if os.environ.get("CI"):
             pytest.fail(f"{exc}: .ci/run installs it")
         pytest.skip(str(exc))
+
+
+def start_nginx(work: Path, root: Path, ranges: bool) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx serving ``root`` (Range honoured, or ``max_ranges 0``): (process, port); skipped when not installed."""
+    host = start_host_or_skip("nginx", work, root, ranges=ranges)
+    return host.process, host.port
 
 
 RECEIVE_PATHS = pytest.mark.parametrize("receive_path", ["threads", "aiohttp"])

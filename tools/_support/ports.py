@@ -1,4 +1,4 @@
-"""Loopback ports for the benchmarks' helper processes (stdlib only: benchmark children import it too)."""
+"""Loopback ports for helper processes: a free one, and waiting until one accepts (stdlib only)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import time
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on now (the caller binds it soon after; another process may take it first)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
-    """Return once something accepts connections on the loopback port; RuntimeError after timeout_s."""
+    """Return once something accepts connections on the loopback port; TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -21,4 +22,4 @@ def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout_s:.0f} s")
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s:.0f} s")
