@@ -10,7 +10,6 @@ import pty
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,25 +19,9 @@ import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
+from tests.support.cli import STREAMLOAD, assert_one_line_error, streamload_cli
 from tests.support.ports import wait_for_port
 from tests.support.serving import ServerThread, serve_directory
-
-STREAMLOAD = str(Path(sys.executable).parent / "streamload")  # the console script pip installed
-
-
-def streamload_cli(*args: str, cache: Path | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if cache is not None:
-        env["STREAMLOAD_CACHE"] = str(cache)
-    return subprocess.run([STREAMLOAD, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], status: int, *phrases: str) -> None:
-    assert done.returncode == status, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in done.stderr, done.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], done.stderr
 
 
 @pytest.mark.parametrize(

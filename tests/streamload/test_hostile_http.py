@@ -25,7 +25,7 @@ from streamload.formats.constants import Codec
 from streamload.formats.entries import TokenizerBlob
 from streamload.httputil import RetryPolicy, check_url, parse_content_range, parse_decimal, parse_etag, parse_retry_after
 from streamload.tokenizer import load_tokenizer
-from tests.streamload.test_cli_usage import STREAMLOAD, streamload_cli
+from tests.support.cli import STREAMLOAD, streamload_cli
 
 FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, connect_timeout_s=5.0, stall_timeout_s=5.0)
 TRANSPORTS = ["socket", "aiohttp"]  # the threaded socket path (no session) and aiohttp's (a borrowed plain session)

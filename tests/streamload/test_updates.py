@@ -14,10 +14,8 @@ from streamload.cache import ModelCache
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
 from tests.support.checks import assert_cache_exact
-from tests.support.finetune import TINY_LLAMA, write_version
+from tests.support.finetune import CHUNK_BYTES, TINY_LLAMA, fetch_json, header_bytes, write_version
 from tests.support.serving import serve_directory
-
-CHUNK_BYTES = 16 << 10  # several chunks per layer
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +34,12 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: www / f"{name}.slm" for name in sources}
 
 
-def fetch_json(url: str, cache: Path) -> dict:
-    argv = [sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(cache), "--json"]
-    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout)
-
-
 def changed_bytes(new: Path, old: Path) -> tuple[int, int]:
     """(chunks of ``new`` whose sha256 ``old`` does not list, their compressed bytes)."""
     with ModelReader(old) as a, ModelReader(new) as b:
         held = {c.sha256 for c in a.manifest.chunks}
         changed = [c for c in b.manifest.chunks if c.sha256 not in held]
         return len(changed), sum(c.size_bytes for c in changed)
-
-
-def header_bytes(path: Path) -> int:
-    with ModelReader(path) as reader:
-        return 32 + reader.preamble.manifest_size_bytes  # the preamble and manifest (the padding after them is not read)
 
 
 def test_a_changed_block_moves_only_its_chunks_and_the_header(versions: dict[str, Path], tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from streamload.formats import convert
-from tests.streamload.test_updates import CHUNK_BYTES, fetch_json, header_bytes
 from tests.support.checks import assert_cache_exact, start_host_or_skip
-from tests.support.finetune import TINY_LLAMA, write_version
+from tests.support.finetune import CHUNK_BYTES, TINY_LLAMA, fetch_json, header_bytes, write_version
 from tests.support.hosts import public_directory
 
 pytestmark = pytest.mark.hosts

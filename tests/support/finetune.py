@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from streamload.formats import ModelReader
 
 TINY_LLAMA = Path(__file__).resolve().parent.parent / "fixtures" / "llama-tiny"
 
@@ -37,3 +41,18 @@ def write_version(
         merged = json.loads((source / "config.json").read_text()) | config
         (folder / "config.json").write_text(json.dumps(merged, indent=2))
     return folder
+
+
+CHUNK_BYTES = 16 << 10  # the tests' chunk size: several chunks per layer
+
+
+def fetch_json(url: str, cache: Path) -> dict:
+    """``streamload fetch URL --json`` into ``cache``: what it printed."""
+    argv = [sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(cache), "--json"]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout)
+
+
+def header_bytes(path: Path) -> int:
+    """The bytes a client reads before any chunk: the preamble and the manifest (the padding after them is not read)."""
+    with ModelReader(path) as reader:
+        return 32 + reader.preamble.manifest_size_bytes
