@@ -21,10 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"streamload": ROOT / "streamload", "streamload.formats": ROOT / "formats", "streamload.server": ROOT / "server"}
 ERRORS = "streamload.errors"
 
-# Known exception, to be removed by the integrator when r24c's branch (the converter takes its calibrator from the
-# caller, issue 22) is merged: formats/convert.py imports streamload.calibrate for `convert --progressive`.
-KNOWN_EXCEPTIONS = {("streamload.formats.convert", "streamload.calibrate")}
-
 
 def module_files() -> dict[str, Path]:
     found = {}
@@ -93,13 +89,13 @@ GRAPH = {name: ours(imported_names(path, name)) for name, path in MODULES.items(
 
 
 def closure(start: str) -> set[str]:
-    """Every module of ours ``start`` imports, directly or through others (the known exceptions left out)."""
+    """Every module of ours ``start`` imports, directly or through others."""
     seen: set[str] = set()
     todo = [start]
     while todo:
         current = todo.pop()
         for target in GRAPH.get(current, set()):
-            if target not in seen and (current, target) not in KNOWN_EXCEPTIONS:
+            if target not in seen:
                 seen.add(target)
                 todo.append(target)
     return seen
@@ -111,7 +107,7 @@ def direct_violations(prefix: str, allowed: tuple[str, ...]) -> list[str]:
         for module, targets in GRAPH.items()
         if module == prefix or module.startswith(prefix + ".")
         for target in targets
-        if not any(target == a or target.startswith(a + ".") for a in allowed) and (module, target) not in KNOWN_EXCEPTIONS
+        if not any(target == a or target.startswith(a + ".") for a in allowed)
     )
 
 
