@@ -45,7 +45,7 @@ import zstandard
 from .formats.quantize import coarse_levels
 from .formats.writer import PLANE_ZSTD_LEVEL
 from .layer import Layer
-from .runtime import bert, llama
+from .runtime import bert, llama, ops
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class CalibratedShifts:
         self.estimated_loss = 0.0  # of the choice made
         self.preview_cosine: float | None = None  # measured: the whole coarse model against the exact one
         self.propagated = False  # whether each choice's loss was measured end to end (else estimated as gain x D)
+        # an encoder's float32 weight copies, reused over the calibration's many passes (the exact steps' weights)
+        self.float_weights = ops.FloatWeightCache(ops.default_float_weight_budget_bytes())
 
     def _calibration_ids(self, tokenizer_json: bytes | None) -> list[list[int]]:
         vocab = int(self.config.get("vocab_size", 0))
@@ -271,7 +273,7 @@ class CalibratedShifts:
             return (ht, mask_bias, input_ids.shape, mask), ht
         if index <= config.num_hidden_layers:
             ht, mask_bias, shape, mask = state
-            out = bert.encoder_block(layer, ht, mask_bias, index - 1, config, shape)
+            out = bert.encoder_block(layer, ht, mask_bias, index - 1, config, shape, self.float_weights)
             return (out, mask_bias, shape, mask), out
         return state, None
 
