@@ -19,7 +19,8 @@ from streamload.errors import FormatError, ManifestSchemaError
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from tests.checks import assert_cache_exact
-from tests.serving import serve_directory
+from tests.faulty import Faults, faulty_app
+from tests.serving import ServerThread, serve_directory
 from tests.support.mutate import join_file, split_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -166,3 +167,20 @@ async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tmp_path:
         layer = await model.layer(refinement.layer_index)
         for name, values in expected.items():
             np.testing.assert_array_equal(layer[name], values)
+
+
+async def test_a_coarse_chunk_failing_its_hash_in_its_refinements_batch_sends_both_back(tmp_path: Path) -> None:
+    """Without Range, a small file's refinement shares a batch with the coarse chunk under it; when that one fails its
+    sha256 the refinement is refused with it (not folded onto the bytes that are not there) and both come again."""
+    path = tmp_path / "tiny-p.slm"
+    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True)
+    with ModelReader(path) as reader:
+        refinement = reader.manifest.refinement_chunks[0]
+        base = next(c for c in reader.manifest.chunks if c.raw_offset <= refinement.raw_offset < c.raw_end)
+        start = reader.preamble.data_offset + base.offset
+    faults = Faults(script=["full"] * 10, corrupt_range=(start, start + base.size_bytes), corrupt_times=1)
+    with ServerThread(faulty_app(path, faults)) as server:
+        async with streamload.open(server.url("tiny-p.slm"), cache_dir=tmp_path / "cache") as model:
+            stats = await asyncio.wait_for(model.wait_complete(), 60)
+    assert stats.integrity_failures >= 2  # the coarse chunk, and the refinement that would have been folded into it
+    assert_cache_exact(tmp_path / "cache", path)
