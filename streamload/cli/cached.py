@@ -137,6 +137,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                 architecture = manifest.architecture
             except StreamloadError:
                 architecture = "damaged"
+            if manifest is not None and manifest.digest != cached.digest:  # another model's header: fetched again on use
+                architecture, manifest = "damaged", None
         status = "complete" if cached.complete else f"partial {_done_percent(cached.directory, manifest)}%"
         rows.append(
             {

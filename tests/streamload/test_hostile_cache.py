@@ -3,6 +3,9 @@ one its name (the manifest digest) says, or it is fetched again."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import streamload
@@ -30,3 +33,15 @@ async def test_a_model_directory_holding_another_models_header_is_fetched_again(
             await model.wait_complete()
         assert (models / digest / "header.slm").read_bytes() != (models / other / "header.slm").read_bytes()  # written again
     assert_cache_exact(tmp_path, www / "minilm.slm")
+
+
+async def test_list_shows_a_directory_holding_another_models_header_as_damaged(server: ServerThread, tmp_path: Path) -> None:
+    digest = await fill_cache(server.url("minilm.slm"), tmp_path)
+    other = await fill_cache(server.url("deep.slm"), tmp_path)
+    models = tmp_path / "models"
+    (models / digest / "header.slm").write_bytes((models / other / "header.slm").read_bytes())
+    env = {"STREAMLOAD_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "streamload.cli", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = {row["digest"]: row for row in json.loads(done.stdout)}
+    assert rows[digest]["architecture"] == "damaged" and rows[other]["architecture"] == "llama"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
@@ -18,8 +20,9 @@ from streamload.errors import FormatError, ManifestSchemaError
 from streamload.formats import ModelReader, convert
 from streamload.formats.constants import REFINEMENT_PASS
 from tests.support.checks import assert_cache_exact
+from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
-from tests.support.serving import serve_directory
+from tests.support.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -128,3 +131,57 @@ async def test_a_damaged_coarse_chunk_under_a_pending_refinement_never_gives_a_w
                 np.testing.assert_array_equal(layer[name], values)
             await asyncio.wait_for(model.wait_complete(), 60)
     assert_cache_exact(tmp_path, path)
+
+
+def replace_chunk(data: bytes, moved: int, raw: bytes) -> bytes:
+    """The same file with chunk ``moved`` (in file order) holding ``raw`` instead, its sha256 and every offset right."""
+    manifest, region = split_file(data)
+    frame = zstandard.ZstdCompressor(level=3).compress(raw)
+    pieces, offset = [], 0
+    for i, entry in enumerate(manifest["chunks"]):
+        piece = frame if i == moved else region[entry["offset"] : entry["offset"] + entry["size"]]
+        if i == moved:
+            entry["size"], entry["sha256"] = len(frame), hashlib.sha256(frame).digest()
+        pieces.append(piece)
+        entry["offset"], offset = offset, offset + len(piece)
+    return join_file(manifest, b"".join(pieces))
+
+
+async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tmp_path: Path) -> None:
+    """A hostile file (every sha256 right) whose refinement is no refinement of its coarse levels: folding it twice
+    gives other bytes than folding it once. After a kill between the fold and its journal record, the next run finds
+    the coarse chunk under it changed, fetches it again and folds once: the exact layer is the reader's."""
+    plain = tmp_path / "tiny-p.slm"
+    convert(FIXTURES / "llama-tiny", plain, chunk_size_bytes=16 << 10, progressive=True)
+    with ModelReader(plain) as reader:
+        refinement = reader.manifest.refinement_chunks[0]
+        position = [c.index for c in reader.manifest.file_order_chunks()].index(refinement.index)
+    path = tmp_path / "hostile.slm"
+    path.write_bytes(replace_chunk(plain.read_bytes(), position, bytes([100]) * refinement.raw_size_bytes))
+    with ModelReader(path) as reader:
+        assert not reader.verify()
+        expected = reader.read_tensors(refinement.layer_index)
+    async with streamload.open(path, cache_dir=tmp_path / "cache") as model:
+        await model.wait_complete()
+    forget_refinements(tmp_path / "cache", path)  # folded, never journaled: a kill
+    async with streamload.open(path, cache_dir=tmp_path / "cache") as model:
+        layer = await model.layer(refinement.layer_index)
+        for name, values in expected.items():
+            np.testing.assert_array_equal(layer[name], values)
+
+
+async def test_a_coarse_chunk_failing_its_hash_in_its_refinements_batch_sends_both_back(tmp_path: Path) -> None:
+    """Without Range, a small file's refinement shares a batch with the coarse chunk under it; when that one fails its
+    sha256 the refinement is refused with it (not folded onto the bytes that are not there) and both come again."""
+    path = tmp_path / "tiny-p.slm"
+    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True)
+    with ModelReader(path) as reader:
+        refinement = reader.manifest.refinement_chunks[0]
+        base = next(c for c in reader.manifest.chunks if c.raw_offset <= refinement.raw_offset < c.raw_end)
+        start = reader.preamble.data_offset + base.offset
+    faults = Faults(script=["full"] * 10, corrupt_range=(start, start + base.size_bytes), corrupt_times=1)
+    with ServerThread(faulty_app(path, faults)) as server:
+        async with streamload.open(server.url("tiny-p.slm"), cache_dir=tmp_path / "cache") as model:
+            stats = await asyncio.wait_for(model.wait_complete(), 60)
+    assert stats.integrity_failures >= 2  # the coarse chunk, and the refinement that would have been folded into it
+    assert_cache_exact(tmp_path / "cache", path)
