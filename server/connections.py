@@ -29,6 +29,8 @@ import logging
 
 from aiohttp import web
 
+from .slots import client_key
+
 logger = logging.getLogger(__name__)
 
 READ_BYTES = 16 << 10  # per recv(2): a request head fits; asyncio's 256 KiB per connection is what a flood of heads costs
@@ -60,7 +62,10 @@ class ConnectionBudget:
             )
             self.closed_for_room += 1
             self.forget(victim)
+            transport = victim.transport
             victim.force_close()
+            if victim in self.busy and transport is not None:
+                transport.abort()  # close() would wait for its unsent answer to drain, which a non-reader never lets happen
         # web.Server.__call__, with the handler that reads in READ_BYTES pieces and says when it is lost
         handler = _HeadSizedHandler(self, self.server, loop=self.server._loop, **self.server._kwargs)
         self._open[handler] = None
@@ -75,11 +80,11 @@ class ConnectionBudget:
 
 def _oldest_of_busiest_peer(handlers: list[_HeadSizedHandler]) -> _HeadSizedHandler | None:
     """The oldest connection of the peer address with the most connections open."""
-    by_address: dict[str, list[_HeadSizedHandler]] = collections.defaultdict(list)
+    by_address: dict[str | None, list[_HeadSizedHandler]] = collections.defaultdict(list)
     for handler in handlers:
         transport = handler.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
-        by_address[peer[0] if peer else "?"].append(handler)
+        by_address[client_key(peer[0]) if peer else "?"].append(handler)
     if not by_address:
         return None
     return max(by_address.values(), key=len)[0]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -54,6 +55,20 @@ PIECE_TARGET_S = 0.1  # pieces that finish much faster double, slower ones halve
 RECLAIM_CHECK_S = 0.1  # while requests wait, how often to look for transfers that have become stalled
 TCP_INFO_BYTES_ACKED = struct.Struct("<Q")  # struct tcp_info's tcpi_bytes_acked (Linux >= 4.1)
 TCP_INFO_BYTES_ACKED_OFFSET = 120
+
+
+def client_key(address: str | None) -> str | None:
+    """What slots and connections are shared by: the peer's IPv4 address, or the /64 of its IPv6 address (one host is
+    given a /64: it could take a new address per connection within it)."""
+    if address is None or ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
 
 
 def read_bytes_acked(sock: socket.socket) -> int | None:
@@ -86,7 +101,7 @@ class Transfer:
     )
 
     def __init__(self, write_timeout_s: float, sock: socket.socket | None = None, address: str | None = None) -> None:
-        self.address = address  # the peer's address: slots are shared fairly between addresses
+        self.address = client_key(address)  # slots are shared fairly between these (an IPv4 address, an IPv6 /64)
         self.granted_at = 0.0  # loop time the slot was granted
         self.piece_bytes = PIECE_START_BYTES
         self.bytes_sent = 0

@@ -29,6 +29,7 @@ from .httputil import parse_etag
 logger = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MAX_REF_BYTES = 64 << 10  # a digest, a URL, an ETag: a larger ref is damaged, never read whole
 
 
 def ref_path(root: Path, url: str) -> Path:
@@ -78,6 +79,6 @@ def parse_ref(path: Path) -> tuple[str, str]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return read_own_file(path).decode(errors="replace").split("\n")
+        return read_own_file(path, MAX_REF_BYTES).decode(errors="replace").split("\n")
     except OSError:
         return []

@@ -205,15 +205,18 @@ def test_a_store_with_another_hard_link_is_never_written_into(server: ServerThre
     assert_fails_with_one_error(done, "store.bin", "hard link")
 
 
-def test_a_huge_header_file_is_neither_read_whole_by_list_nor_by_run(server: ServerThread, tmp_path: Path) -> None:
-    """A 4 GiB (sparse) header.slm: over any header's size, so damaged; `list` and `run` stay within 3 GiB of address space."""
+@pytest.mark.parametrize("replaced", ["header.slm", "ref"])
+def test_a_huge_header_or_ref_is_neither_read_whole_by_list_nor_by_run(server: ServerThread, tmp_path: Path, replaced: str) -> None:
+    """A 4 GiB (sparse) header.slm or ref: over any such file's size, so damaged; `list` and `run` stay within 3 GiB of
+    address space."""
     import resource
 
     url = server.url("minilm.slm")
     digest = fill_cache(url, tmp_path)
     header = tmp_path / "models" / digest / "header.slm"
-    header.unlink()
-    with open(header, "wb") as f:
+    huge = next((tmp_path / "refs").iterdir()) if replaced == "ref" else header
+    huge.unlink()
+    with open(huge, "wb") as f:
         f.truncate(4 << 30)
 
     def limited() -> None:
@@ -223,11 +226,11 @@ def test_a_huge_header_file_is_neither_read_whole_by_list_nor_by_run(server: Ser
     listed = subprocess.run([STREAMLOAD, "list", "--cache-dir", str(tmp_path)], capture_output=True, text=True, preexec_fn=limited, env=env)
     assert listed.returncode == 0 and digest[:12] in listed.stdout, listed.stderr
     ran = subprocess.run(
-        [STREAMLOAD, "run", f"{url}#sha256={digest}", "--cache-dir", str(tmp_path), "--text", "hello", "-q"],
+        [STREAMLOAD, "run", url if replaced == "ref" else f"{url}#sha256={digest}", "--cache-dir", str(tmp_path), "--text", "hello", "-q"],
         capture_output=True,
         text=True,
         preexec_fn=limited,
         env=env,
     )
     assert_runs(ran)
-    assert header.stat().st_size < 1 << 20  # fetched again and replaced
+    assert huge.stat().st_size < 1 << 20  # fetched (or written) again, replacing it
