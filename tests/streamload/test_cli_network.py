@@ -248,3 +248,18 @@ def test_a_read_behind_a_connections_position_is_said_in_a_users_words() -> None
         reader.read_into(10, memoryview(bytearray(5)))
     assert "offset" not in str(caught.value) and "asking for them again" in str(caught.value)
     assert RetryPolicy().limiter is None
+
+
+def test_list_says_a_model_is_being_downloaded(www: Path, tmp_path: Path) -> None:
+    """The journal trails a running download by seconds: list says 'downloading, N%+', not a bare 'partial N%'."""
+    from tests.serving import serve_directory
+
+    with serve_directory(www, rate_bytes_per_s=300_000) as slow:
+        fetch = subprocess.Popen([STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"], stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        during = json.loads(streamload_cli("list", "--json", "--cache-dir", str(tmp_path)).stdout)
+        fetch.kill()
+        fetch.wait(timeout=30)
+    after = json.loads(streamload_cli("list", "--json", "--cache-dir", str(tmp_path)).stdout)
+    assert during[0]["status"].startswith("downloading, ") and during[0]["status"].endswith("%+"), during
+    assert after[0]["status"].startswith("partial "), after
