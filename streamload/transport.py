@@ -122,7 +122,8 @@ class SpanReader:
         """Fill ``target`` with the file's bytes at ``offset`` (blocking). RetryableError / StalledError on failure,
         after which ``position - offset`` bytes of ``target`` hold the file's (none when negative)."""
         if offset < self.position:
-            raise RetryableError(f"{self.url}: asked for offset {offset} behind the body's position {self.position}")
+            # the connection went past these bytes (a span was cut under it): they come on a new request, no data is lost
+            raise RetryableError(f"{self.url}: the connection had already passed the bytes wanted; asking for them again")
         try:
             if offset > self.position:
                 scratch = memoryview(bytearray(min(SKIP_BUFFER_BYTES, offset - self.position)))

@@ -140,6 +140,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             if manifest is not None and manifest.digest != cached.digest:  # another model's header: fetched again on use
                 architecture, manifest = "damaged", None
         status = "complete" if cached.complete else f"partial {_done_percent(cached.directory, manifest)}%"
+        if not cached.complete and _being_written(cached.directory):  # the journal trails a running download by seconds
+            status = f"downloading, {_done_percent(cached.directory, manifest)}%+"
         rows.append(
             {
                 "name": model_name(cached.sources),
@@ -159,13 +161,31 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{len(rows)} model{'s' if len(rows) != 1 else ''} in {cache_dir_of(args)}")
     width = max(4, *(len(row["name"]) for row in rows))
-    print(f"{'NAME':<{width}}  {'DIGEST':<14} {'ARCH':<8} {'ON DISK':>10} {'STATUS':<13} SOURCE")  # decompressed: more than the .slm
+    print(f"{'NAME':<{width}}  {'DIGEST':<14} {'ARCH':<8} {'ON DISK':>10} {'STATUS':<18} SOURCE")  # decompressed: more than the .slm
     for row in rows:
         print(
             f"{row['name']:<{width}}  {row['digest'][:12]:<14} {row['architecture']:<8} {format_bytes(row['size_bytes']):>10} "
-            f"{row['status']:<13} {', '.join(row['sources']) or '-'}"
+            f"{row['status']:<18} {', '.join(row['sources']) or '-'}"
         )
     return EXIT_OK
+
+
+def _being_written(directory: Path) -> bool:
+    """Another process holds the model's writer lock (a shared lock taken and released at once, as a probe)."""
+    import fcntl
+
+    try:
+        fd = os.open(directory / "lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _done_percent(directory: Path, manifest: Any) -> int:

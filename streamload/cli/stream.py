@@ -252,6 +252,7 @@ async def _interactive(args: argparse.Namespace, model: Any, bar: ProgressBar) -
     if template is not None and importlib.util.find_spec("jinja2") is None:
         print("warning: this model's chat template needs jinja2 (pip install jinja2): prompts go to the model as typed", file=sys.stderr)
         template = None
+    bar.close()  # a bar redrawn under the prompt would garble it; the download goes on behind the session
     tty = sys.stdin.isatty()
     if tty and not args.json:
         what = "chat (the model's template)" if template else ("prompt" if decoder else "text to embed")
@@ -268,6 +269,11 @@ async def _interactive(args: argparse.Namespace, model: Any, bar: ProgressBar) -
         messages = [*history, {"role": "user", "content": line}]
         if template is not None:
             options["ids"] = model.tokenizer.encode(apply_chat_template(model.config, messages), add_special_tokens=False).ids
+            positions = model.config.get("max_position_embeddings")
+            if history and isinstance(positions, int) and len(options["ids"]) + args.max_new_tokens > positions:
+                print(f"(the conversation outgrew the model's {positions} positions: it starts over from this prompt)", file=sys.stderr)
+                history, messages = [], [{"role": "user", "content": line}]
+                options["ids"] = model.tokenizer.encode(apply_chat_template(model.config, messages), add_special_tokens=False).ids
         else:
             options["texts"] = [line]
         printer = TokenPrinter(model, bar) if decoder and not args.json else None

@@ -181,3 +181,11 @@ def test_generate_yields_the_text_piece_by_piece_and_its_async_twin_agrees(chat_
             return [piece async for piece in model.generate("hello", **options)]
 
     assert asyncio.run(twin()) == pieces
+
+
+def test_an_encoder_reads_one_text_a_line_from_stdin(minilm_slm: Path, tmp_path: Path) -> None:
+    common = (str(minilm_slm), "--cache-dir", str(tmp_path), "--json", "-q")
+    from_stdin = run_cli("run", *common, "-", stdin="first one\n\nsecond\n")
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    as_arguments = run_cli("run", *common, "first one", "second")
+    assert json.loads(from_stdin.stdout)["embedding"] == json.loads(as_arguments.stdout)["embedding"]

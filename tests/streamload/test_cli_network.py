@@ -225,3 +225,41 @@ def test_a_second_fetch_of_a_model_being_downloaded_says_it_waits(www: Path, tmp
         second.wait(timeout=60)
     assert "another process is downloading" in line and "waiting for it" in line, line
     assert first.returncode == 0 and second.returncode == 0
+
+
+def test_a_fetch_from_mirrors_does_not_claim_more_bytes_of_the_file_than_it_has(server: ServerThread, tmp_path: Path) -> None:
+    """The mirrors' header probes come on top of the file: 'downloaded 21.8 MB for a file of 21.4 MB', not '... of 21.4 MB'."""
+    url = server.url("minilm.slm")
+    done = streamload_cli("fetch", url, "--mirror", url + "?mirror", "--cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("downloaded ")]
+    downloaded, relation, total = re.match(r"downloaded ([\d.]+) MB (of|for a file of) ([\d.]+) MB", line).groups()  # type: ignore[union-attr]
+    assert float(downloaded) > float(total) and relation == "for a file of", line
+
+
+def test_a_read_behind_a_connections_position_is_said_in_a_users_words() -> None:
+    from streamload.errors import RetryableError
+    from streamload.httputil import RetryPolicy
+    from streamload.transport import FileReader
+
+    reader = FileReader(memoryview(bytes(100)), 0, 100, "http://example.test/m.slm")
+    reader.read_into(0, memoryview(bytearray(50)))
+    with pytest.raises(RetryableError) as caught:
+        reader.read_into(10, memoryview(bytearray(5)))
+    assert "offset" not in str(caught.value) and "asking for them again" in str(caught.value)
+    assert RetryPolicy().limiter is None
+
+
+def test_list_says_a_model_is_being_downloaded(www: Path, tmp_path: Path) -> None:
+    """The journal trails a running download by seconds: list says 'downloading, N%+', not a bare 'partial N%'."""
+    from tests.serving import serve_directory
+
+    with serve_directory(www, rate_bytes_per_s=300_000) as slow:
+        fetch = subprocess.Popen([STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"], stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        during = json.loads(streamload_cli("list", "--json", "--cache-dir", str(tmp_path)).stdout)
+        fetch.kill()
+        fetch.wait(timeout=30)
+    after = json.loads(streamload_cli("list", "--json", "--cache-dir", str(tmp_path)).stdout)
+    assert during[0]["status"].startswith("downloading, ") and during[0]["status"].endswith("%+"), during
+    assert after[0]["status"].startswith("partial "), after
