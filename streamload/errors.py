@@ -282,5 +282,4 @@ __all__ = [
     "UnsupportedVersionError",
     "UsageError",
     "WriterStageError",
-    "redact_urls",
 ]

@@ -4,6 +4,7 @@ listens on 8800 cannot matter)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from streamload.formats import convert
 from tests.support.serving import ServerThread, serve_directory
+from tests.support.synthetic import llama_config, write_synthetic_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -39,9 +42,18 @@ def test_the_readme_has_the_blocks_these_tests_run() -> None:
 
 
 @pytest.fixture(scope="module")
-def docs_server(progressive_www: Path) -> Iterator[ServerThread]:
-    """minilm.slm and minilm-p.slm, what the documents' blocks open."""
-    with serve_directory(progressive_www) as running:
+def docs_server(tmp_path_factory: pytest.TempPathFactory, progressive_www: Path, minilm_dir: Path) -> Iterator[ServerThread]:
+    """What the documents' blocks open: minilm.slm, minilm-p.slm, and llama.slm, a small random Llama that carries
+    all-MiniLM-L6-v2's tokenizer (so a block can prompt it with text)."""
+    served = tmp_path_factory.mktemp("docs-www")
+    for path in progressive_www.glob("*.slm"):
+        shutil.copy(path, served / path.name)
+    tokenizer = json.loads((minilm_dir / "tokenizer.json").read_text())
+    vocab_size = max(tokenizer["model"]["vocab"].values()) + 1
+    source = write_synthetic_llama(tmp_path_factory.mktemp("docs-llama"), llama_config(vocab_size=vocab_size))
+    shutil.copy(minilm_dir / "tokenizer.json", source / "tokenizer.json")
+    convert(source, served / "llama.slm")
+    with serve_directory(served) as running:
         yield running
 
 

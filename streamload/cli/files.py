@@ -110,7 +110,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         with ModelReader(args.source) as reader:
             summary = summarize_manifest(reader.manifest, format_version=reader.preamble.format_version)
             summary["file_bytes"] = reader.size_bytes
-    summary["deltas"] = delta_bases_of(args.source) if not is_url(args.source) else []
+    summary["deltas"] = delta_bases_of(args.source) if not is_url(args.source) and Path(args.source).is_file() else []
     if args.json:
         print_json(summary)
     else:

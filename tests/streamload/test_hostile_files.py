@@ -18,7 +18,7 @@ from streamload.formats.constants import MAX_STORE_PER_COMPRESSED_BYTE, STORE_AL
 from streamload.formats.manifest import ChunkEntry, LayerEntry, TensorEntry, encode_manifest
 from streamload.pipeline import BATCH_RAW_BYTES
 from tests.support.mutate import join_file, split_file
-from tests.support.serving import serve_directory
+from tests.support.serving import serve_directory, serve_files
 
 
 def write_zeros_model(path: Path, layers: int, layer_bytes: int, chunk_bytes: int) -> None:
@@ -58,7 +58,7 @@ async def test_a_bomb_over_the_bound_allocates_nothing(tmp_path: Path) -> None:
     www = tmp_path / "www"
     www.mkdir()
     write_zeros_model(www / "bomb.slm", layers=4, layer_bytes=64 << 20, chunk_bytes=1 << 20)
-    with serve_directory(www) as server:
+    with serve_files(www) as server:  # a static host serves it (the bundled server would refuse it)
         with pytest.raises(OutOfBoundsError):
             async with streamload.open(server.url("bomb.slm"), cache_dir=tmp_path / "cache"):
                 pass

@@ -22,7 +22,7 @@ from streamload.formats.constants import REFINEMENT_PASS
 from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
-from tests.support.serving import ServerThread, serve_directory
+from tests.support.serving import ServerThread, serve_directory, serve_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -77,7 +77,7 @@ def test_a_refinement_before_its_coarse_chunk_is_refused_by_the_reader(refinemen
 
 async def test_a_refinement_before_its_coarse_chunk_is_refused_without_range(refinement_first: Path, tmp_path: Path) -> None:
     """Served whole (no Range), the file would be read front to back: the refinement first, onto nothing."""
-    with serve_directory(refinement_first.parent, ranges_enabled=False) as server:
+    with serve_files(refinement_first.parent, ranges=False) as server:  # a static host (the bundled server refuses it)
         with pytest.raises(FormatError, match="which it refines"):
             async with streamload.open(server.url("minilm-p.slm"), cache_dir=tmp_path) as model:
                 await asyncio.wait_for(model.wait_complete(), 60)

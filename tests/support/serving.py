@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import threading
 from pathlib import Path
@@ -56,3 +57,26 @@ class ServerThread:
 
 def serve_directory(directory: Path, **options: object) -> ServerThread:
     return ServerThread(create_app(ServerConfig(directory=directory, **options)))  # type: ignore[arg-type]
+
+
+def serve_files(directory: Path, *, ranges: bool = True) -> ServerThread:
+    """A static host that serves whatever bytes a file holds, as nginx or a CDN would (the bundled server refuses files
+    that are not models): for tests of the client's own defences against a hostile file. ``ranges``: answer a
+    ``bytes=START-[END]`` Range with 206, else always the whole file with 200."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = directory / request.match_info["name"]
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        data = path.read_bytes()
+        found = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", "")) if ranges else None
+        if found is None or int(found.group(1)) >= len(data):
+            return web.Response(body=data, headers={"Accept-Ranges": "bytes" if ranges else "none"})
+        start = int(found.group(1))
+        end = min(len(data), int(found.group(2)) + 1) if found.group(2) else len(data)
+        headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}", "Accept-Ranges": "bytes"}
+        return web.Response(status=206, body=data[start:end], headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/{name}", handle)
+    return ServerThread(app)
