@@ -188,9 +188,11 @@ def codes_moved(new: Path, old: Path) -> float:
 
 def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not wait_for_port(port, 20.0):
+    try:
+        wait_for_port(port, 20.0)
+    except RuntimeError:
         process.kill()
-        raise SystemExit(f"{command[:3]} did not start")
+        raise SystemExit(f"{' '.join(command[:5])} did not start") from None
     return process
 
 
