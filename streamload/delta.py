@@ -166,7 +166,8 @@ PENDING, TAKEN, SETTLED = 0, 1, 2
 class DeltaStream:
     """The delta's frames for the chunks it owns (``positions``, taken from the scheduler), fetched in file order beside
     the download, and on extra ranged requests for chunks demanded out of order (rows); each batch rebuilt on a worker
-    thread, then handed to ``landed`` (positions, xxh3 digests) or ``failed`` (positions: for the download)."""
+    thread, then handed to ``landed`` (positions, xxh3 digests, the frames' bytes) or ``failed`` (positions: for the
+    download)."""
 
     def __init__(
         self,
@@ -186,10 +187,10 @@ class DeltaStream:
         self.number_of = {int(i): n for n, i in enumerate(index.chunk_index[wanted].tolist())}  # chunk index -> entry number
         self._tasks: set[asyncio.Task[None]] = set()
         self._bodies: set[_Body] = {body}
-        self._landed: Callable[[np.ndarray, list[int]], None] = lambda positions, digests: None
+        self._landed: Callable[[np.ndarray, list[int], int], None] = lambda positions, digests, frame_bytes: None
         self._failed: Callable[[np.ndarray], None] = lambda positions: None
 
-    def start(self, landed: Callable[[np.ndarray, list[int]], None], failed: Callable[[np.ndarray], None]) -> None:
+    def start(self, landed: Callable[[np.ndarray, list[int], int], None], failed: Callable[[np.ndarray], None]) -> None:
         self._landed, self._failed = landed, failed
         self._spawn(self._run())
 
@@ -279,7 +280,9 @@ class DeltaStream:
         for n in batch[: len(results)]:
             self.state[n] = SETTLED
         if landed:
-            self._landed(self.positions[[n for n, _ in landed]], [digest for _, digest in landed])
+            numbers = [n for n, _ in landed]
+            frames = int(self.index.size[self.wanted[numbers]].sum())
+            self._landed(self.positions[numbers], [digest for _, digest in landed], frames)
         if refused:
             self._failed(self.positions[refused])
         if failure is not None:

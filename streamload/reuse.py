@@ -12,7 +12,7 @@ copies nothing. A chunk that overlaps a progressive tensor of the model it would
 store holds the folded exact values, not the coarse levels its chunk decompresses to).
 
 Costs: every other cached header is parsed (about 0.25 s for a manifest of 600,000 chunks) and its journal read;
-each copied byte is read, hashed (xxh3, tens of GB/s) and written once. Threads: ``copy_shared_chunks`` blocks: it
+each copied byte is read, hashed (xxh3, tens of GB/s) and written once, a chunk at a time. Threads: ``copy_shared_chunks`` blocks: it
 runs on a worker thread (``asyncio.to_thread``) before the download starts.
 """
 
@@ -111,14 +111,14 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def read_checked(held: HeldModel, ranges: list[tuple[int, int, int]]) -> list[bytes | None]:
-    """The stored bytes of ``held``'s chunks (chunk index, store offset, size), each checked against its journaled xxh3
-    (None where it is not journaled, cannot be read, or differs)."""
-    out: list[bytes | None] = []
+def read_checked(held: HeldModel, ranges: list[tuple[int, int, int]]) -> Iterator[bytes | None]:
+    """The stored bytes of ``held``'s chunks (chunk index, store offset, size), one at a time, each checked against its
+    journaled xxh3 (None where it is not journaled, cannot be read, or differs)."""
     try:
         fd = os.open(held.store_path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return [None] * len(ranges)
+        yield from [None] * len(ranges)
+        return
     try:
         for index, raw_offset, raw_size in ranges:
             digest = held.journal.get(index)
@@ -126,10 +126,9 @@ def read_checked(held: HeldModel, ranges: list[tuple[int, int, int]]) -> list[by
                 data = os.pread(fd, raw_size, raw_offset) if digest is not None else b""
             except OSError:
                 data = b""
-            out.append(data if digest is not None and len(data) == raw_size and xxhash.xxh3_64_intdigest(data) == digest else None)
+            yield data if digest is not None and len(data) == raw_size and xxhash.xxh3_64_intdigest(data) == digest else None
     finally:
         os.close(fd)
-    return out
 
 
 def _sha_keys(table: ChunkTable, positions: np.ndarray) -> list[bytes]:

@@ -217,8 +217,6 @@ class DownloadSession:
         rows = np.flatnonzero((table.layer >= self.manifest.step_count) & (table.pass_index == 0))
         rows_from = int(rows[0]) if len(rows) else len(table)
         self.scheduler = ChunkScheduler(table, self.journaled, rows_from=rows_from, requires=self.plan.requires)
-        if self.delta is not None:  # its chunks come from the delta file, beside the download (given back if they fail)
-            self.scheduler.take_positions(self.delta.positions.tolist())
         # chunks of each layer not yet stored, refinements included; pass-0 chunks only
         self.readiness = Readiness(
             self.loop,
@@ -230,6 +228,8 @@ class DownloadSession:
             bytes_to_download=self.scheduler.pending_bytes,
             bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
         )
+        if self.delta is not None:  # its chunks come from the delta file, beside the download (given back if they fail)
+            self.scheduler.take_positions(self.delta.positions.tolist())
         if not pending.any():
             if self._header_stream is not None:  # nothing to read from it
                 self._header_stream.close()
@@ -275,10 +275,12 @@ class DownloadSession:
         if damaged:
             logger.warning("%d cached chunks under refinements still to fetch differ from what was verified; fetching them", len(damaged))
 
-    def _delta_landed(self, positions: np.ndarray, digests: list[int]) -> None:
-        """Chunks rebuilt from the delta file are stored: the completion route of the download's chunks."""
+    def _delta_landed(self, positions: np.ndarray, digests: list[int], frame_bytes: int) -> None:
+        """Chunks rebuilt from the delta file (from ``frame_bytes`` of it) are stored: the completion route of the
+        download's chunks. What they saved counts as cached for the progress reports."""
         assert self.readiness is not None and self.committer is not None
         table = self.all_chunks
+        self.readiness.bytes_cached += int(table.size[positions].sum()) - frame_bytes
         self.scheduler.done(positions.tolist())
         indices = table.index[positions]
         self.readiness.landed(table.layer[positions], table.pass_index[positions], indices)

@@ -83,12 +83,13 @@ def sentence_pairs(count: int, seed: int) -> list[tuple[str, str]]:
 
 def fine_tune(source: Path, out: Path) -> None:
     """300 AdamW steps of the sentence-transformers in-batch-negatives objective; writes ``out`` as a model folder."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # on a shared machine, spinning threads cost 5x (one thread: ~1 s a step)
     import torch
     from safetensors.numpy import load_file, save_file
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(SEED)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModel.from_pretrained(source)
     model.train()
@@ -187,9 +188,11 @@ def codes_moved(new: Path, old: Path) -> float:
 
 def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not wait_for_port(port, 20.0):
+    try:
+        wait_for_port(port, 20.0)
+    except RuntimeError:
         process.kill()
-        raise SystemExit(f"{command[:3]} did not start")
+        raise SystemExit(f"{' '.join(command[:5])} did not start") from None
     return process
 
 
@@ -266,7 +269,9 @@ def main() -> None:
             full = fetch_through_link(name, server_port, fresh, work)
             with ModelReader(www / name) as reader:
                 digest = reader.manifest.digest
-                header = reader.preamble.data_offset
+                header = 32 + reader.preamble.manifest_size_bytes
+                block = next(layer.index for layer in reader.manifest.layers if layer.name == f"block.{CHANGED_BLOCK}")
+                block_bytes = sum(c.size_bytes for c in reader.manifest.chunks_of_layer(block))
             file_bytes = (www / name).stat().st_size
             floor = code_difference_floor(www / name, www / "v1.slm")
             delta = report.delta
@@ -290,6 +295,11 @@ def main() -> None:
                     "floor_bytes": floor,
                     "plain_file_bytes": reports[case + "-plain"].output_size_bytes,
                     "exact": store_of(updated, digest) == store_of(fresh, digest),
+                    "block_bytes": block_bytes,
+                    # the issue's targets: (a) 0.15 of the file; (b) that block's bytes and the header, 1.1x; (c) the header
+                    "target_bytes": {"a": 0.15 * file_bytes, "b": 1.1 * (header + block_bytes), "b'": 1.1 * (header + block_bytes)}.get(
+                        case, header
+                    ),
                 }
             )
             row = rows[-1]
@@ -311,16 +321,16 @@ def main() -> None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
-        "| case | new file | delta file | update on the wire | / file | time at 20 Mbit/s | full fetch | time | floor | / file | "
+        "| case | new file | delta file | update on the wire | / file | target | time at 20 Mbit/s | full fetch | time | floor | / file | "
         "update / floor | codes moved | rows on old scales | exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rebased = f"{r['rows_rebased'] / r['rows']:.3f}" if r["rows"] else "-"
         floor_ratio = f"{r['update_wire_bytes'] / r['floor_bytes']:.2f}" if r["floor_bytes"] else "-"
         print(
             f"| {r['case']} | {r['file_bytes']:,} | {r['delta_file_bytes']:,} | {r['update_wire_bytes']:,} | "
-            f"{r['update_wire_bytes'] / r['file_bytes']:.3f} | {r['update_seconds']:.2f} s | {r['full_wire_bytes']:,} | "
+            f"{r['update_wire_bytes'] / r['file_bytes']:.3f} | <= {r['target_bytes']:,.0f} | {r['update_seconds']:.2f} s | {r['full_wire_bytes']:,} | "
             f"{r['full_seconds']:.2f} s | {r['floor_bytes']:,} | {r['floor_bytes'] / r['file_bytes']:.3f} | {floor_ratio} | "
             f"{r['codes_moved']:.3f} | {rebased} | {r['exact']} |"
         )

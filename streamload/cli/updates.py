@@ -27,7 +27,8 @@ def describe_update(result: dict[str, Any]) -> str:
         parts.append(f"{format_bytes(result['bytes_local'])} copied from cached models ({result['chunks_local']} chunks)")
     if result["chunks_delta"]:
         parts.append(f"{format_bytes(result['bytes_delta'])} of deltas ({result['chunks_delta']} chunks rebuilt)")
-    parts.append(f"{format_bytes(result['bytes_whole'])} whole (the header and {result['chunks_whole']} chunks)")
+    chunks = f" and {result['chunks_whole']} chunks" if result["chunks_whole"] else ""
+    parts.append(f"{format_bytes(result['bytes_whole'])} from the model file (the header{chunks})")
     return "update: " + ", ".join(parts) + "; every chunk checked before use"
 
 
