@@ -78,7 +78,7 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
 
 
 def _file_name(url: str) -> str:
-    return url.split("#")[0].rstrip("/").rsplit("/", 1)[-1]
+    return url.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]  # a ref's query is redacted ("?***")
 
 
 def open_model(args: argparse.Namespace, progress: Any) -> Any:

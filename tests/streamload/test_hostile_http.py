@@ -262,6 +262,9 @@ def test_cli_credentials_in_a_url_never_reach_errors_refs_or_list(server: object
     assert "127.0.0.1" in listed.stdout and "deep.slm?***" in listed.stdout
     again = streamload_cli("fetch", secret, cache=tmp_path)  # the ref is still found by the whole URL
     assert again.returncode == 0 and "already cached whole" in again.stdout, again.stdout + again.stderr
+    by_name = streamload_cli("fetch", "deep.slm", cache=tmp_path)  # as `list` shows it: the redacted URL, pinned
+    assert by_name.returncode == 0 and "already cached whole" in by_name.stdout, by_name.stdout + by_name.stderr
+    assert "pa55word" not in by_name.stderr + by_name.stdout and "T0KEN" not in by_name.stderr + by_name.stdout
 
 
 # ------------------------------------------------------------------ item 11: a hostile embedded tokenizer
