@@ -48,7 +48,7 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
         return False
     root = cache_dir_of(args)
     cached = list_cached_models(root)
-    by_name = [m for m in cached if {source, source + ".slm"} & {_file_name(url) for url in m.sources}]
+    by_name = [m for m in cached if {source, source + ".slm"} & {file_name(url) for url in m.sources}]
     prefix = source.lower().removeprefix("sha256:")
     by_digest = [m for m in cached if m.digest.startswith(prefix)] if re.fullmatch(r"[0-9a-f]{4,64}", prefix) else []
     matches = by_name or by_digest
@@ -72,12 +72,12 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
         return False
     origin = (urls or files)[0]  # a URL pinned to the digest needs no network when the copy is complete
     status = "complete" if model.complete else f"partial: the rest comes from {'its URL' if urls else 'the file'}"
-    print(f"{verb} cached {_file_name(origin)} sha256:{model.digest[:12]} ({status}) from {origin}", file=sys.stderr)
+    print(f"{verb} cached {file_name(origin)} sha256:{model.digest[:12]} ({status}) from {origin}", file=sys.stderr)
     args.source, args.digest = origin, model.digest
     return True
 
 
-def _file_name(url: str) -> str:
+def file_name(url: str) -> str:
     return url.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]  # a ref's query is redacted ("?***")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import pytest
 import zstandard
 
 import streamload
+from streamload.cli.cached import file_name
 from streamload.errors import FetchError, FormatError, InvalidURLError, MalformedResponseError, StreamloadError, UsageError, redact_urls
 from streamload.formats.constants import Codec
 from streamload.formats.entries import TokenizerBlob
@@ -250,14 +252,25 @@ def test_cli_credentials_in_a_url_never_reach_errors_refs_or_list(server: object
     """A password and a signed query string: not in an error, not in the cache's refs, not in `streamload list`."""
     base = server.url("deep.slm")  # type: ignore[attr-defined]
     secret = base.replace("http://", "http://user:pa55word@") + "?X-Amz-Signature=T0KEN"
-    done = streamload_cli("fetch", secret, cache=tmp_path)
+    done = streamload_cli("fetch", "--json", secret, cache=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert list(json.loads(done.stdout)["bytes_by_source"]) == [base.replace("http://", "http://***@") + "?***"]
+    inspected = streamload_cli("inspect", secret, cache=tmp_path)
+    assert inspected.returncode == 0 and "/deep.slm?***" in inspected.stdout
+    assert file_name(secret) == "deep.slm"  # the progress bar's and the picture's title
     listed = streamload_cli("list", cache=tmp_path)
     listed_json = streamload_cli("list", "--json", cache=tmp_path)
     missing = streamload_cli("fetch", secret.replace("deep.slm", "missing.slm"), cache=tmp_path)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     refs = b"".join(path.read_bytes() for path in (tmp_path / "refs").iterdir())
-    for shown in [done.stdout + done.stderr, listed.stdout, listed_json.stdout, missing.stderr, refs.decode()]:
+    for shown in [
+        done.stdout + done.stderr,
+        inspected.stdout + inspected.stderr,
+        listed.stdout,
+        listed_json.stdout,
+        missing.stderr,
+        refs.decode(),
+    ]:
         assert "pa55word" not in shown and "T0KEN" not in shown, shown
     assert "127.0.0.1" in listed.stdout and "deep.slm?***" in listed.stdout
     again = streamload_cli("fetch", secret, cache=tmp_path)  # the ref is still found by the whole URL
@@ -283,8 +296,6 @@ TOKENIZER = {
 
 
 def blob_of(config: dict[str, object]) -> TokenizerBlob:
-    import json
-
     raw = json.dumps(config).encode()
     return TokenizerBlob(Codec.ZSTD, len(raw), zstandard.ZstdCompressor(level=3).compress(raw))
 
