@@ -40,6 +40,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 section 5.1: a
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 _ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 section 8.8.3, without obs-text: it goes back in If-Range
+_FIELD_VALUE = re.compile(r"[\x20-\x7e\t]*")  # RFC 9110 section 5.5 without obs-text: what both paths send alike
 _URL_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # would end or split the request line; a space is sent as %20
 
 
@@ -78,7 +79,8 @@ def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     """A caller's extra request headers (``Authorization: Bearer ...``), checked: UsageError for one we cannot send.
 
     Refused: a name that is not an RFC 9110 token, a value holding CR, LF or NUL (it would
-    end the header early: request splitting), and the headers each request sets itself.
+    end the header early: request splitting) or any other control or non-ASCII character,
+    and the headers each request sets itself.
     """
     checked: dict[str, str] = {}
     for name, value in (headers or {}).items():
@@ -88,6 +90,8 @@ def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise UsageError(f"the {name} header is set by streamload on each request; it cannot be given")
         if any(c in value for c in "\r\n\0"):
             raise UsageError(f"the value of the {name} header holds a line break or NUL")
+        if not _FIELD_VALUE.fullmatch(value):  # the socket path sends latin-1 (a '€' raised UnicodeEncodeError)
+            raise UsageError(f"the value of the {name} header holds a control or non-ASCII character; send printable ASCII")
         checked[name] = value.strip()
     return checked
 

@@ -388,3 +388,21 @@ async def test_a_mirror_that_answers_malformed_spans_is_dropped_and_the_primary_
     assert stats.chunks_fetched == stats.chunks_total
     assert len(mirror.requests) > 1, "the mirror was given spans"
     assert any("not a byte count" in r.getMessage() and "the other sources take its share" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["tok€n", "a\x01b", "a\x7fb"])
+def test_cli_a_header_value_that_cannot_be_sent_is_a_one_line_usage_error(value: str, server: object, tmp_path: Path) -> None:
+    """The socket path encodes its request as latin-1: a '€' raised UnicodeEncodeError; a control character reached the server."""
+    url = server.url("deep.slm")  # type: ignore[attr-defined]
+    for done in [
+        streamload_cli("fetch", url, "--header", f"X-Token: {value}", cache=tmp_path),
+        subprocess.run(
+            [STREAMLOAD, "fetch", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"STREAMLOAD_TOKEN": value, "STREAMLOAD_CACHE": str(tmp_path)},
+        ),
+    ]:
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "printable ASCII" in done.stderr and "Traceback" not in done.stderr
