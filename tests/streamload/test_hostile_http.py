@@ -168,6 +168,8 @@ BAD_URLS = {
     "http://127.0.0.1:0/m.slm": "port 0 is out of range",
     "http:///m.slm": "names no host",
     "http://127.0.0.1/m\x00.slm": "control character",
+    "http://127.0.0.1:1/m\t.slm": "control character",  # urlsplit would drop it without a word
+    "http://exa mple.com/m.slm": "host holds a space",
 }
 
 
