@@ -61,13 +61,13 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
         return False
     model = find_cached_models(root, digest)[0]
     status = "complete" if model.complete else f"partial: the rest comes from {'its URL' if is_url(origin) else 'the file'}"
-    print(f"{verb} cached {_file_name(origin)} sha256:{digest[:12]} ({status}) from {origin}", file=sys.stderr)
+    print(f"{verb} cached {file_name(origin)} sha256:{digest[:12]} ({status}) from {origin}", file=sys.stderr)
     args.source, args.digest = origin, digest
     return True
 
 
-def _file_name(url: str) -> str:
-    return url.split("#")[0].rstrip("/").rsplit("/", 1)[-1]
+def file_name(url: str) -> str:
+    return url.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]  # a ref's query is redacted ("?***")
 
 
 def open_model(args: argparse.Namespace, progress: Any) -> Any:

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..errors import redact_urls
 from ..origin import is_url
 
 EXIT_OK = 0
@@ -107,7 +108,7 @@ def bar_width() -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any], source: str) -> None:
     config = summary["config"]
-    print(f"{source}")
+    print(redact_urls(source))
     print(
         f"  architecture   {summary['architecture']} ({config.get('num_hidden_layers')} blocks, "
         f"hidden {config.get('hidden_size')}, quant {config.get('quantization', '?')})"

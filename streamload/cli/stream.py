@@ -8,18 +8,17 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, redact_urls
-from .cached import is_url, open_model, resolve_source
+from .cached import file_name, is_url, open_model, resolve_source
 from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ProgressBar, format_bytes, print_result
 from .updates import describe_update, update_fields
 
 
 async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
 
-    bar = ProgressBar(f"pulling {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
+    bar = ProgressBar(f"pulling {file_name(args.source)}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
         async with open_model(args, bar) as model:
             stats = await model.wait_complete()
@@ -35,7 +34,7 @@ async def _fetch(args: argparse.Namespace) -> dict[str, Any]:
                 "chunks_fetched": stats.chunks_fetched,
                 "retries": stats.retries,
                 "integrity_failures": stats.integrity_failures,
-                "bytes_by_source": dict(stats.bytes_by_source),
+                "bytes_by_source": {redact_urls(url): count for url, count in stats.bytes_by_source.items()},
             } | update_fields(stats)
     finally:
         bar.close()
@@ -69,7 +68,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             print(describe_update(result))
         if len(args.mirror or ()) > 0:  # each source's share; a refused or dead mirror sent nothing
             for url in dict.fromkeys(u.split("#")[0] for u in [args.source, *args.mirror]):
-                print(f"  {format_bytes(result['bytes_by_source'].get(url, 0)):>10} from {redact_urls(url)}")
+                print(f"  {format_bytes(result['bytes_by_source'].get(redact_urls(url), 0)):>10} from {redact_urls(url)}")
     return EXIT_OK
 
 
@@ -116,7 +115,7 @@ async def _run(args: argparse.Namespace) -> None:
     from ..runtime import run_progressive
 
     started = time.perf_counter()
-    bar = ProgressBar(f"streaming {Path(args.source.split('#')[0]).name}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
+    bar = ProgressBar(f"streaming {file_name(args.source)}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
         async with open_model(args, bar) as model:
             check_run_options(args, model.config)
@@ -189,7 +188,7 @@ async def _run(args: argparse.Namespace) -> None:
                     preview_s=preview["total_s"] if preview is not None else None,
                     preview=preview_result.timeline if preview is not None else (),
                     link_floor_s=floor,
-                    title=f"{Path(args.source.split('#')[0]).name}: result after {format_bytes(result.bytes_needed)} needed"
+                    title=f"{file_name(args.source)}: result after {format_bytes(result.bytes_needed)} needed"
                     + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
                 )
     finally:

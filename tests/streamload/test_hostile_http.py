@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ import pytest
 import zstandard
 
 import streamload
+from streamload.cli.cached import file_name
 from streamload.errors import FetchError, FormatError, InvalidURLError, MalformedResponseError, StreamloadError, UsageError, redact_urls
 from streamload.formats.constants import Codec
 from streamload.formats.entries import TokenizerBlob
@@ -166,6 +168,8 @@ BAD_URLS = {
     "http://127.0.0.1:0/m.slm": "port 0 is out of range",
     "http:///m.slm": "names no host",
     "http://127.0.0.1/m\x00.slm": "control character",
+    "http://127.0.0.1:1/m\t.slm": "control character",  # urlsplit would drop it without a word
+    "http://exa mple.com/m.slm": "host holds a space",
 }
 
 
@@ -250,18 +254,32 @@ def test_cli_credentials_in_a_url_never_reach_errors_refs_or_list(server: object
     """A password and a signed query string: not in an error, not in the cache's refs, not in `streamload list`."""
     base = server.url("deep.slm")  # type: ignore[attr-defined]
     secret = base.replace("http://", "http://user:pa55word@") + "?X-Amz-Signature=T0KEN"
-    done = streamload_cli("fetch", secret, cache=tmp_path)
+    done = streamload_cli("fetch", "--json", secret, cache=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert list(json.loads(done.stdout)["bytes_by_source"]) == [base.replace("http://", "http://***@") + "?***"]
+    inspected = streamload_cli("inspect", secret, cache=tmp_path)
+    assert inspected.returncode == 0 and "/deep.slm?***" in inspected.stdout
+    assert file_name(secret) == "deep.slm"  # the progress bar's and the picture's title
     listed = streamload_cli("list", cache=tmp_path)
     listed_json = streamload_cli("list", "--json", cache=tmp_path)
     missing = streamload_cli("fetch", secret.replace("deep.slm", "missing.slm"), cache=tmp_path)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     refs = b"".join(path.read_bytes() for path in (tmp_path / "refs").iterdir())
-    for shown in [done.stdout + done.stderr, listed.stdout, listed_json.stdout, missing.stderr, refs.decode()]:
+    for shown in [
+        done.stdout + done.stderr,
+        inspected.stdout + inspected.stderr,
+        listed.stdout,
+        listed_json.stdout,
+        missing.stderr,
+        refs.decode(),
+    ]:
         assert "pa55word" not in shown and "T0KEN" not in shown, shown
     assert "127.0.0.1" in listed.stdout and "deep.slm?***" in listed.stdout
     again = streamload_cli("fetch", secret, cache=tmp_path)  # the ref is still found by the whole URL
     assert again.returncode == 0 and "already cached whole" in again.stdout, again.stdout + again.stderr
+    by_name = streamload_cli("fetch", "deep.slm", cache=tmp_path)  # as `list` shows it: the redacted URL, pinned
+    assert by_name.returncode == 0 and "already cached whole" in by_name.stdout, by_name.stdout + by_name.stderr
+    assert "pa55word" not in by_name.stderr + by_name.stdout and "T0KEN" not in by_name.stderr + by_name.stdout
 
 
 # ------------------------------------------------------------------ item 11: a hostile embedded tokenizer
@@ -280,8 +298,6 @@ TOKENIZER = {
 
 
 def blob_of(config: dict[str, object]) -> TokenizerBlob:
-    import json
-
     raw = json.dumps(config).encode()
     return TokenizerBlob(Codec.ZSTD, len(raw), zstandard.ZstdCompressor(level=3).compress(raw))
 
@@ -377,3 +393,21 @@ async def test_a_mirror_that_answers_malformed_spans_is_dropped_and_the_primary_
     assert stats.chunks_fetched == stats.chunks_total
     assert len(mirror.requests) > 1, "the mirror was given spans"
     assert any("not a byte count" in r.getMessage() and "the other sources take its share" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["tok€n", "a\x01b", "a\x7fb"])
+def test_cli_a_header_value_that_cannot_be_sent_is_a_one_line_usage_error(value: str, server: object, tmp_path: Path) -> None:
+    """The socket path encodes its request as latin-1: a '€' raised UnicodeEncodeError; a control character reached the server."""
+    url = server.url("deep.slm")  # type: ignore[attr-defined]
+    for done in [
+        streamload_cli("fetch", url, "--header", f"X-Token: {value}", cache=tmp_path),
+        subprocess.run(
+            [STREAMLOAD, "fetch", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"STREAMLOAD_TOKEN": value, "STREAMLOAD_CACHE": str(tmp_path)},
+        ),
+    ]:
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "printable ASCII" in done.stderr and "Traceback" not in done.stderr

@@ -152,7 +152,7 @@ async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tmp_path:
     gives other bytes than folding it once. After a kill between the fold and its journal record, the next run finds
     the coarse chunk under it changed, fetches it again and folds once: the exact layer is the reader's."""
     plain = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", plain, chunk_size_bytes=16 << 10, progressive=True)
+    convert(FIXTURES / "llama-tiny", plain, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     with ModelReader(plain) as reader:
         refinement = reader.manifest.refinement_chunks[0]
         position = [c.index for c in reader.manifest.file_order_chunks()].index(refinement.index)
@@ -174,7 +174,7 @@ async def test_a_coarse_chunk_failing_its_hash_in_its_refinements_batch_sends_bo
     """Without Range, a small file's refinement shares a batch with the coarse chunk under it; when that one fails its
     sha256 the refinement is refused with it (not folded onto the bytes that are not there) and both come again."""
     path = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True)
+    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     with ModelReader(path) as reader:
         refinement = reader.manifest.refinement_chunks[0]
         base = next(c for c in reader.manifest.chunks if c.raw_offset <= refinement.raw_offset < c.raw_end)
