@@ -355,7 +355,8 @@ class Backoff:
         self.failures = 0 if progressed else self.failures + 1
         if self.failures >= self.policy.max_attempts:
             hint = "; is the server running, and is the address right?" if isinstance(exc, UnreachableError) else ""
-            raise FetchError(f"gave up {self.what} after {self.failures} failed attempts in a row: {exc}{hint}") from None
+            attempts = "1 failed attempt" if self.failures == 1 else f"{self.failures} failed attempts in a row"
+            raise FetchError(f"gave up {self.what} after {attempts}: {exc}{hint}") from None
         delay = self.policy.delay_s(max(1, self.failures), exc.retry_after_s if isinstance(exc, RetryableError) else None)
         count = f"failure {self.failures} of {self.policy.max_attempts}" if self.failures else "after progress: the count starts again"
         logger.warning("%s (%s); retrying in %.1f s", exc, count, delay)

@@ -314,11 +314,15 @@ def _left(bar: ProgressBar, model: Any) -> str:
     return format_bytes(max(0, model.stats.bytes_total - cached - model.stats.bytes_downloaded))
 
 
-def memory_budget_setting(given: int | str | None) -> int | str | None:
-    """--memory-budget, else $STREAMLOAD_MEMORY_BUDGET (read here, at the CLI's boundary), else 'auto' (the cgroup's limit)."""
+def memory_budget_setting(given: int | str | None) -> Any:
+    """--memory-budget, else $STREAMLOAD_MEMORY_BUDGET (read here, at the CLI's boundary), else 'auto' (the cgroup's limit):
+    a ``MemoryBudget`` naming where it came from, None, or 'auto'."""
+    from ..runtime.memory import BUDGET_ENV, MemoryBudget, parse_size_bytes
+
+    if isinstance(given, int):
+        return MemoryBudget(given, "--memory-budget")
     if given != "auto":
         return given
-    from ..runtime.memory import BUDGET_ENV, parse_size_bytes
 
     text = os.environ.get(BUDGET_ENV, "").strip()
     if not text or text.lower() == "auto":
@@ -326,7 +330,7 @@ def memory_budget_setting(given: int | str | None) -> int | str | None:
     if text.lower() in ("none", "off", "unlimited"):
         return None
     try:
-        return parse_size_bytes(text)
+        return MemoryBudget(parse_size_bytes(text), f"${BUDGET_ENV}")
     except UsageError as exc:
         raise UsageError(f"${BUDGET_ENV}: {exc}") from None
 

@@ -92,12 +92,12 @@ async def run_progressive(model: Model, **options: Any) -> AsyncIterator[RunResu
     yield await run(model, **options)
 
 
-def memory_budget(setting: int | Literal["auto"] | None) -> MemoryBudget | None:
-    """The budget ``run`` keeps to for ``memory_budget_bytes`` (see there)."""
+def memory_budget(setting: int | MemoryBudget | Literal["auto"] | None) -> MemoryBudget | None:
+    """The budget ``run`` keeps to for ``memory_budget_bytes`` (see there; a ``MemoryBudget`` says where it came from)."""
     if setting == "auto":
         return read_cgroup_memory_limit()
-    if setting is None:
-        return None
+    if setting is None or isinstance(setting, MemoryBudget):
+        return setting
     if isinstance(setting, bool) or not isinstance(setting, int):
         raise UsageError(f"memory_budget_bytes must be a number of bytes, 'auto' or None, not {setting!r}")
     return MemoryBudget(setting, "argument")
@@ -155,7 +155,7 @@ async def run(
     seed: int = 0,
     keep_prompt_logits: bool = False,
     started: float | None = None,
-    memory_budget_bytes: int | Literal["auto"] | None = "auto",
+    memory_budget_bytes: int | MemoryBudget | Literal["auto"] | None = "auto",
     float_weights_bytes: int | None = None,
     decode_threads: int = DEFAULT_DECODE_THREADS,
     on_token: Callable[[int], None] | None = None,

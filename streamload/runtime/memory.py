@@ -170,6 +170,8 @@ class ResidencyPlan:
 
 
 def _mib(size_bytes: int) -> str:
+    if size_bytes < 1 << 20:
+        return f"{size_bytes} bytes" if size_bytes < 1 << 10 else f"{size_bytes / (1 << 10):.1f} KiB"
     return f"{size_bytes / (1 << 20):.1f} MiB"
 
 

@@ -252,7 +252,7 @@ def test_a_read_behind_a_connections_position_is_said_in_a_users_words() -> None
 
 def test_list_says_a_model_is_being_downloaded(www: Path, tmp_path: Path) -> None:
     """The journal trails a running download by seconds: list says 'downloading, N%+', not a bare 'partial N%'."""
-    from tests.serving import serve_directory
+    from tests.support.serving import serve_directory
 
     with serve_directory(www, rate_bytes_per_s=300_000) as slow:
         fetch = subprocess.Popen([STREAMLOAD, "fetch", slow.url("deep.slm"), "--cache-dir", str(tmp_path), "-q"], stdout=subprocess.DEVNULL)
