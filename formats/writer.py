@@ -417,7 +417,7 @@ class ModelWriter:
         for layer_index, raw_offset, size in self._refinements:
             for start in range(0, size, self._chunk_size):
                 raw = spill.read(min(self._chunk_size, size - start))
-                drop_cached(spill.fileno(), spill.tell() - len(raw), len(raw))
+                drop_cached(spill.fileno(), 0, spill.tell())  # from 0: see _copy_releasing
                 future = self._pool.submit(_compress, raw, PLANE_ZSTD_LEVEL)
                 self._in_flight.append((future, layer_index, raw_offset + start, len(raw), REFINEMENT_PASS))
                 self._drain(2 * self._threads)
@@ -463,10 +463,15 @@ class ModelWriter:
 
 
 def _copy_releasing(source: Any, target: PageReleasingFile) -> None:
-    """Copy a file's remaining bytes, dropping each piece read from the page cache (the target drops its own)."""
+    """Copy a file's remaining bytes, dropping what was read from the page cache (the target drops its own).
+
+    The drop covers the file from its start each time: a drop of only the piece just read leaves most of its pages
+    cached while the kernel's readahead runs ahead of a sequential reader (measured: 400 MB read in 1 MiB pieces left
+    388 MB cached in a memory cgroup; dropping from the start left 0.1 MB).
+    """
     while piece := source.read(1 << 20):
         target.write(piece)
-        drop_cached(source.fileno(), source.tell() - len(piece), len(piece))
+        drop_cached(source.fileno(), 0, source.tell())
 
 
 def _padding(header_size_bytes: int) -> int:

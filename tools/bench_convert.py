@@ -173,7 +173,10 @@ def main() -> int:
                 f"{(f'{output.stat().st_size / 1e9:.3f}' if ok else '-'):>10} {(sha256_prefix(output) if ok else '-'):>13}  {outcome}",
                 flush=True,
             )
-            for leftover in (output, *(output.with_name(output.name + suffix) for suffix in (".data.tmp", ".refine.tmp", ".partial"))):
+            for leftover in (
+                output,
+                *(output.with_name(output.name + suffix) for suffix in (".data.tmp", ".refine.tmp", ".steps.tmp", ".partial")),
+            ):
                 leftover.unlink(missing_ok=True)  # a killed conversion leaves its temporary files
     return 0
 

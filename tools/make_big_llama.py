@@ -1,7 +1,7 @@
-"""Write a Llama-shaped model folder of random fp16 weights, as big as a real one, in a few MiB of memory.
+"""Write a Llama-shaped model folder of random fp16 weights, as big as a real one, in bounded memory.
 
     python tools/make_big_llama.py OUT_DIR                 # Llama-3.2-1B shape: 1.24 G weights, 2.5 GB
-    python tools/make_big_llama.py OUT_DIR --shape 7b      # Llama-3-8B-like 7B shape (untied): 7.5 G weights, 15 GB
+    python tools/make_big_llama.py OUT_DIR --shape 7b      # the "7B" shape of Llama 3 (untied): 8.03 G weights, 16.1 GB
     python tools/make_big_llama.py OUT_DIR --tiny          # a few hundred KB, for tests
     python tools/make_big_llama.py OUT_DIR --blocks 4      # any preset with some dimensions overridden
 
@@ -25,7 +25,7 @@ are 1 + normal(0, scale). Each tensor has its own seed (``--seed`` and its name)
 
 Memory: tensors are generated and written ``ROWS_PER_BLOCK`` rows at a time into each file (the safetensors header,
 which holds only names, shapes and offsets, is written first), so the script's peak RSS is 123 MB for the 1b shape
-and 208 MB for 7b (the widest block's float32 normals). Time: 29 s for 1b (2.47 GB) on one core; 7b (15.0 GB) took
+and 208 MB for 7b (the widest block's float32 normals). Time: 29 s for 1b (2.47 GB) on one core; 7b (16.1 GB) took
 17.5 min on a busy one. Needs numpy only (safetensors' layout is ten lines, written here).
 """
 

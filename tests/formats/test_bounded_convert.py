@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -18,6 +19,7 @@ from streamload.formats import ModelReader, ModelWriter, convert
 from streamload.formats.constants import DType, QuantScheme
 from streamload.formats.quantize import quantize_int8_rows, quantize_row_block
 from streamload.formats.safetensors_source import SafetensorsFile
+from streamload.formats.writer import PageReleasingFile, _copy_releasing
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 FORMATS = Path(__file__).resolve().parents[2] / "formats"
@@ -198,3 +200,43 @@ def test_calibration_loss_in_row_blocks_equals_the_whole_comparison() -> None:
     other = exact + rng.standard_normal(exact.shape).astype(np.float32) * np.float32(0.1)
     whole = float(np.mean(1.0 - (exact * other).sum(axis=-1) / (np.linalg.norm(exact, axis=-1) * np.linalg.norm(other, axis=-1))))
     assert CalibratedShifts._loss(exact, other) == whole  # exactly: a progressive file's bytes depend on it
+
+
+def _cached_fraction(path: Path) -> float:
+    """The fraction of a file's pages in the page cache (mincore on a private mapping, which reports the file's pages)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)
+        vector = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.addressof(anchor), size, vector) == 0, ctypes.get_errno()
+        del anchor
+    return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_the_final_copy_leaves_neither_file_in_the_page_cache(tmp_path: Path) -> None:
+    """The writer's last step copies its data file into the target: a cgroup counts both files' page cache, so what was
+    read and written must not stay (a drop of each piece just read left 97% of a sequential read cached)."""
+    source = tmp_path / "data"
+    with open(source, "wb") as f:
+        for _ in range(64):
+            f.write(np.random.default_rng(0).bytes(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    with open(source, "rb") as f:
+        os.read(f.fileno(), 1 << 20)  # one piece cached: the check below can see a cached page
+    assert _cached_fraction(source) > 0
+    with open(source, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    target = PageReleasingFile(tmp_path / "target", "wb")
+    with target.file, open(source, "rb") as data:
+        _copy_releasing(data, target)
+        target.release(target.file.tell())
+    assert _cached_fraction(source) < 0.1
+    assert _cached_fraction(tmp_path / "target") < 0.1
