@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -198,14 +197,8 @@ def plan_residency(
     whole_pages = _round_up(largest, PAGE_BYTES)
     ring_bytes = whole_pages + PAGE_BYTES + min(LOOKAHEAD_BYTES, whole_pages)  # + a page: a direct read's alignment
     costs = fixed | {"read_ring": ring_bytes}
-    minimum = sum(costs.values())
-    if minimum > budget.total_bytes:
-        raise MemoryBudgetError(
-            f"a memory budget of {_mib(budget.total_bytes)} ({budget.source}) is too small to run this model: it needs at least "
-            f"{_mib(minimum)} ({', '.join(f'{name} {_mib(size)}' for name, size in costs.items())})",
-            minimum_bytes=minimum,
-        )
-    room = budget.total_bytes - minimum
+    _check_minimum(budget, costs)
+    room = budget.total_bytes - sum(costs.values())
     resident = []
     for index, segment in enumerate(segments):
         if segment.size_bytes <= room:
@@ -241,6 +234,12 @@ def plan_single_pass(
     if room >= 0:
         return SinglePassPlan(budget, False, min(float_weight_cap, room), fixed | {"weights": weights})
     costs = fixed | {"largest_layer": max(layer_sizes, default=0)}
+    _check_minimum(budget, costs)
+    return SinglePassPlan(budget, True, 0, costs)
+
+
+def _check_minimum(budget: MemoryBudget, costs: Mapping[str, int]) -> None:
+    """Raise MemoryBudgetError, naming the minimum and its parts, when ``costs`` do not fit ``budget``."""
     minimum = sum(costs.values())
     if minimum > budget.total_bytes:
         raise MemoryBudgetError(
@@ -248,22 +247,7 @@ def plan_single_pass(
             f"{_mib(minimum)} ({', '.join(f'{name} {_mib(size)}' for name, size in costs.items())})",
             minimum_bytes=minimum,
         )
-    return SinglePassPlan(budget, True, 0, costs)
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def drop_page_cache(path: Path | str, offset: int = 0, length: int = 0) -> None:
-    """Ask the kernel to drop the clean page cache of a file's range (0 length: to the end); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
