@@ -19,7 +19,6 @@ from .errors import CacheError, DigestMismatchError, FetchError, FormatError, Un
 from .fetch import Header, fetch_header, fetch_header_with_retries, parse_header
 from .httputil import RetryPolicy, check_url
 from .refs import read_ref, read_ref_etag
-from .reuse import holds_complete_model
 from .stats import DownloadStats
 from .transport import FileSource, Source
 
@@ -105,6 +104,8 @@ class Origin:
         # no open-ended request either when the cache holds another complete model: the new one may be its update, whose
         # chunks come from the cache or a delta file, and bytes the open body brings meanwhile would be wasted (one
         # round trip more for an unrelated model: docs/updates.md)
+        from .reuse import holds_complete_model  # an update's module: imported when a URL is opened
+
         stream = cached is None and not await asyncio.to_thread(holds_complete_model, self.cache_root)
         try:
             # nobody answering ends the retries at once when the cache holds a complete copy to fall back to

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import GroupCommitter, ModelCache
-from .delta import DeltaStream, find_delta_base, open_delta
 from .download import ROW_REQUESTS, Download, workers_per_source
 from .errors import CacheError, DigestMismatchError, FetchError, StreamloadError
 from .formats import ChunkEntry, Manifest, QuantScheme, view_tensor
@@ -37,7 +36,6 @@ from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .refinements import RefinementPlan
 from .refs import write_ref
-from .reuse import copy_shared_chunks
 from .schedule import ChunkScheduler
 from .stats import DownloadStats, Progress
 from .tokenizer import load_tokenizer
@@ -45,6 +43,8 @@ from .transport import Source, SpanReader
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from .delta import DeltaStream
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,9 @@ class DownloadSession:
         self.stats.chunks_total = len(table)
         self.stats.chunks_cached = len(table) - int(pending.sum())
         if remote and pending.any():  # an update: chunks other cached models hold are copied, not downloaded (reuse.py)
+            from .delta import find_delta_base, open_delta  # a remote download's modules: a local run's cold start skips them
+            from .reuse import copy_shared_chunks
+
             copied = await asyncio.to_thread(copy_shared_chunks, self.cache_root, cache, table, np.flatnonzero(pending))
             self.journaled.update(copied.journaled)
             pending[self._position_of[np.fromiter(copied.journaled, np.int64, len(copied.journaled))]] = False
