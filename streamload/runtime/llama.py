@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from ..errors import RuntimeModelError
 from ..formats.architectures import LLAMA, DecoderLayout, architecture_named
 from ..layer import Layer
 from . import ops
-from .memory import MemoryBudget, plan_residency, process_anonymous_bytes
+from .memory import MemoryBudget, map_large_allocations, plan_residency, process_anonymous_bytes, release_freed_memory
 from .residency import DecodeWeights, decoder_segments
 from .timeline import Timeline
 
@@ -350,6 +351,7 @@ def decode_weights(
     small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
     plan = None
     if budget is not None and decodes:
+        release_freed_memory()  # the prefill's freed temporaries: what the process holds is then what it uses
         plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
         log.info("%s", plan.describe())
         if not plan.all_resident:
@@ -359,6 +361,11 @@ def decode_weights(
     weights.small_head = head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={})
     weights.head_scales = scales if mapped or scales is None else np.array(scales)
     return weights
+
+
+def _close_made_weights(planning: asyncio.Future[DecoderWeights]) -> None:
+    if not planning.cancelled() and planning.exception() is None:
+        planning.result().close()
 
 
 def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, np.ndarray], scales: np.ndarray | None) -> dict[str, int]:
@@ -430,6 +437,8 @@ async def generate(
     """
     config = DecoderConfig.from_manifest(model.config)
     table = config.layout.embed_tokens  # the token table: its rows are fetched first
+    if memory_budget is not None:
+        map_large_allocations()  # the prefill's temporaries go back to the system when freed
     ids = np.asarray(prompt_ids, dtype=np.int64)
     if ids.ndim != 1 or len(ids) == 0:
         raise RuntimeModelError("the prompt needs at least one token")
@@ -454,7 +463,14 @@ async def generate(
     first = sample(logits[-1], temperature, top_p, rng)
     first_token_s = timeline.now_s()
 
-    weights = await asyncio.to_thread(decode_weights, model, runner, blocks, head_layer, table_layer, memory_budget, max_new_tokens > 1)
+    planning = asyncio.ensure_future(
+        asyncio.to_thread(decode_weights, model, runner, blocks, head_layer, table_layer, memory_budget, max_new_tokens > 1)
+    )
+    try:
+        weights = await asyncio.shield(planning)
+    except asyncio.CancelledError:  # the thread still makes them: close them (the reader thread, the store, the ring) then
+        planning.add_done_callback(_close_made_weights)
+        raise
     rows_of = _token_rows(model, table, asyncio.get_running_loop())
 
     token_times_s = [first_token_s]
@@ -467,7 +483,7 @@ async def generate(
             if on_token is not None:
                 on_token(first_id)
             with ops.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
-                while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids:
+                while len(out) < max_new_tokens and out[-1] not in config.eos_token_ids and not stopped.is_set():
                     h = runner.embed(rows_of(out[-1]))
                     for index in range(config.num_hidden_layers):
                         h = runner.block(weights.block(index), h, index)
@@ -486,7 +502,12 @@ async def generate(
             weights.close()
         return out
 
-    generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []
+    stopped = threading.Event()  # the run was cancelled (Ctrl-C, a consumer that left): decode stops after this token
+    try:
+        generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []
+    except asyncio.CancelledError:
+        stopped.set()
+        raise
     return Generation(
         generated_ids=generated,
         prompt_logits=logits if keep_prompt_logits else None,

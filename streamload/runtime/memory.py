@@ -18,9 +18,11 @@ Float32 weight copies are not made under a budget (decode runs on int8 tiles eit
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +35,10 @@ UNLIMITED_BYTES = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63
 MARGIN_BYTES = 16 << 20  # allocator slack, the sampler's and tokenizer's small arrays, page cache of buffered reads in flight
 LOOKAHEAD_BYTES = 32 << 20  # the read ring beyond the largest segment: ~13 ms of reading at 2.4 GB/s, more than a block computes
 PAGE_BYTES = 4096
+MAX_SIZE_BYTES = 1 << 62  # a size parsed from text: anything larger is a typo, not a machine
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+_large_allocations_mapped = False  # the process's C heap setting (``map_large_allocations``): one for the process
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -47,7 +53,40 @@ def parse_size_bytes(text: str) -> int:
     if match is None:
         raise UsageError(f"not a size: {text!r} (write bytes, or a number with k, M, G or T, e.g. 640M)")
     number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * (1 << (10 * " kmgt".index(unit or " "))))
+    size = number * (1 << (10 * " kmgt".index(unit or " ")))
+    if not size < MAX_SIZE_BYTES:
+        raise UsageError(f"not a size: {text[:40]!r} is more than any machine's memory (at most 2**62 bytes)")
+    return int(size)
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), so that what the process holds is what
+    it uses: a prefill's freed temporaries would otherwise stay counted against a budget. Elsewhere nothing."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Serve the C heap's allocations of 128 KiB and more from their own mappings (glibc's ``M_MMAP_THRESHOLD``), so a
+    freed activation goes back to the system at once instead of staying in the heap, where a memory cgroup counts it
+    (a long prompt's prefill left 150 MiB of freed temporaries in the heap otherwise). Set once per process, under a
+    budget only; elsewhere nothing."""
+    global _large_allocations_mapped
+    libc = _libc()
+    if _large_allocations_mapped or libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    _large_allocations_mapped = True
+
+
+def _libc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

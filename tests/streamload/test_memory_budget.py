@@ -3,11 +3,13 @@ where the weights come from, never the result (runtime.memory, runtime.residency
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +242,69 @@ async def test_every_decoder_family_streams_every_block_under_the_smallest_budge
             await run(model, ids=prompt, max_new_tokens=12, memory_budget_bytes=1)
         tight = await run(model, ids=prompt, max_new_tokens=12, memory_budget_bytes=raised.value.minimum_bytes)
     assert tight.generated_ids == free.generated_ids
+
+
+def test_an_absurd_size_is_refused_not_a_traceback() -> None:
+    with pytest.raises(UsageError, match="more than any machine"):
+        parse_size_bytes("9" * 400)
+    with pytest.raises(UsageError, match="more than any machine"):
+        parse_size_bytes("99999999T")
+
+
+def weight_readers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "streamload-weights"]
+
+
+async def test_a_run_cancelled_while_its_plan_is_made_leaves_no_reader_ring_or_descriptor(
+    server: ServerThread, tmp_path: Path, steady_process: None
+) -> None:
+    """Cancelled while the worker thread makes the plan (the moment the plan is logged), the weights it made are closed."""
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        with pytest.raises(MemoryBudgetError) as raised:
+            await run(model, ids=PROMPT, max_new_tokens=8, memory_budget_bytes=1)
+        budget = raised.value.minimum_bytes
+        descriptors = len(os.listdir("/proc/self/fd"))
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            task = asyncio.ensure_future(run(model, ids=PROMPT, max_new_tokens=8, memory_budget_bytes=budget))
+
+            class CancelAtThePlan(logging.Handler):
+                def emit(self, record: logging.LogRecord, task: asyncio.Future = task) -> None:
+                    if "weight segments resident" in record.getMessage():
+                        loop.call_soon_threadsafe(task.cancel)
+
+            handler = CancelAtThePlan()
+            logging.getLogger("streamload.runtime.llama").addHandler(handler)
+            logging.getLogger("streamload.runtime.llama").setLevel(logging.INFO)
+            try:
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                logging.getLogger("streamload.runtime.llama").removeHandler(handler)
+        for _ in range(50):  # the plan's thread finishes, then its weights are closed on the loop
+            if not weight_readers():
+                break
+            await asyncio.sleep(0.1)
+    assert weight_readers() == []
+    assert len(os.listdir("/proc/self/fd")) <= descriptors
+
+
+async def test_a_cancelled_run_stops_decoding_after_the_token_in_hand(server: ServerThread, tmp_path: Path) -> None:
+    """Ctrl-C or a consumer that leaves: decode stops at the next token, not after max_new_tokens."""
+    seen: list[int] = []
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await model.wait_complete()
+        loop = asyncio.get_running_loop()
+        task: asyncio.Future = asyncio.Future()
+
+        def on_token(token: int) -> None:
+            seen.append(token)
+            if len(seen) == 3:
+                loop.call_soon_threadsafe(task.cancel)
+
+        task = asyncio.ensure_future(run(model, ids=PROMPT, max_new_tokens=200, memory_budget_bytes=None, on_token=on_token))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # what the decode thread does after the cancellation
+    assert 3 <= len(seen) < 20, len(seen)
