@@ -503,11 +503,14 @@ async def generate(
         return out
 
     stopped = threading.Event()  # the run was cancelled (Ctrl-C, a consumer that left): decode stops after this token
-    try:
-        generated = await asyncio.to_thread(decode, first) if max_new_tokens > 0 else []
-    except asyncio.CancelledError:
-        stopped.set()
-        raise
+    generated: list[int] = []
+    if max_new_tokens > 0:
+        decoding = asyncio.ensure_future(asyncio.to_thread(decode, first))
+        try:  # shielded: a decode cancelled before its thread started would never close its weights
+            generated = await asyncio.shield(decoding)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
     return Generation(
         generated_ids=generated,
         prompt_logits=logits if keep_prompt_logits else None,

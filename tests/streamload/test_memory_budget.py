@@ -282,8 +282,12 @@ async def test_a_run_cancelled_while_its_plan_is_made_leaves_no_reader_ring_or_d
                     await task
             finally:
                 logging.getLogger("streamload.runtime.llama").removeHandler(handler)
-        for _ in range(50):  # the plan's thread finishes, then its weights are closed on the loop
-            if not weight_readers():
+        # the plan's thread goes on after the cancellation and may start a reader after it: its weights are closed on
+        # the loop once it is done, so wait until no reader has been seen for a second
+        quiet = 0
+        for _ in range(300):
+            quiet = 0 if weight_readers() else quiet + 1
+            if quiet == 10:
                 break
             await asyncio.sleep(0.1)
     assert weight_readers() == []
