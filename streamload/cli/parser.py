@@ -79,9 +79,9 @@ _temperature = _number(float, "a temperature of 0 (greedy) or more", low=0)
 
 def _memory_budget(text: str) -> int | str | None:
     """--memory-budget: a size (640M, 2G, bytes), 'none', or 'auto' (the default: $STREAMLOAD_MEMORY_BUDGET, else the cgroup's)."""
-    from ..runtime.memory import parse_size_bytes
+    from ..runtime.memory import NO_BUDGET_WORDS, parse_size_bytes
 
-    if text.strip().lower() in ("none", "off", "unlimited"):
+    if text.strip().lower() in NO_BUDGET_WORDS:
         return None
     if text.strip().lower() == "auto":
         return "auto"

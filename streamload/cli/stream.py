@@ -315,24 +315,13 @@ def _left(bar: ProgressBar, model: Any) -> str:
 
 
 def memory_budget_setting(given: int | str | None) -> Any:
-    """--memory-budget, else $STREAMLOAD_MEMORY_BUDGET (read here, at the CLI's boundary), else 'auto' (the cgroup's limit):
-    a ``MemoryBudget`` naming where it came from, None, or 'auto'."""
-    from ..runtime.memory import BUDGET_ENV, MemoryBudget, parse_size_bytes
+    """--memory-budget, else $STREAMLOAD_MEMORY_BUDGET (read here, at the CLI's boundary), else the cgroup's limit: a
+    ``MemoryBudget`` naming where it came from, or None (no limit)."""
+    from ..runtime.memory import MemoryBudget, resolve_memory_budget
 
     if isinstance(given, int):
         return MemoryBudget(given, "--memory-budget")
-    if given != "auto":
-        return given
-
-    text = os.environ.get(BUDGET_ENV, "").strip()
-    if not text or text.lower() == "auto":
-        return "auto"
-    if text.lower() in ("none", "off", "unlimited"):
-        return None
-    try:
-        return MemoryBudget(parse_size_bytes(text), f"${BUDGET_ENV}")
-    except UsageError as exc:
-        raise UsageError(f"${BUDGET_ENV}: {exc}") from None
+    return None if given is None else resolve_memory_budget(None, os.environ)
 
 
 async def _exact_only(model: Any, options: dict[str, Any]) -> Any:

@@ -31,6 +31,7 @@ from ..errors import MemoryBudgetError, UsageError
 log = logging.getLogger(__name__)
 
 BUDGET_ENV = "STREAMLOAD_MEMORY_BUDGET"
+NO_BUDGET_WORDS = ("none", "off", "unlimited")  # what --memory-budget and the variable take for "no limit"
 UNLIMITED_BYTES = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1; anything this large is none
 MARGIN_BYTES = 16 << 20  # allocator slack, the sampler's and tokenizer's small arrays, page cache of buffered reads in flight
 LOOKAHEAD_BYTES = 32 << 20  # the read ring beyond the largest segment: ~13 ms of reading at 2.4 GB/s, more than a block computes
@@ -138,7 +139,8 @@ def _limits_along(mount: Path, path: str, filename: str, version: str) -> list[t
 
 
 def resolve_memory_budget(explicit_bytes: int | None = None, environ: Mapping[str, str] | None = None) -> MemoryBudget | None:
-    """The budget a run keeps to: ``explicit_bytes``, else ``environ[STREAMLOAD_MEMORY_BUDGET]``, else the cgroup's limit.
+    """The budget a run keeps to: ``explicit_bytes``, else ``environ[STREAMLOAD_MEMORY_BUDGET]`` (a size, ``none`` or
+    ``auto``), else the cgroup's limit.
 
     None: no limit anywhere (the runtime keeps every weight memory-mapped, as without a budget).
 
@@ -148,8 +150,13 @@ def resolve_memory_budget(explicit_bytes: int | None = None, environ: Mapping[st
     if explicit_bytes is not None:
         return MemoryBudget(explicit_bytes, "argument")
     text = (environ or {}).get(BUDGET_ENV, "").strip()
-    if text:
-        return MemoryBudget(parse_size_bytes(text), BUDGET_ENV)
+    if text.lower() in NO_BUDGET_WORDS:
+        return None
+    if text and text.lower() != "auto":
+        try:
+            return MemoryBudget(parse_size_bytes(text), BUDGET_ENV)
+        except UsageError as exc:
+            raise UsageError(f"${BUDGET_ENV}: {exc}") from None
     return read_cgroup_memory_limit()
 
 

@@ -48,7 +48,8 @@ class SegmentReader:
     has free: with ``memory.LOOKAHEAD_BYTES`` beyond the largest segment it keeps reading while the loop computes on a
     segment (a block computes in less time than this many bytes take to read), so the disk never waits for it. The
     ring is mapped twice, back to back, so a segment that wraps past its end is still one view; where that mapping
-    cannot be made, a segment never wraps (the ring is then two of the largest segment, a double buffer).
+    cannot be made, a segment that would wrap starts again at the ring's start (less of the next read then overlaps
+    the current compute).
     """
 
     def __init__(self, path: Path, segments: tuple[Segment, ...], order: tuple[int, ...], ring: Ring) -> None:
@@ -115,8 +116,7 @@ class SegmentReader:
         """(store offset of the first byte read, bytes read) for ``segment``: whole pages for a direct read."""
         if not self.direct:
             return segment.offset, _round_up(segment.size_bytes, PAGE_BYTES)
-        base = segment.offset - segment.offset % PAGE_BYTES
-        return base, _round_up(segment.offset + segment.size_bytes - base, PAGE_BYTES)
+        return _pages_of(segment)
 
     def _read(self, segment: Segment, start: int, base: int, length: int) -> bool:
         """Read ``segment`` to stream position ``start``, a piece at a time as the ring frees; False once closed."""
@@ -227,6 +227,12 @@ def _read_fully(fd: int, view: memoryview, offset: int, needed: int) -> None:
         done += got
 
 
+def _pages_of(segment: Segment) -> tuple[int, int]:
+    """(store offset, bytes) of the whole pages holding ``segment``: what a direct read reads."""
+    base = segment.offset - segment.offset % PAGE_BYTES
+    return base, _round_up(segment.offset + segment.size_bytes - base, PAGE_BYTES)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -235,8 +241,8 @@ def read_resident(path: Path, segment: Segment) -> tuple[mmap.mmap, int]:
     """A resident copy of ``segment`` in anonymous memory, and the store offset of its first byte."""
     fd, direct = _open_for_streaming(path)
     try:
-        base = segment.offset - segment.offset % PAGE_BYTES
-        copy = mmap.mmap(-1, _round_up(segment.offset + segment.size_bytes - base, PAGE_BYTES))
+        base, length = _pages_of(segment)
+        copy = mmap.mmap(-1, length)
         try:
             _read_fully(fd, memoryview(copy), base, segment.offset + segment.size_bytes - base)
         except OSError:
