@@ -33,11 +33,11 @@ from .errors import (
     StreamloadError,
     UsageError,
 )
-from .httputil import RetryPolicy
 from .layer import Layer
 from .model import Model, open, read_remote_header
 from .stats import DownloadStats, Progress
 from .sync import SyncModel, load
+from .transport.httputil import RetryPolicy
 
 
 def __getattr__(name: str) -> Any:

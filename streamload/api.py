@@ -188,7 +188,7 @@ def find_cached_models(root: Any, source: str) -> list[Any]:
     import re
     from pathlib import Path
 
-    from .cachedir import list_cached_models
+    from .cache.listing import list_cached_models
 
     cached = list_cached_models(Path(root))
     plain = source.split("#")[0]
@@ -225,8 +225,8 @@ def resolve_cached_source(root: Any, source: str) -> tuple[str, str]:
     Raises:
         CacheError: no cached model of that name or digest; several (all listed); or one whose source is gone.
     """
+    from .download.origin import is_url
     from .errors import CacheError
-    from .origin import is_url
 
     model = one_cached_model(root, source)
     urls = [s for s in model.sources if is_url(s)]

@@ -39,7 +39,7 @@
 Messages say what happened and what to do in the library's own terms (``cache_dir=``, token ids); the CLI adds
 the flag or command that does it (``--cache-dir``, ``--ids``, ``streamload rm``), from the class and fields here.
 The HTTP paths' internal signals (a 304, a redirect, an error status, a response only aiohttp can read) are
-not errors and never reach a caller: they live with the transports, in ``streamload.httputil``.
+not errors and never reach a caller: they live with the transports, in ``streamload.transport.httputil``.
 
 A message never shows a credential held in a URL: ``str()`` of any of these errors
 redacts the password (user info) and the query string (a signed URL's token) of

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import default_cache_dir
-from .fetch import fetch_header_with_retries
+from .cache.files import default_cache_dir
+from .download.header import fetch_header_with_retries
+from .download.origin import is_url
+from .download.session import DownloadSession, default_verify_threads
 from .formats import Manifest
-from .httputil import RetryPolicy, check_headers, check_session
 from .layer import Layer
-from .origin import is_url
-from .session import DownloadSession, default_verify_threads
 from .stats import DownloadStats, LayerSpans, Progress
+from .transport.httputil import RetryPolicy, check_headers, check_session
 
 if TYPE_CHECKING:
     import aiohttp
@@ -336,7 +336,7 @@ async def read_remote_header(
 
     ``give_up_unreachable``: a server nobody answers at (connection refused, no such host) ends the retries at once.
     """
-    from .http_source import HttpSource
+    from .transport.http_source import HttpSource
 
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session, headers)

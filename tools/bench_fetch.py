@@ -47,8 +47,8 @@ import streamload
 from _support.ports import free_port, wait_for_port
 from _support.synthetic import write_synthetic_int8_model
 from streamload.formats import ChunkEntry, ModelReader, convert
-from streamload.httputil import RetryPolicy
-from streamload.rawhttp import open_socket_span
+from streamload.transport.httputil import RetryPolicy
+from streamload.transport.rawhttp import open_socket_span
 
 RECLAIM_WAIT_S = 3.0  # free pages older than this have been handed back to the host
 

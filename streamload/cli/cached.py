@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cache import default_cache_dir
+from ..cache.files import default_cache_dir
+from ..download.origin import is_url
 from ..errors import StreamloadError
-from ..origin import is_url
 from .output import EXIT_FAILURE, EXIT_OK, format_bytes
 
 TOKEN_ENV = "STREAMLOAD_TOKEN"  # a bearer token for private models, as HF_TOKEN is for huggingface_hub
@@ -90,7 +90,7 @@ def retry_policy(args: argparse.Namespace) -> Any:
     """The network policy from --limit-rate, --timeout and --retries, or their environment variables (read here, at the
     command line's edge). Raises UsageError for a bad environment value (exit status 2, as a bad flag)."""
     from ..errors import UsageError
-    from ..httputil import RetryPolicy
+    from ..transport.httputil import RetryPolicy
     from .parser import _limit_rate, _retries, _timeout
 
     def option(name: str, env: str, parse: Any) -> Any:
@@ -125,7 +125,7 @@ def request_headers(args: argparse.Namespace) -> dict[str, str]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from ..api import model_name
-    from ..cachedir import list_cached_models
+    from ..cache.listing import list_cached_models
     from ..formats.reader import read_header
 
     rows = []
@@ -190,7 +190,7 @@ def _being_written(directory: Path) -> bool:
 
 def _done_percent(directory: Path, manifest: Any) -> int:
     """Percent of the compressed bytes in the cache, the measure the progress bar shows (chunks differ in size)."""
-    from ..cache import JOURNAL_NAME, JOURNAL_RECORD, read_own_file
+    from ..cache.files import JOURNAL_NAME, JOURNAL_RECORD, read_own_file
 
     if manifest is None:
         return 0
@@ -205,7 +205,7 @@ def _done_percent(directory: Path, manifest: Any) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from ..api import find_cached_models, model_name
-    from ..cachedir import remove_cached_model
+    from ..cache.listing import remove_cached_model
 
     root = cache_dir_of(args)
     source = args.digest

@@ -122,12 +122,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 async def _read_url_or_cached_header(args: argparse.Namespace) -> tuple[Any, int]:
     """The URL's manifest and file size; when nobody answers there, the header its model left in the cache (as `run`
     falls back to the cached copy), with a warning."""
-    from ..cache import ModelCache
+    from ..cache.model_cache import ModelCache
+    from ..cache.refs import read_ref
+    from ..download.header import parse_header
+    from ..download.origin import split_pin
     from ..errors import FetchError
-    from ..fetch import parse_header
     from ..model import read_remote_header
-    from ..origin import split_pin
-    from ..refs import read_ref
 
     url, _ = split_pin(args.source, None)
     digest = read_ref(cache_dir_of(args), url)

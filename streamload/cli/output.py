@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ..download.origin import is_url
 from ..errors import redact_urls
-from ..origin import is_url
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (bad file, network, integrity)

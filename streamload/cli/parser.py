@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..cache import default_cache_dir
+from ..cache.files import default_cache_dir
 from ..errors import StreamloadError, UsageError
 from ..formats.constants import MAX_CHUNK_RAW_SIZE_BYTES
-from ..httputil import parse_header_option
+from ..transport.httputil import parse_header_option
 from .cached import LIMIT_RATE_ENV, RETRIES_ENV, TIMEOUT_ENV, TOKEN_ENV, cmd_list, cmd_rm, is_url
 from .files import cmd_convert, cmd_inspect, cmd_serve, cmd_verify
 from .output import EXIT_USAGE

@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
+from streamload.download.refinements import RefinementPlan
 from streamload.formats.constants import LAYER_ALIGNMENT, DType, LayerKind, QuantScheme, align_up
 from streamload.formats.manifest import ChunkEntry, LayerEntry, Manifest, TensorEntry, encode_manifest, parse_manifest
 from streamload.formats.summary import summarize_manifest
-from streamload.refinements import RefinementPlan
 
 CHUNK_RAW_BYTES = 64
 

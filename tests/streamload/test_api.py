@@ -79,7 +79,7 @@ def test_a_local_model_needs_no_http_client(deep_slm: Path, tmp_path: Path) -> N
         "import sys, streamload\n"
         f"with streamload.load({str(deep_slm)!r}, cache_dir={str(tmp_path)!r}) as model:\n"
         "    model.layer(0)\n"
-        "print([m for m in ('aiohttp', 'streamload.http_source', 'streamload.rawhttp') if m in sys.modules])\n"
+        "print([m for m in ('aiohttp', 'streamload.transport.http_source', 'streamload.transport.rawhttp') if m in sys.modules])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

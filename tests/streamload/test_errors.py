@@ -16,6 +16,7 @@ import streamload
 import streamload.errors
 from streamload.cache import JOURNAL_NAME
 from streamload.cli import command_hint
+from streamload.download.header import fetch_header
 from streamload.errors import (
     BadMagicError,
     CacheWriteError,
@@ -28,9 +29,8 @@ from streamload.errors import (
     UnreachableError,
     located,
 )
-from streamload.fetch import fetch_header
-from streamload.httputil import RetryPolicy
-from streamload.transport import FileSource, map_transport_error
+from streamload.transport.httputil import RetryPolicy
+from streamload.transport.source import FileSource, map_transport_error
 from tests.support.serving import serve_directory
 
 
@@ -94,7 +94,7 @@ def test_the_cli_adds_the_flag_the_library_does_not_name(error: StreamloadError,
 
 
 def test_a_full_cache_is_a_cache_write_error(tmp_path: Path) -> None:
-    from streamload.cache import cache_error
+    from streamload.cache.files import cache_error
 
     full = cache_error("writing", tmp_path / "store.bin", OSError(errno.ENOSPC, "No space left on device"))
     denied = cache_error("writing", tmp_path / "store.bin", OSError(errno.EACCES, "Permission denied"))

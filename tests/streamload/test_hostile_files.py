@@ -12,11 +12,11 @@ import pytest
 import zstandard
 
 import streamload
+from streamload.download.pipeline import BATCH_RAW_BYTES
 from streamload.errors import OutOfBoundsError
 from streamload.formats import ModelReader
 from streamload.formats.constants import MAX_STORE_PER_COMPRESSED_BYTE, STORE_ALLOWANCE_BYTES, DType, QuantScheme
 from streamload.formats.manifest import ChunkEntry, LayerEntry, TensorEntry, encode_manifest
-from streamload.pipeline import BATCH_RAW_BYTES
 from tests.support.mutate import join_file, split_file
 from tests.support.serving import serve_directory, serve_files
 

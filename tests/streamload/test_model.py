@@ -243,7 +243,7 @@ async def test_a_complete_model_from_an_unchanged_url_costs_one_conditional_requ
         url = server.url("model.slm")
         async with streamload.open(url, cache_dir=tmp_path / "cache") as model:
             first = await model.wait_complete()
-        caplog.set_level("INFO", logger="streamload.origin")
+        caplog.set_level("INFO", logger="streamload.download.origin")
         for _ in range(3):  # every time, not every other time: a 304 keeps the ETag it revalidated
             caplog.clear()
             async with streamload.open(url, cache_dir=tmp_path / "cache") as model:

@@ -1,0 +1,14 @@
+"""One model's download, top to bottom: header, cache, schedule, workers, pipeline, readiness.
+
+- ``header``: read a model's header (preamble + manifest) from any source and validate it off the event loop.
+- ``origin``: where the header comes from (file, cache, URL) and a source for the bytes the cache lacks.
+- ``session``: ``DownloadSession``: header -> cache -> download -> layers, what ``Model`` drives.
+- ``workers``: ``Download``: the workers that take spans from the scheduler and open them on each live source.
+- ``schedule``: which chunks to fetch next (file order, demanded first); the only place spans are cut.
+- ``span``: a span: chunks back to back in the file, fetched with one request.
+- ``pipeline``: receive -> verify -> decompress -> store on pool threads, one route back to the event loop.
+- ``readiness``: what a caller can wait for (a layer, its coarse levels, rows, the whole model) and progress.
+- ``refinements``: a progressive model's refinement plan: what each refinement chunk folds into.
+- ``mirrors``: several hosts of one model: which may be used, how fast each is, how large a span each takes.
+- ``delta``: an update fetched as a delta from a cached version.
+"""

@@ -1,0 +1,395 @@
+"""Fetching an update as a delta: the chunks a cached version does not hold, rebuilt from it and a delta file.
+
+When the new model's manifest lists a delta file against a version the cache holds (``formats/delta.py``), ``open_delta``
+reads that file's index from beside the model's URL (one open-ended request from byte 0: ``delta_file_name``) and
+checks its sha256 against the manifest's (so the index, and every rebuilt chunk through the raw digests it carries, is
+pinned by the new model's digest). The ``DeltaStream`` then owns the pending chunks the index has entries for (taken
+from the scheduler) and goes on reading their frames in file order beside the download: on the same body while the
+next frame is near, on a new ranged request past a larger gap (a server that ignores Range sends the whole delta file
+on the first request, read forward); rows demanded out of order get an extra ranged request. Each chunk is rebuilt
+from the base's stored bytes (each base chunk checked against its journaled xxh3 first), checked against its sha256,
+written to the store and handed to the session's completion route (scheduler, readiness, group commit: a kill at any
+point resumes with what is journaled), so layers become ready in execution order as their chunks land. Anything that
+fails (no delta file: 404; a damaged index or frame: a hash that differs; a base chunk damaged or missing) is given
+back to the scheduler, and the download fetches it whole from the model file. The base's files are only read.
+
+Costs: per rebuilt chunk one zstd frame decoded, one byte-wise add, a sha256 and an xxh3 of its raw bytes. Threads:
+each batch of frames is read and rebuilt on a worker thread (``asyncio.to_thread``); the rest runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xxhash
+
+from ..cache.model_cache import ModelCache
+from ..cache.reuse import HeldModel, read_held_model
+from ..errors import FormatError, StreamloadError
+from ..formats import Manifest
+from ..formats.chunk_table import ChunkTable
+from ..formats.delta import (
+    DELTA_PREAMBLE_SIZE_BYTES,
+    DeltaBase,
+    DeltaIndex,
+    DeltaMethod,
+    delta_file_name,
+    index_size_needed,
+    parse_delta_index,
+    read_delta_bases,
+    rebuild_chunk,
+)
+from ..stats import DownloadStats
+from ..transport.httputil import RetryPolicy
+from ..transport.source import Source, SpanReader
+
+if TYPE_CHECKING:
+    import aiohttp
+
+logger = logging.getLogger(__name__)
+
+MAX_GAP_BYTES = 64 << 10  # a body reads over this much it does not need rather than open another request
+BATCH_BYTES = 256 << 10  # frames read and rebuilt per trip to the worker thread (at most MAX_BATCH_ENTRIES)
+MAX_BATCH_ENTRIES = 32
+
+
+def delta_url(model_url: str, base_digest: str, target_digest: str) -> str:
+    """The delta file's URL: beside the model's, named by ``delta_file_name`` (query and fragment dropped)."""
+    parts = urllib.parse.urlsplit(model_url)
+    directory, _, name = parts.path.rpartition("/")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, f"{directory}/{delta_file_name(name, base_digest, target_digest)}", "", ""))
+
+
+def _held_base(cache_root: Path, bases: list[DeltaBase]) -> tuple[DeltaBase, HeldModel] | None:
+    for base in bases:
+        held = read_held_model(cache_root, base.digest)
+        if held is not None:
+            return base, held
+    return None
+
+
+async def find_delta_base(cache_root: Path, manifest_bytes: bytes | memoryview) -> tuple[DeltaBase, HeldModel] | None:
+    """The first base the manifest lists a delta file against that the cache holds (its header and journal), or None."""
+    return await asyncio.to_thread(_held_base, cache_root, read_delta_bases(manifest_bytes))
+
+
+class _Body:
+    """A body of the delta file, read forward by one worker thread at a time, reopened on a ranged request past a gap."""
+
+    def __init__(self, source: Source, reader: SpanReader) -> None:
+        self.source, self.reader = source, reader
+        self.received = 0  # bytes read from the network (skipped ones too)
+        self.waited_s = 0.0  # blocked on the network: tells the group committer the download is network-bound
+
+    def read(self, offset: int, size: int) -> bytes:
+        """(worker thread) The file's bytes [offset, offset + size), on the open body."""
+        before, started = self.reader.position, time.perf_counter()
+        buffer = bytearray(size)
+        try:
+            self.reader.read_into(offset, memoryview(buffer))
+        finally:
+            self.received += max(0, self.reader.position - before)
+            self.waited_s += time.perf_counter() - started
+        return bytes(buffer)
+
+    async def seek(self, offset: int, end: int) -> None:
+        """Go on from ``offset``: on the open body when it is at most MAX_GAP_BYTES before it, else on a new request
+        for [offset, end)."""
+        if self.reader.whole_file or 0 <= offset - self.reader.position <= MAX_GAP_BYTES:
+            return
+        self.reader.close()
+        self.reader = await self.source.open_span(offset, end)
+
+
+async def open_delta(
+    found: tuple[DeltaBase, HeldModel],
+    *,
+    url: str,
+    manifest: Manifest,
+    cache: ModelCache,
+    table: ChunkTable,
+    pending: np.ndarray,
+    retry: RetryPolicy,
+    session: aiohttp.ClientSession | None,
+    headers: Mapping[str, str] | None,
+    stats: DownloadStats,
+) -> DeltaStream | None:
+    """Read and check the delta file's index (one request from byte 0, left open for the frames); the stream of the
+    pending chunks (positions in ``table``) it has entries for, or None: no entry for any, or no usable delta file
+    (logged: its chunks are fetched whole)."""
+    base, held = found
+    from ..transport.http_source import HttpSource
+
+    source = HttpSource(delta_url(url, base.digest, manifest.digest), retry, session, headers)
+    body: _Body | None = None
+    try:
+        body = _Body(source, await source.open_span(0, None))
+        first = await asyncio.to_thread(body.read, 0, DELTA_PREAMBLE_SIZE_BYTES)
+        size = index_size_needed(first)
+        index_bytes = first + await asyncio.to_thread(body.read, DELTA_PREAMBLE_SIZE_BYTES, size - DELTA_PREAMBLE_SIZE_BYTES)
+        if hashlib.sha256(index_bytes).digest() != base.index_sha256:
+            raise FormatError("its index differs from the one the model's manifest names (a damaged or stale delta file)")
+        index = parse_delta_index(index_bytes, file_size_bytes=base.size_bytes)
+        wanted = _wanted_entries(index, table, pending)
+    except (StreamloadError, OSError) as exc:
+        logger.warning("the delta against the cached %s cannot be used (%s): the chunks it holds are fetched whole", base.digest[:12], exc)
+        wanted = None
+    finally:
+        if body is not None:
+            stats.bytes_delta += body.received
+            stats.bytes_downloaded += body.received
+            body.received = 0
+    if body is None or wanted is None or not len(wanted):
+        if body is not None:
+            body.reader.close()
+        await source.close()
+        return None
+    position_of = np.full(int(table.index.max()) + 1, -1, np.int64)
+    position_of[table.index] = np.arange(len(table))
+    positions = position_of[index.chunk_index[wanted]]
+    return DeltaStream(source, body, index, wanted, positions, _Rebuilder(held, manifest, cache, table), stats, base.digest)
+
+
+PENDING, TAKEN, SETTLED = 0, 1, 2
+
+
+class DeltaStream:
+    """The delta's frames for the chunks it owns (``positions``, taken from the scheduler), fetched in file order beside
+    the download, and on extra ranged requests for chunks demanded out of order (rows); each batch rebuilt on a worker
+    thread, then handed to ``landed`` (positions, xxh3 digests, the frames' bytes) or ``failed`` (positions: for the
+    download)."""
+
+    def __init__(
+        self,
+        source: Source,
+        body: _Body,
+        index: DeltaIndex,
+        wanted: np.ndarray,
+        positions: np.ndarray,
+        rebuilder: _Rebuilder,
+        stats: DownloadStats,
+        base_digest: str,
+    ) -> None:
+        self.source, self.body, self.index, self.wanted, self.positions = source, body, index, wanted, positions
+        self.rebuilder, self.stats, self.base_digest = rebuilder, stats, base_digest
+        self.state = bytearray(len(wanted))
+        self.layers = rebuilder.table.layer[positions].tolist()  # per entry: the layer of its chunk
+        self.number_of = {int(i): n for n, i in enumerate(index.chunk_index[wanted].tolist())}  # chunk index -> entry number
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._bodies: set[_Body] = {body}
+        self._landed: Callable[[np.ndarray, list[int], int], None] = lambda positions, digests, frame_bytes: None
+        self._failed: Callable[[np.ndarray], None] = lambda positions: None
+
+    def start(self, landed: Callable[[np.ndarray, list[int], int], None], failed: Callable[[np.ndarray], None]) -> None:
+        self._landed, self._failed = landed, failed
+        self._spawn(self._run())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"streamload delta {self.base_digest[:12]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _frame_range(self, numbers: list[int]) -> tuple[int, int]:
+        entries, data_offset = self.wanted[numbers], self.index.data_offset
+        return data_offset + int(self.index.offset[entries[0]]), data_offset + int(
+            self.index.offset[entries[-1]] + self.index.size[entries[-1]]
+        )
+
+    async def _run(self) -> None:
+        """Every pending entry in order, on the open body (reopened past a gap)."""
+        numbers = list(range(len(self.wanted)))
+        batch: list[int] = []
+        try:
+            cursor = 0
+            while cursor < len(numbers):
+                batch = []
+                size = 0
+                layer = None  # a batch stays in one layer: each lands (and may complete its layer) as soon as it is rebuilt
+                while cursor < len(numbers) and len(batch) < MAX_BATCH_ENTRIES and size < BATCH_BYTES:
+                    if layer is not None and self.layers[cursor] != layer:
+                        break
+                    layer = self.layers[cursor]
+                    if self.state[cursor] == PENDING:
+                        self.state[cursor] = TAKEN
+                        batch.append(cursor)
+                        size += int(self.index.size[self.wanted[cursor]])
+                    cursor += 1
+                if batch:
+                    await self.body.seek(self._frame_range(batch)[0], self._frame_range([batch[0], len(numbers) - 1])[1])
+                    await self._process(self.body, batch)
+        except (StreamloadError, OSError) as exc:
+            logger.warning("the delta against the cached %s failed (%s): the rest is fetched whole", self.base_digest[:12], exc)
+        finally:  # what nobody took, and what this loop took and did not settle (extra requests settle their own)
+            self._give_back([n for n in numbers if self.state[n] == PENDING] + batch)
+            self.body.reader.close()
+
+    def demand(self, chunk_indices: Sequence[int]) -> None:
+        """Chunks someone waits for out of order (rows): their frames on an extra ranged request, now."""
+        if self.body.reader.whole_file:
+            return  # forward only: they come in order
+        numbers = sorted(n for n in (self.number_of.get(int(i)) for i in chunk_indices) if n is not None and self.state[n] == PENDING)
+        if numbers:
+            for number in numbers:
+                self.state[number] = TAKEN
+            self._spawn(self._fetch_extra(numbers))
+
+    async def _fetch_extra(self, numbers: list[int]) -> None:
+        runs: list[list[int]] = [[numbers[0]]]
+        for number in numbers[1:]:
+            if self._frame_range([number])[0] - self._frame_range([runs[-1][-1]])[1] > MAX_GAP_BYTES:
+                runs.append([])
+            runs[-1].append(number)
+        body = None
+        try:
+            for run in runs:
+                start, end = self._frame_range(run)
+                body = _Body(self.source, await self.source.open_span(start, end))
+                self._bodies.add(body)
+                await self._process(body, run)
+                body.reader.close()
+                self._bodies.discard(body)
+                body = None
+        except (StreamloadError, OSError) as exc:
+            logger.warning("an extra request to the delta file failed (%s): its chunks are fetched whole", exc)
+        finally:
+            if body is not None:
+                body.reader.close()
+                self._bodies.discard(body)
+            self._give_back(numbers)
+
+    async def _process(self, body: _Body, batch: list[int]) -> None:
+        try:
+            results, failure = await asyncio.to_thread(self.rebuilder.run, body, self.index, [int(self.wanted[n]) for n in batch])
+        finally:
+            self.stats.bytes_delta += body.received
+            self.stats.bytes_downloaded += body.received
+            self.stats.receive_wait_s += body.waited_s
+            body.received, body.waited_s = 0, 0.0
+        landed = [(n, digest) for n, digest in zip(batch, results, strict=False) if digest is not None]
+        refused = [n for n, digest in zip(batch, results, strict=False) if digest is None]
+        for n in batch[: len(results)]:
+            self.state[n] = SETTLED
+        if landed:
+            numbers = [n for n, _ in landed]
+            frames = int(self.index.size[self.wanted[numbers]].sum())
+            self._landed(self.positions[numbers], [digest for _, digest in landed], frames)
+        if refused:
+            self._failed(self.positions[refused])
+        if failure is not None:
+            raise failure
+
+    def _give_back(self, numbers: list[int]) -> None:
+        """Entries of ``numbers`` not settled (pending, or taken by the caller): for the download."""
+        left = [n for n in numbers if self.state[n] != SETTLED]
+        if left:
+            for n in left:
+                self.state[n] = SETTLED
+            self._failed(self.positions[left])
+
+    async def stop(self) -> None:
+        """Stop reading (any body is aborted); what did not land is given back."""
+        for body in list(self._bodies):
+            body.reader.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError, OSError):
+                await task
+        self.rebuilder.close()
+        await self.source.close()
+
+
+def _wanted_entries(index: DeltaIndex, table: ChunkTable, pending: np.ndarray) -> np.ndarray:
+    """Entries (positions in the index) for pending pass-0 chunks, in order."""
+    pending_indices = table.index[pending[table.pass_index[pending] == 0]]
+    return np.flatnonzero(np.isin(index.chunk_index, pending_indices))
+
+
+class _Rebuilder:
+    """Rebuilds chunks from frames and the base's store (worker thread), writes them, journals them in groups."""
+
+    def __init__(self, held: HeldModel, manifest: Manifest, cache: ModelCache, table: ChunkTable) -> None:
+        self.held, self.manifest, self.cache = held, manifest, cache
+        self.position_of = {int(i): p for p, i in enumerate(table.index.tolist())}
+        self.table = table
+        base = held.manifest.chunk_table
+        keep = base.pass_index == 0
+        self.base_offsets, self.base_ends = base.raw_offset[keep], base.raw_offset[keep] + base.raw_size[keep]
+        self.base_index = base.index[keep]
+        self.progressive = [(t.raw_offset, t.raw_end) for t in held.manifest.tensors if t.coarse_shift is not None]
+        self.fd = -1
+
+    def _base_bytes(self, raw_offset: int, raw_size: int) -> bytes | None:
+        """The base's store over [raw_offset, raw_offset + raw_size), every base chunk under it checked; None otherwise."""
+        end = raw_offset + raw_size
+        if any(a < end and raw_offset < b for a, b in self.progressive):
+            return None
+        first = int(np.searchsorted(self.base_ends, raw_offset, side="right"))
+        last = int(np.searchsorted(self.base_offsets, end, side="left"))
+        if first >= last or self.base_offsets[first] > raw_offset or self.base_ends[last - 1] < end:
+            return None
+        pieces = []
+        for position in range(first, last):
+            index, start, stop = int(self.base_index[position]), int(self.base_offsets[position]), int(self.base_ends[position])
+            digest = self.held.journal.get(index)
+            if digest is None:
+                return None
+            data = os.pread(self.fd, stop - start, start)
+            if len(data) != stop - start or xxhash.xxh3_64_intdigest(data) != digest:
+                return None
+            pieces.append(data)
+        joined = b"".join(pieces)
+        start = raw_offset - int(self.base_offsets[first])
+        return joined[start : start + raw_size]
+
+    def run(self, body: _Body, index: DeltaIndex, entries: list[int]) -> tuple[list[int | None], BaseException | None]:
+        """(worker thread) Read and rebuild these entries, writing each rebuilt chunk to the store: per entry read, the
+        xxh3 of the chunk written (None: refused), and the failure that stopped the reading (the rest unread)."""
+        results: list[int | None] = []
+        if self.fd == -1:
+            try:
+                self.fd = os.open(self.held.store_path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                self.fd = -2
+        for entry in entries:
+            try:
+                frame = body.read(index.data_offset + int(index.offset[entry]), int(index.size[entry]))
+            except (StreamloadError, OSError) as exc:
+                return results, exc
+            results.append(self._rebuild(index, entry, frame))
+        return results, None
+
+    def _rebuild(self, index: DeltaIndex, entry: int, frame: bytes) -> int | None:
+        position = self.position_of.get(int(index.chunk_index[entry]))
+        if position is None:
+            return None
+        chunk = self.table.entry(position)
+        method = int(index.method[entry])
+        base = None
+        if method == DeltaMethod.DIFFERENCE:
+            base = self._base_bytes(int(index.base_raw_offset[entry]), chunk.raw_size_bytes) if self.fd >= 0 else None
+            if base is None:
+                logger.info("chunk %d: the cached base's bytes under it are missing or damaged; it is fetched whole", chunk.index)
+                return None
+        try:
+            raw = rebuild_chunk(chunk, method, frame, index.sha256[entry].tobytes(), base)
+        except FormatError as exc:
+            logger.warning("%s; it is fetched whole", exc)
+            return None
+        self.cache.write_chunks(chunk.raw_offset, [raw])
+        return xxhash.xxh3_64_intdigest(raw)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
