@@ -21,7 +21,7 @@ from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
 
 

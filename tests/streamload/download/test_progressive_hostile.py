@@ -24,7 +24,7 @@ from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
 from tests.support.serving import ServerThread, serve_directory, serve_files
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 @pytest.mark.parametrize("chunk_size_bytes", [1 << 20, 16 << 10])

@@ -25,7 +25,7 @@ from streamload.runtime import bert, llama, ops, run
 from streamload.runtime import timeline as timeline_module
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -365,7 +365,7 @@ def test_cli_run_checks_the_files_it_writes_before_the_run(option: str, server: 
 
 def test_the_docs_say_how_to_install_the_plot_extra_from_a_source_checkout() -> None:
     """There is no streamload package on the index: the plot extra comes from the checkout (``pip install -e '.[plot]'``)."""
-    root = Path(__file__).parents[2]
+    root = Path(__file__).parents[3]
     texts = [path.read_text() for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]]
     assert not any("pip install 'streamload[plot]'" in text for text in texts)
     assert any("pip install -e '.[plot]'" in text for text in texts)
