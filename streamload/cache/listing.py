@@ -1,6 +1,6 @@
 """What a cache directory holds, as ``streamload list`` shows it and ``streamload rm`` removes it.
 
-Read with the cache's own rules (``cache.read_own_file``): a link or a FIFO in place of a file is an unreadable file,
+Read with the cache's own rules (``files.read_own_file``): a link or a FIFO in place of a file is an unreadable file,
 never followed or waited on. ``rm`` removes a model directory that is a link by removing the link alone, and
 deletes nothing through a ``models/`` or ``refs/`` that is a link.
 """

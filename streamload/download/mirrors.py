@@ -1,6 +1,6 @@
 """Several hosts of one model: which of them may be used, how fast each is, how large a span each takes.
 
-A mirror is used only after a header probe (one bounded request, ``fetch.fetch_header``)
+A mirror is used only after a header probe (one bounded request, ``header.fetch_header``)
 shows the manifest digest and data offset of the primary URL: across hosts the model's
 identity is its manifest digest, not an ETag (nginx on two hosts gives one file two
 ETags; each ``HttpSource`` pins its own). A mirror serving another model is refused
