@@ -21,7 +21,7 @@ from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
-from streamload.runtime import bert, llama, ops, run
+from streamload.runtime import bert, decoder, llama, ops, run
 from streamload.runtime import timeline as timeline_module
 from streamload.runtime.ops import matmul
 from tests.support.serving import ServerThread, serve_directory
@@ -334,8 +334,8 @@ def test_sampling() -> None:
 
 
 def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
-    base = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
-    scaled = llama.LlamaConfig(
+    base = decoder.DecoderConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
+    scaled = decoder.DecoderConfig(
         512,
         64,
         1,
@@ -349,7 +349,7 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
         False,
         (),
     )
-    plain, adjusted = llama.rope_inverse_frequencies(base), llama.rope_inverse_frequencies(scaled)
+    plain, adjusted = decoder.rope_inverse_frequencies(base), decoder.rope_inverse_frequencies(scaled)
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
     assert np.all(adjusted <= plain)
