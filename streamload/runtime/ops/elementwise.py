@@ -1,4 +1,8 @@
-"""Norms, activations and embedding rows: numpy over float32, no weights cast (LayerNorm, RMSNorm, GELU, SiLU, softmax)."""
+"""Norms, activations, softmax and embedding rows, over float32 (LayerNorm, RMSNorm, GELU, SiLU).
+
+Threads: none of their own; pure functions of their arguments (``out`` may be the input, in place). State: one
+read-only averaging row per width (``layer_norm_t``), made once.
+"""
 
 from __future__ import annotations
 
