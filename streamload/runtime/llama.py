@@ -34,87 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class DecoderWeights(DecodeWeights):
-    """``DecodeWeights`` with what the head needs beside its matrix: the final norm's small tensors and the matrix's
-    per-row scales (copies, so nothing of the head layer's memory map stays in use under a budget)."""
-
-    small_head: Layer
-    head_scales: np.ndarray | None
-
-
-def decode_weights(
-    model: Model,
-    runner: DecoderRunner,
-    prefill: Prefill,
-    budget: MemoryBudget | None,
-    decodes: bool,
-) -> DecoderWeights:
-    """The weights decode reads, planned under ``budget`` (None: all mapped, as the prefill left them).
-
-    Raises:
-        MemoryBudgetError: the budget cannot hold one decode step; the message names the minimum.
-    """
-    config = runner.config
-    manifest = model.manifest
-    blocks, head_layer, table_layer = prefill.blocks, prefill.head_layer, prefill.table_layer
-    tied = table_layer is not None
-    head_name = runner.head_matrix(tied)
-    matrix, scales = (table_layer or head_layer).weight(head_name)
-    segments = decoder_segments(manifest, config.num_hidden_layers, head_name)
-    small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
-    plan = None
-    if budget is not None and decodes:
-        release_freed_memory()  # the prefill's freed temporaries: what the process holds is then what it uses
-        plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
-        log.info("%s", plan.describe())
-        if not plan.all_resident:
-            model.drop_cached_pages()  # the prefill's pages of the store: the plan's copies and reads replace them
-    weights = DecoderWeights(manifest, model.store_path, segments, plan, head_matrix=head_name, mapped_blocks=blocks, mapped_head=matrix)
-    mapped = weights.mapped
-    weights.small_head = head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={})
-    weights.head_scales = scales if mapped or scales is None else np.array(scales)
-    return weights
-
-
-def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, np.ndarray], scales: np.ndarray | None) -> dict[str, int]:
-    """What a decode step holds beside the weights of its blocks and head matrix (module doc of ``memory``)."""
-    c = runner.config
-    kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * runner.capacity * c.head_dim * 4
-    intermediate = max(max(a.shape[0] for a in block.tensors.values()), c.hidden_size)  # the widest projection's outputs
-    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + 2 * 4 * ops.PARALLEL_TILE_ELEMENTS
-    head = sum(a.nbytes for a in small_head.values()) + (0 if scales is None else scales.nbytes)
-    return {"process": process_anonymous_bytes(), "kv_cache": kv_cache, "activations": activations, "head_small": head}
-
-
-def _token_rows(model: Model, table_name: str, loop: asyncio.AbstractEventLoop) -> Callable[[int], tuple[np.ndarray, np.ndarray | None]]:
-    """A decode step's embedding rows: from the table's memory map once the table is whole (no trip to the event loop
-    per token), fetched on demand through the loop while it is still streaming in."""
-    index = model.manifest.tensor(table_name).layer_index
-    table: list[tuple[np.ndarray, np.ndarray | None]] = []
-
-    def rows_of(token_id: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if not table and model.layer_ready_s[index] is not None:
-            table.append(asyncio.run_coroutine_threadsafe(model.layer(index), loop).result().weight(table_name))
-        if table:
-            values, scales = table[0]
-            return values[[token_id]], None if scales is None else scales[[token_id]]
-        return asyncio.run_coroutine_threadsafe(model.rows(table_name, np.array([token_id])), loop).result()
-
-    return rows_of
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy when temperature is 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    probs = ops.softmax((logits / temperature).astype(np.float64))
-    order = np.argsort(-probs)
-    cumulative = np.cumsum(probs[order])
-    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
-    kept = probs[keep] / probs[keep].sum()
-    return int(rng.choice(keep, p=kept))
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Generation:
     generated_ids: list[int]
@@ -229,6 +148,58 @@ async def _prefill(model: Model, runner: DecoderRunner, ids: np.ndarray, timelin
     return Prefill(blocks, head_layer, table_layer, logits)
 
 
+class DecoderWeights(DecodeWeights):
+    """``DecodeWeights`` with what the head needs beside its matrix: the final norm's small tensors and the matrix's
+    per-row scales (copies, so nothing of the head layer's memory map stays in use under a budget)."""
+
+    small_head: Layer
+    head_scales: np.ndarray | None
+
+
+def decode_weights(
+    model: Model,
+    runner: DecoderRunner,
+    prefill: Prefill,
+    budget: MemoryBudget | None,
+    decodes: bool,
+) -> DecoderWeights:
+    """The weights decode reads, planned under ``budget`` (None: all mapped, as the prefill left them).
+
+    Raises:
+        MemoryBudgetError: the budget cannot hold one decode step; the message names the minimum.
+    """
+    config = runner.config
+    manifest = model.manifest
+    blocks, head_layer, table_layer = prefill.blocks, prefill.head_layer, prefill.table_layer
+    tied = table_layer is not None
+    head_name = runner.head_matrix(tied)
+    matrix, scales = (table_layer or head_layer).weight(head_name)
+    segments = decoder_segments(manifest, config.num_hidden_layers, head_name)
+    small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
+    plan = None
+    if budget is not None and decodes:
+        release_freed_memory()  # the prefill's freed temporaries: what the process holds is then what it uses
+        plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
+        log.info("%s", plan.describe())
+        if not plan.all_resident:
+            model.drop_cached_pages()  # the prefill's pages of the store: the plan's copies and reads replace them
+    weights = DecoderWeights(manifest, model.store_path, segments, plan, head_matrix=head_name, mapped_blocks=blocks, mapped_head=matrix)
+    mapped = weights.mapped
+    weights.small_head = head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={})
+    weights.head_scales = scales if mapped or scales is None else np.array(scales)
+    return weights
+
+
+def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, np.ndarray], scales: np.ndarray | None) -> dict[str, int]:
+    """What a decode step holds beside the weights of its blocks and head matrix (module doc of ``memory``)."""
+    c = runner.config
+    kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * runner.capacity * c.head_dim * 4
+    intermediate = max(max(a.shape[0] for a in block.tensors.values()), c.hidden_size)  # the widest projection's outputs
+    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + 2 * 4 * ops.PARALLEL_TILE_ELEMENTS
+    head = sum(a.nbytes for a in small_head.values()) + (0 if scales is None else scales.nbytes)
+    return {"process": process_anonymous_bytes(), "kv_cache": kv_cache, "activations": activations, "head_small": head}
+
+
 _T = TypeVar("_T")
 
 
@@ -245,6 +216,23 @@ async def _shielded(work: asyncio.Future[_T], on_cancel: Callable[[], None]) -> 
 def _close_made_weights(planning: asyncio.Future[DecoderWeights]) -> None:
     if not planning.cancelled() and planning.exception() is None:
         planning.result().close()
+
+
+def _token_rows(model: Model, table_name: str, loop: asyncio.AbstractEventLoop) -> Callable[[int], tuple[np.ndarray, np.ndarray | None]]:
+    """A decode step's embedding rows: from the table's memory map once the table is whole (no trip to the event loop
+    per token), fetched on demand through the loop while it is still streaming in."""
+    index = model.manifest.tensor(table_name).layer_index
+    table: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def rows_of(token_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if not table and model.layer_ready_s[index] is not None:
+            table.append(asyncio.run_coroutine_threadsafe(model.layer(index), loop).result().weight(table_name))
+        if table:
+            values, scales = table[0]
+            return values[[token_id]], None if scales is None else scales[[token_id]]
+        return asyncio.run_coroutine_threadsafe(model.rows(table_name, np.array([token_id])), loop).result()
+
+    return rows_of
 
 
 def decode_tokens(
@@ -297,3 +285,15 @@ def next_token_logits(runner: DecoderRunner, weights: DecoderWeights, rows: tupl
         return runner.project(normed, rows, None if scales is None else scales[part])
 
     return runner.finish_logits(weights.head_logits(project))
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature is 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    probs = ops.softmax((logits / temperature).astype(np.float64))
+    order = np.argsort(-probs)
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+    kept = probs[keep] / probs[keep].sum()
+    return int(rng.choice(keep, p=kept))
