@@ -45,7 +45,7 @@ import zstandard
 from .formats.quantize import coarse_levels
 from .formats.writer import PLANE_ZSTD_LEVEL
 from .layer import Layer
-from .runtime import bert, llama, ops
+from .runtime import bert, decoder, ops
 
 logger = logging.getLogger(__name__)
 
@@ -278,12 +278,12 @@ class CalibratedShifts:
         return state, None
 
     def _step_llama(self, index: int, layer: Layer, state: Any) -> tuple[Any, np.ndarray | None]:
-        config = llama.LlamaConfig.from_manifest(self.config)
+        config = decoder.DecoderConfig.from_manifest(self.config)
         if index == 0:
             ids = np.asarray(self.ids[0], dtype=np.int64)
             assert self.table is not None
             values, scales = self.table
-            runner = llama.LlamaRunner(config, len(ids))
+            runner = decoder.DecoderRunner(config, len(ids))
             x = runner.embed((values[ids], None if scales is None else scales[ids]), layer)
             return (runner, x, None), x
         runner, x, _ = state

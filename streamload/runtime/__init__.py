@@ -26,6 +26,7 @@ from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
+    from .llama import Generation
 
 SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``llama.generate``, each as its family description says
@@ -192,58 +193,19 @@ async def run(
         (1, 384)
     """
     check_options(texts=texts, ids=ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if getattr(model, "_loop", None) is not None:  # a SyncModel: its layers are awaited on its own loop, not this one
-        raise UsageError("runtime.run takes a model from streamload.open; for one from streamload.load call model.run(...)")
+    _check_async_model(model)
     timeline = Timeline(model, started)
     budget = memory_budget(memory_budget_bytes)
+    state = _prepare_model(model, float_weights_bytes)
     architecture = model.manifest.architecture
-    family = architecture_named(architecture)
-    state = model_state(model)
-    if family is not None and not state.validated:
-        family.validate(model.config, model.manifest)  # every field the runtime reads, against the tensor shapes, before any allocation
-        state.validated = True
-    if float_weights_bytes is not None:
-        if float_weights_bytes < 0:
-            raise UsageError(f"float_weights_bytes cannot be negative, got {float_weights_bytes}")
-        state.float_weights.set_budget(float_weights_bytes)
     if architecture == "bert":
-        from . import bert  # each architecture's module on first use: a cold start imports only its own
-
-        config = bert.BertConfig.from_manifest(model.config)
-        if texts is not None:
-            batch = bert.tokenize(model, texts, config)
-        else:
-            _check_ids(ids or [], int(model.config.get("vocab_size", 0)))
-            row = np.asarray([list(ids or [])], dtype=np.int64)
-            batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
-        embedding = await bert.encode(model, batch, timeline, float_weights=state.float_weights, memory_budget=budget)
-        return RunResult(
-            "bert",
-            embedding,
-            None,
-            None,
-            None,
-            timeline.records,
-            timeline.first_block_done_s(),
-            timeline.now_s(),
-            timeline.row_records,
-            model.bytes_needed,
-        )
+        return _result(model, timeline, architecture, embedding=await _encode(model, texts, ids, timeline, state, budget))
     if architecture in DECODERS:
-        from . import llama
+        from . import llama  # each architecture's module on first use: a cold start imports only its own
 
-        if texts is not None:
-            if len(texts) != 1:
-                raise UsageError(f"a decoder takes one prompt; got {len(texts)} texts (join them, or run them one by one)")
-            tokenizer = model.tokenizer
-            if tokenizer is None:
-                raise NoTokenizerError(NO_TOKENIZER)
-            prompt = tokenizer.encode(texts[0]).ids
-        else:
-            prompt = list(ids or [])
         generation = await llama.generate(
             model,
-            prompt,
+            _prompt_ids(model, texts, ids),
             timeline,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -254,24 +216,83 @@ async def run(
             decode_threads=decode_threads,
             on_token=on_token,
         )
-        tokenizer = model.tokenizer
-        text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
-        return RunResult(
-            architecture,
-            None,
-            generation.generated_ids,
-            text,
-            generation.prompt_logits,
-            timeline.records,
-            timeline.first_block_done_s(),
-            timeline.now_s(),
-            timeline.row_records,
-            model.bytes_needed,
-            first_token_logits=generation.first_token_logits,
-            first_token_s=generation.first_token_s,
-            token_times_s=generation.token_times_s,
-        )
+        return _result(model, timeline, architecture, generation=generation)
     raise RuntimeModelError(f"cannot run architecture {architecture!r}; the runtime runs: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _check_async_model(model: Model) -> None:
+    """Refuse a ``SyncModel``: its layers are awaited on its own loop, not this one."""
+    if getattr(model, "_loop", None) is not None:
+        raise UsageError("runtime.run takes a model from streamload.open; for one from streamload.load call model.run(...)")
+
+
+def _prepare_model(model: Model, float_weights_bytes: int | None) -> ModelState:
+    """The model's runtime state, its config validated once and its float32 copies' budget set when given."""
+    family = architecture_named(model.manifest.architecture)
+    state = model_state(model)
+    if family is not None and not state.validated:
+        family.validate(model.config, model.manifest)  # every field the runtime reads, against the tensor shapes, before any allocation
+        state.validated = True
+    if float_weights_bytes is not None:
+        if float_weights_bytes < 0:
+            raise UsageError(f"float_weights_bytes cannot be negative, got {float_weights_bytes}")
+        state.float_weights.set_budget(float_weights_bytes)
+    return state
+
+
+async def _encode(
+    model: Model, texts: Sequence[str] | None, ids: Sequence[int] | None, timeline: Timeline, state: ModelState, budget: MemoryBudget | None
+) -> np.ndarray:
+    """An encoder's sentence embeddings of the texts (one each) or of the ids (one sequence): (B, H) float32."""
+    from . import bert  # each architecture's module on first use: a cold start imports only its own
+
+    config = bert.BertConfig.from_manifest(model.config)
+    if texts is not None:
+        batch = bert.tokenize(model, texts, config)
+    else:
+        _check_ids(ids or [], int(model.config.get("vocab_size", 0)))
+        row = np.asarray([list(ids or [])], dtype=np.int64)
+        batch = bert.EncodedBatch(row, np.zeros_like(row), np.ones_like(row))
+    return await bert.encode(model, batch, timeline, float_weights=state.float_weights, memory_budget=budget)
+
+
+def _prompt_ids(model: Model, texts: Sequence[str] | None, ids: Sequence[int] | None) -> list[int]:
+    """A decoder's prompt: the one text's tokens, or the ids."""
+    if texts is None:
+        return list(ids or [])
+    if len(texts) != 1:
+        raise UsageError(f"a decoder takes one prompt; got {len(texts)} texts (join them, or run them one by one)")
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise NoTokenizerError(NO_TOKENIZER)
+    return tokenizer.encode(texts[0]).ids
+
+
+def _result(
+    model: Model, timeline: Timeline, architecture: str, *, embedding: np.ndarray | None = None, generation: Generation | None = None
+) -> RunResult:
+    """The run's result: an encoder's ``embedding`` or a decoder's ``Generation`` (its text decoded first), and
+    the timeline as it ends now."""
+    if generation is None:
+        return RunResult(architecture, embedding, None, None, None, *_timings(model, timeline))
+    tokenizer = model.tokenizer
+    text = tokenizer.decode(generation.generated_ids) if tokenizer is not None else None
+    return RunResult(
+        architecture,
+        None,
+        generation.generated_ids,
+        text,
+        generation.prompt_logits,
+        *_timings(model, timeline),
+        first_token_logits=generation.first_token_logits,
+        first_token_s=generation.first_token_s,
+        token_times_s=generation.token_times_s,
+    )
+
+
+def _timings(model: Model, timeline: Timeline) -> tuple[list[LayerTiming], float | None, float, list[RowsTiming], int]:
+    """``RunResult``'s timing fields, read now: the layers' records, block 0's end, the total, the rows, the bytes needed."""
+    return timeline.records, timeline.first_block_done_s(), timeline.now_s(), timeline.row_records, model.bytes_needed
 
 
 __all__ = [

@@ -10,7 +10,7 @@ from streamload import errors
 from streamload.formats import ModelReader
 from streamload.formats.architectures import BERT, LLAMA, architecture_named
 from streamload.runtime.bert import BertConfig
-from streamload.runtime.llama import LlamaConfig
+from streamload.runtime.decoder import LlamaConfig
 from tests.support.synthetic import llama_config, llama_tensor_shapes
 
 

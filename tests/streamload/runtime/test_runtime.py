@@ -21,8 +21,9 @@ from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
-from streamload.runtime import bert, llama, ops, run
+from streamload.runtime import bert, decoder, llama, ops, run
 from streamload.runtime import timeline as timeline_module
+from streamload.runtime.ops import matmul
 from tests.support.serving import ServerThread, serve_directory
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -152,8 +153,8 @@ def test_linear_equals_dequantized_matmul(monkeypatch: pytest.MonkeyPatch) -> No
     bias = rng.standard_normal(700).astype(np.float32)
     expected_w = q.astype(np.float64) * scales[:, None]
     for tile_elements in (1 << 20, 96 * 64):  # one tile; eleven tiles, the last one short
-        monkeypatch.setattr(ops, "TILE_ELEMENTS", tile_elements)
-        monkeypatch.setattr(ops, "PREFILL_TILE_ELEMENTS", tile_elements)
+        monkeypatch.setattr(matmul, "TILE_ELEMENTS", tile_elements)
+        monkeypatch.setattr(matmul, "PREFILL_TILE_ELEMENTS", tile_elements)
         for tokens in (1, 40):
             x = rng.standard_normal((tokens, 96)).astype(np.float32)
             np.testing.assert_allclose(ops.linear(x, q, scales, bias), x @ expected_w.T + bias, rtol=1e-4, atol=1e-4)
@@ -163,7 +164,7 @@ def test_linear_t_is_linear_with_tokens_as_columns(monkeypatch: pytest.MonkeyPat
     rng = np.random.default_rng(3)
     q, scales, _ = quantize_int8_rows(rng.standard_normal((300, 64)).astype(np.float32))
     bias = rng.standard_normal(300).astype(np.float32)
-    monkeypatch.setattr(ops, "TILE_ELEMENTS", 64 * 32)  # ten tiles, the last one short
+    monkeypatch.setattr(matmul, "TILE_ELEMENTS", 64 * 32)  # ten tiles, the last one short
     for tokens in (1, 19, 40):
         x = rng.standard_normal((tokens, 64)).astype(np.float32)
         expected = ops.linear(x, q, scales, bias)
@@ -333,8 +334,8 @@ def test_sampling() -> None:
 
 
 def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
-    base = llama.LlamaConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
-    scaled = llama.LlamaConfig(
+    base = decoder.DecoderConfig(512, 64, 1, 4, 2, 64, 1e-6, 500000.0, None, 8192, False, ())
+    scaled = decoder.DecoderConfig(
         512,
         64,
         1,
@@ -348,7 +349,7 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies() -> None:
         False,
         (),
     )
-    plain, adjusted = llama.rope_inverse_frequencies(base), llama.rope_inverse_frequencies(scaled)
+    plain, adjusted = decoder.rope_inverse_frequencies(base), decoder.rope_inverse_frequencies(scaled)
     assert adjusted[0] == plain[0]  # short wavelengths untouched
     assert math.isclose(adjusted[-1], plain[-1] / 8.0)  # wavelengths past the original context divided by the factor
     assert np.all(adjusted <= plain)
