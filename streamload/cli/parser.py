@@ -43,6 +43,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        """``--option=--`` gives the option the value '--', checked by its type like any other. Python 3.11's argparse
+        drops that '--' as if it ended the options, and leaves the option an empty list (``--memory-budget=--`` ran
+        as if no budget was given, ``--seed=--`` failed in the runtime: "seed must be an integer 0 or more; got []")."""
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: the program's own options, then each command with its options, in ``--help`` order."""
