@@ -87,7 +87,7 @@ def _add_file_to_write_option(p: argparse.ArgumentParser, flag: str, example: st
     p.add_argument(flag, type=argtypes.file_to_write(suffix, example), metavar=f"FILE{suffix}", help=help)
 
 
-def _add_convert_command(commands: Any) -> None:
+def _add_convert_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("convert", help="convert a Hugging Face model folder or .safetensors file to .slm")
     p.add_argument("source", help="model folder (config.json + safetensors) or a .safetensors file")
     p.add_argument("-o", "--output", required=True, type=argtypes.output_file, help="the .slm file to write")
@@ -113,7 +113,7 @@ def _add_convert_command(commands: Any) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def _add_inspect_command(commands: Any) -> None:
+def _add_inspect_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("inspect", help="show a model file's layers, sizes, compression and quantization error")
     p.add_argument(
         "source",
@@ -126,7 +126,7 @@ def _add_inspect_command(commands: Any) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _add_verify_command(commands: Any) -> None:
+def _add_verify_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("verify", help="check every chunk's sha256; exit status 0 only when the file is intact")
     p.add_argument(
         "file",
@@ -138,7 +138,7 @@ def _add_verify_command(commands: Any) -> None:
     p.set_defaults(func=cmd_verify)
 
 
-def _add_serve_command(commands: Any) -> None:
+def _add_serve_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("serve", help="serve the .slm files of a directory over HTTP (ranges, ETags, optional link emulation)")
     p.add_argument("directory", help="directory holding .slm files")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -150,7 +150,7 @@ def _add_serve_command(commands: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _add_fetch_command(commands: Any) -> None:
+def _add_fetch_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("fetch", help="download a model into the cache, verified, with a progress bar")
     add_source_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -158,7 +158,7 @@ def _add_fetch_command(commands: Any) -> None:
     p.set_defaults(func=cmd_fetch)
 
 
-def _add_run_command(commands: Any) -> None:
+def _add_run_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("run", help="stream a model and run it: embeddings for encoders, generation for decoders")
     add_source_arguments(p)
     _add_run_inputs(p)
@@ -220,14 +220,14 @@ def _add_decoder_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_list_command(commands: Any) -> None:
+def _add_list_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("list", help="list the models in the cache")
     p.add_argument("--cache-dir", help=_cache_dir_help())
     p.add_argument("--json", action="store_true", help="print a JSON array: digest, architecture, size, status, sources, path")
     p.set_defaults(func=cmd_list)
 
 
-def _add_rm_command(commands: Any) -> None:
+def _add_rm_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("rm", help="delete a model from the cache")
     p.add_argument("digest", metavar="MODEL", help="the model's name, digest prefix, URL or file (see `streamload list`)")
     p.add_argument("--cache-dir", help=_cache_dir_help())
