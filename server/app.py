@@ -3,9 +3,9 @@
 GET and HEAD of ``/<name>.slm`` with a strong ETag (the manifest digest),
 If-None-Match, single-range requests with If-Range (RFC 9110 section 14, see
 ``ranges.py``), and ``GET /``, a JSON index. Optional per-connection rate and
-latency emulate a phone link. Bodies are written (sendfile, or from a memory map of
-the file) in pieces sized to the client's pace; a client that makes no progress for
-write_timeout_s is cut off.
+latency emulate a phone link. Bodies are written (``body.py``: sendfile, or from a memory
+map of the file) in pieces sized to the client's pace; a client that makes no progress
+for write_timeout_s is cut off.
 
 Fairness against hostile clients (figures: ``python tools/bench_server_fairness.py``):
 
@@ -38,22 +38,19 @@ import dataclasses
 import logging
 import signal
 import socket
-import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .body import drop_connection, write_body
 from .connections import ModelRunner
-from .files import ModelFiles, ServedFile
+from .files import ModelFiles
 from .ranges import RangeOutcome, decide_range
 from .slots import SlotPool, Transfer
 
 logger = logging.getLogger(__name__)
-
-UNTHROTTLED_PIECE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,24 +76,6 @@ class ServerConfig:
     max_request_line_bytes: int = 8190  # the request line: a signed URL's query fits
     max_header_field_bytes: int = 4096  # one header's name and value: a bearer token or a cookie fits
     max_header_count: int = 32
-
-
-class TokenBucket:
-    """Paces bytes to ``rate_bytes_per_s`` with a burst of ``capacity_bytes``."""
-
-    def __init__(self, rate_bytes_per_s: float, capacity_bytes: float) -> None:
-        self.rate = rate_bytes_per_s
-        self.capacity = capacity_bytes
-        self._tokens = capacity_bytes
-        self._stamp = time.monotonic()
-
-    async def take(self, size_bytes: int) -> None:
-        now = time.monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        self._tokens -= size_bytes
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
 
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -155,79 +134,8 @@ async def handle_model(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
     if request.method != "HEAD" and decision.length:
-        await _write_body(request, response, served, decision.start, decision.end, config)
+        await write_body(request, response, served, decision.start, decision.end, config.rate_bytes_per_s, TRANSFER.get())
     return response
-
-
-async def _write_body(
-    request: web.Request, response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig
-) -> None:
-    """Write bytes [start, end) in pieces, each under the transfer's stall timeout; a stalled or evicted client is reset."""
-    transfer = TRANSFER.get()
-    try:
-        if not config.rate_bytes_per_s and request.transport is not None and request.transport.get_extra_info("sslcontext") is None:
-            try:
-                await _sendfile_body(request, served, start, end, transfer)
-                return
-            except NotImplementedError:
-                pass  # no sendfile here: write from the map below
-        await _write_mapped_body(response, served, start + transfer.bytes_sent, end, config, transfer)
-    except TimeoutError:
-        if transfer.evicted:
-            logger.info("%s: its slot for %s was given to a waiting request (see slots.py)", request.remote, served.path.name)
-        else:
-            logger.info("%s stopped reading %s; closing the connection", request.remote, served.path.name)
-        _drop_connection(request)
-    except ConnectionError:  # the client went away mid-body (aiohttp's ClientConnectionResetError is one)
-        logger.info("%s disconnected during %s", request.remote, served.path.name)
-
-
-async def _sendfile_body(request: web.Request, served: ServedFile, start: int, end: int, transfer: Transfer) -> None:
-    """Zero-copy, as aiohttp's FileResponse does, in pieces sized to the client's pace."""
-    loop = asyncio.get_running_loop()
-    with await asyncio.to_thread(open, served.path, "rb") as f:
-        offset = start
-        while offset < end:
-            size = min(transfer.piece_bytes, end - offset)
-            async with transfer.writing(size):
-                await loop.sendfile(request.transport, f, offset, size)  # type: ignore[arg-type]
-            offset += size
-
-
-async def _write_mapped_body(
-    response: web.StreamResponse, served: ServedFile, start: int, end: int, config: ServerConfig, transfer: Transfer
-) -> None:
-    assert served.map is not None
-    view = memoryview(served.map)
-    bucket = None
-    rate_piece = UNTHROTTLED_PIECE_BYTES
-    if config.rate_bytes_per_s:
-        rate_piece = int(max(1024, min(64 << 10, config.rate_bytes_per_s / 50)))  # ~20 ms of link time
-        bucket = TokenBucket(config.rate_bytes_per_s, rate_piece)
-    try:
-        offset = start
-        while offset < end:
-            size = min(rate_piece, transfer.piece_bytes, end - offset)
-            if bucket is not None:
-                await bucket.take(size)
-            async with transfer.writing(size):
-                await response.write(view[offset : offset + size])
-            offset += size
-    finally:
-        view.release()
-
-
-def _drop_connection(request: web.Request) -> None:
-    """Reset a stalled client's connection now: SO_LINGER 0 makes close() discard the queued send buffer
-    (megabytes the kernel would otherwise keep trickling into a zero window) and send RST."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 async def handle_index(request: web.Request) -> web.Response:
@@ -259,7 +167,7 @@ async def limit_concurrency(request: web.Request, handler: Callable[[web.Request
         async with asyncio.timeout(config.write_timeout_s):
             await request.writer.drain()
     except TimeoutError:
-        _drop_connection(request)
+        drop_connection(request)
         return _client_gone(request, "it pipelines requests without reading the answers; connection closed")
     except ConnectionError as exc:
         return _client_gone(request, str(exc))

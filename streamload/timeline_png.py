@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import StreamloadError
 from .runtime.timeline import LayerTiming, RowsTiming
@@ -25,13 +26,30 @@ def draw_timeline(
 ) -> None:
     """Write a PNG: one row per layer; ``started`` (perf_counter) is time zero; the link floor as a dashed line.
 
-        ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
-        the result was there (a solid line); ``preview_s``: when a preview from coarse weights was (a dotted line), and
+    ``rows``: the row fetches of the input (drawn on their table's line, from asked to arrived); ``result_s``: when
+    the result was there (a solid line); ``preview_s``: when a preview from coarse weights was (a dotted line), and
     ``preview`` its per-layer compute (a progressive layer's refinements are drawn apart from its coarse levels).
 
-        Raises:
-            StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
+    Raises:
+        StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
     """
+    plt = _import_pyplot()
+    rows_count = len(spans)
+    ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]
+    visible_s = max(ends, default=1.0) * 0.004  # compute takes milliseconds: draw at least this wide
+    figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows_count), dpi=110)
+    # the drawing order is the legend's order (each label once, where it first appears)
+    _draw_layers(axes, spans, timings, started, visible_s)
+    _draw_preview_and_rows(axes, rows_count, preview, rows, visible_s)
+    _draw_marks(axes, result_s, preview_s, link_floor_s)
+    _label_axes(axes, spans, title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _import_pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     try:
         import matplotlib
 
@@ -39,11 +57,13 @@ def draw_timeline(
         import matplotlib.pyplot as plt
     except ImportError:
         raise StreamloadError("drawing a timeline needs matplotlib: pip install 'streamload[plot]'") from None
+    return plt
+
+
+def _draw_layers(axes: Any, spans: Sequence[LayerSpans], timings: Sequence[LayerTiming], started: float, visible_s: float) -> None:
+    """Per layer: download (and refinements) above, verify + decompress in the middle, compute below."""
     compute = {t.index: t for t in timings}
     rows_count = len(spans)
-    ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]
-    visible_s = max(ends, default=1.0) * 0.004  # compute takes milliseconds: draw at least this wide
-    figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows_count), dpi=110)
     for span in spans:
         y = rows_count - 1 - span.index
         for interval, offset, color, label in (
@@ -57,6 +77,12 @@ def draw_timeline(
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
             axes.barh(y - 0.25, width, left=timing.compute_start_s, height=0.25, color="#54a24b", label="compute")
+
+
+def _draw_preview_and_rows(
+    axes: Any, rows_count: int, preview: Sequence[LayerTiming], rows: Sequence[RowsTiming], visible_s: float
+) -> None:
+    """A preview's compute on its layer's compute line; the input's row fetches on their table's download line."""
     for timing in preview:
         width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
         axes.barh(
@@ -71,12 +97,21 @@ def draw_timeline(
             color="#e45756",
             label="the input's rows",
         )
+
+
+def _draw_marks(axes: Any, result_s: float | None, preview_s: float | None, link_floor_s: float | None) -> None:
+    """Vertical lines: the result (solid), the preview (dotted), the link floor (dashed)."""
     if result_s is not None:
         axes.axvline(result_s, color="#e45756", linewidth=1.5, label=f"result {result_s:.2f} s")
     if preview_s is not None:
         axes.axvline(preview_s, color="#b279a2", linewidth=1.5, linestyle=":", label=f"preview {preview_s:.2f} s")
     if link_floor_s is not None:
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
+
+
+def _label_axes(axes: Any, spans: Sequence[LayerSpans], title: str) -> None:
+    """The legend below the plot (each label once), the layer names, the time axis and the title."""
+    rows_count = len(spans)
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes.legend(
@@ -94,6 +129,3 @@ def draw_timeline(
     axes.set_xlim(left=0)
     axes.set_title(title, fontsize=10)
     axes.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)

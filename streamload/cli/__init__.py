@@ -1,7 +1,7 @@
 """The ``streamload`` command line: the only place that prints or exits (the library only logs).
 
-``parser`` declares the commands and options; ``files`` (convert, inspect, verify, serve), ``stream`` (fetch, run) and
-``cached`` (where a model comes from; list, rm) carry them out; ``output`` is what they show.
+``parser`` declares the commands and options (``argtypes`` their types); ``files`` (convert, inspect, verify, serve),
+``stream`` (fetch, run) and ``cached`` (where a model comes from; list, rm) carry them out; ``output`` is what they show.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BadMagicError, CacheWriteError, DigestMismatchError, NoTokenizerError, StreamloadError, UsageError, redact_urls
+from .argtypes import check_text
 from .output import EXIT_FAILURE, EXIT_USAGE
-from .parser import build_parser, check_text
+from .parser import build_parser
 
 __all__ = ["entry", "main"]
 

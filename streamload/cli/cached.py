@@ -91,7 +91,7 @@ def retry_policy(args: argparse.Namespace) -> Any:
     command line's edge). Raises UsageError for a bad environment value (exit status 2, as a bad flag)."""
     from ..errors import UsageError
     from ..transport.httputil import RetryPolicy
-    from .parser import _limit_rate, _retries, _timeout
+    from .argtypes import parse_rate, retries, timeout
 
     def option(name: str, env: str, parse: Any) -> Any:
         value = getattr(args, name, None)
@@ -103,14 +103,14 @@ def retry_policy(args: argparse.Namespace) -> Any:
         return value
 
     fields: dict[str, Any] = {}
-    rate, timeout_s, retries = option("limit_rate", LIMIT_RATE_ENV, _limit_rate), option("timeout", TIMEOUT_ENV, _timeout), None
-    retries = option("retries", RETRIES_ENV, _retries)
+    rate, timeout_s = option("limit_rate", LIMIT_RATE_ENV, parse_rate), option("timeout", TIMEOUT_ENV, timeout)
+    retry_count = option("retries", RETRIES_ENV, retries)
     if rate is not None:
         fields["limit_rate_bytes_per_s"] = rate
     if timeout_s is not None:
         fields |= {"stall_timeout_s": timeout_s, "header_timeout_s": timeout_s, "connect_timeout_s": timeout_s}
-    if retries is not None:
-        fields["max_attempts"] = retries + 1
+    if retry_count is not None:
+        fields["max_attempts"] = retry_count + 1
     return RetryPolicy(**fields)
 
 

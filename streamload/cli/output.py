@@ -1,8 +1,10 @@
-"""What the CLI shows: exit codes, sizes in words, the progress bars, and the summaries and results it prints."""
+"""What the CLI shows: exit codes, sizes in words, the progress bars, a decoder's tokens as they come, and the summaries
+and results it prints."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from typing import Any
@@ -92,6 +94,49 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
         self.enabled = False  # closed for good: later progress (completing the cache after the result) draws nothing
+
+
+class TokenPrinter:
+    """``on_token`` for a decoder's run: each token's text on stdout as soon as it is sampled, flushed.
+
+    Called on the decode thread; the text is decoded and written on the event loop (``call_soon_threadsafe``), which
+    also closes the progress bar before the first piece, so stdout and the bar never share a line. Multi-byte
+    characters split over byte tokens are held until complete (``StreamingDetokenizer``); a model without a
+    tokenizer shows the ids, comma-separated, as the final result would.
+    """
+
+    def __init__(self, model: Any, bar: ProgressBar) -> None:
+        from ..api import StreamingDetokenizer
+
+        tokenizer = model.tokenizer
+        self._stream = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+        self._bar = bar
+        self._loop = asyncio.get_running_loop()
+        self._count = 0
+        self.text = ""  # what was printed
+
+    def __call__(self, token_id: int) -> None:
+        self._loop.call_soon_threadsafe(self._show, token_id)
+
+    def _show(self, token_id: int) -> None:
+        if self._count == 0:
+            self._bar.close()
+        piece = self._stream.add(token_id) if self._stream is not None else f"{',' if self._count else ''}{token_id}"
+        self._count += 1
+        self._write(piece)
+
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        """The rest of the text (an incomplete character at the end), and the end of the line."""
+        self._write(self._stream.finish() if self._stream is not None else "")
+        self._bar.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def bar_width() -> dict[str, Any]:

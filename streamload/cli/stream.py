@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import UsageError, redact_urls
 from .cached import file_name, is_url, open_model, resolve_source
-from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ProgressBar, format_bytes, print_result
+from .output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ProgressBar, TokenPrinter, format_bytes, print_result
 from .updates import describe_update, update_fields
 
 
@@ -110,10 +110,6 @@ async def _run(args: argparse.Namespace) -> None:
     complete the cache, so that the next run needs no network."""
     import time
 
-    import numpy as np
-
-    from ..runtime import run_progressive
-
     started = time.perf_counter()
     bar = ProgressBar(f"streaming {file_name(args.source)}", enabled=not args.json and not args.quiet and sys.stderr.isatty())
     try:
@@ -125,117 +121,105 @@ async def _run(args: argparse.Namespace) -> None:
             if args.progressive and not model.progressive:
                 shown = redact_urls(args.source)
                 print(f"warning: {shown} was not converted with --progressive: no preview, only the exact result", file=sys.stderr)
-            options = {
-                "texts": args.text,
-                "ids": args.ids,
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature,
-                "top_p": args.top_p,
-                "seed": args.seed,
-                "keep_prompt_logits": bool(args.save_logits),
-                "started": started,
-                "memory_budget_bytes": memory_budget_setting(args.memory_budget),
-            }
             printer = TokenPrinter(model, bar) if model.manifest.architecture != "bert" and not args.json else None
-            if printer is not None:
-                options["on_token"] = printer
-            preview: dict[str, Any] | None = None
-            results = run_progressive(model, **options) if args.progressive else _exact_only(model, options)
-            async for result in results:
-                out = _result_fields(result, model)
-                if result.precision == "coarse":
-                    preview, preview_result = out, result
-                    bar.close()
-                    if not args.json:
-                        print_result(args, out, label="preview (coarse weights)")
-                    continue
-                break
-            if args.save_logits:
-                np.save(args.save_logits, result.prompt_logits.astype(np.float32))
-            if preview is not None:
-                preview["cosine_to_exact"] = _cosine(preview_result, result)
-                out["preview"] = preview
-            bar.close()  # the result starts on a line of its own
-            if args.progressive and model.progressive and preview is None:  # on stderr, so with --json too
-                print("no preview: the exact weights were already here", file=sys.stderr)
-            if printer is not None:
-                printer.finish()
-            print_result(args, out, label="exact" if preview is not None else "", streamed=printer is not None)
-            if (out["chunks_local"] or out["chunks_delta"]) and not args.json and not args.quiet:
-                print(describe_update(out), file=sys.stderr)
-            offline = model._session.origin.offline
-            if not args.no_finish and not model.is_complete and offline is not None:  # the result came from a partial cache
-                print(f"warning: the cache stays partial: {offline}; a run with a connection completes it", file=sys.stderr)
-            elif not args.no_finish and not model.is_complete:
-                if not args.quiet and not args.json:
-                    print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
-                stats = await model.wait_complete()
-                if not args.quiet and not args.json:
-                    done = f"cache complete in {model.path} ({format_bytes(stats.bytes_total)})"
-                    after = "needs no network" if is_url(args.source) else "maps it without decompressing"
-                    print(f"{done}: the next run {after}", file=sys.stderr)
+            result, out, preview_result = await _compute(args, model, bar, printer, started)
+            _print_exact(args, model, bar, printer, out)
+            await _complete_cache(args, model, bar)
             if args.timeline_png:
-                from ..timeline_png import draw_timeline
-
-                floor = out["bytes_downloaded"] / args.link_rate if args.link_rate else None
-                draw_timeline(
-                    args.timeline_png,
-                    model.layer_spans(),
-                    result.timeline,
-                    started,
-                    rows=result.row_fetches,
-                    result_s=result.total_s,
-                    preview_s=preview["total_s"] if preview is not None else None,
-                    preview=preview_result.timeline if preview is not None else (),
-                    link_floor_s=floor,
-                    title=f"{file_name(args.source)}: result after {format_bytes(result.bytes_needed)} needed"
-                    + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
-                )
+                _draw_timeline(args, model, started, result, out, preview_result)
     finally:
         bar.close()
 
 
-class TokenPrinter:
-    """``on_token`` for a decoder's run: each token's text on stdout as soon as it is sampled, flushed.
+async def _compute(
+    args: argparse.Namespace, model: Any, bar: ProgressBar, printer: TokenPrinter | None, started: float
+) -> tuple[Any, dict[str, Any], Any]:
+    """The exact result, a preview from coarse weights printed on the way (--progressive), the logits saved
+    (--save-logits): returns the exact result, its fields (the preview's under "preview") and the preview's result or None."""
+    import numpy as np
 
-    Called on the decode thread; the text is decoded and written on the event loop (``call_soon_threadsafe``), which
-    also closes the progress bar before the first piece, so stdout and the bar never share a line. Multi-byte
-    characters split over byte tokens are held until complete (``StreamingDetokenizer``); a model without a
-    tokenizer shows the ids, comma-separated, as the final result would.
-    """
+    from ..runtime import run_progressive
 
-    def __init__(self, model: Any, bar: ProgressBar) -> None:
-        from ..api import StreamingDetokenizer
+    options = {
+        "texts": args.text,
+        "ids": args.ids,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "keep_prompt_logits": bool(args.save_logits),
+        "started": started,
+        "memory_budget_bytes": memory_budget_setting(args.memory_budget),
+    }
+    if printer is not None:
+        options["on_token"] = printer
+    preview: dict[str, Any] | None = None
+    preview_result = None
+    results = run_progressive(model, **options) if args.progressive else _exact_only(model, options)
+    async for result in results:
+        out = _result_fields(result, model)
+        if result.precision == "coarse":
+            preview, preview_result = out, result
+            bar.close()
+            if not args.json:
+                print_result(args, out, label="preview (coarse weights)")
+            continue
+        break
+    if args.save_logits:
+        np.save(args.save_logits, result.prompt_logits.astype(np.float32))
+    if preview is not None:
+        preview["cosine_to_exact"] = _cosine(preview_result, result)
+        out["preview"] = preview
+    return result, out, preview_result
 
-        tokenizer = model.tokenizer
-        self._stream = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
-        self._bar = bar
-        self._loop = asyncio.get_running_loop()
-        self._count = 0
-        self.text = ""  # what was printed
 
-    def __call__(self, token_id: int) -> None:
-        self._loop.call_soon_threadsafe(self._show, token_id)
+def _print_exact(args: argparse.Namespace, model: Any, bar: ProgressBar, printer: TokenPrinter | None, out: dict[str, Any]) -> None:
+    """The exact result (a decoder's text already streamed by ``printer``), then what an update reused, on stderr."""
+    bar.close()  # the result starts on a line of its own
+    if args.progressive and model.progressive and "preview" not in out:  # on stderr, so with --json too
+        print("no preview: the exact weights were already here", file=sys.stderr)
+    if printer is not None:
+        printer.finish()
+    print_result(args, out, label="exact" if "preview" in out else "", streamed=printer is not None)
+    if (out["chunks_local"] or out["chunks_delta"]) and not args.json and not args.quiet:
+        print(describe_update(out), file=sys.stderr)
 
-    def _show(self, token_id: int) -> None:
-        if self._count == 0:
-            self._bar.close()
-        piece = self._stream.add(token_id) if self._stream is not None else f"{',' if self._count else ''}{token_id}"
-        self._count += 1
-        self._write(piece)
 
-    def _write(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+async def _complete_cache(args: argparse.Namespace, model: Any, bar: ProgressBar) -> None:
+    """Unless --no-finish, wait for the download to complete the cache; a cache read without a connection stays partial."""
+    if args.no_finish or model.is_complete:
+        return
+    offline = model._session.origin.offline
+    if offline is not None:  # the result came from a partial cache
+        print(f"warning: the cache stays partial: {offline}; a run with a connection completes it", file=sys.stderr)
+        return
+    if not args.quiet and not args.json:
+        print(f"completing the cache for the next run ({_left(bar, model)} left; --no-finish stops here)", file=sys.stderr)
+    stats = await model.wait_complete()
+    if not args.quiet and not args.json:
+        done = f"cache complete in {model.path} ({format_bytes(stats.bytes_total)})"
+        after = "needs no network" if is_url(args.source) else "maps it without decompressing"
+        print(f"{done}: the next run {after}", file=sys.stderr)
 
-    def finish(self) -> None:
-        """The rest of the text (an incomplete character at the end), and the end of the line."""
-        self._write(self._stream.finish() if self._stream is not None else "")
-        self._bar.close()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+
+def _draw_timeline(args: argparse.Namespace, model: Any, started: float, result: Any, out: dict[str, Any], preview_result: Any) -> None:
+    """--timeline-png: per layer, download, decompress and compute; the link floor of --link-rate marked."""
+    from ..timeline_png import draw_timeline
+
+    floor = out["bytes_downloaded"] / args.link_rate if args.link_rate else None
+    draw_timeline(
+        args.timeline_png,
+        model.layer_spans(),
+        result.timeline,
+        started,
+        rows=result.row_fetches,
+        result_s=result.total_s,
+        preview_s=out["preview"]["total_s"] if preview_result is not None else None,
+        preview=preview_result.timeline if preview_result is not None else (),
+        link_floor_s=floor,
+        title=f"{file_name(args.source)}: result after {format_bytes(result.bytes_needed)} needed"
+        + (f" at {args.link_rate * 8 / 1e6:g} Mbit/s" if args.link_rate else ""),
+    )
 
 
 async def _interactive(args: argparse.Namespace, model: Any, bar: ProgressBar) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
+from streamload.cli.parser import build_parser
 from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
 from tests.support.cli import STREAMLOAD, assert_one_line_error, streamload_cli
@@ -36,6 +37,10 @@ from tests.support.serving import ServerThread, serve_directory
         (["run", "m.slm", "--ids", "1", "--top-p", "2"], "--top-p: '2'"),
         (["run", "m.slm", "--ids", "1", "--top-p", "0"], "--top-p: '0'"),
         (["run", "m.slm", "--ids", "1", "--seed", "-1"], "--seed: '-1'"),
+        (["run", "m.slm", "--ids", "1", "--seed=--"], "--seed: '--' is not a seed"),
+        (["run", "m.slm", "--ids", "1", "--memory-budget=--"], "--memory-budget: not a size: '--'"),
+        (["run", "m.slm", "--ids", "1", "--memory-budget=-1G"], "--memory-budget: not a size: '-1G'"),
+        (["run", "m.slm", "--ids", "1", "--memory-budget", "-1G"], "--memory-budget: expected one argument"),
         (["run", "m.slm", "--text", ""], "the text is empty"),
         (["run", "m.slm", "--text", "   "], "the text is empty"),
         (["run", "m.slm", "--ids", "1", "--connections", "0"], "--connections: '0'"),
@@ -53,6 +58,12 @@ from tests.support.serving import ServerThread, serve_directory
 )
 def test_a_bad_flag_is_a_one_line_usage_error(args: list[str], phrase: str) -> None:
     assert_one_line_error(streamload_cli(*args), 2, phrase)
+
+
+def test_an_option_given_as_option_equals_two_dashes_takes_them_as_its_value() -> None:
+    """Python 3.11's argparse dropped the '--' of ``--option=--`` and left the option an empty list."""
+    args = build_parser().parse_args(["run", "m.slm", "--text=--", "--cache-dir=--"])
+    assert args.text == ["--"] and args.cache_dir == "--" and args.memory_budget == "auto"
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])
