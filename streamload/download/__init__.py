@@ -3,12 +3,18 @@
 - ``header``: read a model's header (preamble + manifest) from any source and validate it off the event loop.
 - ``origin``: where the header comes from (file, cache, URL) and a source for the bytes the cache lacks.
 - ``session``: ``DownloadSession``: header -> cache -> download -> layers, what ``Model`` drives.
-- ``workers``: ``Download``: the workers that take spans from the scheduler and open them on each live source.
+- ``chunk_index``: ``ChunkIndex``: what the manifest's chunk table says about the layers, built once.
+- ``cached``: ``CachedChunks``: the chunks the cache held when opened, each checked once per process.
+- ``model_download``: ``Download``: the one owner of the scheduler, readiness, pipeline, committer and workers.
+- ``workers``: ``Workers``: take spans from the scheduler and open them on each live source.
+- ``sources``: ``Sources``: the primary and each mirror; probed, judged, dropped when failing.
 - ``schedule``: which chunks to fetch next (file order, demanded first); the only place spans are cut.
 - ``span``: a span: chunks back to back in the file, fetched with one request.
 - ``pipeline``: receive -> verify -> decompress -> store on pool threads, one route back to the event loop.
+- ``landed``: what a batch of chunks became, and the queue carrying it to the event loop.
 - ``readiness``: what a caller can wait for (a layer, its coarse levels, rows, the whole model) and progress.
 - ``refinements``: a progressive model's refinement plan: what each refinement chunk folds into.
 - ``mirrors``: several hosts of one model: which may be used, how fast each is, how large a span each takes.
+- ``updates``: an update's chunks copied from other cached models, or fetched as a delta (``delta``).
 - ``delta``: an update fetched as a delta from a cached version.
 """

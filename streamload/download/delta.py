@@ -8,7 +8,7 @@ from the scheduler) and goes on reading their frames in file order beside the do
 next frame is near, on a new ranged request past a larger gap (a server that ignores Range sends the whole delta file
 on the first request, read forward); rows demanded out of order get an extra ranged request. Each chunk is rebuilt
 from the base's stored bytes (each base chunk checked against its journaled xxh3 first), checked against its sha256,
-written to the store and handed to the session's completion route (scheduler, readiness, group commit: a kill at any
+written to the store and handed to the download's completion route (scheduler, readiness, group commit: a kill at any
 point resumes with what is journaled), so layers become ready in execution order as their chunks land. Anything that
 fails (no delta file: 404; a damaged index or frame: a hash that differs; a base chunk damaged or missing) is given
 back to the scheduler, and the download fetches it whole from the model file. The base's files are only read.
@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,8 @@ from ..transport.source import Source, SpanReader
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from .model_download import Download
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +168,7 @@ PENDING, TAKEN, SETTLED = 0, 1, 2
 class DeltaStream:
     """The delta's frames for the chunks it owns (``positions``, taken from the scheduler), fetched in file order beside
     the download, and on extra ranged requests for chunks demanded out of order (rows); each batch rebuilt on a worker
-    thread, then handed to ``landed`` (positions, xxh3 digests, the frames' bytes) or ``failed`` (positions: for the
-    download)."""
+    thread, then landed on the download it is handed (positions, xxh3 digests, frame bytes) or given back to it."""
 
     def __init__(
         self,
@@ -187,12 +188,16 @@ class DeltaStream:
         self.number_of = {int(i): n for n, i in enumerate(index.chunk_index[wanted].tolist())}  # chunk index -> entry number
         self._tasks: set[asyncio.Task[None]] = set()
         self._bodies: set[_Body] = {body}
-        self._landed: Callable[[np.ndarray, list[int], int], None] = lambda positions, digests, frame_bytes: None
-        self._failed: Callable[[np.ndarray], None] = lambda positions: None
+        self._download: Download | None = None  # where rebuilt chunks land, and what fails goes back (``start``)
 
-    def start(self, landed: Callable[[np.ndarray, list[int], int], None], failed: Callable[[np.ndarray], None]) -> None:
-        self._landed, self._failed = landed, failed
+    def start(self, download: Download) -> None:
+        """Read the frames beside ``download``: rebuilt chunks land on it (``land_rebuilt``), failed ones go back."""
+        self._download = download
         self._spawn(self._run())
+
+    def _landing(self) -> Download:
+        assert self._download is not None, "frames are read only once started"
+        return self._download
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name=f"streamload delta {self.base_digest[:12]}")
@@ -235,8 +240,8 @@ class DeltaStream:
 
     def demand(self, chunk_indices: Sequence[int]) -> None:
         """Chunks someone waits for out of order (rows): their frames on an extra ranged request, now."""
-        if self.body.reader.whole_file:
-            return  # forward only: they come in order
+        if self.body.reader.whole_file or self._download is None:
+            return  # forward only: they come in order (or nothing is read yet)
         numbers = sorted(n for n in (self.number_of.get(int(i)) for i in chunk_indices) if n is not None and self.state[n] == PENDING)
         if numbers:
             for number in numbers:
@@ -282,9 +287,9 @@ class DeltaStream:
         if landed:
             numbers = [n for n, _ in landed]
             frames = int(self.index.size[self.wanted[numbers]].sum())
-            self._landed(self.positions[numbers], [digest for _, digest in landed], frames)
+            self._landing().land_rebuilt(self.positions[numbers], [digest for _, digest in landed], frames)
         if refused:
-            self._failed(self.positions[refused])
+            self._landing().give_back(self.positions[refused])
         if failure is not None:
             raise failure
 
@@ -294,7 +299,7 @@ class DeltaStream:
         if left:
             for n in left:
                 self.state[n] = SETTLED
-            self._failed(self.positions[left])
+            self._landing().give_back(self.positions[left])
 
     async def stop(self) -> None:
         """Stop reading (any body is aborted); what did not land is given back."""

@@ -7,7 +7,7 @@ stores that chunk while the next thread receives the one after. Chunks are
 received in file order, so layers complete in execution order; each chunk stays
 in one core's cache from socket to store. Nothing unverified is decompressed or
 written; a refinement chunk is folded into the coarse levels its pass-0 chunks
-stored (``fold_chunk``), after those are in the store. ``run_span`` yields each
+stored (``ModelCache.fold_refinement``, with the plan's shift), after those are in the store. ``run_span`` yields each
 finished chunk (stored, or failed its hash) to the event loop as it lands,
 waking the loop once per batch, not per chunk.
 
@@ -19,14 +19,13 @@ pool thread; threads = ``threads``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
@@ -39,18 +38,12 @@ from ..formats.constants import MIN_ZSTD_FRAME_SIZE_BYTES
 from ..formats.reader import decompress_batch
 from ..stats import DownloadStats
 from ..transport.source import SpanReader
+from .landed import Landed, LandedQueue
+from .refinements import RefinementPlan
 from .span import Span
 
-
-@dataclasses.dataclass(slots=True)
-class Landed:
-    """What became of one batch of chunks (positions in the span's table): stored ones with the xxh3 of their stored
-    bytes, and ones refused by their hash."""
-
-    stored: Sequence[int]
-    digests: np.ndarray  # (uint64) xxh3 of each stored chunk's bytes: what a later process checks the store against
-    failed: list[tuple[int, ChunkIntegrityError]]
-    size_bytes: int  # compressed bytes received for the batch
+if TYPE_CHECKING:
+    from ..cache.model_cache import ModelCache
 
 
 BATCH_BYTES = 512 << 10  # consecutive chunks smaller than this are received and processed together
@@ -72,18 +65,17 @@ class ChunkPipeline:
         *,
         data_offset: int,
         chunk_size_bytes: int,
-        write_chunks: Callable[[int, list[bytes | memoryview]], None],
+        store: ModelCache,
+        plan: RefinementPlan,
         stats: DownloadStats,
         threads: int,
         loop: asyncio.AbstractEventLoop,
-        fold_chunk: Callable[[ChunkEntry, bytes | memoryview], bytes | memoryview] | None = None,
-        requires: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
         self.data_offset = data_offset
         # compressed chunks can exceed the raw size a little; small chunks come in batches. A thread's buffer grows to
         # this on its first large chunk: one that only ever receives rows keeps a small one
         self.buffer_bytes = max(BATCH_BYTES, chunk_size_bytes + (chunk_size_bytes >> 3))
-        self.write_chunks = write_chunks
+        self.write_chunks = store.write_chunks
         self.stats = stats
         self.loop = loop
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="streamload-verify")
@@ -93,11 +85,13 @@ class ChunkPipeline:
         # batches of small chunks are processed one at a time: their work holds the GIL (hashlib lets it go only for
         # inputs of 2 KiB or more), so more threads at it only contend for the GIL, and take CPU from the receivers
         self._serial = threading.Lock()
-        # refinements: fold_chunk folds one into the store; requires names the pass-0 chunks under it. The scheduler
-        # hands one out only once those are done, except in a whole-file span, where they come earlier in the same
-        # span: a refinement then waits for them here (received before it, under the span's lock)
-        self.fold_chunk = fold_chunk
-        self.requires = requires or {}
+        # refinements: the store folds one into the coarse levels with its tensor's shift; requires names the pass-0
+        # chunks under it. The scheduler hands one out only once those are done, except in a whole-file span, where
+        # they come earlier in the same span: a refinement then waits for them here (received before it, under the
+        # span's lock)
+        self.fold_refinement = store.fold_refinement if plan.requires else None
+        self.shift_of = plan.shift_of
+        self.requires = plan.requires
         self._bases = {base for bases in self.requires.values() for base in bases}
         self._bases_lock = threading.Lock()
         self._bases_in_flight: dict[int, threading.Event] = {}
@@ -122,7 +116,7 @@ class ChunkPipeline:
         The caller closes the reader (or, the span done, goes on reading its body).
         """
         span.abort = reader.abort
-        landed = _LandedQueue(self.loop)
+        landed = LandedQueue(self.loop)
         count = max(1, min(threads, len(span.positions)))
         jobs = asyncio.gather(
             *(self.loop.run_in_executor(self.pool, self._pump, span, reader, landed) for _ in range(count)), return_exceptions=True
@@ -149,7 +143,7 @@ class ChunkPipeline:
         if span.error is not None:
             raise span.error
 
-    def _pump(self, span: Span, reader: SpanReader, landed: _LandedQueue) -> None:
+    def _pump(self, span: Span, reader: SpanReader, landed: LandedQueue) -> None:
         """One pool thread's share of a span: take the next batch, receive it, let go of the reader, process it.
 
         A batch is one chunk, or several consecutive small ones up to BATCH_BYTES: one read per
@@ -272,7 +266,7 @@ class ChunkPipeline:
         # what a later process checks the store against
         written = np.fromiter(map(xxhash.xxh3_64_intdigest, raws), np.uint64, len(raws))
         decompressed = time.perf_counter()
-        if self.fold_chunk is not None and column_at(table.pass_index, stored).any():
+        if self.fold_refinement is not None and column_at(table.pass_index, stored).any():
             # the batch's pass-0 chunks are stored (and those failed, settled) first: a refinement of this batch may fold
             # into one of them, and this thread is the one that would store it (waiting for it here never ends)
             passes = column_at(table.pass_index, stored)
@@ -317,7 +311,7 @@ class ChunkPipeline:
         """Fold the batch's refinements into the coarse levels in the store, once those are there (the batch's own are
         already): (the refinements folded, their exact bytes). One whose coarse levels failed their hash joins
         ``failed``: it is fetched again, after them."""
-        assert self.fold_chunk is not None
+        assert self.fold_refinement is not None
         refined: list[int] = []
         exact: list[bytes | memoryview] = []
         for position, raw in refinements:
@@ -327,7 +321,7 @@ class ChunkPipeline:
                 failed.append((position, unstored))
                 continue
             refined.append(position)
-            exact.append(self.fold_chunk(chunk, raw))
+            exact.append(self.fold_refinement(chunk.raw_offset, raw, self.shift_of[chunk.index]))
         return refined, exact
 
     def _wait_for_bases(self, chunk: ChunkEntry) -> ChunkIntegrityError | None:
@@ -392,29 +386,3 @@ class ChunkPipeline:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
-
-
-class _LandedQueue:
-    """Outcomes queued by pool threads for the event loop, with one wake-up per batch."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.batches: collections.deque[Landed] = collections.deque()
-        self._event = asyncio.Event()
-        self._wake_scheduled = False
-
-    def post(self, outcomes: Landed) -> None:
-        """From a pool thread: queue a batch's outcomes; wake the loop only when no wake-up is pending."""
-        self.batches.append(outcomes)
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is shutting down
-                self.loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        self._wake_scheduled = False  # cleared before the consumer drains: a later post schedules its own wake-up
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event.clear()

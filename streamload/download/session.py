@@ -1,12 +1,11 @@
-"""One model's download session: header -> cache -> scheduler -> download -> layer readiness, top to bottom.
+"""One model's download session: header -> cache -> chunk index -> download, top to bottom; hands out layers and rows.
 
 ``start`` reads the header (``origin.py``: from the source with one open-ended request from byte 0 whose body goes
-on into the data, or from the cache when the model is pinned and complete, or offline), opens the cache and
-schedules what the journal lacks; a ``Download`` (``download.py``) then runs the workers that fetch it, and
-``Readiness`` (``readiness.py``) resolves each layer's future when its last chunk lands. ``layer``, ``coarse_layer``
-and ``rows`` hand out what the runtime asks for: a cached chunk is checked against its journaled digest the first time
-a process uses it (a damaged one is fetched again). ``rows`` serves the rows of a row table an input needs: their
-chunks are demanded without cutting the running request, and extra requests fetch them beside it.
+on into the data, or from the cache when the model is pinned and complete, or offline), opens the cache, reads what
+its journal holds (``CachedChunks``, over the manifest's ``ChunkIndex``) and hands what it lacks to a ``Download``
+(``model_download.py``), the one owner of the scheduler and ``Readiness``. ``layer``, ``coarse_layer`` and ``rows``
+ask it for what is not here yet; a cached chunk is checked against its journaled digest the first time a process uses
+it (a damaged one is fetched again). Event loop; file work on worker threads.
 """
 
 from __future__ import annotations
@@ -23,24 +22,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..cache.journal import GroupCommitter
 from ..cache.model_cache import ModelCache
 from ..cache.refs import write_ref
-from ..errors import CacheError, DigestMismatchError, FetchError, StreamloadError
-from ..formats import ChunkEntry, Manifest, QuantScheme, view_tensor
-from ..formats.constants import PREAMBLE_SIZE_BYTES, LayerKind
+from ..errors import CacheError, DigestMismatchError, StreamloadError
+from ..formats import Manifest, QuantScheme, view_tensor
+from ..formats.constants import LayerKind
 from ..layer import Layer, distinct_rows, map_layer
 from ..stats import DownloadStats, Progress
 from ..tokenizer import load_tokenizer
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
+from .cached import CachedChunks
+from .chunk_index import ChunkIndex
+from .header import Header
 from .mirrors import HeaderProbes, check_mirrors
+from .model_download import Download, DownloadSettings
 from .origin import Origin, split_pin
 from .pipeline import ChunkPipeline
-from .readiness import Readiness
-from .refinements import RefinementPlan
-from .schedule import ChunkScheduler
-from .workers import ROW_REQUESTS, Download, workers_per_source
 
 if TYPE_CHECKING:
     import aiohttp
@@ -76,23 +74,21 @@ class DownloadSession:
         self.retry = retry
         self.progress_callback = progress
         self.verify_threads = max(1, verify_threads)
-        self.loop = asyncio.get_running_loop()
         self.stats = DownloadStats()
         self.started = time.perf_counter()
         self.origin = Origin(self.url, self.pinned, cache_root=cache_root, retry=retry, session=session, headers=headers, stats=self.stats)
         self.probes = HeaderProbes(self.url, self.mirror_urls, retry, session, headers)
         # set by start(); close() copes with any of them missing
+        self.header: Header | None = None  # the model's preamble and manifest
         self.cache: ModelCache | None = None
-        self.pipeline: ChunkPipeline | None = None
-        self.committer: GroupCommitter | None = None
-        self.download: Download | None = None
-        self.readiness: Readiness | None = None
+        self.index: ChunkIndex | None = None  # what the manifest's chunk table says about the layers
+        self.cached: CachedChunks | None = None  # what the cache held when opened, checked once per process
+        self.download: Download | None = None  # the owner of the scheduler and readiness
         self._header_stream: SpanReader | None = None  # the header's request, going on into the data (the download takes it)
         self._temp_root: Path | None = None  # a private cache for a local file when the cache directory is not writable
         self.needed_chunks: dict[int, int] = {}  # index -> size of the chunks the layers and rows handed out depended on
         self._layers: dict[int, Layer] = {}
         self._tokenizer: Any = None
-        self.delta: DeltaStream | None = None  # chunks rebuilt from a delta file against a cached version (delta.py)
 
     @property
     def source(self) -> Source | None:
@@ -100,48 +96,103 @@ class DownloadSession:
         return self.origin.source
 
     @property
+    def manifest(self) -> Manifest:
+        assert self.header is not None
+        return self.header.manifest
+
+    @property
+    def data_offset(self) -> int:
+        assert self.header is not None
+        return self.header.data_offset
+
+    @property
+    def pipeline(self) -> ChunkPipeline | None:
+        """The download's pool threads (None until a download started)."""
+        return self.download.pipeline if self.download is not None else None
+
+    @property
     def complete(self) -> asyncio.Future[None]:
-        assert self.readiness is not None
-        return self.readiness.complete
+        assert self.download is not None
+        return self.download.complete
 
     async def wait_complete(self) -> None:
         """Every chunk in the cache, and each one that came from it checked against its journaled digest (damaged ones
         fetched again; with no source, a CacheError): what is declared complete has been checked."""
         while True:
-            assert self.readiness is not None
-            await asyncio.shield(self.readiness.complete)
-            if await self._check_cached(np.arange(len(self.all_chunks))):
+            assert self.download is not None and self.index is not None
+            await asyncio.shield(self.download.complete)
+            if await self._check_cached(np.arange(len(self.index.table))):
                 return
 
     @property
     def ready_s(self) -> list[float | None]:
-        return self.readiness.ready_s if self.readiness is not None else []
+        return self.download.ready_s if self.download is not None else []
 
     @property
     def coarse_ready_s(self) -> list[float | None]:
-        return self.readiness.coarse_ready_s if self.readiness is not None else []
+        return self.download.coarse_ready_s if self.download is not None else []
 
     # ------------------------------------------------------------ start: header, pin, cache, schedule
 
     async def start(self) -> None:
+        """Header, cache, what the journal holds (and, for an update, what other cached models and a delta file give);
+        then the download fetches the rest, or the model is complete at once."""
+        header = await self._read_header()
+        cache = await self._open_cache(header)
+        index, cached, pending = await self._read_journal(cache)
+        remote = self.source is not None and self.source.remote
+        delta = await self._reuse_cached(header, cache, cached, pending) if remote and pending.any() else None
+        if not pending.any():
+            self._close_header_stream()  # nothing to read from it
+        stream, self._header_stream = self._header_stream, None  # the download's now: its first worker reads on from it
+        self.download = download = Download(
+            DownloadSettings(self.url, self.mirror_urls, self.retry, self.connections, self.verify_threads),
+            manifest=header.manifest,
+            data_offset=header.data_offset,
+            index=index,
+            cache=cache,
+            pending=pending,
+            stats=self.stats,
+            probes=self.probes,
+            progress=self.progress_callback,
+            started=self.started,
+            header_stream=stream,
+            delta=delta,
+        )
+        if not pending.any():
+            await download.finish_cached()
+        else:
+            await self._fetch_missing()
+            download.start_delta()
+        logger.info(
+            "%s: %d of %d chunks cached, %d bytes to fetch", self.url, self.stats.chunks_cached, len(pending), download.bytes_to_download
+        )
+
+    async def _read_header(self) -> Header:
+        """The model's header (from the cache when pinned and complete, else from the source), checked against the pin."""
         header = await self.origin.cached_pinned_header()
         if header is None:
             self.probes.start()  # the mirrors' headers come beside the primary's: they are ready when the data starts
             header = await self.origin.read_header()
+        self.header = header
         self._header_stream = header.stream
-        self.data_offset = header.data_offset
-        self.manifest: Manifest = header.manifest
-        if self.pinned is not None and self.manifest.digest != self.pinned:
+        if self.pinned is not None and header.manifest.digest != self.pinned:
             raise DigestMismatchError(
-                f"{self.url} serves a model with manifest digest {self.manifest.digest}, not the pinned {self.pinned}; refusing it"
+                f"{self.url} serves a model with manifest digest {header.manifest.digest}, not the pinned {self.pinned}; refusing it"
             )
-        self.stats.bytes_total = self.data_offset + self.manifest.data_size_bytes
+        self.stats.bytes_total = header.data_offset + header.manifest.data_size_bytes
+        return header
+
+    async def _open_cache(self, header: Header) -> ModelCache:
+        """The model's cache (a private one for a local file when the cache directory is not writable), its header and
+        ref recorded, its lock held."""
+        manifest = header.manifest
         if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, self.cache_root):
             # a local file needs no cache to outlive the run: decompress into a private one, removed at close
             self._temp_root = Path(tempfile.mkdtemp(prefix="streamload-run-"))
             logger.warning("the cache directory %s is not writable; running %s from a temporary copy", self.cache_root, self.url)
             self.cache_root = self.origin.cache_root = self._temp_root
-        self.cache = cache = ModelCache(self.cache_root, self.manifest.digest)
+        self.cache = cache = ModelCache(self.cache_root, manifest.digest)
         remote = self.source is not None and self.source.remote
 
         def record() -> None:  # two small files written and fsynced: not on the event loop
@@ -149,251 +200,76 @@ class DownloadSession:
             if remote:
                 # a 304 read no header, so the source has no ETag of its own: the one revalidated stays in the ref
                 etag = getattr(self.source, "etag", None) or self.origin.revalidated_etag
-                write_ref(self.cache_root, self.url, self.manifest.digest, etag)
+                write_ref(self.cache_root, self.url, manifest.digest, etag)
             elif self.source is not None:  # a local file: `streamload run NAME` finds it again by its cached name
-                write_ref(self.cache_root, str(Path(self.url).resolve()), self.manifest.digest)
+                write_ref(self.cache_root, str(Path(self.url).resolve()), manifest.digest)
 
         await asyncio.to_thread(record)
         await cache.acquire()
-        journaled = cache.read_journal(len(self.manifest.chunk_table) + len(self.manifest.refinement_chunks))
-        store_size = await asyncio.to_thread(cache.open_store, self.manifest.store_size_bytes)
-        self.store_cut_short = bool(journaled) and store_size < self.manifest.store_size_bytes
-        # pass 0 and refinements, as columns: no object per chunk (a position is an index into it)
-        self.all_chunks = table = self.manifest.file_order_table()
-        layer_count = len(self.manifest.layers)
-        self._position_of = np.full(int(table.index.max()) + 1 if len(table) else 0, -1, np.int64)  # chunk index -> position
-        self._position_of[table.index] = np.arange(len(table))
-        # a store cut short lost the chunks past its end, whatever the journal says
-        indices = np.fromiter(journaled, np.int64, len(journaled))
-        indices = indices[indices < len(self._position_of)]
-        positions = self._position_of[indices]
-        usable = positions >= 0
-        usable[usable] = table.raw_offset[positions[usable]] + table.raw_size[positions[usable]] <= store_size
-        self.journaled = {i: journaled[i] for i in indices[usable].tolist()}
-        # per layer: the positions of its pass-0 chunks (in file order)
-        base = np.flatnonzero(table.pass_index == 0)
-        by_layer = base[np.argsort(table.layer[base], kind="stable")]
-        self._layer_positions = np.split(by_layer, np.cumsum(np.bincount(table.layer[base], minlength=layer_count))[:-1])
-        self.plan = RefinementPlan.build(self.manifest, table, self._layer_positions, self._position_of)
-        self._checked: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
-        self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
-        if self.plan.requires and self.journaled:
-            await self._check_coarse_under_pending_refinements()
-        pending = np.ones(len(table), bool)
-        pending[self._position_of[np.fromiter(self.journaled, np.int64, len(self.journaled))]] = False
-        self.stats.chunks_total = len(table)
-        self.stats.chunks_cached = len(table) - int(pending.sum())
-        if remote and pending.any():  # an update: chunks other cached models hold are copied, not downloaded (reuse.py)
-            from ..cache.reuse import copy_shared_chunks
-            from .delta import find_delta_base, open_delta  # a remote download's modules: a local run's cold start skips them
+        return cache
 
-            copied = await asyncio.to_thread(copy_shared_chunks, self.cache_root, cache, table, np.flatnonzero(pending))
-            self.journaled.update(copied.journaled)
-            pending[self._position_of[np.fromiter(copied.journaled, np.int64, len(copied.journaled))]] = False
-            self.stats.chunks_local, self.stats.bytes_local = len(copied.journaled), copied.compressed_bytes
-            # the rest from a delta file against a cached version, where the manifest lists one (delta.py)
-            found = await find_delta_base(self.cache_root, header.raw[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + self.manifest.size_bytes])
-            if self._header_stream is not None and len(table) and (not pending[0] or found is not None):  # it would bring what is here
-                self._header_stream.close()
-                self._header_stream = None
-            if found is not None:
-                self.delta = await open_delta(
-                    found,
-                    url=self.url,
-                    manifest=self.manifest,
-                    cache=cache,
-                    table=table,
-                    pending=np.flatnonzero(pending),
-                    retry=self.retry,
-                    session=self.origin.borrowed_session,
-                    headers=self.origin.headers,
-                    stats=self.stats,
-                )
-        # per layer: the store offsets its chunks start at (to find a row's chunk), and the other layers holding the
-        # scales of its int8 tensors (a row table's live in an execution step)
-        self._chunk_starts = [table.raw_offset[positions] for positions in self._layer_positions]
-        self._scales_layers: list[list[int]] = [[] for _ in self.manifest.layers]
-        for tensor in self.manifest.tensors:
-            scales = self.manifest.tensor_by_name.get(tensor.scales or "")
-            elsewhere = self._scales_layers[tensor.layer_index]
-            if scales is not None and scales.layer_index != tensor.layer_index and scales.layer_index not in elsewhere:
-                elsewhere.append(scales.layer_index)
-        rows = np.flatnonzero((table.layer >= self.manifest.step_count) & (table.pass_index == 0))
-        rows_from = int(rows[0]) if len(rows) else len(table)
-        self.scheduler = ChunkScheduler(table, self.journaled, rows_from=rows_from, requires=self.plan.requires)
-        # chunks of each layer not yet stored, refinements included; pass-0 chunks only
-        self.readiness = Readiness(
-            self.loop,
-            remaining=np.bincount(table.layer[pending], minlength=layer_count).tolist(),
-            remaining_coarse=np.bincount(table.layer[pending & (table.pass_index == 0)], minlength=layer_count).tolist(),
-            started=self.started,
-            stats=self.stats,
-            progress=self.progress_callback,
-            bytes_to_download=self.scheduler.pending_bytes,
-            bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
-        )
-        if self.delta is not None:  # its chunks come from the delta file, beside the download (given back if they fail)
-            self.scheduler.take_positions(self.delta.positions.tolist())
-        if not pending.any():
-            if self._header_stream is not None:  # nothing to read from it
-                self._header_stream.close()
-                self._header_stream = None
-            if not cache.is_complete():
-                await asyncio.to_thread(cache.mark_complete)
-            self.readiness.finish()
-        else:
-            await self._start_download()
-            if self.delta is not None:
-                self.delta.start(self._delta_landed, self._delta_failed)
-        logger.info(
-            "%s: %d of %d chunks cached, %d bytes to fetch",
-            self.url,
-            self.stats.chunks_cached,
-            len(table),
-            self.readiness.bytes_to_download,
-        )
+    async def _read_journal(self, cache: ModelCache) -> tuple[ChunkIndex, CachedChunks, np.ndarray]:
+        """The chunk index, the chunks the cache holds (those under refinements still to fetch checked now), and per
+        position whether it is pending."""
+        manifest = self.manifest
+        journaled = cache.read_journal(len(manifest.chunk_table) + len(manifest.refinement_chunks))
+        store_size = await asyncio.to_thread(cache.open_store, manifest.store_size_bytes)
+        self.index = index = ChunkIndex.build(manifest)
+        self.cached = cached = CachedChunks(cache, index, journaled, store_size, manifest.store_size_bytes)
+        if index.plan.requires and cached.journaled:
+            damaged = await cached.check_under_pending_refinements()
+            if damaged:
+                logger.warning("%d cached chunks under refinements still to fetch differ from what was verified; fetching them", damaged)
+        pending = cached.pending()
+        self.stats.chunks_total = len(pending)
+        self.stats.chunks_cached = len(pending) - int(pending.sum())
+        return index, cached, pending
 
-    async def _check_coarse_under_pending_refinements(self) -> None:
-        """Before anything is fetched: a refinement is folded only onto coarse levels checked in this process. The cached
-        pass-0 chunks under refinements still to fetch are checked against their digests now (a damaged one is fetched
-        again, and every refinement folded into it with it); a refinement journaled over a pass-0 chunk that is not is
-        folded again after it. Costs one xxh3 pass over those chunks' bytes."""
-        assert self.cache is not None
-        journaled, requires = self.journaled, self.plan.requires
-        for refinement, bases in requires.items():
-            if refinement in journaled and not all(b in journaled for b in bases):
-                del journaled[refinement]
-        under = sorted({b for refinement, bases in requires.items() if refinement not in journaled for b in bases if b in journaled})
-        if not under:
-            return
-        table, positions = self.all_chunks, self._position_of[np.array(under, np.int64)]
-        places = zip(under, table.raw_offset[positions].tolist(), table.raw_size[positions].tolist(), strict=True)
-        cached = [(index, raw_offset, raw_size, journaled[index]) for index, raw_offset, raw_size in places]
-        damaged = await asyncio.to_thread(self.cache.find_damaged, cached, self.plan.coarse_ranges)
-        self._checked_chunks.update(under)
-        for index in damaged:
-            del journaled[index]
-            self._checked_chunks.discard(index)
-            for refinement in self.plan.refined_by.get(index, ()):
-                journaled.pop(refinement.index, None)
-        if damaged:
-            logger.warning("%d cached chunks under refinements still to fetch differ from what was verified; fetching them", len(damaged))
+    async def _reuse_cached(self, header: Header, cache: ModelCache, cached: CachedChunks, pending: np.ndarray) -> DeltaStream | None:
+        """An update: chunks other cached models hold are copied, not downloaded; the rest from a delta file against a
+        cached version, where the manifest lists one (its stream). ``pending`` loses what was copied."""
+        from .updates import copy_shared, open_update_delta  # a remote download's modules: a local run's cold start skips them
 
-    def _delta_landed(self, positions: np.ndarray, digests: list[int], frame_bytes: int) -> None:
-        """Chunks rebuilt from the delta file (from ``frame_bytes`` of it) are stored: the completion route of the
-        download's chunks. What they saved counts as cached for the progress reports."""
-        assert self.readiness is not None and self.committer is not None
-        table = self.all_chunks
-        self.readiness.bytes_cached += int(table.size[positions].sum()) - frame_bytes
-        self.scheduler.done(positions.tolist())
-        indices = table.index[positions]
-        self.readiness.landed(table.layer[positions], table.pass_index[positions], indices)
-        self.stats.chunks_delta += len(positions)
-        self.committer.add_columns(indices, digests)
-        if self.scheduler.finished:
-            self.readiness.finish()
-        else:
-            self.readiness.report_progress()
+        found = await copy_shared(self.origin, header, cache, cached, pending)
+        if len(pending) and (not pending[0] or found is not None):  # the header's request would bring what is here
+            self._close_header_stream()
+        return None if found is None else await open_update_delta(found, self.origin, header, cache, cached, pending)
 
-    def _delta_failed(self, positions: np.ndarray) -> None:
-        """Chunks the delta file could not give: the download fetches them whole."""
-        self.scheduler.give_back(positions.tolist())
+    def _close_header_stream(self) -> None:
+        if self._header_stream is not None:
+            self._header_stream.close()
+            self._header_stream = None
 
-    def _fold_chunk(self, chunk: ChunkEntry, refinement: bytes | memoryview) -> np.ndarray:
-        """A verified refinement, folded into the coarse levels in the store (a pool thread)."""
-        assert self.cache is not None
-        return self.cache.fold_refinement(chunk.raw_offset, refinement, self.plan.shift_of[chunk.index])
-
-    async def _start_download(self) -> None:
-        """Start fetching what the scheduler has pending (once; again after a damaged cached chunk is reopened)."""
-        assert self.cache is not None and self.readiness is not None
-        if self.download is not None and self.download.running:
-            self.readiness.restart()  # the running download fetches what was reopened, even while its last commits run
+    async def _fetch_missing(self) -> None:
+        """Have the download fetch what is pending (once; again after a damaged cached chunk is reopened): from the
+        source, reached again when the header came from the cache; offline, the layers the cache lacks fail."""
+        download, cached = self.download, self.cached
+        assert download is not None and cached is not None
+        if download.running:
+            download.start()  # the running download fetches what was reopened, even while its last commits run
             return
         if self.origin.source is None and self.origin.offline is not None:  # offline from a partial copy: use what it holds
-            self._fail_missing(self.origin.offline)
+            download.fail_missing(self.origin.offline)
             return
-        source = self.origin.source or await self.origin.reconnect(self.manifest.digest, self._what_is_missing())
-        if self.download is None:
-            self.pipeline = ChunkPipeline(
-                data_offset=self.data_offset,
-                chunk_size_bytes=self.manifest.chunk_size_bytes,
-                write_chunks=self.cache.write_chunks,
-                stats=self.stats,
-                # every connection (to every mirror) gets a thread at once, and so does each extra request for rows
-                threads=max(self.verify_threads, workers_per_source(self.connections, bool(self.mirror_urls)) * (1 + len(self.mirror_urls)))
-                + ROW_REQUESTS,
-                loop=self.loop,
-                fold_chunk=self._fold_chunk if self.plan.requires else None,
-                requires=self.plan.requires,
-            )
-            self.committer = GroupCommitter(self.cache, self.loop, self.stats)
-            self.download = Download(
-                url=self.url,
-                source=source,
-                manifest=self.manifest,
-                data_offset=self.data_offset,
-                table=self.all_chunks,
-                scheduler=self.scheduler,
-                pipeline=self.pipeline,
-                committer=self.committer,
-                readiness=self.readiness,
-                stats=self.stats,
-                retry=self.retry,
-                connections=self.connections,
-                verify_threads=self.verify_threads,
-                mirror_urls=self.mirror_urls,
-                probes=self.probes,
-                header_stream=self._header_stream,
-            )
-            self._header_stream = None
-        self.readiness.restart()
-        self.download.start()
-
-    def _fail_missing(self, offline: FetchError) -> None:
-        """No server: each layer the cache lacks fails with what it lacks and how much; rows fail as they are asked for
-        (``rows``); the layers and rows the cache holds are used."""
-        table = self.all_chunks
-        pending = ~self.scheduler.done_mask()
-        lacking = np.bincount(table.layer[pending], weights=table.size[pending], minlength=len(self.manifest.layers))
-        why = f"{self.url} cannot be reached ({offline}); a connection would fetch them"
-        for index in np.flatnonzero(lacking).tolist():
-            name = self.manifest.layers[index].name
-            failure = FetchError(f"layer {index} ({name}) is not in the cache: {int(lacking[index])} bytes missing, and {why}")
-            self.readiness.fail_layers([index], failure)
-            if not self.readiness.coarse_ready[index].done():
-                self.readiness.coarse_ready[index].set_exception(failure)
-                self.readiness.coarse_ready[index].exception()
-        self._offline_failure = FetchError(
-            f"the cache of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes of {self.stats.bytes_total}, and {why}"
+        download.start(
+            self.origin.source or await self.origin.reconnect(self.manifest.digest, download.what_is_missing(cached.store_cut_short))
         )
-        if not self.readiness.complete.done():
-            self.readiness.complete.set_exception(self._offline_failure)
-            self.readiness.complete.exception()
-
-    def _what_is_missing(self) -> str:
-        """Which bytes the cache lacks, in words, for an error when no source can be had for them."""
-        first = self.all_chunks.entry(self.scheduler.first_not_done() or 0)
-        layer = f"layer {first.layer_index} ({self.manifest.layers[first.layer_index].name})"
-        if self.store_cut_short:
-            return f"{layer} of the cached model {self.manifest.digest[:12]} is damaged (its store was cut short)"
-        return f"the cached copy of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes from {layer} on"
 
     # ------------------------------------------------------------ what the runtime asks for
 
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        for scales_layer in self._scales_layers[index]:  # a row table's scales live in an execution step
+        download, chunk_index, cached = self.download, self.index, self.cached
+        assert download is not None and chunk_index is not None and cached is not None
+        for scales_layer in chunk_index.scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
-        chunks = np.concatenate([self._layer_positions[index], self.plan.layer_refinements[index]])
+        chunks = chunk_index.layer_chunks(index)
         while True:
-            if not self.readiness.ready[index].done():
-                self.scheduler.prioritize(index)
-            await asyncio.shield(self.readiness.ready[index])
-            if index in self._checked or await self._check_cached(chunks):
+            await download.wait_for_layer(index)
+            if index in cached.checked_layers or await self._check_cached(chunks):
                 break
-        self._checked.add(index)
+        cached.checked_layers.add(index)
         self._need(chunks)
         if index not in self._layers:
             assert self.cache is not None
@@ -406,17 +282,17 @@ class DownloadSession:
         progressive tensor is ``layer(index)``."""
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        if not len(self.plan.layer_refinements[index]):
+        download, chunk_index = self.download, self.index
+        assert download is not None and chunk_index is not None
+        if not len(chunk_index.plan.layer_refinements[index]):
             return await self.layer(index)
-        for scales_layer in self._scales_layers[index]:
+        for scales_layer in chunk_index.scales_layers[index]:
             await self.layer(scales_layer)
         while True:
-            if not self.readiness.coarse_ready[index].done():
-                self.scheduler.prioritize(index, coarse=True)
-            await asyncio.shield(self.readiness.coarse_ready[index])
-            if await self._check_cached(self._layer_positions[index]):
+            await download.wait_for_layer(index, coarse=True)
+            if await self._check_cached(chunk_index.layer_positions[index]):
                 break
-        self._need(self._layer_positions[index])
+        self._need(chunk_index.layer_positions[index])
         assert self.cache is not None
         # copying the coarse levels is numpy work on a layer's bytes: off the event loop, so the download goes on
         return await asyncio.to_thread(map_layer, self.manifest, self.cache.store_map, index, coarse=True)
@@ -438,11 +314,15 @@ class DownloadSession:
         if self.manifest.layers[entry.layer_index].kind is not LayerKind.ROWS:
             await self.layer(entry.layer_index)
         else:
+            download, chunk_index, cached = self.download, self.index, self.cached
+            assert download is not None and chunk_index is not None and cached is not None
             row_bytes = entry.shape[1] * entry.dtype.size_bytes
-            positions = self._positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, distinct_rows(ids))
+            positions = chunk_index.positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, distinct_rows(ids))
             self._need(positions)
-            while entry.layer_index not in self._checked and not await self._rows_arrived(positions):
-                pass
+            while entry.layer_index not in cached.checked_layers:
+                await download.wait_for_chunks(positions)  # demanded (no cut: extra requests fetch them) and waited for
+                if await self._check_cached(positions):
+                    break
         if scales_entry is not None:
             await self.layer(scales_entry.layer_index)
         assert self.cache is not None
@@ -450,39 +330,11 @@ class DownloadSession:
         scales = None if scales_entry is None else view_tensor(self.cache.store_map, scales_entry)[ids]
         return values, scales
 
-    def _positions_of_rows(self, layer_index: int, table_offset: int, row_bytes: int, ids: np.ndarray) -> np.ndarray:
-        """The positions of the chunks of a row table that hold rows ``ids`` (ascending, unique), in file order."""
-        positions, starts = self._layer_positions[layer_index], self._chunk_starts[layer_index]
-        first = np.searchsorted(starts, table_offset + ids * row_bytes, side="right") - 1
-        last = np.searchsorted(starts, table_offset + (ids + 1) * row_bytes - 1, side="right") - 1
-        wanted = sorted({int(i) for lo, hi in zip(first, last, strict=True) for i in range(lo, hi + 1)})
-        return positions[np.array(wanted, np.int64)]
-
     def _need(self, positions: np.ndarray) -> None:
         """Count these chunks as ones the layers and rows handed out depended on."""
-        table = self.all_chunks
+        assert self.index is not None
+        table = self.index.table
         self.needed_chunks.update(zip(table.index[positions].tolist(), table.size[positions].tolist(), strict=True))
-
-    async def _rows_arrived(self, positions: np.ndarray) -> bool:
-        """Demand these chunks (positions, ascending; no cut: extra requests fetch them) and wait; True once all are
-        here and checked."""
-        missing = positions[~self.scheduler.done_mask()[positions]]
-        if len(missing) and getattr(self, "_offline_failure", None) is not None:
-            table = self.all_chunks
-            raise FetchError(
-                f"the input's rows need {len(missing)} chunks ({int(table.size[missing].sum())} bytes) of layer "
-                f"{int(table.layer[missing[0]])} that are not in the cache, and {self.url} cannot be reached "
-                f"({self.origin.offline}); a connection would fetch them"
-            )
-        if len(missing):
-            waiters = self.readiness.wait_for_chunks(self.all_chunks.index[missing].tolist())
-            self.scheduler.demand(missing.tolist(), cut=False)
-            if self.delta is not None:  # rows the delta file holds: on an extra request to it
-                self.delta.demand(self.all_chunks.index[missing].tolist())
-            if self.download is not None:
-                self.download.start_row_requests()
-            await asyncio.gather(*(asyncio.shield(w) for w in waiters))
-        return await self._check_cached(positions)
 
     async def _check_cached(self, positions: np.ndarray) -> bool:
         """Check the given chunks (positions) that came from the cache against their journaled digests (once per process).
@@ -490,40 +342,21 @@ class DownloadSession:
         True when all match. Damaged ones are fetched again (False: wait for them), or,
         with no source to fetch them from, a CacheError naming their layer.
         """
-        assert self.cache is not None
-        if not self.journaled:
-            return True  # nothing came from the cache
-        table, positions = self.all_chunks, np.asarray(positions, np.int64)
-        indices = table.index[positions].tolist()
-        places = zip(indices, table.raw_offset[positions].tolist(), table.raw_size[positions].tolist(), strict=True)
-        cached = [
-            (index, raw_offset, raw_size, self.journaled[index])
-            for index, raw_offset, raw_size in places
-            if index in self.journaled and index not in self._checked_chunks
-        ]
-        damaged = set(await asyncio.to_thread(self.cache.find_damaged, cached, self.plan.coarse_ranges)) if cached else set()
-        self._checked_chunks.update(index for index, *_ in cached)
-        if not damaged:
+        assert self.cached is not None and self.download is not None
+        reopened = await self.cached.recheck(positions)
+        if not reopened:
             return True
-        reopened = [table.entry(p) for p, index in zip(positions.tolist(), indices, strict=True) if index in damaged]
-        # a pass-0 chunk fetched again overwrites what was folded into it: its refinements are folded again after it
-        refolded = {r.index: r for c in reopened for r in self.plan.refined_by.get(c.index, ()) if r.index in self.journaled}
-        reopened += [r for index, r in refolded.items() if index not in damaged]
         layers = sorted({c.layer_index for c in reopened})
         names = ", ".join(f"{i} ({self.manifest.layers[i].name})" for i in layers)
         logger.warning("layer %s: %d cached chunks differ from what was verified; fetching them again", names, len(reopened))
-        for chunk in reopened:
-            del self.journaled[chunk.index]
-            self._checked_chunks.discard(chunk.index)
-        self._checked.difference_update(self.readiness.reopen(reopened))
-        self.scheduler.reopen([self.scheduler.position_of(c) for c in reopened])
+        self.cached.checked_layers.difference_update(self.download.reopen(reopened))
         try:
-            await self._start_download()
+            await self._fetch_missing()
         except StreamloadError as exc:
             failure = CacheError(
                 f"layer {names} of the cached model {self.manifest.digest[:12]} is damaged and cannot be fetched again: {exc}"
             )
-            self.readiness.fail_layers(layers, failure)
+            self.download.fail_layers(layers, failure)
             raise failure from None
         return False
 
@@ -538,24 +371,9 @@ class DownloadSession:
     # ------------------------------------------------------------ shutdown
 
     async def close(self) -> None:
-        if self.delta is not None:
-            await self.delta.stop()
         if self.download is not None:
             await self.download.stop()
-        if self._header_stream is not None:  # no download took it (nothing was pending, or starting one failed)
-            self._header_stream.close()
-            self._header_stream = None
-        if self.pipeline is not None:
-            self.pipeline.shutdown()
-        if self.committer is not None:
-            await self.committer.close()  # stopped early or failed: keep what is verified and written
-        complete = self.readiness is not None and self.readiness.complete.done() and self.readiness.complete.exception() is None
-        if self.cache is not None and self.committer is not None and not complete:
-            table, done = self.all_chunks, self.scheduler.done_mask() & (self.all_chunks.pass_index == 0)
-            present = list(zip(table.raw_offset[done].tolist(), table.raw_size[done].tolist(), strict=True))
-            released = await asyncio.to_thread(self.cache.release_unverified, present)
-            if released:
-                logger.info("gave back %d bytes reserved for chunks that never arrived", released)
+        self._close_header_stream()  # no download took it (starting one failed first)
         await self.origin.close()
         if self.download is not None:
             await self.download.close_sources()

@@ -1,0 +1,321 @@
+"""One model's download: the one owner of its scheduler, readiness, pipeline, committer, workers and delta stream.
+
+The session asks it, and nothing else, for what the cache lacks: a layer (``wait_for_layer``: fetched first when it
+is not here), chunks of rows (``wait_for_chunks``: on extra requests beside the running one), damaged cached chunks
+fetched again (``reopen``). The ``Workers`` take spans from its ``ChunkScheduler`` and run them through its
+``ChunkPipeline``; what they land, and what the ``DeltaStream`` rebuilds (``land_rebuilt``, on the object the stream is
+handed), goes through one completion route, ``land``: done in the scheduler, the layers' counts lowered in
+``Readiness``, journaled by the ``GroupCommitter``. Event loop only: a few numpy passes over the chunk table when it
+is made; per landed batch, column work and no object per chunk; the pipeline's threads do the per-byte work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..cache.journal import GroupCommitter
+from ..cache.model_cache import ModelCache
+from ..errors import FetchError, StreamloadError
+from ..formats import ChunkEntry, Manifest
+from ..stats import DownloadStats, Progress
+from ..transport.httputil import RetryPolicy
+from ..transport.source import Source, SpanReader
+from .chunk_index import ChunkIndex
+from .mirrors import HeaderProbes
+from .pipeline import ChunkPipeline
+from .readiness import Readiness
+from .schedule import ChunkScheduler
+from .sources import Sources
+from .workers import ROW_REQUESTS, Workers, first_cause, workers_per_source
+
+if TYPE_CHECKING:
+    from .delta import DeltaStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DownloadSettings:
+    """How one model is fetched: from where, over how many connections, on how many threads."""
+
+    url: str  # the primary URL or file
+    mirror_urls: list[str]  # other hosts of the same file, checked by manifest digest before use
+    retry: RetryPolicy
+    connections: int  # per source
+    verify_threads: int  # pool threads that verify, decompress and store
+
+
+class Download:
+    """What one model still lacks and what is ready; ``start`` runs the workers until nothing is pending."""
+
+    def __init__(
+        self,
+        settings: DownloadSettings,
+        *,
+        manifest: Manifest,
+        data_offset: int,
+        index: ChunkIndex,
+        cache: ModelCache,
+        pending: np.ndarray,
+        stats: DownloadStats,
+        probes: HeaderProbes,
+        progress: Callable[[Progress], None] | None,
+        started: float,
+        header_stream: SpanReader | None,
+        delta: DeltaStream | None,
+    ) -> None:
+        self.settings = settings
+        self.manifest = manifest
+        self.data_offset = data_offset
+        self.index = index
+        self.table = table = index.table
+        self.cache = cache
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self.scheduler = ChunkScheduler(table, table.index[~pending].tolist(), rows_from=index.rows_from, requires=index.plan.requires)
+        layer_count = len(manifest.layers)
+        # chunks of each layer not yet stored, refinements included; pass-0 chunks only
+        self.readiness = Readiness(
+            self.loop,
+            remaining=np.bincount(table.layer[pending], minlength=layer_count).tolist(),
+            remaining_coarse=np.bincount(table.layer[pending & (table.pass_index == 0)], minlength=layer_count).tolist(),
+            started=started,
+            stats=stats,
+            progress=progress,
+            bytes_to_download=self.scheduler.pending_bytes,
+            bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
+        )
+        self.sources = Sources(settings.url, settings.mirror_urls, probes, stats)
+        self.pipeline: ChunkPipeline | None = None  # made when the download first starts
+        self.committer: GroupCommitter | None = None  # and so is this
+        self.workers: Workers | None = None  # and these
+        self.delta = delta  # chunks rebuilt from a delta file beside the download (given back if they fail)
+        if delta is not None:
+            self.scheduler.take_positions(delta.positions.tolist())
+        self.header_stream = header_stream  # the header's request, going on into the data (the first worker takes it)
+        self.offline: FetchError | None = None  # no source could be reached: the cache's chunks are all there is
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ what the session asks
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def complete(self) -> asyncio.Future[None]:
+        return self.readiness.complete
+
+    @property
+    def ready_s(self) -> list[float | None]:
+        return self.readiness.ready_s
+
+    @property
+    def coarse_ready_s(self) -> list[float | None]:
+        return self.readiness.coarse_ready_s
+
+    @property
+    def bytes_to_download(self) -> int:
+        """Compressed bytes the cache lacked when the model was opened."""
+        return self.readiness.bytes_to_download
+
+    @property
+    def rows_awaited(self) -> bool:
+        """Whether someone waits for single chunks (rows)."""
+        return bool(self.readiness.chunk_waiters)
+
+    async def wait_for_layer(self, index: int, *, coarse: bool = False) -> None:
+        """Layer ``index`` (``coarse``: its pass-0 chunks) is stored: fetched first when it is not yet."""
+        ready = self.readiness.coarse_ready if coarse else self.readiness.ready
+        if not ready[index].done():
+            self.scheduler.prioritize(index, coarse=coarse)
+        await asyncio.shield(ready[index])
+
+    async def wait_for_chunks(self, positions: np.ndarray) -> None:
+        """These chunks (positions, ascending) are stored: demanded without cutting the running request, on extra
+        requests beside it (and on the delta file's, for what it holds)."""
+        missing = positions[~self.scheduler.done_mask()[positions]]
+        if len(missing) and self.offline is not None:
+            table = self.table
+            raise FetchError(
+                f"the input's rows need {len(missing)} chunks ({int(table.size[missing].sum())} bytes) of layer "
+                f"{int(table.layer[missing[0]])} that are not in the cache, and {self.settings.url} cannot be reached "
+                f"({self.offline}); a connection would fetch them"
+            )
+        if len(missing):
+            waiters = self.readiness.wait_for_chunks(self.table.index[missing].tolist())
+            self.scheduler.demand(missing.tolist(), cut=False)
+            if self.delta is not None:  # rows the delta file holds: on an extra request to it
+                self.delta.demand(self.table.index[missing].tolist())
+            if self.workers is not None:
+                self.workers.start_row_requests()
+            await asyncio.gather(*(asyncio.shield(w) for w in waiters))
+
+    def reopen(self, chunks: Sequence[ChunkEntry]) -> list[int]:
+        """Chunks counted as stored are missing again (damaged in the cache): pending in the scheduler, their layers
+        waiting again. Returns the layers concerned."""
+        layers = self.readiness.reopen(chunks)
+        self.scheduler.reopen([self.scheduler.position_of(c) for c in chunks])
+        return layers
+
+    def fail_layers(self, layers: Sequence[int], failure: BaseException) -> None:
+        self.readiness.fail_layers(layers, failure)
+
+    def what_is_missing(self, store_cut_short: bool) -> str:
+        """Which bytes the cache lacks, in words, for an error when no source can be had for them."""
+        first = self.table.entry(self.scheduler.first_not_done() or 0)
+        layer = f"layer {first.layer_index} ({self.manifest.layers[first.layer_index].name})"
+        if store_cut_short:
+            return f"{layer} of the cached model {self.manifest.digest[:12]} is damaged (its store was cut short)"
+        return f"the cached copy of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes from {layer} on"
+
+    def fail_missing(self, offline: FetchError) -> None:
+        """No server: each layer the cache lacks fails with what it lacks and how much; rows fail as they are asked for
+        (``wait_for_chunks``); the layers and rows the cache holds are used."""
+        self.offline = offline
+        table, readiness = self.table, self.readiness
+        pending = ~self.scheduler.done_mask()
+        lacking = np.bincount(table.layer[pending], weights=table.size[pending], minlength=len(self.manifest.layers))
+        why = f"{self.settings.url} cannot be reached ({offline}); a connection would fetch them"
+        for index in np.flatnonzero(lacking).tolist():
+            name = self.manifest.layers[index].name
+            failure = FetchError(f"layer {index} ({name}) is not in the cache: {int(lacking[index])} bytes missing, and {why}")
+            readiness.fail_layers([index], failure)
+            if not readiness.coarse_ready[index].done():
+                readiness.coarse_ready[index].set_exception(failure)
+                readiness.coarse_ready[index].exception()
+        failure = FetchError(
+            f"the cache of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes of {self.stats.bytes_total}, and {why}"
+        )
+        if not readiness.complete.done():
+            readiness.complete.set_exception(failure)
+            readiness.complete.exception()
+
+    async def finish_cached(self) -> None:
+        """Nothing is pending: the cache held it all (recorded as complete, once)."""
+        if not self.cache.is_complete():
+            await asyncio.to_thread(self.cache.mark_complete)
+        self.readiness.finish()
+
+    # ------------------------------------------------------------ the completion route
+
+    def land(self, positions: Sequence[int], layers: np.ndarray, passes: np.ndarray, indices: np.ndarray, digests: Sequence[int]) -> None:
+        """Chunks are stored: done in the scheduler, their layers' counts lowered, journaled with the next group."""
+        assert self.committer is not None
+        self.scheduler.done(positions)
+        self.readiness.landed(layers, passes, indices)
+        self.committer.add_columns(indices, digests)
+        if self.scheduler.finished:
+            self.readiness.finish()  # now, not when a group commit still running ends
+        else:
+            self.readiness.report_progress()
+
+    def land_rebuilt(self, positions: np.ndarray, digests: list[int], frame_bytes: int) -> None:
+        """Chunks rebuilt from the delta file (from ``frame_bytes`` of it) are stored. What they saved counts as cached
+        for the progress reports."""
+        table = self.table
+        self.readiness.bytes_cached += int(table.size[positions].sum()) - frame_bytes
+        self.stats.chunks_delta += len(positions)
+        self.land(positions.tolist(), table.layer[positions], table.pass_index[positions], table.index[positions], digests)
+
+    def give_back(self, positions: np.ndarray) -> None:
+        """Chunks the delta file could not give: the download fetches them whole."""
+        self.scheduler.give_back(positions.tolist())
+
+    # ------------------------------------------------------------ running the workers
+
+    def start(self, source: Source | None = None) -> None:
+        """Fetch what the scheduler has pending from the primary ``source`` and the mirrors (once; again after damaged
+        cached chunks were reopened, when a running download fetches them too, even while its last commits run)."""
+        self.readiness.restart()  # the model is not complete until the download ends
+        if self.running:
+            return
+        if self.pipeline is None:
+            assert source is not None
+            settings = self.settings
+            self.pipeline = ChunkPipeline(
+                data_offset=self.data_offset,
+                chunk_size_bytes=self.manifest.chunk_size_bytes,
+                store=self.cache,
+                plan=self.index.plan,
+                stats=self.stats,
+                # every connection (to every mirror) gets a thread at once, and so does each extra request for rows
+                threads=max(
+                    settings.verify_threads,
+                    workers_per_source(settings.connections, bool(settings.mirror_urls)) * (1 + len(settings.mirror_urls)),
+                )
+                + ROW_REQUESTS,
+                loop=self.loop,
+            )
+            self.committer = GroupCommitter(self.cache, self.loop, self.stats)
+            self.sources.open(source)
+            stream, self.header_stream = self.header_stream, None
+            self.workers = Workers(self, scheduler=self.scheduler, pipeline=self.pipeline, sources=self.sources, header_stream=stream)
+        self._task = asyncio.create_task(self._run(), name=f"streamload download {self.manifest.digest[:12]}")
+
+    def start_delta(self) -> None:
+        """The delta stream's frames, read beside the download; its chunks land here (``land_rebuilt``)."""
+        if self.delta is not None:
+            self.delta.start(self)
+
+    async def _run(self) -> None:
+        assert self.committer is not None and self.workers is not None
+        try:
+            while True:  # again when chunks were reopened (damaged in the cache) while the last commits ran
+                await self.workers.serve(self.committer.watch())
+                self.readiness.finish()  # every layer is usable now; durability follows, before close() returns
+                await self.committer.flush()
+                if self.scheduler.finished:
+                    await self.committer.mark_complete()
+                    if self.scheduler.finished:  # no await between this test and the task's end: nothing is missed
+                        break
+        except BaseException as exc:  # delivered to every waiter; close() awaits this task
+            failure = first_cause(exc)
+            if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                self.readiness.fail(asyncio.CancelledError("the download was cancelled"))
+                raise
+            if self.readiness.complete.done():  # the data is all here and usable; only its bookkeeping failed
+                logger.warning(
+                    "the model is complete but could not be recorded in the cache (%s); it will be checked again next time", failure
+                )
+            self.readiness.fail(failure)
+
+    # ------------------------------------------------------------ shutdown
+
+    async def stop(self) -> None:
+        """Stop the delta stream and (an unfinished download) the workers, or let the last group commit end; then the
+        pool threads. Keeps what is verified and written; gives back the store space reserved for what never came."""
+        if self.delta is not None:
+            await self.delta.stop()
+        if self._task is not None:
+            if not self.readiness.complete.done() or self.readiness.complete.exception() is not None:
+                self._task.cancel()  # unfinished: stop; what is committed stays for the next run
+            with contextlib.suppress(asyncio.CancelledError, StreamloadError):
+                await self._task  # finished: the last group commit completes first
+        for holder in (self, self.workers):  # no worker took it (nothing was pending, or the download failed first)
+            if holder is not None and holder.header_stream is not None:
+                holder.header_stream.close()
+                holder.header_stream = None
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
+        if self.committer is None:
+            return
+        await self.committer.close()  # stopped early or failed: keep what is verified and written
+        complete = self.readiness.complete.done() and self.readiness.complete.exception() is None
+        if not complete:
+            table, done = self.table, self.scheduler.done_mask() & (self.table.pass_index == 0)
+            present = list(zip(table.raw_offset[done].tolist(), table.raw_size[done].tolist(), strict=True))
+            released = await asyncio.to_thread(self.cache.release_unverified, present)
+            if released:
+                logger.info("gave back %d bytes reserved for chunks that never arrived", released)
+
+    async def close_sources(self) -> None:
+        """Close every mirror's source (the primary's is the origin's), once the pipeline's threads are done."""
+        await self.sources.close()
