@@ -17,7 +17,7 @@ from streamload.formats import ModelReader, convert
 from streamload.runtime import run, run_progressive
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 
 
