@@ -5,6 +5,8 @@
 - ``session``: ``DownloadSession``: header -> cache -> download -> layers, what ``Model`` drives.
 - ``workers``: ``Download``: the workers that take spans from the scheduler and open them on each live source.
 - ``schedule``: which chunks to fetch next (file order, demanded first); the only place spans are cut.
+- ``layout``: where the chunks lie in the file (offsets, sizes, holes), the scheduler's read-only view.
+- ``demands``: the positions someone waits for, oldest first, the scheduler's queue of them.
 - ``span``: a span: chunks back to back in the file, fetched with one request.
 - ``pipeline``: receive -> verify -> decompress -> store on pool threads, one route back to the event loop.
 - ``readiness``: what a caller can wait for (a layer, its coarse levels, rows, the whole model) and progress.
