@@ -239,6 +239,27 @@ def _chunk_columns(
     its bytes / 85. Entries are found by their first bytes (a fixmap of 6, then "layer") and must then tile
     the list exactly, so a look-alike inside a sha256 only sends the list to the entry-by-entry path.
     """
+    header = _list_header(data, span)
+    if header is None:
+        return None
+    count, body = header
+    whole = np.frombuffer(data, np.uint8, span[1] - body, body)
+    starts = _entry_starts(whole, count)
+    if starts is None:
+        return None
+    entries = _read_entries(whole, starts)
+    if entries is None:
+        return None
+    fields, sha_at = entries
+    columns = _checked_columns(fields, layers, data_size_bytes, chunk_size_bytes)
+    if columns is None:
+        return None
+    return np.stack([*columns, sha_at + body])
+
+
+def _list_header(data: bytes, span: Span) -> tuple[int, int] | None:
+    """(entry count, where the first entry starts) of the msgpack array at ``span``; None for another type, no
+    entries, or a count the list's bytes cannot hold in the writer's encoding."""
     start, end = span
     first = data[start]
     if 0x90 <= first <= 0x9F:
@@ -252,11 +273,15 @@ def _chunk_columns(
     list_bytes = end - body
     if count == 0 or not _MIN_CHUNK_ENTRY_BYTES * count <= list_bytes <= _MAX_CHUNK_ENTRY_BYTES * count:
         return None
-    whole = np.frombuffer(data, np.uint8, list_bytes, body)
-    starts = _entry_starts(whole, count)
-    if starts is None:
-        return None
-    ok = np.ones(count, bool)
+    return count, body
+
+
+def _read_entries(whole: np.ndarray, starts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """Every entry's five sizes (uint64 columns, in ``CHUNK_FIELDS`` order) and where its sha256 starts in ``whole``,
+    read at once from the entries opening at ``starts``; None unless every key and int is the writer's and the
+    entries tile the list exactly."""
+    list_bytes = len(whole)
+    ok = np.ones(len(starts), bool)
     # every 8 bytes of the list, from each byte on, as an integer (unaligned views, no copy): one read per 8 bytes
     little = np.ndarray((list_bytes - 7,), "<u8", whole, strides=(1,))
     big = np.ndarray((list_bytes - 7,), ">u8", whole, strides=(1,))
@@ -289,6 +314,14 @@ def _chunk_columns(
     sha_at = expect(at, _SHA256_BIN_HEADER)
     if not ok.all() or sha_at[-1] + SHA256_SIZE_BYTES != list_bytes or (sha_at[:-1] + SHA256_SIZE_BYTES != starts[1:]).any():
         return None
+    return fields, sha_at
+
+
+def _checked_columns(
+    fields: list[np.ndarray], layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
+) -> tuple[np.ndarray, ...] | None:
+    """The five sizes as int64 columns when ``parse_chunks``'s rules hold (limits, no empty chunk, a known layer, file
+    order inside the data region, pass 0 tiling the layers), else None."""
     limits = [*_SIZE_LIMITS[:-1], chunk_size_bytes]
     if any((field > np.uint64(limit)).any() for field, limit in zip(fields, limits, strict=True)):
         return None
@@ -298,18 +331,22 @@ def _chunk_columns(
     chunk_end = offset + size  # file order: ascending, no overlap, inside the data region
     if (offset[1:] < chunk_end[:-1]).any() or (data_size_bytes is not None and (chunk_end > data_size_bytes).any()):
         return None
-    # pass 0 tiles every layer exactly, layer after layer (FORMAT.md, "Chunks"); an empty layer has no chunks
+    if not _tiles_layers(layer, raw_offset, raw_size, layers):
+        return None
+    return layer, offset, size, raw_offset, raw_size
+
+
+def _tiles_layers(layer: np.ndarray, raw_offset: np.ndarray, raw_size: np.ndarray, layers: tuple[LayerEntry, ...]) -> bool:
+    """Pass 0 tiles every layer exactly, layer after layer (FORMAT.md, "Chunks"); an empty layer has no chunks."""
     layer_offsets = np.array([entry.raw_offset for entry in layers], np.int64)
     layer_ends = np.array([entry.raw_end for entry in layers], np.int64)
     filled = np.flatnonzero(layer_ends > layer_offsets)
-    first_of_layer = np.ones(count, bool)
+    first_of_layer = np.ones(len(layer), bool)
     first_of_layer[1:] = layer[1:] != layer[:-1]
     last_of_layer = np.roll(first_of_layer, -1)
     follows = np.concatenate([[0], raw_offset[:-1] + raw_size[:-1]])
-    if (
-        not np.array_equal(layer[first_of_layer], filled)
-        or (raw_offset != np.where(first_of_layer, layer_offsets[layer], follows)).any()
-        or not np.array_equal((raw_offset + raw_size)[last_of_layer], layer_ends[filled])
-    ):
-        return None
-    return np.stack([layer, offset, size, raw_offset, raw_size, sha_at + body])
+    return (
+        np.array_equal(layer[first_of_layer], filled)
+        and not (raw_offset != np.where(first_of_layer, layer_offsets[layer], follows)).any()
+        and np.array_equal((raw_offset + raw_size)[last_of_layer], layer_ends[filled])
+    )

@@ -1,4 +1,4 @@
-"""The toolkit a model family is described with (no family here; ``architectures.py`` holds BERT and Llama).
+"""The toolkit a model family is described with (no family here; ``architectures/`` holds them).
 
 A family's config fields (type, bounds, default), tensor dimensions as products of config fields, and the check of
 a model's config against the tensors its manifest holds.
@@ -88,6 +88,11 @@ class Field:
     name: str
     parse: Callable[[str, Any], Any]  # (name, raw value) -> checked value; raises ManifestSchemaError
     default: Any = REQUIRED
+
+
+def counts(*names: str) -> tuple[Field, ...]:
+    """A required positive count for each name, in this order: the sizes a family declares."""
+    return tuple(Field(name, COUNT) for name in names)
 
 
 # ---------------------------------------------------------------- the description
@@ -246,3 +251,12 @@ def require(config: Mapping[str, Any], key: str, kind: type = int) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
         raise SourceError(f"config.json: {key!r} is missing or invalid ({value!r}); it is needed to convert this model")
     return value
+
+
+def token_ids(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A decoder's ``bos_token_id`` (None unless an integer) and ``eos_token_id`` (a list of its integers)."""
+    bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
+    return {
+        "bos_token_id": bos if isinstance(bos, int) else None,
+        "eos_token_id": [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)],
+    }

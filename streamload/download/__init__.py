@@ -9,6 +9,8 @@
 - ``workers``: ``Workers``: take spans from the scheduler and open them on each live source.
 - ``sources``: ``Sources``: the primary and each mirror; probed, judged, dropped when failing.
 - ``schedule``: which chunks to fetch next (file order, demanded first); the only place spans are cut.
+- ``layout``: where the chunks lie in the file (offsets, sizes, holes), the scheduler's read-only view.
+- ``demands``: the positions someone waits for, oldest first, the scheduler's queue of them.
 - ``span``: a span: chunks back to back in the file, fetched with one request.
 - ``pipeline``: receive -> verify -> decompress -> store on pool threads, one route back to the event loop.
 - ``landed``: what a batch of chunks became, and the queue carrying it to the event loop.

@@ -21,44 +21,28 @@ drops those bytes): one request instead of a round trip per piece.
 
 Costs: every operation is O(1) amortized per chunk (cursors only move forward,
 except over chunks given back); a demand costs O(its chunks) once. All methods
-run on the event loop, except that pool threads read ``Span.cut``.
+run on the event loop, except that pool threads read ``Span.cut``. Where the chunks lie: ``layout.py``; the
+demands' queue: ``demands.py``.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import bisect
-import collections
 from collections.abc import Iterable, Mapping, Sequence, Set
 
 import numpy as np
 
 from ..formats import ChunkEntry
 from ..formats.chunk_table import ChunkTable
+from .demands import DemandQueue
+from .layout import ChunkLayout
 from .span import Span
 
 PENDING, TAKEN, DONE = 0, 1, 2
 JUMP, ROWS = 1, 2  # why a position is urgent: a layer awaited out of order (cuts spans), or rows (fetched beside them)
 PENDING_BYTE, TAKEN_BYTE, DONE_BYTE = bytes([PENDING]), bytes([TAKEN]), bytes([DONE])  # for bytearray.find
 JUMP_BYTE, ROWS_BYTE = bytes([JUMP]), bytes([ROWS])
-
-
-def _int_array(values: np.ndarray) -> array.array[int]:
-    copy = array.array("q")
-    copy.frombytes(values.astype(np.int64, copy=False).tobytes())
-    return copy
-
-
-class _Demand:
-    """Positions someone waits for, in file order, with a cursor past those no longer pending."""
-
-    __slots__ = ("positions", "cursor", "jump")
-
-    def __init__(self, positions: Sequence[int], jump: bool = True) -> None:
-        self.positions = positions
-        self.cursor = 0
-        self.jump = jump  # a queue jump (cuts running spans), not rows fetched beside them
 
 
 class ChunkScheduler:
@@ -76,25 +60,15 @@ class ChunkScheduler:
         self.table = table  # the manifest's chunks in file order; a position is an index into it
         count = len(table)
         self._rows_from = count if rows_from is None else rows_from  # first position of the row tables
-        self._position_of = np.full(int(table.index.max()) + 1 if count else 0, -1, np.int64)  # chunk index -> position
-        self._position_of[table.index] = np.arange(count)
+        self._layout = layout = ChunkLayout.of(table)
+        # the layout's columns, read an element at a time in the walks below
+        self._offsets, self._sizes, self._bytes_before = layout.offsets, layout.sizes, layout.bytes_before
         done = np.zeros(count, bool)
-        done_list = np.fromiter(done_indices, np.int64)
-        done_list = done_list[(done_list >= 0) & (done_list < len(self._position_of))]
-        done[self._position_of[done_list][self._position_of[done_list] >= 0]] = True
+        done[layout.positions(done_indices)] = True
         self._state = bytearray((done * DONE).astype(np.uint8).tobytes())
         # position -> positions that must be done before it is handed out (a refinement's pass-0 chunks)
         self._requires = {self._position(i): [self._position(b) for b in base] for i, base in (requires or {}).items()}
         self._refinement_positions = sorted(self._requires)  # for the runs: where a blocked refinement may end one
-        # plain int64 arrays (array.array): read an element at a time, and bisect-able, at the cost of a copy
-        self._offsets = _int_array(table.offset)  # ascending (file order)
-        self._sizes = _int_array(table.size)
-        # compressed bytes before each position (a run's size is a difference), and the positions not back to back
-        # with the chunk before them in the file: a span's run of pending chunks between them is taken whole
-        bytes_before = np.concatenate([[0], np.cumsum(table.size)])
-        self._bytes_before = _int_array(bytes_before)
-        shift = table.offset - bytes_before[:-1]  # changes at a hole
-        self._holes = (np.flatnonzero(np.diff(shift)) + 1).tolist()
         self._layers = table.layer
         self._layer_positions: dict[int, list[int]] = {}  # made on a layer's first demand
         self._pending = self._state.count(PENDING)
@@ -103,7 +77,7 @@ class ChunkScheduler:
         self._cursor = 0  # no pending chunk before it
         self._urgent = bytearray(len(chunks))  # why a demand wants this position: JUMP or ROWS (0: none)
         self._urgent_pending = 0  # pending positions that a demand wants
-        self._demands: collections.deque[_Demand] = collections.deque()
+        self._demands = DemandQueue()
         self._running: set[Span] = set()
         self._changed = asyncio.Event()
 
@@ -123,7 +97,7 @@ class ChunkScheduler:
         return base is not None and any(self._state[p] != DONE for p in base)
 
     def _position(self, index: int) -> int:
-        return int(self._position_of[index])
+        return int(self._layout.position_of[index])
 
     def position_of(self, chunk: ChunkEntry) -> int:
         return self._position(chunk.index)
@@ -163,7 +137,7 @@ class ChunkScheduler:
                     self._urgent_pending += 1
                     added = True
         if added:
-            self._demands.append(_Demand(positions, jump=cut))
+            self._demands.add(positions, jump=cut)
             self._changed.set()
             if cut:
                 self._cut_running()
@@ -189,13 +163,10 @@ class ChunkScheduler:
 
     def _first(self) -> int | None:
         """The position of the highest-priority pending chunk."""
-        while self._urgent_pending and self._demands:
-            demand = self._demands[0]
-            while demand.cursor < len(demand.positions) and self._state[demand.positions[demand.cursor]] != PENDING:
-                demand.cursor += 1
-            if demand.cursor < len(demand.positions):
-                return demand.positions[demand.cursor]
-            self._demands.popleft()
+        if self._urgent_pending:
+            first = self._demands.first_in_state(self._state, PENDING)
+            if first is not None:
+                return first
         found = self._state.find(PENDING_BYTE, self._cursor)
         self._cursor = len(self._state) if found < 0 else found
         return None if found < 0 else found
@@ -234,7 +205,7 @@ class ChunkScheduler:
         """The span an open body at data offset ``offset`` goes on with: from the first chunk at or after it, if that
         one is pending and at most ``max_skip_bytes`` ahead, every pending chunk in file order, demanded or not
         (they arrive in order on the open connection); None otherwise (the body is of no further use)."""
-        position = bisect.bisect_left(self._offsets, offset)
+        position = self._layout.position_at(offset)
         if (
             position >= len(self._state)
             or self._state[position] != PENDING
@@ -244,7 +215,7 @@ class ChunkScheduler:
         ):
             return None
         first = self._first()
-        if first is not None and self._urgent[first] and self._demands and self._demands[0].jump:
+        if first is not None and self._urgent[first] and self._demands.leads_with_jump():
             if self._offsets[first] - offset > max_skip_bytes:
                 return None  # a layer far ahead is awaited: it jumps the queue on a new request
         return self._span_from(position, max_bytes, max_gap_bytes, by_demand=False, avoid=avoid)
@@ -331,11 +302,7 @@ class ChunkScheduler:
                 if self._blocked(refinements[index]):
                     end = refinements[index]
                     break
-        hole = bisect.bisect_left(self._holes, position)  # a hole at ``position`` itself: the gap rule decides
-        if hole < len(self._holes):
-            end = min(end, self._holes[hole])
-        fits = bisect.bisect_right(self._bytes_before, self._bytes_before[position] + room_bytes) - 1
-        return max(position, min(end, fits))
+        return self._layout.run_limit(position, end, room_bytes)  # a run stops at a hole, and where room runs out
 
     def _take_run(self, start: int, end: int) -> range:
         """``_take`` for every position of [start, end), all pending."""
@@ -396,7 +363,7 @@ class ChunkScheduler:
                 urgent.append(position)
             returned = True
         if urgent:
-            self._demands.appendleft(_Demand(sorted(urgent), jump=False))
+            self._demands.add_first(sorted(urgent), jump=False)
         if returned:
             self._changed.set()
             self._cut_running()
