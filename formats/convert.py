@@ -43,10 +43,11 @@ from .architectures import ROW_TABLE_LAYER_NAME, Architecture, find_architecture
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, DType, LayerKind, QuantScheme, rows_per_chunk
 from .delta import BaseScales, DeltaReport, write_delta
 from .manifest import Manifest
+from .page_cache import PageReleasingFile, drop_cached
 from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
 from .tokenizer_import import read_tokenizer
-from .writer import ModelWriter, PageReleasingFile, drop_cached
+from .writer import ModelWriter
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 from streamload.errors import SourceError, UsageError, WriterStageError
 from streamload.formats import ModelReader, ModelWriter, convert
 from streamload.formats.constants import DType, QuantScheme
+from streamload.formats.page_cache import PageReleasingFile, copy_releasing
 from streamload.formats.quantize import quantize_int8_rows, quantize_row_block
 from streamload.formats.safetensors_source import SafetensorsFile
-from streamload.formats.writer import PageReleasingFile, _copy_releasing
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 FORMATS = Path(__file__).resolve().parents[2] / "formats"
@@ -236,7 +236,7 @@ def test_the_final_copy_leaves_neither_file_in_the_page_cache(tmp_path: Path) ->
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     target = PageReleasingFile(tmp_path / "target", "wb")
     with target.file, open(source, "rb") as data:
-        _copy_releasing(data, target)
+        copy_releasing(data, target)
         target.release(target.file.tell())
     assert _cached_fraction(source) < 0.1
     assert _cached_fraction(tmp_path / "target") < 0.1
