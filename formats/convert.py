@@ -35,9 +35,10 @@ from ..errors import FormatError, SourceError, UsageError
 from .architectures import ROW_TABLE_LAYER_NAME, Architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, LayerKind, rows_per_chunk
 from .convert_plan import RowTable, SourcePlan, plan_layers, read_source, take_row_table
-from .delta import BaseScales, DeltaReport, write_delta
+from .delta import DeltaReport, write_delta
 from .manifest import Manifest
 from .progressive_convert import Calibrator, ShiftChooser, choose_shifts_for_steps
+from .rebase import BaseScales
 from .tensor_streamer import TensorStreamer
 from .writer import ModelWriter
 

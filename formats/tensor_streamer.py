@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import ConversionError, SourceError
 from .constants import DType, QuantScheme
-from .delta import BaseScales
 from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
+from .rebase import BaseScales
 from .safetensors_source import SafetensorsCollection
 from .writer import ModelWriter
 
