@@ -1,4 +1,4 @@
-"""A conversion's plan: the source read into its architecture, config and tensors, which grouped by layer in write order.
+"""A conversion's plan: the source read into its architecture, config and tensors, the tensors grouped by layer.
 
 ``read_source`` finds the source's files and its architecture, normalises its config and checks it against the
 runtime's bounds; ``plan_layers`` checks every tensor the runtime needs is there with the right shape and groups the
