@@ -176,3 +176,54 @@ def rows_per_chunk(rows: int, row_size_bytes: int, compression_ratio: float = 1.
 def align_up(value: int, alignment: int) -> int:
     """Round value up to a multiple of alignment (a power of two)."""
     return (value + alignment - 1) & ~(alignment - 1)
+
+
+# ---------------------------------------------------------------- delta files (FORMAT.md, "Delta files")
+
+DELTA_MAGIC = b"\x89SLD\r\n\x1a\n"
+"""8 bytes, as the model file's MAGIC with D for delta."""
+
+DELTA_VERSION = 1
+
+DELTA_PREAMBLE = struct.Struct(
+    "<"
+    "8s"  # magic: DELTA_MAGIC
+    "I"  # version: DELTA_VERSION
+    "I"  # flags: 0 (a reader rejects unknown flags)
+    "Q"  # entry_count: entries after the preamble
+    "32s"  # base_digest: sha256 of the base model's manifest bytes
+)
+DELTA_PREAMBLE_SIZE_BYTES = DELTA_PREAMBLE.size  # 56
+
+DELTA_ENTRY = struct.Struct(
+    "<"
+    "I"  # chunk_index: the new model's pass-0 chunk this entry rebuilds (ascending)
+    "I"  # method: DeltaMethod
+    "Q"  # base_raw_offset: DIFFERENCE: where the chunk's base bytes start in the base's layer store; WHOLE: 0
+    "Q"  # offset: of the entry's zstd frame, from data_offset
+    "Q"  # size: the frame's bytes
+    "32s"  # sha256: DIFFERENCE: of the rebuilt raw chunk; WHOLE: of the frame (the chunk's sha256 in the manifest)
+)
+DELTA_ENTRY_SIZE_BYTES = DELTA_ENTRY.size  # 64
+
+MAX_DELTA_ENTRIES = 1 << 24
+"""Entries a reader accepts (16 M: a 1 GiB index)."""
+
+DELTA_SUFFIX = ".slmd"
+
+
+class DeltaMethod(enum.IntEnum):
+    """How a delta entry's frame rebuilds its chunk."""
+
+    WHOLE = 0  # the chunk's own zstd frame, as in the new model's file
+    DIFFERENCE = 1  # zstd of (new raw - base raw) mod 256, byte by byte, over the chunk's range
+
+
+def delta_index_size(entry_count: int) -> int:
+    """Bytes of a delta file's index: its preamble and ``entry_count`` entries (what ``index_sha256`` covers)."""
+    return DELTA_PREAMBLE_SIZE_BYTES + entry_count * DELTA_ENTRY_SIZE_BYTES
+
+
+def delta_data_offset(entry_count: int) -> int:
+    """Where a delta file's frames start: after the index, DATA_ALIGNMENT-aligned."""
+    return align_up(delta_index_size(entry_count), DATA_ALIGNMENT)

@@ -9,22 +9,20 @@ the chunk's raw bytes (of its frame, for a whole chunk), so that what a client r
 the new model's manifest lists each base with the sha256 of the delta file's index (preamble and entries), so that
 the index, and through it every rebuilt chunk, is pinned by the new model's digest.
 
-The layout is declared here and nowhere else (``DELTA_PREAMBLE``, ``DELTA_ENTRY``); everything is little-endian.
-
-``quantize_like`` quantizes a new matrix with the base's per-row scales where that keeps the error within
-``REBASE_MAX_SCALE_RATIO`` of independent quantization's, so that codes that did not move stay equal; ``write_delta``
-plans and writes the file and lists it in the new model's manifest (``attach_delta_base``).
+The layout is declared in ``constants`` (``DELTA_PREAMBLE``, ``DELTA_ENTRY``) and read and encoded in ``delta_file``;
+everything is little-endian. ``rebase.quantize_like`` quantizes a new matrix with the base's per-row scales so that
+codes that did not move stay equal. This module builds the file: ``write_delta`` plans and writes it and lists it in
+the new model's manifest (``attach_delta_base``); ``read_delta_bases`` reads that list. It is also the public face of
+the delta format: its ``__all__`` names what the client and the server import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import os
 import shutil
-import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,52 +30,27 @@ import msgpack
 import numpy as np
 import zstandard
 
-from ..errors import ChunkIntegrityError, FormatError, ManifestSchemaError
-from .constants import DATA_ALIGNMENT, MAX_CHUNK_RAW_SIZE_BYTES, PREAMBLE_SIZE_BYTES, SHA256_SIZE_BYTES, align_up
-from .manifest import ChunkEntry, Manifest, parse_manifest
+from ..errors import FormatError, ManifestSchemaError
+from .constants import (
+    DATA_ALIGNMENT,
+    DELTA_ENTRY,
+    DELTA_MAGIC,
+    DELTA_PREAMBLE,
+    DELTA_PREAMBLE_SIZE_BYTES,
+    PREAMBLE_SIZE_BYTES,
+    SHA256_SIZE_BYTES,
+    DeltaMethod,
+    align_up,
+    delta_index_size,
+)
+from .delta_file import DeltaIndex, delta_file_name, encode_delta, index_size_needed, parse_delta_index, rebuild_chunk, summarize_delta
+from .manifest import Manifest, parse_manifest
 from .msgpack_bounded import decode, map_spans
-from .quantize import NO_ERROR, QuantizationReport, quantize_int8_rows
-
-DELTA_MAGIC = b"\x89SLD\r\n\x1a\n"
-"""8 bytes, as the model file's MAGIC with D for delta."""
-
-DELTA_VERSION = 1
-
-DELTA_PREAMBLE = struct.Struct(
-    "<"
-    "8s"  # magic: DELTA_MAGIC
-    "I"  # version: DELTA_VERSION
-    "I"  # flags: 0 (a reader rejects unknown flags)
-    "Q"  # entry_count: entries after the preamble
-    "32s"  # base_digest: sha256 of the base model's manifest bytes
-)
-DELTA_PREAMBLE_SIZE_BYTES = DELTA_PREAMBLE.size  # 56
-
-DELTA_ENTRY = struct.Struct(
-    "<"
-    "I"  # chunk_index: the new model's pass-0 chunk this entry rebuilds (ascending)
-    "I"  # method: DeltaMethod
-    "Q"  # base_raw_offset: DIFFERENCE: where the chunk's base bytes start in the base's layer store; WHOLE: 0
-    "Q"  # offset: of the entry's zstd frame, from data_offset
-    "Q"  # size: the frame's bytes
-    "32s"  # sha256: DIFFERENCE: of the rebuilt raw chunk; WHOLE: of the frame (the chunk's sha256 in the manifest)
-)
-DELTA_ENTRY_SIZE_BYTES = DELTA_ENTRY.size  # 64
-
-MAX_DELTA_ENTRIES = 1 << 24
-"""Entries a reader accepts (16 M: a 1 GiB index)."""
-
-DELTA_SUFFIX = ".slmd"
 
 DELTA_ZSTD_LEVEL = 19
 """Difference frames, mostly zeros and small values, are worth the slowest level (written once, by the publisher): on
 a fine-tune of all-MiniLM-L6-v2 its difference frames take 2.42 MB at level 19, 2.80 at 9, 3.03 at 3
 (``python tools/bench_delta.py``, then the frames recompressed)."""
-
-REBASE_MAX_SCALE_RATIO = 1.25
-"""``quantize_like`` keeps a row's base scale s_base when the row fits (max |w| / s_base rounds into [-127, 127]) and
-s_base <= this x the row's own scale: its largest error, s_base / 2, is then at most 1.25x independent quantization's
-bound of half a step."""
 
 MAX_DELTA_SHARE = 0.9
 """A delta file at least this share of the new model's file is not written: it would save too little."""
@@ -86,144 +59,13 @@ DELTA_BASES_KEY = "deltas"
 """The manifest's root key listing the bases a delta file was written against (readers that do not know it ignore it)."""
 
 
-class DeltaMethod(enum.IntEnum):
-    """How an entry's frame rebuilds its chunk."""
-
-    WHOLE = 0  # the chunk's own zstd frame, as in the new model's file
-    DIFFERENCE = 1  # zstd of (new raw - base raw) mod 256, byte by byte, over the chunk's range
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeltaBase:
     """One ``deltas`` entry of a manifest: a delta file against the model with manifest digest ``digest``."""
 
     digest: str  # hex
-    index_sha256: bytes  # of the delta file's bytes [0, data_offset): preamble and entries
+    index_sha256: bytes  # of the delta file's index, bytes [0, delta_index_size(entries)): preamble and entries
     size_bytes: int  # the delta file's size
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeltaIndex:
-    """A delta file's preamble and entries (columns), validated."""
-
-    base_digest: str
-    chunk_index: np.ndarray  # int64
-    method: np.ndarray
-    base_raw_offset: np.ndarray
-    offset: np.ndarray
-    size: np.ndarray
-    sha256: np.ndarray  # (n, 32) uint8
-
-    @property
-    def data_offset(self) -> int:
-        return delta_data_offset(len(self.chunk_index))
-
-    def __len__(self) -> int:
-        return len(self.chunk_index)
-
-
-def delta_data_offset(entry_count: int) -> int:
-    return align_up(DELTA_PREAMBLE_SIZE_BYTES + entry_count * DELTA_ENTRY_SIZE_BYTES, DATA_ALIGNMENT)
-
-
-def delta_file_name(model_file_name: str, base_digest: str, target_digest: str) -> str:
-    """The delta file's name beside the model file: ``minilm.slm`` -> ``minilm.<base 12>-<target 12>.slmd``."""
-    stem = model_file_name[: -len(".slm")] if model_file_name.endswith(".slm") else model_file_name
-    return f"{stem}.{base_digest[:12]}-{target_digest[:12]}{DELTA_SUFFIX}"
-
-
-def _entry_dtype() -> np.dtype:
-    return np.dtype(
-        [("chunk_index", "<u4"), ("method", "<u4"), ("base_raw_offset", "<u8"), ("offset", "<u8"), ("size", "<u8"), ("sha256", "V32")]
-    )
-
-
-def index_size_needed(preamble: bytes | memoryview) -> int:
-    """From a delta file's first DELTA_PREAMBLE_SIZE_BYTES: how many bytes hold the preamble and the entries."""
-    return DELTA_PREAMBLE_SIZE_BYTES + _read_preamble(preamble)[1] * DELTA_ENTRY_SIZE_BYTES
-
-
-def _read_preamble(data: bytes | memoryview) -> tuple[str, int]:
-    if len(data) < DELTA_PREAMBLE_SIZE_BYTES:
-        raise FormatError(f"a delta file starts with {DELTA_PREAMBLE_SIZE_BYTES} bytes of preamble, got {len(data)}")
-    magic, version, flags, count, base = DELTA_PREAMBLE.unpack_from(data)
-    if magic != DELTA_MAGIC:
-        raise FormatError("not a streamload delta file (bad magic)")
-    if version != DELTA_VERSION or flags:
-        raise FormatError(f"delta file version {version}, flags {flags:#x}: this reader reads version {DELTA_VERSION}; upgrade streamload")
-    if count > MAX_DELTA_ENTRIES:
-        raise FormatError(f"delta file declares {count} entries, over the {MAX_DELTA_ENTRIES} a reader accepts")
-    return bytes(base).hex(), int(count)
-
-
-def parse_delta_index(data: bytes | memoryview, *, file_size_bytes: int | None = None) -> DeltaIndex:
-    """Validate a delta file's preamble and entries (``data`` holds at least ``index_size_needed`` bytes).
-
-    Raises:
-        FormatError: bad magic or version; entries out of order, frames that overlap, run past the file or are
-            larger than a chunk can be; an unknown method.
-    """
-    base, count = _read_preamble(data)
-    end = DELTA_PREAMBLE_SIZE_BYTES + count * DELTA_ENTRY_SIZE_BYTES
-    if len(data) < end:
-        raise FormatError(f"the delta index needs {end} bytes, got {len(data)}")
-    rows = np.frombuffer(data, _entry_dtype(), count, DELTA_PREAMBLE_SIZE_BYTES)
-    chunk_index = rows["chunk_index"].astype(np.int64)
-    method = rows["method"].astype(np.int64)
-    offset, size = rows["offset"].astype(np.uint64), rows["size"].astype(np.uint64)
-    if count:
-        if (np.diff(chunk_index) <= 0).any():
-            raise FormatError("delta entries must name ascending chunk indices")
-        if not np.isin(method, [m.value for m in DeltaMethod]).all():
-            raise FormatError("a delta entry has an unknown method; upgrade streamload")
-        if (size == 0).any() or (size > np.uint64(2 * MAX_CHUNK_RAW_SIZE_BYTES)).any():
-            raise FormatError("a delta entry's frame is empty or larger than a chunk can be")
-        ends = offset + size
-        if (offset[1:] < ends[:-1]).any():
-            raise FormatError("delta frames must be in entry order and must not overlap")
-        if file_size_bytes is not None and int(ends[-1]) > file_size_bytes - delta_data_offset(count):
-            raise FormatError("a delta frame runs past the end of the delta file; it is truncated")
-    sha = np.frombuffer(rows["sha256"].tobytes(), np.uint8).reshape(count, SHA256_SIZE_BYTES)
-    return DeltaIndex(
-        base_digest=base,
-        chunk_index=chunk_index,
-        method=method,
-        base_raw_offset=rows["base_raw_offset"].astype(np.int64),
-        offset=offset.astype(np.int64),
-        size=size.astype(np.int64),
-        sha256=sha,
-    )
-
-
-def rebuild_chunk(
-    chunk: ChunkEntry, method: int, frame: bytes | memoryview, sha256: bytes, base: bytes | memoryview | None
-) -> bytes | bytearray:
-    """The raw bytes of ``chunk`` from its delta entry, checked: a whole frame against the chunk's sha256, a difference
-    (applied to ``base``, the chunk's range of the base's store) against the entry's raw sha256.
-
-    Raises:
-        ChunkIntegrityError: a hash differs (a damaged delta file, or the wrong base).
-        ChunkDecodeError: the frame is not exactly one zstd frame of the chunk's raw size.
-    """
-    from .chunks import decompress_chunk, verify_chunk
-
-    if method == DeltaMethod.WHOLE:
-        verify_chunk(chunk, frame)
-        return decompress_chunk(chunk, frame)
-    if base is None or len(base) != chunk.raw_size_bytes:
-        raise ChunkIntegrityError(
-            f"chunk {chunk.index}: no base bytes to apply its delta to", layer_index=chunk.layer_index, chunk_index=chunk.index
-        )
-    difference = decompress_chunk(chunk, frame)  # exactly raw_size bytes, or ChunkDecodeError / ChunkSizeError
-    rebuilt = bytearray(chunk.raw_size_bytes)
-    np.add(np.frombuffer(base, np.uint8), np.frombuffer(difference, np.uint8), out=np.frombuffer(rebuilt, np.uint8))  # wraps mod 256
-    if hashlib.sha256(rebuilt).digest() != sha256:
-        raise ChunkIntegrityError(
-            f"chunk {chunk.index} of layer {chunk.layer_index}: rebuilt from its delta, its sha256 differs; fetching it whole",
-            layer_index=chunk.layer_index,
-            chunk_index=chunk.index,
-        )
-    return rebuilt
 
 
 # ---------------------------------------------------------------- the manifest's list of bases
@@ -284,122 +126,6 @@ def attach_delta_base(path: Path, base: DeltaBase) -> Manifest:
             os.fsync(out.fileno())
     os.replace(partial, path)
     return rewritten
-
-
-# ---------------------------------------------------------------- quantizing against a base
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RebaseReport:
-    """One matrix quantized with its base's scales where the error bound allows."""
-
-    name: str
-    rows: int
-    rows_rebased: int  # rows that kept the base's scale
-    error: QuantizationReport  # of the stored codes
-    independent: QuantizationReport  # of independent quantization, for comparison
-
-
-def quantize_like(
-    weight: np.ndarray, base_scales: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, QuantizationReport, QuantizationReport, int]:
-    """Quantize ``weight`` (rows, cols) to int8 reusing ``base_scales`` row by row where that keeps the error bound.
-
-    A row keeps its base scale s_base when max |w| / s_base rounds into [-127, 127] and s_base is at most
-    REBASE_MAX_SCALE_RATIO x the row's own scale max |w| / 127 (or the row is all zero); other rows are quantized
-    independently. Returns (codes, scales, error, independent quantization's error, rows rebased).
-    """
-    q, scales, independent = quantize_int8_rows(weight)
-    block = np.asarray(weight, dtype=np.float32)
-    base_scales = np.asarray(base_scales, np.float32)
-    amax = np.abs(block).max(axis=1) if block.shape[1] else np.zeros(len(block), np.float32)
-    fits = (base_scales > 0) & (amax <= 127.49 * base_scales)
-    keep = fits & ((base_scales <= REBASE_MAX_SCALE_RATIO * scales) | (amax == 0))
-    if keep.any():
-        rows = np.flatnonzero(keep)
-        q[rows] = np.clip(np.rint(block[rows] / base_scales[rows, None]), -127, 127).astype(np.int8)
-        scales = scales.copy()
-        scales[rows] = base_scales[rows]
-    error = block - q.astype(np.float32) * scales[:, None]
-    max_abs = float(np.abs(error).max()) if error.size else 0.0
-    norms = np.linalg.norm(block, axis=1)
-    rel = np.linalg.norm(error, axis=1) / np.where(norms > 0, norms, 1.0)
-    return q, scales, QuantizationReport(max_abs, float(rel.max()) if rel.size else 0.0), independent, int(keep.sum())
-
-
-class BaseScales:
-    """The per-row scales of a base model's int8 matrices, by name (read from its file once)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from .constants import QuantScheme
-        from .reader import ModelReader
-
-        self.path = Path(path)
-        self._scales: dict[str, np.ndarray] = {}
-        with ModelReader(self.path) as reader:
-            self.digest = reader.manifest.digest
-            wanted = {t.scales: t for t in reader.manifest.tensors if t.quant is QuantScheme.INT8_ROW and t.scales}
-            for layer in reader.manifest.layers:
-                names = [t.name for t in reader.manifest.tensors_of_layer(layer.index) if t.name in wanted]
-                if names:
-                    tensors = reader.read_tensors(layer.index)
-                    for name in names:
-                        self._scales[wanted[name].name] = np.array(tensors[name], np.float32)
-        self.reports: list[RebaseReport] = []
-
-    def quantize(self, name: str, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, QuantizationReport] | None:
-        """``quantize_like`` with the base's scales of matrix ``name``; None when the base has no such matrix of that shape."""
-        blocks = self.quantize_blocks(name, weight.shape[0] if weight.ndim == 2 else -1, [weight])
-        if blocks is None:
-            return None
-        q, scales, error = next(blocks)
-        return q, scales, error
-
-    def quantize_blocks(
-        self, name: str, rows: int, blocks: Iterable[np.ndarray], *, record: bool = True
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, QuantizationReport]] | None:
-        """``quantize_like`` over ``blocks`` of consecutive rows of matrix ``name`` (``rows`` in all), each with the base's
-        scales of its rows; None when the base has no such matrix of that many rows. The tensor's report is recorded
-        once every block is through."""
-        base = self._scales.get(name)
-        if base is None or base.shape != (rows,):
-            return None
-
-        def each() -> Iterator[tuple[np.ndarray, np.ndarray, QuantizationReport]]:
-            start, rebased, error, independent = 0, 0, NO_ERROR, NO_ERROR
-            for block in blocks:
-                q, scales, block_error, block_independent, block_rebased = quantize_like(block, base[start : start + len(block)])
-                start += len(block)
-                rebased += block_rebased
-                error, independent = error.merged(block_error), independent.merged(block_independent)
-                yield q, scales, block_error
-            if record:
-                self.reports.append(RebaseReport(name, rows, rebased, error, independent))
-
-        return each()
-
-    def summary(self) -> dict[str, Any]:
-        """Rows rebased, and the largest error against independent quantization's (ratios of the per-tensor maxima)."""
-        rows = sum(r.rows for r in self.reports)
-        rebased = sum(r.rows_rebased for r in self.reports)
-
-        def ratio(a: float, b: float) -> float:
-            return a / b if b > 0 else 1.0
-
-        worst = max(self.reports, key=lambda r: ratio(r.error.max_abs_error, r.independent.max_abs_error), default=None)
-        return {
-            "base": str(self.path),
-            "base_digest": self.digest,
-            "matrices": len(self.reports),
-            "rows": rows,
-            "rows_rebased": rebased,
-            "max_abs_error_ratio": max((ratio(r.error.max_abs_error, r.independent.max_abs_error) for r in self.reports), default=1.0),
-            "max_rel_error_ratio": max((ratio(r.error.max_rel_error, r.independent.max_rel_error) for r in self.reports), default=1.0),
-            "max_abs_error": max((r.error.max_abs_error for r in self.reports), default=0.0),
-            "independent_max_abs_error": max((r.independent.max_abs_error for r in self.reports), default=0.0),
-            "worst_tensor": worst.name if worst is not None else None,
-            "scale_ratio_bound": REBASE_MAX_SCALE_RATIO,
-        }
 
 
 # ---------------------------------------------------------------- writing
@@ -494,7 +220,7 @@ def write_delta(target: str | os.PathLike[str], base: str | os.PathLike[str], *,
     data = encode_delta(base_digest, entries)
     if len(data) >= MAX_DELTA_SHARE * file_size:
         return dataclasses.replace(report, target_digest=_digest_of(target), reason="it would be nearly the whole file")
-    index_sha = hashlib.sha256(data[: DELTA_PREAMBLE_SIZE_BYTES + len(entries) * DELTA_ENTRY_SIZE_BYTES]).digest()
+    index_sha = hashlib.sha256(data[: delta_index_size(len(entries))]).digest()
     manifest = attach_delta_base(target, DeltaBase(base_digest, index_sha, len(data)))
     path = target.with_name(delta_file_name(target.name, base_digest, manifest.digest))
     partial = path.with_name(path.name + ".partial")
@@ -512,39 +238,11 @@ def _digest_of(path: Path) -> str:
         return reader.manifest.digest
 
 
-def encode_delta(base_digest: str, entries: Sequence[tuple[int, int, int, bytes, bytes]]) -> bytes:
-    """A whole delta file: entries (chunk index, method, base raw offset, sha256, frame), ascending chunk index."""
-    head = bytearray(DELTA_PREAMBLE.pack(DELTA_MAGIC, DELTA_VERSION, 0, len(entries), bytes.fromhex(base_digest)))
-    offset = 0
-    for chunk_index, method, base_offset, sha, frame in entries:
-        head += DELTA_ENTRY.pack(chunk_index, method, base_offset, offset, len(frame), sha)
-        offset += len(frame)
-    head += bytes(delta_data_offset(len(entries)) - len(head))
-    return bytes(head) + b"".join(entry[4] for entry in entries)
-
-
-def summarize_delta(data: bytes | memoryview, file_size_bytes: int) -> dict[str, Any]:
-    """A delta file's summary for ``inspect``: its base, entries by method and their bytes."""
-    index = parse_delta_index(data, file_size_bytes=file_size_bytes)
-    by_method = {
-        m.name.lower(): {"chunks": int((index.method == m).sum()), "bytes": int(index.size[index.method == m].sum())} for m in DeltaMethod
-    }
-    return {
-        "kind": "delta",
-        "base_digest": index.base_digest,
-        "entries": len(index),
-        "index_bytes": DELTA_PREAMBLE_SIZE_BYTES + len(index) * DELTA_ENTRY_SIZE_BYTES,
-        "index_sha256": hashlib.sha256(bytes(data[: DELTA_PREAMBLE_SIZE_BYTES + len(index) * DELTA_ENTRY_SIZE_BYTES])).hexdigest(),
-        "file_bytes": file_size_bytes,
-        "by_method": by_method,
-    }
-
-
 __all__ = [
     "DELTA_ENTRY",
     "DELTA_MAGIC",
     "DELTA_PREAMBLE",
-    "BaseScales",
+    "DELTA_PREAMBLE_SIZE_BYTES",
     "DeltaBase",
     "DeltaIndex",
     "DeltaMethod",
@@ -552,8 +250,8 @@ __all__ = [
     "attach_delta_base",
     "delta_file_name",
     "encode_delta",
+    "index_size_needed",
     "parse_delta_index",
-    "quantize_like",
     "read_delta_bases",
     "rebuild_chunk",
     "summarize_delta",

@@ -3,25 +3,24 @@
 ``ModelWriter`` is a small state machine (``WriterStage``): open a layer, add
 its tensors, close it, repeat, then ``finish``. A tensor is added whole
 (``add_tensor``) or a block of rows at a time (``begin_tensor``, ``add_rows``,
-``end_tensor``): its bytes are cut into chunks, compressed on a thread pool
-(``threads`` workers, at most twice that many chunks in flight) and spilled to a
-temporary data file, so memory stays near the block given plus a few chunks.
-``finish`` writes the preamble and manifest (known only now) and then the data
-region, to a temporary name that is atomically renamed into place.
+``end_tensor``): its bytes are cut into chunks here, compressed on a thread pool
+and spilled to a temporary data file (``chunk_spill.ChunkSpill``: ``threads``
+workers, at most twice that many chunks in flight), so memory stays near the
+block given plus a few chunks. ``finish`` writes the preamble and manifest (known
+only now) and then the data region, to a temporary name that is atomically
+renamed into place.
 
-The pages the writer has written are synced and dropped from the page cache
-every ``RELEASE_BYTES`` (``posix_fadvise(DONTNEED)``), so that writing a model
-larger than a memory-limited cgroup does not fill it with dirty page cache, at
-the cost of one ``fdatasync`` per ``RELEASE_BYTES`` written.
+The files the writer writes drop their pages from the page cache as they go
+(``page_cache.PageReleasingFile``, every ``RELEASE_BYTES``), so that writing a
+model larger than a memory-limited cgroup does not fill it with dirty page cache.
+
+Threads: the caller's, plus the compression pool's.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import enum
-import hashlib
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ import numpy as np
 import zstandard
 
 from ..errors import UsageError, WriterStageError
+from .chunk_spill import ChunkSpill
 from .constants import (
     DATA_ALIGNMENT,
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -48,7 +48,8 @@ from .constants import (
     align_up,
     written_format_version,
 )
-from .manifest import BASE_PASS, ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
+from .manifest import BASE_PASS, LayerEntry, Manifest, TensorEntry, TokenizerBlob, encode_manifest, parse_manifest
+from .page_cache import PageReleasingFile, copy_releasing, drop_cached
 from .quantize import QuantizationReport, int8_histogram, split_coarse
 from .reader import encode_preamble
 
@@ -61,9 +62,6 @@ are 1.033x the int8 bytes at level 1, 1.139x at level 3; ``python tools/bench_pr
 
 TOKENIZER_ZSTD_LEVEL = 19
 """The tokenizer sits in the manifest, on the path to layer 0: worth the slowest level (once, ~0.1 s)."""
-
-RELEASE_BYTES = 64 << 20
-"""Bytes written to a file between two syncs that drop its written pages from the page cache."""
 
 _DTYPE_OF_NUMPY = {np.dtype("float32"): DType.F32, np.dtype("float16"): DType.F16, np.dtype("int8"): DType.I8}
 
@@ -88,39 +86,6 @@ class _OpenTensor:
     coarse_shift: int | None
     row_elements: int  # elements per row: a block's size must be a multiple of it
     elements_added: int = 0
-
-
-class PageReleasingFile:
-    """A file written front to back whose written pages are synced and dropped every ``RELEASE_BYTES``."""
-
-    def __init__(self, path: Path, mode: str) -> None:
-        self.file = open(path, mode)  # noqa: SIM115 - closed by ModelWriter
-        self._released = 0  # bytes before this offset are synced and dropped
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.file.write(data)
-        position = self.file.tell()
-        if position - self._released >= RELEASE_BYTES:
-            self.release(position)
-
-    def release(self, end: int) -> None:
-        """Sync bytes up to ``end`` and drop them from the page cache."""
-        self.file.flush()
-        os.fdatasync(self.file.fileno())
-        drop_cached(self.file.fileno(), 0, end)
-        self._released = end
-
-
-def drop_cached(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to drop a file range's clean pages from the page cache (a hint: a no-op where unsupported)."""
-    if length > 0 and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def _compress(raw: bytes, level: int) -> tuple[bytes, bytes]:
-    """Compress one chunk (releases the GIL) and hash the result."""
-    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-    return frame, hashlib.sha256(frame).digest()
 
 
 class ModelWriter:
@@ -159,20 +124,14 @@ class ModelWriter:
             )
         self._chunk_size = chunk_size_bytes
         self._level = zstd_level
-        self._threads = threads or min(4, os.cpu_count() or 1)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="slm-compress")
-        self._in_flight: collections.deque[tuple[concurrent.futures.Future[tuple[bytes, bytes]], int, int, int, int]] = collections.deque()
-        self._data_path = self.path.with_name(self.path.name + ".data.tmp")
-        self._data = PageReleasingFile(self._data_path, "wb")
+        self._spill = ChunkSpill(self.path.with_name(self.path.name + ".data.tmp"), threads or min(4, os.cpu_count() or 1))
         # progressive tensors' refinements, spilled raw until every step is written: (layer, store offset, size)
         self._refine_path = self.path.with_name(self.path.name + ".refine.tmp")
         self._refine: PageReleasingFile | None = None
         self._refinements: list[tuple[int, int, int]] = []
-        self._data_size = 0
         self._stage = WriterStage.BETWEEN_LAYERS
         self._layers: list[LayerEntry] = []
         self._tensors: list[TensorEntry] = []
-        self._chunks: list[ChunkEntry] = []
         self._names: set[str] = set()
         self._histogram = np.zeros(256, dtype=np.int64)
         self.preview_cosine: float | None = None  # recorded in the manifest's stats (a progressive file's calibration)
@@ -343,47 +302,42 @@ class ModelWriter:
         """
         self._expect(WriterStage.BETWEEN_LAYERS, "finish")
         self._write_refinements()
-        self._drain(0)
-        self._pool.shutdown()
-        self._data.file.close()
+        self._spill.close()
         manifest_bytes = encode_manifest(
             config=self._config,
             layers=self._layers,
             tensors=self._tensors,
-            chunks=self._chunks,
+            chunks=self._spill.chunks,
             tokenizer=self._tokenizer,
             chunk_size_bytes=self._chunk_size,
             int8_histogram=[int(v) for v in self._histogram] if self._any_int8 else None,
             preview_cosine=self.preview_cosine,
         )
-        manifest = parse_manifest(manifest_bytes, data_size_bytes=self._data_size)
+        manifest = parse_manifest(manifest_bytes, data_size_bytes=self._spill.size_bytes)
         if check is not None:
             check(manifest)
         preamble = encode_preamble(len(manifest_bytes), written_format_version(manifest.progressive))
         partial = self.path.with_name(self.path.name + ".partial")
         out = PageReleasingFile(partial, "wb")
-        with out.file, open(self._data_path, "rb") as data:
+        with out.file, open(self._spill.path, "rb") as data:
             out.write(preamble)
             out.write(manifest_bytes)
             out.write(bytes(_padding(len(preamble) + len(manifest_bytes))))
-            _copy_releasing(data, out)
+            copy_releasing(data, out)
             out.file.flush()
             os.fsync(out.file.fileno())
         os.replace(partial, self.path)
-        self._data_path.unlink(missing_ok=True)
+        self._spill.path.unlink(missing_ok=True)
         self._stage = WriterStage.FINISHED
-        logger.info("wrote %s: %d layers, %d chunks, %d data bytes", self.path, len(self._layers), len(self._chunks), self._data_size)
+        chunks, size = len(self._spill.chunks), self._spill.size_bytes
+        logger.info("wrote %s: %d layers, %d chunks, %d data bytes", self.path, len(self._layers), chunks, size)
         return manifest
 
     def abort(self) -> None:
         """Drop everything written so far (the target path is untouched)."""
         if self._stage is WriterStage.FINISHED:
             return
-        for future, *_ in self._in_flight:
-            future.cancel()
-        self._pool.shutdown(wait=True)
-        self._data.file.close()
-        self._data_path.unlink(missing_ok=True)
+        self._spill.abort()
         self._close_refinements()
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
         self._stage = WriterStage.FINISHED
@@ -417,10 +371,8 @@ class ModelWriter:
         for layer_index, raw_offset, size in self._refinements:
             for start in range(0, size, self._chunk_size):
                 raw = spill.read(min(self._chunk_size, size - start))
-                drop_cached(spill.fileno(), 0, spill.tell())  # from 0: see _copy_releasing
-                future = self._pool.submit(_compress, raw, PLANE_ZSTD_LEVEL)
-                self._in_flight.append((future, layer_index, raw_offset + start, len(raw), REFINEMENT_PASS))
-                self._drain(2 * self._threads)
+                drop_cached(spill.fileno(), 0, spill.tell())  # from 0: see copy_releasing
+                self._spill.submit(raw, PLANE_ZSTD_LEVEL, layer_index, raw_offset + start, REFINEMENT_PASS)
         self._close_refinements()
 
     def _close_refinements(self) -> None:
@@ -434,44 +386,10 @@ class ModelWriter:
         if not self._pending:
             return
         raw = bytes(self._pending)
-        future = self._pool.submit(_compress, raw, self._pending_level)
-        self._in_flight.append((future, len(self._layers), self._pending_start, len(raw), BASE_PASS))
+        self._spill.submit(raw, self._pending_level, len(self._layers), self._pending_start, BASE_PASS)
         self._pending_start += len(raw)
         self._cursor = self._pending_start
         self._pending.clear()
-        self._drain(2 * self._threads)
-
-    def _drain(self, keep: int) -> None:
-        """Write finished chunks in order until at most ``keep`` are in flight."""
-        while len(self._in_flight) > keep:
-            future, layer_index, raw_offset, raw_size, pass_index = self._in_flight.popleft()
-            frame, sha = future.result()
-            self._data.write(frame)
-            self._chunks.append(
-                ChunkEntry(
-                    index=len(self._chunks),
-                    layer_index=layer_index,
-                    offset=self._data_size,
-                    size_bytes=len(frame),
-                    raw_offset=raw_offset,
-                    raw_size_bytes=raw_size,
-                    sha256=sha,
-                    pass_index=pass_index,
-                )
-            )
-            self._data_size += len(frame)
-
-
-def _copy_releasing(source: Any, target: PageReleasingFile) -> None:
-    """Copy a file's remaining bytes, dropping what was read from the page cache (the target drops its own).
-
-    The drop covers the file from its start each time: a drop of only the piece just read leaves most of its pages
-    cached while the kernel's readahead runs ahead of a sequential reader (measured: 400 MB read in 1 MiB pieces left
-    388 MB cached in a memory cgroup; dropping from the start left 0.1 MB).
-    """
-    while piece := source.read(1 << 20):
-        target.write(piece)
-        drop_cached(source.fileno(), 0, source.tell())
 
 
 def _padding(header_size_bytes: int) -> int:

@@ -70,12 +70,12 @@ class FloatModel:
 
     def __init__(self, folder: Path, tensors: dict[str, Any], opened_at: float) -> None:
         from streamload.formats.architectures import find_architecture, layer_names
-        from streamload.formats.convert import _sentence_transformers_extras
+        from streamload.formats.model_source import read_sentence_transformers_extras
         from streamload.layer import Layer
 
         hf = json.loads((folder / "config.json").read_text())
         arch = find_architecture(hf)
-        self.config = arch.normalize_config(hf, _sentence_transformers_extras(folder))
+        self.config = arch.normalize_config(hf, read_sentence_transformers_extras(folder))
         names = layer_names(self.config["num_hidden_layers"])
         grouped: list[dict[str, Any]] = [{} for _ in names]
         for source_name, values in tensors.items():

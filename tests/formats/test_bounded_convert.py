@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 from streamload.errors import SourceError, UsageError, WriterStageError
 from streamload.formats import ModelReader, ModelWriter, convert
 from streamload.formats.constants import DType, QuantScheme
+from streamload.formats.page_cache import PageReleasingFile, copy_releasing
 from streamload.formats.quantize import quantize_int8_rows, quantize_row_block
 from streamload.formats.safetensors_source import SafetensorsFile
-from streamload.formats.writer import PageReleasingFile, _copy_releasing
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 FORMATS = Path(__file__).resolve().parents[2] / "formats"
@@ -109,14 +109,14 @@ def test_writer_refuses_rows_that_do_not_fit_the_tensor(tmp_path: Path) -> None:
     w.abort()
 
 
-def _convert_module():  # the module: the package's ``convert`` attribute is the function
-    return sys.modules["streamload.formats.convert"]
+def _streamer_module():  # the module that reads row blocks (imported by the converter)
+    return sys.modules["streamload.formats.tensor_streamer"]
 
 
 def test_one_row_blocks_convert_to_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = write_synthetic_llama(tmp_path / "src", llama_config(num_hidden_layers=2, tie_word_embeddings=True), dtype="float16")
     convert(source, tmp_path / "big-blocks.slm")
-    monkeypatch.setattr(_convert_module(), "ROW_BLOCK_BYTES", 1)  # one row at a time
+    monkeypatch.setattr(_streamer_module(), "ROW_BLOCK_BYTES", 1)  # one row at a time
     convert(source, tmp_path / "one-row.slm")
     assert (tmp_path / "big-blocks.slm").read_bytes() == (tmp_path / "one-row.slm").read_bytes()
 
@@ -127,7 +127,7 @@ def test_conversion_memory_follows_the_row_block_not_the_model(tmp_path: Path, m
     config = llama_config(num_hidden_layers=1, vocab_size=32768, hidden_size=256, intermediate_size=512, tie_word_embeddings=True)
     source = write_synthetic_llama(tmp_path / "src", config, dtype="float16")
     source_bytes = (source / "model.safetensors").stat().st_size
-    monkeypatch.setattr(_convert_module(), "ROW_BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(_streamer_module(), "ROW_BLOCK_BYTES", 64 << 10)
     tracemalloc.start()
     try:
         convert(source, tmp_path / "m.slm", chunk_size_bytes=64 << 10, threads=1)
@@ -236,7 +236,7 @@ def test_the_final_copy_leaves_neither_file_in_the_page_cache(tmp_path: Path) ->
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     target = PageReleasingFile(tmp_path / "target", "wb")
     with target.file, open(source, "rb") as data:
-        _copy_releasing(data, target)
+        copy_releasing(data, target)
         target.release(target.file.tell())
     assert _cached_fraction(source) < 0.1
     assert _cached_fraction(tmp_path / "target") < 0.1

@@ -18,16 +18,15 @@ from streamload.formats.delta import (
     DELTA_ENTRY,
     DELTA_MAGIC,
     DELTA_PREAMBLE,
-    REBASE_MAX_SCALE_RATIO,
     DeltaMethod,
     delta_file_name,
     parse_delta_index,
-    quantize_like,
     read_delta_bases,
     rebuild_chunk,
     write_delta,
 )
 from streamload.formats.quantize import quantize_int8_rows
+from streamload.formats.rebase import REBASE_MAX_SCALE_RATIO, quantize_like
 
 GOLDEN = Path(__file__).parent / "golden"
 GOLDEN_BASE = GOLDEN / "tiny-base.slm"

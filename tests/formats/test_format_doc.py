@@ -57,3 +57,12 @@ def test_the_versions_it_states_are_the_writers() -> None:
 def test_it_holds_no_measurements() -> None:
     """The spec alone: dated benchmark tables live in docs/benchmarks.md."""
     assert re.search(r"20\d\d-\d\d-\d\d", FORMAT_MD) is None and "python tools/" not in FORMAT_MD
+
+
+def test_the_delta_layout_it_states_is_the_constants() -> None:
+    delta = FORMAT_MD[FORMAT_MD.index("## Delta files") :]
+    assert (constants.DELTA_PREAMBLE.size, constants.DELTA_ENTRY.size, constants.DELTA_VERSION) == (56, 64, 1)
+    assert constants.DELTA_MAGIC.hex(" ").upper() in delta and f"version {constants.DELTA_VERSION}" in delta
+    assert "data_offset = align_up(56 + 64 x entry_count, 64)" in delta and constants.delta_data_offset(3) == 256
+    assert constants.MAX_DELTA_ENTRIES == 1 << 24 and "at most 2^24" in delta
+    assert [m.name for m in constants.DeltaMethod] == ["WHOLE", "DIFFERENCE"] and "0 whole, 1 difference" in delta
