@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, SourceError, UsageError
+from ..errors import ConversionInputError, FormatError, UsageError
 from .architectures import ROW_TABLE_LAYER_NAME, Architecture, layer_names
 from .constants import DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_ZSTD_LEVEL, LayerKind, rows_per_chunk
 from .convert_plan import RowTable, SourcePlan, plan_layers, read_source, take_row_table
@@ -84,7 +84,7 @@ def _check_runnable(arch: Architecture, manifest: Manifest) -> None:
     try:
         arch.validate(manifest.config, manifest)
     except FormatError as exc:
-        raise SourceError(f"the converted model would not load: {exc}") from None
+        raise ConversionInputError(f"the converted model would not load: {exc}") from None
 
 
 def _write_step(
@@ -170,7 +170,7 @@ def _check_arguments(quant: str, progressive: bool, calibrator: Calibrator | Non
 def _read_base_scales(base: str | os.PathLike[str] | None, output: str | os.PathLike[str], quant: str) -> BaseScales | None:
     """The base's per-row scales, for an int8 conversion against a base (``convert(base=...)``)."""
     if base is not None and Path(base).resolve() == Path(output).resolve():
-        raise SourceError(f"{output} is the base too: write the new version to another file, the old one stays for its clients")
+        raise ConversionInputError(f"{output} is the base too: write the new version to another file, the old one stays for its clients")
     return BaseScales(base) if base is not None and quant == "int8" else None
 
 
@@ -216,7 +216,7 @@ def convert(
         A ``ConversionReport`` with per-tensor quantization errors.
 
     Raises:
-        SourceError, UnsupportedArchitectureError: the source cannot be converted.
+        ConversionInputError, UnsupportedArchitectureError: the source cannot be converted.
         UsageError: ``quant`` is not one of QUANT_CHOICES, or ``progressive`` without a ``calibrator``.
 
     Example:

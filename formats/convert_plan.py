@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, SourceError
+from ..errors import ConversionInputError, FormatError
 from .architectures import Architecture, find_architecture
 from .model_source import ModelSource, find_source
 from .safetensors_source import FLOAT_DTYPES, SafetensorsCollection
@@ -45,10 +45,10 @@ def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safeten
         canonical.pop(arch.decoder.lm_head, None)  # tied: the head reads the embedding table
     for name, shape in expected.items():
         if name not in canonical:
-            raise SourceError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
+            raise ConversionInputError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
         actual = tuple(tensors.shape_of(canonical[name]))[:: -1 if arch.source_transposed(name) else 1]
         if actual != shape:
-            raise SourceError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
+            raise ConversionInputError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
     for name in sorted(canonical):
         plan[arch.layer_of(name, blocks)].append((canonical[name], name))
     for group in plan:
@@ -68,7 +68,7 @@ def read_source(
     try:
         arch.read_config(config)  # the runtime's bounds, before any work
     except FormatError as exc:
-        raise SourceError(f"config.json: {exc}") from None
+        raise ConversionInputError(f"config.json: {exc}") from None
     return model, arch, config, SafetensorsCollection(model.weights)
 
 
@@ -90,10 +90,10 @@ def plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: Safetens
         canonical.pop(arch.decoder.lm_head, None)  # tied: the head reads the embedding table
     for name, shape in expected.items():
         if name not in canonical:
-            raise SourceError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
+            raise ConversionInputError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
         actual = tuple(tensors.shape_of(canonical[name]))[:: -1 if arch.source_transposed(name) else 1]
         if actual != shape:
-            raise SourceError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
+            raise ConversionInputError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
     for name in sorted(canonical):
         plan[arch.layer_of(name, blocks)].append((canonical[name], name))
     for group in plan:
@@ -107,7 +107,7 @@ def take_row_table(arch: Architecture, plan: SourcePlan) -> tuple[str, str]:
         if entry[1] == arch.row_table:
             plan[0].remove(entry)
             return entry
-    raise SourceError(f"tensor {arch.row_table!r} is missing from the weights")  # pragma: no cover - plan_layers checked it
+    raise ConversionInputError(f"tensor {arch.row_table!r} is missing from the weights")  # pragma: no cover - plan_layers checked it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

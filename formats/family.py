@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import ManifestSchemaError, SourceError
+from ..errors import ConversionInputError, ManifestSchemaError
 from .constants import MAX_STORE_SIZE_BYTES, LayerKind
 from .manifest import Manifest
 
@@ -178,7 +178,7 @@ class Architecture:
         if match:
             index = int(match.group(1))
             if index >= block_count:
-                raise SourceError(f"tensor {name!r} belongs to block {index}, but the config has {block_count} blocks")
+                raise ConversionInputError(f"tensor {name!r} belongs to block {index}, but the config has {block_count} blocks")
             return index + 1
         return block_count + 1
 
@@ -249,7 +249,7 @@ BLOCK_NAME = re.compile(r"^(?:encoder\.layer|model\.layers|transformer\.h)\.(\d+
 def require(config: Mapping[str, Any], key: str, kind: type = int) -> Any:
     value = config.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
-        raise SourceError(f"config.json: {key!r} is missing or invalid ({value!r}); it is needed to convert this model")
+        raise ConversionInputError(f"config.json: {key!r} is missing or invalid ({value!r}); it is needed to convert this model")
     return value
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import SourceError
+from ..errors import ConversionInputError
 from .safetensors_source import SafetensorsCollection
 from .tokenizer_import import read_tokenizer
 
@@ -35,7 +35,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot read {path}: {exc}") from None
+        raise ConversionInputError(f"cannot read {path}: {exc}") from None
 
 
 def read_sentence_transformers_extras(folder: Path) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
     """Locate weights, config and tokenizer for a folder or a single .safetensors file.
 
     Raises:
-        SourceError: with what is missing and how to supply it.
+        ConversionInputError: with what is missing and how to supply it.
     """
     path = Path(path)
     if path.is_dir():
@@ -94,26 +94,26 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise SourceError(f"{index}: no weight_map")
+                raise ConversionInputError(f"{index}: no weight_map")
             weights = tuple(folder / name for name in sorted(set(weight_map.values())))
         elif (folder / "model.safetensors").is_file():
             weights = (folder / "model.safetensors",)
         else:
             weights = tuple(sorted(folder.glob("*.safetensors")))
         if not weights:
-            raise SourceError(
+            raise ConversionInputError(
                 f"{folder} holds no .safetensors weights (model.safetensors or a sharded index); "
                 "convert PyTorch .bin checkpoints to safetensors first"
             )
         for w in weights:
             if not w.is_file():
-                raise SourceError(f"shard {w.name} named by the index is missing from {folder}")
+                raise ConversionInputError(f"shard {w.name} named by the index is missing from {folder}")
     elif path.is_file() and path.suffix == ".safetensors":
         folder, weights = path.parent, (path,)
     elif not path.exists():
-        raise SourceError(f"{path}: no such file or folder (give a Hugging Face model folder or a .safetensors file)")
+        raise ConversionInputError(f"{path}: no such file or folder (give a Hugging Face model folder or a .safetensors file)")
     else:
-        raise SourceError(f"{path} is neither a model folder nor a .safetensors file")
+        raise ConversionInputError(f"{path} is neither a model folder nor a .safetensors file")
     hf_config: Any = None
     if config_path is not None:
         hf_config = _read_json(Path(config_path))
@@ -125,9 +125,9 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
             try:
                 hf_config = json.loads(metadata["config"])
             except ValueError:
-                raise SourceError(f"{weights[0]}: __metadata__.config is not JSON") from None
+                raise ConversionInputError(f"{weights[0]}: __metadata__.config is not JSON") from None
     if not isinstance(hf_config, dict):
-        raise SourceError(f"no config.json for {path}: put it beside the weights or pass --config PATH")
+        raise ConversionInputError(f"no config.json for {path}: put it beside the weights or pass --config PATH")
     return ModelSource(
         weights=weights,
         hf_config=hf_config,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import ConversionInputError
 
 MAX_HEADER_SIZE_BYTES = 100 << 20  # the safetensors reference implementation's cap
 
@@ -51,12 +51,12 @@ class SafetensorsFile:
             with open(self.path, "rb") as f:
                 (header_size,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
                 if not 2 <= header_size <= min(MAX_HEADER_SIZE_BYTES, size - 8):
-                    raise SourceError(f"{self.path}: not a safetensors file (header length {header_size})")
+                    raise ConversionInputError(f"{self.path}: not a safetensors file (header length {header_size})")
                 header = json.loads(f.read(header_size))
         except (OSError, ValueError) as exc:
-            raise SourceError(f"cannot read safetensors file {self.path}: {exc}") from None
+            raise ConversionInputError(f"cannot read safetensors file {self.path}: {exc}") from None
         if not isinstance(header, dict):
-            raise SourceError(f"{self.path}: safetensors header is not a JSON object")
+            raise ConversionInputError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata: Mapping[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_size
         self._data_size = size - self._data_start
@@ -65,11 +65,11 @@ class SafetensorsFile:
             try:
                 dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise SourceError(f"{self.path}: malformed header entry for {name!r}") from None
+                raise ConversionInputError(f"{self.path}: malformed header entry for {name!r}") from None
             if dtype not in _DTYPES:
-                raise SourceError(f"{self.path}: tensor {name!r} has dtype {dtype}, which streamload cannot read")
+                raise ConversionInputError(f"{self.path}: tensor {name!r} has dtype {dtype}, which streamload cannot read")
             if not 0 <= start <= end <= self._data_size or end - start != math.prod(shape) * _DTYPES[dtype].itemsize:
-                raise SourceError(f"{self.path}: tensor {name!r} has inconsistent offsets; the file is damaged")
+                raise ConversionInputError(f"{self.path}: tensor {name!r} has inconsistent offsets; the file is damaged")
             self._entries[name] = (dtype, shape, start, end)
         self._map: np.ndarray | None = None  # mapped on the first ``array`` call
 
@@ -100,7 +100,7 @@ class SafetensorsFile:
         The pages read are dropped from the page cache afterwards. bf16 is widened to float32.
 
         Raises:
-            SourceError: the file is unreadable or shorter than its header says.
+            ConversionInputError: the file is unreadable or shorter than its header says.
         """
         dtype, shape, begin, _ = self._entries[name]
         row_shape = shape[1:]
@@ -114,13 +114,13 @@ class SafetensorsFile:
                 while done < buffer.size and (got := f.readinto(memoryview(buffer)[done:])):
                     done += got
                 if done < buffer.size:
-                    raise SourceError(f"{self.path} ends inside tensor {name!r}; the file is damaged")
+                    raise ConversionInputError(f"{self.path} ends inside tensor {name!r}; the file is damaged")
                 page = mmap.PAGESIZE
                 floor = offset - offset % page  # the page this read shares with the previous one is done with too
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(f.fileno(), floor, offset + buffer.size - floor, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
-            raise SourceError(f"cannot read {self.path}: {exc}") from None
+            raise ConversionInputError(f"cannot read {self.path}: {exc}") from None
         raw = buffer.view(_DTYPES[dtype]).reshape((stop - start, *row_shape) if shape else ())
         return _widened(raw, dtype)
 
@@ -140,7 +140,7 @@ class SafetensorsCollection:
         for f in self.files:
             for name in f.names():
                 if name in self._owner:
-                    raise SourceError(f"tensor {name!r} appears in both {self._owner[name].path.name} and {f.path.name}")
+                    raise ConversionInputError(f"tensor {name!r} appears in both {self._owner[name].path.name} and {f.path.name}")
                 self._owner[name] = f
 
     def names(self) -> list[str]:

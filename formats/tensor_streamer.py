@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..errors import ConversionError, SourceError
+from ..errors import ConversionError, ConversionInputError
 from .constants import DType, QuantScheme
 from .quantize import NO_ERROR, QuantizationReport, int8_row_scales, quantize_row_block
 from .rebase import BaseScales
@@ -111,7 +111,7 @@ class TensorStreamer:
             try:
                 yield quantize_row_block(block)
             except ConversionError as exc:
-                raise SourceError(f"tensor {source_name!r}: {exc}") from None
+                raise ConversionInputError(f"tensor {source_name!r}: {exc}") from None
 
     def scales_of(self, source_name: str, name: str = "") -> np.ndarray:
         """A matrix's int8 scales without quantizing it: the row table's scales go to layer 0, its rows last (with a
@@ -125,7 +125,7 @@ class TensorStreamer:
             try:
                 scales.append(int8_row_scales(block))
             except ConversionError as exc:
-                raise SourceError(f"tensor {source_name!r}: {exc}") from None
+                raise ConversionInputError(f"tensor {source_name!r}: {exc}") from None
         return np.concatenate(scales) if scales else np.zeros(0, np.float32)
 
     def write_tensor(self, writer: ModelWriter, source_name: str, name: str, *, coarse_shift: int | None = None) -> Int8Matrix | None:

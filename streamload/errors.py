@@ -15,13 +15,13 @@
     │   ├── ChunkDecodeError                 a chunk is not exactly one well-formed zstd frame
     │   │   └── ChunkSizeError               a chunk decompresses to other than its declared size
     │   └── ChunkIntegrityError              a chunk's sha256 differs (every retry did)
-    ├── ConversionError (ValueError)         a source model cannot be converted
-    │   ├── SourceError                      the source folder or file is unreadable or inconsistent
+    ├── ConversionError (ValueError)         a model cannot be converted
+    │   ├── ConversionInputError             the model folder or file to convert is unreadable or inconsistent
     │   └── UnsupportedArchitectureError     the model type is not one streamload runs
     ├── FetchError (OSError)                 the network or server failed (after retries)
     │   ├── HTTPStatusError                  an unexpected HTTP status
     │   ├── StalledError                     no progress within the read timeout or rate floor
-    │   ├── SourceChangedError               the file on the server changed mid-download
+    │   ├── FileChangedError                 the file on the server changed mid-download
     │   ├── MalformedResponseError           an answer breaks HTTP's syntax (a header, a redirect's Location)
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
     │       └── UnreachableError             nobody answers at the address (refused, no route, no such host)
@@ -145,8 +145,8 @@ class ConversionError(StreamloadError, ValueError):
     """A source model cannot be converted."""
 
 
-class SourceError(ConversionError):
-    """The source folder or file is missing, unreadable or inconsistent."""
+class ConversionInputError(ConversionError):
+    """The model folder or file to convert is missing, unreadable or inconsistent."""
 
 
 class UnsupportedArchitectureError(ConversionError):
@@ -172,7 +172,7 @@ class StalledError(FetchError):
     """No bytes (or too few) arrived within the read timeout or the minimum-rate window."""
 
 
-class SourceChangedError(FetchError):
+class FileChangedError(FetchError):
     """The file on the server was replaced while it was being downloaded."""
 
 
@@ -248,6 +248,10 @@ class WriterStageError(StreamloadError, RuntimeError):
     """A ``ModelWriter`` method was called in a stage where it cannot run (the caller's bug, not the data's)."""
 
 
+# Names kept for one release after their renames (docs/api.md, "Renamed"): the same classes.
+SourceError = ConversionInputError
+SourceChangedError = FileChangedError
+
 __all__ = [
     "BadMagicError",
     "CacheError",
@@ -256,8 +260,10 @@ __all__ = [
     "ChunkIntegrityError",
     "ChunkSizeError",
     "ConversionError",
+    "ConversionInputError",
     "DigestMismatchError",
     "FetchError",
+    "FileChangedError",
     "FormatError",
     "HTTPStatusError",
     "InvalidURLError",
@@ -276,8 +282,8 @@ __all__ = [
     "SourceError",
     "StalledError",
     "StreamloadError",
-    "UnreachableError",
     "UnknownDTypeError",
+    "UnreachableError",
     "UnsupportedArchitectureError",
     "UnsupportedVersionError",
     "UsageError",

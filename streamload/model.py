@@ -17,7 +17,7 @@ from .download.origin import is_url
 from .download.session import DownloadSession, default_verify_threads
 from .formats import Manifest
 from .layer import Layer
-from .stats import DownloadStats, LayerSpans, Progress
+from .stats import DownloadStats, LayerTimes, Progress
 from .transport.httputil import RetryPolicy, check_headers, check_session
 
 if TYPE_CHECKING:
@@ -99,29 +99,33 @@ class Model:
         """The embedded tokenizer as a ``tokenizers.Tokenizer`` (None when the model has none)."""
         return self._session.tokenizer()
 
-    def layer_spans(self) -> list[LayerSpans]:
+    def layer_times(self) -> list[LayerTimes]:
         """Per layer, when its chunks were received and when they were verified+decompressed+stored
         (``time.perf_counter()`` values; None for layers that came from the cache)."""
-        chunk_spans = self._session.pipeline.chunk_spans if self._session.pipeline is not None else {}
+        chunk_times = self._session.pipeline.chunk_times if self._session.pipeline is not None else {}
         times_by_layer: dict[int, list[tuple[float, ...]]] = {}
         refined_by_layer: dict[int, list[tuple[float, ...]]] = {}
         for chunk in self.manifest.file_order_chunks():  # pass 0, and a progressive layer's refinements apart
-            if chunk.index in chunk_spans:
+            if chunk.index in chunk_times:
                 (refined_by_layer if chunk.pass_index else times_by_layer).setdefault(chunk.layer_index, []).append(
-                    chunk_spans[chunk.index]
+                    chunk_times[chunk.index]
                 )
-        spans = []
+        result = []
         for layer in self.manifest.layers:
             times = times_by_layer.get(layer.index)
             refined = refined_by_layer.get(layer.index)
             refinement = (min(t[0] for t in refined), max(t[3] for t in refined)) if refined else None
             if not times:
-                spans.append(LayerSpans(layer.index, layer.name, None, None, refinement))
+                result.append(LayerTimes(layer.index, layer.name, None, None, refinement))
                 continue
             download = (min(t[0] for t in times), max(t[1] for t in times))
             decompress = (min(t[2] for t in times), max(t[3] for t in times))
-            spans.append(LayerSpans(layer.index, layer.name, download, decompress, refinement))
-        return spans
+            result.append(LayerTimes(layer.index, layer.name, download, decompress, refinement))
+        return result
+
+    def layer_spans(self) -> list[LayerTimes]:
+        """The old name of ``layer_times``, kept for one release (docs/api.md, "Renamed")."""
+        return self.layer_times()
 
     async def layer(self, index: int) -> Layer:
         """Wait for layer ``index`` (moving it to the front of the queue) and return its tensors.

@@ -52,7 +52,7 @@ class DownloadStats:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LayerSpans:
+class LayerTimes:
     """When one layer moved through the pipeline (perf_counter seconds)."""
 
     index: int
@@ -60,3 +60,6 @@ class LayerSpans:
     download: tuple[float, float] | None  # first chunk's receive start, last chunk's receive end
     decompress: tuple[float, float] | None  # first chunk's verify start, last chunk stored
     refinement: tuple[float, float] | None = None  # a progressive layer's refinements: first receive start, last folded
+
+
+LayerSpans = LayerTimes  # the old name, kept for one release (docs/api.md, "Renamed")

@@ -1,4 +1,4 @@
-"""Draw a streamed run as a picture: per layer, download, decompress and compute spans on one time axis."""
+"""Draw a streamed run as a picture: per layer, download, decompress and compute intervals on one time axis."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 
 from .errors import StreamloadError
 from .runtime.timeline import LayerTiming, RowsTiming
-from .stats import LayerSpans
+from .stats import LayerTimes
 
 
 def draw_timeline(
     path: str | os.PathLike[str],
-    spans: Sequence[LayerSpans],
+    layer_times: Sequence[LayerTimes],
     timings: Sequence[LayerTiming],
     started: float,
     *,
@@ -34,15 +34,15 @@ def draw_timeline(
         StreamloadError: matplotlib is not installed (``pip install 'streamload[plot]'``).
     """
     plt = _import_pyplot()
-    rows_count = len(spans)
-    ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in spans if s.download] + [link_floor_s or 0.0]
+    rows_count = len(layer_times)
+    ends = [t.compute_done_s for t in timings] + [s.download[1] - started for s in layer_times if s.download] + [link_floor_s or 0.0]
     visible_s = max(ends, default=1.0) * 0.004  # compute takes milliseconds: draw at least this wide
     figure, axes = plt.subplots(figsize=(10, 1.6 + 0.28 * rows_count), dpi=110)
     # the drawing order is the legend's order (each label once, where it first appears)
-    _draw_layers(axes, spans, timings, started, visible_s)
+    _draw_layers(axes, layer_times, timings, started, visible_s)
     _draw_preview_and_rows(axes, rows_count, preview, rows, visible_s)
     _draw_marks(axes, result_s, preview_s, link_floor_s)
-    _label_axes(axes, spans, title)
+    _label_axes(axes, layer_times, title)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -60,20 +60,20 @@ def _import_pyplot() -> Any:
     return plt
 
 
-def _draw_layers(axes: Any, spans: Sequence[LayerSpans], timings: Sequence[LayerTiming], started: float, visible_s: float) -> None:
+def _draw_layers(axes: Any, layer_times: Sequence[LayerTimes], timings: Sequence[LayerTiming], started: float, visible_s: float) -> None:
     """Per layer: download (and refinements) above, verify + decompress in the middle, compute below."""
     compute = {t.index: t for t in timings}
-    rows_count = len(spans)
-    for span in spans:
-        y = rows_count - 1 - span.index
+    rows_count = len(layer_times)
+    for times in layer_times:
+        y = rows_count - 1 - times.index
         for interval, offset, color, label in (
-            (span.download, 0.25, "#4c78a8", "download"),
-            (span.refinement, 0.25, "#9ecae9", "refinements: download + fold"),
-            (span.decompress, 0.0, "#f58518", "verify + decompress"),
+            (times.download, 0.25, "#4c78a8", "download"),
+            (times.refinement, 0.25, "#9ecae9", "refinements: download + fold"),
+            (times.decompress, 0.0, "#f58518", "verify + decompress"),
         ):
             if interval:  # perf_counter seconds: drawn from the start
                 axes.barh(y + offset, interval[1] - interval[0], left=interval[0] - started, height=0.25, color=color, label=label)
-        timing = compute.get(span.index)
+        timing = compute.get(times.index)
         if timing:
             width = max(timing.compute_done_s - timing.compute_start_s, visible_s)
             axes.barh(y - 0.25, width, left=timing.compute_start_s, height=0.25, color="#54a24b", label="compute")
@@ -109,9 +109,9 @@ def _draw_marks(axes: Any, result_s: float | None, preview_s: float | None, link
         axes.axvline(link_floor_s, color="black", linestyle="--", linewidth=1, label=f"link floor {link_floor_s:.2f} s")
 
 
-def _label_axes(axes: Any, spans: Sequence[LayerSpans], title: str) -> None:
+def _label_axes(axes: Any, layer_times: Sequence[LayerTimes], title: str) -> None:
     """The legend below the plot (each label once), the layer names, the time axis and the title."""
-    rows_count = len(spans)
+    rows_count = len(layer_times)
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes.legend(
@@ -124,7 +124,7 @@ def _label_axes(axes: Any, spans: Sequence[LayerSpans], title: str) -> None:
         frameon=False,
     )
     axes.set_yticks(range(rows_count))
-    axes.set_yticklabels([s.name for s in reversed(spans)], fontsize=8)
+    axes.set_yticklabels([s.name for s in reversed(layer_times)], fontsize=8)
     axes.set_xlabel("seconds from start")
     axes.set_xlim(left=0)
     axes.set_title(title, fontsize=10)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...errors import ManifestSchemaError, SourceError, UnsupportedArchitectureError
+from ...errors import ConversionInputError, ManifestSchemaError, UnsupportedArchitectureError
 from ..constants import MAX_STORE_SIZE_BYTES
 from ..family import COUNT, EPS, POSITIONS, Architecture, Dim, Field, choice, counts, flag, integer, require
 
@@ -22,7 +22,7 @@ def _bert_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, 
     hidden = require(hf, "hidden_size")
     heads = require(hf, "num_attention_heads")
     if hidden % heads:
-        raise SourceError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        raise ConversionInputError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedArchitectureError(
             f"BERT with position_embedding_type={hf['position_embedding_type']!r} is not supported (only 'absolute')"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...errors import ManifestSchemaError, SourceError, UnsupportedArchitectureError
+from ...errors import ConversionInputError, ManifestSchemaError, UnsupportedArchitectureError
 from ..family import (
     EPS,
     MAX_POSITIONS,
@@ -57,7 +57,7 @@ def attention_heads(hf: Mapping[str, Any]) -> tuple[int, int, int]:
     heads = require(hf, "num_attention_heads")
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise SourceError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ConversionInputError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return hidden, heads, kv_heads
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ...errors import SourceError, UnsupportedArchitectureError
+from ...errors import ConversionInputError, UnsupportedArchitectureError
 from ..family import EPS, Architecture, DecoderLayout, Field, require, token_ids
 from .decoders import ATTENTION_KINDS, DECODER_FIELDS, decoder_check, decoder_config, decoder_dims, llama_like, optional_real, rotary_family
 
@@ -47,7 +47,7 @@ def _gpt2_config(hf: Mapping[str, Any], extras: Mapping[str, Any]) -> dict[str, 
     hidden = require(hf, "n_embd")
     heads = require(hf, "n_head")
     if hidden % heads:
-        raise SourceError(f"config.json: n_embd {hidden} is not divisible by n_head {heads}")
+        raise ConversionInputError(f"config.json: n_embd {hidden} is not divisible by n_head {heads}")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedArchitectureError(f"gpt2 activation_function {act!r} is not supported (gelu_new, gelu_pytorch_tanh)")

@@ -209,7 +209,7 @@ def _draw_timeline(args: argparse.Namespace, model: Any, started: float, result:
     floor = out["bytes_downloaded"] / args.link_rate if args.link_rate else None
     draw_timeline(
         args.timeline_png,
-        model.layer_spans(),
+        model.layer_times(),
         result.timeline,
         started,
         rows=result.row_fetches,

@@ -99,7 +99,7 @@ class ChunkPipeline:
         self._bases_stored: set[int] = set()
 
     @property
-    def chunk_spans(self) -> dict[int, tuple[float, float, float, float]]:
+    def chunk_times(self) -> dict[int, tuple[float, float, float, float]]:
         """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter), one tuple shared by a batch."""
         spans: dict[int, tuple[float, float, float, float]] = {}
         for indices, times in list(self._batch_times):

@@ -6,7 +6,7 @@ declines (a 200 with the whole file, an encoded body, TLS it cannot settle) turn
 the fast path off for the model and goes through aiohttp (``aiohttp_source``), as
 does everything on a borrowed aiohttp session. The first response's ETag is kept:
 it is sent as If-Range, and a later response with another ETag means the file was
-replaced on the server (``SourceChangedError``).
+replaced on the server (``FileChangedError``).
 
 Redirects (a model hub sending each download to an object store, an S3 presigned
 URL) are followed here, for both paths alike, with the Range re-sent at each hop.
@@ -30,10 +30,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import (
+    FileChangedError,
     HTTPStatusError,
     MalformedResponseError,
     RetryableError,
-    SourceChangedError,
     UnreachableError,
     redact_urls,
 )
@@ -175,7 +175,7 @@ class HttpSource:
             self.etags[origin] = reader.etag  # the first tag, or its strong form (If-Range needs a strong one)
         elif reader.etag is not None and not reader.etag.startswith("W/") and reader.etag != pinned.removeprefix("W/"):
             reader.close()
-            raise SourceChangedError(
+            raise FileChangedError(
                 f"the file at {self.url} changed on the server during the download (ETag {pinned} -> {reader.etag}); "
                 "what was verified is kept, and a new run fetches the new model"
             )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from streamload.errors import SourceError, UsageError, WriterStageError
+from streamload.errors import ConversionInputError, UsageError, WriterStageError
 from streamload.formats import ModelReader, ModelWriter, convert
 from streamload.formats.constants import DType, QuantScheme
 from streamload.formats.page_cache import PageReleasingFile, copy_releasing
@@ -187,7 +187,7 @@ def test_a_nan_in_the_token_table_is_refused_before_anything_is_written(tmp_path
     arrays = {name: np.array(tensors.array(name)) for name in tensors.names()}
     arrays["model.embed_tokens.weight"][3, 1] = np.nan
     save_file(arrays, str(source / "model.safetensors"))
-    with pytest.raises(SourceError, match=r"tensor 'model\.embed_tokens\.weight': weight has NaN or infinite values"):
+    with pytest.raises(ConversionInputError, match=r"tensor 'model\.embed_tokens\.weight': weight has NaN or infinite values"):
         convert(source, tmp_path / "m.slm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from streamload.formats import ModelReader, SourceError, UnsupportedArchitectureError, convert, summarize_compression
+from streamload.formats import ConversionInputError, ModelReader, UnsupportedArchitectureError, convert, summarize_compression
 from streamload.formats.safetensors_source import SafetensorsCollection
 from tests.support.synthetic import llama_config, write_synthetic_llama
 from tests.support.tensors import read_dequantized
@@ -123,7 +123,7 @@ def test_single_safetensors_file_with_config(tmp_path: Path) -> None:
     lone = tmp_path / "lone"
     lone.mkdir()
     (source / "model.safetensors").rename(lone / "weights.safetensors")
-    with pytest.raises(SourceError, match="pass --config"):
+    with pytest.raises(ConversionInputError, match="pass --config"):
         convert(lone / "weights.safetensors", tmp_path / "m.slm")
     convert(lone / "weights.safetensors", tmp_path / "m.slm", config_path=source / "config.json")
     assert (tmp_path / "m.slm").stat().st_size > 0
@@ -140,10 +140,10 @@ def test_unknown_architecture_lists_supported(tmp_path: Path) -> None:
 def test_config_that_does_not_match_weights(tmp_path: Path) -> None:
     source = write_synthetic_llama(tmp_path / "src", llama_config(num_hidden_layers=1))
     (source / "config.json").write_text(json.dumps(llama_config(num_hidden_layers=2)))
-    with pytest.raises(SourceError, match=r"'model\.layers\.1\.[a-z_.]+' is missing"):
+    with pytest.raises(ConversionInputError, match=r"'model\.layers\.1\.[a-z_.]+' is missing"):
         convert(source, tmp_path / "m.slm")
     (source / "config.json").write_text(json.dumps(llama_config(num_hidden_layers=1, hidden_size=32)))
-    with pytest.raises(SourceError, match="has shape"):
+    with pytest.raises(ConversionInputError, match="has shape"):
         convert(source, tmp_path / "m.slm")
 
 
@@ -158,6 +158,8 @@ def test_quant_none_keeps_float_weights(tmp_path: Path, llama_dir: Path) -> None
 
 def test_converter_refuses_a_config_the_runtime_would_refuse(tmp_path: Path) -> None:
     source = write_synthetic_llama(tmp_path / "src", llama_config(num_hidden_layers=1, max_position_embeddings=10**12))
-    with pytest.raises(SourceError, match=r"max_position_embeddings=1000000000000 is invalid: expected an integer in \[1, 16777216\]"):
+    with pytest.raises(
+        ConversionInputError, match=r"max_position_embeddings=1000000000000 is invalid: expected an integer in \[1, 16777216\]"
+    ):
         convert(source, tmp_path / "m.slm")
     assert not (tmp_path / "m.slm").exists()

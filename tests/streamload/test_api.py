@@ -59,7 +59,7 @@ def test_the_blocking_model_is_a_model_with_every_property(deep_slm: Path, tmp_p
         assert model.digest == model.manifest.digest and model.path.name == model.digest
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
         assert len(model.layer_ready_s) == len(model.manifest.layers) and None not in model.layer_ready_s
-        assert [span.index for span in model.layer_spans()] == list(range(len(model.manifest.layers)))
+        assert [span.index for span in model.layer_times()] == list(range(len(model.manifest.layers)))
         assert model.opened_at > 0 and model.config["architecture"] == "llama"
         assert model.layer(1).name == model.manifest.layers[1].name
 

@@ -153,3 +153,10 @@ async def test_a_pinned_partial_copy_whose_url_serves_another_model_names_the_co
     assert caught.value.cached_digest == digest
     assert f"remove the cached copy of {digest[:12]}" in str(caught.value) and "streamload rm" not in str(caught.value)
     assert command_hint(caught.value) == f" (`streamload rm {digest[:12]}`)"
+
+
+def test_renamed_errors_keep_their_old_names_for_one_release() -> None:
+    assert streamload.errors.SourceError is streamload.errors.ConversionInputError
+    assert streamload.errors.SourceChangedError is streamload.errors.FileChangedError
+    drawn = streamload.errors.__doc__ or ""
+    assert "ConversionInputError" in drawn and "FileChangedError" in drawn and "SourceError" not in drawn

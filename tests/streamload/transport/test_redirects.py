@@ -122,12 +122,12 @@ def test_a_weak_etag_then_its_strong_form_is_the_same_file() -> None:
     """Apache tags a file modified in the last second weakly, later strongly: the same file, not a replaced one."""
     from types import SimpleNamespace
 
-    from streamload.errors import SourceChangedError
+    from streamload.errors import FileChangedError
     from streamload.transport.http_source import HttpSource
 
     source = HttpSource("http://127.0.0.1:1/m.slm", streamload.RetryPolicy())
     for tag in ('W/"a"', '"a"', '"a"', 'W/"other"', None):
         source._check_identity(SimpleNamespace(etag=tag, close=lambda: None))  # type: ignore[arg-type]
     assert source.etags == {"http://127.0.0.1:1": '"a"'}  # the strong form, for If-Range
-    with pytest.raises(SourceChangedError, match=r'ETag "a" -> "b"'):
+    with pytest.raises(FileChangedError, match=r'ETag "a" -> "b"'):
         source._check_identity(SimpleNamespace(etag='"b"', close=lambda: None))  # type: ignore[arg-type]
