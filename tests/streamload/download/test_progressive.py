@@ -19,9 +19,9 @@ from streamload.formats.quantize import coarse_levels
 from streamload.runtime import run, run_progressive
 from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
 
 

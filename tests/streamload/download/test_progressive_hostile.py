@@ -22,9 +22,8 @@ from streamload.formats.constants import REFINEMENT_PASS
 from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory, serve_files
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.mark.parametrize("chunk_size_bytes", [1 << 20, 16 << 10])

@@ -15,9 +15,9 @@ import streamload
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
 from streamload.runtime import run, run_progressive
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 
 

@@ -23,9 +23,8 @@ from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import bert, llama, ops, run
 from streamload.runtime import timeline as timeline_module
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
