@@ -229,9 +229,8 @@ def test_inspect_of_a_url_nobody_answers_at_shows_its_cached_header(www: Path, t
         url = server.url("minilm.slm")
         assert streamload_cli("fetch", url, "-q", cache=tmp_path).returncode == 0
         online = streamload_cli("inspect", url, "--json", "--cache-dir", str(tmp_path))
-    started = time.monotonic()
     offline = streamload_cli("inspect", url, "--json", "--cache-dir", str(tmp_path))
-    assert offline.returncode == 0 and time.monotonic() - started < 3, offline.stderr
+    assert offline.returncode == 0 and "retrying in" not in offline.stderr, offline.stderr  # no rounds of retries
     assert json.loads(offline.stdout) == json.loads(online.stdout)
     assert offline.stderr.count("\n") == 1 and "showing the cached copy sha256:" in offline.stderr, offline.stderr
     elsewhere = streamload_cli("inspect", url.replace("minilm", "other"), "--cache-dir", str(tmp_path), timeout_s=60)
