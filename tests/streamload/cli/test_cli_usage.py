@@ -10,7 +10,6 @@ import pty
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import streamload
 from streamload.cache import JOURNAL_NAME, JOURNAL_RECORD
 from streamload.cli.stream import DECODER_DEFAULTS, check_run_options
 from streamload.formats import ModelReader
-from tests.support.cli import STREAMLOAD, assert_one_line_error, streamload_cli
+from tests.support.cli import STREAMLOAD, assert_one_line_error, read_terminal, streamload_cli
 from tests.support.ports import wait_for_port
 from tests.support.serving import ServerThread, serve_directory
 
@@ -305,16 +304,7 @@ def run_on_a_terminal(args: list[str], cache: Path | None = None) -> tuple[int, 
     env = dict(os.environ, **({"STREAMLOAD_CACHE": str(cache)} if cache else {}))
     process = subprocess.Popen([STREAMLOAD, *args], stdout=subprocess.PIPE, stderr=terminal, text=True, env=env)
     os.close(terminal)
-    seen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            data = os.read(controller, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        seen += data
+    seen = b"".join(data for _, data in read_terminal(controller, process))
     os.close(controller)
     stdout = process.stdout.read() if process.stdout else ""
     return process.wait(10), stdout, seen.decode(errors="replace")
