@@ -57,6 +57,18 @@ class Clients:
     async def _one(self) -> None:
         raise NotImplementedError
 
+    async def _connect(self, sock: socket.socket) -> bool:
+        """Connect ``sock`` (non-blocking) and send the request; False, after a short pause, when that failed."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", self.port))
+            await loop.sock_sendall(sock, self.request)
+        except OSError:
+            await asyncio.sleep(0.05)
+            return False
+        self.connects += 1
+        return True
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Self]:
         async with asyncio.TaskGroup() as group:
@@ -72,17 +84,11 @@ class NonReaders(Clients):
     """Clients that each send a GET, never read a byte, and reconnect as soon as they are dropped."""
 
     async def _one(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             with socket.socket() as sock:
                 sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, ("127.0.0.1", self.port))
-                    await loop.sock_sendall(sock, self.request)
-                except OSError:
-                    await asyncio.sleep(0.05)
+                if not await self._connect(sock):
                     continue
-                self.connects += 1
                 hangup = select.poll()  # notices a reset or close without reading anything
                 hangup.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
                 while not self._stop.is_set() and not hangup.poll(0):
@@ -266,19 +272,13 @@ class SteadySlowReaders(Clients):
         self.reading = 0
 
     async def _one(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 10)
                 sock.bind((self.source, 0))
                 sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, ("127.0.0.1", self.port))
-                    await loop.sock_sendall(sock, self.request)
-                except OSError:
-                    await asyncio.sleep(0.05)
+                if not await self._connect(sock):
                     continue
-                self.connects += 1
                 first = True
                 while not self._stop.is_set():
                     try:
