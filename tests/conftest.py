@@ -1,4 +1,7 @@
-"""Shared fixtures: real model sources (MiniLM from its package, synthetic Llama), their .slm files, a served directory."""
+"""Shared fixtures: real model sources (MiniLM from its package, synthetic Llama), their .slm files, a served directory.
+
+Each calibrated (``--progressive``) conversion is a session fixture of its own, made once and only for the tests that
+take it; ``www`` and ``server`` hold none."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import convert
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
@@ -38,6 +42,15 @@ def minilm_progressive_slm(tmp_path_factory: pytest.TempPathFactory, minilm_dir:
     """all-MiniLM-L6-v2 converted with --progressive (calibrated coarse planes, then refinements)."""
     out = tmp_path_factory.mktemp("minilm-p") / "minilm-p.slm"
     convert(minilm_dir, out, progressive=True, calibrator=CalibratedShifts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_progressive_slm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/fixtures/llama-tiny converted with --progressive in 16 KiB chunks (several a layer), alone in its folder
+    (to serve it): read-only, a test that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("tiny-p") / "tiny-p.slm"
+    convert(FIXTURES / "llama-tiny", out, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     return out
 
 

@@ -72,7 +72,7 @@ def measure_parse(path: Path, data_size_bytes: int | None) -> tuple[str, float, 
     return outcome, seconds, growth_bytes
 
 
-def test_bomb_in_an_unknown_root_key_is_refused_fast_with_bounded_memory(tmp_path: Path) -> None:
+def test_bomb_in_an_unknown_root_key_is_refused_with_bounded_memory(tmp_path: Path) -> None:
     manifest, _ = split_file(GOLDEN)
     encoded = msgpack.packb(manifest, use_bin_type=True)
     room = MAX_MANIFEST_SIZE_BYTES - len(encoded) - 32
@@ -81,8 +81,7 @@ def test_bomb_in_an_unknown_root_key_is_refused_fast_with_bounded_memory(tmp_pat
     (tmp_path / "bomb.msgpack").write_bytes(bomb)
     outcome, seconds, growth_bytes = measure_parse(tmp_path / "bomb.msgpack", None)
     assert outcome.startswith("ManifestSchemaError: manifest root: unknown key 'future' holds"), outcome
-    assert seconds < 3.0  # a skip over 64 MiB; decoding it took 5.7 s and 4.8 GB
-    assert growth_bytes < len(bomb) // 2, growth_bytes
+    assert growth_bytes < len(bomb) // 2, growth_bytes  # skipped, not decoded: decoding it took 4.8 GB (and 5.7 s)
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +19,9 @@ import numpy as np
 import pytest
 
 import streamload
-from streamload.cache import ModelCache
 from streamload.formats import ModelReader
 from streamload.runtime import run
-from tests.support.checks import assert_cache_exact, journal_count, start_host_or_skip, start_link
+from tests.support.checks import assert_cache_exact, kill_fetch_once_journaled, start_host_or_skip, start_link
 from tests.support.hosts import HOSTS, RANGES, Host, HostMissing, public_directory, start_edge
 from tests.support.relay import CountingRelay
 
@@ -83,17 +80,10 @@ def test_a_fetch_killed_midway_resumes_from_the_host(host: Host, tmp_path: Path,
     cache = tmp_path / "cache"
     link, link_port = start_link(host.port, rate_mbit=size * 8 / 1e6 / 3.0, rtt_ms=20)  # the whole file in ~3 s
     try:
-        command = [sys.executable, "-m", "streamload.cli", "fetch", f"http://127.0.0.1:{link_port}/deep.slm", "--cache-dir", str(cache)]
-        process = subprocess.Popen([*command, "--quiet"])
-        deadline = time.monotonic() + 30
-        while journal_count(cache) == 0 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        done = kill_fetch_once_journaled(f"http://127.0.0.1:{link_port}/deep.slm", cache, digest, len(chunks))
     finally:
         link.terminate()
         link.wait()
-    done = ModelCache(cache, digest).read_journal(len(chunks))
     assert 0 < len(done) < len(chunks), f"the kill must land mid-download (journal {sorted(done)})"
     argv = [sys.executable, "-m", "streamload.cli", "fetch", host.url("deep.slm"), "--cache-dir", str(cache), "--json"]
     report = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import aiohttp
 import pytest
 
 import streamload
+from streamload.cache import ModelCache
 from tests.support.hosts import Host, HostMissing, start_host
 from tests.support.ports import free_port, wait_for_port
 from tools._support.caches import assert_cache_exact, assert_layers_equal_file, journal_count
@@ -22,6 +25,7 @@ __all__ = [
     "assert_cache_exact",
     "assert_layers_equal_file",
     "journal_count",
+    "kill_fetch_once_journaled",
     "open_via",
     "start_cli_server",
     "start_host_or_skip",
@@ -86,6 +90,19 @@ def start_link(target_port: int, rate_mbit: float, rtt_ms: float) -> tuple[subpr
         process.wait()
         raise
     return process, port
+
+
+def kill_fetch_once_journaled(url: str, cache: Path, digest: str, chunk_count: int) -> dict[int, int]:
+    """``streamload fetch URL --quiet`` in its own process, killed (SIGKILL) once the model's journal names a chunk, or
+    when 30 s passed or it ended by itself: what the journal holds then (chunk index -> hash of its stored bytes)."""
+    process = subprocess.Popen([sys.executable, "-m", "streamload.cli", "fetch", url, "--cache-dir", str(cache), "--quiet"])
+    model_cache = ModelCache(cache, digest)
+    deadline = time.monotonic() + 30
+    while not model_cache.read_journal(chunk_count) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return model_cache.read_journal(chunk_count)
 
 
 def start_host_or_skip(kind: str, work: Path, root: Path, **options: bool) -> Host:

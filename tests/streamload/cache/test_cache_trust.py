@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,10 +136,9 @@ async def test_a_complete_copy_is_used_at_once_when_the_server_is_down(www: Path
         port = running.port
         await fill_cache(running.url("deep.slm"), tmp_path)
     caplog.set_level(logging.WARNING, logger="streamload")
-    started = time.perf_counter()
     async with streamload.open(f"http://127.0.0.1:{port}/deep.slm", cache_dir=tmp_path) as model:  # default retry policy
         await model.layer(1)
-    assert time.perf_counter() - started < 2.0  # no rounds of retries against a refused connection
+    assert not [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]  # no rounds against a refused connection
     lines = [r.getMessage() for r in caplog.records if "using the cached copy" in r.getMessage()]
     assert len(lines) == 1 and f"cannot connect to 127.0.0.1:{port} (Connection refused)" in lines[0]
     assert "ssl:default" not in lines[0]

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from streamload.api import StreamingDetokenizer, apply_chat_template
 from streamload.formats import ModelReader, convert
+from tests.support.cli import read_terminal
 from tests.support.synthetic import llama_config, write_synthetic_llama
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")
@@ -102,28 +101,15 @@ def test_run_prints_each_token_as_it_is_generated(chat_slm: Path, tmp_path: Path
         "--no-finish",
     ]
     controller, terminal = pty.openpty()
-    started = time.perf_counter()
     process = subprocess.Popen([STREAMLOAD, *args], stdout=terminal, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     os.close(terminal)
-    arrivals: list[tuple[float, bool, bytes]] = []  # (seconds, process still running, bytes)
-    while True:
-        readable, _, _ = select.select([controller], [], [], 0.05)
-        if readable:
-            try:
-                data = os.read(controller, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            arrivals.append((time.perf_counter() - started, process.poll() is None, data))
-        elif process.poll() is not None:
-            break
+    arrivals = list(read_terminal(controller, process))  # (process still running, bytes)
     process.wait(timeout=60)
     os.close(controller)
     assert process.returncode == 0, process.stderr.read() if process.stderr else ""
-    assert arrivals and arrivals[0][1], "the first token appeared only once the process had ended"
+    assert arrivals and arrivals[0][0], "the first token appeared only once the process had ended"
     assert len(arrivals) >= 5, f"the text came in {len(arrivals)} writes: printed at the end, not as generated"
-    printed = b"".join(data for _, _, data in arrivals).decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
+    printed = b"".join(data for _, data in arrivals).decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
     whole = json.loads(run_cli(*args, "--json").stdout)
     assert printed == whole["text"]
     assert len(whole["generated_ids"]) > 20

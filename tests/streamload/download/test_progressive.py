@@ -19,9 +19,10 @@ from streamload.formats.quantize import coarse_levels
 from streamload.runtime import run, run_progressive
 from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
+from tests.support.paths import FIXTURES
+from tests.support.previews import assert_preview_then_exact
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 SENTENCE = "Streaming lets a phone start computing before the download ends."
 
 
@@ -171,18 +172,7 @@ async def test_a_decoder_previews_its_first_token_then_generates_exactly(llama_d
     progressive = tmp_path / "www" / "llama-p.slm"
     progressive.parent.mkdir()
     convert(llama_dir, progressive, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
-    prompt = [1, 17, 300, 45, 99, 4]
-    with serve_directory(progressive.parent, rate_bytes_per_s=progressive.stat().st_size / 1.5) as server:  # refinements still due
-        async with streamload.open(server.url("llama-p.slm"), cache_dir=tmp_path / "p") as model:
-            results = [r async for r in run_progressive(model, ids=prompt, max_new_tokens=4)]
-    async with streamload.open(llama_slm, cache_dir=tmp_path / "plain") as model:
-        plain = await run(model, ids=prompt, max_new_tokens=4)
-    preview, exact = results
-    assert (preview.precision, exact.precision) == ("coarse", "exact")
-    assert exact.generated_ids == plain.generated_ids
-    np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
-    a, b = preview.first_token_logits, exact.first_token_logits
-    assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
+    await assert_preview_then_exact(progressive, llama_slm, [1, 17, 300, 45, 99, 4], tmp_path)
 
 
 async def test_a_refinement_whose_coarse_chunk_fails_its_hash_is_fetched_again_after_it(progressive_www: Path, tmp_path: Path) -> None:

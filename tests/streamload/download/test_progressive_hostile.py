@@ -22,21 +22,21 @@ from streamload.formats.constants import REFINEMENT_PASS
 from tests.support.checks import assert_cache_exact
 from tests.support.faulty import Faults, faulty_app
 from tests.support.mutate import join_file, split_file
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory, serve_files
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 @pytest.mark.parametrize("chunk_size_bytes", [1 << 20, 16 << 10])
-async def test_a_small_progressive_file_without_range_completes(tmp_path: Path, chunk_size_bytes: int) -> None:
+async def test_a_small_progressive_file_without_range_completes(tiny_progressive_slm: Path, tmp_path: Path, chunk_size_bytes: int) -> None:
     """The whole file is one span, small enough that a refinement shares a batch with the coarse chunk under it: the
     batch's coarse chunks are stored before its refinements are folded, not waited for by the thread holding them."""
-    www = tmp_path / "www"
-    www.mkdir()
-    path = www / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=chunk_size_bytes, progressive=True, calibrator=CalibratedShifts)
-    with serve_directory(www, ranges_enabled=False) as server:
-        async with streamload.open(server.url("tiny-p.slm"), cache_dir=tmp_path / "cache") as model:
+    path = tiny_progressive_slm  # in 16 KiB chunks
+    if chunk_size_bytes != 16 << 10:  # one chunk a layer: converted for this case alone
+        path = tmp_path / "www" / "tiny-p.slm"
+        path.parent.mkdir()
+        convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=chunk_size_bytes, progressive=True, calibrator=CalibratedShifts)
+    with serve_directory(path.parent, ranges_enabled=False) as server:
+        async with streamload.open(server.url(path.name), cache_dir=tmp_path / "cache") as model:
             await asyncio.wait_for(model.wait_complete(), 60)
     assert_cache_exact(tmp_path / "cache", path)
 
@@ -83,10 +83,8 @@ async def test_a_refinement_before_its_coarse_chunk_is_refused_without_range(ref
                 await asyncio.wait_for(model.wait_complete(), 60)
 
 
-def test_the_converter_writes_every_refinement_after_its_coarse_chunks(tmp_path: Path) -> None:
-    path = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
-    with ModelReader(path) as reader:  # the reader's check passes on the converter's own file
+def test_the_converter_writes_every_refinement_after_its_coarse_chunks(tiny_progressive_slm: Path) -> None:
+    with ModelReader(tiny_progressive_slm) as reader:  # the reader's check passes on the converter's own file
         assert reader.manifest.refinement_chunks and not reader.verify()
 
 
@@ -147,12 +145,11 @@ def replace_chunk(data: bytes, moved: int, raw: bytes) -> bytes:
     return join_file(manifest, b"".join(pieces))
 
 
-async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tmp_path: Path) -> None:
+async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tiny_progressive_slm: Path, tmp_path: Path) -> None:
     """A hostile file (every sha256 right) whose refinement is no refinement of its coarse levels: folding it twice
     gives other bytes than folding it once. After a kill between the fold and its journal record, the next run finds
     the coarse chunk under it changed, fetches it again and folds once: the exact layer is the reader's."""
-    plain = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", plain, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
+    plain = tiny_progressive_slm
     with ModelReader(plain) as reader:
         refinement = reader.manifest.refinement_chunks[0]
         position = [c.index for c in reader.manifest.file_order_chunks()].index(refinement.index)
@@ -170,11 +167,10 @@ async def test_a_refinement_folded_before_a_kill_is_never_folded_twice(tmp_path:
             np.testing.assert_array_equal(layer[name], values)
 
 
-async def test_a_coarse_chunk_failing_its_hash_in_its_refinements_batch_sends_both_back(tmp_path: Path) -> None:
+async def test_a_coarse_chunk_failing_its_hash_in_its_refinements_batch_sends_both_back(tiny_progressive_slm: Path, tmp_path: Path) -> None:
     """Without Range, a small file's refinement shares a batch with the coarse chunk under it; when that one fails its
     sha256 the refinement is refused with it (not folded onto the bytes that are not there) and both come again."""
-    path = tmp_path / "tiny-p.slm"
-    convert(FIXTURES / "llama-tiny", path, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
+    path = tiny_progressive_slm
     with ModelReader(path) as reader:
         refinement = reader.manifest.refinement_chunks[0]
         base = next(c for c in reader.manifest.chunks if c.raw_offset <= refinement.raw_offset < c.raw_end)

@@ -4,6 +4,7 @@ rest fetched; every copied chunk checked. Tiny Llama versions made by perturbing
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,30 +146,30 @@ def test_a_missing_delta_file_falls_back_to_whole_chunks(delta_www: dict[str, Pa
     assert_cache_exact(cache, delta_www["ft"])
 
 
-def test_a_damaged_delta_frame_falls_back_for_its_chunk(delta_www: dict[str, Path], tmp_path: Path) -> None:
+def fetch_with_a_damaged_delta(delta_www: dict[str, Path], tmp_path: Path, position: int, flip: int) -> dict:
+    """``fetch --json`` of v1, then of the fine-tune, from a copy whose delta file has byte ``position`` XORed with
+    ``flip``: the fine-tune's report (the cache is ``tmp_path / "cache"``)."""
     www = served_copy([delta_www["v1"], delta_www["ft"], delta_www["delta"]], tmp_path / "www")
     damaged = bytearray((www / delta_www["delta"].name).read_bytes())
-    damaged[-3] ^= 0x55  # inside the last frame: its chunk rebuilds wrong (or does not decode), so it is fetched whole
+    damaged[position] ^= flip
     (www / delta_www["delta"].name).write_bytes(bytes(damaged))
-    cache = tmp_path / "cache"
     with serve_directory(www) as server:
-        fetch_json(server.url("v1.slm"), cache)
-        report = fetch_json(server.url("ft.slm"), cache)
+        fetch_json(server.url("v1.slm"), tmp_path / "cache")
+        return fetch_json(server.url("ft.slm"), tmp_path / "cache")
+
+
+def test_a_damaged_delta_frame_falls_back_for_its_chunk(delta_www: dict[str, Path], tmp_path: Path) -> None:
+    # inside the last frame: its chunk rebuilds wrong (or does not decode), so it is fetched whole
+    report = fetch_with_a_damaged_delta(delta_www, tmp_path, -3, 0x55)
     assert report["chunks_whole"] == 1 and report["chunks_delta"] == report["chunks_total"] - 1
-    assert_cache_exact(cache, delta_www["ft"])
+    assert_cache_exact(tmp_path / "cache", delta_www["ft"])
 
 
 def test_a_damaged_delta_index_is_refused_whole(delta_www: dict[str, Path], tmp_path: Path) -> None:
-    www = served_copy([delta_www["v1"], delta_www["ft"], delta_www["delta"]], tmp_path / "www")
-    damaged = bytearray((www / delta_www["delta"].name).read_bytes())
-    damaged[100] ^= 0x01  # in the first entry: the index's sha256 no longer matches the manifest's
-    (www / delta_www["delta"].name).write_bytes(bytes(damaged))
-    cache = tmp_path / "cache"
-    with serve_directory(www) as server:
-        fetch_json(server.url("v1.slm"), cache)
-        report = fetch_json(server.url("ft.slm"), cache)
+    # in the first entry: the index's sha256 no longer matches the manifest's
+    report = fetch_with_a_damaged_delta(delta_www, tmp_path, 100, 0x01)
     assert report["chunks_delta"] == 0 and report["chunks_whole"] == report["chunks_total"]
-    assert_cache_exact(cache, delta_www["ft"])
+    assert_cache_exact(tmp_path / "cache", delta_www["ft"])
 
 
 def test_a_client_holding_another_version_fetches_as_before(delta_www: dict[str, Path], tmp_path: Path) -> None:
@@ -188,10 +189,7 @@ def test_a_client_holding_another_version_fetches_as_before(delta_www: dict[str,
 def test_a_fetch_killed_during_its_delta_resumes(delta_www: dict[str, Path], tmp_path: Path) -> None:
     """``streamload fetch`` of the fine-tune through a link slow enough that its delta takes ~4 s, killed (SIGKILL)
     once it has journaled rebuilt chunks; the next fetch rebuilds only the rest, and the cache is exact."""
-    import signal
-    import time
-
-    from tests.support.checks import start_link
+    from tests.support.checks import kill_fetch_once_journaled, start_link
 
     cache = tmp_path / "cache"
     with ModelReader(delta_www["ft"]) as reader:
@@ -200,17 +198,10 @@ def test_a_fetch_killed_during_its_delta_resumes(delta_www: dict[str, Path], tmp
         fetch_json(server.url("v1.slm"), cache)
         link, port = start_link(server.port, rate_mbit=delta_www["delta"].stat().st_size * 8 / 1e6 / 4.0, rtt_ms=20)
         try:
-            argv = [sys.executable, "-m", "streamload.cli", "fetch", f"http://127.0.0.1:{port}/ft.slm", "--cache-dir", str(cache), "-q"]
-            process = subprocess.Popen(argv)
-            deadline = time.monotonic() + 30
-            while not ModelCache(cache, digest).read_journal(total) and time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.01)
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+            done = kill_fetch_once_journaled(f"http://127.0.0.1:{port}/ft.slm", cache, digest, total)
         finally:
             link.terminate()
             link.wait()
-        done = ModelCache(cache, digest).read_journal(total)
         assert 0 < len(done) < total, f"the kill must land while the delta is read ({len(done)} of {total} journaled)"
         report = fetch_json(server.url("ft.slm"), cache)
     assert report["chunks_cached"] == len(done) and report["chunks_delta"] == total - len(done) and report["chunks_whole"] == 0
@@ -263,12 +254,12 @@ async def test_layers_become_ready_in_order_while_the_delta_streams(delta_www: d
     assert_cache_exact(cache, delta_www["ft"])
 
 
-def test_a_progressive_update_leaves_its_progressive_chunks_to_the_model_file(tmp_path: Path) -> None:
+def test_a_progressive_update_leaves_its_progressive_chunks_to_the_model_file(tiny_progressive_slm: Path, tmp_path: Path) -> None:
     """Progressive tensors' chunks (coarse levels and refinements) get no delta entry: they come whole; the rest from
     the delta; the result is exact."""
     www = tmp_path / "www"
     www.mkdir()
-    convert(TINY_LLAMA, www / "v1.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True, calibrator=CalibratedShifts)
+    shutil.copyfile(tiny_progressive_slm, www / "v1.slm")  # TINY_LLAMA, --progressive, in chunks of CHUNK_BYTES
     finetune = write_version(TINY_LLAMA, tmp_path / "ft", move=0.02)
     report = convert(
         finetune, www / "ft.slm", chunk_size_bytes=CHUNK_BYTES, progressive=True, calibrator=CalibratedShifts, base=www / "v1.slm"

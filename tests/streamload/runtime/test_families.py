@@ -14,10 +14,11 @@ import pytest
 import streamload
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
-from streamload.runtime import run, run_progressive
+from streamload.runtime import run
+from tests.support.paths import FIXTURES
+from tests.support.previews import assert_preview_then_exact
 from tests.support.serving import ServerThread, serve_directory
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 FAMILIES = ("qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
 
 
@@ -104,19 +105,7 @@ async def test_progressive_preview_then_exact(family: str, served: ServerThread,
     progressive.parent.mkdir()
     convert(FIXTURES / f"{family}-tiny", progressive, chunk_size_bytes=16 << 10, progressive=True, calibrator=CalibratedShifts)
     meta, _ = references(family)
-    prompt = meta["prompts"][1]
-    with serve_directory(progressive.parent, rate_bytes_per_s=progressive.stat().st_size / 1.5) as server:  # refinements still due
-        async with streamload.open(server.url(progressive.name), cache_dir=tmp_path / "p") as model:
-            assert model.progressive
-            results = [r async for r in run_progressive(model, ids=prompt, max_new_tokens=4)]
-    async with streamload.open(served.url(f"{family}.slm"), cache_dir=tmp_path / "plain") as model:
-        plain = await run(model, ids=prompt, max_new_tokens=4)
-    preview, exact = results
-    assert (preview.precision, exact.precision) == ("coarse", "exact")
-    assert exact.generated_ids == plain.generated_ids
-    np.testing.assert_allclose(exact.first_token_logits, plain.first_token_logits, rtol=0, atol=1e-6)
-    a, b = preview.first_token_logits, exact.first_token_logits
-    assert 0.9 < float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) < 1.0  # close, and really computed on other weights
+    await assert_preview_then_exact(progressive, served.url(f"{family}.slm"), meta["prompts"][1], tmp_path)
 
 
 def test_gpt2_hub_names_without_prefix_and_mask_buffers_convert_the_same(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from streamload.runtime.memory import (
     read_cgroup_memory_limit,
     resolve_memory_budget,
 )
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread
 
 STREAMLOAD = str(Path(sys.executable).parent / "streamload")
@@ -234,7 +235,7 @@ async def test_every_decoder_family_streams_every_block_under_the_smallest_budge
     from streamload.formats import convert
 
     path = tmp_path / f"{family}.slm"
-    convert(Path(__file__).resolve().parents[2] / "fixtures" / f"{family}-tiny", path, chunk_size_bytes=16 << 10)
+    convert(FIXTURES / f"{family}-tiny", path, chunk_size_bytes=16 << 10)
     prompt = [3, 17, 42, 7, 99, 5, 11, 250, 31, 64, 8, 2]  # past the fixtures' 8-token sliding windows
     async with streamload.open(path, cache_dir=tmp_path / "cache") as model:
         free = await run(model, ids=prompt, max_new_tokens=12, memory_budget_bytes=None)

@@ -24,9 +24,8 @@ from streamload.formats.quantize import quantize_int8_rows
 from streamload.runtime import bert, decoder, llama, ops, run
 from streamload.runtime import timeline as timeline_module
 from streamload.runtime.ops import matmul
+from tests.support.paths import FIXTURES
 from tests.support.serving import ServerThread, serve_directory
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

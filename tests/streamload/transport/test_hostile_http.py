@@ -28,6 +28,7 @@ from streamload.formats.entries import TokenizerBlob
 from streamload.tokenizer import load_tokenizer
 from streamload.transport.httputil import RetryPolicy, check_url, parse_content_range, parse_decimal, parse_etag, parse_retry_after
 from tests.support.cli import STREAMLOAD, streamload_cli
+from tests.support.paths import ROOT
 
 FAST = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, connect_timeout_s=5.0, stall_timeout_s=5.0)
 TRANSPORTS = ["socket", "aiohttp"]  # the threaded socket path (no session) and aiohttp's (a borrowed plain session)
@@ -365,8 +366,7 @@ def test_cli_run_checks_the_files_it_writes_before_the_run(option: str, server: 
 
 def test_the_docs_say_how_to_install_the_plot_extra_from_a_source_checkout() -> None:
     """There is no streamload package on the index: the plot extra comes from the checkout (``pip install -e '.[plot]'``)."""
-    root = Path(__file__).parents[3]
-    texts = [path.read_text() for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]]
+    texts = [path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
     assert not any("pip install 'streamload[plot]'" in text for text in texts)
     assert any("pip install -e '.[plot]'" in text for text in texts)
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -162,10 +161,8 @@ async def test_a_stalled_body_times_out() -> None:
     async with scripted(Script(head_206(0, 4096), [BODY[:1000], None])) as url:
         stream = await open_range(url, 0, 4096, read_timeout_s=0.3)
         try:
-            started = time.perf_counter()
-            with pytest.raises(StalledError):
-                await asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096)))
-            assert time.perf_counter() - started < 5
+            with pytest.raises(StalledError):  # a hang would end in wait_for's TimeoutError instead
+                await asyncio.wait_for(asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096))), 60)
         finally:
             stream.close()
 
@@ -187,11 +184,10 @@ async def test_abort_wakes_a_reader_blocked_on_a_stalled_body_at_once() -> None:
         reader.start()
         await asyncio.to_thread(blocked.wait)
         await asyncio.sleep(0.2)  # the reader is inside recv now, 30 s from its timeout
-        started = time.perf_counter()
         stream.abort()
-        await asyncio.to_thread(reader.join, 5)
+        await asyncio.to_thread(reader.join, 15)  # a guard, well inside the 30 s the read timeout would take
         stream.close()
-    assert not reader.is_alive() and time.perf_counter() - started < 2
+    assert not reader.is_alive()
     assert len(failure) == 1 and "mid-body" in str(failure[0])
 
 
@@ -201,10 +197,8 @@ async def test_a_body_that_trickles_below_the_minimum_rate_is_stalled() -> None:
     async with scripted(Script(head_206(0, 4096), pieces)) as url:
         stream = await open_range(url, 0, 4096, read_timeout_s=5.0, min_rate_bytes_per_s=100.0, rate_window_s=0.5)
         try:
-            started = time.perf_counter()
-            with pytest.raises(StalledError, match="minimum rate"):
+            with pytest.raises(StalledError, match="minimum rate"):  # not the end of the 3 s trickle, which is mid-body
                 await asyncio.to_thread(stream.read_into, 0, memoryview(bytearray(4096)))
-            assert time.perf_counter() - started < 2
         finally:
             stream.close()
 
@@ -223,7 +217,5 @@ async def test_a_response_head_that_trickles_in_hits_the_header_deadline() -> No
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     async with server:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m.slm"
-        started = time.perf_counter()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="no complete response head within 0.6 s"):  # not the 5 s read timeout
             await open_range(url, 0, 10, read_timeout_s=5.0, header_timeout_s=0.6)
-        assert time.perf_counter() - started < 3
