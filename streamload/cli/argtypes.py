@@ -45,7 +45,6 @@ def number(kind: Callable[[str], Any], what: str, *, low: float | None = None, h
 
 
 port = number(int, "a port number in 0..65535 (0: any free port)", low=0, high=65535)
-positive_rate = number(float, "a rate above 0 bytes per second", above=0)
 milliseconds = number(float, "a delay of 0 ms or more", low=0)
 connections = number(int, "a number of connections from 1 to 64", low=1, high=64)
 token_count = number(int, "a number of tokens, 0 or more", low=0)
@@ -77,7 +76,7 @@ def memory_budget(text: str) -> int | str | None:
 
 def parse_rate(text: str) -> float:
     """Bytes per second as curl's --limit-rate takes them: a number with an optional k, M or G (powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgG]?)[bB]?\s*", text)
+    match = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*([kKmMgG]?)[bB]?\s*", text)
     value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()] if match else 0.0
     if not match or not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate in bytes per second above 0 (e.g. 500k, 2M, 1G: powers of 1024)")

@@ -122,7 +122,9 @@ def _add_inspect_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_header_option(p)
-    p.add_argument("--cache-dir", help=f"where a URL's cached header is read when its server cannot be reached ({_cache_dir_help()})")
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help=f"where a URL's cached header is read when its server cannot be reached ({_cache_dir_help()})"
+    )
     p.set_defaults(func=cmd_inspect)
 
 
@@ -134,7 +136,7 @@ def _add_verify_command(commands: argparse._SubParsersAction) -> None:
         help="a local .slm file, or the name, digest prefix or URL of a cached model read from a file",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--cache-dir", help=_cache_dir_help())
+    p.add_argument("--cache-dir", metavar="DIR", help=_cache_dir_help())
     p.set_defaults(func=cmd_verify)
 
 
@@ -143,7 +145,12 @@ def _add_serve_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("directory", help="directory holding .slm files")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=argtypes.port, default=8800, help="port to listen on (default 8800; 0 takes a free port and prints it)")
-    p.add_argument("--rate", type=argtypes.positive_rate, metavar="BYTES_PER_S", help="limit each connection to this many bytes per second")
+    p.add_argument(
+        "--rate",
+        type=argtypes.parse_rate,
+        metavar="RATE",
+        help="limit each connection to RATE bytes per second (k, M, G: powers of 1024, as run --limit-rate)",
+    )
     p.add_argument("--latency-ms", type=argtypes.milliseconds, default=0.0, help="delay every response by this many milliseconds")
     p.add_argument("--no-ranges", action="store_true", help="ignore Range headers (answer 200 with the whole file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no access log on stderr")
@@ -184,8 +191,8 @@ def _add_run_command(commands: argparse._SubParsersAction) -> None:
     _add_file_to_write_option(p, "--timeline-png", "timeline.png", "draw download, decompress and compute per layer (needs matplotlib)")
     p.add_argument(
         "--link-rate",
-        type=argtypes.positive_rate,
-        metavar="BYTES_PER_S",
+        type=argtypes.parse_rate,
+        metavar="RATE",
         help="mark the link floor (bytes downloaded / rate) on the picture",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -203,15 +210,15 @@ def _add_run_inputs(p: argparse.ArgumentParser) -> None:
         "a decoder joins them into one prompt)",
     )
     p.add_argument("--text", action="append", type=argtypes.check_text, help="input text (repeat for a batch of sentences with an encoder)")
-    p.add_argument("--ids", type=argtypes.parse_ids, help="comma-separated token ids instead of text")
+    p.add_argument("--ids", type=argtypes.parse_ids, metavar="ID,ID,...", help="comma-separated token ids instead of text")
 
 
 def _add_decoder_options(p: argparse.ArgumentParser) -> None:
     """``run``'s options for a decoder only (an encoder refuses them: ``check_run_options``); None when not given."""
-    p.add_argument("--max-new-tokens", type=argtypes.token_count, help="decoder: tokens to generate (default 16)")
-    p.add_argument("--temperature", type=argtypes.temperature, help="decoder: 0 is greedy (default)")
-    p.add_argument("--top-p", type=argtypes.top_p, help="decoder: nucleus sampling mass in (0, 1] (default 1.0)")
-    p.add_argument("--seed", type=argtypes.seed, help="decoder: sampling seed (default 0)")
+    p.add_argument("--max-new-tokens", type=argtypes.token_count, metavar="N", help="decoder: tokens to generate (default 16)")
+    p.add_argument("--temperature", type=argtypes.temperature, metavar="T", help="decoder: 0 is greedy (default)")
+    p.add_argument("--top-p", type=argtypes.top_p, metavar="P", help="decoder: nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--seed", type=argtypes.seed, metavar="N", help="decoder: sampling seed (default 0)")
     _add_file_to_write_option(
         p,
         "--save-logits",
@@ -222,7 +229,7 @@ def _add_decoder_options(p: argparse.ArgumentParser) -> None:
 
 def _add_list_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("list", help="list the models in the cache")
-    p.add_argument("--cache-dir", help=_cache_dir_help())
+    p.add_argument("--cache-dir", metavar="DIR", help=_cache_dir_help())
     p.add_argument("--json", action="store_true", help="print a JSON array: digest, architecture, size, status, sources, path")
     p.set_defaults(func=cmd_list)
 
@@ -230,7 +237,7 @@ def _add_list_command(commands: argparse._SubParsersAction) -> None:
 def _add_rm_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("rm", help="delete a model from the cache")
     p.add_argument("digest", metavar="MODEL", help="the model's name, digest prefix, URL or file (see `streamload list`)")
-    p.add_argument("--cache-dir", help=_cache_dir_help())
+    p.add_argument("--cache-dir", metavar="DIR", help=_cache_dir_help())
     p.set_defaults(func=cmd_rm)
 
 
@@ -241,9 +248,11 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
         help="http(s) URL of a .slm file (optionally #sha256=DIGEST), a local path, "
         "or a cached model's file name or digest prefix as `streamload list` shows them",
     )
-    p.add_argument("--cache-dir", help=_cache_dir_help())
-    p.add_argument("--digest", type=argtypes.digest, help="refuse a model whose manifest sha256 differs")
-    p.add_argument("--connections", type=argtypes.connections, default=1, help="parallel ranged requests (default 1: strict layer order)")
+    p.add_argument("--cache-dir", metavar="DIR", help=_cache_dir_help())
+    p.add_argument("--digest", type=argtypes.digest, metavar="SHA256", help="refuse a model whose manifest sha256 differs")
+    p.add_argument(
+        "--connections", type=argtypes.connections, default=1, metavar="N", help="parallel ranged requests (default 1: strict layer order)"
+    )
     _add_header_option(p)
     p.add_argument(
         "--limit-rate",
