@@ -149,8 +149,8 @@ class ModelReader:
             if size < PREAMBLE_SIZE_BYTES:
                 raise BadMagicError(f"{self.path} is {size} bytes, too short to be a .slm file")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._mmap)
         try:
-            self._view = memoryview(self._mmap)
             self.preamble, self.manifest = read_header(self._view, size)
         except FormatError as exc:
             self.close()
@@ -161,9 +161,7 @@ class ModelReader:
         self.size_bytes = size
 
     def close(self) -> None:
-        view = getattr(self, "_view", None)
-        if view is not None:
-            view.release()
+        self._view.release()
         try:
             self._mmap.close()
         except BufferError:  # a caller still holds a view; the map closes when it is collected

@@ -26,6 +26,7 @@
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
     │       └── UnreachableError             nobody answers at the address (refused, no route, no such host)
     ├── ModelFileError (OSError)             a local model file cannot be opened (missing, a directory, unreadable)
+    │   └── ModelDirectoryError              the directory of models to serve is not a directory (a NotADirectoryError)
     ├── InvalidURLError (ValueError)         a model or mirror URL that is not a usable http(s) URL
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (damage offline, a symbolic link)
@@ -201,6 +202,10 @@ class ModelFileError(StreamloadError, OSError):
     """A local model file cannot be opened: missing, a directory, or unreadable."""
 
 
+class ModelDirectoryError(ModelFileError, NotADirectoryError):
+    """The directory of models to serve is missing or not a directory."""
+
+
 class InvalidURLError(StreamloadError, ValueError):
     """A model or mirror URL that cannot be used: not http(s), no host, a port out of range, a malformed address."""
 
@@ -272,6 +277,7 @@ __all__ = [
     "ManifestSchemaError",
     "ManifestTooLargeError",
     "MemoryBudgetError",
+    "ModelDirectoryError",
     "ModelFileError",
     "NoTokenizerError",
     "OutOfBoundsError",
