@@ -17,6 +17,7 @@
     │   └── ChunkIntegrityError              a chunk's sha256 differs (every retry did)
     ├── ConversionError (ValueError)         a model cannot be converted
     │   ├── ConversionInputError             the model folder or file to convert is unreadable or inconsistent
+    │   │   └── NoConfigError                a model to convert without its config.json (give ``config_path``)
     │   └── UnsupportedArchitectureError     the model type is not one streamload runs
     ├── FetchError (OSError)                 the network or server failed (after retries)
     │   ├── HTTPStatusError                  an unexpected HTTP status
@@ -150,6 +151,10 @@ class ConversionInputError(ConversionError):
     """The model folder or file to convert is missing, unreadable or inconsistent."""
 
 
+class NoConfigError(ConversionInputError):
+    """The model to convert has no config.json beside its weights nor in its metadata: give one (``config_path``)."""
+
+
 class UnsupportedArchitectureError(ConversionError):
     """The source's model type is not one streamload can run."""
 
@@ -279,6 +284,7 @@ __all__ = [
     "MemoryBudgetError",
     "ModelDirectoryError",
     "ModelFileError",
+    "NoConfigError",
     "NoTokenizerError",
     "OutOfBoundsError",
     "OverlapError",
