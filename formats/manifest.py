@@ -3,7 +3,7 @@
 ``parse_manifest`` turns untrusted msgpack bytes into a ``Manifest`` (``entries.py``) and checks
 every invariant FORMAT.md states while it parses, so a ``Manifest`` that exists is valid;
 values are decoded within bounds (``msgpack_bounded.py``) and the chunk list as columns
-(``chunk_list.py``). ``encode_manifest`` is its inverse, used by the writer.
+(``chunk_entries.py``). ``encode_manifest`` is its inverse, used by the writer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import (
     OverlapError,
     UnknownDTypeError,
 )
-from .chunk_list import check_refinements, parse_chunks, parse_chunks_canonical
+from .chunk_entries import check_refinements, parse_chunks, parse_chunks_canonical
 from .chunk_table import ChunkTable
 from .constants import (
     CHUNK_FIELDS,

@@ -1,7 +1,7 @@
 """Read .slm files: the preamble and the manifest; tensors as views of a layer store; ``ModelReader`` for a local file.
 
 The functions here work on bytes from anywhere (a local file, an HTTP body); a chunk's checks and decompression
-are in ``chunks.py`` (re-exported here). ``ModelReader`` adds a memory-mapped local file on top of them.
+are in ``chunk_codec.py`` (re-exported here). ``ModelReader`` adds a memory-mapped local file on top of them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import (
     UnsupportedVersionError,
     located,
 )
-from .chunks import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
+from .chunk_codec import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
 from .constants import (
     DATA_ALIGNMENT,
     FORMAT_VERSION,

@@ -1,4 +1,4 @@
-"""Parsing the manifest's chunk entries (into ``chunk_table.py``'s columns; ``chunks.py`` handles a chunk's bytes).
+"""The manifest's chunk entries parsed into columns (a ``ChunkTable``).
 
 Read as numpy columns when it is in the writer's own encoding (no object per chunk),
 else entry by entry, each entry checked (file order, no overlap, inside the data region, a known layer and pass);

@@ -1,4 +1,4 @@
-"""A chunk's bytes (not its manifest entry: ``chunk_list.py`` parses those, ``chunk_table.py`` holds them): verified, decoded.
+"""A chunk's bytes verified and decoded.
 
 From anywhere (a file, an HTTP body): checked against its sha256, its zstd frame checked against the manifest's
 sizes, then decompressed; one chunk at a time, or a batch of small ones with numpy (no Python object
