@@ -1,6 +1,6 @@
-"""The parsed chunk entries held as columns (``chunk_list.py`` fills them; ``chunks.py`` handles a chunk's bytes).
+"""The parsed chunk entries held as columns: one numpy array per ChunkEntry field.
 
-One numpy array per ChunkEntry field, a ChunkEntry made only where one chunk is needed.
+A ChunkEntry is made only where one chunk is needed.
 
 A model cut in 256-byte chunks has ~90,000 of them; a frozen dataclass per chunk costs
 about 1.5 us to make and keeps the garbage collector walking them for the whole run. The

@@ -77,7 +77,7 @@ DEFAULT_ZSTD_LEVEL = 3
 CHUNK_FIELDS = ("layer", "offset", "size", "raw_offset", "raw_size", "sha256")
 """A chunk entry's required fields (FORMAT.md, "Manifest"), in the order the writer encodes them; the optional
 CHUNK_PASS_FIELD and CHUNK_CODEC_FIELD follow only when not their defaults. The reader's column path
-(``chunk_list``) reads exactly this encoding; any other goes entry by entry."""
+(``chunk_entries``) reads exactly this encoding; any other goes entry by entry."""
 CHUNK_PASS_FIELD = "pass"
 CHUNK_CODEC_FIELD = "codec"
 

@@ -216,7 +216,7 @@ def convert(
         A ``ConversionReport`` with per-tensor quantization errors.
 
     Raises:
-        ConversionInputError, UnsupportedArchitectureError: the source cannot be converted.
+        ConversionInputError, UnsupportedArchitectureError: the source cannot be converted (NoConfigError: no config.json).
         UsageError: ``quant`` is not one of QUANT_CHOICES, or ``progressive`` without a ``calibrator``.
 
     Example:

@@ -45,7 +45,7 @@ from .constants import (
 )
 from .delta_file import DeltaIndex, delta_file_name, encode_delta, index_size_needed, parse_delta_index, rebuild_chunk, summarize_delta
 from .manifest import Manifest, parse_manifest
-from .msgpack_bounded import decode, map_spans
+from .msgpack_bounded import decode, locate_map_values
 
 DELTA_ZSTD_LEVEL = 19
 """Difference frames, mostly zeros and small values, are worth the slowest level (written once, by the publisher): on
@@ -75,7 +75,7 @@ def read_delta_bases(manifest_bytes: bytes | memoryview) -> list[DeltaBase]:
     """The ``deltas`` root key of a manifest (already parsed and valid otherwise); [] when absent or malformed."""
     data = bytes(manifest_bytes)
     try:
-        root = map_spans(data, (0, len(data)), "root")
+        root = locate_map_values(data, (0, len(data)), "root")
         if DELTA_BASES_KEY not in root:
             return []
         items = decode(data, root[DELTA_BASES_KEY], DELTA_BASES_KEY, limit_bytes=1 << 20)

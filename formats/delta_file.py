@@ -133,7 +133,7 @@ def rebuild_chunk(
         ChunkIntegrityError: a hash differs (a damaged delta file, or the wrong base).
         ChunkDecodeError: the frame is not exactly one zstd frame of the chunk's raw size.
     """
-    from .chunks import decompress_chunk, verify_chunk
+    from .chunk_codec import decompress_chunk, verify_chunk
 
     if method == DeltaMethod.WHOLE:
         verify_chunk(chunk, frame)

@@ -3,7 +3,7 @@
 ``parse_manifest`` turns untrusted msgpack bytes into a ``Manifest`` (``entries.py``) and checks
 every invariant FORMAT.md states while it parses, so a ``Manifest`` that exists is valid;
 values are decoded within bounds (``msgpack_bounded.py``) and the chunk list as columns
-(``chunk_list.py``). ``encode_manifest`` is its inverse, used by the writer.
+(``chunk_entries.py``). ``encode_manifest`` is its inverse, used by the writer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import (
     OverlapError,
     UnknownDTypeError,
 )
-from .chunk_list import check_refinements, parse_chunks, parse_chunks_canonical
+from .chunk_entries import check_refinements, parse_chunks, parse_chunks_canonical
 from .chunk_table import ChunkTable
 from .constants import (
     CHUNK_FIELDS,
@@ -49,14 +49,14 @@ from .constants import (
 )
 from .entries import BASE_PASS, ChunkEntry, LayerEntry, Manifest, TensorEntry, TokenizerBlob
 from .msgpack_bounded import (
-    Span,
+    ByteRange,
     decode,
     get,
     get_map,
     get_name,
     get_size,
     list_entries,
-    map_spans,
+    locate_map_values,
 )
 
 _Item = TypeVar("_Item")
@@ -183,10 +183,10 @@ def _check_quantization(entry: TensorEntry, by_name: Mapping[str, TensorEntry], 
         raise ManifestSchemaError(f"manifest: scales {scales.name!r} of {entry.name!r} must be f32 of shape ({entry.shape[0]},) {where}")
 
 
-def _parse_tokenizer(data: bytes, span: Span | None) -> TokenizerBlob | None:
-    if span is None or data[span[0]] == 0xC0:  # absent or nil
+def _parse_tokenizer(data: bytes, byte_range: ByteRange | None) -> TokenizerBlob | None:
+    if byte_range is None or data[byte_range[0]] == 0xC0:  # absent or nil
         return None
-    fields = map_spans(data, span, "tokenizer")
+    fields = locate_map_values(data, byte_range, "tokenizer")
     item = {
         key: decode(data, fields[key], f"tokenizer.{key}", limit_bytes=MAX_NAME_LENGTH * 4)
         for key in ("codec", "raw_size")
@@ -204,10 +204,10 @@ def _parse_tokenizer(data: bytes, span: Span | None) -> TokenizerBlob | None:
     )
 
 
-def _parse_histogram(data: bytes, span: Span | None) -> tuple[int, ...] | None:
-    if span is None:
+def _parse_histogram(data: bytes, byte_range: ByteRange | None) -> tuple[int, ...] | None:
+    if byte_range is None:
         return None
-    fields = map_spans(data, span, "stats")
+    fields = locate_map_values(data, byte_range, "stats")
     if "int8_histogram" not in fields:
         return None
     raw = decode(data, fields["int8_histogram"], "stats.int8_histogram", limit_bytes=256 * 9 + 3)
@@ -218,8 +218,8 @@ def _parse_histogram(data: bytes, span: Span | None) -> tuple[int, ...] | None:
     return tuple(raw)
 
 
-def _parse_preview_cosine(data: bytes, span: Span | None) -> float | None:
-    fields = map_spans(data, span, "stats") if span is not None else {}
+def _parse_preview_cosine(data: bytes, byte_range: ByteRange | None) -> float | None:
+    fields = locate_map_values(data, byte_range, "stats") if byte_range is not None else {}
     if "preview_cosine" not in fields:
         return None
     value = decode(data, fields["preview_cosine"], "stats.preview_cosine", limit_bytes=9)
@@ -255,7 +255,7 @@ def parse_manifest(data: bytes | memoryview, *, data_size_bytes: int | None = No
     data = bytes(data)
     if not data:
         raise ManifestDecodeError("manifest is empty; the file is damaged, fetch it again")
-    root = map_spans(data, (0, len(data)), "root")
+    root = locate_map_values(data, (0, len(data)), "root")
     for key, (start, end) in root.items():
         if key not in _KNOWN_ROOT_KEYS and end - start > MAX_UNKNOWN_VALUE_SIZE_BYTES:
             raise ManifestSchemaError(

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionInputError
+from ..errors import ConversionInputError, NoConfigError
 from .safetensors_source import SafetensorsCollection
 from .tokenizer_import import read_tokenizer
 
@@ -127,7 +127,7 @@ def find_source(path: str | os.PathLike[str], *, config_path: str | os.PathLike[
             except ValueError:
                 raise ConversionInputError(f"{weights[0]}: __metadata__.config is not JSON") from None
     if not isinstance(hf_config, dict):
-        raise ConversionInputError(f"no config.json for {path}: put it beside the weights or pass --config PATH")
+        raise NoConfigError(f"no config.json for {path}: put it beside the weights or give its path as config_path")
     return ModelSource(
         weights=weights,
         hf_config=hf_config,

@@ -62,7 +62,7 @@ def get_name(mapping: Mapping[str, Any], key: str, where: str) -> str:
 # than a small multiple of its bytes, whatever the msgpack nests inside it.
 
 DECODE_ERRORS = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, msgpack.OutOfData, UnicodeDecodeError)
-Span = tuple[int, int]  # [start, end) of one encoded value in the manifest bytes
+ByteRange = tuple[int, int]  # [start, end) of one encoded value in the manifest bytes
 
 
 def decode_failed(exc: Exception) -> ManifestDecodeError:
@@ -105,9 +105,9 @@ def unpacker(data: bytes, start: int, *, limit_bytes: int) -> msgpack.Unpacker:
     )
 
 
-def map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
+def locate_map_values(data: bytes, byte_range: ByteRange, where: str) -> dict[str, ByteRange]:
     """Where each key's value lies in an encoded map, found by skipping (nothing inside is decoded)."""
-    start, end = span
+    start, end = byte_range
     if not is_map(data[start]):
         try:
             unpacker(data, start, limit_bytes=0).skip()
@@ -115,7 +115,7 @@ def map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
             raise decode_failed(exc) from None
         raise ManifestSchemaError(f"manifest {where}: expected a map")
     scout = unpacker(data, start, limit_bytes=MAX_NAME_LENGTH * 4)
-    spans: dict[str, Span] = {}
+    ranges: dict[str, ByteRange] = {}
     try:
         count = scout.read_map_header()
         if count > MAX_MAP_FIELDS:
@@ -129,19 +129,19 @@ def map_spans(data: bytes, span: Span, where: str) -> dict[str, Span]:
             key = scout.unpack()
             value_start = start + scout.tell()
             scout.skip()
-            spans[key] = (value_start, start + scout.tell())
+            ranges[key] = (value_start, start + scout.tell())
     except FormatError:
         raise
     except DECODE_ERRORS as exc:
         raise decode_failed(exc) from None
     if start + scout.tell() != end:
         raise ManifestDecodeError(f"manifest {where}: {end - start - scout.tell()} bytes after the map; the file is damaged")
-    return spans
+    return ranges
 
 
-def decode(data: bytes, span: Span, where: str, *, limit_bytes: int) -> Any:
+def decode(data: bytes, byte_range: ByteRange, where: str, *, limit_bytes: int) -> Any:
     """One value, decoded only when its encoding is at most ``limit_bytes``."""
-    start, end = span
+    start, end = byte_range
     if end - start > limit_bytes:
         raise ManifestSchemaError(f"manifest {where}: {end - start} bytes, over the {limit_bytes}-byte limit")
     try:
@@ -155,9 +155,9 @@ def decode(data: bytes, span: Span, where: str, *, limit_bytes: int) -> Any:
         raise decode_failed(exc) from None
 
 
-def list_entries(data: bytes, span: Span, where: str, *, max_count: int | None = None) -> Iterator[tuple[int, Any]]:
+def list_entries(data: bytes, byte_range: ByteRange, where: str, *, max_count: int | None = None) -> Iterator[tuple[int, Any]]:
     """(index, decoded entry) of an encoded list, one entry alive at a time, each at most MAX_ENTRY_SIZE_BYTES."""
-    start, _ = span
+    start, _ = byte_range
     if not is_array(data[start]):
         raise ManifestSchemaError(f"manifest root: field {where!r} must be a list")
     scout = unpacker(data, start, limit_bytes=0)  # only skips

@@ -10,6 +10,7 @@ which runs the runtime; this package imports nothing of the client). Threads: th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 from collections.abc import Callable, Mapping, Sequence
@@ -24,10 +25,19 @@ from .tensor_streamer import TensorStreamer
 from .writer import ModelWriter
 
 StoredPair = tuple[np.ndarray, np.ndarray | None]  # int8 values and their per-row scales, or float values and None
-ShiftChooser = Callable[[Sequence[Mapping[str, StoredPair]], StoredPair], Sequence[Mapping[str, int]]]
-"""``(per step {name: (stored values, scales or None)}, the token table's (values, scales)) -> per step {name:
-coarse_shift}`` for the int8 matrices that should be progressive; called once, with every step quantized (the int8
-values as read-only memory maps)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShiftChoice:
+    """What a ``ShiftChooser`` picked, and what it measured of the result."""
+
+    shifts: Sequence[Mapping[str, int]]  # per step, {name: coarse_shift} for the int8 matrices that should be progressive
+    preview_cosine: float | None = None  # the coarse model's mean cosine to the exact one on the calibration input, if run
+
+
+ShiftChooser = Callable[[Sequence[Mapping[str, StoredPair]], StoredPair], ShiftChoice]
+"""``(per step {name: (stored values, scales or None)}, the token table's (values, scales)) -> ShiftChoice``; called
+once, with every step quantized (the int8 values as read-only memory maps)."""
 Calibrator = Callable[[str, Mapping[str, Any], "bytes | None"], ShiftChooser]
 """``(architecture name, the normalised config, the tokenizer JSON or None) -> ShiftChooser``: what a progressive
 conversion needs from its caller (``streamload.calibrate.CalibratedShifts`` is one)."""
@@ -94,15 +104,15 @@ def choose_shifts_for_steps(
     writer: ModelWriter, streamer: TensorStreamer, plan: SourcePlan, table: RowTable, choose_shifts: ShiftChooser
 ) -> Sequence[Mapping[str, int]]:
     """Every step (and the row table) quantized into a spill for ``choose_shifts``: per step, {name: coarse_shift}.
-    Records the chooser's ``preview_cosine``, if it has one, in the writer's stats."""
+    Records the ``preview_cosine`` the chooser measured, if it did, in the writer's stats."""
     spill = QuantizedSteps(writer.path.with_name(writer.path.name + ".steps.tmp"))
     try:
         for group in plan:
             spill.add_step(streamer, group)
         spill.add_step(streamer, [(table.source_name, table.name)])
         *steps, table_step = spill.mapped()
-        shifts = choose_shifts(steps, table_step[table.name])
-        writer.preview_cosine = getattr(choose_shifts, "preview_cosine", None)
+        choice = choose_shifts(steps, table_step[table.name])
+        writer.preview_cosine = choice.preview_cosine
     finally:
         spill.close()
-    return shifts
+    return choice.shifts

@@ -1,7 +1,7 @@
 """Read .slm files: the preamble and the manifest; tensors as views of a layer store; ``ModelReader`` for a local file.
 
 The functions here work on bytes from anywhere (a local file, an HTTP body); a chunk's checks and decompression
-are in ``chunks.py`` (re-exported here). ``ModelReader`` adds a memory-mapped local file on top of them.
+are in ``chunk_codec.py`` (re-exported here). ``ModelReader`` adds a memory-mapped local file on top of them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import (
     UnsupportedVersionError,
     located,
 )
-from .chunks import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
+from .chunk_codec import check_frame, check_frames, decompress_batch, decompress_chunk, decompress_chunks, frame_size_bytes, verify_chunk
 from .constants import (
     DATA_ALIGNMENT,
     FORMAT_VERSION,
@@ -149,8 +149,8 @@ class ModelReader:
             if size < PREAMBLE_SIZE_BYTES:
                 raise BadMagicError(f"{self.path} is {size} bytes, too short to be a .slm file")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._mmap)
         try:
-            self._view = memoryview(self._mmap)
             self.preamble, self.manifest = read_header(self._view, size)
         except FormatError as exc:
             self.close()
@@ -161,9 +161,7 @@ class ModelReader:
         self.size_bytes = size
 
     def close(self) -> None:
-        view = getattr(self, "_view", None)
-        if view is not None:
-            view.release()
+        self._view.release()
         try:
             self._mmap.close()
         except BufferError:  # a caller still holds a view; the map closes when it is collected

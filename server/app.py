@@ -44,6 +44,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from ..errors import ModelDirectoryError
 from .body import drop_connection, write_body
 from .connections import ModelRunner
 from .files import ModelFiles
@@ -214,12 +215,15 @@ async def _file_lifecycle(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: ServerConfig) -> web.Application:
     """The aiohttp application for one directory of models.
 
+    Raises:
+        ModelDirectoryError: ``config.directory`` is not a directory (also a ``NotADirectoryError``).
+
     Example:
         >>> app = create_app(ServerConfig(directory=Path("models")))   # doctest: +SKIP
         >>> web.run_app(app, host="127.0.0.1", port=8800)              # doctest: +SKIP
     """
     if not config.directory.is_dir():
-        raise NotADirectoryError(f"{config.directory} is not a directory")
+        raise ModelDirectoryError(f"{config.directory} is not a directory")
     header_limits = {
         "max_line_size": config.max_request_line_bytes,
         "max_field_size": config.max_header_field_bytes,

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from .formats.progressive_convert import ShiftChoice
 from .formats.quantize import coarse_levels
 from .formats.writer import PLANE_ZSTD_LEVEL
 from .layer import Layer
@@ -127,7 +128,6 @@ class CalibratedShifts:
         self.loss_budget = PREVIEW_LOSS if loss is None else loss
         self.table: StoredPair | None = None
         self.estimated_loss = 0.0  # of the choice made
-        self.preview_cosine: float | None = None  # measured: the whole coarse model against the exact one
         self.propagated = False  # whether each choice's loss was measured end to end (else estimated as gain x D)
         # an encoder's float32 weight copies, reused over the calibration's many passes (the exact steps' weights)
         self.float_weights = ops.FloatWeightCache(ops.default_float_weight_budget_bytes())
@@ -146,7 +146,7 @@ class CalibratedShifts:
             return [tokenizer.encode(" ".join(CALIBRATION_TEXT)).ids[: int(self.config.get("max_position_embeddings", 512))]]
         return [e.ids for e in tokenizer.encode_batch(list(CALIBRATION_TEXT))]
 
-    def __call__(self, steps: Sequence[Mapping[str, StoredPair]], table: StoredPair) -> list[dict[str, int]]:
+    def __call__(self, steps: Sequence[Mapping[str, StoredPair]], table: StoredPair) -> ShiftChoice:
         self.table = table
         layers = [_pair_layer(i, tensors) for i, tensors in enumerate(steps)]
         inputs: list[Any] = []  # the state before each step
@@ -205,14 +205,14 @@ class CalibratedShifts:
                 for name, pair in tensors.items()
             }
             state, _ = self._step(index, _pair_layer(index, coarse), state)
-        self.preview_cosine = 1.0 - self._loss(final, self._final(state))
+        preview_cosine = 1.0 - self._loss(final, self._final(state))  # measured: the whole coarse model against the exact one
         logger.info(
             "progressive: coarse shifts %s, estimated preview loss %.4f, measured %.4f",
             [sorted(s.values()) for s in shifts],
             self.estimated_loss,
-            1.0 - self.preview_cosine,
+            1.0 - preview_cosine,
         )
-        return shifts
+        return ShiftChoice(shifts, preview_cosine)
 
     def _finish(self, index: int, output: np.ndarray, inputs: list[Any], layers: list[Layer]) -> Any:
         """The final state when step ``index`` put out ``output``: the steps after it run on from there."""

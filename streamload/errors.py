@@ -17,6 +17,7 @@
     │   └── ChunkIntegrityError              a chunk's sha256 differs (every retry did)
     ├── ConversionError (ValueError)         a model cannot be converted
     │   ├── ConversionInputError             the model folder or file to convert is unreadable or inconsistent
+    │   │   └── NoConfigError                a model to convert without its config.json (give ``config_path``)
     │   └── UnsupportedArchitectureError     the model type is not one streamload runs
     ├── FetchError (OSError)                 the network or server failed (after retries)
     │   ├── HTTPStatusError                  an unexpected HTTP status
@@ -26,6 +27,7 @@
     │   └── RetryableError                   one attempt failed; the caller retries (internal)
     │       └── UnreachableError             nobody answers at the address (refused, no route, no such host)
     ├── ModelFileError (OSError)             a local model file cannot be opened (missing, a directory, unreadable)
+    │   └── ModelDirectoryError              the directory of models to serve is not a directory (a NotADirectoryError)
     ├── InvalidURLError (ValueError)         a model or mirror URL that is not a usable http(s) URL
     ├── DigestMismatchError (ValueError)     the manifest is not the pinned one
     ├── CacheError (OSError)                 the cache is unusable (damage offline, a symbolic link)
@@ -149,6 +151,10 @@ class ConversionInputError(ConversionError):
     """The model folder or file to convert is missing, unreadable or inconsistent."""
 
 
+class NoConfigError(ConversionInputError):
+    """The model to convert has no config.json beside its weights nor in its metadata: give one (``config_path``)."""
+
+
 class UnsupportedArchitectureError(ConversionError):
     """The source's model type is not one streamload can run."""
 
@@ -199,6 +205,10 @@ class UnreachableError(RetryableError):
 
 class ModelFileError(StreamloadError, OSError):
     """A local model file cannot be opened: missing, a directory, or unreadable."""
+
+
+class ModelDirectoryError(ModelFileError, NotADirectoryError):
+    """The directory of models to serve is missing or not a directory."""
 
 
 class InvalidURLError(StreamloadError, ValueError):
@@ -272,7 +282,9 @@ __all__ = [
     "ManifestSchemaError",
     "ManifestTooLargeError",
     "MemoryBudgetError",
+    "ModelDirectoryError",
     "ModelFileError",
+    "NoConfigError",
     "NoTokenizerError",
     "OutOfBoundsError",
     "OverlapError",

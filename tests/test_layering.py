@@ -4,6 +4,7 @@
 - ``server/`` imports ``formats/`` and the error tree only;
 - the runtime imports, when it runs, only the error tree, ``formats/``, the layer type and the tokenizer: nothing of
   the download (the model's type only under ``TYPE_CHECKING``);
+- the cache imports nothing of the download (it is what the download writes into);
 - the library never imports the CLI;
 - ``tools/`` import no tests (what both need lives in ``tools/_support``, which ``tests/support`` re-uses).
 
@@ -133,6 +134,13 @@ def test_the_runtime_imports_nothing_of_the_download() -> None:
     assert direct_violations("streamload.runtime", RUNTIME_MAY_USE) == []
     reached = set().union(*(closure(name) for name in GRAPH if name.startswith("streamload.runtime")))
     assert sorted(name for name in reached if not any(name == a or name.startswith(a + ".") for a in RUNTIME_MAY_USE)) == []
+
+
+def test_the_cache_imports_nothing_of_the_download() -> None:
+    cache = [name for name in GRAPH if name.startswith("streamload.cache")]
+    assert cache
+    reached = set().union(*(closure(name) for name in cache))
+    assert sorted(name for name in reached if name.startswith("streamload.download")) == []
 
 
 @pytest.mark.parametrize("package", ["streamload", "streamload.formats", "streamload.server"])

@@ -27,6 +27,7 @@ import streamload
 from streamload.calibrate import PREVIEW_LOSS, CalibratedShifts
 from streamload.formats import ModelReader, convert
 from streamload.formats.architectures import find_architecture
+from streamload.formats.progressive_convert import ShiftChoice
 from streamload.formats.quantize import split_coarse
 from streamload.runtime import run
 
@@ -112,11 +113,13 @@ def main() -> None:
         rows.append((f"calibrated, loss {loss:g}", chooser))
     for shift in [int(x) for x in args.uniform.split(",") if x]:
 
-        def uniform(steps: list, table: object, shift: int = shift) -> list[dict[str, int]]:
-            return [
-                {n: shift for n, (v, s) in tensors.items() if s is not None and v.ndim == 2} if i > 0 else {}
-                for i, tensors in enumerate(steps)
-            ]
+        def uniform(steps: list, table: object, shift: int = shift) -> ShiftChoice:
+            return ShiftChoice(
+                [
+                    {n: shift for n, (v, s) in tensors.items() if s is not None and v.ndim == 2} if i > 0 else {}
+                    for i, tensors in enumerate(steps)
+                ]
+            )
 
         rows.append((f"uniform s = {shift} ({8 - shift} bits)", uniform))
     print(f"plain file {plain_size / 1e6:.2f} MB, its steps {plain_steps / 1e6:.2f} MB; 64 varied sentences, cosine to PyTorch fp32\n")

@@ -143,7 +143,7 @@ class CopyOutcome:
     journaled: dict[int, int] = dataclasses.field(default_factory=dict)
     compressed_bytes: int = 0
     raw_bytes: int = 0
-    sources: dict[str, int] = dataclasses.field(default_factory=dict)  # digest of the model copied from -> chunks
+    donors: dict[str, int] = dataclasses.field(default_factory=dict)  # digest of a cached model copied from -> its chunks copied
 
 
 def copy_shared_chunks(cache_root: Path, cache: ModelCache, table: ChunkTable, pending: np.ndarray) -> CopyOutcome:
@@ -173,7 +173,7 @@ def copy_shared_chunks(cache_root: Path, cache: ModelCache, table: ChunkTable, p
             records.append((index, xxhash.xxh3_64_intdigest(data)))
             outcome.compressed_bytes += int(table.size[target])
             outcome.raw_bytes += len(data)
-            outcome.sources[held.digest] = outcome.sources.get(held.digest, 0) + 1
+            outcome.donors[held.digest] = outcome.donors.get(held.digest, 0) + 1
             del wanted[_sha_keys(table, np.array([target]))[0]]
             uncommitted += len(data)
             if uncommitted >= COMMIT_EVERY_BYTES:
@@ -190,6 +190,6 @@ def copy_shared_chunks(cache_root: Path, cache: ModelCache, table: ChunkTable, p
             "copied %d chunks (%d bytes compressed) from %d cached models instead of downloading them",
             len(outcome.journaled),
             outcome.compressed_bytes,
-            len(outcome.sources),
+            len(outcome.donors),
         )
     return outcome

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import BadMagicError, CacheWriteError, DigestMismatchError, NoTokenizerError, StreamloadError, UsageError, redact_urls
+from ..errors import (
+    BadMagicError,
+    CacheWriteError,
+    DigestMismatchError,
+    NoConfigError,
+    NoTokenizerError,
+    StreamloadError,
+    UsageError,
+    redact_urls,
+)
 from .argtypes import check_text
 from .output import EXIT_FAILURE, EXIT_USAGE
 from .parser import build_parser
@@ -85,6 +94,8 @@ def command_hint(exc: StreamloadError) -> str:
         return " (--cache-dir DIR)"
     if isinstance(exc, NoTokenizerError):
         return " (--ids 1,2,3)"
+    if isinstance(exc, NoConfigError):
+        return " (--config PATH)"
     if isinstance(exc, DigestMismatchError) and exc.cached_digest is not None:
         return f" (`streamload rm {exc.cached_digest[:12]}`)"
     if isinstance(exc, BadMagicError):

@@ -1,4 +1,4 @@
-"""The fetch step's fast path: one ranged GET on a plain socket whose body pool threads read.
+"""The receive step's fast path: one ranged GET on a plain socket whose body pool threads read.
 
 aiohttp receives on the event loop thread and copies every body byte three times
 in user space (parser slice, stream buffer join, our chunk buffer). Here the

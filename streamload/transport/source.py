@@ -16,6 +16,7 @@ on the event loop) and ``FileReader`` here (a local .slm, memory-mapped).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -98,7 +99,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return line[:limit] + ("..." if len(line) > limit else "")
 
 
-class SpanReader:
+class SpanReader(abc.ABC):
     """The body of one request, read forward by pool threads (one at a time) into their buffers.
 
     Subclasses provide ``_recv_into`` (some bytes, 0 at the end of the body),
@@ -166,12 +167,15 @@ class SpanReader:
                 )
             self._window_start, self._window_bytes = now, 0
 
+    @abc.abstractmethod
     def _recv_into(self, target: memoryview) -> int:
-        raise NotImplementedError
+        """Receive some of the body into ``target``: the count received, 0 at the end of the body."""
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Make a blocked or later read fail at once (any thread)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the connection (no reader may be left)."""
 
@@ -203,6 +207,12 @@ class FileReader(SpanReader):
         count = max(0, min(target.nbytes, self._end - self.position))
         target[:count] = self._data[self.position : self.position + count]
         return count
+
+    def abort(self) -> None:
+        """Nothing to do: a read from the map never blocks."""
+
+    def close(self) -> None:
+        """Nothing to do: the map belongs to the ``FileSource``."""
 
 
 class FileSource:

@@ -18,6 +18,7 @@ from streamload.errors import ConversionInputError, UsageError, WriterStageError
 from streamload.formats import ModelReader, ModelWriter, convert
 from streamload.formats.constants import DType, QuantScheme
 from streamload.formats.page_cache import PageReleasingFile, copy_releasing
+from streamload.formats.progressive_convert import ShiftChoice
 from streamload.formats.quantize import quantize_int8_rows, quantize_row_block
 from streamload.formats.safetensors_source import SafetensorsFile
 from tests.support.synthetic import llama_config, write_synthetic_llama
@@ -145,9 +146,9 @@ def test_progressive_needs_a_calibrator_and_leaves_no_temporary_files(tmp_path: 
     with pytest.raises(UsageError, match="needs a calibrator"):
         convert(source, tmp_path / "m.slm", progressive=True)
 
-    def every_matrix_at_shift_4(steps: list, table: tuple) -> list[dict[str, int]]:
+    def every_matrix_at_shift_4(steps: list, table: tuple) -> ShiftChoice:
         assert isinstance(table[0], np.ndarray) and table[0].dtype == np.int8 and not table[0].flags.writeable  # mapped
-        return [{n: 4 for n, (v, s) in step.items() if s is not None} if i > 0 else {} for i, step in enumerate(steps)]
+        return ShiftChoice([{n: 4 for n, (v, s) in step.items() if s is not None} if i > 0 else {} for i, step in enumerate(steps)])
 
     convert(source, tmp_path / "m.slm", progressive=True, calibrator=lambda *_: every_matrix_at_shift_4)
     with ModelReader(tmp_path / "m.slm") as reader:

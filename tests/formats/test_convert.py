@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from streamload.errors import NoConfigError
 from streamload.formats import ConversionInputError, ModelReader, UnsupportedArchitectureError, convert, summarize_compression
 from streamload.formats.safetensors_source import SafetensorsCollection
 from tests.support.synthetic import llama_config, write_synthetic_llama
@@ -123,7 +124,7 @@ def test_single_safetensors_file_with_config(tmp_path: Path) -> None:
     lone = tmp_path / "lone"
     lone.mkdir()
     (source / "model.safetensors").rename(lone / "weights.safetensors")
-    with pytest.raises(ConversionInputError, match="pass --config"):
+    with pytest.raises(NoConfigError, match="give its path as config_path$"):
         convert(lone / "weights.safetensors", tmp_path / "m.slm")
     convert(lone / "weights.safetensors", tmp_path / "m.slm", config_path=source / "config.json")
     assert (tmp_path / "m.slm").stat().st_size > 0

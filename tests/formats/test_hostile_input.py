@@ -16,7 +16,7 @@ from streamload import errors
 from streamload.formats import ModelReader
 from streamload.formats.constants import MAX_MANIFEST_SIZE_BYTES
 from streamload.formats.manifest import ChunkEntry
-from streamload.formats.reader import check_frame, check_frames, decompress_batch, encode_preamble, frame_size_bytes
+from streamload.formats.reader import check_frame, check_frames, decompress_batch, decompress_chunk, encode_preamble, frame_size_bytes
 from tests.support.mutate import join_file, mutate_bytes, mutate_structure, read_everything, split_file
 
 GOLDEN = (Path(__file__).parent / "golden" / "tiny-v1.slm").read_bytes()  # the byte-level cases below use its layout
@@ -174,8 +174,19 @@ def test_frame_size_walk_matches_the_compressor() -> None:
             frame = zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(raw)
             assert frame_size_bytes(frame) == len(frame)
             assert frame_size_bytes(memoryview(frame + b"tail")) == len(frame)
-            with pytest.raises(ValueError, match="truncated"):
+            with pytest.raises(errors.ChunkDecodeError, match="truncated"):
                 frame_size_bytes(frame[:-1])
+    with pytest.raises(errors.ChunkDecodeError):  # the magic alone: the frame header is cut short
+        frame_size_bytes(b"\x28\xb5\x2f\xfd")
+
+
+def test_a_wrong_buffer_is_the_callers_usage_error() -> None:
+    frame = zstandard.ZstdCompressor().compress(bytes(100))
+    chunk = ChunkEntry(0, 0, 0, len(frame), 0, 100, hashlib.sha256(frame).digest())
+    with pytest.raises(errors.UsageError, match="output buffer is 99 bytes"):
+        decompress_chunk(chunk, frame, bytearray(99))
+    with pytest.raises(errors.UsageError, match="do not hold exactly these 1 chunks"):
+        check_frames([chunk], frame + b"\x00")
 
 
 def test_batch_frame_check_agrees_with_check_frame() -> None:

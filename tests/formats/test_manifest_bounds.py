@@ -185,7 +185,7 @@ def test_whole_list_chunk_reading_agrees_with_entry_by_entry(tmp_path: Path) -> 
     region = len(data) - data_offset
     fast, slow = _parse_both(encoded, region)
     assert fast == slow and len(fast.chunks) > 20
-    root = module.map_spans(encoded, (0, len(encoded)), "root")
+    root = module.locate_map_values(encoded, (0, len(encoded)), "root")
     assert module.parse_chunks_canonical(encoded, root["chunks"], fast.layers, region, 512) == fast.chunk_table  # not a fallback
     assert _parse_both(encoded, region - 1) == (errors.OutOfBoundsError, errors.OutOfBoundsError)
     manifest = msgpack.unpackb(encoded)

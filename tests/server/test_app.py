@@ -13,8 +13,10 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from streamload.errors import ModelDirectoryError
 from streamload.formats import ModelReader
 from streamload.formats.reader import encode_preamble
+from streamload.server import ServerConfig, create_app
 from tests.support.serving import ServerThread, serve_directory
 
 
@@ -235,3 +237,10 @@ async def test_200_concurrent_clients_get_byte_exact_files(model_dir: Path) -> N
 
             digests = await asyncio.gather(*(fetch_one(i) for i in range(200)))
     assert digests == [expected] * 200
+
+
+def test_a_directory_that_is_not_one_is_a_model_directory_error(tmp_path: Path) -> None:
+    (tmp_path / "model.slm").write_bytes(b"")
+    with pytest.raises(ModelDirectoryError, match="is not a directory") as caught:
+        create_app(ServerConfig(directory=tmp_path / "model.slm"))
+    assert isinstance(caught.value, NotADirectoryError)  # what callers caught before the error tree held it

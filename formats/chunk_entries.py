@@ -1,4 +1,4 @@
-"""Parsing the manifest's chunk entries (into ``chunk_table.py``'s columns; ``chunks.py`` handles a chunk's bytes).
+"""The manifest's chunk entries parsed into columns (a ``ChunkTable``).
 
 Read as numpy columns when it is in the writer's own encoding (no object per chunk),
 else entry by entry, each entry checked (file order, no overlap, inside the data region, a known layer and pass);
@@ -35,7 +35,7 @@ from .constants import (
 )
 from .entries import BASE_PASS, ChunkEntry, LayerEntry, TensorEntry
 from .msgpack_bounded import (
-    Span,
+    ByteRange,
     get,
     get_map,
     get_size,
@@ -189,11 +189,11 @@ _INT_SHIFT = (8 * (8 - np.clip(_INT_WIDTH, 1, 8))).astype(np.uint64)  # of the 8
 
 
 def parse_chunks_canonical(
-    data: bytes, span: Span, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
+    data: bytes, byte_range: ByteRange, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
 ) -> ChunkTable | None:
     """The chunk list when every entry has the writer's encoding and every rule of ``parse_chunks`` holds, else None.
     Columns only: no ChunkEntry is made here (``ChunkTable.entries`` makes them when someone asks)."""
-    columns = _chunk_columns(data, span, layers, data_size_bytes, chunk_size_bytes)
+    columns = _chunk_columns(data, byte_range, layers, data_size_bytes, chunk_size_bytes)
     if columns is None:
         return None
     layer, offset, size, raw_offset, raw_size, sha_at = columns
@@ -230,7 +230,7 @@ def _entry_starts(whole: np.ndarray, count: int) -> np.ndarray | None:
 
 
 def _chunk_columns(
-    data: bytes, span: Span, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
+    data: bytes, byte_range: ByteRange, layers: tuple[LayerEntry, ...], data_size_bytes: int | None, chunk_size_bytes: int
 ) -> np.ndarray | None:
     """(layer, offset, size, raw_offset, raw_size, where the sha256 starts in ``data``) of every entry, as rows of an
     array; None when an entry is not in the writer's encoding or a rule of ``parse_chunks`` does not hold.
@@ -239,11 +239,11 @@ def _chunk_columns(
     its bytes / 85. Entries are found by their first bytes (a fixmap of 6, then "layer") and must then tile
     the list exactly, so a look-alike inside a sha256 only sends the list to the entry-by-entry path.
     """
-    header = _list_header(data, span)
+    header = _list_header(data, byte_range)
     if header is None:
         return None
     count, body = header
-    whole = np.frombuffer(data, np.uint8, span[1] - body, body)
+    whole = np.frombuffer(data, np.uint8, byte_range[1] - body, body)
     starts = _entry_starts(whole, count)
     if starts is None:
         return None
@@ -257,10 +257,10 @@ def _chunk_columns(
     return np.stack([*columns, sha_at + body])
 
 
-def _list_header(data: bytes, span: Span) -> tuple[int, int] | None:
-    """(entry count, where the first entry starts) of the msgpack array at ``span``; None for another type, no
+def _list_header(data: bytes, byte_range: ByteRange) -> tuple[int, int] | None:
+    """(entry count, where the first entry starts) of the msgpack array at ``byte_range``; None for another type, no
     entries, or a count the list's bytes cannot hold in the writer's encoding."""
-    start, end = span
+    start, end = byte_range
     first = data[start]
     if 0x90 <= first <= 0x9F:
         count, body = first & 0x0F, start + 1

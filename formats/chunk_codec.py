@@ -1,4 +1,4 @@
-"""A chunk's bytes (not its manifest entry: ``chunk_list.py`` parses those, ``chunk_table.py`` holds them): verified, decoded.
+"""A chunk's bytes verified and decoded.
 
 From anywhere (a file, an HTTP body): checked against its sha256, its zstd frame checked against the manifest's
 sizes, then decompressed; one chunk at a time, or a batch of small ones with numpy (no Python object
@@ -17,6 +17,7 @@ from ..errors import (
     ChunkDecodeError,
     ChunkIntegrityError,
     ChunkSizeError,
+    UsageError,
 )
 from .manifest import ChunkEntry
 
@@ -53,26 +54,29 @@ def frame_size_bytes(data: bytes | memoryview) -> int:
     block carries 1 byte, a raw or compressed block ``size`` bytes), then an optional 4-byte checksum.
 
     Raises:
-        ValueError: the bytes do not hold one whole frame.
+        ChunkDecodeError: the bytes do not hold one whole frame.
     """
     if bytes(data[:4]) != _ZSTD_MAGIC:
-        raise ValueError("no zstd frame magic")
-    position = zstandard.frame_header_size(data)
+        raise ChunkDecodeError("no zstd frame magic")
+    try:
+        position = zstandard.frame_header_size(data)
+    except zstandard.ZstdError as exc:
+        raise ChunkDecodeError(str(exc)) from None
     end = len(data)
     while True:
         if position + _ZSTD_BLOCK_HEADER_SIZE_BYTES > end:
-            raise ValueError("the frame is truncated")
+            raise ChunkDecodeError("the frame is truncated")
         header = data[position] | data[position + 1] << 8 | data[position + 2] << 16
         block_type = (header >> 1) & 3
         if block_type == 3:
-            raise ValueError("reserved block type")
+            raise ChunkDecodeError("reserved block type")
         position += _ZSTD_BLOCK_HEADER_SIZE_BYTES + (1 if block_type == 1 else header >> 3)
         if header & 1:
             break
     if data[4] & 0x04:  # Content_Checksum_flag in the frame header descriptor
         position += _ZSTD_CHECKSUM_SIZE_BYTES
     if position > end:
-        raise ValueError("the frame is truncated")
+        raise ChunkDecodeError("the frame is truncated")
     return position
 
 
@@ -86,7 +90,7 @@ def check_frame(chunk: ChunkEntry, data: bytes | memoryview) -> None:
     try:
         declared = zstandard.frame_content_size(data)
         frame_size = frame_size_bytes(data)
-    except (zstandard.ZstdError, ValueError) as exc:
+    except (zstandard.ZstdError, ChunkDecodeError) as exc:
         raise ChunkDecodeError(f"{_where(chunk)} is not a zstd frame ({exc})") from None
     if frame_size != len(data):
         raise ChunkDecodeError(f"{_where(chunk)} has {len(data) - frame_size} bytes after its zstd frame; a chunk is exactly one frame")
@@ -123,6 +127,10 @@ def check_frames(chunks: list[ChunkEntry], data: bytes | memoryview) -> None:
     header (RFC 8878 sections 3.1.1.1 and 3.1.1.2): magic, no reserved bit, a declared
     content size equal to the manifest's raw size, and the frame ending exactly where the
     chunk does. Any other frame goes to ``check_frame``, which accepts it or raises its error.
+
+    Raises:
+        ChunkSizeError, ChunkDecodeError: as ``check_frame``, for the first chunk that fails.
+        UsageError: ``data`` is not exactly the chunks' bytes back to back.
     """
     sizes = np.array([chunk.size_bytes for chunk in chunks], np.int64)
     _check_frames(chunks, data, sizes, np.array([chunk.raw_size_bytes for chunk in chunks], np.int64))
@@ -134,7 +142,7 @@ def _check_frames(chunks: Sequence[ChunkEntry], data: bytes | memoryview, sizes:
     count = len(chunks)
     starts = np.cumsum(sizes) - sizes
     if count == 0 or starts[-1] + sizes[-1] != len(data):
-        raise ValueError(f"{len(data)} bytes do not hold exactly these {count} chunks")
+        raise UsageError(f"{len(data)} bytes do not hold exactly these {count} chunks")
     buffer = np.zeros(len(data) + _WINDOW_BYTES + 8, np.uint8)  # padded: a short frame's reads stay inside
     buffer[: len(data)] = np.frombuffer(data, np.uint8)
     # the 8 (4) bytes from each byte on as one little-endian integer (unaligned views, no copy): a read per field
@@ -181,6 +189,7 @@ def decompress_chunk(
         ChunkSizeError: the frame declares or yields another size.
         ChunkDecodeError: the bytes are not exactly one zstd frame (trailing bytes are refused: one
             walk over the block headers, ~1 us per MiB chunk).
+        UsageError: ``out`` is not exactly raw_size_bytes long.
     """
     expected = chunk.raw_size_bytes
     check_frame(chunk, data)
@@ -196,7 +205,7 @@ def decompress_chunk(
             raise ChunkSizeError(f"chunk {chunk.index} of layer {chunk.layer_index} decompressed to {len(raw)} bytes, expected {expected}")
         return raw
     if len(out) != expected:
-        raise ValueError(f"output buffer is {len(out)} bytes, chunk needs {expected}")
+        raise UsageError(f"output buffer is {len(out)} bytes, chunk needs {expected}")
     try:
         with (decompressor or zstandard.ZstdDecompressor()).stream_reader(data, read_across_frames=False) as frame:
             view = memoryview(out)
