@@ -22,7 +22,9 @@ def test_the_library_is_found() -> None:
 
 
 def test_no_library_module_is_over_400_lines() -> None:
-    long = {path.relative_to(ROOT).as_posix(): n for path in library_files() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        path.relative_to(ROOT).as_posix(): n for path in library_files() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}
 
 

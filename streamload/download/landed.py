@@ -20,12 +20,17 @@ from ..errors import ChunkIntegrityError
 @dataclasses.dataclass(slots=True)
 class Landed:
     """What became of one batch of chunks (positions in the span's table): stored ones with the xxh3 of their stored
-    bytes, and ones refused by their hash."""
+    bytes, ones refused by their hash, and the pool thread's seconds on each stage (added to ``DownloadStats`` on the
+    event loop as the batch lands: the stats have one writer)."""
 
     stored: Sequence[int]
     digests: np.ndarray  # (uint64) xxh3 of each stored chunk's bytes: what a later process checks the store against
     failed: list[tuple[int, ChunkIntegrityError]]
     size_bytes: int  # compressed bytes received for the batch
+    receive_wait_s: float  # waiting for the batch's bytes on the connection
+    verify_s: float  # sha256
+    decompress_s: float  # zstd
+    store_s: float  # pwrite into the store (refinements: folded in)
 
 
 class LandedQueue:

@@ -109,7 +109,12 @@ class Workers:
             fatal = self._integrity_failed(table.entry(position), failure, mirror)
             if fatal is not None:
                 span.stop(fatal)
-        self.stats.chunks_fetched += len(stored)
+        stats = self.stats  # written on the event loop only: pool threads carry their seconds in ``landed``
+        stats.chunks_fetched += len(stored)
+        stats.receive_wait_s += landed.receive_wait_s
+        stats.verify_s += landed.verify_s
+        stats.decompress_s += landed.decompress_s
+        stats.store_s += landed.store_s
         indices = column_at(table.index, stored)
         self.download.land(stored, column_at(table.layer, stored), column_at(table.pass_index, stored), indices, landed.digests)
 
