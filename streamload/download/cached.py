@@ -9,7 +9,7 @@ again after it. Checks run on a worker thread (one xxh3 pass over the chunks' by
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -37,6 +37,14 @@ class CachedChunks:
         self.journaled: dict[int, int] = {i: journaled[i] for i in indices[usable].tolist()}
         self.checked_layers: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
         self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
+
+    def mark_checked(self, layer_index: int) -> None:
+        """Every cached chunk of this layer matched its digest."""
+        self.checked_layers.add(layer_index)
+
+    def forget(self, layers: Iterable[int]) -> None:
+        """These layers have chunks fetched again (damaged in the cache): checked again when next used."""
+        self.checked_layers.difference_update(layers)
 
     def pending(self) -> np.ndarray:
         """Per position: True when the cache does not hold that chunk."""

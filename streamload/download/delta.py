@@ -8,10 +8,10 @@ from the scheduler) and goes on reading their frames in file order beside the do
 next frame is near, on a new ranged request past a larger gap (a server that ignores Range sends the whole delta file
 on the first request, read forward); rows demanded out of order get an extra ranged request. Each chunk is rebuilt
 from the base's stored bytes (each base chunk checked against its journaled xxh3 first), checked against its sha256,
-written to the store and handed to the download's completion route (scheduler, readiness, group commit: a kill at any
-point resumes with what is journaled), so layers become ready in execution order as their chunks land. Anything that
-fails (no delta file: 404; a damaged index or frame: a hash that differs; a base chunk damaged or missing) is given
-back to the scheduler, and the download fetches it whole from the model file. The base's files are only read.
+written to the store and handed over to the download (its ``Handover``, drained by its completion route: scheduler,
+readiness, group commit: a kill at any point resumes with what is journaled), so layers become ready in execution order
+as their chunks land. Anything that fails (no delta file: 404; a damaged index or frame: a hash that differs; a base
+chunk damaged or missing) is handed back, and the download fetches it whole from the model file. The base's files are only read.
 
 Costs: per rebuilt chunk one zstd frame decoded, one byte-wise add, a sha256 and an xxh3 of its raw bytes. Threads:
 each batch of frames is read and rebuilt on a worker thread (``asyncio.to_thread``); the rest runs on the event loop.
@@ -52,11 +52,10 @@ from ..formats.delta import (
 from ..stats import DownloadStats
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
+from .landed import Handed, Handover
 
 if TYPE_CHECKING:
     import aiohttp
-
-    from .model_download import Download
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ PENDING, TAKEN, SETTLED = 0, 1, 2
 class DeltaStream:
     """The delta's frames for the chunks it owns (``positions``, taken from the scheduler), fetched in file order beside
     the download, and on extra ranged requests for chunks demanded out of order (rows); each batch rebuilt on a worker
-    thread, then landed on the download it is handed (positions, xxh3 digests, frame bytes) or given back to it."""
+    thread, then handed over to the download (positions, xxh3 digests, frame bytes) or given back."""
 
     def __init__(
         self,
@@ -188,16 +187,16 @@ class DeltaStream:
         self.number_of = {int(i): n for n, i in enumerate(index.chunk_index[wanted].tolist())}  # chunk index -> entry number
         self._tasks: set[asyncio.Task[None]] = set()
         self._bodies: set[_Body] = {body}
-        self._download: Download | None = None  # where rebuilt chunks land, and what fails goes back (``start``)
+        self._handover: Handover | None = None  # the download's: rebuilt chunks, and those given back (``start``)
 
-    def start(self, download: Download) -> None:
-        """Read the frames beside ``download``: rebuilt chunks land on it (``land_rebuilt``), failed ones go back."""
-        self._download = download
+    def start(self, handover: Handover) -> None:
+        """Read the frames beside the download: rebuilt chunks, and failed ones given back, go on its ``handover``."""
+        self._handover = handover
         self._spawn(self._run())
 
-    def _landing(self) -> Download:
-        assert self._download is not None, "frames are read only once started"
-        return self._download
+    def _handing(self) -> Handover:
+        assert self._handover is not None, "frames are read only once started"
+        return self._handover
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name=f"streamload delta {self.base_digest[:12]}")
@@ -240,7 +239,7 @@ class DeltaStream:
 
     def demand(self, chunk_indices: Sequence[int]) -> None:
         """Chunks someone waits for out of order (rows): their frames on an extra ranged request, now."""
-        if self.body.reader.whole_file or self._download is None:
+        if self.body.reader.whole_file or self._handover is None:
             return  # forward only: they come in order (or nothing is read yet)
         numbers = sorted(n for n in (self.number_of.get(int(i)) for i in chunk_indices) if n is not None and self.state[n] == PENDING)
         if numbers:
@@ -287,9 +286,9 @@ class DeltaStream:
         if landed:
             numbers = [n for n, _ in landed]
             frames = int(self.index.size[self.wanted[numbers]].sum())
-            self._landing().land_rebuilt(self.positions[numbers], [digest for _, digest in landed], frames)
+            self._handing().put(Handed(self.positions[numbers].tolist(), [digest for _, digest in landed], saved_bytes=frames))
         if refused:
-            self._landing().give_back(self.positions[refused])
+            self._handing().put(Handed(self.positions[refused].tolist(), given_back=True))
         if failure is not None:
             raise failure
 
@@ -299,7 +298,7 @@ class DeltaStream:
         if left:
             for n in left:
                 self.state[n] = SETTLED
-            self._landing().give_back(self.positions[left])
+            self._handing().put(Handed(self.positions[left].tolist(), given_back=True))
 
     async def stop(self) -> None:
         """Stop reading (any body is aborted); what did not land is given back."""

@@ -74,6 +74,10 @@ class Origin:
         self.revalidated_etag: str | None = None  # the cached copy's ETag, when the server said (304) it is still the file
         self.offline: FetchError | None = None  # why the server could not be reached, when the header came from the cache
 
+    def use_cache_root(self, cache_root: Path) -> None:
+        """Keep the cache under ``cache_root`` from now on (a private one: the given directory is not writable)."""
+        self.cache_root = cache_root
+
     async def cached_pinned_header(self) -> Header | None:
         """The header of the pinned model when the cache holds it complete: then no network is needed."""
         if self.pinned is None or not is_url(self.url):
@@ -170,11 +174,10 @@ class Origin:
 
     async def _unchanged(self, etag: str) -> bool:
         """The server says (304) the URL still has the cached copy's ETag; any failure: False (the header is fetched)."""
-        unchanged = getattr(self.source, "unchanged", None)
-        if unchanged is None:
+        if self.source is None:
             return False
         try:
-            return await unchanged(etag)
+            return await self.source.unchanged(etag)
         except (FetchError, OSError, TimeoutError) as exc:
             logger.debug("%s: revalidating the cached copy failed (%s)", redact_urls(self.url), exc)
             return False

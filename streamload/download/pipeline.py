@@ -131,7 +131,7 @@ class ChunkPipeline:
                         break
                     continue
                 if waiter is None or waiter.done():
-                    waiter = asyncio.ensure_future(landed.wait())
+                    waiter = landed.next_wake()
                 await asyncio.wait([jobs, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
             if waiter is not None:

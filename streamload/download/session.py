@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..cache.model_cache import ModelCache
 from ..cache.refs import write_ref
-from ..errors import CacheError, DigestMismatchError, StreamloadError
+from ..errors import CacheError, DigestMismatchError, FetchError, StreamloadError
 from ..formats import Manifest, QuantScheme, view_tensor
 from ..formats.constants import LayerKind
 from ..layer import Layer, distinct_rows, map_layer
@@ -38,7 +37,6 @@ from .header import Header
 from .mirrors import HeaderProbes, check_mirrors
 from .model_download import Download, DownloadSettings
 from .origin import Origin, split_pin
-from .pipeline import ChunkPipeline
 
 if TYPE_CHECKING:
     import aiohttp
@@ -47,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DownloadSession", "default_verify_threads"]
+__all__ = ["DownloadSession"]
 
 
 class DownloadSession:
@@ -69,7 +67,6 @@ class DownloadSession:
     ) -> None:
         self.url, self.pinned = split_pin(source, digest)
         self.mirror_urls = check_mirrors(self.url, mirrors)  # other hosts of the same file, checked by manifest digest before use
-        self.cache_root = cache_root
         self.connections = max(1, connections)
         self.retry = retry
         self.progress_callback = progress
@@ -105,10 +102,14 @@ class DownloadSession:
         assert self.header is not None
         return self.header.data_offset
 
+    def chunk_times(self) -> dict[int, tuple[float, float, float, float]]:
+        """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter) of the chunks fetched so far."""
+        return self.download.chunk_times() if self.download is not None else {}
+
     @property
-    def pipeline(self) -> ChunkPipeline | None:
-        """The download's pool threads (None until a download started)."""
-        return self.download.pipeline if self.download is not None else None
+    def offline(self) -> FetchError | None:
+        """Why the source could not be reached when the header came from the cache (None: it was reached)."""
+        return self.origin.offline
 
     @property
     def complete(self) -> asyncio.Future[None]:
@@ -186,23 +187,23 @@ class DownloadSession:
     async def _open_cache(self, header: Header) -> ModelCache:
         """The model's cache (a private one for a local file when the cache directory is not writable), its header and
         ref recorded, its lock held."""
-        manifest = header.manifest
-        if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, self.cache_root):
+        manifest, root = header.manifest, self.origin.cache_root  # the origin's: it reads cached headers there too
+        if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, root):
             # a local file needs no cache to outlive the run: decompress into a private one, removed at close
             self._temp_root = Path(tempfile.mkdtemp(prefix="streamload-run-"))
-            logger.warning("the cache directory %s is not writable; running %s from a temporary copy", self.cache_root, self.url)
-            self.cache_root = self.origin.cache_root = self._temp_root
-        self.cache = cache = ModelCache(self.cache_root, manifest.digest)
+            logger.warning("the cache directory %s is not writable; running %s from a temporary copy", root, self.url)
+            self.origin.use_cache_root(root := self._temp_root)
+        self.cache = cache = ModelCache(root, manifest.digest)
         remote = self.source is not None and self.source.remote
 
         def record() -> None:  # two small files written and fsynced: not on the event loop
             cache.write_header(header.raw)
             if remote:
                 # a 304 read no header, so the source has no ETag of its own: the one revalidated stays in the ref
-                etag = getattr(self.source, "etag", None) or self.origin.revalidated_etag
-                write_ref(self.cache_root, self.url, manifest.digest, etag)
+                etag = (self.source.etag if self.source is not None else None) or self.origin.revalidated_etag
+                write_ref(root, self.url, manifest.digest, etag)
             elif self.source is not None:  # a local file: `streamload run NAME` finds it again by its cached name
-                write_ref(self.cache_root, str(Path(self.url).resolve()), manifest.digest)
+                write_ref(root, str(Path(self.url).resolve()), manifest.digest)
 
         await asyncio.to_thread(record)
         await cache.acquire()
@@ -230,7 +231,8 @@ class DownloadSession:
         cached version, where the manifest lists one (its stream). ``pending`` loses what was copied."""
         from .updates import copy_shared, open_update_delta  # a remote download's modules: a local run's cold start skips them
 
-        found = await copy_shared(self.origin, header, cache, cached, pending)
+        copied, found = await copy_shared(self.origin, header, cache, cached, pending)
+        pending[copied] = False  # the session's own array: copied chunks are cached now
         if len(pending) and (not pending[0] or found is not None):  # the header's request would bring what is here
             self._close_header_stream()
         return None if found is None else await open_update_delta(found, self.origin, header, cache, cached, pending)
@@ -269,7 +271,7 @@ class DownloadSession:
             await download.wait_for_layer(index)
             if index in cached.checked_layers or await self._check_cached(chunks):
                 break
-        cached.checked_layers.add(index)
+        cached.mark_checked(index)
         self._need(chunks)
         if index not in self._layers:
             assert self.cache is not None
@@ -349,7 +351,7 @@ class DownloadSession:
         layers = sorted({c.layer_index for c in reopened})
         names = ", ".join(f"{i} ({self.manifest.layers[i].name})" for i in layers)
         logger.warning("layer %s: %d cached chunks differ from what was verified; fetching them again", names, len(reopened))
-        self.cached.checked_layers.difference_update(self.download.reopen(reopened))
+        self.cached.forget(self.download.reopen(reopened))
         try:
             await self._fetch_missing()
         except StreamloadError as exc:
@@ -393,8 +395,3 @@ def _writable(directory: Path) -> bool:
             return True
     except OSError:
         return False
-
-
-def default_verify_threads() -> int:
-    """Cores + 1, at most 8: one thread waits on the connection while the others compute."""
-    return min(8, (os.cpu_count() or 1) + 1)
