@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache.files import default_cache_dir
-from .download.header import fetch_header_with_retries
+from .download.header import read_header_with_retries
 from .download.model_download import default_verify_threads
 from .download.origin import is_url
 from .download.session import DownloadSession
@@ -315,7 +315,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
 
         source, cached_digest = resolve_cached_source(cache_root, source)
         digest = digest or cached_digest
-    download = DownloadSession(
+    download_session = DownloadSession(
         source,
         cache_root=cache_root,
         digest=digest,
@@ -330,10 +330,10 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         mirrors=mirrors,
     )
     try:
-        await download.start()
-        yield Model(download)
+        await download_session.start()
+        yield Model(download_session)
     finally:
-        await download.close()
+        await download_session.close()
 
 
 async def read_remote_header(
@@ -353,7 +353,7 @@ async def read_remote_header(
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session, headers)
     try:
-        header = await fetch_header_with_retries(source, policy, give_up_unreachable=give_up_unreachable)
+        header = await read_header_with_retries(source, policy, give_up_unreachable=give_up_unreachable)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         await source.close()

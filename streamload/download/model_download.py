@@ -39,7 +39,7 @@ from .sources import Sources
 from .workers import ROW_REQUESTS, Workers, first_cause, workers_per_source
 
 if TYPE_CHECKING:
-    from .delta import DeltaStream
+    from .delta_stream import DeltaStream
 
 logger = logging.getLogger(__name__)
 

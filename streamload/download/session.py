@@ -4,8 +4,8 @@
 on into the data, or from the cache when the model is pinned and complete, or offline), opens the cache, reads what
 its journal holds (``CachedChunks``, over the manifest's ``ChunkIndex``) and hands what it lacks to a ``Download``
 (``model_download.py``), the one owner of the scheduler and ``Readiness``. ``layer``, ``coarse_layer`` and ``rows``
-ask it for what is not here yet; a cached chunk is checked against its journaled digest the first time a process uses
-it (a damaged one is fetched again). Event loop; file work on worker threads.
+ask it for what is not here yet; a cached chunk is checked against its journaled digest the first time the opened model
+uses it (a damaged one is fetched again). Event loop; file work on worker threads.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..stats import DownloadStats, Progress
 from ..tokenizer import load_tokenizer
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
-from .cached import CachedChunks
+from .cached_chunks import CachedChunks
 from .chunk_index import ChunkIndex
 from .header import Header
 from .mirrors import HeaderProbes, check_mirrors
@@ -41,7 +41,7 @@ from .origin import Origin, split_pin
 if TYPE_CHECKING:
     import aiohttp
 
-    from .delta import DeltaStream
+    from .delta_stream import DeltaStream
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class DownloadSession:
         # set by start(); close() copes with any of them missing
         self.header: Header | None = None  # the model's preamble and manifest
         self.cache: ModelCache | None = None
-        self.index: ChunkIndex | None = None  # what the manifest's chunk table says about the layers
-        self.cached: CachedChunks | None = None  # what the cache held when opened, checked once per process
+        self.chunk_index: ChunkIndex | None = None  # what the manifest's chunk table says about the layers
+        self.cached: CachedChunks | None = None  # what the cache held when opened, checked once per opened model
         self.download: Download | None = None  # the owner of the scheduler and readiness
         self._header_stream: SpanReader | None = None  # the header's request, going on into the data (the download takes it)
         self._temp_root: Path | None = None  # a private cache for a local file when the cache directory is not writable
@@ -120,9 +120,9 @@ class DownloadSession:
         """Every chunk in the cache, and each one that came from it checked against its journaled digest (damaged ones
         fetched again; with no source, a CacheError): what is declared complete has been checked."""
         while True:
-            assert self.download is not None and self.index is not None
+            assert self.download is not None and self.chunk_index is not None
             await asyncio.shield(self.download.complete)
-            if await self._check_cached(np.arange(len(self.index.table))):
+            if await self._check_cached(np.arange(len(self.chunk_index.table))):
                 return
 
     @property
@@ -215,7 +215,7 @@ class DownloadSession:
         manifest = self.manifest
         journaled = cache.read_journal(len(manifest.chunk_table) + len(manifest.refinement_chunks))
         store_size = await asyncio.to_thread(cache.open_store, manifest.store_size_bytes)
-        self.index = index = ChunkIndex.build(manifest)
+        self.chunk_index = index = ChunkIndex.build(manifest)
         self.cached = cached = CachedChunks(cache, index, journaled, store_size, manifest.store_size_bytes)
         if index.plan.requires and cached.journaled:
             damaged = await cached.check_under_pending_refinements()
@@ -262,7 +262,7 @@ class DownloadSession:
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        download, chunk_index, cached = self.download, self.index, self.cached
+        download, chunk_index, cached = self.download, self.chunk_index, self.cached
         assert download is not None and chunk_index is not None and cached is not None
         for scales_layer in chunk_index.scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
@@ -284,7 +284,7 @@ class DownloadSession:
         progressive tensor is ``layer(index)``."""
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        download, chunk_index = self.download, self.index
+        download, chunk_index = self.download, self.chunk_index
         assert download is not None and chunk_index is not None
         if not len(chunk_index.plan.layer_refinements[index]):
             return await self.layer(index)
@@ -316,7 +316,7 @@ class DownloadSession:
         if self.manifest.layers[entry.layer_index].kind is not LayerKind.ROWS:
             await self.layer(entry.layer_index)
         else:
-            download, chunk_index, cached = self.download, self.index, self.cached
+            download, chunk_index, cached = self.download, self.chunk_index, self.cached
             assert download is not None and chunk_index is not None and cached is not None
             row_bytes = entry.shape[1] * entry.dtype.size_bytes
             positions = chunk_index.positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, distinct_rows(ids))
@@ -334,12 +334,12 @@ class DownloadSession:
 
     def _need(self, positions: np.ndarray) -> None:
         """Count these chunks as ones the layers and rows handed out depended on."""
-        assert self.index is not None
-        table = self.index.table
+        assert self.chunk_index is not None
+        table = self.chunk_index.table
         self.needed_chunks.update(zip(table.index[positions].tolist(), table.size[positions].tolist(), strict=True))
 
     async def _check_cached(self, positions: np.ndarray) -> bool:
-        """Check the given chunks (positions) that came from the cache against their journaled digests (once per process).
+        """Check the given chunks (positions) that came from the cache against their journaled digests (once per opened model).
 
         True when all match. Damaged ones are fetched again (False: wait for them), or,
         with no source to fetch them from, a CacheError naming their layer.

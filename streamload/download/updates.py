@@ -1,7 +1,7 @@
 """An update taken from what the cache holds: chunks other cached models share copied, the rest from a delta file.
 
 Only a remote download with chunks pending comes here, before it starts (a local run's cold start imports neither
-this module nor ``cache/reuse.py`` nor ``delta.py``). ``copy_shared_chunks`` copies into the store, checked, every
+this module nor ``cache/reuse.py`` nor ``download/delta_stream.py``). ``copy_shared_chunks`` copies into the store, checked, every
 pending chunk another cached model holds (a worker thread); where the manifest lists a delta file against a cached
 version, ``open_delta`` reads its index and makes the stream of the pending chunks it holds.
 """
@@ -16,8 +16,8 @@ from ..cache.model_cache import ModelCache
 from ..cache.reuse import HeldModel, copy_shared_chunks
 from ..formats.constants import PREAMBLE_SIZE_BYTES
 from ..formats.delta import DeltaBase
-from .cached import CachedChunks
-from .delta import DeltaStream, find_delta_base, open_delta
+from .cached_chunks import CachedChunks
+from .delta_stream import DeltaStream, find_delta_base, open_delta
 from .header import Header
 from .origin import Origin
 

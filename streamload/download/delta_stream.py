@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import Coroutine, Mapping, Sequence
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xxhash
 
 from ..cache.model_cache import ModelCache
 from ..cache.reuse import HeldModel, read_held_model
@@ -42,16 +40,15 @@ from ..formats.delta import (
     DELTA_PREAMBLE_SIZE_BYTES,
     DeltaBase,
     DeltaIndex,
-    DeltaMethod,
     delta_file_name,
     index_size_needed,
     parse_delta_index,
     read_delta_bases,
-    rebuild_chunk,
 )
 from ..stats import DownloadStats
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
+from .delta_rebuild import DeltaRebuilder
 from .landed import Handed, Handover
 
 if TYPE_CHECKING:
@@ -158,7 +155,7 @@ async def open_delta(
     position_of = np.full(int(table.index.max()) + 1, -1, np.int64)
     position_of[table.index] = np.arange(len(table))
     positions = position_of[index.chunk_index[wanted]]
-    return DeltaStream(source, body, index, wanted, positions, _Rebuilder(held, manifest, cache, table), stats, base.digest)
+    return DeltaStream(source, body, index, wanted, positions, DeltaRebuilder(held, manifest, cache, table), stats, base.digest)
 
 
 PENDING, TAKEN, SETTLED = 0, 1, 2
@@ -176,7 +173,7 @@ class DeltaStream:
         index: DeltaIndex,
         wanted: np.ndarray,
         positions: np.ndarray,
-        rebuilder: _Rebuilder,
+        rebuilder: DeltaRebuilder,
         stats: DownloadStats,
         base_digest: str,
     ) -> None:
@@ -317,83 +314,3 @@ def _wanted_entries(index: DeltaIndex, table: ChunkTable, pending: np.ndarray) -
     """Entries (positions in the index) for pending pass-0 chunks, in order."""
     pending_indices = table.index[pending[table.pass_index[pending] == 0]]
     return np.flatnonzero(np.isin(index.chunk_index, pending_indices))
-
-
-class _Rebuilder:
-    """Rebuilds chunks from frames and the base's store (worker thread), writes them, journals them in groups."""
-
-    def __init__(self, held: HeldModel, manifest: Manifest, cache: ModelCache, table: ChunkTable) -> None:
-        self.held, self.manifest, self.cache = held, manifest, cache
-        self.position_of = {int(i): p for p, i in enumerate(table.index.tolist())}
-        self.table = table
-        base = held.manifest.chunk_table
-        keep = base.pass_index == 0
-        self.base_offsets, self.base_ends = base.raw_offset[keep], base.raw_offset[keep] + base.raw_size[keep]
-        self.base_index = base.index[keep]
-        self.progressive = [(t.raw_offset, t.raw_end) for t in held.manifest.tensors if t.coarse_shift is not None]
-        self.fd = -1
-
-    def _base_bytes(self, raw_offset: int, raw_size: int) -> bytes | None:
-        """The base's store over [raw_offset, raw_offset + raw_size), every base chunk under it checked; None otherwise."""
-        end = raw_offset + raw_size
-        if any(a < end and raw_offset < b for a, b in self.progressive):
-            return None
-        first = int(np.searchsorted(self.base_ends, raw_offset, side="right"))
-        last = int(np.searchsorted(self.base_offsets, end, side="left"))
-        if first >= last or self.base_offsets[first] > raw_offset or self.base_ends[last - 1] < end:
-            return None
-        pieces = []
-        for position in range(first, last):
-            index, start, stop = int(self.base_index[position]), int(self.base_offsets[position]), int(self.base_ends[position])
-            digest = self.held.journal.get(index)
-            if digest is None:
-                return None
-            data = os.pread(self.fd, stop - start, start)
-            if len(data) != stop - start or xxhash.xxh3_64_intdigest(data) != digest:
-                return None
-            pieces.append(data)
-        joined = b"".join(pieces)
-        start = raw_offset - int(self.base_offsets[first])
-        return joined[start : start + raw_size]
-
-    def run(self, body: _Body, index: DeltaIndex, entries: list[int]) -> tuple[list[int | None], BaseException | None]:
-        """(worker thread) Read and rebuild these entries, writing each rebuilt chunk to the store: per entry read, the
-        xxh3 of the chunk written (None: refused), and the failure that stopped the reading (the rest unread)."""
-        results: list[int | None] = []
-        if self.fd == -1:
-            try:
-                self.fd = os.open(self.held.store_path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                self.fd = -2
-        for entry in entries:
-            try:
-                frame = body.read(index.data_offset + int(index.offset[entry]), int(index.size[entry]))
-            except (StreamloadError, OSError) as exc:
-                return results, exc
-            results.append(self._rebuild(index, entry, frame))
-        return results, None
-
-    def _rebuild(self, index: DeltaIndex, entry: int, frame: bytes) -> int | None:
-        position = self.position_of.get(int(index.chunk_index[entry]))
-        if position is None:
-            return None
-        chunk = self.table.entry(position)
-        method = int(index.method[entry])
-        base = None
-        if method == DeltaMethod.DIFFERENCE:
-            base = self._base_bytes(int(index.base_raw_offset[entry]), chunk.raw_size_bytes) if self.fd >= 0 else None
-            if base is None:
-                logger.info("chunk %d: the cached base's bytes under it are missing or damaged; it is fetched whole", chunk.index)
-                return None
-        try:
-            raw = rebuild_chunk(chunk, method, frame, index.sha256[entry].tobytes(), base)
-        except FormatError as exc:
-            logger.warning("%s; it is fetched whole", exc)
-            return None
-        self.cache.write_chunks(chunk.raw_offset, [raw])
-        return xxhash.xxh3_64_intdigest(raw)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
