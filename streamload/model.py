@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache.files import default_cache_dir
-from .download.header import fetch_header_with_retries
+from .download.header import read_header_with_retries
+from .download.model_download import default_verify_threads
 from .download.origin import is_url
-from .download.session import DownloadSession, default_verify_threads
+from .download.session import DownloadSession
+from .errors import FetchError
 from .formats import Manifest
 from .layer import Layer
 from .stats import DownloadStats, LayerTimes, Progress
@@ -90,6 +92,12 @@ class Model:
         return list(self._session.coarse_ready_s)
 
     @property
+    def offline_reason(self) -> FetchError | None:
+        """Why the source could not be reached when the model was opened from the cache alone (None: it was reached,
+        or was not needed); the layers the cache lacks then fail."""
+        return self._session.offline
+
+    @property
     def progressive(self) -> bool:
         """Some layers arrive coarse first and exact after their refinements (``convert --progressive``)."""
         return self.manifest.progressive
@@ -102,7 +110,7 @@ class Model:
     def layer_times(self) -> list[LayerTimes]:
         """Per layer, when its chunks were received and when they were verified+decompressed+stored
         (``time.perf_counter()`` values; None for layers that came from the cache)."""
-        chunk_times = self._session.pipeline.chunk_times if self._session.pipeline is not None else {}
+        chunk_times = self._session.chunk_times()
         times_by_layer: dict[int, list[tuple[float, ...]]] = {}
         refined_by_layer: dict[int, list[tuple[float, ...]]] = {}
         for chunk in self.manifest.file_order_chunks():  # pass 0, and a progressive layer's refinements apart
@@ -307,7 +315,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
 
         source, cached_digest = resolve_cached_source(cache_root, source)
         digest = digest or cached_digest
-    download = DownloadSession(
+    download_session = DownloadSession(
         source,
         cache_root=cache_root,
         digest=digest,
@@ -322,10 +330,10 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
         mirrors=mirrors,
     )
     try:
-        await download.start()
-        yield Model(download)
+        await download_session.start()
+        yield Model(download_session)
     finally:
-        await download.close()
+        await download_session.close()
 
 
 async def read_remote_header(
@@ -345,7 +353,7 @@ async def read_remote_header(
     policy = retry or RetryPolicy()
     source = HttpSource(url, policy, session, headers)
     try:
-        header = await fetch_header_with_retries(source, policy, give_up_unreachable=give_up_unreachable)
+        header = await read_header_with_retries(source, policy, give_up_unreachable=give_up_unreachable)
         return header.manifest, header.data_offset + header.manifest.data_size_bytes
     finally:
         await source.close()

@@ -26,8 +26,8 @@ class Progress:
 class DownloadStats:
     """What a run moved and how (mutable: updated while the download runs).
 
-    The per-stage seconds are summed over pool threads with a plain ``+=`` under the
-    GIL: a lost update only blurs a statistic.
+    Written on the event loop only: the pool threads' per-stage seconds travel in each
+    landed batch and are added as it lands.
     """
 
     bytes_downloaded: int = 0  # network bytes in this run (headers and bodies' payload), HTTP heads excluded

@@ -189,7 +189,7 @@ async def _complete_cache(args: argparse.Namespace, model: Any, bar: ProgressBar
     """Unless --no-finish, wait for the download to complete the cache; a cache read without a connection stays partial."""
     if args.no_finish or model.is_complete:
         return
-    offline = model._session.origin.offline
+    offline = model.offline_reason
     if offline is not None:  # the result came from a partial cache
         print(f"warning: the cache stays partial: {offline}; a run with a connection completes it", file=sys.stderr)
         return

@@ -7,8 +7,9 @@ import dataclasses
 
 from ..errors import FetchError, FormatError, RetryableError, StalledError, UnreachableError, located
 from ..formats import Manifest
+from ..formats import reader as container
 from ..formats.constants import PREAMBLE_SIZE_BYTES
-from ..formats.reader import header_size_needed, read_header
+from ..formats.reader import header_size_needed
 from ..transport.httputil import Backoff, RetryPolicy
 from ..transport.source import Source, SpanReader
 
@@ -27,11 +28,11 @@ class Header:
 
 async def parse_header(raw: bytes | bytearray, file_size_bytes: int | None) -> Header:
     """Validate preamble and manifest off the event loop: the work is linear in the chunk count (~100k for 100 GB)."""
-    preamble, manifest = await asyncio.to_thread(read_header, raw, file_size_bytes)
+    preamble, manifest = await asyncio.to_thread(container.read_header, raw, file_size_bytes)
     return Header(preamble.data_offset, manifest, raw)
 
 
-async def fetch_header(source: Source, *, stream: bool = False) -> Header:
+async def read_header(source: Source, *, stream: bool = False) -> Header:
     """Preamble and manifest with one request (two when the manifest is over 64 KiB). One attempt.
 
     ``stream=True``: one open-ended request from byte 0, left open after the manifest in
@@ -39,14 +40,14 @@ async def fetch_header(source: Source, *, stream: bool = False) -> Header:
     manifest and data); the caller closes it.
     """
     try:
-        return await _fetch_header(source, stream)
+        return await _read_header(source, stream)
     except FormatError as exc:  # named after the source: a URL that serves a web page, say, rather than a model
         if str(exc).startswith(source.url):
             raise
         raise located(exc, source.url) from None
 
 
-async def _fetch_header(source: Source, stream: bool) -> Header:
+async def _read_header(source: Source, stream: bool) -> Header:
     if stream:
         reader = await source.open_span(0, None)
         try:
@@ -90,19 +91,19 @@ async def _read_header_bytes(source: Source, reader: SpanReader, *, limit: int |
     return raw, total, needed
 
 
-async def fetch_header_with_retries(
+async def read_header_with_retries(
     source: Source,
     policy: RetryPolicy,
     *,
     give_up_unreachable: bool = False,
     stream: bool = False,
 ) -> Header:
-    """``fetch_header`` retried with backoff. ``give_up_unreachable``: a server nobody answers at (connection refused,
+    """``read_header`` retried with backoff. ``give_up_unreachable``: a server nobody answers at (connection refused,
     no such host) ends the retries at once (FetchError)."""
     backoff = Backoff(policy, f"fetching the header of {source.url}")
     while True:
         try:
-            return await fetch_header(source, stream=stream)
+            return await read_header(source, stream=stream)
         except (RetryableError, StalledError) as exc:
             if give_up_unreachable and isinstance(exc, UnreachableError):
                 raise  # nobody answers there: the caller may stand in a cached copy (an UnreachableError is a FetchError)

@@ -1,6 +1,6 @@
 """Several hosts of one model: which of them may be used, how fast each is, how large a span each takes.
 
-A mirror is used only after a header probe (one bounded request, ``header.fetch_header``)
+A mirror is used only after a header probe (one bounded request, ``header.read_header``)
 shows the manifest digest and data offset of the primary URL: across hosts the model's
 identity is its manifest digest, not an ETag (nginx on two hosts gives one file two
 ETags; each ``HttpSource`` pins its own). A mirror serving another model is refused
@@ -34,7 +34,7 @@ from ..errors import StreamloadError, UsageError
 from ..formats import ChunkEntry
 from ..transport.httputil import RetryPolicy, check_url, same_origin
 from ..transport.source import Source
-from .header import Header, fetch_header_with_retries
+from .header import Header, read_header_with_retries
 from .origin import is_url
 from .span import Span
 
@@ -164,7 +164,7 @@ class HeaderProbes:
 
         headers = self.headers if same_origin(url, self.primary_url) else None  # credentials stay on the primary's origin
         source = HttpSource(url, self.retry, self.session, headers)
-        return source, asyncio.create_task(fetch_header_with_retries(source, self.retry, give_up_unreachable=True), name=f"probe {url}")
+        return source, asyncio.create_task(read_header_with_retries(source, self.retry, give_up_unreachable=True), name=f"probe {url}")
 
     async def close(self) -> None:
         """Cancel the probes never taken (the download did not start, or ended first) and close their sources."""

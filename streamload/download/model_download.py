@@ -3,9 +3,9 @@
 The session asks it, and nothing else, for what the cache lacks: a layer (``wait_for_layer``: fetched first when it
 is not here), chunks of rows (``wait_for_chunks``: on extra requests beside the running one), damaged cached chunks
 fetched again (``reopen``). The ``Workers`` take spans from its ``ChunkScheduler`` and run them through its
-``ChunkPipeline``; what they land, and what the ``DeltaStream`` rebuilds (``land_rebuilt``, on the object the stream is
-handed), goes through one completion route, ``land``: done in the scheduler, the layers' counts lowered in
-``Readiness``, journaled by the ``GroupCommitter``. Event loop only: a few numpy passes over the chunk table when it
+``ChunkPipeline``; what they land, and what the ``DeltaStream`` rebuilds or gives back, they put on its ``Handover``
+(nothing calls back up), which it drains through one completion route, ``land``: done in the scheduler, the layers'
+counts lowered in ``Readiness``, journaled by the ``GroupCommitter``. Event loop only: a few numpy passes over the chunk table when it
 is made; per landed batch, column work and no object per chunk; the pipeline's threads do the per-byte work.
 """
 
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,10 +25,12 @@ from ..cache.journal import GroupCommitter
 from ..cache.model_cache import ModelCache
 from ..errors import FetchError, StreamloadError
 from ..formats import ChunkEntry, Manifest
+from ..formats.chunk_table import column_at
 from ..stats import DownloadStats, Progress
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
 from .chunk_index import ChunkIndex
+from .landed import Handed, Handover
 from .mirrors import HeaderProbes
 from .pipeline import ChunkPipeline
 from .readiness import Readiness
@@ -36,7 +39,7 @@ from .sources import Sources
 from .workers import ROW_REQUESTS, Workers, first_cause, workers_per_source
 
 if TYPE_CHECKING:
-    from .delta import DeltaStream
+    from .delta_stream import DeltaStream
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,11 @@ class DownloadSettings:
     retry: RetryPolicy
     connections: int  # per source
     verify_threads: int  # pool threads that verify, decompress and store
+
+
+def default_verify_threads() -> int:
+    """Cores + 1, at most 8: one thread waits on the connection while the others compute."""
+    return min(8, (os.cpu_count() or 1) + 1)
 
 
 class Download:
@@ -97,6 +105,7 @@ class Download:
         self.committer: GroupCommitter | None = None  # and so is this
         self.workers: Workers | None = None  # and these
         self.delta = delta  # chunks rebuilt from a delta file beside the download (given back if they fail)
+        self.handover = Handover()  # what the workers and the delta stream hand over: drained by ``_take_handed``
         if delta is not None:
             self.scheduler.take_positions(delta.positions.tolist())
         self.header_stream = header_stream  # the header's request, going on into the data (the first worker takes it)
@@ -126,10 +135,9 @@ class Download:
         """Compressed bytes the cache lacked when the model was opened."""
         return self.readiness.bytes_to_download
 
-    @property
-    def rows_awaited(self) -> bool:
-        """Whether someone waits for single chunks (rows)."""
-        return bool(self.readiness.chunk_waiters)
+    def chunk_times(self) -> dict[int, tuple[float, float, float, float]]:
+        """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter) of the chunks fetched so far."""
+        return self.pipeline.chunk_times if self.pipeline is not None else {}
 
     async def wait_for_layer(self, index: int, *, coarse: bool = False) -> None:
         """Layer ``index`` (``coarse``: its pass-0 chunks) is stored: fetched first when it is not yet."""
@@ -187,16 +195,9 @@ class Download:
         for index in np.flatnonzero(lacking).tolist():
             name = self.manifest.layers[index].name
             failure = FetchError(f"layer {index} ({name}) is not in the cache: {int(lacking[index])} bytes missing, and {why}")
-            readiness.fail_layers([index], failure)
-            if not readiness.coarse_ready[index].done():
-                readiness.coarse_ready[index].set_exception(failure)
-                readiness.coarse_ready[index].exception()
-        failure = FetchError(
-            f"the cache of {self.manifest.digest[:12]} lacks {self.scheduler.pending_bytes} bytes of {self.stats.bytes_total}, and {why}"
-        )
-        if not readiness.complete.done():
-            readiness.complete.set_exception(failure)
-            readiness.complete.exception()
+            readiness.fail_layers([index], failure, coarse=True)
+        lacks = f"lacks {self.scheduler.pending_bytes} bytes of {self.stats.bytes_total}"
+        readiness.fail_complete(FetchError(f"the cache of {self.manifest.digest[:12]} {lacks}, and {why}"))
 
     async def finish_cached(self) -> None:
         """Nothing is pending: the cache held it all (recorded as complete, once)."""
@@ -217,17 +218,34 @@ class Download:
         else:
             self.readiness.report_progress()
 
-    def land_rebuilt(self, positions: np.ndarray, digests: list[int], frame_bytes: int) -> None:
-        """Chunks rebuilt from the delta file (from ``frame_bytes`` of it) are stored. What they saved counts as cached
-        for the progress reports."""
-        table = self.table
-        self.readiness.bytes_cached += int(table.size[positions].sum()) - frame_bytes
-        self.stats.chunks_delta += len(positions)
-        self.land(positions.tolist(), table.layer[positions], table.pass_index[positions], table.index[positions], digests)
+    def _take_handed(self, handed: Handed) -> None:
+        """One batch the workers or the delta stream handed over: fetched chunks (their pool thread's seconds added to
+        the stats, which pool threads never write), rebuilt ones (what their frames saved counts as cached for the
+        progress reports), or chunks the delta file could not give (fetched whole)."""
+        table, stats, positions = self.table, self.stats, handed.positions
+        if handed.given_back:
+            self.scheduler.give_back(positions)
+            return
+        fetched = handed.fetched
+        if fetched is not None:
+            stats.chunks_fetched += len(positions)
+            stats.receive_wait_s += fetched.receive_wait_s
+            stats.verify_s += fetched.verify_s
+            stats.decompress_s += fetched.decompress_s
+            stats.store_s += fetched.store_s
+        else:
+            self.readiness.count_rebuilt(int(column_at(table.size, positions).sum()) - handed.saved_bytes)
+            stats.chunks_delta += len(positions)
+        layers, passes = column_at(table.layer, positions), column_at(table.pass_index, positions)
+        self.land(positions, layers, passes, column_at(table.index, positions), handed.digests)
 
-    def give_back(self, positions: np.ndarray) -> None:
-        """Chunks the delta file could not give: the download fetches them whole."""
-        self.scheduler.give_back(positions.tolist())
+    async def _drain_handover(self) -> None:
+        """Land what is handed over as it comes (beside the workers, until they end)."""
+        records = self.handover.records
+        while True:
+            await self.handover.wait()
+            while records:
+                self._take_handed(records.popleft())
 
     # ------------------------------------------------------------ running the workers
 
@@ -257,19 +275,31 @@ class Download:
             self.committer = GroupCommitter(self.cache, self.loop, self.stats)
             self.sources.open(source)
             stream, self.header_stream = self.header_stream, None
-            self.workers = Workers(self, scheduler=self.scheduler, pipeline=self.pipeline, sources=self.sources, header_stream=stream)
+            self.workers = Workers(
+                settings,
+                manifest=self.manifest,
+                data_offset=self.data_offset,
+                stats=self.stats,
+                scheduler=self.scheduler,
+                pipeline=self.pipeline,
+                sources=self.sources,
+                header_stream=stream,
+                handover=self.handover,
+                bytes_to_download=self.readiness.bytes_to_download,
+                row_waiters=self.readiness.chunk_waiters,
+            )
         self._task = asyncio.create_task(self._run(), name=f"streamload download {self.manifest.digest[:12]}")
 
     def start_delta(self) -> None:
-        """The delta stream's frames, read beside the download; its chunks land here (``land_rebuilt``)."""
+        """The delta stream's frames, read beside the download; it hands its chunks over (``handover``)."""
         if self.delta is not None:
-            self.delta.start(self)
+            self.delta.start(self.handover)
 
     async def _run(self) -> None:
         assert self.committer is not None and self.workers is not None
         try:
             while True:  # again when chunks were reopened (damaged in the cache) while the last commits ran
-                await self.workers.serve(self.committer.watch())
+                await self.workers.serve(self.committer.watch(), self._drain_handover())
                 self.readiness.finish()  # every layer is usable now; durability follows, before close() returns
                 await self.committer.flush()
                 if self.scheduler.finished:
@@ -299,10 +329,11 @@ class Download:
                 self._task.cancel()  # unfinished: stop; what is committed stays for the next run
             with contextlib.suppress(asyncio.CancelledError, StreamloadError):
                 await self._task  # finished: the last group commit completes first
-        for holder in (self, self.workers):  # no worker took it (nothing was pending, or the download failed first)
-            if holder is not None and holder.header_stream is not None:
-                holder.header_stream.close()
-                holder.header_stream = None
+        if self.header_stream is not None:  # no worker took it (nothing was pending, or the download failed first)
+            self.header_stream.close()
+            self.header_stream = None
+        if self.workers is not None:
+            self.workers.close()
         if self.pipeline is not None:
             self.pipeline.shutdown()
         if self.committer is None:

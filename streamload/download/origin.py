@@ -20,7 +20,7 @@ from ..errors import CacheError, DigestMismatchError, FetchError, FormatError, U
 from ..stats import DownloadStats
 from ..transport.httputil import RetryPolicy, check_url
 from ..transport.source import FileSource, Source
-from .header import Header, fetch_header, fetch_header_with_retries, parse_header
+from .header import Header, parse_header, read_header, read_header_with_retries
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,6 +74,10 @@ class Origin:
         self.revalidated_etag: str | None = None  # the cached copy's ETag, when the server said (304) it is still the file
         self.offline: FetchError | None = None  # why the server could not be reached, when the header came from the cache
 
+    def use_cache_root(self, cache_root: Path) -> None:
+        """Keep the cache under ``cache_root`` from now on (a private one: the given directory is not writable)."""
+        self.cache_root = cache_root
+
     async def cached_pinned_header(self) -> Header | None:
         """The header of the pinned model when the cache holds it complete: then no network is needed."""
         if self.pinned is None or not is_url(self.url):
@@ -87,7 +91,7 @@ class Origin:
         """Preamble and manifest from the file, or from the server (the cache when it cannot be reached)."""
         if not is_url(self.url):
             self.source = FileSource(Path(self.url))
-            return await fetch_header(self.source)
+            return await read_header(self.source)
         from ..transport.http_source import HttpSource  # a local or pinned cached model never loads the HTTP clients
 
         self.source = HttpSource(self.url, self.retry, self.borrowed_session, self.headers)
@@ -170,11 +174,10 @@ class Origin:
 
     async def _unchanged(self, etag: str) -> bool:
         """The server says (304) the URL still has the cached copy's ETag; any failure: False (the header is fetched)."""
-        unchanged = getattr(self.source, "unchanged", None)
-        if unchanged is None:
+        if self.source is None:
             return False
         try:
-            return await unchanged(etag)
+            return await self.source.unchanged(etag)
         except (FetchError, OSError, TimeoutError) as exc:
             logger.debug("%s: revalidating the cached copy failed (%s)", redact_urls(self.url), exc)
             return False
@@ -182,7 +185,7 @@ class Origin:
     async def _fetch_with_retries(self, source: Source, *, give_up_unreachable: bool = False, stream: bool = False) -> Header:
         """The source's header, retrying with backoff. A server that cannot be reached at all (connection refused,
         no such host) ends the retries at once with ``give_up_unreachable``."""
-        return await fetch_header_with_retries(source, self.retry, give_up_unreachable=give_up_unreachable, stream=stream)
+        return await read_header_with_retries(source, self.retry, give_up_unreachable=give_up_unreachable, stream=stream)
 
     async def _complete_copy_of_url(self) -> Header | None:
         digest = read_ref(self.cache_root, self.url)

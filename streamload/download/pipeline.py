@@ -131,7 +131,7 @@ class ChunkPipeline:
                         break
                     continue
                 if waiter is None or waiter.done():
-                    waiter = asyncio.ensure_future(landed.wait())
+                    waiter = landed.next_wake()
                 await asyncio.wait([jobs, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
             if waiter is not None:
@@ -140,6 +140,8 @@ class ChunkPipeline:
                 span.stop()
                 reader.abort()  # a thread blocked on the connection returns at once
                 await asyncio.wait([jobs])
+            self.stats.receive_wait_s += span.unreported_wait_s  # no thread touches the span now
+            span.unreported_wait_s = 0.0
         if span.error is not None:
             raise span.error
 
@@ -169,8 +171,9 @@ class ChunkPipeline:
                     count, position, failure = self._receive(reader, table, batch, sizes, view)
                     batch, sizes = batch[:count], sizes[:count]
                     span.received = first + count
-                received = time.perf_counter()
-                self.stats.receive_wait_s += received - waiting
+                    received = time.perf_counter()
+                    if not batch:  # nothing arrived: the wait is reported when the span ends (``run_span``)
+                        span.unreported_wait_s += received - waiting
                 if batch:
                     try:
                         with self._serial if self._gil_bound(batch, sizes) else contextlib.nullcontext():
@@ -284,11 +287,17 @@ class ChunkPipeline:
             folded = np.fromiter(map(xxhash.xxh3_64_intdigest, exact), np.uint64, len(exact))
             stored, written = [*stored, *refined], np.concatenate([written, folded])
         stored_at = time.perf_counter()
-        self.stats.verify_s += verify_s
-        self.stats.decompress_s += decompressed - started - verify_s
-        self.stats.store_s += stored_at - decompressed
         self._batch_times.append((column_at(table.index, batch), (received_from, received_at, started, stored_at)))
-        return Landed(stored, written, failed, ends[-1])
+        return Landed(
+            stored,
+            written,
+            failed,
+            ends[-1],
+            receive_wait_s=received_at - received_from,
+            verify_s=verify_s,
+            decompress_s=decompressed - started - verify_s,
+            store_s=stored_at - decompressed,
+        )
 
     def _store(self, table: ChunkTable, stored: Sequence[int], raws: list[bytes | memoryview]) -> None:
         """Write verified pass-0 chunks (positions in ``table``) and record the ones refinements wait for."""

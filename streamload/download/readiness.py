@@ -130,11 +130,24 @@ class Readiness:
         if self.complete.done():
             self.complete = self.loop.create_future()
 
-    def fail_layers(self, layers: Sequence[int], failure: BaseException) -> None:
+    def fail_layers(self, layers: Sequence[int], failure: BaseException, *, coarse: bool = False) -> None:
+        """These layers' futures get ``failure`` (``coarse``: their coarse levels' futures too)."""
         for index in layers:
-            if not self.ready[index].done():
-                self.ready[index].set_exception(failure)
-                self.ready[index].exception()
+            futures = (self.ready[index], self.coarse_ready[index]) if coarse else (self.ready[index],)
+            for future in futures:
+                if not future.done():
+                    future.set_exception(failure)
+                    future.exception()  # retrieved here: a failure nobody awaits is not "never retrieved"
+
+    def fail_complete(self, failure: BaseException) -> None:
+        """The whole model cannot be had (the layers and rows that are here still can)."""
+        if not self.complete.done():
+            self.complete.set_exception(failure)
+            self.complete.exception()
+
+    def count_rebuilt(self, saved_bytes: int) -> None:
+        """Chunks were rebuilt from a delta file: what they saved counts as cached for the progress reports."""
+        self.bytes_cached += saved_bytes
 
     def finish(self) -> None:
         """Every chunk is verified and stored: the model is usable (durability follows, before close() returns)."""

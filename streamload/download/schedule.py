@@ -314,7 +314,7 @@ class ChunkScheduler:
         return range(start, end)
 
     def take_positions(self, positions: Iterable[int]) -> list[int]:
-        """Take these positions (those pending) for a fetcher outside the spans (a delta file: ``delta.py``); it reports
+        """Take these positions (those pending) for a fetcher outside the spans (a delta file: ``download/delta_stream.py``); it reports
         them with ``done`` and ``give_back`` as a span's reader does."""
         return [self._take(p) for p in positions if self._state[p] == PENDING]
 

@@ -4,15 +4,14 @@
 on into the data, or from the cache when the model is pinned and complete, or offline), opens the cache, reads what
 its journal holds (``CachedChunks``, over the manifest's ``ChunkIndex``) and hands what it lacks to a ``Download``
 (``model_download.py``), the one owner of the scheduler and ``Readiness``. ``layer``, ``coarse_layer`` and ``rows``
-ask it for what is not here yet; a cached chunk is checked against its journaled digest the first time a process uses
-it (a damaged one is fetched again). Event loop; file work on worker threads.
+ask it for what is not here yet; a cached chunk is checked against its journaled digest the first time the opened model
+uses it (a damaged one is fetched again). Event loop; file work on worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..cache.model_cache import ModelCache
 from ..cache.refs import write_ref
-from ..errors import CacheError, DigestMismatchError, StreamloadError
+from ..errors import CacheError, DigestMismatchError, FetchError, StreamloadError
 from ..formats import Manifest, QuantScheme, view_tensor
 from ..formats.constants import LayerKind
 from ..layer import Layer, distinct_rows, map_layer
@@ -32,22 +31,21 @@ from ..stats import DownloadStats, Progress
 from ..tokenizer import load_tokenizer
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
-from .cached import CachedChunks
+from .cached_chunks import CachedChunks
 from .chunk_index import ChunkIndex
 from .header import Header
 from .mirrors import HeaderProbes, check_mirrors
 from .model_download import Download, DownloadSettings
 from .origin import Origin, split_pin
-from .pipeline import ChunkPipeline
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from .delta import DeltaStream
+    from .delta_stream import DeltaStream
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DownloadSession", "default_verify_threads"]
+__all__ = ["DownloadSession"]
 
 
 class DownloadSession:
@@ -69,7 +67,6 @@ class DownloadSession:
     ) -> None:
         self.url, self.pinned = split_pin(source, digest)
         self.mirror_urls = check_mirrors(self.url, mirrors)  # other hosts of the same file, checked by manifest digest before use
-        self.cache_root = cache_root
         self.connections = max(1, connections)
         self.retry = retry
         self.progress_callback = progress
@@ -81,8 +78,8 @@ class DownloadSession:
         # set by start(); close() copes with any of them missing
         self.header: Header | None = None  # the model's preamble and manifest
         self.cache: ModelCache | None = None
-        self.index: ChunkIndex | None = None  # what the manifest's chunk table says about the layers
-        self.cached: CachedChunks | None = None  # what the cache held when opened, checked once per process
+        self.chunk_index: ChunkIndex | None = None  # what the manifest's chunk table says about the layers
+        self.cached: CachedChunks | None = None  # what the cache held when opened, checked once per opened model
         self.download: Download | None = None  # the owner of the scheduler and readiness
         self._header_stream: SpanReader | None = None  # the header's request, going on into the data (the download takes it)
         self._temp_root: Path | None = None  # a private cache for a local file when the cache directory is not writable
@@ -105,10 +102,14 @@ class DownloadSession:
         assert self.header is not None
         return self.header.data_offset
 
+    def chunk_times(self) -> dict[int, tuple[float, float, float, float]]:
+        """Chunk index -> (receive start, receive end, verify start, stored) (perf_counter) of the chunks fetched so far."""
+        return self.download.chunk_times() if self.download is not None else {}
+
     @property
-    def pipeline(self) -> ChunkPipeline | None:
-        """The download's pool threads (None until a download started)."""
-        return self.download.pipeline if self.download is not None else None
+    def offline(self) -> FetchError | None:
+        """Why the source could not be reached when the header came from the cache (None: it was reached)."""
+        return self.origin.offline
 
     @property
     def complete(self) -> asyncio.Future[None]:
@@ -119,9 +120,9 @@ class DownloadSession:
         """Every chunk in the cache, and each one that came from it checked against its journaled digest (damaged ones
         fetched again; with no source, a CacheError): what is declared complete has been checked."""
         while True:
-            assert self.download is not None and self.index is not None
+            assert self.download is not None and self.chunk_index is not None
             await asyncio.shield(self.download.complete)
-            if await self._check_cached(np.arange(len(self.index.table))):
+            if await self._check_cached(np.arange(len(self.chunk_index.table))):
                 return
 
     @property
@@ -186,23 +187,23 @@ class DownloadSession:
     async def _open_cache(self, header: Header) -> ModelCache:
         """The model's cache (a private one for a local file when the cache directory is not writable), its header and
         ref recorded, its lock held."""
-        manifest = header.manifest
-        if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, self.cache_root):
+        manifest, root = header.manifest, self.origin.cache_root  # the origin's: it reads cached headers there too
+        if self.source is not None and not self.source.remote and not await asyncio.to_thread(_writable, root):
             # a local file needs no cache to outlive the run: decompress into a private one, removed at close
             self._temp_root = Path(tempfile.mkdtemp(prefix="streamload-run-"))
-            logger.warning("the cache directory %s is not writable; running %s from a temporary copy", self.cache_root, self.url)
-            self.cache_root = self.origin.cache_root = self._temp_root
-        self.cache = cache = ModelCache(self.cache_root, manifest.digest)
+            logger.warning("the cache directory %s is not writable; running %s from a temporary copy", root, self.url)
+            self.origin.use_cache_root(root := self._temp_root)
+        self.cache = cache = ModelCache(root, manifest.digest)
         remote = self.source is not None and self.source.remote
 
         def record() -> None:  # two small files written and fsynced: not on the event loop
             cache.write_header(header.raw)
             if remote:
                 # a 304 read no header, so the source has no ETag of its own: the one revalidated stays in the ref
-                etag = getattr(self.source, "etag", None) or self.origin.revalidated_etag
-                write_ref(self.cache_root, self.url, manifest.digest, etag)
+                etag = (self.source.etag if self.source is not None else None) or self.origin.revalidated_etag
+                write_ref(root, self.url, manifest.digest, etag)
             elif self.source is not None:  # a local file: `streamload run NAME` finds it again by its cached name
-                write_ref(self.cache_root, str(Path(self.url).resolve()), manifest.digest)
+                write_ref(root, str(Path(self.url).resolve()), manifest.digest)
 
         await asyncio.to_thread(record)
         await cache.acquire()
@@ -214,7 +215,7 @@ class DownloadSession:
         manifest = self.manifest
         journaled = cache.read_journal(len(manifest.chunk_table) + len(manifest.refinement_chunks))
         store_size = await asyncio.to_thread(cache.open_store, manifest.store_size_bytes)
-        self.index = index = ChunkIndex.build(manifest)
+        self.chunk_index = index = ChunkIndex.build(manifest)
         self.cached = cached = CachedChunks(cache, index, journaled, store_size, manifest.store_size_bytes)
         if index.plan.requires and cached.journaled:
             damaged = await cached.check_under_pending_refinements()
@@ -230,7 +231,8 @@ class DownloadSession:
         cached version, where the manifest lists one (its stream). ``pending`` loses what was copied."""
         from .updates import copy_shared, open_update_delta  # a remote download's modules: a local run's cold start skips them
 
-        found = await copy_shared(self.origin, header, cache, cached, pending)
+        copied, found = await copy_shared(self.origin, header, cache, cached, pending)
+        pending[copied] = False  # the session's own array: copied chunks are cached now
         if len(pending) and (not pending[0] or found is not None):  # the header's request would bring what is here
             self._close_header_stream()
         return None if found is None else await open_update_delta(found, self.origin, header, cache, cached, pending)
@@ -260,7 +262,7 @@ class DownloadSession:
     async def layer(self, index: int) -> Layer:
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        download, chunk_index, cached = self.download, self.index, self.cached
+        download, chunk_index, cached = self.download, self.chunk_index, self.cached
         assert download is not None and chunk_index is not None and cached is not None
         for scales_layer in chunk_index.scales_layers[index]:  # a row table's scales live in an execution step
             await self.layer(scales_layer)
@@ -269,7 +271,7 @@ class DownloadSession:
             await download.wait_for_layer(index)
             if index in cached.checked_layers or await self._check_cached(chunks):
                 break
-        cached.checked_layers.add(index)
+        cached.mark_checked(index)
         self._need(chunks)
         if index not in self._layers:
             assert self.cache is not None
@@ -282,7 +284,7 @@ class DownloadSession:
         progressive tensor is ``layer(index)``."""
         if not 0 <= index < len(self.manifest.layers):
             raise IndexError(f"layer {index} does not exist; the model has {len(self.manifest.layers)} layers")
-        download, chunk_index = self.download, self.index
+        download, chunk_index = self.download, self.chunk_index
         assert download is not None and chunk_index is not None
         if not len(chunk_index.plan.layer_refinements[index]):
             return await self.layer(index)
@@ -314,7 +316,7 @@ class DownloadSession:
         if self.manifest.layers[entry.layer_index].kind is not LayerKind.ROWS:
             await self.layer(entry.layer_index)
         else:
-            download, chunk_index, cached = self.download, self.index, self.cached
+            download, chunk_index, cached = self.download, self.chunk_index, self.cached
             assert download is not None and chunk_index is not None and cached is not None
             row_bytes = entry.shape[1] * entry.dtype.size_bytes
             positions = chunk_index.positions_of_rows(entry.layer_index, entry.raw_offset, row_bytes, distinct_rows(ids))
@@ -332,12 +334,12 @@ class DownloadSession:
 
     def _need(self, positions: np.ndarray) -> None:
         """Count these chunks as ones the layers and rows handed out depended on."""
-        assert self.index is not None
-        table = self.index.table
+        assert self.chunk_index is not None
+        table = self.chunk_index.table
         self.needed_chunks.update(zip(table.index[positions].tolist(), table.size[positions].tolist(), strict=True))
 
     async def _check_cached(self, positions: np.ndarray) -> bool:
-        """Check the given chunks (positions) that came from the cache against their journaled digests (once per process).
+        """Check the given chunks (positions) that came from the cache against their journaled digests (once per opened model).
 
         True when all match. Damaged ones are fetched again (False: wait for them), or,
         with no source to fetch them from, a CacheError naming their layer.
@@ -349,7 +351,7 @@ class DownloadSession:
         layers = sorted({c.layer_index for c in reopened})
         names = ", ".join(f"{i} ({self.manifest.layers[i].name})" for i in layers)
         logger.warning("layer %s: %d cached chunks differ from what was verified; fetching them again", names, len(reopened))
-        self.cached.checked_layers.difference_update(self.download.reopen(reopened))
+        self.cached.forget(self.download.reopen(reopened))
         try:
             await self._fetch_missing()
         except StreamloadError as exc:
@@ -393,8 +395,3 @@ def _writable(directory: Path) -> bool:
             return True
     except OSError:
         return False
-
-
-def default_verify_threads() -> int:
-    """Cores + 1, at most 8: one thread waits on the connection while the others compute."""
-    return min(8, (os.cpu_count() or 1) + 1)

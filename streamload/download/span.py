@@ -25,6 +25,7 @@ class Span:
     received: int = 0  # positions[:received] came off the connection
     cut: bool = False  # end at the next chunk boundary (set by the scheduler)
     error: BaseException | None = None  # the first failure: the span's outcome
+    unreported_wait_s: float = 0.0  # receives that brought no whole chunk (under ``lock``): the pipeline reports them at the end
     abort: object = None  # called with no argument to make a blocked reader fail (set by whoever reads the span)
 
     @property

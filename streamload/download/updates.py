@@ -1,7 +1,7 @@
 """An update taken from what the cache holds: chunks other cached models share copied, the rest from a delta file.
 
 Only a remote download with chunks pending comes here, before it starts (a local run's cold start imports neither
-this module nor ``cache/reuse.py`` nor ``delta.py``). ``copy_shared_chunks`` copies into the store, checked, every
+this module nor ``cache/reuse.py`` nor ``download/delta_stream.py``). ``copy_shared_chunks`` copies into the store, checked, every
 pending chunk another cached model holds (a worker thread); where the manifest lists a delta file against a cached
 version, ``open_delta`` reads its index and makes the stream of the pending chunks it holds.
 """
@@ -16,23 +16,26 @@ from ..cache.model_cache import ModelCache
 from ..cache.reuse import HeldModel, copy_shared_chunks
 from ..formats.constants import PREAMBLE_SIZE_BYTES
 from ..formats.delta import DeltaBase
-from .cached import CachedChunks
-from .delta import DeltaStream, find_delta_base, open_delta
+from .cached_chunks import CachedChunks
+from .delta_stream import DeltaStream, find_delta_base, open_delta
 from .header import Header
 from .origin import Origin
 
 FoundBase = tuple[DeltaBase, HeldModel]  # a version the delta file is against, and what the cache holds of it
 
 
-async def copy_shared(origin: Origin, header: Header, cache: ModelCache, cached: CachedChunks, pending: np.ndarray) -> FoundBase | None:
-    """Copy into the store what other cached models share (``pending``, per position, loses it; ``cached`` gains it).
-    Returns the cached version the manifest lists a delta file against, or None."""
+async def copy_shared(
+    origin: Origin, header: Header, cache: ModelCache, cached: CachedChunks, pending: np.ndarray
+) -> tuple[np.ndarray, FoundBase | None]:
+    """Copy into the store what other cached models share of the ``pending`` chunks (per position; ``cached`` gains
+    them). Returns the positions copied, and the cached version the manifest lists a delta file against, or None."""
     index, stats = cached.index, origin.stats
     copied = await asyncio.to_thread(copy_shared_chunks, origin.cache_root, cache, index.table, np.flatnonzero(pending))
     cached.add(copied.journaled)
-    pending[index.positions(np.fromiter(copied.journaled, np.int64, len(copied.journaled)))] = False
     stats.chunks_local, stats.bytes_local = len(copied.journaled), copied.compressed_bytes
-    return await find_delta_base(origin.cache_root, header.raw[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + header.manifest.size_bytes])
+    positions = index.positions(np.fromiter(copied.journaled, np.int64, len(copied.journaled)))
+    manifest_bytes = header.raw[PREAMBLE_SIZE_BYTES : PREAMBLE_SIZE_BYTES + header.manifest.size_bytes]
+    return positions, await find_delta_base(origin.cache_root, manifest_bytes)
 
 
 async def open_update_delta(

@@ -3,7 +3,7 @@
 Every source (``Sources``: the primary URL or file, then each mirror whose header matched) gets its own workers; each
 takes a span from the download's ``ChunkScheduler``, opens it on its source (the first one goes on reading the
 header's request, ``bytes=0-``), and runs it through the ``ChunkPipeline``, which yields batches of landed chunks.
-Those go to the download's one completion route (``Download.land``). A chunk that fails its hash is queued again
+Those are put on the download's ``Handover`` (its one completion route drains it). A chunk that fails its hash is queued again
 (from another mirror when one is live) up to MAX_INTEGRITY_ATTEMPTS. Demanded rows are fetched by up to
 ROW_REQUESTS extra requests beside the running ones. A source that fails for good is dropped while others remain:
 what its spans did not receive goes back to the scheduler for them. Event loop only; the pipeline's threads do the
@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ChunkIntegrityError, FetchError, RetryableError, StalledError, StreamloadError
 from ..formats import ChunkEntry, Manifest
-from ..formats.chunk_table import column_at
 from ..stats import DownloadStats
 from ..transport.httputil import Backoff
 from ..transport.source import SpanReader
-from .landed import Landed
+from .landed import Handed, Handover, Landed
 from .mirrors import MIN_WORKERS_PER_MIRROR, Mirror, MirrorState, RateMeter, span_limit_bytes
 from .pipeline import ChunkPipeline
 from .schedule import ChunkScheduler
@@ -32,7 +31,7 @@ from .sources import Sources
 from .span import Span
 
 if TYPE_CHECKING:
-    from .model_download import Download
+    from .model_download import DownloadSettings
 
 ROW_REQUESTS = 4  # extra parallel requests for demanded rows, beside the running ones
 MAX_GAP_BYTES = 64 << 10  # a span reads over this much it does not need rather than make another request
@@ -62,18 +61,26 @@ class Workers:
 
     def __init__(
         self,
-        download: Download,
+        settings: DownloadSettings,
         *,
+        manifest: Manifest,
+        data_offset: int,
+        stats: DownloadStats,
         scheduler: ChunkScheduler,
         pipeline: ChunkPipeline,
         sources: Sources,
         header_stream: SpanReader | None,
+        handover: Handover,
+        bytes_to_download: int,
+        row_waiters: Mapping[int, object],
     ) -> None:
-        self.download = download  # where landed chunks go (``Download.land``)
-        self.settings = download.settings
-        self.manifest: Manifest = download.manifest
-        self.data_offset = download.data_offset
-        self.stats: DownloadStats = download.stats
+        self.settings = settings
+        self.manifest = manifest
+        self.data_offset = data_offset
+        self.stats = stats
+        self.handover = handover  # the download's: landed batches go there, and it lands them
+        self.bytes_to_download = bytes_to_download  # what the cache lacked when the model was opened: spans' size
+        self.row_waiters = row_waiters  # the download's waiters for single chunks (rows), read only
         self.scheduler = scheduler  # the download's: spans are taken from it, and given back
         self.pipeline = pipeline
         self.sources = sources
@@ -81,26 +88,31 @@ class Workers:
         self._tasks: asyncio.TaskGroup | None = None  # the running download's, for extra row requests
         self._row_requests = 0  # extra requests running for demanded rows
 
-    async def serve(self, watch: Coroutine[Any, Any, None]) -> None:
-        """Every usable source's workers (and the row requests, and ``watch`` beside them), until the scheduler has
-        nothing left."""
+    async def serve(self, *beside: Coroutine[Any, Any, None]) -> None:
+        """Every usable source's workers (and the row requests, and the ``beside`` coroutines, cancelled at the end),
+        until the scheduler has nothing left."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                watcher = tasks.create_task(watch)
-                if self.download.rows_awaited:
+                watchers = [tasks.create_task(coroutine) for coroutine in beside]
+                if self.row_waiters:
                     self.start_row_requests()  # rows were demanded before this download started
                 serving = [tasks.create_task(self._serve(mirror)) for mirror in self.sources.mirrors if mirror.usable]
                 while not self.scheduler.finished:  # a source that fails for good raises when no other is left
                     await self.scheduler.wait_for_change()
-                watcher.cancel()
-                for task in serving:  # a mirror still being probed, or workers waiting out a backoff
+                for task in (*watchers, *serving):  # a mirror still being probed, or workers waiting out a backoff
                     task.cancel()
         finally:
             self._tasks = None
 
+    def close(self) -> None:
+        """Close the header's request if no worker took it (the download failed first)."""
+        if self.header_stream is not None:
+            self.header_stream.close()
+            self.header_stream = None
+
     def _chunks_landed(self, span: Span, landed: Landed, mirror: Mirror) -> None:
-        """For every chunk of every source, as it lands: to the download's completion route, or its failure handled."""
+        """For every chunk of every source, as it lands: handed to the download, or its failure handled."""
         assert mirror.source is not None
         stored, table = landed.stored, self.scheduler.table
         if mirror.source.remote:
@@ -109,9 +121,7 @@ class Workers:
             fatal = self._integrity_failed(table.entry(position), failure, mirror)
             if fatal is not None:
                 span.stop(fatal)
-        self.stats.chunks_fetched += len(stored)
-        indices = column_at(table.index, stored)
-        self.download.land(stored, column_at(table.layer, stored), column_at(table.pass_index, stored), indices, landed.digests)
+        self.handover.put(Handed(stored, landed.digests, fetched=landed))
 
     def _integrity_failed(self, chunk: ChunkEntry, exc: ChunkIntegrityError, mirror: Mirror) -> ChunkIntegrityError | None:
         """A chunk failed its hash: queue it again (for another mirror when one is live), or the error that ends the
@@ -162,7 +172,7 @@ class Workers:
             return span_limit_bytes(meter, live, self.scheduler.pending_bytes, self.manifest.chunk_size_bytes)
         if connections == 1:
             return 1 << 62  # one request for the whole contiguous run; cut short only to jump the queue
-        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.download.bytes_to_download // (4 * connections)))
+        return max(self.manifest.chunk_size_bytes, min(64 << 20, self.bytes_to_download // (4 * connections)))
 
     def _avoid(self, mirror: Mirror) -> frozenset[int]:
         """Positions of chunks this mirror served corrupt, while another mirror (live or being probed) has not."""
@@ -260,7 +270,7 @@ class Workers:
                     if meter is not None:
                         meter.record(span.received_bytes(), time.perf_counter() - opened)
                     self.scheduler.finish_span(span)  # before any backoff: what did not arrive is for the others now
-                    if self.download.rows_awaited and self.scheduler.urgent_waiting():
+                    if self.row_waiters and self.scheduler.urgent_waiting():
                         self.start_row_requests()  # demanded rows given back by a cut span: fetch them beside it
                 if failure is not None:
                     self.stats.retries += 1

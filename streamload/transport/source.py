@@ -187,8 +187,17 @@ class Source(Protocol):
     remote: bool  # False: a local file (a chunk that fails its hash there is fatal, not refetched)
     whole_file_only: bool  # the server ignores Range
 
+    @property
+    def etag(self) -> str | None:
+        """The ETag the bytes are served under (None: a file, or a server that sends none)."""
+        ...
+
     async def open_span(self, start: int, end: int | None) -> SpanReader:
         """The body of bytes [start, end) (end None: to the end of the file), or of the whole file."""
+        ...
+
+    async def unchanged(self, etag: str) -> bool:
+        """Whether the bytes still carry this ETag (one conditional request); False when that cannot be known."""
         ...
 
     async def close(self) -> None: ...
@@ -235,6 +244,13 @@ class FileSource:
     @property
     def size_bytes(self) -> int:
         return self.data.nbytes
+
+    @property
+    def etag(self) -> str | None:
+        return None  # a file has no ETag
+
+    async def unchanged(self, etag: str) -> bool:
+        return False  # a file is never revalidated
 
     async def open_span(self, start: int, end: int | None) -> SpanReader:
         return FileReader(self.data, start, self.data.nbytes if end is None else min(end, self.data.nbytes), self.url)

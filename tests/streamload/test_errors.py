@@ -16,7 +16,7 @@ import streamload
 import streamload.errors
 from streamload.cache import JOURNAL_NAME
 from streamload.cli import command_hint
-from streamload.download.header import fetch_header
+from streamload.download.header import read_header
 from streamload.errors import (
     BadMagicError,
     CacheWriteError,
@@ -56,7 +56,7 @@ async def test_a_header_that_is_not_a_model_is_named_after_its_source_once(tmp_p
     page = tmp_path / "index.html"
     page.write_bytes(b"<!doctype html><html>" + b" " * 64)
     with pytest.raises(BadMagicError) as caught:
-        await fetch_header(FileSource(page))
+        await read_header(FileSource(page))
     message = str(caught.value)
     assert message.startswith(f"{page}: not a streamload .slm file") and message.count(str(page)) == 1
     assert caught.value.args == (message,)

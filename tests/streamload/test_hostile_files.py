@@ -75,7 +75,7 @@ async def test_batches_of_highly_compressed_chunks_are_bounded_in_raw_bytes(tmp_
     with serve_directory(www) as server:
         async with streamload.open(server.url("zeros.slm"), cache_dir=tmp_path / "cache") as model:
             await asyncio.wait_for(model.wait_complete(), 60)
-            batches = model._session.pipeline._batch_times  # type: ignore[union-attr]
+            batches = model._session.download.pipeline._batch_times  # type: ignore[union-attr]
     assert sum(len(indices) for indices, _ in batches) == 768
     assert max(len(indices) for indices, _ in batches) * chunk_bytes <= BATCH_RAW_BYTES
 

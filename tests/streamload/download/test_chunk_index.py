@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamload.download.cached import CachedChunks
+from streamload.download.cached_chunks import CachedChunks
 from streamload.download.chunk_index import ChunkIndex
 from streamload.formats import ModelReader
 

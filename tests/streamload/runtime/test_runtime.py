@@ -373,7 +373,7 @@ def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_pat
         "import sys\n"
         "from streamload.cli import main\n"
         f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
-        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.llama', 'numpy.ma', 'streamload.download.delta', 'streamload.cache.reuse')\n"
+        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.llama', 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse')\n"
         "loaded = [m for m in unwanted if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"
     )

@@ -1,7 +1,7 @@
 """The chunks a model's cache held when it was opened: their journaled digests, each checked against the store once.
 
 A chunk the journal names is usable when the store reaches its end (a store cut short lost what lay past it). Its
-stored bytes are checked against the journaled xxh3 the first time a process uses it (``recheck``); a damaged one
+stored bytes are checked against the journaled xxh3 the first time the opened model uses it (``recheck``); a damaged one
 leaves ``journaled`` (the download fetches it again), and so does every refinement folded into it, which is folded
 again after it. Checks run on a worker thread (one xxh3 pass over the chunks' bytes); the rest on the event loop.
 """
@@ -9,7 +9,7 @@ again after it. Checks run on a worker thread (one xxh3 pass over the chunks' by
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .chunk_index import ChunkIndex
 
 
 class CachedChunks:
-    """Chunk index -> journaled xxh3 of the chunks taken from the cache; which of them this process has checked."""
+    """Chunk index -> journaled xxh3 of the chunks taken from the cache; which of them this opened model has checked."""
 
     def __init__(
         self, cache: ModelCache, index: ChunkIndex, journaled: Mapping[int, int], store_size_bytes: int, full_size_bytes: int
@@ -35,8 +35,16 @@ class CachedChunks:
         usable = positions >= 0
         usable[usable] = table.raw_offset[positions[usable]] + table.raw_size[positions[usable]] <= store_size_bytes
         self.journaled: dict[int, int] = {i: journaled[i] for i in indices[usable].tolist()}
-        self.checked_layers: set[int] = set()  # layers whose cached chunks were checked against their digests in this process
+        self.checked_layers: set[int] = set()  # layers whose cached chunks were checked against their digests since the model was opened
         self._checked_chunks: set[int] = set()  # cached chunks checked so (rows are checked chunk by chunk)
+
+    def mark_checked(self, layer_index: int) -> None:
+        """Every cached chunk of this layer matched its digest."""
+        self.checked_layers.add(layer_index)
+
+    def forget(self, layers: Iterable[int]) -> None:
+        """These layers have chunks fetched again (damaged in the cache): checked again when next used."""
+        self.checked_layers.difference_update(layers)
 
     def pending(self) -> np.ndarray:
         """Per position: True when the cache does not hold that chunk."""
@@ -49,7 +57,7 @@ class CachedChunks:
         self.journaled.update(journaled)
 
     async def check_under_pending_refinements(self) -> int:
-        """Before anything is fetched: a refinement is folded only onto coarse levels checked in this process. The cached
+        """Before anything is fetched: a refinement is folded only onto coarse levels checked since the model was opened. The cached
         pass-0 chunks under refinements still to fetch are checked against their digests now (a damaged one is fetched
         again, and every refinement folded into it with it); a refinement journaled over a pass-0 chunk that is not is
         folded again after it. Returns how many were damaged. Costs one xxh3 pass over those chunks' bytes."""
@@ -74,7 +82,7 @@ class CachedChunks:
 
     async def recheck(self, positions: np.ndarray) -> list[ChunkEntry]:
         """Check the given chunks (positions) that came from the cache against their journaled digests (once per
-        process). Returns the chunks to fetch again: the damaged ones and the refinements folded into them (none when
+        opened model). Returns the chunks to fetch again: the damaged ones and the refinements folded into them (none when
         all match), no longer journaled."""
         if not self.journaled:
             return []  # nothing came from the cache

@@ -8,10 +8,10 @@ from the scheduler) and goes on reading their frames in file order beside the do
 next frame is near, on a new ranged request past a larger gap (a server that ignores Range sends the whole delta file
 on the first request, read forward); rows demanded out of order get an extra ranged request. Each chunk is rebuilt
 from the base's stored bytes (each base chunk checked against its journaled xxh3 first), checked against its sha256,
-written to the store and handed to the download's completion route (scheduler, readiness, group commit: a kill at any
-point resumes with what is journaled), so layers become ready in execution order as their chunks land. Anything that
-fails (no delta file: 404; a damaged index or frame: a hash that differs; a base chunk damaged or missing) is given
-back to the scheduler, and the download fetches it whole from the model file. The base's files are only read.
+written to the store and handed over to the download (its ``Handover``, drained by its completion route: scheduler,
+readiness, group commit: a kill at any point resumes with what is journaled), so layers become ready in execution order
+as their chunks land. Anything that fails (no delta file: 404; a damaged index or frame: a hash that differs; a base
+chunk damaged or missing) is handed back, and the download fetches it whole from the model file. The base's files are only read.
 
 Costs: per rebuilt chunk one zstd frame decoded, one byte-wise add, a sha256 and an xxh3 of its raw bytes. Threads:
 each batch of frames is read and rebuilt on a worker thread (``asyncio.to_thread``); the rest runs on the event loop.
@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import Coroutine, Mapping, Sequence
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xxhash
 
 from ..cache.model_cache import ModelCache
 from ..cache.reuse import HeldModel, read_held_model
@@ -42,21 +40,19 @@ from ..formats.delta import (
     DELTA_PREAMBLE_SIZE_BYTES,
     DeltaBase,
     DeltaIndex,
-    DeltaMethod,
     delta_file_name,
     index_size_needed,
     parse_delta_index,
     read_delta_bases,
-    rebuild_chunk,
 )
 from ..stats import DownloadStats
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
+from .delta_rebuild import DeltaRebuilder
+from .landed import Handed, Handover
 
 if TYPE_CHECKING:
     import aiohttp
-
-    from .model_download import Download
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +155,7 @@ async def open_delta(
     position_of = np.full(int(table.index.max()) + 1, -1, np.int64)
     position_of[table.index] = np.arange(len(table))
     positions = position_of[index.chunk_index[wanted]]
-    return DeltaStream(source, body, index, wanted, positions, _Rebuilder(held, manifest, cache, table), stats, base.digest)
+    return DeltaStream(source, body, index, wanted, positions, DeltaRebuilder(held, manifest, cache, table), stats, base.digest)
 
 
 PENDING, TAKEN, SETTLED = 0, 1, 2
@@ -168,7 +164,7 @@ PENDING, TAKEN, SETTLED = 0, 1, 2
 class DeltaStream:
     """The delta's frames for the chunks it owns (``positions``, taken from the scheduler), fetched in file order beside
     the download, and on extra ranged requests for chunks demanded out of order (rows); each batch rebuilt on a worker
-    thread, then landed on the download it is handed (positions, xxh3 digests, frame bytes) or given back to it."""
+    thread, then handed over to the download (positions, xxh3 digests, frame bytes) or given back."""
 
     def __init__(
         self,
@@ -177,7 +173,7 @@ class DeltaStream:
         index: DeltaIndex,
         wanted: np.ndarray,
         positions: np.ndarray,
-        rebuilder: _Rebuilder,
+        rebuilder: DeltaRebuilder,
         stats: DownloadStats,
         base_digest: str,
     ) -> None:
@@ -188,16 +184,16 @@ class DeltaStream:
         self.number_of = {int(i): n for n, i in enumerate(index.chunk_index[wanted].tolist())}  # chunk index -> entry number
         self._tasks: set[asyncio.Task[None]] = set()
         self._bodies: set[_Body] = {body}
-        self._download: Download | None = None  # where rebuilt chunks land, and what fails goes back (``start``)
+        self._handover: Handover | None = None  # the download's: rebuilt chunks, and those given back (``start``)
 
-    def start(self, download: Download) -> None:
-        """Read the frames beside ``download``: rebuilt chunks land on it (``land_rebuilt``), failed ones go back."""
-        self._download = download
+    def start(self, handover: Handover) -> None:
+        """Read the frames beside the download: rebuilt chunks, and failed ones given back, go on its ``handover``."""
+        self._handover = handover
         self._spawn(self._run())
 
-    def _landing(self) -> Download:
-        assert self._download is not None, "frames are read only once started"
-        return self._download
+    def _handing(self) -> Handover:
+        assert self._handover is not None, "frames are read only once started"
+        return self._handover
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name=f"streamload delta {self.base_digest[:12]}")
@@ -240,7 +236,7 @@ class DeltaStream:
 
     def demand(self, chunk_indices: Sequence[int]) -> None:
         """Chunks someone waits for out of order (rows): their frames on an extra ranged request, now."""
-        if self.body.reader.whole_file or self._download is None:
+        if self.body.reader.whole_file or self._handover is None:
             return  # forward only: they come in order (or nothing is read yet)
         numbers = sorted(n for n in (self.number_of.get(int(i)) for i in chunk_indices) if n is not None and self.state[n] == PENDING)
         if numbers:
@@ -287,9 +283,9 @@ class DeltaStream:
         if landed:
             numbers = [n for n, _ in landed]
             frames = int(self.index.size[self.wanted[numbers]].sum())
-            self._landing().land_rebuilt(self.positions[numbers], [digest for _, digest in landed], frames)
+            self._handing().put(Handed(self.positions[numbers].tolist(), [digest for _, digest in landed], saved_bytes=frames))
         if refused:
-            self._landing().give_back(self.positions[refused])
+            self._handing().put(Handed(self.positions[refused].tolist(), given_back=True))
         if failure is not None:
             raise failure
 
@@ -299,7 +295,7 @@ class DeltaStream:
         if left:
             for n in left:
                 self.state[n] = SETTLED
-            self._landing().give_back(self.positions[left])
+            self._handing().put(Handed(self.positions[left].tolist(), given_back=True))
 
     async def stop(self) -> None:
         """Stop reading (any body is aborted); what did not land is given back."""
@@ -318,83 +314,3 @@ def _wanted_entries(index: DeltaIndex, table: ChunkTable, pending: np.ndarray) -
     """Entries (positions in the index) for pending pass-0 chunks, in order."""
     pending_indices = table.index[pending[table.pass_index[pending] == 0]]
     return np.flatnonzero(np.isin(index.chunk_index, pending_indices))
-
-
-class _Rebuilder:
-    """Rebuilds chunks from frames and the base's store (worker thread), writes them, journals them in groups."""
-
-    def __init__(self, held: HeldModel, manifest: Manifest, cache: ModelCache, table: ChunkTable) -> None:
-        self.held, self.manifest, self.cache = held, manifest, cache
-        self.position_of = {int(i): p for p, i in enumerate(table.index.tolist())}
-        self.table = table
-        base = held.manifest.chunk_table
-        keep = base.pass_index == 0
-        self.base_offsets, self.base_ends = base.raw_offset[keep], base.raw_offset[keep] + base.raw_size[keep]
-        self.base_index = base.index[keep]
-        self.progressive = [(t.raw_offset, t.raw_end) for t in held.manifest.tensors if t.coarse_shift is not None]
-        self.fd = -1
-
-    def _base_bytes(self, raw_offset: int, raw_size: int) -> bytes | None:
-        """The base's store over [raw_offset, raw_offset + raw_size), every base chunk under it checked; None otherwise."""
-        end = raw_offset + raw_size
-        if any(a < end and raw_offset < b for a, b in self.progressive):
-            return None
-        first = int(np.searchsorted(self.base_ends, raw_offset, side="right"))
-        last = int(np.searchsorted(self.base_offsets, end, side="left"))
-        if first >= last or self.base_offsets[first] > raw_offset or self.base_ends[last - 1] < end:
-            return None
-        pieces = []
-        for position in range(first, last):
-            index, start, stop = int(self.base_index[position]), int(self.base_offsets[position]), int(self.base_ends[position])
-            digest = self.held.journal.get(index)
-            if digest is None:
-                return None
-            data = os.pread(self.fd, stop - start, start)
-            if len(data) != stop - start or xxhash.xxh3_64_intdigest(data) != digest:
-                return None
-            pieces.append(data)
-        joined = b"".join(pieces)
-        start = raw_offset - int(self.base_offsets[first])
-        return joined[start : start + raw_size]
-
-    def run(self, body: _Body, index: DeltaIndex, entries: list[int]) -> tuple[list[int | None], BaseException | None]:
-        """(worker thread) Read and rebuild these entries, writing each rebuilt chunk to the store: per entry read, the
-        xxh3 of the chunk written (None: refused), and the failure that stopped the reading (the rest unread)."""
-        results: list[int | None] = []
-        if self.fd == -1:
-            try:
-                self.fd = os.open(self.held.store_path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                self.fd = -2
-        for entry in entries:
-            try:
-                frame = body.read(index.data_offset + int(index.offset[entry]), int(index.size[entry]))
-            except (StreamloadError, OSError) as exc:
-                return results, exc
-            results.append(self._rebuild(index, entry, frame))
-        return results, None
-
-    def _rebuild(self, index: DeltaIndex, entry: int, frame: bytes) -> int | None:
-        position = self.position_of.get(int(index.chunk_index[entry]))
-        if position is None:
-            return None
-        chunk = self.table.entry(position)
-        method = int(index.method[entry])
-        base = None
-        if method == DeltaMethod.DIFFERENCE:
-            base = self._base_bytes(int(index.base_raw_offset[entry]), chunk.raw_size_bytes) if self.fd >= 0 else None
-            if base is None:
-                logger.info("chunk %d: the cached base's bytes under it are missing or damaged; it is fetched whole", chunk.index)
-                return None
-        try:
-            raw = rebuild_chunk(chunk, method, frame, index.sha256[entry].tobytes(), base)
-        except FormatError as exc:
-            logger.warning("%s; it is fetched whole", exc)
-            return None
-        self.cache.write_chunks(chunk.raw_offset, [raw])
-        return xxhash.xxh3_64_intdigest(raw)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
