@@ -239,6 +239,15 @@ class Download:
         layers, passes = column_at(table.layer, positions), column_at(table.pass_index, positions)
         self.land(positions, layers, passes, column_at(table.index, positions), handed.digests)
 
+    def _land_handed_over(self) -> None:
+        """After a stop: batches handed over that the drain had not reached are stored and verified, so they are
+        landed (journaled by the committer's close) rather than fetched again by the next run."""
+        records = self.handover.records
+        while records:
+            handed = records.popleft()
+            if not handed.given_back:
+                self._take_handed(handed)
+
     async def _drain_handover(self) -> None:
         """Land what is handed over as it comes (beside the workers, until they end)."""
         records = self.handover.records
@@ -338,6 +347,7 @@ class Download:
             self.pipeline.shutdown()
         if self.committer is None:
             return
+        self._land_handed_over()
         await self.committer.close()  # stopped early or failed: keep what is verified and written
         complete = self.readiness.complete.done() and self.readiness.complete.exception() is None
         if not complete:
