@@ -176,7 +176,7 @@ async def run(
             each layer's pages after its pass.
         float_weights_bytes: bytes of float32 copies of int8 weights an encoder may keep for the next batches (None:
             an eighth of physical memory, at most 512 MiB, less under a memory budget; 0: int8 only).
-        decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.decoding``).
+        decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.DecodeThreads``).
         on_token: a decoder calls it with each generated token id as soon as it is sampled, on the decode
             thread (``Model.generate`` yields them instead).
 

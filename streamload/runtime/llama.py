@@ -5,7 +5,7 @@ when the run is cancelled, and before it starts plans, under a memory budget, wh
 read from the store on every token (``memory``, ``residency``). The math of one block is ``decoder.DecoderRunner``;
 ``generate`` is the same for every family.
 Threads: ``generate`` runs each layer's compute on a worker thread as it arrives, plans the decode weights on one,
-then runs the decode loop on one (``ops.decoding`` adds a helper for large matrices).
+then runs the decode loop on one (``DecoderRunner.decoding`` adds a helper for large matrices, ended with the loop).
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def decode_weights(
     small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
     plan = None
     if budget is not None and decodes:
+        runner.tiles.release()  # the prefill's cast tile: the decode's tiles are counted in the plan's activations
         release_freed_memory()  # the prefill's freed temporaries: what the process holds is then what it uses
         plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
         log.info("%s", plan.describe())
@@ -195,7 +196,7 @@ def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, n
     c = runner.config
     kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * runner.capacity * c.head_dim * 4
     intermediate = max(max(a.shape[0] for a in block.tensors.values()), c.hidden_size)  # the widest projection's outputs
-    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + 2 * 4 * ops.PARALLEL_TILE_ELEMENTS
+    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + ops.DECODE_CAST_TILE_BYTES  # and its cast tiles
     head = sum(a.nbytes for a in small_head.values()) + (0 if scales is None else scales.nbytes)
     return {"process": process_anonymous_bytes(), "kv_cache": kv_cache, "activations": activations, "head_small": head}
 
@@ -260,7 +261,7 @@ def decode_tokens(
     try:
         if on_token is not None:
             on_token(first_id)
-        with ops.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
+        with runner.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
             while len(out) < max_new_tokens and out[-1] not in eos_token_ids and not stopped.is_set():
                 logits = next_token_logits(runner, weights, rows_of(out[-1]))
                 out.append(sample(logits[-1], temperature, top_p, rng))

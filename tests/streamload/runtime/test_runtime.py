@@ -398,14 +398,14 @@ def test_decoding_blocks_in_two_threads_give_blas_its_threads_back_when_the_last
     seen: dict[str, list[int]] = {}
 
     def first() -> None:
-        with ops.decoding():
+        with ops.DecodeThreads():
             first_in.set()
             second_in.wait(10)
         first_out.set()
 
     def second() -> None:
         first_in.wait(10)
-        with ops.decoding():
+        with ops.DecodeThreads():
             second_in.set()
             first_out.wait(10)
             seen["after the first ended"] = blas_threads()
@@ -431,9 +431,11 @@ def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_o
     results = {}
     threads_before = blas_threads()
     for threads in (1, 2):
-        with ops.decoding(threads):
-            results[threads] = (ops.linear_t(x.T, weight, scales), ops.linear(x, weight, scales))
+        with ops.DecodeThreads(threads) as split:
+            assert split.splitting == (threads == 2)
+            results[threads] = (ops.linear_t(x.T, weight, scales, split=split), ops.linear(x, weight, scales, split=split))
             blas_inside = blas_threads()
+        assert not split.splitting and split.helper_tiles.size_bytes == 0  # the helper and its tile end with the block
         assert blas_inside == (threads_before if threads == 1 else [1] * len(threads_before))  # two of ours: BLAS on one
     assert blas_threads() == threads_before  # given back
     if tokens == 1:  # a matrix-vector product sums each row in one order, whatever the threads
@@ -441,5 +443,5 @@ def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_o
     expected = (x.astype(np.float64) @ weight.T.astype(np.float64)) * scales
     for result in (results[1][0].T, results[1][1], results[2][0].T, results[2][1]):  # BLAS's threads may split the sums
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-3)
-    with pytest.raises(UsageError, match="decode threads must be 1 or 2"), ops.decoding(3):
+    with pytest.raises(UsageError, match="decode threads must be 1 or 2"), ops.DecodeThreads(3):
         pass
