@@ -222,7 +222,7 @@ async def run(
 
 def _check_async_model(model: Model) -> None:
     """Refuse a ``SyncModel``: its layers are awaited on its own loop, not this one."""
-    if getattr(model, "_loop", None) is not None:
+    if model.waits_on_own_loop:
         raise UsageError("runtime.run takes a model from streamload.open; for one from streamload.load call model.run(...)")
 
 
