@@ -26,10 +26,10 @@ from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
-    from .llama import Generation
+    from .generate import Generation
 
 SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
-DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``llama.generate``, each as its family description says
+DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``generate.generate``, each as its family description says
 
 
 @dataclasses.dataclass(slots=True)
@@ -201,9 +201,9 @@ async def run(
     if architecture == "bert":
         return _result(model, timeline, architecture, embedding=await _encode(model, texts, ids, timeline, state, budget))
     if architecture in DECODERS:
-        from . import llama  # each architecture's module on first use: a cold start imports only its own
+        from . import generate  # each architecture's module on first use: a cold start imports only its own
 
-        generation = await llama.generate(
+        generation = await generate.generate(
             model,
             _prompt_ids(model, texts, ids),
             timeline,

@@ -3,7 +3,7 @@
 Llama and the families that differ from it in a few pieces (RMSNorm or LayerNorm, rotary or learned positions,
 grouped-query attention with sliding windows and soft-capping, SwiGLU/GeGLU/GELU MLPs) share it: each family's
 differences come from its description (``formats.architectures``: a ``DecoderLayout`` of tensor names and pieces, and
-its config fields), read once into ``DecoderConfig``. The loop that drives it (prefill, decode) is ``llama.generate``.
+its config fields), read once into ``DecoderConfig``. The loop that drives it (prefill, decode) is ``generate.generate``.
 Threads: none of its own; a ``DecoderRunner`` serves one generation, one call at a time, and owns what its matmuls use:
 the buffer int8 tiles are cast into (``ops.CastTiles``) and, inside ``decoding``, the decode's two threads
 (``ops.DecodeThreads``).

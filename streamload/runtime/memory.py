@@ -79,7 +79,7 @@ def map_large_allocations() -> None:
 
     A process-level switch: glibc has one heap per process, so it cannot be scoped to a run, and it stays on for the
     rest of the process, the host application's allocations included (a large one then costs a mapping of its own).
-    A decoder's run under a memory budget turns it on (``llama.generate``); runs without a budget leave the heap as it
+    A decoder's run under a memory budget turns it on (``generate.generate``); runs without a budget leave the heap as it
     is. Idempotent: each call sets the same value, and nothing is remembered here. Elsewhere than glibc: nothing."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):

@@ -109,9 +109,9 @@ def test_a_budget_too_small_names_the_minimum() -> None:
 @pytest.fixture
 def steady_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process's own memory counted as a constant: a test process grows between runs, and these budgets are tight."""
-    from streamload.runtime import bert, llama
+    from streamload.runtime import bert, generate
 
-    for module in (bert, llama):
+    for module in (bert, generate):
         monkeypatch.setattr(module, "process_anonymous_bytes", lambda: 64 << 20)
 
 
@@ -127,7 +127,7 @@ async def budget_runs(model: streamload.Model, caplog: pytest.LogCaptureFixture,
         await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=1)
     assert "needs at least" in str(raised.value)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="streamload.runtime.llama"):
+    with caplog.at_level(logging.INFO, logger="streamload.runtime.generate"):
         result = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=raised.value.minimum_bytes + extra_bytes)
     found = PLAN_LINE.search(caplog.text)
     assert found is not None and result.generated_ids is not None
@@ -276,13 +276,13 @@ async def test_a_run_cancelled_while_its_plan_is_made_leaves_no_reader_ring_or_d
                         loop.call_soon_threadsafe(task.cancel)
 
             handler = CancelAtThePlan()
-            logging.getLogger("streamload.runtime.llama").addHandler(handler)
-            logging.getLogger("streamload.runtime.llama").setLevel(logging.INFO)
+            logging.getLogger("streamload.runtime.generate").addHandler(handler)
+            logging.getLogger("streamload.runtime.generate").setLevel(logging.INFO)
             try:
                 with pytest.raises(asyncio.CancelledError):
                     await task
             finally:
-                logging.getLogger("streamload.runtime.llama").removeHandler(handler)
+                logging.getLogger("streamload.runtime.generate").removeHandler(handler)
         # the plan's thread goes on after the cancellation and may start a reader after it: its weights are closed on
         # the loop once it is done, so wait until no reader has been seen for a second
         quiet = 0

@@ -21,7 +21,7 @@ from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
-from streamload.runtime import bert, decoder, llama, ops, run
+from streamload.runtime import bert, decoder, generate, ops, run
 from streamload.runtime import timeline as timeline_module
 from streamload.runtime.ops import matmul
 from tests.support.paths import FIXTURES
@@ -326,9 +326,9 @@ def test_the_tanh_gelu_is_within_5e_4_of_the_exact_one() -> None:
 def test_sampling() -> None:
     logits = np.array([0.0, 3.0, 1.0, 2.9], np.float32)
     rng = np.random.default_rng(1)
-    assert llama.sample(logits, 0.0, 1.0, rng) == 1
-    assert llama.sample(logits, 1.0, 1e-6, rng) == 1  # a tiny nucleus is greedy
-    draws = {llama.sample(logits, 1.0, 0.9, np.random.default_rng(s)) for s in range(200)}
+    assert generate.sample(logits, 0.0, 1.0, rng) == 1
+    assert generate.sample(logits, 1.0, 1e-6, rng) == 1  # a tiny nucleus is greedy
+    draws = {generate.sample(logits, 1.0, 0.9, np.random.default_rng(s)) for s in range(200)}
     assert draws <= {1, 3, 2} and {1, 3} <= draws
 
 
@@ -373,7 +373,7 @@ def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_pat
         "import sys\n"
         "from streamload.cli import main\n"
         f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
-        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.llama', 'numpy.ma', 'streamload.download.delta', 'streamload.cache.reuse')\n"
+        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.generate', 'numpy.ma', 'streamload.download.delta', 'streamload.cache.reuse')\n"
         "loaded = [m for m in unwanted if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"
     )
