@@ -150,6 +150,33 @@ async def test_decode_under_a_budget_streams_blocks_and_gives_the_same_tokens(
         assert roomy.generated_ids == free.generated_ids
 
 
+async def test_the_cast_tiles_are_the_run_s_and_the_plan_counts_the_decode_s(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steady_process: None
+) -> None:
+    """The buffers int8 tiles are cast into belong to the run's ``DecoderRunner``: the prefill's is freed before the plan
+    is made, and the plan counts the decode's two (the loop's and its helper's) in its activations."""
+    from streamload.runtime import generate, ops
+
+    runners: list[generate.DecoderRunner] = []
+    plans: list[tuple[int, int]] = []  # (the runner's tile bytes, the plan's activations) when the plan is made
+
+    class Runner(generate.DecoderRunner):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            runners.append(self)
+
+    def plan(budget: MemoryBudget, segments: list[Segment], *, fixed_costs: dict[str, int]) -> object:
+        plans.append((runners[-1].tiles.size_bytes, fixed_costs["activations"]))
+        return plan_residency(budget, segments, fixed_costs=fixed_costs)
+
+    monkeypatch.setattr(generate, "DecoderRunner", Runner)
+    monkeypatch.setattr(generate, "plan_residency", plan)
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await run(model, ids=PROMPT, max_new_tokens=4, memory_budget_bytes=1 << 40)
+    assert len(runners) == 1 and runners[0].split is None  # the decode's threads ended with its loop
+    assert plans[0][0] == 0 and plans[0][1] > ops.DECODE_CAST_TILE_BYTES
+
+
 async def test_a_budget_does_not_change_what_sampling_draws(server: ServerThread, tmp_path: Path, steady_process: None) -> None:
     """Sampled tokens (temperature 1, a nucleus, a seed) follow every logit of every step, not only the largest."""
     sampling = {"ids": PROMPT, "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": 3}
