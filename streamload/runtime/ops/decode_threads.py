@@ -141,7 +141,11 @@ class DecodeThreads:
         if self.threads == 2:
             self._blas_lowered = BLAS_THREADS.lower()  # nothing to set: BLAS's own pool would compete with a split
         if self._blas_lowered:
-            self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-decode")
+            try:
+                self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streamload-decode")
+            except BaseException:
+                self.__exit__()  # BLAS given back
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
