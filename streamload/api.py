@@ -2,7 +2,7 @@
 (a streaming detokenizer, the model's chat template).
 
 ``Model.embed``/``Model.generate`` (async) and ``SyncModel.embed``/``SyncModel.generate`` (blocking) call these. Threads:
-``generate``'s decoding runs on a worker thread (``runtime.llama``); its token ids cross to the event loop through
+``generate``'s decoding runs on a worker thread (``runtime.generate``); its token ids cross to the event loop through
 ``call_soon_threadsafe`` into a queue, and are detokenized there. Costs: detokenizing a token decodes a window of the
 last few tokens, not the whole text.
 """

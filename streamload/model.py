@@ -41,6 +41,12 @@ class Model:
         return self._session.manifest
 
     @property
+    def waits_on_own_loop(self) -> bool:
+        """Whether this model's waits run on an event loop of its own (a ``SyncModel``, whose calls block) rather than the
+        caller's: ``runtime.run`` awaits layers on the running loop, so it takes only a model whose answer is False."""
+        return False
+
+    @property
     def config(self) -> Mapping[str, Any]:
         return self._session.manifest.config
 

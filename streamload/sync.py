@@ -41,6 +41,11 @@ class SyncModel(Model):
         super().__init__(model._session)
         self._model = model  # the async face, for what runs on the private loop (the runtime awaits its layers)
 
+    @property
+    def waits_on_own_loop(self) -> bool:
+        """True: every wait runs on this model's private loop (its own thread); ``model.run`` calls the runtime there."""
+        return True
+
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 

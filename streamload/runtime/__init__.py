@@ -26,10 +26,10 @@ from .timeline import LayerTiming, RowsTiming, Timeline
 
 if TYPE_CHECKING:
     from ..model import Model
-    from .llama import Generation
+    from .generate import Generation
 
 SUPPORTED_ARCHITECTURES = ("bert", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gpt2", "olmo2", "granite", "stablelm")
-DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``llama.generate``, each as its family description says
+DECODERS = SUPPORTED_ARCHITECTURES[1:]  # run by ``generate.generate``, each as its family description says
 
 
 @dataclasses.dataclass(slots=True)
@@ -176,7 +176,7 @@ async def run(
             each layer's pages after its pass.
         float_weights_bytes: bytes of float32 copies of int8 weights an encoder may keep for the next batches (None:
             an eighth of physical memory, at most 512 MiB, less under a memory budget; 0: int8 only).
-        decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.decoding``).
+        decode_threads: a decoder casts each large int8 matrix on this many threads, 1 or 2 (``ops.DecodeThreads``).
         on_token: a decoder calls it with each generated token id as soon as it is sampled, on the decode
             thread (``Model.generate`` yields them instead).
 
@@ -201,9 +201,9 @@ async def run(
     if architecture == "bert":
         return _result(model, timeline, architecture, embedding=await _encode(model, texts, ids, timeline, state, budget))
     if architecture in DECODERS:
-        from . import llama  # each architecture's module on first use: a cold start imports only its own
+        from . import generate  # each architecture's module on first use: a cold start imports only its own
 
-        generation = await llama.generate(
+        generation = await generate.generate(
             model,
             _prompt_ids(model, texts, ids),
             timeline,
@@ -222,7 +222,7 @@ async def run(
 
 def _check_async_model(model: Model) -> None:
     """Refuse a ``SyncModel``: its layers are awaited on its own loop, not this one."""
-    if getattr(model, "_loop", None) is not None:
+    if model.waits_on_own_loop:
         raise UsageError("runtime.run takes a model from streamload.open; for one from streamload.load call model.run(...)")
 
 

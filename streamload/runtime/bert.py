@@ -142,6 +142,7 @@ def encoder_block(
     config: BertConfig,
     batch_shape: tuple[int, int],
     float_weights: ops.FloatWeightCache | None = None,
+    tiles: ops.CastTiles | None = None,
 ) -> np.ndarray:
     """One transformer block, post-norm as in BERT, with tokens as columns: ht (H, B*T + padding) -> the same shape.
 
@@ -150,8 +151,10 @@ def encoder_block(
     copies when the budget allows), 1/sqrt(head_dim) is folded into the query's scales, attention is batched
     over sentences and heads and writes its context straight into the columns of the next matmul, and the norms
     and GELU work in place. The matmuls run on ``padded_columns`` columns (zeros past the tokens, which no
-    attention score reads); ``mask_bias`` is None when no token is padding.
+    attention score reads); ``mask_bias`` is None when no token is padding. ``tiles``: the pass's cast buffer for int8
+    weights (None: one for this block).
     """
+    tiles = tiles or ops.CastTiles()
     p = f"encoder.layer.{block}."
     hidden = ht.shape[0]
     batch, length = batch_shape
@@ -172,7 +175,7 @@ def encoder_block(
     xt, columns = ht, ht.shape[1]
     query = projection("attention.self.query", 1.0 / math.sqrt(head_dim))
     qkv = ops.dense_t(
-        xt, [query, projection("attention.self.key"), projection("attention.self.value")], float_weights=float_weights
+        xt, [query, projection("attention.self.key"), projection("attention.self.value")], float_weights=float_weights, tiles=tiles
     )  # (3H, columns)
     qkv = qkv[:, :tokens].reshape(3, heads, head_dim, batch, length)  # a view
     q = qkv[0].transpose(2, 0, 3, 1)  # (B, heads, T, d)
@@ -186,7 +189,7 @@ def encoder_block(
     context_t[:, tokens:] = 0  # the padding columns: zeros in, finite out (no attention reads them)
     target = context_t[:, :tokens].reshape(heads, head_dim, batch, length).transpose(2, 0, 1, 3)  # (B, heads, d, T) view
     np.matmul(v, probabilities.transpose(0, 1, 3, 2), out=target)  # context^T per sentence and head, in place
-    attended = ops.dense_t(context_t, [projection("attention.output.dense")], float_weights=float_weights)
+    attended = ops.dense_t(context_t, [projection("attention.output.dense")], float_weights=float_weights, tiles=tiles)
     attended += xt
     ops.layer_norm_t(
         attended,
@@ -195,12 +198,12 @@ def encoder_block(
         config.layer_norm_eps,
         out=attended,
     )
-    inner = ops.dense_t(attended, [projection("intermediate.dense")], float_weights=float_weights)  # (I, columns)
+    inner = ops.dense_t(attended, [projection("intermediate.dense")], float_weights=float_weights, tiles=tiles)  # (I, columns)
     if config.hidden_act.startswith("gelu"):  # tanh form for the exact "gelu" too: cosine to PyTorch unchanged to 1e-4
         ops.gelu_tanh(inner, out=inner)
     else:
         np.maximum(inner, 0, out=inner)
-    out = ops.dense_t(inner, [projection("output.dense")], float_weights=float_weights)
+    out = ops.dense_t(inner, [projection("output.dense")], float_weights=float_weights, tiles=tiles)
     out += attended
     ops.layer_norm_t(out, layer[p + "output.LayerNorm.weight"], layer[p + "output.LayerNorm.bias"], config.layer_norm_eps, out=out)
     return out
@@ -265,13 +268,14 @@ async def encode(
     word_rows = await timeline.rows(WORD_EMBEDDINGS, batch.input_ids)  # the rows this input needs, fetched first
 
     tokens = batch_shape[0] * batch_shape[1]
+    tiles = ops.CastTiles()  # this pass's cast buffer, one thread at a time (the steps run in order)
 
     def step(layer: Layer, index: int, ht: np.ndarray | None) -> np.ndarray:
         if index == 0:
             out = token_columns(embed_tokens(layer, word_rows, batch, config))  # (H, B*T + padding)
         else:
             assert ht is not None
-            out = encoder_block(layer, ht, mask_bias, index - 1, config, batch_shape, float_weights)
+            out = encoder_block(layer, ht, mask_bias, index - 1, config, batch_shape, float_weights, tiles)
         if drop_after_use:
             model.drop_cached_pages(index)  # one pass: this layer is not read again until the next batch
         return out

@@ -3,15 +3,18 @@
 Llama and the families that differ from it in a few pieces (RMSNorm or LayerNorm, rotary or learned positions,
 grouped-query attention with sliding windows and soft-capping, SwiGLU/GeGLU/GELU MLPs) share it: each family's
 differences come from its description (``formats.architectures``: a ``DecoderLayout`` of tensor names and pieces, and
-its config fields), read once into ``DecoderConfig``. The loop that drives it (prefill, decode) is ``llama.generate``.
-Threads: none of its own; a ``DecoderRunner`` serves one generation, one call at a time.
+its config fields), read once into ``DecoderConfig``. The loop that drives it (prefill, decode) is ``generate.generate``.
+Threads: none of its own; a ``DecoderRunner`` serves one generation, one call at a time, and owns what its matmuls use:
+the buffer int8 tiles are cast into (``ops.CastTiles``) and, inside ``decoding``, the decode's two threads
+(``ops.DecodeThreads``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -155,12 +158,29 @@ class DecoderRunner:
         self.long_from: int | None = None  # longrope: from a call reaching past this many positions on, the long factors
         self.long = False  # the KV cache was computed with the long factors
         self.embedded: list[np.ndarray] = []  # longrope: every token's embedding so far, to recompute the cache at the switch
+        self.tiles = ops.CastTiles()  # the float32 buffer this generation's int8 tiles are cast into
+        self.split: ops.DecodeThreads | None = None  # inside ``decoding``: large matrices cast on two threads
         if self.rotary:
             self.cos, self.sin = _rotary_tables(config, capacity)
             scaling = config.rope_scaling
             if scaling and scaling.get("rope_type") == "longrope" and capacity > scaling["original_max_position_embeddings"]:
                 self.long_from = int(scaling["original_max_position_embeddings"])
                 self.cos_long, self.sin_long = _rotary_tables(config, capacity, long=True)
+
+    @contextlib.contextmanager
+    def decoding(self, threads: int = ops.DEFAULT_DECODE_THREADS) -> Iterator[None]:
+        """Within the block (the decode loop), a large int8 matrix is cast and multiplied on ``threads`` threads (1 or 2),
+        BLAS on one (``ops.DecodeThreads``: its helper thread ends with the block).
+
+        Raises:
+            UsageError: ``threads`` is not 1 or 2.
+        """
+        with ops.DecodeThreads(threads) as split:
+            self.split = split
+            try:
+                yield
+            finally:
+                self.split = None
 
     def embed(self, rows: tuple[np.ndarray, np.ndarray | None], layer: Layer | None = None) -> np.ndarray:
         """The tokens' rows of the embedding table (``Model.rows``) as float32: (T, H); ``layer`` is layer 0, kept
@@ -216,6 +236,9 @@ class DecoderRunner:
         self.embedded.clear()
         return x
 
+    def _dense(self, x: np.ndarray, projections: Sequence[ops.Projection]) -> np.ndarray:
+        return ops.dense(x, projections, tiles=self.tiles, split=self.split)
+
     @staticmethod
     def _projections(layer: Layer, p: str, *names: str) -> list[ops.Projection]:
         return [(*layer.weight(p + name + ".weight"), layer.tensors.get(p + name + ".bias")) for name in names]
@@ -257,14 +280,14 @@ class DecoderRunner:
         attention = ops.softmax(scores).reshape(c.num_key_value_heads, group * tokens, total)
         context = (attention @ values[:, :total]).reshape(c.num_attention_heads, tokens, c.head_dim)
         context = context.transpose(1, 0, 2).reshape(tokens, c.num_attention_heads * c.head_dim)
-        return ops.dense(context, self._projections(layer, p, c.layout.output))
+        return self._dense(context, self._projections(layer, p, c.layout.output))
 
     def _query_key_value(self, layer: Layer, p: str, h: np.ndarray, positions: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """q (heads, T, d), k and v (kv, T, d) of h (T, H): one matmul, the family's q/k norms, then rotation."""
         c = self.config
         lay = c.layout
         tokens = h.shape[0]
-        qkv = ops.dense(h, self._projections(layer, p, *lay.qkv))  # (T, (heads + 2 kv) d)
+        qkv = self._dense(h, self._projections(layer, p, *lay.qkv))  # (T, (heads + 2 kv) d)
         q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         if lay.q_norm is not None and lay.k_norm is not None and not lay.qk_norm_per_head:  # across heads (OLMo 2)
             qkv = qkv.copy()
@@ -287,14 +310,14 @@ class DecoderRunner:
     def _mlp(self, layer: Layer, p: str, h: np.ndarray) -> np.ndarray:
         """The MLP of the normed tokens h (T, H): gated (gate and up in one matmul) or not, then down: (T, H)."""
         lay = self.config.layout
-        up = ops.dense(h, self._projections(layer, p, *lay.up))  # (T, 2 I) gate and up, or (T, I)
+        up = self._dense(h, self._projections(layer, p, *lay.up))  # (T, 2 I) gate and up, or (T, I)
         act = ops.silu if lay.activation == "silu" else ops.gelu_tanh
         if lay.gated:
             inner = up.shape[1] // 2
             up = act(up[:, :inner]) * up[:, inner:]
         else:
             up = act(up)
-        return ops.dense(up, self._projections(layer, p, lay.down))
+        return self._dense(up, self._projections(layer, p, lay.down))
 
     def head(self, head_layer: Layer, table_layer: Layer | None, x: np.ndarray) -> np.ndarray:
         """Final norm and output projection: (T, H) -> (T, vocab) logits (a tied head reads the table's layer)."""
@@ -313,7 +336,7 @@ class DecoderRunner:
 
     def project(self, h: np.ndarray, weight: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
         """The output projection of normed states h (T, H) onto ``weight``'s rows (all of the head, or some): (T, rows)."""
-        return ops.linear(h, weight, scales)
+        return ops.linear(h, weight, scales, tiles=self.tiles, split=self.split)
 
     def finish_logits(self, logits: np.ndarray) -> np.ndarray:
         """The family's last touches on the logits: Granite's scaling, Gemma 2's soft-capping."""

@@ -14,6 +14,10 @@ anonymous memory: the interpreter, numpy, the tokenizer, buffers already made), 
 (2 x blocks x kv heads x positions x head dim x 4 bytes), the activations and the cast tiles, the read ring (the largest
 segment and LOOKAHEAD_BYTES more), the resident weights, and a margin.
 Float32 weight copies are not made under a budget (decode runs on int8 tiles either way).
+
+State: none. One call changes the process rather than a run: ``map_large_allocations``, a process-level switch of the
+C heap (glibc has one heap per process), which a decoder's run under a budget turns on and leaves on; it is
+idempotent and keeps no flag here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from ..errors import MemoryBudgetError, UsageError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 BUDGET_ENV = "STREAMLOAD_MEMORY_BUDGET"
 NO_BUDGET_WORDS = ("none", "off", "unlimited")  # what --memory-budget and the variable take for "no limit"
@@ -38,8 +42,7 @@ LOOKAHEAD_BYTES = 32 << 20  # the read ring beyond the largest segment: ~13 ms o
 PAGE_BYTES = 4096
 MAX_SIZE_BYTES = 1 << 62  # a size parsed from text: anything larger is a typo, not a machine
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-_large_allocations_mapped = False  # the process's C heap setting (``map_large_allocations``): one for the process
+LARGE_ALLOCATION_BYTES = 128 << 10  # under a budget, C-heap allocations this large or larger get mappings of their own
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -69,16 +72,18 @@ def release_freed_memory() -> None:
 
 
 def map_large_allocations() -> None:
-    """Serve the C heap's allocations of 128 KiB and more from their own mappings (glibc's ``M_MMAP_THRESHOLD``), so a
-    freed activation goes back to the system at once instead of staying in the heap, where a memory cgroup counts it
-    (a long prompt's prefill left 150 MiB of freed temporaries in the heap otherwise). Set once per process, under a
-    budget only; elsewhere nothing."""
-    global _large_allocations_mapped
+    """Switch the process's C heap to serving allocations of LARGE_ALLOCATION_BYTES and more from their own mappings
+    (glibc's ``M_MMAP_THRESHOLD``), so a freed activation goes back to the system at once instead of staying in the
+    heap, where a memory cgroup counts it: a long prompt's prefill under a budget left 150 MiB of freed temporaries in
+    the heap without it, and was killed for it.
+
+    A process-level switch: glibc has one heap per process, so it cannot be scoped to a run, and it stays on for the
+    rest of the process, the host application's allocations included (a large one then costs a mapping of its own).
+    A decoder's run under a memory budget turns it on (``generate.generate``); runs without a budget leave the heap as it
+    is. Idempotent: each call sets the same value, and nothing is remembered here. Elsewhere than glibc: nothing."""
     libc = _libc()
-    if _large_allocations_mapped or libc is None or not hasattr(libc, "mallopt"):
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
-    _large_allocations_mapped = True
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -32,7 +32,7 @@ from ..formats import Manifest
 from ..layer import Layer, map_layer
 from .memory import PAGE_BYTES, ResidencyPlan, Segment
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MAP_FIXED = 0x10  # Linux's mmap flag (the mmap module does not export it)
 READ_PIECE_BYTES = 8 << 20  # a read waits for this much of the ring to be free, not a whole segment
@@ -137,7 +137,7 @@ class SegmentReader:
             except OSError as exc:
                 if not self.direct:
                     raise
-                log.info("direct reads of the store failed (%s); reading through the page cache", exc)  # took O_DIRECT at open only
+                logger.info("direct reads of the store failed (%s); reading through the page cache", exc)  # took O_DIRECT at open only
                 os.close(self._fd)
                 self._fd, self.direct = _open_for_streaming(self.path, direct=False)
                 continue
@@ -285,7 +285,7 @@ class DecodeWeights:
         self.segments = tuple(segments)
         self.plan = plan
         self.head_matrix = manifest.tensor(head_matrix)
-        self.mapped = plan is None or plan.all_resident
+        self.mapped = self.reads_mapped(plan)
         self._mapped_blocks = mapped_blocks
         self._mapped_head = mapped_head
         resident = () if self.mapped or plan is None else sorted(plan.resident)
@@ -298,6 +298,11 @@ class DecodeWeights:
         self._reads = 0  # reads taken so far: read k is of streamed[k % len(streamed)]
         self._taken: int | None = None
         self._block_segment = {s.block: i for i, s in enumerate(self.segments) if s.block is not None}
+
+    @staticmethod
+    def reads_mapped(plan: ResidencyPlan | None) -> bool:
+        """Whether decode under ``plan`` reads the prefill's memory-mapped layers (no plan, or one keeping all resident)."""
+        return plan is None or plan.all_resident
 
     def block(self, index: int) -> Layer:
         """Block ``index``'s layer (layer ``index + 1``): mapped, resident, or just read."""

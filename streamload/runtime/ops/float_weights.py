@@ -17,11 +17,15 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...errors import UsageError
-from .matmul import linear_t
+from .matmul import CastTiles, linear_t
+
+if TYPE_CHECKING:
+    from .decode_threads import DecodeThreads
 
 FLOAT_WEIGHT_BUDGET_CAP_BYTES = 512 << 20
 
@@ -130,14 +134,29 @@ def default_float_weight_budget_bytes() -> int:
     return min(FLOAT_WEIGHT_BUDGET_CAP_BYTES, physical // 8)
 
 
-def dense(x: np.ndarray, projections: Sequence[Projection], *, float_weights: FloatWeightCache | None = None) -> np.ndarray:
+def dense(
+    x: np.ndarray,
+    projections: Sequence[Projection],
+    *,
+    float_weights: FloatWeightCache | None = None,
+    tiles: CastTiles | None = None,
+    split: DecodeThreads | None = None,
+) -> np.ndarray:
     """The projections of x (T, in) side by side, (T, sum of outs): ``dense_t`` on x^T, transposed back (a view)."""
-    return dense_t(x.T, projections, float_weights=float_weights).T
+    return dense_t(x.T, projections, float_weights=float_weights, tiles=tiles, split=split).T
 
 
-def dense_t(xt: np.ndarray, projections: Sequence[Projection], *, float_weights: FloatWeightCache | None = None) -> np.ndarray:
+def dense_t(
+    xt: np.ndarray,
+    projections: Sequence[Projection],
+    *,
+    float_weights: FloatWeightCache | None = None,
+    tiles: CastTiles | None = None,
+    split: DecodeThreads | None = None,
+) -> np.ndarray:
     """The projections of xt (in, T) stacked, (sum of outs, T): one sgemm on float32 copies from ``float_weights`` when
-    it has or makes them (None: int8 only), else ``linear_t`` per projection on the int8 weights, each into its rows."""
+    it has or makes them (None: int8 only), else ``linear_t`` per projection on the int8 weights, each into its rows
+    (cast in ``tiles``, split at decode by ``split``: see ``linear_t``)."""
     usable = float_weights is not None and all(w.dtype == np.int8 for w, _, _ in projections)
     cached = float_weights.get(projections) if usable and float_weights is not None else None
     if cached is not None:
@@ -146,10 +165,10 @@ def dense_t(xt: np.ndarray, projections: Sequence[Projection], *, float_weights:
             y += cached.bias[:, None]
         return y
     if len(projections) == 1:
-        return linear_t(xt, *projections[0])
+        return linear_t(xt, *projections[0], tiles=tiles, split=split)
     y = np.empty((sum(weight.shape[0] for weight, _, _ in projections), xt.shape[1]), dtype=np.float32)
     start = 0
     for weight, scales, bias in projections:
-        linear_t(xt, weight, scales, bias, out=y[start : start + weight.shape[0]])
+        linear_t(xt, weight, scales, bias, out=y[start : start + weight.shape[0]], tiles=tiles, split=split)
         start += weight.shape[0]
     return y

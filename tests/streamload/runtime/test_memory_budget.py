@@ -109,9 +109,9 @@ def test_a_budget_too_small_names_the_minimum() -> None:
 @pytest.fixture
 def steady_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process's own memory counted as a constant: a test process grows between runs, and these budgets are tight."""
-    from streamload.runtime import bert, llama
+    from streamload.runtime import bert, generate
 
-    for module in (bert, llama):
+    for module in (bert, generate):
         monkeypatch.setattr(module, "process_anonymous_bytes", lambda: 64 << 20)
 
 
@@ -127,7 +127,7 @@ async def budget_runs(model: streamload.Model, caplog: pytest.LogCaptureFixture,
         await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=1)
     assert "needs at least" in str(raised.value)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="streamload.runtime.llama"):
+    with caplog.at_level(logging.INFO, logger="streamload.runtime.generate"):
         result = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=raised.value.minimum_bytes + extra_bytes)
     found = PLAN_LINE.search(caplog.text)
     assert found is not None and result.generated_ids is not None
@@ -148,6 +148,33 @@ async def test_decode_under_a_budget_streams_blocks_and_gives_the_same_tokens(
         assert resident == 0 and none_kept == free.generated_ids  # everything read every token: still the same tokens
         roomy = await run(model, ids=PROMPT, max_new_tokens=10, memory_budget_bytes=1 << 40)
         assert roomy.generated_ids == free.generated_ids
+
+
+async def test_the_cast_tiles_are_the_run_s_and_the_plan_counts_the_decode_s(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steady_process: None
+) -> None:
+    """The buffers int8 tiles are cast into belong to the run's ``DecoderRunner``: the prefill's is freed before the plan
+    is made, and the plan counts the decode's two (the loop's and its helper's) in its activations."""
+    from streamload.runtime import generate, ops
+
+    runners: list[generate.DecoderRunner] = []
+    plans: list[tuple[int, int]] = []  # (the runner's tile bytes, the plan's activations) when the plan is made
+
+    class Runner(generate.DecoderRunner):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            runners.append(self)
+
+    def plan(budget: MemoryBudget, segments: list[Segment], *, fixed_costs: dict[str, int]) -> object:
+        plans.append((runners[-1].tiles.size_bytes, fixed_costs["activations"]))
+        return plan_residency(budget, segments, fixed_costs=fixed_costs)
+
+    monkeypatch.setattr(generate, "DecoderRunner", Runner)
+    monkeypatch.setattr(generate, "plan_residency", plan)
+    async with streamload.open(server.url("deep.slm"), cache_dir=tmp_path) as model:
+        await run(model, ids=PROMPT, max_new_tokens=4, memory_budget_bytes=1 << 40)
+    assert len(runners) == 1 and runners[0].split is None  # the decode's threads ended with its loop
+    assert plans[0][0] == 0 and plans[0][1] > ops.DECODE_CAST_TILE_BYTES
 
 
 async def test_a_budget_does_not_change_what_sampling_draws(server: ServerThread, tmp_path: Path, steady_process: None) -> None:
@@ -276,13 +303,13 @@ async def test_a_run_cancelled_while_its_plan_is_made_leaves_no_reader_ring_or_d
                         loop.call_soon_threadsafe(task.cancel)
 
             handler = CancelAtThePlan()
-            logging.getLogger("streamload.runtime.llama").addHandler(handler)
-            logging.getLogger("streamload.runtime.llama").setLevel(logging.INFO)
+            logging.getLogger("streamload.runtime.generate").addHandler(handler)
+            logging.getLogger("streamload.runtime.generate").setLevel(logging.INFO)
             try:
                 with pytest.raises(asyncio.CancelledError):
                     await task
             finally:
-                logging.getLogger("streamload.runtime.llama").removeHandler(handler)
+                logging.getLogger("streamload.runtime.generate").removeHandler(handler)
         # the plan's thread goes on after the cancellation and may start a reader after it: its weights are closed on
         # the loop once it is done, so wait until no reader has been seen for a second
         quiet = 0

@@ -21,7 +21,7 @@ from streamload.cli import main
 from streamload.errors import UsageError
 from streamload.formats import convert
 from streamload.formats.quantize import quantize_int8_rows
-from streamload.runtime import bert, decoder, llama, ops, run
+from streamload.runtime import bert, decoder, generate, ops, run
 from streamload.runtime import timeline as timeline_module
 from streamload.runtime.ops import matmul
 from tests.support.paths import FIXTURES
@@ -326,9 +326,9 @@ def test_the_tanh_gelu_is_within_5e_4_of_the_exact_one() -> None:
 def test_sampling() -> None:
     logits = np.array([0.0, 3.0, 1.0, 2.9], np.float32)
     rng = np.random.default_rng(1)
-    assert llama.sample(logits, 0.0, 1.0, rng) == 1
-    assert llama.sample(logits, 1.0, 1e-6, rng) == 1  # a tiny nucleus is greedy
-    draws = {llama.sample(logits, 1.0, 0.9, np.random.default_rng(s)) for s in range(200)}
+    assert generate.sample(logits, 0.0, 1.0, rng) == 1
+    assert generate.sample(logits, 1.0, 1e-6, rng) == 1  # a tiny nucleus is greedy
+    draws = {generate.sample(logits, 1.0, 0.9, np.random.default_rng(s)) for s in range(200)}
     assert draws <= {1, 3, 2} and {1, 3} <= draws
 
 
@@ -373,7 +373,7 @@ def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_pat
         "import sys\n"
         "from streamload.cli import main\n"
         f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
-        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.llama', 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse')\n"
+        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.generate', 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse')\n"
         "loaded = [m for m in unwanted if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"
     )
@@ -398,14 +398,14 @@ def test_decoding_blocks_in_two_threads_give_blas_its_threads_back_when_the_last
     seen: dict[str, list[int]] = {}
 
     def first() -> None:
-        with ops.decoding():
+        with ops.DecodeThreads():
             first_in.set()
             second_in.wait(10)
         first_out.set()
 
     def second() -> None:
         first_in.wait(10)
-        with ops.decoding():
+        with ops.DecodeThreads():
             second_in.set()
             first_out.wait(10)
             seen["after the first ended"] = blas_threads()
@@ -431,9 +431,11 @@ def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_o
     results = {}
     threads_before = blas_threads()
     for threads in (1, 2):
-        with ops.decoding(threads):
-            results[threads] = (ops.linear_t(x.T, weight, scales), ops.linear(x, weight, scales))
+        with ops.DecodeThreads(threads) as split:
+            assert split.splitting == (threads == 2)
+            results[threads] = (ops.linear_t(x.T, weight, scales, split=split), ops.linear(x, weight, scales, split=split))
             blas_inside = blas_threads()
+        assert not split.splitting and split.helper_tiles.size_bytes == 0  # the helper and its tile end with the block
         assert blas_inside == (threads_before if threads == 1 else [1] * len(threads_before))  # two of ours: BLAS on one
     assert blas_threads() == threads_before  # given back
     if tokens == 1:  # a matrix-vector product sums each row in one order, whatever the threads
@@ -441,5 +443,5 @@ def test_a_large_int8_matrix_at_decode_gives_the_same_result_on_two_threads_as_o
     expected = (x.astype(np.float64) @ weight.T.astype(np.float64)) * scales
     for result in (results[1][0].T, results[1][1], results[2][0].T, results[2][1]):  # BLAS's threads may split the sums
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-3)
-    with pytest.raises(UsageError, match="decode threads must be 1 or 2"), ops.decoding(3):
+    with pytest.raises(UsageError, match="decode threads must be 1 or 2"), ops.DecodeThreads(3):
         pass

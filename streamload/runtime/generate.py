@@ -5,7 +5,7 @@ when the run is cancelled, and before it starts plans, under a memory budget, wh
 read from the store on every token (``memory``, ``residency``). The math of one block is ``decoder.DecoderRunner``;
 ``generate`` is the same for every family.
 Threads: ``generate`` runs each layer's compute on a worker thread as it arrives, plans the decode weights on one,
-then runs the decode loop on one (``ops.decoding`` adds a helper for large matrices).
+then runs the decode loop on one (``DecoderRunner.decoding`` adds a helper for large matrices, ended with the loop).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .timeline import Timeline
 if TYPE_CHECKING:
     from ..model import Model
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ async def generate(
     """
     config = DecoderConfig.from_manifest(model.config)
     if memory_budget is not None:
-        map_large_allocations()  # the prefill's temporaries go back to the system when freed
+        map_large_allocations()  # a process-level switch, left on: the prefill's temporaries go back to the system when freed
     ids = _check_prompt(prompt_ids, config, max_new_tokens)
     runner = DecoderRunner(config, min(config.max_position_embeddings, len(ids) + max_new_tokens))
     prefill = await _prefill(model, runner, ids, timeline, keep_prompt_logits)
@@ -148,12 +148,16 @@ async def _prefill(model: Model, runner: DecoderRunner, ids: np.ndarray, timelin
     return Prefill(blocks, head_layer, table_layer, logits)
 
 
-class DecoderWeights(DecodeWeights):
-    """``DecodeWeights`` with what the head needs beside its matrix: the final norm's small tensors and the matrix's
-    per-row scales (copies, so nothing of the head layer's memory map stays in use under a budget)."""
+class StepWeights(DecodeWeights):
+    """All one decode step reads: the blocks and the head's matrix (``DecodeWeights``), and what the head needs beside
+    its matrix, ``small_head`` (the final norm's small tensors) and ``head_scales`` (the matrix's per-row scales):
+    copies when the plan does not read the memory map, so nothing of the head layer's map stays in use under a budget.
+    """
 
-    small_head: Layer
-    head_scales: np.ndarray | None
+    def __init__(self, *args: Any, small_head: Layer, head_scales: np.ndarray | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.small_head = small_head
+        self.head_scales = head_scales
 
 
 def decode_weights(
@@ -162,7 +166,7 @@ def decode_weights(
     prefill: Prefill,
     budget: MemoryBudget | None,
     decodes: bool,
-) -> DecoderWeights:
+) -> StepWeights:
     """The weights decode reads, planned under ``budget`` (None: all mapped, as the prefill left them).
 
     Raises:
@@ -178,16 +182,24 @@ def decode_weights(
     small = {name: np.array(array) for name, array in head_layer.tensors.items() if name != head_name and array.nbytes < (64 << 20)}
     plan = None
     if budget is not None and decodes:
+        runner.tiles.release()  # the prefill's cast tile: the decode's tiles are counted in the plan's activations
         release_freed_memory()  # the prefill's freed temporaries: what the process holds is then what it uses
         plan = plan_residency(budget, segments, fixed_costs=_fixed_costs(runner, blocks[0], small, scales))
-        log.info("%s", plan.describe())
+        logger.info("%s", plan.describe())
         if not plan.all_resident:
             model.drop_cached_pages()  # the prefill's pages of the store: the plan's copies and reads replace them
-    weights = DecoderWeights(manifest, model.store_path, segments, plan, head_matrix=head_name, mapped_blocks=blocks, mapped_head=matrix)
-    mapped = weights.mapped
-    weights.small_head = head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={})
-    weights.head_scales = scales if mapped or scales is None else np.array(scales)
-    return weights
+    mapped = StepWeights.reads_mapped(plan)
+    return StepWeights(
+        manifest,
+        model.store_path,
+        segments,
+        plan,
+        head_matrix=head_name,
+        mapped_blocks=blocks,
+        mapped_head=matrix,
+        small_head=head_layer if mapped else dataclasses.replace(head_layer, tensors=small, quant={}, borrowed={}),
+        head_scales=scales if mapped or scales is None else np.array(scales),
+    )
 
 
 def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, np.ndarray], scales: np.ndarray | None) -> dict[str, int]:
@@ -195,7 +207,7 @@ def _fixed_costs(runner: DecoderRunner, block: Layer, small_head: Mapping[str, n
     c = runner.config
     kv_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * runner.capacity * c.head_dim * 4
     intermediate = max(max(a.shape[0] for a in block.tensors.values()), c.hidden_size)  # the widest projection's outputs
-    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + 2 * 4 * ops.PARALLEL_TILE_ELEMENTS
+    activations = 4 * (16 * c.hidden_size + 4 * intermediate + 3 * c.vocab_size) + ops.DECODE_CAST_TILE_BYTES  # and its cast tiles
     head = sum(a.nbytes for a in small_head.values()) + (0 if scales is None else scales.nbytes)
     return {"process": process_anonymous_bytes(), "kv_cache": kv_cache, "activations": activations, "head_small": head}
 
@@ -213,7 +225,7 @@ async def _shielded(work: asyncio.Future[_T], on_cancel: Callable[[], None]) -> 
         raise
 
 
-def _close_made_weights(planning: asyncio.Future[DecoderWeights]) -> None:
+def _close_made_weights(planning: asyncio.Future[StepWeights]) -> None:
     if not planning.cancelled() and planning.exception() is None:
         planning.result().close()
 
@@ -237,7 +249,7 @@ def _token_rows(model: Model, table_name: str, loop: asyncio.AbstractEventLoop) 
 
 def decode_tokens(
     runner: DecoderRunner,
-    weights: DecoderWeights,
+    weights: StepWeights,
     rows_of: Callable[[int], tuple[np.ndarray, np.ndarray | None]],
     first_id: int,
     *,
@@ -260,7 +272,7 @@ def decode_tokens(
     try:
         if on_token is not None:
             on_token(first_id)
-        with ops.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
+        with runner.decoding(decode_threads):  # large matrices cast on two threads, BLAS on one
             while len(out) < max_new_tokens and out[-1] not in eos_token_ids and not stopped.is_set():
                 logits = next_token_logits(runner, weights, rows_of(out[-1]))
                 out.append(sample(logits[-1], temperature, top_p, rng))
@@ -272,7 +284,7 @@ def decode_tokens(
     return out
 
 
-def next_token_logits(runner: DecoderRunner, weights: DecoderWeights, rows: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+def next_token_logits(runner: DecoderRunner, weights: StepWeights, rows: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
     """One decode step: the last token's embedding ``rows`` through every block and the head: (1, vocab) logits."""
     h = runner.embed(rows)
     for index in range(runner.config.num_hidden_layers):
