@@ -68,6 +68,9 @@ def serve_static(directory: Path, port: int) -> None:
 class FloatModel:
     """Just enough of streamload.Model for the runtime, over fp32 tensors already in memory."""
 
+    waits_on_own_loop = False  # awaited on the caller's loop, as a model from streamload.open
+    runtime_state = None  # the runtime's state of this model, made on its first run
+
     def __init__(self, folder: Path, tensors: dict[str, Any], opened_at: float) -> None:
         from streamload.formats.architectures import find_architecture, layer_names
         from streamload.formats.model_source import read_sentence_transformers_extras
