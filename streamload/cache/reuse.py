@@ -96,6 +96,14 @@ def held_models(cache_root: Path, exclude: str) -> Iterator[HeldModel]:
             yield held
 
 
+def holds_other_models(cache_root: Path, exclude: str) -> bool:
+    """Whether the cache has a directory of another model than ``exclude`` (a probe: no header or journal is read)."""
+    try:
+        return any(directory.name != exclude for directory in (cache_root / "models").iterdir())
+    except OSError:
+        return False
+
+
 def holds_complete_model(cache_root: Path) -> bool:
     """Whether the cache holds a complete model (a probe of its directory: no header is read)."""
     try:

@@ -78,7 +78,7 @@ def _held_base(cache_root: Path, bases: list[DeltaBase]) -> tuple[DeltaBase, Hel
 
 async def find_delta_base(cache_root: Path, manifest_bytes: bytes | memoryview) -> tuple[DeltaBase, HeldModel] | None:
     """The first base the manifest lists a delta file against that the cache holds (its header and journal), or None."""
-    return await asyncio.to_thread(_held_base, cache_root, read_delta_bases(manifest_bytes))
+    return await asyncio.to_thread(lambda: _held_base(cache_root, read_delta_bases(manifest_bytes)))  # parsing: off the loop
 
 
 class _Body:

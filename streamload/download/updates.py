@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 
 from ..cache.model_cache import ModelCache
-from ..cache.reuse import HeldModel, copy_shared_chunks
+from ..cache.reuse import HeldModel, copy_shared_chunks, holds_other_models
 from ..formats.constants import PREAMBLE_SIZE_BYTES
 from ..formats.delta import DeltaBase
 from .cached_chunks import CachedChunks
@@ -30,6 +30,8 @@ async def copy_shared(
     """Copy into the store what other cached models share of the ``pending`` chunks (per position; ``cached`` gains
     them). Returns the positions copied, and the cached version the manifest lists a delta file against, or None."""
     index, stats = cached.index, origin.stats
+    if not await asyncio.to_thread(holds_other_models, origin.cache_root, cache.digest):
+        return np.empty(0, np.int64), None  # no other model to copy from, and no version a delta could be against
     copied = await asyncio.to_thread(copy_shared_chunks, origin.cache_root, cache, index.table, np.flatnonzero(pending))
     cached.add(copied.journaled)
     stats.chunks_local, stats.bytes_local = len(copied.journaled), copied.compressed_bytes

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import streamload
 from streamload.cache import ModelCache
 from streamload.calibrate import CalibratedShifts
 from streamload.formats import ModelReader, convert
@@ -93,6 +94,24 @@ def test_a_client_with_nothing_cached_fetches_as_before(versions: dict[str, Path
     with ModelReader(versions["block"]) as reader:
         padding = reader.preamble.data_offset - header_bytes(versions["block"])
     assert report["chunks_local"] == 0 and report["bytes_downloaded"] == versions["block"].stat().st_size - padding
+
+
+async def test_a_first_download_spends_nothing_on_finding_shared_chunks_or_a_delta(
+    versions: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no other model in the cache there is nothing to copy and no version a delta file could be against: the
+    chunk digests are not indexed and the manifest's delta list is not parsed (on a 90k-chunk file, 30 ms a fetch)."""
+    from streamload.download import updates
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("looked for shared chunks or a delta base in a cache holding no other model")
+
+    monkeypatch.setattr(updates, "copy_shared_chunks", refuse)
+    monkeypatch.setattr(updates, "find_delta_base", refuse)
+    with serve_directory(versions["v1"].parent) as server:
+        async with streamload.open(server.url("block.slm"), cache_dir=tmp_path / "cache") as model:
+            stats = await model.wait_complete()
+    assert stats.chunks_fetched == stats.chunks_total > 0
 
 
 # ---------------------------------------------------------------- deltas
