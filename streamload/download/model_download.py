@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cache.journal import GroupCommitter
 from ..cache.model_cache import ModelCache
 from ..errors import FetchError, StreamloadError
 from ..formats import ChunkEntry, Manifest
@@ -32,14 +31,15 @@ from ..transport.source import Source, SpanReader
 from .chunk_index import ChunkIndex
 from .landed import Handed, Handover
 from .mirrors import HeaderProbes
-from .pipeline import ChunkPipeline
 from .readiness import Readiness
 from .schedule import ChunkScheduler
 from .sources import Sources
-from .workers import ROW_REQUESTS, Workers, first_cause, workers_per_source
 
 if TYPE_CHECKING:
+    from ..cache.journal import GroupCommitter
     from .delta_stream import DeltaStream
+    from .pipeline import ChunkPipeline
+    from .workers import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,11 @@ class Download:
             return
         if self.pipeline is None:
             assert source is not None
+            # the fetching machinery: imported when something is fetched (a cached run's cold start skips it)
+            from ..cache.journal import GroupCommitter
+            from .pipeline import ChunkPipeline
+            from .workers import ROW_REQUESTS, Workers, workers_per_source
+
             settings = self.settings
             self.pipeline = ChunkPipeline(
                 data_offset=self.data_offset,
@@ -316,6 +321,8 @@ class Download:
                     if self.scheduler.finished:  # no await between this test and the task's end: nothing is missed
                         break
         except BaseException as exc:  # delivered to every waiter; close() awaits this task
+            from .workers import first_cause  # imported by start(), which made this task
+
             failure = first_cause(exc)
             if isinstance(failure, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 self.readiness.fail(asyncio.CancelledError("the download was cancelled"))
