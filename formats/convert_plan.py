@@ -27,35 +27,6 @@ SourcePlan = list[list[tuple[str, str]]]
 """Per execution step, (source name, stored name) of its tensors: int8-bound matrices first, then by name."""
 
 
-def _plan_layers(arch: Architecture, config: Mapping[str, Any], tensors: SafetensorsCollection) -> SourcePlan:
-    """Source tensor names grouped by layer, each group int8-bound matrices first, then by name."""
-    blocks = config["num_hidden_layers"]
-    plan: SourcePlan = [[] for _ in range(blocks + 2)]
-    canonical: dict[str, str] = {}
-    for source_name in tensors.names():
-        name = arch.canonical_name(source_name)
-        if name is None:
-            continue
-        if tensors.dtype_of(source_name) not in FLOAT_DTYPES:
-            logger.info("skipping non-float tensor %s (%s)", source_name, tensors.dtype_of(source_name))
-            continue
-        canonical[name] = source_name
-    expected = arch.expected_shapes(config)
-    if arch.decoder is not None and arch.decoder.lm_head not in expected:
-        canonical.pop(arch.decoder.lm_head, None)  # tied: the head reads the embedding table
-    for name, shape in expected.items():
-        if name not in canonical:
-            raise ConversionInputError(f"tensor {name!r} is missing from the weights; the files do not match config.json")
-        actual = tuple(tensors.shape_of(canonical[name]))[:: -1 if arch.source_transposed(name) else 1]
-        if actual != shape:
-            raise ConversionInputError(f"tensor {name!r} has shape {tuple(actual)}, config.json implies {shape}")
-    for name in sorted(canonical):
-        plan[arch.layer_of(name, blocks)].append((canonical[name], name))
-    for group in plan:
-        group.sort(key=lambda entry: (len(tensors.shape_of(entry[0])) != 2, entry[1]))
-    return plan
-
-
 def read_source(
     source: str | os.PathLike[str], config_path: str | os.PathLike[str] | None, quant: str
 ) -> tuple[ModelSource, Architecture, dict[str, Any], SafetensorsCollection]:
