@@ -25,15 +25,12 @@ needs and the blocks before the rest of the table; in a version-1 file it is in 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from ...errors import UnsupportedArchitectureError
 from ..family import Architecture, DecoderLayout
-from .encoders import BERT
-from .llama import LLAMA
-from .llama_like import GRANITE, MISTRAL, QWEN2, QWEN3, STABLELM
-from .own_layouts import GEMMA2, GPT2, OLMO2, PHI3
 
 __all__ = [
     "BERT",
@@ -55,12 +52,41 @@ __all__ = [
     "layer_names",
 ]
 
-ARCHITECTURES = (BERT, LLAMA, QWEN2, QWEN3, MISTRAL, PHI3, GEMMA2, GPT2, OLMO2, GRANITE, STABLELM)
+# Each family's module, by the name a manifest's config.architecture gives it: imported when first asked for, so a
+# run imports its own family's description and not the ten others (a cached run's cold start).
+FAMILY_MODULES = {
+    "bert": "encoders",
+    "llama": "llama",
+    "qwen2": "llama_like",
+    "qwen3": "llama_like",
+    "mistral": "llama_like",
+    "phi3": "own_layouts",
+    "gemma2": "own_layouts",
+    "gpt2": "own_layouts",
+    "olmo2": "own_layouts",
+    "granite": "llama_like",
+    "stablelm": "llama_like",
+}
+
+
+def _family(name: str) -> Architecture:
+    module = importlib.import_module(f".{FAMILY_MODULES[name]}", __name__)
+    return getattr(module, name.upper())
+
+
+def __getattr__(attribute: str) -> Any:
+    """``BERT``, ``LLAMA``, ... and ``ARCHITECTURES`` (every family, in the order conversion tries them), on first use."""
+    if attribute == "ARCHITECTURES":
+        return tuple(_family(name) for name in FAMILY_MODULES)
+    if attribute.lower() in FAMILY_MODULES:
+        return _family(attribute.lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
 
 def find_architecture(hf_config: Mapping[str, Any]) -> Architecture:
     """The architecture for a Hugging Face config, or a clear error listing the supported ones."""
     model_type = hf_config.get("model_type")
+    ARCHITECTURES = __getattr__("ARCHITECTURES")  # noqa: N806
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch
@@ -70,7 +96,7 @@ def find_architecture(hf_config: Mapping[str, Any]) -> Architecture:
 
 def architecture_named(name: str) -> Architecture | None:
     """The family a manifest's ``config.architecture`` names, or None."""
-    return next((arch for arch in ARCHITECTURES if arch.name == name), None)
+    return _family(name) if isinstance(name, str) and name in FAMILY_MODULES else None
 
 
 def layer_names(block_count: int) -> list[str]:
