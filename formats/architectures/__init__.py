@@ -74,10 +74,15 @@ def _family(name: str) -> Architecture:
     return getattr(module, name.upper())
 
 
+def _every_family() -> tuple[Architecture, ...]:
+    """Every family, in the order conversion tries them."""
+    return tuple(_family(name) for name in FAMILY_MODULES)
+
+
 def __getattr__(attribute: str) -> Any:
-    """``BERT``, ``LLAMA``, ... and ``ARCHITECTURES`` (every family, in the order conversion tries them), on first use."""
+    """``BERT``, ``LLAMA``, ... and ``ARCHITECTURES`` (``_every_family()``), on first use."""
     if attribute == "ARCHITECTURES":
-        return tuple(_family(name) for name in FAMILY_MODULES)
+        return _every_family()
     if attribute.lower() in FAMILY_MODULES:
         return _family(attribute.lower())
     raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
@@ -86,11 +91,11 @@ def __getattr__(attribute: str) -> Any:
 def find_architecture(hf_config: Mapping[str, Any]) -> Architecture:
     """The architecture for a Hugging Face config, or a clear error listing the supported ones."""
     model_type = hf_config.get("model_type")
-    ARCHITECTURES = __getattr__("ARCHITECTURES")  # noqa: N806
-    for arch in ARCHITECTURES:
+    families = _every_family()
+    for arch in families:
         if model_type in arch.model_types:
             return arch
-    supported = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+    supported = ", ".join(t for a in families for t in a.model_types)
     raise UnsupportedArchitectureError(f"model_type {model_type!r} is not supported; streamload converts: {supported}")
 
 
