@@ -239,22 +239,17 @@ class Download:
         layers, passes = column_at(table.layer, positions), column_at(table.pass_index, positions)
         self.land(positions, layers, passes, column_at(table.index, positions), handed.digests)
 
-    def _land_handed_over(self) -> None:
-        """After a stop: batches handed over that the drain had not reached are stored and verified, so they are
-        landed (journaled by the committer's close) rather than fetched again by the next run."""
+    def _take_everything_handed(self) -> None:
+        """Take every record waiting on the handover, in order."""
         records = self.handover.records
         while records:
-            handed = records.popleft()
-            if not handed.given_back:
-                self._take_handed(handed)
+            self._take_handed(records.popleft())
 
     async def _drain_handover(self) -> None:
         """Land what is handed over as it comes (beside the workers, until they end)."""
-        records = self.handover.records
         while True:
             await self.handover.wait()
-            while records:
-                self._take_handed(records.popleft())
+            self._take_everything_handed()
 
     # ------------------------------------------------------------ running the workers
 
@@ -354,7 +349,7 @@ class Download:
             self.pipeline.shutdown()
         if self.committer is None:
             return
-        self._land_handed_over()
+        self._take_everything_handed()  # stored and verified but not reached by the drain: journaled, not fetched again
         await self.committer.close()  # stopped early or failed: keep what is verified and written
         complete = self.readiness.complete.done() and self.readiness.complete.exception() is None
         if not complete:
