@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 class ServerConfig:
     """How the server behaves; built once by the CLI or a test."""
 
-    directory: Path
+    directory: Path  # a str is taken as a path
     rate_bytes_per_s: float | None = None  # per connection; None = unlimited
     latency_ms: float = 0.0  # added before each response's headers: one emulated round trip
     ranges_enabled: bool = True  # False answers every Range with 200 and the whole file (like nginx max_ranges 0)
@@ -77,6 +77,9 @@ class ServerConfig:
     max_request_line_bytes: int = 8190  # the request line: a signed URL's query fits
     max_header_field_bytes: int = 4096  # one header's name and value: a bearer token or a cookie fits
     max_header_count: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory))
 
 
 CONFIG = web.AppKey("config", ServerConfig)

@@ -244,3 +244,10 @@ def test_a_directory_that_is_not_one_is_a_model_directory_error(tmp_path: Path) 
     with pytest.raises(ModelDirectoryError, match="is not a directory") as caught:
         create_app(ServerConfig(directory=tmp_path / "model.slm"))
     assert isinstance(caught.value, NotADirectoryError)  # what callers caught before the error tree held it
+
+
+def test_a_directory_given_as_a_string_is_a_path(tmp_path: Path) -> None:
+    """``ServerConfig(directory="models")`` from an API user: a missing one is the tree's error, not an AttributeError."""
+    assert ServerConfig(directory=str(tmp_path)).directory == tmp_path
+    with pytest.raises(ModelDirectoryError, match="is not a directory"):
+        create_app(ServerConfig(directory=str(tmp_path / "missing")))
