@@ -60,4 +60,5 @@ async def test_a_complete_model_is_revalidated_with_a_304(nginx: tuple[str, Path
             stats = await model.wait_complete()
     assert stats.bytes_downloaded == 0 and stats.chunks_fetched == 0
     statuses = [line.split('"')[2].split()[0] for line in (work / "access.log").read_text().splitlines()]
-    assert statuses[-1] == "304"
+    # nginx logs a request when it ends: a first-open request the client closed early may be logged after the 304
+    assert statuses.count("304") == 1, statuses
