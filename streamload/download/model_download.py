@@ -30,7 +30,7 @@ from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
 from .chunk_index import ChunkIndex
 from .landed import Handed, Handover
-from .mirrors import HeaderProbes
+from .probes import HeaderProbes
 from .readiness import Readiness
 from .schedule import ChunkScheduler
 from .sources import Sources

@@ -34,9 +34,9 @@ from ..transport.source import Source, SpanReader
 from .cached_chunks import CachedChunks
 from .chunk_index import ChunkIndex
 from .header import Header
-from .mirrors import HeaderProbes, check_mirrors
 from .model_download import Download, DownloadSettings
 from .origin import Origin, split_pin
+from .probes import HeaderProbes, check_mirrors
 
 if TYPE_CHECKING:
     import aiohttp

@@ -17,7 +17,8 @@ from ..errors import ChunkIntegrityError, FetchError, FormatError, StreamloadErr
 from ..formats import ChunkEntry
 from ..stats import DownloadStats
 from ..transport.source import Source
-from .mirrors import MAX_BAD_CHUNKS, HeaderProbes, Mirror, MirrorState, header_mismatch
+from .mirrors import MAX_BAD_CHUNKS, Mirror, MirrorState
+from .probes import HeaderProbes, header_mismatch
 
 logger = logging.getLogger(__name__)
 

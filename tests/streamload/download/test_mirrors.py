@@ -16,7 +16,8 @@ import pytest
 
 import streamload
 from streamload.cli import main
-from streamload.download.mirrors import MIN_SPAN_S, RateMeter, check_mirrors, span_limit_bytes
+from streamload.download.mirrors import MIN_SPAN_S, RateMeter, span_limit_bytes
+from streamload.download.probes import check_mirrors
 from streamload.errors import UsageError
 from streamload.formats import ModelReader
 from tests.support.checks import assert_cache_exact, start_cli_server
