@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..cache.files import default_cache_dir
 from . import argtypes
 from .cached import LIMIT_RATE_ENV, RETRIES_ENV, TIMEOUT_ENV, TOKEN_ENV, cmd_list, cmd_rm
-from .files import cmd_convert, cmd_inspect, cmd_serve, cmd_verify
 from .output import EXIT_USAGE
 from .stream import cmd_fetch, cmd_run
 
@@ -52,6 +52,17 @@ class _Parser(argparse.ArgumentParser):
             self._check_value(action, value)
             return value
         return super()._get_values(action, arg_strings)
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command carried out by ``module`` of this package, imported when the command runs (the file commands' modules
+    are not on the path of a ``run``, whose cold start skips them)."""
+
+    def carry_out(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(f".{module}", __package__), name)
+        return command(args)
+
+    return carry_out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +121,7 @@ def _add_convert_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--verbose", dest="tensor_table", action="store_true", help="also print every tensor's shape, dtype and error")
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=_command("files", "cmd_convert"))
 
 
 def _add_inspect_command(commands: argparse._SubParsersAction) -> None:
@@ -125,7 +136,7 @@ def _add_inspect_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-dir", metavar="DIR", help=f"where a URL's cached header is read when its server cannot be reached ({_cache_dir_help()})"
     )
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=_command("files", "cmd_inspect"))
 
 
 def _add_verify_command(commands: argparse._SubParsersAction) -> None:
@@ -137,7 +148,7 @@ def _add_verify_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--cache-dir", metavar="DIR", help=_cache_dir_help())
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=_command("files", "cmd_verify"))
 
 
 def _add_serve_command(commands: argparse._SubParsersAction) -> None:
@@ -154,7 +165,7 @@ def _add_serve_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-ms", type=argtypes.milliseconds, default=0.0, help="delay every response by this many milliseconds")
     p.add_argument("--no-ranges", action="store_true", help="ignore Range headers (answer 200 with the whole file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no access log on stderr")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=_command("files", "cmd_serve"))
 
 
 def _add_fetch_command(commands: argparse._SubParsersAction) -> None:

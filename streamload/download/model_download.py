@@ -29,16 +29,16 @@ from ..stats import DownloadStats, Progress
 from ..transport.httputil import RetryPolicy
 from ..transport.source import Source, SpanReader
 from .chunk_index import ChunkIndex
-from .landed import Handed, Handover
 from .probes import HeaderProbes
 from .readiness import Readiness
-from .schedule import ChunkScheduler
-from .sources import Sources
 
 if TYPE_CHECKING:
     from ..cache.journal import GroupCommitter
     from .delta_stream import DeltaStream
+    from .landed import Handed, Handover
     from .pipeline import ChunkPipeline
+    from .schedule import ChunkScheduler
+    from .sources import Sources
     from .workers import Workers
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ class Download:
         self.cache = cache
         self.stats = stats
         self.loop = asyncio.get_running_loop()
-        self.scheduler = ChunkScheduler(table, table.index[~pending].tolist(), rows_from=index.rows_from, requires=index.plan.requires)
+        self.done_at_open = ~pending  # positions the cache held; the scheduler starts from them
+        self._scheduler: ChunkScheduler | None = None  # made when first asked for: a model the cache holds whole needs none
+        pending_bytes = int(table.size[pending].sum())
         layer_count = len(manifest.layers)
         # chunks of each layer not yet stored, refinements included; pass-0 chunks only
         self.readiness = Readiness(
@@ -97,20 +99,46 @@ class Download:
             started=started,
             stats=stats,
             progress=progress,
-            bytes_to_download=self.scheduler.pending_bytes,
-            bytes_cached=int(table.size.sum()) - self.scheduler.pending_bytes,
+            bytes_to_download=pending_bytes,
+            bytes_cached=int(table.size.sum()) - pending_bytes,
         )
-        self.sources = Sources(settings.url, settings.mirror_urls, probes, stats)
-        self.pipeline: ChunkPipeline | None = None  # made when the download first starts
-        self.committer: GroupCommitter | None = None  # and so is this
+        self.probes = probes  # the mirrors' headers, which the sources take when the download first starts
+        self.sources: Sources | None = None  # made when the download first starts
+        self.pipeline: ChunkPipeline | None = None  # and so is this
+        self.committer: GroupCommitter | None = None  # and this
         self.workers: Workers | None = None  # and these
         self.delta = delta  # chunks rebuilt from a delta file beside the download (given back if they fail)
-        self.handover = Handover()  # what the workers and the delta stream hand over: drained by ``_take_handed``
+        # what the workers and the delta stream hand over, drained by ``_take_handed``: made with the first of them
+        self.handover: Handover | None = None
         if delta is not None:
             self.scheduler.take_positions(delta.positions.tolist())
         self.header_stream = header_stream  # the header's request, going on into the data (the first worker takes it)
         self.offline: FetchError | None = None  # no source could be reached: the cache's chunks are all there is
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def scheduler(self) -> ChunkScheduler:
+        """Which chunks next, made when first asked for (from what the cache held at open): a model the cache holds
+        whole never fetches, and its cold start skips the scheduler's modules."""
+        if self._scheduler is None:
+            from .schedule import ChunkScheduler
+
+            table, index = self.table, self.index
+            self._scheduler = ChunkScheduler(
+                table, table.index[self.done_at_open].tolist(), rows_from=index.rows_from, requires=index.plan.requires
+            )
+        return self._scheduler
+
+    def done_mask(self) -> np.ndarray:
+        """Per position, whether the chunk is stored (what the cache held at open, while nothing was scheduled)."""
+        return self.done_at_open if self._scheduler is None else self._scheduler.done_mask()
+
+    def _open_handover(self) -> Handover:
+        if self.handover is None:
+            from .landed import Handover
+
+            self.handover = Handover()
+        return self.handover
 
     # ------------------------------------------------------------ what the session asks
 
@@ -149,7 +177,7 @@ class Download:
     async def wait_for_chunks(self, positions: np.ndarray) -> None:
         """These chunks (positions, ascending) are stored: demanded without cutting the running request, on extra
         requests beside it (and on the delta file's, for what it holds)."""
-        missing = positions[~self.scheduler.done_mask()[positions]]
+        missing = positions[~self.done_mask()[positions]]
         if len(missing) and self.offline is not None:
             table = self.table
             raise FetchError(
@@ -189,7 +217,7 @@ class Download:
         (``wait_for_chunks``); the layers and rows the cache holds are used."""
         self.offline = offline
         table, readiness = self.table, self.readiness
-        pending = ~self.scheduler.done_mask()
+        pending = ~self.done_mask()
         lacking = np.bincount(table.layer[pending], weights=table.size[pending], minlength=len(self.manifest.layers))
         why = f"{self.settings.url} cannot be reached ({offline}); a connection would fetch them"
         for index in np.flatnonzero(lacking).tolist():
@@ -241,14 +269,17 @@ class Download:
 
     def _take_everything_handed(self) -> None:
         """Take every record waiting on the handover, in order."""
+        if self.handover is None:
+            return
         records = self.handover.records
         while records:
             self._take_handed(records.popleft())
 
     async def _drain_handover(self) -> None:
         """Land what is handed over as it comes (beside the workers, until they end)."""
+        handover = self._open_handover()
         while True:
-            await self.handover.wait()
+            await handover.wait()
             self._take_everything_handed()
 
     # ------------------------------------------------------------ running the workers
@@ -264,6 +295,7 @@ class Download:
             # the fetching machinery: imported when something is fetched (a cached run's cold start skips it)
             from ..cache.journal import GroupCommitter
             from .pipeline import ChunkPipeline
+            from .sources import Sources
             from .workers import ROW_REQUESTS, Workers, workers_per_source
 
             settings = self.settings
@@ -282,6 +314,7 @@ class Download:
                 loop=self.loop,
             )
             self.committer = GroupCommitter(self.cache, self.loop, self.stats)
+            self.sources = Sources(settings.url, settings.mirror_urls, self.probes, self.stats)
             self.sources.open(source)
             stream, self.header_stream = self.header_stream, None
             self.workers = Workers(
@@ -293,7 +326,7 @@ class Download:
                 pipeline=self.pipeline,
                 sources=self.sources,
                 header_stream=stream,
-                handover=self.handover,
+                handover=self._open_handover(),
                 bytes_to_download=self.readiness.bytes_to_download,
                 row_waiters=self.readiness.chunk_waiters,
             )
@@ -302,7 +335,7 @@ class Download:
     def start_delta(self) -> None:
         """The delta stream's frames, read beside the download; it hands its chunks over (``handover``)."""
         if self.delta is not None:
-            self.delta.start(self.handover)
+            self.delta.start(self._open_handover())
 
     async def _run(self) -> None:
         assert self.committer is not None and self.workers is not None
@@ -353,7 +386,7 @@ class Download:
         await self.committer.close()  # stopped early or failed: keep what is verified and written
         complete = self.readiness.complete.done() and self.readiness.complete.exception() is None
         if not complete:
-            table, done = self.table, self.scheduler.done_mask() & (self.table.pass_index == 0)
+            table, done = self.table, self.done_mask() & (self.table.pass_index == 0)
             present = list(zip(table.raw_offset[done].tolist(), table.raw_size[done].tolist(), strict=True))
             released = await asyncio.to_thread(self.cache.release_unverified, present)
             if released:
@@ -361,4 +394,5 @@ class Download:
 
     async def close_sources(self) -> None:
         """Close every mirror's source (the primary's is the origin's), once the pipeline's threads are done."""
-        await self.sources.close()
+        if self.sources is not None:
+            await self.sources.close()

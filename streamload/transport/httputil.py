@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import logging
 import math
 import random
@@ -324,6 +323,8 @@ def parse_retry_after(value: str | None) -> float | None:
     seconds = parse_decimal(value)
     if seconds is not None:
         return float(seconds)
+    import email.utils  # ~2 ms, paid by the rare Retry-After that is a date, not by every start
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):

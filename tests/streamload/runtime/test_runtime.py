@@ -369,14 +369,19 @@ async def test_the_encoder_refuses_ids_outside_its_vocabulary_and_warns_on_trunc
 def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_path: Path) -> None:
     """Cold start: ``streamload run`` on a local file whose layers are cached reads and computes, nothing more: no
     HTTP client, no converter, not the other architecture's runtime, not numpy.ma (np.unique imports it: 7 ms), not the
-    fetching machinery (workers, pipeline, group commit: nothing is fetched)."""
+    fetching machinery (workers, pipeline, group commit, scheduler, sources and mirrors, the handover: nothing is
+    fetched), not the file commands (convert, inspect, verify, serve), not email (for a Retry-After date)."""
     fill = [sys.executable, "-m", "streamload.cli", "run", str(minilm_slm), "--cache-dir", str(tmp_path), "--text", "cold", "-q"]
     subprocess.run(fill, capture_output=True, check=True)  # the cache filled by another process
     code = (
         "import sys\n"
         "from streamload.cli import main\n"
         f"for _ in range(2): assert main(['run', {str(minilm_slm)!r}, '--cache-dir', {str(tmp_path)!r}, '--text', 'cold', '--json']) == 0\n"
-        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.generate', 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse', 'streamload.download.workers', 'streamload.download.pipeline', 'streamload.cache.journal')\n"
+        "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.generate',"
+        " 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse', 'streamload.download.workers',"
+        " 'streamload.download.pipeline', 'streamload.cache.journal', 'streamload.download.schedule',"
+        " 'streamload.download.sources', 'streamload.download.mirrors', 'streamload.download.landed',"
+        " 'streamload.cli.files', 'email.utils')\n"
         "loaded = [m for m in unwanted if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"
     )
