@@ -17,6 +17,7 @@ Rows:
 With --before REF (a git revision of this checkout), HEAD and REF are each exported with git archive and run as
 `python -m streamload.cli run FILE` through PYTHONPATH, alternating with the other rows so all share the machine's
 load: compare those two rows with each other (the console script's rows go through the install's import hook).
+``--before HEAD`` runs two exports of the same revision: the spread between them is the machine's noise.
 /proc/loadavg is printed with the table.
 """
 
@@ -112,10 +113,14 @@ def main() -> None:
             # both revisions launched the same way (an export on PYTHONPATH, python -m): an editable install's import
             # hook costs the console script rows time the export does not pay, so only these two rows compare
             module = [sys.executable, "-m", "streamload.cli", "run"]
-            for revision in ("HEAD", args.before):
-                (work / revision).mkdir()
-                revision_env = {**env, "PYTHONPATH": export_revision(revision, work / revision)["PYTHONPATH"]}
-                rows[f"python -m streamload.cli run FILE at {revision}"] = ([*module, str(path), *tail], revision_env)
+            for number, revision in enumerate(("HEAD", args.before)):  # --before HEAD: the machine's noise, two exports
+                export = work / f"export-{number}"
+                export.mkdir()
+                revision_env = {**env, "PYTHONPATH": export_revision(revision, export)["PYTHONPATH"]}
+                rows[f"python -m streamload.cli run FILE at {revision}{' (again)' if number else ''}"] = (
+                    [*module, str(path), *tail],
+                    revision_env,
+                )
         for argv, row_env in rows.values():  # writes the bytecode; not measured
             time_process_s(argv, row_env, work)  # in the work directory: NAME is not a file there
         times: dict[str, list[float]] = {label: [] for label in rows}
