@@ -117,7 +117,7 @@ def main() -> None:
                 export = work / f"export-{number}"
                 export.mkdir()
                 revision_env = {**env, "PYTHONPATH": export_revision(revision, export)["PYTHONPATH"]}
-                rows[f"python -m streamload.cli run FILE at {revision}{' (again)' if number else ''}"] = (
+                rows[f"python -m streamload.cli run FILE at {revision}{' (again)' if number and revision == 'HEAD' else ''}"] = (
                     [*module, str(path), *tail],
                     revision_env,
                 )
