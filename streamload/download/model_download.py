@@ -328,7 +328,7 @@ class Download:
                 header_stream=stream,
                 handover=self._open_handover(),
                 bytes_to_download=self.readiness.bytes_to_download,
-                row_waiters=self.readiness.chunk_waiters,
+                rows_awaited=self.readiness.awaits_chunks,
             )
         self._task = asyncio.create_task(self._run(), name=f"streamload download {self.manifest.digest[:12]}")
 

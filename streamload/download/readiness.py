@@ -78,6 +78,10 @@ class Readiness:
             waiters.append(waiter)
         return waiters
 
+    def awaits_chunks(self) -> bool:
+        """Whether a caller waits for single chunks (rows) not yet stored."""
+        return bool(self.chunk_waiters)
+
     def landed(self, layers: np.ndarray, passes: np.ndarray, indices: np.ndarray) -> None:
         """A batch of chunks was stored: their layers' counts go down (columns: layer, pass, chunk index)."""
         remaining, remaining_coarse = self.remaining, self.remaining_coarse

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ChunkIntegrityError, FetchError, RetryableError, StalledError, StreamloadError
@@ -72,7 +72,7 @@ class Workers:
         header_stream: SpanReader | None,
         handover: Handover,
         bytes_to_download: int,
-        row_waiters: Mapping[int, object],
+        rows_awaited: Callable[[], bool],
     ) -> None:
         self.settings = settings
         self.manifest = manifest
@@ -80,7 +80,7 @@ class Workers:
         self.stats = stats
         self.handover = handover  # the download's: landed batches go there, and it lands them
         self.bytes_to_download = bytes_to_download  # what the cache lacked when the model was opened: spans' size
-        self.row_waiters = row_waiters  # the download's waiters for single chunks (rows), read only
+        self.rows_awaited = rows_awaited  # the download's readiness, asked whether a caller waits for rows
         self.scheduler = scheduler  # the download's: spans are taken from it, and given back
         self.pipeline = pipeline
         self.sources = sources
@@ -95,7 +95,7 @@ class Workers:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 watchers = [tasks.create_task(coroutine) for coroutine in beside]
-                if self.row_waiters:
+                if self.rows_awaited():
                     self.start_row_requests()  # rows were demanded before this download started
                 serving = [tasks.create_task(self._serve(mirror)) for mirror in self.sources.mirrors if mirror.usable]
                 while not self.scheduler.finished:  # a source that fails for good raises when no other is left
@@ -270,7 +270,7 @@ class Workers:
                     if meter is not None:
                         meter.record(span.received_bytes(), time.perf_counter() - opened)
                     self.scheduler.finish_span(span)  # before any backoff: what did not arrive is for the others now
-                    if self.row_waiters and self.scheduler.urgent_waiting():
+                    if self.rows_awaited() and self.scheduler.urgent_waiting():
                         self.start_row_requests()  # demanded rows given back by a cut span: fetch them beside it
                 if failure is not None:
                     self.stats.retries += 1
