@@ -1,6 +1,6 @@
 """Which other hosts of a model may be used: the mirror URLs checked when the model is opened, and each mirror's
 header read beside the primary's (``HeaderProbes``), to be compared with the model's (``header_mismatch``) before any
-of its data is used. How a mirror is then paced and dropped is ``mirrors.py``'s.
+of its data is used. How a mirror is then paced and dropped, as a host, is ``hosts.py``'s.
 """
 
 from __future__ import annotations

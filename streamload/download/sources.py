@@ -17,7 +17,7 @@ from ..errors import ChunkIntegrityError, FetchError, FormatError, StreamloadErr
 from ..formats import ChunkEntry
 from ..stats import DownloadStats
 from ..transport.source import Source
-from .mirrors import MAX_BAD_CHUNKS, Mirror, MirrorState
+from .hosts import MAX_BAD_CHUNKS, Host, HostState
 from .probes import HeaderProbes, header_mismatch
 
 logger = logging.getLogger(__name__)
@@ -34,22 +34,22 @@ class Sources:
         self.probes = probes
         self.stats = stats
         self.primary: Source | None = None  # the primary's (the origin closes it)
-        self.mirrors: list[Mirror] = []  # the primary URL's, then each mirror's (made when the download starts)
+        self.hosts: list[Host] = []  # the primary URL's, then each mirror's (made when the download starts)
         self._integrity_attempts: dict[int, int] = {}
 
     def open(self, primary: Source) -> None:
         """The primary first: its header is the model's; the others are probed against it (once)."""
-        if not self.mirrors:
+        if not self.hosts:
             self.primary = primary
-            self.mirrors = [Mirror(self.url, primary, MirrorState.LIVE)] + [Mirror(url) for url in self.mirror_urls]
+            self.hosts = [Host(self.url, primary, HostState.LIVE)] + [Host(url) for url in self.mirror_urls]
 
-    def first_live(self) -> Mirror | None:
-        return next((m for m in self.mirrors if m.state is MirrorState.LIVE), None)
+    def first_live(self) -> Host | None:
+        return next((m for m in self.hosts if m.state is HostState.LIVE), None)
 
-    async def probe(self, mirror: Mirror, digest: str, data_offset: int) -> bool:
+    async def probe(self, host: Host, digest: str, data_offset: int) -> bool:
         """Check a mirror's header against the model's; True when it serves the same model.
         Otherwise it is dropped, named in the log."""
-        source, task = self.probes.take(mirror.url)
+        source, task = self.probes.take(host.url)
         try:
             header = await task
             problem = header_mismatch(header, digest, data_offset)
@@ -63,51 +63,51 @@ class Sources:
             raise
         if problem is not None or header is None:
             await source.close()
-            self.drop(mirror, problem or "no header", digest)
+            self.drop(host, problem or "no header", digest)
             return False
-        mirror.source, mirror.state = source, MirrorState.LIVE
-        self.count_bytes(mirror, len(header.raw))
-        logger.info("mirror %s serves the same model %s: it takes a share of the download", redact_urls(mirror.url), digest[:12])
+        host.source, host.state = source, HostState.LIVE
+        self.count_bytes(host, len(header.raw))
+        logger.info("mirror %s serves the same model %s: it takes a share of the download", redact_urls(host.url), digest[:12])
         return True
 
-    def ignores_range(self, mirror: Mirror) -> bool:
+    def ignores_range(self, host: Host) -> bool:
         """True when it answers with the whole file while another live source honours Range: it could only read the
         model from byte 0, alone."""
-        assert mirror.source is not None
-        return mirror.source.whole_file_only and any(m is not mirror and m.state is MirrorState.LIVE for m in self.mirrors)
+        assert host.source is not None
+        return host.source.whole_file_only and any(m is not host and m.state is HostState.LIVE for m in self.hosts)
 
-    def drop(self, mirror: Mirror, reason: str, digest: str) -> None:
+    def drop(self, host: Host, reason: str, digest: str) -> None:
         """Use this source no more: its running spans end at their next chunk boundary and give the rest back.
 
         Raises FetchError when no source is left (none live, none being probed).
         """
-        if mirror.state is MirrorState.DROPPED:
+        if host.state is HostState.DROPPED:
             return
-        mirror.state, mirror.reason = MirrorState.DROPPED, reason
-        for span in mirror.spans:
+        host.state, host.reason = HostState.DROPPED, reason
+        for span in host.spans:
             span.stop()
-        if not any(m.usable for m in self.mirrors):
-            sources = "; ".join(f"{m.url}: {m.reason}" for m in self.mirrors)
+        if not any(m.usable for m in self.hosts):
+            sources = "; ".join(f"{m.url}: {m.reason}" for m in self.hosts)
             raise FetchError(f"every source of {digest[:12]} failed ({sources}); connect and run again")
-        logger.warning("%s: %s; the other sources take its share", redact_urls(mirror.url), reason)
+        logger.warning("%s: %s; the other sources take its share", redact_urls(host.url), reason)
 
-    def count_bytes(self, mirror: Mirror, size_bytes: int) -> None:
+    def count_bytes(self, host: Host, size_bytes: int) -> None:
         self.stats.bytes_downloaded += size_bytes
         by_source = self.stats.bytes_by_source
-        by_source[mirror.url] = by_source.get(mirror.url, 0) + size_bytes
+        by_source[host.url] = by_source.get(host.url, 0) + size_bytes
 
-    def judge_integrity(self, chunk: ChunkEntry, exc: ChunkIntegrityError, mirror: Mirror) -> ChunkIntegrityError | None:
+    def judge_integrity(self, chunk: ChunkEntry, exc: ChunkIntegrityError, host: Host) -> ChunkIntegrityError | None:
         """A chunk failed its hash: None when it may be fetched again (from another mirror when one is live), or (too
         many attempts with no other mirror left to try, or a local file) the error that ends the download."""
-        assert mirror.source is not None
+        assert host.source is not None
         self.stats.integrity_failures += 1
         attempts = self._integrity_attempts.get(chunk.index, 0) + 1
         self._integrity_attempts[chunk.index] = attempts
-        mirror.bad_chunks[chunk.index] = chunk
-        remote = mirror.source.remote
-        untried = [m for m in self.mirrors if m.usable and chunk.index not in m.bad_chunks]  # a mirror being probed counts
+        host.bad_chunks[chunk.index] = chunk
+        remote = host.source.remote
+        untried = [m for m in self.hosts if m.usable and chunk.index not in m.bad_chunks]  # a mirror being probed counts
         if not remote or (attempts >= MAX_INTEGRITY_ATTEMPTS and not untried):
-            culprits = ", ".join(m.url for m in self.mirrors if chunk.index in m.bad_chunks)
+            culprits = ", ".join(m.url for m in self.hosts if chunk.index in m.bad_chunks)
             where = "the file" if not remote else f"{attempts} downloads from {culprits}"
             fatal = ChunkIntegrityError(
                 f"chunk {chunk.index} of layer {chunk.layer_index} failed its sha256 check in {where}; "
@@ -119,18 +119,18 @@ class Sources:
             return fatal
         if untried:
             others = redact_urls(" or ".join(m.url for m in untried))
-            logger.warning("%s (from %s); fetching it from %s", exc, redact_urls(mirror.url), others)
+            logger.warning("%s (from %s); fetching it from %s", exc, redact_urls(host.url), others)
         else:
             logger.warning("%s; fetching it again", exc)
         return None
 
-    def too_corrupt(self, mirror: Mirror) -> bool:
+    def too_corrupt(self, host: Host) -> bool:
         """Whether a mirror served MAX_BAD_CHUNKS chunks that failed their hash while another is live (drop it)."""
-        others = [m for m in self.mirrors if m is not mirror and m.state is MirrorState.LIVE]
-        return len(mirror.bad_chunks) >= MAX_BAD_CHUNKS and bool(others)
+        others = [m for m in self.hosts if m is not host and m.state is HostState.LIVE]
+        return len(host.bad_chunks) >= MAX_BAD_CHUNKS and bool(others)
 
     async def close(self) -> None:
         """Close every mirror's source (the primary's is the origin's), once the pipeline's threads are done."""
-        for mirror in self.mirrors:
-            if mirror.source is not None and mirror.source is not self.primary:
-                await mirror.source.close()
+        for host in self.hosts:
+            if host.source is not None and host.source is not self.primary:
+                await host.source.close()

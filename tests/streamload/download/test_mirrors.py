@@ -16,7 +16,7 @@ import pytest
 
 import streamload
 from streamload.cli import main
-from streamload.download.mirrors import MIN_SPAN_S, RateMeter, span_limit_bytes
+from streamload.download.hosts import MIN_SPAN_S, RateMeter, span_limit_bytes
 from streamload.download.probes import check_mirrors
 from streamload.errors import UsageError
 from streamload.formats import ModelReader

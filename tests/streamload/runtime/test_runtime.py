@@ -380,7 +380,7 @@ def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_pat
         "unwanted = ('aiohttp', 'streamload.formats.convert', 'streamload.formats.writer', 'streamload.runtime.generate',"
         " 'numpy.ma', 'streamload.download.delta_stream', 'streamload.cache.reuse', 'streamload.download.workers',"
         " 'streamload.download.pipeline', 'streamload.cache.journal', 'streamload.download.schedule',"
-        " 'streamload.download.sources', 'streamload.download.mirrors', 'streamload.download.landed',"
+        " 'streamload.download.sources', 'streamload.download.hosts', 'streamload.download.landed',"
         " 'streamload.cli.files', 'email.utils')\n"
         "loaded = [m for m in unwanted if m in sys.modules]\n"
         "print('LOADED', loaded, file=sys.stderr)\n"

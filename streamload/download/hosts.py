@@ -1,24 +1,22 @@
-"""Several hosts of one model, once in use: how fast each is, how large a span each takes, when one is dropped.
+"""The hosts of one model once the download runs (the primary URL first, then each mirror whose header matched): how
+fast each is, how large a span each takes, when one is dropped.
 
-A mirror is used only after a header probe (``probes.py``: one bounded request, ``header.read_header``)
-shows the manifest digest and data offset of the primary URL: across hosts the model's
-identity is its manifest digest, not an ETag (nginx on two hosts gives one file two
-ETags; each ``HttpSource`` pins its own). A mirror serving another model is refused
-before any of its data is read, and named in the log.
+A mirror becomes a host only after a header probe (``probes.py``: one bounded request, ``header.read_header``) shows
+the manifest digest and data offset of the primary URL: across hosts the model's identity is its manifest digest, not
+an ETag (nginx on two hosts gives one file two ETags; each ``HttpSource`` pins its own). A mirror serving another
+model is refused before any of its data is read, and named in the log.
 
-Every mirror gets its own workers, each bound to that mirror's source; they take spans
-from the one ``ChunkScheduler``. Each worker measures its rate (bytes of a span over the
-seconds from its request to its last byte, smoothed) and sizes its next span from it:
-at most ``SPAN_S`` of its own rate, and at most ``TAIL_SHARE`` of the time all workers
-together still need (never under ``MIN_SPAN_S``), so a faster mirror takes larger spans
-and all finish at about the same time (the spans shrink towards the end instead of one
-slow span finishing alone). A worker without a measurement takes one chunk's worth first.
+Every host gets its own workers, each bound to that host's source; they take spans from the one ``ChunkScheduler``.
+Each worker measures its rate (bytes of a span over the seconds from its request to its last byte, smoothed) and
+sizes its next span from it: at most ``SPAN_S`` of its own rate, and at most ``TAIL_SHARE`` of the time all workers
+together still need (never under ``MIN_SPAN_S``), so a faster host takes larger spans and all finish at about the
+same time (the spans shrink towards the end instead of one slow span finishing alone). A worker without a
+measurement takes one chunk's worth first.
 
-A mirror that stops answering (its workers give up after the retry policy's attempts)
-or serves ``MAX_BAD_CHUNKS`` chunks that fail their hash is dropped: its running spans
-end at their next chunk boundary and what they did not receive goes back to the
-scheduler, for the others; what was verified stays. A chunk that failed its hash from
-one mirror is not handed to that mirror again while another live one has not failed it.
+A host that stops answering (its workers give up after the retry policy's attempts) or serves ``MAX_BAD_CHUNKS``
+chunks that fail their hash is dropped while another is live: its running spans end at their next chunk boundary
+and what they did not receive goes back to the scheduler, for the others; what was verified stays. A chunk that
+failed its hash from one host is not handed to that host again while another live one has not failed it.
 """
 
 from __future__ import annotations
@@ -35,12 +33,12 @@ SPAN_S = 2.0  # a span takes about this long at its worker's rate: requests are 
 MIN_SPAN_S = 0.2  # and at least this long (several round trips), however little is left: small chunks end the file
 TAIL_SHARE = 0.5  # of the time left for everyone: spans halve towards the end, so the last ones finish together
 MAX_SPAN_BYTES = 64 << 20
-MIN_WORKERS_PER_MIRROR = 2  # while one request waits its round trip for a first byte, the other keeps the link busy
+MIN_WORKERS_PER_HOST = 2  # with mirrors: while one request waits its round trip for a first byte, the other keeps the link busy
 MAX_BAD_CHUNKS = 3  # chunks failing their hash from one mirror before it is dropped (while another is live)
 RATE_SMOOTHING = 0.5  # weight of the newest span in a worker's rate
 
 
-class MirrorState(enum.Enum):
+class HostState(enum.Enum):
     PROBING = "probing"  # its header is being checked against the model's
     LIVE = "live"  # same model: its workers take spans
     DROPPED = "dropped"  # refused, unreachable, failing or corrupt: used no more
@@ -61,12 +59,12 @@ class RateMeter:
 
 
 @dataclasses.dataclass(eq=False)
-class Mirror:
+class Host:
     """One host of the model (the primary URL is the first), its state and what its workers are doing."""
 
     url: str
     source: Source | None = None  # set once its header matched (the primary's from the start)
-    state: MirrorState = MirrorState.PROBING
+    state: HostState = HostState.PROBING
     reason: str | None = None  # why it was dropped
     meters: list[RateMeter] = dataclasses.field(default_factory=list)  # of its running workers
     spans: set[Span] = dataclasses.field(default_factory=set)  # running on it
@@ -74,7 +72,7 @@ class Mirror:
 
     @property
     def usable(self) -> bool:
-        return self.state is not MirrorState.DROPPED
+        return self.state is not HostState.DROPPED
 
 
 def span_limit_bytes(meter: RateMeter, meters: Sequence[RateMeter], pending_bytes: int, chunk_size_bytes: int) -> int:
