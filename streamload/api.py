@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -168,70 +167,3 @@ async def generate(
             task.cancel()  # the prefill stops at its next await; a running decode at its next token (_Stop)
         with contextlib.suppress(_Stop, asyncio.CancelledError):
             await task
-
-
-def model_name(sources: Sequence[str]) -> str:
-    """A cached model's name: the file name of its first source, less ``.slm`` (``minilm`` for .../minilm.slm)."""
-    for source in sources:
-        name = source.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        if name:
-            return name.removesuffix(".slm")
-    return "-"
-
-
-def find_cached_models(root: Any, source: str) -> list[Any]:
-    """The cached models ``source`` names, as ``streamload list`` shows them: by name (the file name, with or without
-    ``.slm``), by a URL or file they came from, or by a digest prefix (4 hex digits or more, ``sha256:`` optional).
-
-    A name that fits several models returns them all: the caller says which and asks for a digest prefix.
-    """
-    import re
-    from pathlib import Path
-
-    from .cache.listing import list_cached_models
-
-    cached = list_cached_models(Path(root))
-    plain = source.split("#")[0]
-    by_source = [m for m in cached if plain in {s.split("#")[0] for s in m.sources}]
-    if by_source:
-        return by_source
-    by_name = [m for m in cached if source.removesuffix(".slm") in {model_name([s]) for s in m.sources}]
-    if by_name:
-        return by_name
-    prefix = source.lower().removeprefix("sha256:")
-    return [m for m in cached if m.digest.startswith(prefix)] if re.fullmatch(r"[0-9a-f]{4,64}", prefix) else []
-
-
-def one_cached_model(root: Any, source: str) -> Any:
-    """The one ``CachedModel`` ``source`` names (``find_cached_models``).
-
-    Raises:
-        CacheError: none, or several (each listed by name and digest).
-    """
-    from .errors import CacheError
-
-    matches = find_cached_models(root, source)
-    if not matches:
-        raise CacheError(f"{source}: no such file, and no cached model of that name or digest in {root}")
-    if len(matches) > 1:
-        listed = ", ".join(f"{model_name(m.sources)} sha256:{m.digest[:12]}" for m in matches)
-        raise CacheError(f"{source!r} names {len(matches)} cached models ({listed}): give a digest prefix")
-    return matches[0]
-
-
-def resolve_cached_source(root: Any, source: str) -> tuple[str, str]:
-    """(URL or file to read the rest from, pinned digest) of the one cached model ``source`` names.
-
-    Raises:
-        CacheError: no cached model of that name or digest; several (all listed); or one whose source is gone.
-    """
-    from .download.origin import is_url
-    from .errors import CacheError
-
-    model = one_cached_model(root, source)
-    urls = [s for s in model.sources if is_url(s)]
-    files = [s for s in model.sources if not is_url(s) and os.path.isfile(s)]
-    if not urls and not files:
-        gone = f" ({' and '.join(model.sources)} {'is' if len(model.sources) == 1 else 'are'} gone)" if model.sources else ""
-        raise CacheError(f"cached model {model.digest[:12]} came from a local file{gone}: give the file's path or a URL")
-    return (urls or files)[0], model.digest

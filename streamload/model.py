@@ -317,7 +317,7 @@ async def open(  # noqa: A001 - the library's verb, like builtins.open
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = os.fspath(source)
     if not is_url(source) and not Path(source).exists():  # a cached model's name or digest prefix, as `streamload list` shows
-        from .api import resolve_cached_source
+        from .download.origin import resolve_cached_source
 
         source, cached_digest = resolve_cached_source(cache_root, source)
         digest = digest or cached_digest

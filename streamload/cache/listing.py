@@ -1,4 +1,5 @@
-"""What a cache directory holds, as ``streamload list`` shows it and ``streamload rm`` removes it.
+"""What a cache directory holds, as ``streamload list`` shows it and ``streamload rm`` removes it; the cached models a
+name, a source or a digest prefix names (``streamload run NAME``).
 
 Read with the cache's own rules (``files.read_own_file``): a link or a FIFO in place of a file is an unreadable file,
 never followed or waited on. ``rm`` removes a model directory that is a link by removing the link alone, and
@@ -12,8 +13,10 @@ import dataclasses
 import errno
 import fcntl
 import os
+import re
 import shutil
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CacheError
@@ -139,3 +142,45 @@ def _remove_locked(directory: Path, digest: str) -> None:
             raise cache_error("removing", directory, exc) from None
     finally:
         os.close(fd)
+
+
+def model_name(sources: Sequence[str]) -> str:
+    """A cached model's name: the file name of its first source, less ``.slm`` (``minilm`` for .../minilm.slm)."""
+    for source in sources:
+        name = source.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        if name:
+            return name.removesuffix(".slm")
+    return "-"
+
+
+def find_cached_models(root: Path, source: str) -> list[CachedModel]:
+    """The cached models ``source`` names, as ``streamload list`` shows them: by name (the file name, with or without
+    ``.slm``), by a URL or file they came from, or by a digest prefix (4 hex digits or more, ``sha256:`` optional).
+
+    A name that fits several models returns them all: the caller says which and asks for a digest prefix.
+    """
+    cached = list_cached_models(root)
+    plain = source.split("#")[0]
+    by_source = [m for m in cached if plain in {s.split("#")[0] for s in m.sources}]
+    if by_source:
+        return by_source
+    by_name = [m for m in cached if source.removesuffix(".slm") in {model_name([s]) for s in m.sources}]
+    if by_name:
+        return by_name
+    prefix = source.lower().removeprefix("sha256:")
+    return [m for m in cached if m.digest.startswith(prefix)] if re.fullmatch(r"[0-9a-f]{4,64}", prefix) else []
+
+
+def one_cached_model(root: Path, source: str) -> CachedModel:
+    """The one ``CachedModel`` ``source`` names (``find_cached_models``).
+
+    Raises:
+        CacheError: none, or several (each listed by name and digest).
+    """
+    matches = find_cached_models(root, source)
+    if not matches:
+        raise CacheError(f"{source}: no such file, and no cached model of that name or digest in {root}")
+    if len(matches) > 1:
+        listed = ", ".join(f"{model_name(m.sources)} sha256:{m.digest[:12]}" for m in matches)
+        raise CacheError(f"{source!r} names {len(matches)} cached models ({listed}): give a digest prefix")
+    return matches[0]

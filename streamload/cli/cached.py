@@ -47,7 +47,8 @@ def resolve_source(args: argparse.Namespace, verb: str) -> bool:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
         print(f"error: {source}: only http:// and https:// URLs are supported", file=sys.stderr)
         return False
-    from ..api import find_cached_models, resolve_cached_source
+    from ..cache.listing import find_cached_models
+    from ..download.origin import resolve_cached_source
 
     root = cache_dir_of(args)
     try:
@@ -124,8 +125,7 @@ def request_headers(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ..api import model_name
-    from ..cache.listing import list_cached_models
+    from ..cache.listing import list_cached_models, model_name
     from ..formats.reader import read_header
 
     rows = []
@@ -204,8 +204,7 @@ def _done_percent(directory: Path, manifest: Any) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from ..api import find_cached_models, model_name
-    from ..cache.listing import remove_cached_model
+    from ..cache.listing import find_cached_models, model_name, remove_cached_model
 
     root = cache_dir_of(args)
     source = args.digest

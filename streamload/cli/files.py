@@ -92,7 +92,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not is_url(args.source) and is_delta_file(args.source):
         return inspect_delta(args)
     if not is_url(args.source) and not Path(args.source).exists():  # a cached model's name or digest: its cached header
-        from ..api import one_cached_model
+        from ..cache.listing import one_cached_model
         from ..formats.reader import read_header
 
         cached = one_cached_model(cache_dir_of(args), args.source)
@@ -149,7 +149,7 @@ async def _read_url_or_cached_header(args: argparse.Namespace) -> tuple[Any, int
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if is_url(args.file) or not Path(args.file).exists():  # a URL or a cached model's name: the file it came from
-        from ..api import find_cached_models, one_cached_model
+        from ..cache.listing import find_cached_models, one_cached_model
 
         if is_url(args.file) and not find_cached_models(cache_dir_of(args), args.file):
             print(

@@ -214,3 +214,20 @@ class Origin:
             await self.source.close()
         self.source = None
         return cached
+
+
+def resolve_cached_source(root: Path, source: str) -> tuple[str, str]:
+    """(URL or file to read the rest from, pinned digest) of the one cached model ``source`` names.
+
+    Raises:
+        CacheError: no cached model of that name or digest; several (all listed); or one whose source is gone.
+    """
+    from ..cache.listing import one_cached_model  # a cached model's name: not on the path of a URL or a file
+
+    model = one_cached_model(root, source)
+    urls = [s for s in model.sources if is_url(s)]
+    files = [s for s in model.sources if not is_url(s) and Path(s).is_file()]
+    if not urls and not files:
+        gone = f" ({' and '.join(model.sources)} {'is' if len(model.sources) == 1 else 'are'} gone)" if model.sources else ""
+        raise CacheError(f"cached model {model.digest[:12]} came from a local file{gone}: give the file's path or a URL")
+    return (urls or files)[0], model.digest
