@@ -26,15 +26,13 @@ if TYPE_CHECKING:
     import aiohttp
 
 
-class Model:
-    """An open model. Layers become available in execution order while the download runs.
-
-    Get one with ``streamload.open``; see its example.
-    """
+class ModelBase:
+    """What an open model answers without waiting, the same for ``Model`` (async) and ``SyncModel`` (blocking): its
+    manifest, cache, statistics and timings. Neither face is the other's subclass: a blocking ``layer`` is not an
+    async one."""
 
     def __init__(self, session: DownloadSession) -> None:
         self._session = session
-        self.runtime_state: Any = None  # the runtime's own per-model state (float32 weight copies, a validated config)
 
     @property
     def manifest(self) -> Manifest:
@@ -141,6 +139,33 @@ class Model:
         """The old name of ``layer_times``, kept for one release (docs/api.md, "Renamed")."""
         return self.layer_times()
 
+    @property
+    def header_bytes(self) -> int:
+        """Bytes before the data region: preamble, manifest and padding."""
+        return self._session.data_offset
+
+    @property
+    def bytes_needed(self) -> int:
+        """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
+        return self.header_bytes + sum(self._session.needed_chunks.values())
+
+    @property
+    def is_complete(self) -> bool:
+        """Every chunk is verified and in the cache."""
+        complete = self._session.complete
+        return complete.done() and complete.exception() is None
+
+
+class Model(ModelBase):
+    """An open model. Layers become available in execution order while the download runs.
+
+    Get one with ``streamload.open``; see its example.
+    """
+
+    def __init__(self, session: DownloadSession) -> None:
+        super().__init__(session)
+        self.runtime_state: Any = None  # the runtime's own per-model state (float32 weight copies, a validated config)
+
     async def layer(self, index: int) -> Layer:
         """Wait for layer ``index`` (moving it to the front of the queue) and return its tensors.
 
@@ -178,16 +203,6 @@ class Model:
             >>> values, scales = await model.rows("embeddings.word_embeddings.weight", ids)
         """
         return await self._session.rows(name, np.asarray(ids))
-
-    @property
-    def header_bytes(self) -> int:
-        """Bytes before the data region: preamble, manifest and padding."""
-        return self._session.data_offset
-
-    @property
-    def bytes_needed(self) -> int:
-        """Bytes of the file that what was handed out so far (layers, rows) depended on: header + their chunks."""
-        return self.header_bytes + sum(self._session.needed_chunks.values())
 
     async def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """An encoder's embeddings: (B, H) float32 for a list of B texts, (H,) for one string.
@@ -234,12 +249,6 @@ class Model:
         """Yield (index, layer) in execution order, each as soon as it is ready."""
         for index in range(len(self.manifest.layers)):
             yield index, await self.layer(index)
-
-    @property
-    def is_complete(self) -> bool:
-        """Every chunk is verified and in the cache."""
-        complete = self._session.complete
-        return complete.done() and complete.exception() is None
 
     async def wait_complete(self) -> DownloadStats:
         """Wait until every chunk is in the cache, those that were cached checked first; returns the run's stats."""

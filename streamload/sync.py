@@ -1,4 +1,5 @@
-"""The blocking face for apps that are not async: a ``Model`` whose waits run on a private event-loop thread."""
+"""The blocking face for apps that are not async: a model whose waits run on a private event-loop thread, the async
+``Model``'s calls made there."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .layer import Layer
-from .model import Model, open
+from .model import Model, ModelBase, open
 from .stats import DownloadStats
 
 if TYPE_CHECKING:
     from .runtime import RunResult
 
 
-class SyncModel(Model):
-    """The blocking twin of ``Model`` (every property is Model's own); get one from ``streamload.load``.
+class SyncModel(ModelBase):
+    """The blocking twin of ``Model`` (the same properties, from ``ModelBase``); get one from ``streamload.load``.
 
     Example:
         >>> with streamload.load("http://127.0.0.1:8800/minilm.slm") as model:   # doctest: +SKIP
@@ -49,19 +50,19 @@ class SyncModel(Model):
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def layer(self, index: int) -> Layer:  # type: ignore[override]
+    def layer(self, index: int) -> Layer:
         """Block until layer ``index`` is ready (moving it to the front of the queue)."""
-        return self._run(Model.layer(self, index))
+        return self._run(self._model.layer(index))
 
-    def coarse_layer(self, index: int) -> Layer:  # type: ignore[override]
+    def coarse_layer(self, index: int) -> Layer:
         """Block until layer ``index`` is usable at coarse precision (``Model.coarse_layer``)."""
-        return self._run(Model.coarse_layer(self, index))
+        return self._run(self._model.coarse_layer(index))
 
-    def rows(self, name: str, ids: Any) -> tuple[np.ndarray, np.ndarray | None]:  # type: ignore[override]
+    def rows(self, name: str, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Block until rows ``ids`` of ``name`` are here (fetched first); see ``Model.rows``."""
-        return self._run(Model.rows(self, name, ids))
+        return self._run(self._model.rows(name, ids))
 
-    def embed(self, texts: str | Sequence[str]) -> np.ndarray:  # type: ignore[override]
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """Block until the embeddings are computed; see ``Model.embed``.
 
         Example:
@@ -70,7 +71,7 @@ class SyncModel(Model):
         """
         return self._run(self._model.embed(texts))
 
-    def generate(  # type: ignore[override]
+    def generate(
         self, prompt: str | Sequence[int], *, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
     ) -> Iterator[str]:
         """Text pieces as each token is sampled; see ``Model.generate`` (leaving the loop early stops the decoding).
@@ -102,12 +103,12 @@ class SyncModel(Model):
 
         return self._run(run(self._model, **options))
 
-    def layers(self) -> Iterator[tuple[int, Layer]]:  # type: ignore[override]
+    def layers(self) -> Iterator[tuple[int, Layer]]:
         for index in range(len(self.manifest.layers)):
             yield index, self.layer(index)
 
-    def wait_complete(self) -> DownloadStats:  # type: ignore[override]
-        return self._run(Model.wait_complete(self))
+    def wait_complete(self) -> DownloadStats:
+        return self._run(self._model.wait_complete())
 
     def close(self) -> None:
         if self._loop.is_closed():

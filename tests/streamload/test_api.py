@@ -13,6 +13,7 @@ import streamload
 import streamload.formats
 import streamload.server
 from streamload.errors import StreamloadError, UsageError
+from streamload.model import ModelBase
 
 
 def test_streamload_public_names() -> None:
@@ -51,10 +52,20 @@ def test_every_listed_name_is_defined_inside_the_package(module: object) -> None
             assert value.__module__.startswith("streamload"), f"{module.__name__}.{name} comes from {value.__module__}"  # type: ignore[attr-defined]
 
 
-def test_the_blocking_model_is_a_model_with_every_property(deep_slm: Path, tmp_path: Path) -> None:
-    assert issubclass(streamload.SyncModel, streamload.Model)
-    properties = [name for name, value in vars(streamload.Model).items() if isinstance(value, property)]
+def test_the_blocking_model_shares_every_property_and_blocks_on_every_wait(deep_slm: Path, tmp_path: Path) -> None:
+    """Both faces derive from ModelBase (neither is the other's subclass); each wait the async one awaits, the
+    blocking one has as a plain call."""
+    assert issubclass(streamload.SyncModel, ModelBase) and issubclass(streamload.Model, ModelBase)
+    assert not issubclass(streamload.SyncModel, streamload.Model)
+    properties = [name for name, value in vars(ModelBase).items() if isinstance(value, property)]
     assert {"manifest", "config", "digest", "path", "stats", "opened_at", "layer_ready_s", "tokenizer"} <= set(properties)
+    waits = [
+        name for name, value in vars(streamload.Model).items() if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value)
+    ]
+    assert set(waits) == {"layer", "coarse_layer", "rows", "embed", "generate", "layers", "wait_complete"}
+    for name in waits:
+        blocking = getattr(streamload.SyncModel, name)
+        assert not inspect.iscoroutinefunction(blocking) and not inspect.isasyncgenfunction(blocking), name
     with streamload.load(deep_slm, cache_dir=tmp_path) as model:
         assert model.digest == model.manifest.digest and model.path.name == model.digest
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)
