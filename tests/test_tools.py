@@ -1,7 +1,11 @@
-"""The link emulator (tools/linkproxy.py) in front of both servers users run: the bundled one and nginx."""
+"""The tools: each one starts (its imports resolve, its --help prints), and the link emulator (tools/linkproxy.py) in
+front of both servers users run: the bundled one and nginx."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +13,21 @@ import pytest
 
 import streamload
 from tests.support.checks import start_link, start_nginx
+from tests.support.paths import ROOT
 from tests.support.serving import serve_directory
+
+TOOLS = sorted((ROOT / "tools").glob("*.py"))
+NEEDS_TORCH = {"make_family_references.py", "make_reference.py"}  # they import torch at the top: it makes references
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda path: path.name)
+def test_every_tool_starts_and_prints_its_help(tool: Path) -> None:
+    """A tool whose import broke (a helper module moved) fails here, not on the day someone runs its benchmark."""
+    if tool.name in NEEDS_TORCH and importlib.util.find_spec("torch") is None:
+        pytest.skip("makes references with torch, which the tests never need")
+    done = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout.lower(), done.stdout[:500]
 
 
 @pytest.mark.parametrize("server_kind", ["bundled", "nginx"])

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopback import free_port, wait_for_port
+from _support.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent
 STEPS, LEARNING_RATE, BATCH, SEED = 300, 5e-5, 8, 0

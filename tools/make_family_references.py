@@ -13,8 +13,8 @@ For each family, writes to tests/fixtures/:
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,11 @@ def make(family: str, config: Any) -> None:
 
 if __name__ == "__main__":
     every = configs()
-    chosen = sys.argv[1:] or list(every)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("families", nargs="*", metavar="FAMILY", help=f"of {', '.join(every)} (default: all)")
+    chosen = parser.parse_args().families or list(every)
+    unknown = [family for family in chosen if family not in every]
+    if unknown:
+        parser.error(f"no family {', '.join(unknown)}; the families: {', '.join(every)}")
     for family in chosen:
         make(family, every[family])

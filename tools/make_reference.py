@@ -17,9 +17,9 @@ The test suite reads these files and never imports torch.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +168,12 @@ def make_llama() -> None:
 
 
 if __name__ == "__main__":
-    chosen = set(sys.argv[1:]) or {"minilm", "minilm-varied", "llama"}
+    every = ("minilm", "minilm-varied", "llama")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("references", nargs="*", metavar="REFERENCE", help=f"of {', '.join(every)} (default: all)")
+    chosen = set(parser.parse_args().references) or set(every)
+    if chosen - set(every):
+        parser.error(f"no reference {', '.join(sorted(chosen - set(every)))}; the references: {', '.join(every)}")
     FIXTURES.mkdir(parents=True, exist_ok=True)
     if "minilm" in chosen:
         make_minilm(SENTENCES, "minilm")
