@@ -17,7 +17,9 @@ Rows:
 With --before REF (a git revision of this checkout), HEAD and REF are each exported with git archive and run as
 `python -m streamload.cli run FILE` through PYTHONPATH, alternating with the other rows so all share the machine's
 load: compare those two rows with each other (the console script's rows go through the install's import hook).
-``--before HEAD`` runs two exports of the same revision: the spread between them is the machine's noise.
+``--before HEAD`` runs two exports of the same revision: the spread between them is the machine's noise. The last line
+is the median of the differences of runs made back to back (HEAD's minus REF's), steadier than the two medians' gap
+when the machine's load shifts during the runs.
 /proc/loadavg is printed with the table.
 """
 
@@ -125,14 +127,18 @@ def main() -> None:
             time_process_s(argv, row_env, work)  # in the work directory: NAME is not a file there
         times: dict[str, list[float]] = {label: [] for label in rows}
         load_before = loadavg()
-        for _ in range(args.runs):  # alternate the rows, so they share the machine's load
-            for label, (argv, row_env) in rows.items():
-                times[label].append(time_process_s(argv, row_env, work))
+        for run in range(args.runs):  # alternate the rows, so they share the machine's load; every other round
+            for label, (argv, row_env) in list(rows.items())[:: 1 if run % 2 == 0 else -1]:  # in reverse: no row always
+                times[label].append(time_process_s(argv, row_env, work))  # follows the same one
         print(f"cold start of a cached all-MiniLM-L6-v2 run, whole process, {args.runs} runs alternating; {sys.executable}")
         print(f"load before: {load_before}; after: {loadavg()}")
         print(f"{'process':72} {'median s':>9} {'min s':>7}")
         for label, values in times.items():
             print(f"{label:72} {statistics.median(values):9.3f} {min(values):7.3f}")
+        if args.before:  # each pair ran back to back: their difference sheds the load that shifts both
+            head, before = list(times.values())[-2:]
+            paired = statistics.median(h - b for h, b in zip(head, before, strict=True))
+            print(f"median of the paired differences, HEAD - {args.before}: {paired * 1e3:+.1f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
