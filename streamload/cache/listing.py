@@ -153,13 +153,13 @@ def model_name(sources: Sequence[str]) -> str:
     return "-"
 
 
-def find_cached_models(root: Path, source: str) -> list[CachedModel]:
+def find_cached_models(root: str | os.PathLike[str], source: str) -> list[CachedModel]:
     """The cached models ``source`` names, as ``streamload list`` shows them: by name (the file name, with or without
     ``.slm``), by a URL or file they came from, or by a digest prefix (4 hex digits or more, ``sha256:`` optional).
 
     A name that fits several models returns them all: the caller says which and asks for a digest prefix.
     """
-    cached = list_cached_models(root)
+    cached = list_cached_models(Path(root))
     plain = source.split("#")[0]
     by_source = [m for m in cached if plain in {s.split("#")[0] for s in m.sources}]
     if by_source:
@@ -171,7 +171,7 @@ def find_cached_models(root: Path, source: str) -> list[CachedModel]:
     return [m for m in cached if m.digest.startswith(prefix)] if re.fullmatch(r"[0-9a-f]{4,64}", prefix) else []
 
 
-def one_cached_model(root: Path, source: str) -> CachedModel:
+def one_cached_model(root: str | os.PathLike[str], source: str) -> CachedModel:
     """The one ``CachedModel`` ``source`` names (``find_cached_models``).
 
     Raises:

@@ -1,7 +1,7 @@
-"""The hosts of one model once the download runs (the primary URL first, then each mirror whose header matched): how
-fast each is, how large a span each takes, when one is dropped.
+"""The hosts of one model's download, the primary URL first and then each mirror (``HostState``: probing, live,
+dropped; a dropped one stays listed, with why): how fast each is, how large a span each takes, when one is dropped.
 
-A mirror becomes a host only after a header probe (``probes.py``: one bounded request, ``header.read_header``) shows
+A mirror's workers take spans only after its header probe (``probes.py``: one bounded request, ``header.read_header``) shows
 the manifest digest and data offset of the primary URL: across hosts the model's identity is its manifest digest, not
 an ETag (nginx on two hosts gives one file two ETags; each ``HttpSource`` pins its own). A mirror serving another
 model is refused before any of its data is read, and named in the log.

@@ -66,6 +66,9 @@ def test_the_blocking_model_shares_every_property_and_blocks_on_every_wait(deep_
     for name in waits:
         blocking = getattr(streamload.SyncModel, name)
         assert not inspect.iscoroutinefunction(blocking) and not inspect.isasyncgenfunction(blocking), name
+    async_only = {"coarse", "runtime_state"}  # the runtime's view for a preview and its state: runtime.run is async
+    public = {name for name in vars(streamload.Model) if not name.startswith("_")} - async_only
+    assert public - set(dir(streamload.SyncModel)) == set()  # a member added to Model alone fails here
     with streamload.load(deep_slm, cache_dir=tmp_path) as model:
         assert model.digest == model.manifest.digest and model.path.name == model.digest
         assert model.wait_complete().chunks_fetched == len(model.manifest.chunks)

@@ -369,7 +369,7 @@ async def test_the_encoder_refuses_ids_outside_its_vocabulary_and_warns_on_trunc
 def test_a_cached_local_run_imports_only_what_it_needs(minilm_slm: Path, tmp_path: Path) -> None:
     """Cold start: ``streamload run`` on a local file whose layers are cached reads and computes, nothing more: no
     HTTP client, no converter, not the other architecture's runtime, not numpy.ma (np.unique imports it: 7 ms), not the
-    fetching machinery (workers, pipeline, group commit, scheduler, sources and mirrors, the handover: nothing is
+    fetching machinery (workers, pipeline, group commit, scheduler, sources and hosts, the handover: nothing is
     fetched), not the file commands (convert, inspect, verify, serve), not email (for a Retry-After date)."""
     fill = [sys.executable, "-m", "streamload.cli", "run", str(minilm_slm), "--cache-dir", str(tmp_path), "--text", "cold", "-q"]
     subprocess.run(fill, capture_output=True, check=True)  # the cache filled by another process
